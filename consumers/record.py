@@ -1,0 +1,94 @@
+"""Value types that flow out of every source: messages, records, dead letters, polls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LabelPath = tuple[str, ...]
+"""A label given from coarse to fine: ``("dog",)`` or ``("animal", "dog")``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a message sits in its stream: Kafka topic/partition/offset, or file/0/index."""
+
+    stream: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One raw message, as a broker or a recorded-stream file holds it."""
+
+    position: Position
+    timestamp: float
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One decoded sample.
+
+    ``x`` is an image as uint8 HWC, a float32 CHW image, or a float32 feature vector.
+    ``label`` is ``None`` for a record that must be predicted, never learned. ``message`` is
+    the raw message it came from, kept so a record rejected later still reaches the dead-letter
+    topic byte for byte (``x`` usually shares its buffer, so this costs no copy).
+    """
+
+    id: str
+    x: np.ndarray
+    label: LabelPath | None
+    position: Position
+    timestamp: float
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that cannot be learned, kept whole with the reason why."""
+
+    message: Message
+    reason: str
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Poll:
+    """What one ``Source.poll`` returns: good records and dead letters, in stream order."""
+
+    records: list[Record] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.dead_letters)
+
+    def positions(self) -> list[Position]:
+        """Positions of everything polled, good or bad, for committing."""
+        return [r.position for r in self.records] + [d.message.position for d in self.dead_letters]
+
+
+def label_path(label: str | Sequence[str] | None) -> LabelPath | None:
+    """Normalise a label (``"dog"``, ``["animal", "dog"]`` or ``None``) to a tuple path.
+
+    Raises
+    ------
+    ValueError
+        If the label is not a non-empty string or a non-empty list of non-empty strings.
+
+    Examples
+    --------
+    >>> label_path("dog"), label_path(["animal", "dog"]), label_path(None)
+    (('dog',), ('animal', 'dog'), None)
+    """
+    if label is None:
+        return None
+    parts = (label,) if isinstance(label, str) else tuple(label)
+    if not parts or not all(isinstance(p, str) and p for p in parts):
+        raise ValueError(f"label must be a non-empty string or list of strings, got {label!r}")
+    return parts

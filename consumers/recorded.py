@@ -1,0 +1,172 @@
+"""Recorded streams: one compressed, streamable file format for messages, and a source over it.
+
+File format (version 1), gzip-compressed as a whole:
+
+* header: the 8 bytes ``b"SCLREC\\x00\\x01"`` (magic + format version);
+* then one frame per message: ``<u32 meta length><meta JSON><u32 key length><key><u32 value
+  length><value>``, lengths little-endian, key length ``0xFFFFFFFF`` for a null key. The meta JSON
+  holds ``stream``, ``partition``, ``offset``, ``timestamp`` and ``headers`` (a list of
+  ``[name, base64 value]``).
+
+Frames are read one at a time, so a file of any size streams in constant memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from consumers.record import Message, Poll, Position, Record
+from consumers.source import Offsets
+from consumers.wire import MAX_PAYLOAD_BYTES, decode
+
+MAGIC = b"SCLREC\x00\x01"
+_U32 = struct.Struct("<I")
+_NULL = 0xFFFFFFFF
+
+
+class RecordedStreamError(ValueError):
+    """The file is not a recorded stream, or is truncated mid-frame."""
+
+
+def write_messages(path: str | Path, messages: Iterable[Message]) -> int:
+    """Write messages to a recorded-stream file; returns how many were written."""
+    count = 0
+    with gzip.open(path, "wb", compresslevel=6) as out:
+        out.write(MAGIC)
+        for message in messages:
+            _write_frame(out, message)
+            count += 1
+    return count
+
+
+class RecordedWriter:
+    """Append messages to a new recorded-stream file one at a time (for ``stream-cl record``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = gzip.open(path, "wb", compresslevel=6)
+        self._file.write(MAGIC)
+        self.count = 0
+
+    def write(self, message: Message) -> None:
+        _write_frame(self._file, message)
+        self.count += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RecordedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_messages(path: str | Path) -> Iterator[Message]:
+    """Stream the messages of a recorded-stream file in order."""
+    try:
+        with gzip.open(path, "rb") as src:
+            if src.read(len(MAGIC)) != MAGIC:
+                raise RecordedStreamError(f"{path}: not a stream-cl recorded stream (bad magic)")
+            while True:
+                head = src.read(4)
+                if not head:
+                    return
+                yield _read_frame(src, head, path)
+    except (OSError, EOFError) as err:
+        raise RecordedStreamError(f"{path}: {err}") from err
+
+
+class RecordedSource:
+    """A :class:`~consumers.source.Source` over a recorded-stream file (file → learner, no Kafka).
+
+    Positions are those stored in the file. ``commit`` remembers how far the consumer got;
+    ``start_offsets`` skips what an earlier run already committed, so resuming works as with Kafka.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        start_offsets: Offsets | None = None,
+        max_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"recorded stream not found: {self.path}")
+        self._start = dict(start_offsets or {})
+        self._max_bytes = max_bytes
+        self._messages = read_messages(self.path)
+        self.committed: dict[tuple[str, int], int] = dict(self._start)
+        self.exhausted = False
+
+    def poll(self, timeout_s: float = 0.0, max_records: int = 10) -> Poll:
+        poll = Poll()
+        while len(poll) < max_records:
+            message = next(self._messages, None)
+            if message is None:
+                self.exhausted = True
+                break
+            pos = message.position
+            if pos.offset < self._start.get((pos.stream, pos.partition), 0):
+                continue
+            decoded = decode(message, self._max_bytes)
+            if isinstance(decoded, Record):
+                poll.records.append(decoded)
+            else:
+                poll.dead_letters.append(decoded)
+        return poll
+
+    def commit(self, offsets: Offsets) -> None:
+        self.committed.update(offsets)
+
+    def close(self) -> None:
+        self._messages.close()
+
+    def __enter__(self) -> RecordedSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_frame(out: BinaryIO, message: Message) -> None:
+    meta = json.dumps(
+        {
+            "stream": message.position.stream,
+            "partition": message.position.partition,
+            "offset": message.position.offset,
+            "timestamp": message.timestamp,
+            "headers": [[k, base64.b64encode(v).decode()] for k, v in message.headers],
+        },
+        separators=(",", ":"),
+    ).encode()
+    key = message.key
+    out.write(_U32.pack(len(meta)) + meta)
+    out.write(_U32.pack(_NULL) if key is None else _U32.pack(len(key)) + key)
+    out.write(_U32.pack(len(message.value)) + message.value)
+
+
+def _read_exact(src: BinaryIO, n: int, path: str | Path) -> bytes:
+    data = src.read(n)
+    if len(data) != n:
+        raise RecordedStreamError(f"{path}: truncated frame")
+    return data
+
+
+def _read_frame(src: BinaryIO, head: bytes, path: str | Path) -> Message:
+    if len(head) != 4:
+        raise RecordedStreamError(f"{path}: truncated frame")
+    meta = json.loads(_read_exact(src, _U32.unpack(head)[0], path))
+    (key_len,) = _U32.unpack(_read_exact(src, 4, path))
+    key = None if key_len == _NULL else _read_exact(src, key_len, path)
+    (value_len,) = _U32.unpack(_read_exact(src, 4, path))
+    value = _read_exact(src, value_len, path)
+    headers = tuple((k, base64.b64decode(v)) for k, v in meta["headers"])
+    position = Position(meta["stream"], meta["partition"], meta["offset"])
+    return Message(position, meta["timestamp"], key, value, headers)

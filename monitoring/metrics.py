@@ -1,0 +1,126 @@
+"""The metrics contract: every ``streamcl_*`` series, on a registry the caller owns.
+
+Dashboards and alert rules depend on these names, so they are all defined here, with help text,
+rather than next to the code that updates them. Per-class series are capped (``max_class_series``)
+to keep label cardinality bounded; classes past the cap are summarised in the per-level gauges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+OUTCOMES = ("learned", "predicted", "held_out", "dead_letter")
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """All stream-cl metrics on one ``CollectorRegistry`` (never the global default).
+
+    Examples
+    --------
+    >>> m = Metrics(CollectorRegistry())
+    >>> m.samples.labels(outcome="learned").inc(3)
+    >>> m.registry.get_sample_value("streamcl_samples_total", {"outcome": "learned"})
+    3.0
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        dead_letter_reasons: Iterable[str] = (),
+        max_class_series: int = 100,
+    ) -> None:
+        self.registry = registry
+        self.max_class_series = max_class_series
+        self._class_series: set[tuple[str, str]] = set()
+        r = registry
+        self.samples = Counter("streamcl_samples", "Records processed, by outcome.", ["outcome"], registry=r)
+        self.dead_letters = Counter(
+            "streamcl_dead_letter", "Records sent to the dead-letter topic, by reason.", ["reason"], registry=r
+        )
+        self.online_accuracy = Gauge(
+            "streamcl_online_accuracy",
+            "Prequential accuracy (predicted before learning) over a sliding window, 0-1.",
+            ["level"],
+            registry=r,
+        )
+        self.accuracy = Gauge("streamcl_accuracy", "Probe-set accuracy per level, 0-1.", ["level"], registry=r)
+        self.class_accuracy = Gauge(
+            "streamcl_class_accuracy",
+            "Probe-set accuracy per class, 0-1 (capped series).",
+            ["level", "class"],
+            registry=r,
+        )
+        self.forgetting = Gauge(
+            "streamcl_forgetting",
+            "Mean over classes of best minus current probe accuracy, 0-1.",
+            ["level"],
+            registry=r,
+        )
+        self.class_forgetting = Gauge(
+            "streamcl_class_forgetting",
+            "Best minus current probe accuracy per class, 0-1 (capped series).",
+            ["level", "class"],
+            registry=r,
+        )
+        self.drift_detected = Counter(
+            "streamcl_drift_detected",
+            "Drift detections, by detector and monitored signal.",
+            ["detector", "signal"],
+            registry=r,
+        )
+        self.drift_statistic = Gauge(
+            "streamcl_drift_statistic",
+            "Current value of each drift detector's input statistic.",
+            ["detector", "signal"],
+            registry=r,
+        )
+        self.learn_step = Histogram(
+            "streamcl_learn_step_seconds",
+            "Wall time of one learner step (observe).",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.samples_per_second = Gauge(
+            "streamcl_samples_per_second", "Records processed per second over the last interval.", registry=r
+        )
+        self.buffer_size = Gauge("streamcl_buffer_size", "Samples in the replay buffer.", registry=r)
+        self.buffer_bytes = Gauge("streamcl_buffer_bytes", "Bytes held by the replay buffer.", registry=r)
+        self.buffer_class_count = Gauge(
+            "streamcl_buffer_class_count", "Replay-buffer samples per class (capped series).", ["class"], registry=r
+        )
+        self.buffer_errors = Counter(
+            "streamcl_buffer_errors", "Replay-buffer operations that failed (e.g. Redis down).", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "streamcl_consumer_lag",
+            "Records behind the partition's high watermark.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.classes_seen = Gauge("streamcl_classes_seen", "Classes seen so far per level.", ["level"], registry=r)
+        self.checkpoint_age = Gauge(
+            "streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.", registry=r
+        )
+        self.model_info = Info("streamcl_model", "Method, model and device of this learner.", registry=r)
+        for outcome in OUTCOMES:
+            self.samples.labels(outcome=outcome)
+        for reason in dead_letter_reasons:
+            self.dead_letters.labels(reason=reason)
+
+    def class_series_allowed(self, level: int, name: str) -> bool:
+        """Whether a per-class series may be created for this class (bounded cardinality)."""
+        key = (str(level), name)
+        if key in self._class_series:
+            return True
+        if len(self._class_series) >= self.max_class_series:
+            return False
+        self._class_series.add(key)
+        return True
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Serve ``/metrics`` for Prometheus in a background thread."""
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,57 @@
+"""A backbone with one growing head per label level: what every method trains."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stream_cl.heads import LevelHeads
+from stream_cl.inputs import to_model_input
+from stream_cl.labels import LabelTree
+from stream_cl.learner import Prediction
+
+
+class Classifier(nn.Module):
+    """``features = backbone(x)``; ``logits[l] = heads[l](features)``; labels from ``tree``.
+
+    ``sync`` grows the heads to the tree's class counts, extending the optimizer's state.
+    """
+
+    def __init__(self, backbone: nn.Module, tree: LabelTree, device: torch.device | str) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.backbone = backbone.to(self.device)
+        self.heads = LevelHeads(backbone.out_dim, self.device)
+        self.tree = tree
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of prepared (float) inputs."""
+        return self.backbone(x)
+
+    def logits(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return self.heads(features)
+
+    def sync(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Grow heads to the label tree; returns whether they changed."""
+        return self.heads.grow(self.tree.sizes, optimizer)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> Prediction:
+        """Per-level argmax and softmax confidence for raw stored inputs, in eval mode."""
+        return self.predict_prepared(to_model_input(x.to(self.device, non_blocking=True)))
+
+    @torch.no_grad()
+    def predict_prepared(self, x: torch.Tensor) -> Prediction:
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self.logits(self(x)) if len(self.heads.heads) else []
+        finally:
+            self.train(was_training)
+        n, depth = x.shape[0], max(self.tree.depth, 1)
+        classes = torch.full((n, depth), -1, dtype=torch.long, device=x.device)
+        confidence = torch.zeros((n, depth), device=x.device)
+        for level, out in enumerate(logits):
+            conf, cls = out.float().softmax(dim=1).max(dim=1)
+            classes[:, level], confidence[:, level] = cls, conf
+        return Prediction(classes, confidence)

@@ -1,0 +1,130 @@
+"""The label tree: classes per level, grown online from coarse-to-fine label paths."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+LabelPath = tuple[str, ...]
+
+
+class LabelTree:
+    """Classes per level and each class's parent, learned from the label paths seen so far.
+
+    A path ``("vehicle", "pickup_truck")`` labels a sample at level 1 (its depth minus one) and
+    teaches the tree that ``pickup_truck``'s parent is ``vehicle``. Class indices within a level
+    follow first appearance, so heads only ever grow. Flat streams are the depth-1 case.
+
+    Parameters
+    ----------
+    max_depth
+        Longest accepted path (1..16).
+
+    Examples
+    --------
+    >>> tree = LabelTree()
+    >>> tree.encode([("animal",), ("animal", "dog"), None])
+    (array([ 0,  1, -1]), array([ 0,  0, -1]), [(0, 'animal'), (1, 'dog')])
+    >>> tree.path(1, 0), tree.parent_of(1, 0)
+    (('animal', 'dog'), 0)
+    """
+
+    def __init__(self, *, max_depth: int = 8) -> None:
+        if not 1 <= max_depth <= 16:
+            raise ValueError(f"max_depth must be in 1..16, got {max_depth}")
+        self.max_depth = max_depth
+        self.names: list[list[str]] = []
+        self.parents: list[list[int]] = []
+        self._index: list[dict[str, int]] = []
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of classes per level."""
+        return [len(level) for level in self.names]
+
+    @property
+    def depth(self) -> int:
+        return len(self.names)
+
+    def problem(self, path: LabelPath) -> str | None:
+        """Why ``path`` cannot be learned (too deep, or contradicts a known parent), else None."""
+        if len(path) > self.max_depth:
+            return f"label path deeper than max_depth={self.max_depth}"
+        for level in range(1, min(len(path), self.depth)):
+            idx = self._index[level].get(path[level])
+            parent = self._index[level - 1].get(path[level - 1])
+            if idx is not None and self.parents[level][idx] != parent:
+                known = self.names[level - 1][self.parents[level][idx]]
+                return f"{path[level]!r} has parent {known!r}, not {path[level - 1]!r}"
+        return None
+
+    def lookup(self, path: LabelPath) -> tuple[int, int]:
+        """(level, class index) of a known path's last element; (-1, -1) if unknown."""
+        level = len(path) - 1
+        if level >= self.depth:
+            return -1, -1
+        idx = self._index[level].get(path[-1], -1)
+        return (level, idx) if idx >= 0 else (-1, -1)
+
+    def encode(self, paths: Sequence[LabelPath | None]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        """Levels and class indices of ``paths`` (-1 for None), growing the tree.
+
+        Returns ``(level, y, new)`` where ``new`` lists the ``(level, name)`` classes added.
+        Paths must have passed :meth:`problem`.
+        """
+        level = np.full(len(paths), -1, dtype=np.int64)
+        y = np.full(len(paths), -1, dtype=np.int64)
+        new: list[tuple[int, str]] = []
+        for i, path in enumerate(paths):
+            if path is None:
+                continue
+            parent = -1
+            for depth, name in enumerate(path):
+                parent = self._add(depth, name, parent, new)
+            level[i], y[i] = len(path) - 1, parent
+        return level, y, new
+
+    def path(self, level: int, index: int) -> LabelPath:
+        """The full path of class ``index`` at ``level``."""
+        out = []
+        while level >= 0 and index >= 0:
+            out.append(self.names[level][index])
+            index = self.parents[level][index]
+            level -= 1
+        return tuple(reversed(out))
+
+    def parent_of(self, level: int, index: int) -> int:
+        return self.parents[level][index]
+
+    def parent_map(self, level: int) -> np.ndarray:
+        """Parent index (at level - 1) of every class at ``level``."""
+        return np.asarray(self.parents[level], dtype=np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "max_depth": self.max_depth,
+            "names": [list(n) for n in self.names],
+            "parents": [list(p) for p in self.parents],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.max_depth = int(state["max_depth"])
+        self.names = [list(n) for n in state["names"]]
+        self.parents = [list(p) for p in state["parents"]]
+        self._index = [{name: i for i, name in enumerate(level)} for level in self.names]
+
+    def _add(self, depth: int, name: str, parent: int, new: list[tuple[int, str]]) -> int:
+        if depth == self.depth:
+            self.names.append([])
+            self.parents.append([])
+            self._index.append({})
+        idx = self._index[depth].get(name)
+        if idx is None:
+            idx = len(self.names[depth])
+            self._index[depth][name] = idx
+            self.names[depth].append(name)
+            self.parents[depth].append(parent)
+            new.append((depth, name))
+        return idx

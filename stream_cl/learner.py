@@ -1,0 +1,83 @@
+"""The Learner contract: test-then-train on micro-batches, predict at any time, resume from state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from buffers.store import ReplayStore
+from stream_cl.labels import LabelPath, LabelTree
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A micro-batch as the learner sees it: stacked raw inputs and one label path (or None) each."""
+
+    x: torch.Tensor
+    labels: Sequence[LabelPath | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Per-level predictions: ``classes[i, l]`` (-1 where level l has no class yet) and confidence."""
+
+    classes: torch.Tensor
+    confidence: torch.Tensor
+
+    def paths(self, tree: LabelTree) -> list[list[tuple[str, float]]]:
+        """Per sample, the predicted ``(class name, confidence)`` of each level."""
+        classes, conf = self.classes.tolist(), self.confidence.tolist()
+        return [
+            [(tree.names[lvl][c], round(p, 6)) for lvl, (c, p) in enumerate(zip(row, prow)) if c >= 0]
+            for row, prow in zip(classes, conf)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What one ``observe`` did: the loss (None if nothing was learned) and sample counts."""
+
+    loss: float | None
+    n_learned: int
+    n_replayed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """``observe``'s result: the predictions made *before* learning, the targets and step stats.
+
+    ``level``/``y`` are the encoded labels (-1 for unlabelled samples), so callers score the
+    predictions without re-encoding; ``new_labels`` lists ``(level, name)`` classes first seen here.
+    """
+
+    prediction: Prediction
+    level: torch.Tensor
+    y: torch.Tensor
+    stats: StepStats
+    new_labels: list[tuple[int, str]]
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """An online continual learner.
+
+    ``observe`` is prequential: every sample is predicted before the learner trains on it.
+    ``predict`` is pure and valid before the first ``observe``. ``state_dict`` holds everything
+    needed to resume (model, optimizer, label tree, in-process buffer, RNG states), as tensors and
+    plain containers only, so checkpoints load with ``torch.load(weights_only=True)``.
+    """
+
+    name: str
+    labels: LabelTree
+    buffer: ReplayStore
+
+    def observe(self, batch: Batch) -> Observation: ...
+
+    def predict(self, x: torch.Tensor) -> Prediction: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

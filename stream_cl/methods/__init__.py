@@ -1,0 +1,25 @@
+"""Continual learning methods, one per file, found by name in :data:`METHODS`."""
+
+from __future__ import annotations
+
+from stream_cl.methods.er import ER
+
+METHODS: dict[str, type] = {"er": ER}
+"""Method name → class. Each class takes ``(model, buffer, **hyper_parameters)``."""
+
+
+def method_class(name: str) -> type:
+    """The class registered as ``name``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the choices.
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
+
+
+__all__ = ["ER", "METHODS", "method_class"]

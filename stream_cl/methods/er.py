@@ -1,0 +1,92 @@
+"""Experience Replay (ER): learn each incoming batch together with a uniform replay draw."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from buffers.store import ReplayStore
+from stream_cl.classifier import Classifier
+from stream_cl.heads import hierarchical_ce
+from stream_cl.inputs import to_model_input
+from stream_cl.learner import Batch, Observation, Prediction, StepStats
+from stream_cl.methods.common import encode_labels, rng_state, set_rng_state
+
+
+class ER:
+    """Experience Replay with a reservoir buffer (Chaudhry et al., 2019).
+
+    Each step: predict the incoming batch, draw ``replay_batch_size`` buffer samples, take one
+    SGD step on incoming + replayed samples, then insert the incoming samples into the buffer.
+
+    Parameters
+    ----------
+    model
+        Backbone with level heads.
+    buffer
+        Replay store (memory or Redis).
+    lr
+        SGD learning rate (> 0).
+    replay_batch_size
+        Replayed samples per step (>= 0).
+    """
+
+    name = "er"
+
+    def __init__(
+        self, model: Classifier, buffer: ReplayStore, *, lr: float = 0.05, replay_batch_size: int = 10
+    ) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if replay_batch_size < 0:
+            raise ValueError(f"replay_batch_size must be >= 0, got {replay_batch_size}")
+        self.model = model
+        self.buffer = buffer
+        self.labels = model.tree
+        self.lr = lr
+        self.replay_batch_size = replay_batch_size
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def observe(self, batch: Batch) -> Observation:
+        x_raw = batch.x.to(self.model.device, non_blocking=True)
+        x = to_model_input(x_raw)
+        prediction = self.model.predict_prepared(x)
+        level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
+        if not learn.any():
+            return Observation(prediction, level, y, StepStats(None, 0, 0), new)
+
+        replay = self.buffer.sample(self.replay_batch_size)
+        inputs, targets, levels = x[learn], y[learn], level[learn]
+        if len(replay):
+            inputs = torch.cat([inputs, to_model_input(replay.x.to(self.model.device))])
+            targets = torch.cat([targets, replay.y.to(self.model.device)])
+            levels = torch.cat([levels, replay.level.to(self.model.device)])
+        self.model.train()
+        loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+        self.buffer.add(x_raw[learn], y[learn], level[learn])
+        return Observation(prediction, level, y, StepStats(loss.item(), int(learn.sum()), len(replay)), new)
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        return self.model.predict(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labels.load_state_dict(state["labels"])
+        self.model.sync(self.optimizer)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        set_rng_state(state["rng"])

@@ -1,0 +1,79 @@
+"""Backbones: an MLP for feature vectors and ResNet-18 (reduced nf=20 or full nf=64, CIFAR stem)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MODELS = ("mlp", "resnet18-reduced", "resnet18")
+
+
+class MLP(nn.Module):
+    """Two hidden ReLU layers over the flattened input; ``out_dim`` features."""
+
+    def __init__(self, in_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.out_dim = hidden
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem (3×3 conv, stride 1, no max-pool); ``8·nf`` features.
+
+    ``nf=64`` is the full network (512-d features, OnPro's backbone); ``nf=20`` is the reduced
+    ResNet-18 of GEM/ER papers (160-d).
+    """
+
+    def __init__(self, in_channels: int = 3, nf: int = 64) -> None:
+        super().__init__()
+        self.out_dim = 8 * nf
+        self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(nf)
+        layers, in_planes = [], nf
+        for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
+            layers += [BasicBlock(in_planes, nf * mult, stride), BasicBlock(nf * mult, nf * mult, 1)]
+            in_planes = nf * mult
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+def build_backbone(name: str, input_shape: tuple[int, ...], *, width: int | None = None) -> nn.Module:
+    """Backbone ``name`` for model inputs of ``input_shape`` (one sample, after ``to_model_input``).
+
+    ``width`` overrides the MLP hidden size or the ResNet ``nf``.
+    """
+    if name == "mlp":
+        return MLP(math.prod(input_shape), hidden=width or 256)
+    if name in ("resnet18", "resnet18-reduced"):
+        if len(input_shape) != 3:
+            raise ValueError(f"{name} needs image inputs (C, H, W), got shape {input_shape}")
+        nf = width or (64 if name == "resnet18" else 20)
+        return ResNet18(in_channels=input_shape[0], nf=nf)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
