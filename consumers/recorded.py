@@ -49,7 +49,7 @@ class RecordedWriter:
     """Append messages to a new recorded-stream file one at a time (for ``stream-cl record``)."""
 
     def __init__(self, path: str | Path) -> None:
-        self._file = gzip.open(path, "wb", compresslevel=6)
+        self._file = gzip.open(path, "wb", compresslevel=6)  # noqa: SIM115 - closed by close()/__exit__
         self._file.write(MAGIC)
         self.count = 0
 

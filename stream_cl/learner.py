@@ -31,8 +31,8 @@ class Prediction:
         """Per sample, the predicted ``(class name, confidence)`` of each level."""
         classes, conf = self.classes.tolist(), self.confidence.tolist()
         return [
-            [(tree.names[lvl][c], round(p, 6)) for lvl, (c, p) in enumerate(zip(row, prow)) if c >= 0]
-            for row, prow in zip(classes, conf)
+            [(tree.names[lvl][c], round(p, 6)) for lvl, (c, p) in enumerate(zip(row, prow, strict=True)) if c >= 0]
+            for row, prow in zip(classes, conf, strict=True)
         ]
 
 
