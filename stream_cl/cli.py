@@ -1,127 +1,26 @@
-"""Command line: ``stream-cl run`` and friends. Parses, then calls library functions."""
+"""Command line: ``stream-cl <command>``. Each command lives in ``stream_cl/commands/``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from functools import partial
-from importlib import resources
-from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
-from consumers.recorded import RecordedSource, RecordedStreamError
-from consumers.wire import REASONS
-from monitoring.metrics import Metrics
-from monitoring.probe import ProbeSet
-from stream_cl.build import build_learner
-from stream_cl.device import pick_device
+from consumers.recorded import RecordedStreamError
+from stream_cl.commands import run
 from stream_cl.errors import StreamClError
-from stream_cl.methods import METHODS
-from stream_cl.models import MODELS
-from stream_cl.run import RUN_REASONS, RunOptions, run_stream
 
-log = logging.getLogger("stream_cl")
-
-
-def default_stream() -> Path:
-    """The recorded stream shipped with the package (class-incremental Fashion-MNIST slice)."""
-    return Path(str(resources.files("consumers.data").joinpath("fashion_mnist_ci.rec.gz")))
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``run`` and ``serve``."""
-    p.add_argument("--source", default=None, help="recorded-stream file (default: the shipped Fashion-MNIST stream)")
-    p.add_argument("--method", default="er", choices=sorted(METHODS), help="learning method (default: er)")
-    p.add_argument("--model", default="mlp", choices=MODELS, help="backbone (default: mlp)")
-    p.add_argument("--width", type=_positive(int), default=None, help="MLP hidden size or ResNet nf override")
-    p.add_argument("--buffer", default="memory", help="replay buffer: 'memory' (default)")
-    p.add_argument("--buffer-size", type=_positive(int), default=500, help="replay buffer capacity (default: 500)")
-    p.add_argument("--batch-size", type=_positive(int), default=10, help="stream micro-batch size (default: 10)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--max-records", type=_positive(int), default=None, help="stop after this many records")
-    p.add_argument(
-        "--probe-fraction",
-        type=float,
-        default=0.05,
-        help="share of labelled records held out to measure accuracy and forgetting (default: 0.05)",
-    )
-    p.add_argument(
-        "--probe-every",
-        type=_positive(int),
-        default=500,
-        help="learned records between probe evaluations (default: 500)",
-    )
-    p.add_argument("--metrics-port", type=int, default=9108, help="serve /metrics on this port; 0 disables")
-    p.add_argument("--metrics-addr", default="127.0.0.1", help="bind address of /metrics (default: 127.0.0.1)")
-    p.add_argument("--summary-json", type=Path, default=None, help="write the final summary to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+COMMANDS = [run]
+"""Command modules; each has ``register(subparsers)`` setting ``handler`` on its parser."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stream-cl", description="Online continual learning on data streams.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
-        "run",
-        help="learn a stream once, then print a summary",
-        description="Learn a stream test-then-train and print a summary.",
-    )
-    add_run_arguments(run)
-    run.set_defaults(handler=cmd_run)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    if not 0.0 <= args.probe_fraction < 1.0:
-        raise StreamClError(f"--probe-fraction must be in [0, 1), got {args.probe_fraction}")
-    device = pick_device(args.device)
-    path = Path(args.source) if args.source else default_stream()
-    source = RecordedSource(path)
-    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
-    metrics.model_info.info({"method": args.method, "model": args.model, "device": str(device)})
-    if args.metrics_port:
-        metrics.serve(args.metrics_port, args.metrics_addr)
-        log.info("serving metrics on http://%s:%d/metrics", args.metrics_addr, args.metrics_port)
-
-    make_learner = partial(
-        build_learner,
-        args.method,
-        args.model,
-        device=device,
-        seed=args.seed,
-        buffer_size=args.buffer_size,
-        width=args.width,
-    )
-
-    options = RunOptions(
-        batch_size=args.batch_size,
-        max_records=args.max_records,
-        probe_every=args.probe_every,
-        progress=not args.no_progress,
-        poll_timeout_s=0.0,
-    )
-    with source:
-        summary, _ = run_stream(
-            source, make_learner, metrics, ProbeSet(fraction=args.probe_fraction, seed=args.seed), options
-        )
-    summary.model, summary.device = args.model, str(device)
-    print(summary.render())
-    if args.summary_json:
-        summary.write(args.summary_json)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.handler(args)

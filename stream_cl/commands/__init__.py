@@ -1,0 +1,3 @@
+"""One module per CLI command, each with ``register(subparsers)``."""
+
+from __future__ import annotations
