@@ -7,10 +7,10 @@ import logging
 import sys
 
 from consumers.recorded import RecordedStreamError
-from stream_cl.commands import run
+from stream_cl.commands import bench, run
 from stream_cl.errors import StreamClError
 
-COMMANDS = [run]
+COMMANDS = [run, bench]
 """Command modules; each has ``register(subparsers)`` setting ``handler`` on its parser."""
 
 
