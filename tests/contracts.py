@@ -1,0 +1,83 @@
+"""Checks every registered learner must pass (after river's ``checks``), parametrized in test_learners."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from stream_cl.learner import Batch, Learner
+
+SHAPE = (8, 8, 3)
+
+
+def stream(n: int = 60, n_classes: int = 3, seed: int = 0) -> list[Batch]:
+    """Micro-batches of 10 uint8 images whose classes arrive one after the other."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for start in range(0, n, 10):
+        y = np.minimum((np.arange(start, start + 10) * n_classes) // n, n_classes - 1)
+        x = rng.integers(0, 255, size=(10, *SHAPE), dtype=np.uint8)
+        x[:, :, :, 0] = (y[:, None, None] * 80).astype(np.uint8)  # a class signal in the red channel
+        batches.append(Batch(torch.from_numpy(x), [(f"class{k}",) for k in y]))
+    return batches
+
+
+def check_predict_before_observe(learner: Learner) -> None:
+    pred = learner.predict(stream()[0].x)
+    assert pred.classes.shape[0] == 10
+    assert (pred.classes == -1).all(), "no class can be predicted before any label was seen"
+
+
+def check_predict_is_pure(learner: Learner) -> None:
+    for batch in stream()[:3]:
+        learner.observe(batch)
+    x = stream(seed=1)[0].x
+    first, second = learner.predict(x), learner.predict(x)
+    assert torch.equal(first.classes, second.classes)
+    assert torch.allclose(first.confidence, second.confidence)
+
+
+def check_observe_predicts_before_learning(learner: Learner) -> None:
+    batches = stream()
+    learner.observe(batches[0])
+    expected = learner.predict(batches[1].x)
+    obs = learner.observe(batches[1])
+    assert torch.equal(obs.prediction.classes, expected.classes), "observe must predict with the pre-step model"
+    assert obs.stats.n_learned == 10
+
+
+def check_state_round_trip(learner: Learner, fresh: Learner) -> None:
+    for batch in stream():
+        learner.observe(batch)
+    buf = io.BytesIO()
+    torch.save(learner.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    x = stream(seed=2)[0].x
+    assert torch.equal(learner.predict(x).classes, fresh.predict(x).classes)
+    assert fresh.labels.sizes == learner.labels.sizes
+
+
+def check_new_labels_mid_stream(learner: Learner) -> None:
+    batches = stream()
+    for batch in batches[:3]:
+        learner.observe(batch)
+    sizes = list(learner.labels.sizes)
+    obs = learner.observe(Batch(batches[3].x, [("brand_new",)] * 10))
+    assert (0, "brand_new") in obs.new_labels
+    assert learner.labels.sizes[0] == sizes[0] + 1
+    assert learner.predict(batches[3].x).classes.max() <= sizes[0]
+
+
+def check_unlabelled_records_are_not_learned(learner: Learner) -> None:
+    batch = stream()[0]
+    obs = learner.observe(Batch(batch.x, [None] * 10))
+    assert obs.stats.n_learned == 0 and len(learner.buffer) == 0
+    assert (obs.y == -1).all()
+
+
+def run_all_seeded(make) -> list[torch.Tensor]:
+    learner = make()
+    return [learner.observe(b).prediction.classes for b in stream()]
