@@ -7,15 +7,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from buffers.policy import SlotPolicy
 from buffers.reservoir import ReservoirPolicy
-from buffers.store import ReplayBatch
+from buffers.store import EMPTY, ReplayBatch, class_keys, split_key
 
 
 class MemoryStore:
     """A fixed-capacity replay buffer held in device tensors, filled by a slot policy.
 
     Storage is allocated on the first ``add`` (the sample shape is known then) and never
-    grows. Insert and sample are a handful of tensor ops per batch, no per-sample loop.
+    grows. Insert and sample are a handful of tensor ops per batch, no per-sample loop. A CPU
+    copy of each slot's class key (``level * 2**32 + y``) serves class-aware policies and
+    :meth:`class_counts` without a device sync.
 
     Parameters
     ----------
@@ -31,7 +34,8 @@ class MemoryStore:
     Examples
     --------
     >>> store = MemoryStore(capacity=4)
-    >>> store.add(torch.zeros(6, 2), torch.arange(6), torch.zeros(6, dtype=torch.long))
+    >>> store.add(torch.zeros(6, 2), torch.arange(6), torch.zeros(6, dtype=torch.long)).tolist()
+    [0, 1, 2, -1, -1, 3]
     >>> len(store), len(store.sample(3))
     (4, 3)
     """
@@ -40,7 +44,7 @@ class MemoryStore:
         self,
         capacity: int,
         *,
-        policy: ReservoirPolicy | None = None,
+        policy: SlotPolicy | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
     ) -> None:
@@ -53,49 +57,85 @@ class MemoryStore:
         self._x: torch.Tensor | None = None
         self._y = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         self._level = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self._keys = np.full(capacity, EMPTY, dtype=np.int64)
+        self._counts: dict[int, int] = {}
         self._size = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> np.ndarray:
+        """Insert a micro-batch; returns the slot of each sample (-1: not kept)."""
         if len(x) == 0:
-            return
+            return np.empty(0, dtype=np.int64)
         if self._x is None:
             self._x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype, device=self.device)
-        slots = self.policy.slots(len(x))
+        keys = class_keys(y.cpu().numpy(), level.cpu().numpy())
+        slots = self.policy.slots(keys, self._keys)
         keep = np.flatnonzero(slots >= 0)
         if keep.size == 0:
-            return
+            return slots
+        self._count(self._keys[slots[keep]], -1)
+        self._count(keys[keep], +1)
+        self._keys[slots[keep]] = keys[keep]
         src = torch.from_numpy(keep).to(x.device)
         dst = torch.from_numpy(slots[keep]).to(self.device)
         self._x[dst] = x[src].to(self.device, non_blocking=True)
         self._y[dst] = y[src].to(self.device)
         self._level[dst] = level[src].to(self.device)
-        self._size = min(self.capacity, self.policy.seen)
+        self._size = int(np.count_nonzero(self._keys != EMPTY))
+        return slots
 
     def sample(self, n: int) -> ReplayBatch:
         """Up to ``n`` distinct stored samples, uniformly without replacement."""
         n = min(n, self._size)
+        if self._x is None or n == 0:
+            return ReplayBatch.empty(self.device)
         idx = torch.randperm(self._size, generator=self._gen)[:n].to(self.device)
-        if self._x is None:
-            return ReplayBatch(torch.empty(0), self._y[:0], self._level[:0], idx)
         return ReplayBatch(self._x[idx], self._y[idx], self._level[idx], idx)
+
+    def sample_then_add(self, n: int, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> ReplayBatch:
+        """``sample(n)`` from the buffer as it is, then ``add`` the batch (the sample is a copy)."""
+        replay = self.sample(n)
+        self.add(x, y, level)
+        return replay
 
     def labels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, level) of every stored sample, for composition metrics."""
         return self._y[: self._size], self._level[: self._size]
+
+    def class_counts(self) -> dict[tuple[int, int], int]:
+        """Stored samples per class ``(level, y)``."""
+        return {split_key(k): v for k, v in self._counts.items()}
 
     def __len__(self) -> int:
         return self._size
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored samples and their labels (the preallocated tensors hold ``capacity``)."""
         stored = 0 if self._x is None else self._x.element_size() * self._x[0].numel()
         return self._size * (stored + 16)
+
+    @property
+    def errors(self) -> int:
+        return 0
+
+    def take_errors(self) -> int:
+        return 0
+
+    def _count(self, keys: np.ndarray, sign: int) -> None:
+        classes, counts = np.unique(keys[keys != EMPTY], return_counts=True)
+        for k, c in zip(classes.tolist(), counts.tolist(), strict=True):
+            left = self._counts.get(k, 0) + sign * c
+            if left:
+                self._counts[k] = left
+            else:
+                self._counts.pop(k, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "x": None if self._x is None else self._x.cpu(),
             "y": self._y.cpu(),
             "level": self._level.cpu(),
+            "keys": torch.from_numpy(self._keys.copy()),
             "size": self._size,
             "policy": self.policy.state_dict(),
             "gen": self._gen.get_state(),
@@ -105,6 +145,9 @@ class MemoryStore:
         self._x = None if state["x"] is None else state["x"].to(self.device)
         self._y = state["y"].to(self.device)
         self._level = state["level"].to(self.device)
+        self._keys = state["keys"].numpy().copy()
+        self._counts = {}
+        self._count(self._keys, +1)
         self._size = int(state["size"])
         self.policy.load_state_dict(state["policy"])
         self._gen.set_state(state["gen"])

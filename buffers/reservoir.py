@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from buffers.policy import last_write_wins
+
 
 class ReservoirPolicy:
     """Decide slots for a batch so that after t items each is kept with probability min(1, M/t).
@@ -13,7 +15,7 @@ class ReservoirPolicy:
     Item number t (1-based, counting every item ever offered) goes to slot t-1 while t <= M;
     after that it draws j uniformly from {0, ..., t-1} and replaces slot j if j < M. When two
     items of one batch pick the same slot, the later one wins, exactly as if they had been
-    offered one by one.
+    offered one by one. Classes play no part (``stored`` is ignored).
 
     Parameters
     ----------
@@ -25,7 +27,7 @@ class ReservoirPolicy:
     Examples
     --------
     >>> policy = ReservoirPolicy(capacity=3, seed=0)
-    >>> policy.slots(4).tolist()
+    >>> policy.slots(np.zeros(4, dtype=np.int64), np.full(3, -1)).tolist()
     [0, 1, 2, -1]
     >>> policy.seen
     4
@@ -39,8 +41,9 @@ class ReservoirPolicy:
         self.seen = 0
         self._rng = np.random.default_rng(seed)
 
-    def slots(self, n: int) -> np.ndarray:
-        """Slot per item for the next ``n`` items (-1 = not kept); duplicates resolved last-wins."""
+    def slots(self, keys: np.ndarray, stored: np.ndarray | None = None) -> np.ndarray:
+        """Slot per item for the next ``len(keys)`` items (-1 = not kept); duplicates resolved last-wins."""
+        n = len(keys)
         t = np.arange(self.seen + 1, self.seen + n + 1, dtype=np.int64)
         self.seen += n
         slots = t - 1
@@ -56,15 +59,3 @@ class ReservoirPolicy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seen = int(state["seen"])
         self._rng.bit_generator.state = state["rng"]
-
-
-def last_write_wins(slots: np.ndarray) -> np.ndarray:
-    """Set to -1 every entry whose slot is written again later in the same batch."""
-    kept = slots >= 0
-    if kept.sum() <= 1:
-        return slots
-    reversed_slots = slots[::-1]
-    _, first_in_reversed = np.unique(reversed_slots, return_index=True)
-    last = np.zeros(len(slots), dtype=bool)
-    last[len(slots) - 1 - first_in_reversed] = True
-    return np.where(kept & last, slots, -1)

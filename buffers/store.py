@@ -1,11 +1,25 @@
-"""The ReplayStore protocol and the fixed-shape ReplayBatch it returns."""
+"""The ReplayStore protocol, the fixed-shape ReplayBatch it returns, and the class key of a sample."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+
+EMPTY = -1
+"""Class key of a slot that holds nothing yet."""
+
+
+def class_keys(y: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """One int64 per sample naming its class ``(level, y)``: ``level * 2**32 + y``."""
+    return (np.asarray(level, dtype=np.int64) << 32) | np.asarray(y, dtype=np.int64)
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """``(level, y)`` of a class key."""
+    return int(key) >> 32, int(key) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,16 +38,39 @@ class ReplayBatch:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @staticmethod
+    def empty(device: str | torch.device = "cpu") -> ReplayBatch:
+        none = torch.empty(0, dtype=torch.long, device=device)
+        return ReplayBatch(torch.empty(0, device=device), none, none, none)
+
 
 @runtime_checkable
 class ReplayStore(Protocol):
-    """Where replay samples live. ``add`` inserts a micro-batch through the store's policy."""
+    """Where replay samples live. ``add`` inserts a micro-batch through the store's policy.
+
+    ``add`` returns the slot each sample went to (-1: not kept). ``sample_then_add`` draws
+    ``n`` samples from the buffer as it is, then inserts the batch: what a replay step needs,
+    in one round trip for remote stores. ``errors`` counts failed operations (always 0 in
+    memory); ``take_errors`` returns those since its last call, for a Prometheus counter.
+    """
 
     capacity: int
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> None: ...
+    def add(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> np.ndarray: ...
 
     def sample(self, n: int) -> ReplayBatch: ...
+
+    def sample_then_add(self, n: int, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> ReplayBatch: ...
+
+    def class_counts(self) -> dict[tuple[int, int], int]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def errors(self) -> int: ...
+
+    def take_errors(self) -> int: ...
 
     def __len__(self) -> int: ...
 

@@ -1,0 +1,75 @@
+"""Open a replay store from a spec: ``memory``, ``redis://...`` or ``rediss://...``."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from buffers.balanced import ClassBalancedPolicy, LargestClassPolicy
+from buffers.memory import MemoryStore
+from buffers.policy import SlotPolicy
+from buffers.redis import RedisStore
+from buffers.reservoir import ReservoirPolicy
+from buffers.store import ReplayStore
+
+POLICIES = {
+    "reservoir": ReservoirPolicy,
+    "class-balanced": ClassBalancedPolicy,
+    "balanced-reservoir": LargestClassPolicy,
+}
+"""Policy name -> class (each takes ``(capacity, *, seed)``). Redis runs ``reservoir`` only."""
+
+
+def make_policy(name: str, capacity: int, *, seed: int = 0) -> SlotPolicy:
+    """The policy registered as ``name``; ValueError lists the choices for an unknown one."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown buffer policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name](capacity, seed=seed)
+
+
+def open_store(
+    spec: str,
+    capacity: int,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    policy: str = "reservoir",
+    name: str | None = None,
+    fallback_capacity: int = 200,
+    socket_timeout_s: float = 2.0,
+) -> ReplayStore:
+    """A replay store for ``spec``.
+
+    ``memory`` keeps the buffer in this process (any policy). ``redis://[user:password@]host:port/db``
+    and ``rediss://...`` (TLS; ``ssl_ca_certs`` and friends as URL query, as redis-py reads them)
+    open a shared :class:`~buffers.redis.RedisStore`; its buffer name comes from ``name`` or the
+    URL query ``?name=`` (default ``replay``). Learners using the same URL and name share one buffer.
+
+    Examples
+    --------
+    >>> open_store("memory", 10, policy="class-balanced").policy.__class__.__name__
+    'ClassBalancedPolicy'
+    """
+    if spec == "memory":
+        return MemoryStore(capacity, policy=make_policy(policy, capacity, seed=seed), device=device, seed=seed)
+    parts = urlsplit(spec)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"buffer must be 'memory', 'redis://...' or 'rediss://...', got {spec!r}")
+    if policy != "reservoir":
+        raise ValueError(f"the Redis buffer runs the 'reservoir' policy only, got {policy!r}")
+    query = parse_qsl(parts.query)
+    name = name or dict(query).get("name", "replay")
+    url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "name"])))
+    client = redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        # One immediate retry reconnects a pooled connection broken by a restart; the store backs off itself.
+        retry=Retry(NoBackoff(), 1),
+    )
+    return RedisStore(client, capacity, name=name, seed=seed, device=device, fallback_capacity=fallback_capacity)
