@@ -105,6 +105,16 @@ class Metrics:
         self.checkpoint_age = Gauge(
             "streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.", registry=r
         )
+        self.overload_records = Counter(
+            "streamcl_overload_records",
+            "Labelled records that arrived while the consumer lag was above --max-lag, by overload policy.",
+            ["policy"],
+            registry=r,
+        )
+        self.overloaded = Gauge("streamcl_overloaded", "1 while the consumer lag is above --max-lag.", registry=r)
+        self.predictions = Counter(
+            "streamcl_predictions", "Prediction records published to the predictions output.", registry=r
+        )
         self.model_info = Info("streamcl_model", "Method, model and device of this learner.", registry=r)
         for outcome in OUTCOMES:
             self.samples.labels(outcome=outcome)

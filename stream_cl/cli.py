@@ -7,10 +7,10 @@ import logging
 import sys
 
 from consumers.recorded import RecordedStreamError
-from stream_cl.commands import bench, run
+from stream_cl.commands import bench, checkpoint, run, serve
 from stream_cl.errors import StreamClError
 
-COMMANDS = [run, bench]
+COMMANDS = [run, bench, serve, checkpoint]
 """Command modules; each has ``register(subparsers)`` setting ``handler`` on its parser."""
 
 

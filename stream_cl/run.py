@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -19,7 +19,12 @@ from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeResult, ProbeSet
 from stream_cl.learner import Batch, Learner, Observation
+from stream_cl.overload import OverloadPolicy
+from stream_cl.predictions import Predictions
 from stream_cl.summary import Summary
+
+if TYPE_CHECKING:  # the checkpointer imports RunState from here
+    from stream_cl.checkpointer import Checkpointer
 
 log = logging.getLogger("stream_cl.run")
 
@@ -73,6 +78,9 @@ def run_stream(
     dead_letters: DeadLetterSink | None = None,
     state: RunState | None = None,
     stop: threading.Event | None = None,
+    checkpointer: Checkpointer | None = None,
+    overload: OverloadPolicy | None = None,
+    predictions: Predictions | None = None,
 ) -> tuple[Summary, RunState]:
     """Learn ``source`` until it ends, goes idle, hits ``max_records`` or ``stop`` is set."""
     state = state or RunState()
@@ -103,12 +111,19 @@ def run_stream(
         learn, held = _split_probe(records, probe)
         summary.held_out += len(held)
         metrics.samples.labels(outcome="held_out").inc(len(held))
+        if overload is not None:
+            learn = overload.admit(learn)
         if learn:
             observation = _observe(state.learner, learn, metrics)
+            if predictions is not None:
+                predictions.publish(learn, observation.prediction, state.learner.labels, now)
             _score(observation, accuracy, summary, metrics)
             _publish_learner(state.learner, metrics)
             since_probe += observation.stats.n_learned
-        source.commit(next_offsets(poll.positions()))
+        offsets = next_offsets(poll.positions())
+        source.commit(offsets)
+        if checkpointer is not None:
+            checkpointer.step(state, offsets, len(poll), summary.learned)
         if state.learner is not None and since_probe >= options.probe_every:
             _publish_probe(_evaluate(probe, state.learner), metrics)
             since_probe = 0
@@ -118,6 +133,10 @@ def run_stream(
             metrics.samples_per_second.set(rate_count / (now - last_rate))
             last_rate, rate_count = now, 0
     bar.close()
+    summary.learned_total = summary.learned
+    if checkpointer is not None:
+        checkpointer.finish(state, summary.learned)
+        summary.learned_total += checkpointer.learned_base
     elapsed = time.monotonic() - started
     if state.learner is not None:
         _finish(summary, state.learner, _evaluate(probe, state.learner), metrics)

@@ -12,6 +12,7 @@ class Summary:
     """Counts and accuracies of one run (accuracies and forgetting are 0-1 ratios)."""
 
     learned: int = 0
+    learned_total: int = 0  # learned over the model's whole history, restored checkpoints included
     predicted: int = 0
     held_out: int = 0
     dead_letter: dict[str, int] = field(default_factory=dict)

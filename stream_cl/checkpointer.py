@@ -1,0 +1,167 @@
+"""When a run checkpoints and what goes in; restoring a run from its newest valid checkpoint.
+
+A checkpoint pairs the learner's state with the source offsets that state has learned up to, so
+a restart that seeks there neither skips a record nor learns one twice. State is copied on the
+loop thread at a batch boundary (cheap tensor copies); serialising, fsync and rename happen on a
+background thread so the loop keeps learning meanwhile.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from consumers.source import Offsets
+from monitoring.metrics import Metrics
+from stream_cl.checkpoint import CheckpointInfo, CheckpointStore
+from stream_cl.errors import ConfigError
+from stream_cl.run import LearnerFactory, RunState
+
+log = logging.getLogger("stream_cl.checkpoint")
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a restart resumes from: checkpoint id, next offsets per (topic, partition), records learned."""
+
+    id: int
+    offsets: dict[tuple[str, int], int]
+    learned_total: int
+
+
+class Checkpointer:
+    """Checkpoints a run every ``every_records`` polled records and every ``every_seconds`` seconds.
+
+    Parameters
+    ----------
+    store
+        Where checkpoints go.
+    identity
+        What the learner is (method, model, width); stored, and checked on restore.
+    every_records, every_seconds
+        Cadence (None: never for that reason; the final checkpoint is always written).
+    restored
+        The checkpoint this run resumed from, whose offsets and counters it extends.
+    metrics
+        Receives ``streamcl_checkpoint_age_seconds``.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        *,
+        identity: Mapping[str, Any],
+        every_records: int | None = None,
+        every_seconds: float | None = None,
+        restored: Restored | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if every_records is not None and every_records <= 0:
+            raise ValueError(f"every_records must be > 0, got {every_records}")
+        if every_seconds is not None and every_seconds <= 0:
+            raise ValueError(f"every_seconds must be > 0, got {every_seconds}")
+        self.store = store
+        self.identity = dict(identity)
+        self.every_records = every_records
+        self.every_seconds = every_seconds
+        self.metrics = metrics
+        self.offsets: dict[tuple[str, int], int] = dict(restored.offsets) if restored else {}
+        self.learned_base = restored.learned_total if restored else 0
+        self.version = restored.id if restored else 0
+        """Id of the newest checkpoint written (or restored): the model version predictions carry."""
+        self._since = 0
+        self._last = time.monotonic()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def step(self, state: RunState, offsets: Offsets, n_records: int, learned: int) -> None:
+        """Record a committed batch (its next ``offsets``); checkpoint if one is due."""
+        self.offsets.update(offsets)
+        self._since += n_records
+        now = time.monotonic()
+        due = (self.every_records is not None and self._since >= self.every_records) or (
+            self.every_seconds is not None and now - self._last >= self.every_seconds
+        )
+        if due and state.learner is not None:
+            self._submit(state, learned)
+        if self.metrics is not None:
+            self.metrics.checkpoint_age.set(now - self._last)
+
+    def finish(self, state: RunState, learned: int) -> CheckpointInfo | None:
+        """Write a final checkpoint if anything was processed since the last one; wait for it."""
+        if state.learner is not None and self._since:
+            self._submit(state, learned)
+        info = self._wait()
+        self._pool.shutdown()
+        return info
+
+    def _submit(self, state: RunState, learned: int) -> None:
+        payload = {
+            "identity": dict(self.identity),
+            "input_shape": list(state.input_shape),
+            "input_dtype": str(state.input_dtype),
+            "offsets": [[topic, partition, offset] for (topic, partition), offset in sorted(self.offsets.items())],
+            "learned_total": self.learned_base + learned,
+            "learner": _snapshot(state.learner.state_dict()),
+        }
+        try:
+            self._wait()  # at most one write in flight: back-pressure instead of a growing queue
+        except Exception:
+            log.exception("checkpoint write failed; the next one will be attempted")
+        self._since, self._last = 0, time.monotonic()
+        self._pending = self._pool.submit(self.store.write, payload)
+
+    def _wait(self) -> CheckpointInfo | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        info = pending.result()
+        self.version = info.id
+        log.info("checkpoint %d written (%d bytes)", info.id, info.size)
+        return info
+
+
+def restore(
+    store: CheckpointStore, make_learner: LearnerFactory, identity: Mapping[str, Any]
+) -> tuple[RunState, Restored | None]:
+    """A run state rebuilt from the newest valid checkpoint (an empty one if there is none).
+
+    Raises
+    ------
+    ConfigError
+        If the checkpoint holds another method or model than ``identity`` asks for.
+    """
+    found = store.latest()
+    if found is None:
+        return RunState(), None
+    info, payload = found
+    if payload["identity"] != dict(identity):
+        raise ConfigError(
+            f"checkpoint {info.id} in {store.directory} is {payload['identity']}, but the service is "
+            f"configured as {dict(identity)}; use another --checkpoint-dir or matching options"
+        )
+    shape, dtype = tuple(payload["input_shape"]), np.dtype(payload["input_dtype"])
+    learner = make_learner(shape, dtype)
+    learner.load_state_dict(payload["learner"])
+    offsets = {(topic, int(partition)): int(offset) for topic, partition, offset in payload["offsets"]}
+    log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, payload["learned_total"], offsets)
+    return RunState(learner, shape, dtype), Restored(info.id, offsets, int(payload["learned_total"]))
+
+
+def _snapshot(value: Any) -> Any:
+    """A deep copy with every tensor cloned to CPU, so later training steps cannot change it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return copy.deepcopy(value)

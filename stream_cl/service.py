@@ -1,0 +1,245 @@
+"""The long-running service: ``run`` plus checkpoints, graceful drain, health and predictions out.
+
+Start-up restores the newest valid checkpoint and opens the source at that checkpoint's offsets,
+so the restored model neither skips nor relearns a record. SIGTERM/SIGINT only set the stop
+flag: the loop finishes its batch, commits, writes a final checkpoint and returns; a watchdog
+ends the process with exit code 3 if that takes longer than ``drain_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from buffers.open import open_store
+from buffers.store import ReplayStore
+from consumers.kafka import KafkaSource
+from consumers.recorded import RecordedSource
+from consumers.source import Offsets, Source
+from consumers.urls import KafkaUrl, is_kafka_url
+from consumers.wire import REASONS
+from monitoring.drift import DriftMonitor, parse_drift
+from monitoring.metrics import Metrics
+from monitoring.probe import ProbeSet
+from stream_cl.build import build_learner
+from stream_cl.checkpoint import CheckpointStore
+from stream_cl.checkpointer import Checkpointer, Restored, restore
+from stream_cl.commands.run import check_hparams
+from stream_cl.config import ServiceConfig
+from stream_cl.device import pick_device
+from stream_cl.errors import ConfigError
+from stream_cl.overload import OverloadPolicy
+from stream_cl.predictions import Predictions, open_sink
+from stream_cl.run import RUN_REASONS, RunOptions, RunState, run_stream
+from stream_cl.summary import Summary
+
+log = logging.getLogger("stream_cl.serve")
+
+DRAIN_EXIT_CODE = 3
+"""Exit code when a drain did not finish within ``drain_timeout`` (the process is ended)."""
+
+
+def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
+    """Run the service until its source ends (or idles out) or ``stop`` is set; returns the summary."""
+    run = cfg.run
+    stop = stop or threading.Event()
+    device = pick_device(run["device"])
+    identity = {"method": run["method"], "model": run["model"], "width": run["width"]}
+    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
+    metrics.model_info.info({"method": run["method"], "model": run["model"], "device": str(device)})
+    hparams = dict(run.get("hparam") or [])
+    check_hparams(run["method"], hparams)
+    make_learner = partial(
+        build_learner,
+        run["method"],
+        run["model"],
+        device=device,
+        seed=run["seed"],
+        buffer=_buffer(run, device),
+        buffer_size=run["buffer_size"],
+        width=run["width"],
+        hparams=hparams,
+    )
+    ready = threading.Event()
+    source: Source | None = None
+
+    def is_ready() -> bool:  # restored, source open and (for Kafka) partitions assigned
+        assignment = getattr(source, "assignment", None)
+        return ready.is_set() and (assignment is None or bool(assignment()))
+
+    exporter = None
+    if run["metrics_port"]:
+        exporter = metrics.serve(run["metrics_port"], run["metrics_addr"], ready=is_ready)
+        log.info("serving /metrics, /healthz, /readyz on %s:%d", exporter.addr, exporter.port)
+    try:
+        store, state, restored = _restore(cfg, make_learner, identity)
+        checkpointer = None
+        if store is not None:
+            checkpointer = Checkpointer(
+                store,
+                identity=identity,
+                every_records=cfg.checkpoint.every_records,
+                every_seconds=cfg.checkpoint.every_seconds,
+                restored=restored,
+                metrics=metrics,
+            )
+        with _open_source(cfg, restored.offsets if restored else {}) as source:
+            if restored is not None:
+                _commit_restored(source, restored.offsets)
+            predictions = _predictions(cfg, checkpointer, metrics)
+            ready.set()
+            try:
+                summary, _ = run_stream(
+                    source,
+                    make_learner,
+                    metrics,
+                    ProbeSet(fraction=run["probe_fraction"], seed=run["seed"]),
+                    _options(run),
+                    state=state,
+                    stop=stop,
+                    drift=_drift(run, metrics),
+                    checkpointer=checkpointer,
+                    overload=_overload(cfg, source, metrics, run["seed"]),
+                    predictions=predictions,
+                )
+            finally:
+                ready.clear()
+                if predictions is not None:
+                    predictions.close()
+    finally:
+        if exporter is not None:
+            exporter.stop()
+    summary.model, summary.device = run["model"], str(device)
+    return summary
+
+
+def install_signal_handlers(stop: threading.Event, drain_timeout: float) -> threading.Event:
+    """SIGTERM/SIGINT set ``stop``; a watchdog ends the process if the drain outlives the bound.
+
+    Returns the event the caller sets once the drain is complete.
+    """
+    drained = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()  # the only thing a handler does; the loop sees it between batches
+
+    def watchdog() -> None:
+        stop.wait()
+        log.info("stopping: draining (bound %.1f s)", drain_timeout)
+        if not drained.wait(drain_timeout):
+            log.error("drain did not finish within %.1f s; exiting with code %d", drain_timeout, DRAIN_EXIT_CODE)
+            os._exit(DRAIN_EXIT_CODE)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=watchdog, name="drain-watchdog", daemon=True).start()
+    return drained
+
+
+def _restore(
+    cfg: ServiceConfig, make_learner: Any, identity: dict[str, Any]
+) -> tuple[CheckpointStore | None, RunState, Restored | None]:
+    if cfg.checkpoint.dir is None:
+        log.warning("no --checkpoint-dir: the model is lost when the service stops")
+        return None, RunState(), None
+    store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+    state, restored = restore(store, make_learner, identity)
+    return store, state, restored
+
+
+def _open_source(cfg: ServiceConfig, start_offsets: Offsets) -> Source:
+    source = cfg.run["source"]
+    if source is None:
+        raise ConfigError("serve needs --source (a kafka://HOST:PORT/TOPIC URL or a recorded-stream file)")
+    if not is_kafka_url(source):
+        return RecordedSource(Path(source), start_offsets=start_offsets)
+    if cfg.kafka.security_protocol != "PLAINTEXT":
+        raise ConfigError("the Kafka source does not take SASL/TLS settings yet; use PLAINTEXT")
+    url = KafkaUrl.parse(source)
+    return KafkaSource(
+        url.bootstrap,
+        url.topic,
+        cfg.run.get("group") or "stream-cl",
+        start_offsets=start_offsets,
+        session_timeout_ms=cfg.kafka.session_timeout_ms,
+        heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
+    )
+
+
+def _commit_restored(source: Source, offsets: Offsets, timeout_s: float = 10.0) -> None:
+    """Commit the restored offsets once partitions are assigned, so the group agrees with the model."""
+    assignment = getattr(source, "assignment", None)
+    deadline = time.monotonic() + timeout_s
+    while assignment is not None and not assignment() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    source.commit(offsets)
+
+
+def _buffer(run: dict[str, Any], device: torch.device) -> ReplayStore | None:
+    if run["buffer"] == "memory":
+        return None  # built with the learner (its state is checkpointed with it)
+    return open_store(run["buffer"], run["buffer_size"], device=device, seed=run["seed"])
+
+
+def _predictions(cfg: ServiceConfig, checkpointer: Checkpointer | None, metrics: Metrics) -> Predictions | None:
+    if cfg.predictions.url is None:
+        return None
+    sink = open_sink(cfg.predictions.url, **cfg.kafka.client_options())
+    return Predictions(
+        sink,
+        which=cfg.predictions.which,
+        version=(lambda: checkpointer.version) if checkpointer is not None else (lambda: 0),
+        metrics=metrics,
+    )
+
+
+def _overload(cfg: ServiceConfig, source: Source, metrics: Metrics, seed: int) -> OverloadPolicy | None:
+    if cfg.overload.max_lag is None:
+        return None
+    lag = getattr(source, "lag", None)
+    if lag is None:
+        raise ConfigError("--max-lag needs a source that reports its lag (Kafka)")
+    return OverloadPolicy(
+        cfg.overload.policy,
+        max_lag=cfg.overload.max_lag,
+        lag=lambda: _total(lag()),
+        fraction=cfg.overload.fraction,
+        metrics=metrics,
+        seed=seed,
+    )
+
+
+def _total(lag: Any) -> int | None:
+    """Lag summed over partitions (sources report an int or a per-partition mapping)."""
+    if lag is None or isinstance(lag, int):
+        return lag
+    return sum(lag.values())
+
+
+def _drift(run: dict[str, Any], metrics: Metrics) -> DriftMonitor | None:
+    if run.get("no_drift"):
+        return None
+    try:
+        return DriftMonitor(parse_drift(run["drift"]), metrics, seed=run["seed"])
+    except ValueError as err:
+        raise ConfigError(f"--drift: {err}") from err
+
+
+def _options(run: dict[str, Any]) -> RunOptions:
+    return RunOptions(
+        batch_size=run["batch_size"],
+        max_records=run["max_records"],
+        probe_every=run["probe_every"],
+        progress=not run["no_progress"],
+        poll_timeout_s=0.0 if run["source"] and not is_kafka_url(run["source"]) else 1.0,
+        until_idle_s=run.get("until_idle"),
+    )

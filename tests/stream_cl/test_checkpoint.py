@@ -1,0 +1,98 @@
+"""Checkpoint files (atomic, verified, pruned) and resuming a run from one without skips or repeats."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from consumers.recorded import RecordedSource
+from monitoring.metrics import Metrics
+from monitoring.probe import ProbeSet
+from stream_cl.build import build_learner
+from stream_cl.checkpoint import CheckpointError, CheckpointStore
+from stream_cl.checkpointer import Checkpointer, restore
+from stream_cl.errors import ConfigError
+from stream_cl.run import RunOptions, run_stream
+from tests.streams import write_stream
+
+IDENTITY = {"method": "er", "model": "mlp", "width": 32}
+
+
+def test_ids_grow_and_old_ones_are_pruned(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=2)
+    for i in range(4):
+        store.write({"i": torch.tensor(i)})
+    assert [c.id for c in store.list()] == [3, 4]
+    info, payload = store.latest()
+    assert (info.id, int(payload["i"]), payload["format"]) == (4, 3, 1)
+    # plain torch.load with weights_only works on the file itself: no pickled objects inside
+    assert int(torch.load(info.path, weights_only=True)["i"]) == 3
+
+
+def test_truncated_or_corrupted_newest_falls_back_to_previous(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=3)
+    for i in range(3):
+        store.write({"i": torch.tensor(i)})
+    newest, middle, _ = reversed(store.list())
+    newest.path.write_bytes(newest.path.read_bytes()[: newest.size // 2])
+    data = bytearray(middle.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    middle.path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        store.load(newest)
+    info, payload = store.latest()
+    assert (info.id, int(payload["i"])) == (1, 0)
+
+
+def test_stale_temp_files_are_removed_and_never_listed(tmp_path: Path) -> None:
+    (tmp_path / ".ckpt-abc.tmp").write_bytes(b"half a checkpoint")
+    store = CheckpointStore(tmp_path)
+    assert store.list() == [] and not list(tmp_path.glob("*.tmp"))
+    assert store.latest() is None
+
+
+def _learn(path: Path, store: CheckpointStore, max_records: int | None) -> tuple[object, object]:
+    make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=3, buffer_size=50, width=32)
+    state, restored = restore(store, make, IDENTITY)
+    checkpointer = Checkpointer(store, identity=IDENTITY, every_records=70, restored=restored)
+    offsets = restored.offsets if restored else {}
+    with RecordedSource(path, start_offsets=offsets) as source:
+        summary, state = run_stream(
+            source,
+            make,
+            Metrics(CollectorRegistry()),
+            ProbeSet(fraction=0.1, seed=3),
+            RunOptions(batch_size=10, max_records=max_records, poll_timeout_s=0.0, progress=False),
+            state=state,
+            checkpointer=checkpointer,
+        )
+    return summary, state
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Stop twice mid-stream, resume from the checkpoints: same model, same learned total, bit for bit."""
+    path = write_stream(tmp_path / "s.rec.gz", n_classes=4, per_class=60)
+    whole, whole_state = _learn(path, CheckpointStore(tmp_path / "a"), None)
+    store = CheckpointStore(tmp_path / "b")
+    first, _ = _learn(path, store, 90)
+    second, _ = _learn(path, store, 50)
+    rest, state = _learn(path, store, None)
+    assert rest.learned_total == whole.learned_total == whole.learned
+    assert first.learned + second.learned + rest.learned == whole.learned
+    for name, tensor in whole_state.learner.model.state_dict().items():
+        assert torch.equal(tensor, state.learner.model.state_dict()[name]), name
+    info, payload = store.latest()
+    assert payload["offsets"] == [["test", 0, 240]] and payload["learned_total"] == whole.learned
+
+
+def test_restore_refuses_another_method_or_model(tmp_path: Path) -> None:
+    path = write_stream(tmp_path / "s.rec.gz", n_classes=2, per_class=10)
+    store = CheckpointStore(tmp_path / "c")
+    _learn(path, store, None)
+    make = partial(build_learner, "er", "mlp", device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="configured as"):
+        restore(store, make, {**IDENTITY, "width": 64})
