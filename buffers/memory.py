@@ -67,6 +67,8 @@ class MemoryStore:
             return np.empty(0, dtype=np.int64)
         if self._x is None:
             self._x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype, device=self.device)
+        if x.shape[1:] != self._x.shape[1:] or x.dtype != self._x.dtype:
+            raise ValueError(f"buffer holds {self._x.dtype}{list(self._x.shape[1:])}, got {x.dtype}{list(x.shape[1:])}")
         keys = class_keys(y.cpu().numpy(), level.cpu().numpy())
         slots = self.policy.slots(keys, self._keys)
         keep = np.flatnonzero(slots >= 0)

@@ -64,12 +64,22 @@ def open_store(
     query = parse_qsl(parts.query)
     name = name or dict(query).get("name", "replay")
     url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "name"])))
-    client = redis.Redis.from_url(
+    client = redis_client(url, socket_timeout_s=socket_timeout_s)
+    return RedisStore(client, capacity, name=name, seed=seed, device=device, fallback_capacity=fallback_capacity)
+
+
+def redis_client(url: str, *, socket_timeout_s: float = 2.0) -> redis.Redis:
+    """A client for a replay store: bytes replies, short timeouts, one immediate retry.
+
+    The URL carries AUTH (``redis://user:password@host``) and TLS (``rediss://``, with redis-py's
+    ``ssl_*`` query options); its query options win over these defaults. The single retry
+    reconnects a pooled connection broken by a server restart; longer outages are the store's
+    back-off, not redis-py's (whose default retries for seconds).
+    """
+    return redis.Redis.from_url(
         url,
         decode_responses=False,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s,
-        # One immediate retry reconnects a pooled connection broken by a restart; the store backs off itself.
         retry=Retry(NoBackoff(), 1),
     )
-    return RedisStore(client, capacity, name=name, seed=seed, device=device, fallback_capacity=fallback_capacity)

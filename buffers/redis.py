@@ -21,6 +21,7 @@ import torch
 
 from buffers import lua
 from buffers.memory import MemoryStore
+from buffers.policy import last_write_wins
 from buffers.store import ReplayBatch
 
 log = logging.getLogger("buffers.redis")
@@ -187,7 +188,7 @@ class RedisStore:
             replies = self._pipeline(calls)
         except (*UNAVAILABLE, redis.ResponseError) as error:
             if isinstance(error, redis.ResponseError) and str(error).startswith("SHAPE"):
-                raise ValueError(f"buffer {self.name!r}: {error}") from None
+                raise ValueError(f"Redis buffer {self.name!r}: {str(error)[len('SHAPE ') :]}") from None
             self._errors += 1
             self._retry_at = self._clock() + self._backoff
             log.warning("buffer %r: redis unavailable (%s); retry in %.2fs", self.name, error, self._backoff)
@@ -231,7 +232,7 @@ class RedisStore:
     def _read_insert(self, reply: list) -> np.ndarray:
         slots, seen, size, counts = reply
         self._read_stats([seen, size, counts])
-        return np.asarray(slots, dtype=np.int64)
+        return last_write_wins(np.asarray(slots, dtype=np.int64))
 
     def _read_stats(self, reply: list) -> None:
         seen, size, counts = reply

@@ -17,8 +17,9 @@ from stream_cl.methods.common import encode_labels, rng_state, set_rng_state
 class ER:
     """Experience Replay with a reservoir buffer (Chaudhry et al., 2019).
 
-    Each step: predict the incoming batch, draw ``replay_batch_size`` buffer samples, take one
-    SGD step on incoming + replayed samples, then insert the incoming samples into the buffer.
+    Each step: predict the incoming batch, draw ``replay_batch_size`` buffer samples and insert
+    the incoming samples into the buffer (in one call, the draw first), then take one SGD step on
+    incoming + replayed samples.
 
     Parameters
     ----------
@@ -56,7 +57,8 @@ class ER:
         if not learn.any():
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
 
-        replay = self.buffer.sample(self.replay_batch_size)
+        # Draw the replay from the buffer as it was, then insert this batch: one round trip for Redis.
+        replay = self.buffer.sample_then_add(self.replay_batch_size, x_raw[learn], y[learn], level[learn])
         inputs, targets, levels = x[learn], y[learn], level[learn]
         if len(replay):
             inputs = torch.cat([inputs, to_model_input(replay.x.to(self.model.device))])
@@ -67,8 +69,6 @@ class ER:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-
-        self.buffer.add(x_raw[learn], y[learn], level[learn])
         return Observation(prediction, level, y, StepStats(loss.item(), int(learn.sum()), len(replay)), new)
 
     def predict(self, x: torch.Tensor) -> Prediction:
