@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from buffers.memory import MemoryStore
+from buffers.open import open_store
 from buffers.store import ReplayStore
 from stream_cl.classifier import Classifier
 from stream_cl.inputs import to_model_input
@@ -32,12 +32,20 @@ def build_learner(
     seed: int = 0,
     buffer: ReplayStore | None = None,
     buffer_size: int = 500,
+    buffer_spec: str = "memory",
+    buffer_policy: str = "reservoir",
     width: int | None = None,
     hparams: dict[str, Any] | None = None,
 ) -> Learner:
-    """A ready learner; the seed fixes weight init, buffer and every method RNG."""
+    """A ready learner; the seed fixes weight init, buffer and every method RNG.
+
+    ``buffer`` is used as given; otherwise ``buffer_spec`` (``memory``, ``redis://...``) and
+    ``buffer_policy`` open one of ``buffer_size`` samples (:func:`buffers.open.open_store`).
+    """
     torch.manual_seed(seed)
     backbone = build_backbone(model, model_input_shape(record_shape, record_dtype), width=width)
     classifier = Classifier(backbone, LabelTree(), device)
-    store = buffer if buffer is not None else MemoryStore(buffer_size, device=device, seed=seed)
+    store = buffer
+    if store is None:
+        store = open_store(buffer_spec, buffer_size, device=device, seed=seed, policy=buffer_policy)
     return method_class(method)(classifier, store, **(hparams or {}))

@@ -215,6 +215,7 @@ def _publish_learner(learner: Learner, metrics: Metrics) -> None:
     for level, size in enumerate(learner.labels.sizes):
         metrics.classes_seen.labels(level=str(level)).set(size)
     metrics.buffer_size.set(len(learner.buffer))
+    metrics.buffer_errors.inc(learner.buffer.take_errors())
 
 
 def _evaluate(probe: ProbeSet, learner: Learner) -> ProbeResult:

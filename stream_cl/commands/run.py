@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from buffers.open import POLICIES
 from consumers.recorded import RecordedSource
 from consumers.wire import REASONS
 from monitoring.metrics import Metrics
@@ -55,7 +56,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="er", choices=sorted(METHODS), help="learning method (default: er)")
     p.add_argument("--model", default="mlp", choices=MODELS, help="backbone (default: mlp)")
     p.add_argument("--width", type=_positive(int), default=None, help="MLP hidden size or ResNet nf override")
-    p.add_argument("--buffer", default="memory", help="replay buffer: 'memory' (default)")
+    p.add_argument(
+        "--buffer",
+        default="memory",
+        help="replay buffer: 'memory' (default) or a shared Redis buffer 'redis[s]://[user:pass@]host:port/db?name=NAME'",
+    )
+    p.add_argument(
+        "--buffer-policy",
+        default="reservoir",
+        choices=sorted(POLICIES),
+        help="which samples a memory buffer keeps (default: reservoir; Redis runs reservoir only)",
+    )
     p.add_argument("--buffer-size", type=_positive(int), default=500, help="replay buffer capacity (default: 500)")
     p.add_argument("--batch-size", type=_positive(int), default=10, help="stream micro-batch size (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -98,6 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=device,
         seed=args.seed,
         buffer_size=args.buffer_size,
+        buffer_spec=args.buffer,
+        buffer_policy=args.buffer_policy,
         width=args.width,
     )
 
