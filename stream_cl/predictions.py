@@ -87,10 +87,14 @@ class Predictions:
 
 
 class FileSink:
-    """Appends one JSON line per prediction to a file (flushed per batch by the OS buffer)."""
+    """Appends one JSON line per prediction to a file.
+
+    Unbuffered: each line is one ``write`` call, so a crash never leaves a published prediction in
+    a process buffer or half a line in the file.
+    """
 
     def __init__(self, path: str | Path) -> None:
-        self._file = Path(path).open("ab")  # noqa: SIM115 - closed by close()
+        self._file = Path(path).open("ab", buffering=0)  # noqa: SIM115 - closed by close()
 
     def send(self, key: bytes, value: bytes) -> None:
         self._file.write(value + b"\n")
@@ -103,11 +107,10 @@ class KafkaSink:
     """Produces prediction records to a Kafka topic (value: JSON, key: record id)."""
 
     def __init__(self, bootstrap: str, topic: str, **client: object) -> None:
-        from kafka import KafkaProducer  # imported here: file outputs need no Kafka client
+        from consumers.producer import new_producer  # imported here: file outputs need no Kafka client
 
         self.topic = topic
-        # Idempotence off: tansu and restarted brokers reject InitProducerId (see README, Kafka section).
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=5, **client)
+        self._producer = new_producer(bootstrap, **client)
 
     def send(self, key: bytes, value: bytes) -> None:
         self._producer.send(self.topic, key=key, value=value)

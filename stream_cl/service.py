@@ -13,16 +13,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from prometheus_client import CollectorRegistry
 
-from buffers.open import open_store
-from buffers.store import ReplayStore
-from consumers.kafka import KafkaSource
+from consumers.dlq import FileDeadLetterSink
 from consumers.recorded import RecordedSource
 from consumers.source import Offsets, Source
 from consumers.urls import KafkaUrl, is_kafka_url
@@ -39,7 +38,7 @@ from stream_cl.device import pick_device
 from stream_cl.errors import ConfigError
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions, open_sink
-from stream_cl.run import RUN_REASONS, RunOptions, RunState, run_stream
+from stream_cl.run import RUN_REASONS, DeadLetterSink, RunOptions, RunState, run_stream
 from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.serve")
@@ -64,8 +63,9 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
         run["model"],
         device=device,
         seed=run["seed"],
-        buffer=_buffer(run, device),
         buffer_size=run["buffer_size"],
+        buffer_spec=run["buffer"],
+        buffer_policy=run["buffer_policy"],
         width=run["width"],
         hparams=hparams,
     )
@@ -92,7 +92,10 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
                 restored=restored,
                 metrics=metrics,
             )
-        with _open_source(cfg, restored.offsets if restored else {}) as source:
+        with (
+            _open_source(cfg, restored.offsets if restored else {}) as source,
+            _dead_letters(run) or nullcontext() as dead_letters,
+        ):
             if restored is not None:
                 _commit_restored(source, restored.offsets)
             predictions = _predictions(cfg, checkpointer, metrics)
@@ -104,6 +107,7 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
                     metrics,
                     ProbeSet(fraction=run["probe_fraction"], seed=run["seed"]),
                     _options(run),
+                    dead_letters=dead_letters,
                     state=state,
                     stop=stop,
                     drift=_drift(run, metrics),
@@ -122,11 +126,10 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
     return summary
 
 
-def install_signal_handlers(stop: threading.Event, drain_timeout: float) -> threading.Event:
-    """SIGTERM/SIGINT set ``stop``; a watchdog ends the process if the drain outlives the bound.
-
-    Returns the event the caller sets once the drain is complete.
-    """
+@contextmanager
+def stop_on_signals(stop: threading.Event, drain_timeout: float) -> Iterator[None]:
+    """Within the block, SIGTERM/SIGINT set ``stop``, and a watchdog ends the process (exit code
+    :data:`DRAIN_EXIT_CODE`) if the block has not finished ``drain_timeout`` seconds later."""
     drained = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -134,15 +137,22 @@ def install_signal_handlers(stop: threading.Event, drain_timeout: float) -> thre
 
     def watchdog() -> None:
         stop.wait()
+        if drained.is_set():
+            return
         log.info("stopping: draining (bound %.1f s)", drain_timeout)
         if not drained.wait(drain_timeout):
             log.error("drain did not finish within %.1f s; exiting with code %d", drain_timeout, DRAIN_EXIT_CODE)
             os._exit(DRAIN_EXIT_CODE)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     threading.Thread(target=watchdog, name="drain-watchdog", daemon=True).start()
-    return drained
+    try:
+        yield
+    finally:
+        drained.set()
+        stop.set()  # releases the watchdog
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _restore(
@@ -164,15 +174,28 @@ def _open_source(cfg: ServiceConfig, start_offsets: Offsets) -> Source:
         return RecordedSource(Path(source), start_offsets=start_offsets)
     if cfg.kafka.security_protocol != "PLAINTEXT":
         raise ConfigError("the Kafka source does not take SASL/TLS settings yet; use PLAINTEXT")
+    from consumers.kafka import KafkaSource  # here: file sources need no Kafka client
+
     url = KafkaUrl.parse(source)
     return KafkaSource(
         url.bootstrap,
         url.topic,
-        cfg.run.get("group") or "stream-cl",
+        cfg.run["group"],
         start_offsets=start_offsets,
         session_timeout_ms=cfg.kafka.session_timeout_ms,
         heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
     )
+
+
+def _dead_letters(run: dict[str, Any]) -> DeadLetterSink | None:
+    """Dead letters go to a file (--dead-letter-out), else to TOPIC.dlq for Kafka; file sources only count them."""
+    if run["dead_letter_out"]:
+        return FileDeadLetterSink(run["dead_letter_out"])
+    if not is_kafka_url(run["source"]):
+        return None
+    from consumers.dlq import KafkaDeadLetterSink
+
+    return KafkaDeadLetterSink(KafkaUrl.parse(run["source"]).bootstrap, topic=run["dead_letter_topic"])
 
 
 def _commit_restored(source: Source, offsets: Offsets, timeout_s: float = 10.0) -> None:
@@ -182,12 +205,6 @@ def _commit_restored(source: Source, offsets: Offsets, timeout_s: float = 10.0) 
     while assignment is not None and not assignment() and time.monotonic() < deadline:
         time.sleep(0.05)
     source.commit(offsets)
-
-
-def _buffer(run: dict[str, Any], device: torch.device) -> ReplayStore | None:
-    if run["buffer"] == "memory":
-        return None  # built with the learner (its state is checkpointed with it)
-    return open_store(run["buffer"], run["buffer_size"], device=device, seed=run["seed"])
 
 
 def _predictions(cfg: ServiceConfig, checkpointer: Checkpointer | None, metrics: Metrics) -> Predictions | None:
@@ -240,6 +257,6 @@ def _options(run: dict[str, Any]) -> RunOptions:
         max_records=run["max_records"],
         probe_every=run["probe_every"],
         progress=not run["no_progress"],
-        poll_timeout_s=0.0 if run["source"] and not is_kafka_url(run["source"]) else 1.0,
+        poll_timeout_s=0.5 if is_kafka_url(run["source"]) else 0.0,
         until_idle_s=run.get("until_idle"),
     )

@@ -16,7 +16,7 @@ from stream_cl.config import ServiceConfig, masked, merge, read_env, read_file
 from stream_cl.errors import ConfigError
 from stream_cl.overload import POLICIES
 from stream_cl.predictions import WHICH
-from stream_cl.service import install_signal_handlers, serve
+from stream_cl.service import serve, stop_on_signals
 
 log = logging.getLogger("stream_cl.serve")
 
@@ -124,9 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(masked({k: _plain(v) for k, v in flat.items()}), sort_keys=True))
         return 0
     stop = threading.Event()
-    drained = install_signal_handlers(stop, cfg.drain_timeout)
-    summary = serve(cfg, stop)
-    drained.set()
+    with stop_on_signals(stop, cfg.drain_timeout):
+        summary = serve(cfg, stop)
     print(summary.render())
     if cfg.run["summary_json"]:
         summary.write(cfg.run["summary_json"])

@@ -85,7 +85,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path)
     assert first.learned + second.learned + rest.learned == whole.learned
     for name, tensor in whole_state.learner.model.state_dict().items():
         assert torch.equal(tensor, state.learner.model.state_dict()[name]), name
-    info, payload = store.latest()
+    _, payload = store.latest()
     assert payload["offsets"] == [["test", 0, 240]] and payload["learned_total"] == whole.learned
 
 
