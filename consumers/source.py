@@ -35,6 +35,19 @@ class Source(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+@runtime_checkable
+class Instrumented(Protocol):
+    """A source that reports consumer lag and decode times (Kafka); the run loop publishes them."""
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records behind the high watermark per (topic, partition) not yet handed to the learner."""
+        ...
+
+    def take_decode_seconds(self) -> list[float]:
+        """Decode wall times since the last call."""
+        ...
+
+
 def next_offsets(positions: Iterable[Position]) -> dict[tuple[str, int], int]:
     """Offsets to commit after processing ``positions``: highest offset + 1 per partition.
 

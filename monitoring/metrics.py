@@ -101,6 +101,12 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.decode_seconds = Histogram(
+            "streamcl_decode_seconds",
+            "Wall time to decode one fetched batch of messages (consumer background thread).",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.classes_seen = Gauge("streamcl_classes_seen", "Classes seen so far per level.", ["level"], registry=r)
         self.checkpoint_age = Gauge(
             "streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.", registry=r

@@ -7,10 +7,10 @@ import logging
 import sys
 
 from consumers.recorded import RecordedStreamError
-from stream_cl.commands import bench, checkpoint, run, serve
+from stream_cl.commands import bench, checkpoint, produce, record, replay, run, serve
 from stream_cl.errors import StreamClError
 
-COMMANDS = [run, bench, serve, checkpoint]
+COMMANDS = [run, bench, serve, checkpoint, produce, record, replay]
 """Command modules; each has ``register(subparsers)`` setting ``handler`` on its parser."""
 
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from consumers.record import DeadLetter, Poll, Record
-from consumers.source import Source, next_offsets
+from consumers.source import Instrumented, Source, next_offsets
 from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeResult, ProbeSet
@@ -132,7 +132,11 @@ def run_stream(
         if now - last_rate >= 1.0:
             metrics.samples_per_second.set(rate_count / (now - last_rate))
             last_rate, rate_count = now, 0
+            if isinstance(source, Instrumented):
+                _publish_source(source, metrics)
     bar.close()
+    if isinstance(source, Instrumented):
+        _publish_source(source, metrics)
     summary.learned_total = summary.learned
     if checkpointer is not None:
         checkpointer.finish(state, summary.learned)
@@ -209,6 +213,15 @@ def _score(obs: Observation, accuracy: PrequentialAccuracy, summary: Summary, me
         accuracy.update(levels, correct.cpu().numpy())
         for lvl in np.unique(levels):
             metrics.online_accuracy.labels(level=str(lvl)).set(accuracy.windowed(int(lvl)))
+
+
+def _publish_source(source: Instrumented, metrics: Metrics) -> None:
+    """Consumer lag per partition (series of partitions no longer owned are dropped) and decode times."""
+    metrics.consumer_lag.clear()
+    for (topic, partition), lag in source.lag().items():
+        metrics.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
+    for seconds in source.take_decode_seconds():
+        metrics.decode_seconds.observe(seconds)
 
 
 def _publish_learner(learner: Learner, metrics: Metrics) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from contextlib import nullcontext
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from buffers.open import POLICIES
-from consumers.recorded import RecordedSource
+from consumers.urls import is_kafka_url
 from consumers.wire import REASONS
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
@@ -21,6 +22,7 @@ from stream_cl.errors import StreamClError
 from stream_cl.methods import METHODS
 from stream_cl.models import MODELS
 from stream_cl.run import RUN_REASONS, RunOptions, run_stream
+from stream_cl.sources import open_source
 
 log = logging.getLogger("stream_cl")
 
@@ -32,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Learn a stream test-then-train and print a summary.",
     )
     add_run_arguments(run)
+    run.add_argument(
+        "--kafka-session-timeout-ms", type=_positive(int), default=10000, help="Kafka group session timeout"
+    )
     run.set_defaults(handler=cmd_run)
 
 
@@ -52,7 +57,21 @@ def _positive(kind: type):
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``serve``."""
-    p.add_argument("--source", default=None, help="recorded-stream file (default: the shipped Fashion-MNIST stream)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="kafka://HOST:PORT/TOPIC or a recorded-stream file (default: the shipped Fashion-MNIST stream)",
+    )
+    p.add_argument("--group", default="stream-cl", help="Kafka consumer group (default: stream-cl)")
+    p.add_argument(
+        "--until-idle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop once no record arrived for this long (default: a Kafka source runs until stopped)",
+    )
+    p.add_argument("--dead-letter-out", default=None, help="also write dead letters to this recorded-stream file")
+    p.add_argument("--dead-letter-topic", default=None, help="Kafka dead-letter topic (default: TOPIC.dlq)")
     p.add_argument("--method", default="er", choices=sorted(METHODS), help="learning method (default: er)")
     p.add_argument("--model", default="mlp", choices=MODELS, help="backbone (default: mlp)")
     p.add_argument("--width", type=_positive(int), default=None, help="MLP hidden size or ResNet nf override")
@@ -94,8 +113,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.probe_fraction < 1.0:
         raise StreamClError(f"--probe-fraction must be in [0, 1), got {args.probe_fraction}")
     device = pick_device(args.device)
-    path = Path(args.source) if args.source else default_stream()
-    source = RecordedSource(path)
+    source, dead_letters = open_source(
+        args.source or str(default_stream()),
+        group=args.group,
+        session_timeout_ms=args.kafka_session_timeout_ms,
+        dead_letter_out=args.dead_letter_out,
+        dead_letter_topic=args.dead_letter_topic,
+    )
     metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
     metrics.model_info.info({"method": args.method, "model": args.model, "device": str(device)})
     if args.metrics_port:
@@ -119,11 +143,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_records=args.max_records,
         probe_every=args.probe_every,
         progress=not args.no_progress,
-        poll_timeout_s=0.0,
+        poll_timeout_s=0.5 if is_kafka_url(args.source or "") else 0.0,
+        until_idle_s=args.until_idle,
     )
-    with source:
+    with source, dead_letters or nullcontext():
         summary, _ = run_stream(
-            source, make_learner, metrics, ProbeSet(fraction=args.probe_fraction, seed=args.seed), options
+            source,
+            make_learner,
+            metrics,
+            ProbeSet(fraction=args.probe_fraction, seed=args.seed),
+            options,
+            dead_letters=dead_letters,
         )
     summary.model, summary.device = args.model, str(device)
     print(summary.render())

@@ -1,0 +1,61 @@
+"""Record a Kafka topic, every partition from its beginning, into a recorded-stream file (``stream-cl record``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from consumers.kafka import message_from_record
+from consumers.recorded import RecordedWriter
+
+
+def record_topic(
+    bootstrap: str,
+    topic: str,
+    path: str | Path,
+    *,
+    until_idle_s: float | None = 5.0,
+    metadata_timeout_s: float = 10.0,
+) -> int:
+    """Copy ``topic`` into ``path`` byte for byte (keys, values, headers, timestamps, partitions, offsets).
+
+    Reads without a consumer group (nothing is committed). Stops once no message arrived for
+    ``until_idle_s`` seconds; ``None`` records until interrupted (Ctrl-C still closes the file cleanly).
+    Messages of different partitions interleave in arrival order; each partition's order is kept.
+    Returns the number of messages written.
+    """
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, client_id="stream-cl-record")
+    except KafkaError as err:
+        raise ConnectionError(f"cannot reach Kafka at {bootstrap}: {err}") from err
+    try:
+        partitions = _partitions(consumer, topic, metadata_timeout_s)
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        with RecordedWriter(path) as writer:
+            last = time.monotonic()
+            try:
+                while until_idle_s is None or time.monotonic() - last < until_idle_s:
+                    batch = consumer.poll(timeout_ms=200)
+                    if batch:
+                        last = time.monotonic()
+                    for tp in sorted(batch):
+                        for record in batch[tp]:
+                            writer.write(message_from_record(record))
+            except KeyboardInterrupt:
+                pass
+            return writer.count
+    finally:
+        consumer.close(autocommit=False)
+
+
+def _partitions(consumer: KafkaConsumer, topic: str, timeout_s: float) -> list[TopicPartition]:
+    deadline = time.monotonic() + timeout_s
+    while (ids := consumer.partitions_for_topic(topic)) is None:
+        if time.monotonic() > deadline:
+            raise ValueError(f"topic {topic!r} not found")
+        time.sleep(0.1)
+    return [TopicPartition(topic, p) for p in sorted(ids)]

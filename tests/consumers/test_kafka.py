@@ -1,0 +1,180 @@
+"""KafkaSource, the dead-letter topic, and record/replay against a real broker (tansu)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import torch
+from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from consumers.capture import record_topic
+from consumers.dlq import KafkaDeadLetterSink
+from consumers.kafka import KafkaSource
+from consumers.producer import produce_messages
+from consumers.record import Message
+from consumers.recorded import read_messages
+from consumers.source import next_offsets
+from consumers.wire import REASONS
+from monitoring.metrics import Metrics
+from monitoring.probe import ProbeSet
+from stream_cl.build import build_learner
+from stream_cl.cli import main
+from stream_cl.run import RUN_REASONS, RunOptions, run_stream
+from tests.consumers.streams import MAX_BYTES, bad_messages, good_messages
+from tests.fixtures.kafka import FAST_GROUP
+
+STABLE_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+"""For the rebalance test: no spurious evictions on a loaded 2-core machine (first join ~3 s)."""
+
+
+def _learn(source: KafkaSource, seen: list[str], stop: threading.Event, step_s: float = 0.0) -> None:
+    """A stand-in learner: take a batch, 'learn' it, commit it."""
+    while not stop.is_set():
+        poll = source.poll(0.1, 5)
+        if len(poll):
+            time.sleep(step_s)
+            seen.extend(r.id for r in poll.records)
+            source.commit(next_offsets(poll.positions()))
+
+
+def _wait(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_two_consumers_split_the_partitions_and_learn_each_record_once(kafka_bootstrap, make_topic) -> None:
+    topic = make_topic(4)
+    messages = good_messages(400)
+    produce_messages(kafka_bootstrap, topic, messages[:200])
+    stop = threading.Event()
+    seen_a: list[str] = []
+    seen_b: list[str] = []
+    with KafkaSource(kafka_bootstrap, topic, "split", **STABLE_GROUP) as a:
+        thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop, 0.02))
+        thread_a.start()
+        _wait(lambda: len(seen_a) >= 20)  # A holds all 4 partitions and is mid-stream when B joins
+        with KafkaSource(kafka_bootstrap, topic, "split", **STABLE_GROUP) as b:
+            thread_b = threading.Thread(target=_learn, args=(b, seen_b, stop, 0.02))
+            thread_b.start()
+            _wait(lambda: a.assignment() and b.assignment() and not a.assignment() & b.assignment())
+            assert len(a.assignment()) + len(b.assignment()) == 4
+            produce_messages(kafka_bootstrap, topic, messages[200:])
+            _wait(lambda: len(set(seen_a) | set(seen_b)) == 400)
+            time.sleep(0.5)  # anything delivered twice would show up now
+            stop.set()
+            thread_b.join()
+        thread_a.join()
+    both = Counter(seen_a) + Counter(seen_b)
+    assert set(both) == {m.key.decode() for m in messages}
+    assert max(both.values()) == 1, "a record was learned twice"
+    assert {m.key.decode() for m in messages[200:]} & set(seen_b)  # B really took part after the rebalance
+
+
+def test_restart_resumes_after_the_last_commit(kafka_bootstrap, make_topic) -> None:
+    topic = make_topic(1)
+    produce_messages(kafka_bootstrap, topic, good_messages(100))
+    with KafkaSource(kafka_bootstrap, topic, "resume", **FAST_GROUP) as first:
+        taken = []
+        while len(taken) < 30:
+            taken += first.poll(1.0, 30 - len(taken)).records
+        first.commit(next_offsets(r.position for r in taken))
+    assert [r.position.offset for r in taken] == list(range(30))
+    try:  # learned 10 more, but crashed before committing them: they must come again
+        with KafkaSource(kafka_bootstrap, topic, "resume", **FAST_GROUP) as second:
+            uncommitted = []
+            while len(uncommitted) < 10:
+                uncommitted += second.poll(1.0, 10 - len(uncommitted)).records
+            raise RuntimeError("crash")
+    except RuntimeError:
+        pass
+    assert [r.position.offset for r in uncommitted] == list(range(30, 40))
+    with KafkaSource(kafka_bootstrap, topic, "resume", **FAST_GROUP) as third:
+        rest = []
+        while len(rest) < 70:
+            rest += third.poll(1.0, 100).records
+        assert [r.position.offset for r in rest] == list(range(30, 100))
+        third.commit(next_offsets(r.position for r in rest))
+    assert third.committed == {(topic, 0): 100}
+
+
+def test_start_offsets_lag_and_bounded_prefetch(kafka_bootstrap, make_topic) -> None:
+    topic = make_topic(1)
+    produce_messages(kafka_bootstrap, topic, good_messages(100))
+    with KafkaSource(kafka_bootstrap, topic, "seek", start_offsets={(topic, 0): 40}, prefetch=10, **FAST_GROUP) as s:
+        _wait(lambda: s.lag() == {(topic, 0): 60})  # 60 records not yet handed over, 10 of them prefetched
+        first = s.poll(1.0, 100)
+        assert [r.position.offset for r in first.records] == list(range(40, 50))  # never more than prefetch
+        _wait(lambda: s.lag() == {(topic, 0): 50})
+        assert s.take_decode_seconds() and not s.take_decode_seconds()
+
+
+def test_dead_letter_topic_gets_exactly_the_bad_records(kafka_bootstrap, make_topic) -> None:
+    topic = make_topic(4)
+    good, bad = good_messages(40), bad_messages()
+    mixed: list[Message] = []
+    for i, m in enumerate(bad.values()):
+        mixed += [*good[5 * i : 5 * i + 5], m]
+    produce_messages(kafka_bootstrap, topic, mixed)
+    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
+    make_learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, buffer_size=50, width=16)
+    options = RunOptions(batch_size=8, poll_timeout_s=0.2, until_idle_s=2.0, progress=False)
+    source = KafkaSource(kafka_bootstrap, topic, "dlq", max_bytes=MAX_BYTES, **FAST_GROUP)
+    with source, KafkaDeadLetterSink(kafka_bootstrap) as sink:
+        summary, _ = run_stream(source, make_learner, metrics, ProbeSet(fraction=0.0), options, dead_letters=sink)
+    assert summary.learned == 40
+    assert summary.dead_letter == dict.fromkeys(bad, 1)
+    assert metrics.registry.get_sample_value("streamcl_dead_letter_total", {"reason": "oversized"}) == 1
+    assert sum(source.committed.values()) == len(mixed)  # committed past the bad records too
+    dlq = _read_topic(kafka_bootstrap, topic + ".dlq", expect=len(bad))
+    assert sorted(m.key for m in dlq) == sorted(m.key for m in bad.values())
+    for m in dlq:
+        headers = dict(m.headers)
+        original = next(b for r, b in bad.items() if b.key == m.key and r == headers["reason"].decode())
+        assert m.value == original.value
+        assert m.headers[: len(original.headers)] == original.headers
+        assert headers["source-topic"] == topic.encode()
+
+
+def test_record_replay_round_trip_is_byte_identical(kafka_bootstrap, make_topic, tmp_path: Path) -> None:
+    first, second = make_topic(4), make_topic(4)
+    messages = [*good_messages(30), *bad_messages().values()]
+    messages.append(Message(messages[0].position, 0.0, None, b"null key", (("h", b""), ("h", b"\x00"))))
+    produce_messages(kafka_bootstrap, first, messages)
+    url = f"kafka://{kafka_bootstrap}"
+    assert main(["record", "--source", f"{url}/{first}", "--out", str(tmp_path / "a.rec.gz"), "--until-idle", "1"]) == 0
+    assert main(["replay", str(tmp_path / "a.rec.gz"), "--to", f"{url}/{second}", "--keep-partitions"]) == 0
+    assert record_topic(kafka_bootstrap, second, tmp_path / "b.rec.gz", until_idle_s=1.0) == len(messages)
+
+    def content(path: Path) -> list[tuple]:
+        out = [(m.position.partition, m.position.offset, m.key, m.value, m.headers) for m in read_messages(path)]
+        return sorted(out, key=lambda t: t[:2])
+
+    a, b = content(tmp_path / "a.rec.gz"), content(tmp_path / "b.rec.gz")
+    assert len(a) == len(messages) and a == b
+    assert sorted((m.key or b"", m.value, m.headers) for m in messages) == sorted((k or b"", v, h) for *_, k, v, h in a)
+
+
+def _read_topic(bootstrap: str, topic: str, expect: int) -> list[Message]:
+    out: list[Message] = []
+    with_timeout = time.monotonic() + 20
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        _wait(lambda: consumer.partitions_for_topic(topic) is not None)
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        while len(out) < expect and time.monotonic() < with_timeout:
+            for records in consumer.poll(timeout_ms=200).values():
+                from consumers.kafka import message_from_record
+
+                out += [message_from_record(r) for r in records]
+    finally:
+        consumer.close()
+    return out

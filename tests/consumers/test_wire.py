@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from consumers.record import DeadLetter, Message, Position, Record
+from consumers.wire import BINARY_TYPE, REASONS, decode, encode_binary, encode_json
+from tests.consumers.streams import MAX_BYTES, bad_messages
+
+
+@pytest.mark.parametrize("encode", [encode_json, encode_binary])
+@pytest.mark.parametrize(
+    ("x", "label"),
+    [
+        (np.arange(12, dtype=np.uint8).reshape(2, 2, 3), ["animal", "dog"]),
+        (np.linspace(-1, 1, 6, dtype=np.float32).reshape(1, 2, 3), "cat"),
+        (np.ones(5, np.float32), None),
+    ],
+)
+def test_round_trip(encode, x: np.ndarray, label) -> None:
+    value, headers = encode("s-1", x, label)
+    record = decode(Message(Position("t", 3, 9), 1.5, b"k", value, tuple(headers)))
+    assert isinstance(record, Record)
+    assert record.id == "s-1" and record.position == Position("t", 3, 9) and record.timestamp == 1.5
+    assert record.x.dtype == x.dtype and record.x.shape == x.shape
+    np.testing.assert_array_equal(record.x, x)
+    assert record.label == (None if label is None else (label,) if isinstance(label, str) else tuple(label))
+
+
+@pytest.mark.parametrize(("reason", "message"), sorted(bad_messages().items()))
+def test_each_bad_kind_gets_its_reason(reason: str, message: Message) -> None:
+    dead = decode(message, MAX_BYTES)
+    assert isinstance(dead, DeadLetter)
+    assert dead.reason == reason and dead.reason in REASONS
+    assert dead.message is message  # the original bytes travel on untouched
+
+
+def test_every_reason_is_reachable() -> None:
+    assert set(bad_messages()) == set(REASONS)
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({"dtype": b"uint8", "shape": b"[4]", "y": b"null"}, "missing_field"),  # no id
+        ({"id": b"a", "dtype": b"uint8", "shape": b"[5]", "y": b"null"}, "bad_shape"),  # 4 bytes for 5
+        ({"id": b"a", "dtype": b"uint8", "shape": b"[4", "y": b"null"}, "bad_json"),
+        ({"id": b"a", "dtype": b"uint8", "shape": b"[4]", "y": b"[1]"}, "bad_label"),
+        ({"id": b"\xff", "dtype": b"uint8", "shape": b"[4]", "y": b"null"}, "undecodable"),
+    ],
+)
+def test_binary_header_errors(headers: dict[str, bytes], reason: str) -> None:
+    items = (("content-type", BINARY_TYPE), *headers.items())
+    dead = decode(Message(Position("t", 0, 0), 0.0, None, b"\x01\x02\x03\x04", items))
+    assert isinstance(dead, DeadLetter) and dead.reason == reason
+
+
+def test_unknown_content_type_and_json_edge_cases() -> None:
+    unknown = Message(Position("t", 0, 0), 0.0, None, b"{}", (("content-type", b"text/csv"),))
+    assert decode(unknown).reason == "undecodable"
+    not_object = Message(Position("t", 0, 0), 0.0, None, b"[1, 2]")
+    assert decode(not_object).reason == "bad_json"
+    out_of_range = json.dumps({"id": "a", "x": [1, 2, 3, 300], "shape": [4], "dtype": "uint8", "y": None})
+    assert decode(Message(Position("t", 0, 0), 0.0, None, out_of_range.encode())).reason == "bad_dtype"
+
+
+def test_oversized_limit_is_configurable() -> None:
+    value, headers = encode_binary("a", np.zeros(100, np.uint8), None)
+    message = Message(Position("t", 0, 0), 0.0, None, value, tuple(headers))
+    assert isinstance(decode(message, max_bytes=100), Record)
+    assert decode(message, max_bytes=99).reason == "oversized"
