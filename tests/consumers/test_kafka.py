@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -178,3 +179,17 @@ def _read_topic(bootstrap: str, topic: str, expect: int) -> list[Message]:
     finally:
         consumer.close()
     return out
+
+
+def test_cli_produce_and_run_from_kafka(kafka_bootstrap, make_topic, tmp_path: Path) -> None:
+    from tests.consumers.test_replay import _write_fashion_mnist
+
+    topic = make_topic(4)
+    _write_fashion_mnist(tmp_path)
+    url = f"kafka://{kafka_bootstrap}/{topic}"
+    assert main(["produce", "fashion-mnist", "--data-dir", str(tmp_path), "--to", url, "--limit", "40"]) == 0
+    summary = tmp_path / "s.json"
+    args = ["run", "--source", url, "--group", "cli", "--until-idle", "2", "--kafka-session-timeout-ms", "2000"]
+    assert main([*args, "--metrics-port", "0", "--no-progress", "--summary-json", str(summary), "--width", "16"]) == 0
+    result = json.loads(summary.read_text())
+    assert result["learned"] + result["held_out"] == 40 and not result["dead_letter"]
