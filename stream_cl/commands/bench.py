@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-BENCHMARKS: list = []
+from stream_cl.bench import accuracy
+
+BENCHMARKS: list = [accuracy]
 """Benchmark modules; each has ``register(subparsers)`` setting ``handler`` on its parser."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 from contextlib import nullcontext
 from functools import partial
@@ -18,8 +19,8 @@ from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
 from stream_cl.device import pick_device
-from stream_cl.errors import StreamClError
-from stream_cl.methods import METHODS
+from stream_cl.errors import ConfigError, StreamClError
+from stream_cl.methods import METHODS, method_class
 from stream_cl.models import MODELS
 from stream_cl.run import RUN_REASONS, RunOptions, run_stream
 from stream_cl.sources import open_source
@@ -55,6 +56,35 @@ def _positive(kind: type):
     return parse
 
 
+def parse_hparam(text: str) -> tuple[str, bool | int | float | str | None]:
+    """``KEY=VALUE`` → (key, value); the value becomes a bool, None, int or float where it reads as one."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return key.strip(), low == "true"
+    if low in ("none", "null"):
+        return key.strip(), None
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def check_hparams(method: str, hparams: dict) -> None:
+    """Raise ConfigError for keys ``method``'s constructor does not take."""
+    params = inspect.signature(method_class(method)).parameters
+    known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for method {method}; known: {', '.join(known)}"
+        )
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``serve``."""
     p.add_argument(
@@ -75,6 +105,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="er", choices=sorted(METHODS), help="learning method (default: er)")
     p.add_argument("--model", default="mlp", choices=MODELS, help="backbone (default: mlp)")
     p.add_argument("--width", type=_positive(int), default=None, help="MLP hidden size or ResNet nf override")
+    p.add_argument(
+        "--hparam",
+        action="append",
+        type=parse_hparam,
+        default=[],
+        metavar="KEY=VALUE",
+        help="method hyper-parameter, repeatable (e.g. --hparam rotations=4)",
+    )
     p.add_argument(
         "--buffer",
         default="memory",
@@ -112,6 +150,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.probe_fraction < 1.0:
         raise StreamClError(f"--probe-fraction must be in [0, 1), got {args.probe_fraction}")
+    hparams = dict(args.hparam)
+    check_hparams(args.method, hparams)
     device = pick_device(args.device)
     source, dead_letters = open_source(
         args.source or str(default_stream()),
@@ -136,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         buffer_spec=args.buffer,
         buffer_policy=args.buffer_policy,
         width=args.width,
+        hparams=hparams,
     )
 
     options = RunOptions(

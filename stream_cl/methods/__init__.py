@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from stream_cl.methods.er import ER
+from stream_cl.methods.onpro import OnPro
 
-METHODS: dict[str, type] = {"er": ER}
+METHODS: dict[str, type] = {"er": ER, "onpro": OnPro}
 """Method name → class. Each class takes ``(model, buffer, **hyper_parameters)``."""
 
 
@@ -22,4 +23,4 @@ def method_class(name: str) -> type:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["ER", "METHODS", "method_class"]
+__all__ = ["ER", "METHODS", "OnPro", "method_class"]

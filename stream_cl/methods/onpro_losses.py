@@ -1,0 +1,91 @@
+"""OnPro's loss terms: OCM instance-wise contrast (stream "_n" and replay "_uni"), the OPE
+prototype loss, and mixup cross-entropy over hierarchical heads.
+
+Classes are identified by a *key* ``level · KEY_STRIDE + y`` so that prototypes, pairs and
+contrastive labels of hierarchical streams are per (level, class); flat streams have level 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from stream_cl.heads import hierarchical_ce
+
+KEY_STRIDE = 1 << 32
+EPS = 1e-8  # as in the OCM/OnPro code: inside the log and the normaliser
+
+
+def class_keys(level: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One int64 key per (level, class)."""
+    return level * KEY_STRIDE + y
+
+
+def split_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`class_keys`: (level, y)."""
+    return keys // KEY_STRIDE, keys % KEY_STRIDE
+
+
+def contrast_groups(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, n_views: int) -> torch.Tensor:
+    """Contrastive label ids of ``n_views`` stacked rotation blocks of samples labelled (a, b, λ).
+
+    Two rows share a label iff they are the same rotation view of the same mixture (unmixed
+    samples have ``b = a``, ``λ = 0``), i.e. OCM's ``y + view·C`` extended to mixed samples.
+    """
+    n = a.shape[0]
+    view = torch.arange(n_views, device=a.device).repeat_interleave(n)
+    rows = torch.stack([a.repeat(n_views), b.repeat(n_views), view], 1).double()
+    rows = torch.cat([rows, lam.double().repeat(n_views)[:, None]], 1)
+    return torch.unique(rows, dim=0, return_inverse=True)[1]
+
+
+def ins_similarity(z: torch.Tensor, h: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
+    """OCM similarity ``scale · (z h[:, s:s+d]ᵀ + z zᵀ)`` of normalised projections z and features h."""
+    z = z.float()
+    return scale * (z @ h.float()[:, offset : offset + z.shape[1]].T + z @ z.T)
+
+
+def ins_loss(sim: torch.Tensor, groups: torch.Tensor, *, temperature: float, stream: bool) -> torch.Tensor:
+    """OCM contrastive loss over rows ``[A; B]`` (two views, row i and i + N/2 the same image).
+
+    ``stream=True`` is OCM's "_n" variant (self-similarity removed from the denominator, plus the
+    explicit view-pair term); ``False`` is the replay "_uni" variant. ``groups`` labels all N rows.
+    """
+    n = sim.shape[0]
+    logits = (sim - sim.max(dim=1, keepdim=True).values.detach()) / temperature
+    p = logits.exp()
+    if stream:
+        p = p.masked_fill(torch.eye(n, dtype=torch.bool, device=sim.device), 0.0)
+    nll = -torch.log(p / (p.sum(dim=1, keepdim=True) + EPS) + EPS)
+    same = (groups[:, None] == groups[None, :]).float()
+    supervised = (same / (same.sum(dim=1, keepdim=True) + EPS) * nll).sum() / n
+    if not stream:
+        return supervised
+    rows = torch.arange(n, device=sim.device)
+    return nll[rows, (rows + n // 2) % n].sum() / n + 2 * supervised
+
+
+def proto_loss(
+    z1: torch.Tensor, z2: torch.Tensor, keys: torch.Tensor, *, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OPE: NT-Xent over the class-mean prototypes of two views; also APF's class means.
+
+    Returns ``(loss, class keys present, μ)`` with μ = (mean z1 + mean z2) / 2 per class
+    (means of normalised projections, not re-normalised, detached). One class gives loss 0.
+    """
+    present, inverse = torch.unique(keys, return_inverse=True)
+    k = present.shape[0]
+    counts = torch.bincount(inverse, minlength=k).to(torch.float32)[:, None]
+    z1, z2 = z1.float(), z2.float()
+    mean1 = z1.new_zeros(k, z1.shape[1]).index_add_(0, inverse, z1) / counts
+    mean2 = z2.new_zeros(k, z2.shape[1]).index_add_(0, inverse, z2) / counts
+    protos = F.normalize(torch.cat([mean1, mean2]), dim=1)
+    sim = (protos @ protos.T / temperature).masked_fill(torch.eye(2 * k, dtype=torch.bool, device=z1.device), -1e9)
+    target = (torch.arange(2 * k, device=z1.device) + k) % (2 * k)
+    return F.cross_entropy(sim, target), present, ((mean1 + mean2) / 2).detach()
+
+
+def mixup_ce(logits: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """(1/m) Σ (1 − λ) CE(·, a) + λ CE(·, b), each term under its own level's head."""
+    (la, ya), (lb, yb) = split_keys(a), split_keys(b)
+    return hierarchical_ce(logits, ya, la, weight=1 - lam) + hierarchical_ce(logits, yb, lb, weight=lam)
