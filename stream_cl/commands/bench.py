@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from stream_cl.bench import accuracy
+from stream_cl.bench import accuracy, buffer
 
-BENCHMARKS: list = [accuracy]
+BENCHMARKS: list = [accuracy, buffer]
 """Benchmark modules; each has ``register(subparsers)`` setting ``handler`` on its parser."""
 
 

@@ -1,0 +1,72 @@
+"""An ER learner on a shared Redis buffer keeps learning while Redis is down, then picks the buffer up again."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from buffers.open import redis_client
+from buffers.redis import RedisStore
+from consumers.recorded import RecordedSource
+from monitoring.metrics import Metrics
+from monitoring.probe import ProbeSet
+from stream_cl.build import build_learner
+from stream_cl.run import RunOptions, run_stream
+from tests.streams import write_stream
+
+
+class Outage:
+    """A source that kills Redis after ``kill_at`` polled records and starts it again at ``start_at``."""
+
+    def __init__(self, source: RecordedSource, server, store: RedisStore, kill_at: int, start_at: int) -> None:
+        self.source, self.server, self.store = source, server, store
+        self.kill_at, self.start_at = kill_at, start_at
+        self.polled, self.seen_at_kill = 0, None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.source.exhausted
+
+    def poll(self, timeout_s: float = 0.0, max_records: int = 10):
+        if self.polled >= self.kill_at and self.seen_at_kill is None:
+            self.seen_at_kill = self.store.seen
+            self.server.kill()
+        if self.polled >= self.start_at and self.server.proc.poll() is not None:
+            self.server.start()
+        poll = self.source.poll(timeout_s, max_records)
+        self.polled += len(poll)
+        return poll
+
+    def commit(self, offsets) -> None:
+        self.source.commit(offsets)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def test_learner_survives_redis_dying_mid_stream(redis_aof, tmp_path):
+    path = write_stream(tmp_path / "blobs.rec.gz", n_classes=3, per_class=60, shape=(8,))
+    store = RedisStore(redis_client(redis_aof.url), 50, name="learner", fallback_capacity=20, retry_min_s=0)
+    source = Outage(RecordedSource(path), redis_aof, store, kill_at=60, start_at=120)
+    registry = CollectorRegistry()
+    cpu = torch.device("cpu")
+    make = partial(build_learner, "er", "mlp", device=cpu, buffer=store, hparams={"replay_batch_size": 5})
+    options = RunOptions(batch_size=10, progress=False, probe_every=10**6, poll_timeout_s=0.0)
+    summary, _ = run_stream(source, make, Metrics(registry), ProbeSet(fraction=0.0), options)
+
+    assert summary.learned == 180, "every record was learned, Redis or not"
+    assert store.errors == 6, "one failed step per batch while Redis was down (no back-off wait)"
+    assert registry.get_sample_value("streamcl_buffer_errors_total") == 6
+    assert source.seen_at_kill == 60
+    assert len(store.fallback) == 20 and store.fallback.policy.seen == 60, "the outage's batches went local"
+    assert store.seen == 120, "after the restart the learner writes to the shared buffer again (AOF kept 60)"
+    assert registry.get_sample_value("streamcl_buffer_size") == 50
+
+
+def test_build_learner_opens_a_redis_buffer_from_a_spec(redis_server):
+    url = f"{redis_server.url}?name=built"
+    learner = build_learner("er", "mlp", (8,), np.dtype(np.float32), device=torch.device("cpu"), buffer_spec=url)
+    assert isinstance(learner.buffer, RedisStore) and learner.buffer.name == "built"

@@ -1,0 +1,163 @@
+"""The Redis store against real redis-server processes: many writers, restarts, outages, AUTH, TLS."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from buffers.open import open_store, redis_client
+from buffers.redis import RedisStore
+from stream_cl.bench.buffer import CountingConnection
+from tests.fixtures.redis import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def batch(start: int, n: int = 10, level: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = torch.arange(start, start + n, dtype=torch.int64).view(-1, 1).repeat(1, 4)
+    return x, torch.arange(start, start + n) % 3, torch.full((n,), level, dtype=torch.long)
+
+
+def test_two_processes_keep_one_exact_reservoir(redis_server):
+    """Two OS processes insert concurrently: seen counts both streams, retention is uniform over both."""
+    repeats, total, capacity = 10, 400, 80
+    client = redis_server.client()
+    client.delete("ready", "go", *(k for r in range(repeats) for k in client.keys(f"streamcl:buffer:{{shared-{r}}}:*")))
+    cmd = [sys.executable, "-m", "tests.buffers.redis_worker", redis_server.url]
+    procs = [
+        subprocess.Popen([*cmd, str(p), str(repeats), str(total), str(capacity)], cwd=ROOT, stdout=subprocess.PIPE)
+        for p in (0, 1)
+    ]
+    while int(client.get("ready") or 0) < 2:
+        assert all(p.poll() is None for p in procs), "a worker died before starting"
+        time.sleep(0.01)
+    client.set("go", 1)
+    interleaved = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert min(interleaved) > 0, "the two writers really ran at the same time"
+
+    held = np.zeros((2, total), dtype=np.int64)
+    for r in range(repeats):
+        store = open_store(f"{redis_server.url}?name=shared-{r}", capacity)
+        assert store.refresh()
+        assert store.seen == 2 * total and len(store) == min(capacity, store.seen)
+        x = store.sample(capacity).x
+        held[x[:, 0].numpy(), x[:, 1].numpy()] += 1
+    assert held.sum() == repeats * capacity
+    p = chisquare(held.reshape(2, 10, -1).sum(axis=2).ravel()).pvalue
+    assert p > 1e-3, f"retention is not uniform over both streams (p = {p:.2g})"
+
+
+def by_slot(store) -> torch.Tensor:
+    replay = store.sample(store.capacity)
+    return replay.x[replay.slot.argsort()]
+
+
+def test_contents_survive_a_crash_and_restart_with_aof(redis_aof):
+    store = open_store(f"{redis_aof.url}?name=aof", 50, seed=0)
+    for start in range(0, 300, 10):
+        store.add(*batch(start))
+    meta, seen, x, lab, counts = store.keys
+    raw = redis_aof.client()
+    before = [raw.hgetall(meta), raw.get(seen), raw.hgetall(x), raw.hgetall(lab), raw.hgetall(counts)]
+    class_counts, samples = store.class_counts(), by_slot(store)
+    redis_aof.restart(crash=True)  # kill -9: only what the AOF holds comes back
+    raw = redis_aof.client()
+    assert [raw.hgetall(meta), raw.get(seen), raw.hgetall(x), raw.hgetall(lab), raw.hgetall(counts)] == before
+    assert store.refresh() and store.seen == 300 and len(store) == 50 and store.class_counts() == class_counts
+    assert torch.equal(by_slot(store), samples)
+    store.add(*batch(300))  # the script cache is empty after a restart: reloaded on the fly
+    assert store.seen == 310 and store.errors == 0
+
+
+def test_outage_falls_back_backs_off_and_resumes(redis_aof):
+    now = [0.0]
+    store = RedisStore(
+        redis_client(redis_aof.url), 40, name="outage", fallback_capacity=15, retry_min_s=1, retry_max_s=4,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    store.add(*batch(0, 30))
+    redis_aof.kill()
+    assert (store.add(*batch(100, 10, level=1)) == -1).all() and store.errors == 1
+    assert len(store.fallback) == 10
+    replay = store.sample(5)  # inside the back-off: Redis is not tried, the fallback answers
+    assert store.errors == 1 and len(replay) == 5 and (replay.level == 1).all()
+    now[0] = 1.0
+    assert len(store.sample(5)) == 5 and store.errors == 2  # tried and failed: back-off doubles to 2 s
+    now[0] = 2.9
+    redis_aof.start()
+    store.sample(5)
+    assert store.errors == 2, "still backing off"
+    now[0] = 3.0
+    replay = store.sample(30)
+    assert store.errors == 2 and len(replay) == 30 and (replay.level == 0).all(), "back on the shared buffer"
+    store.add(*batch(200))
+    assert store.seen == 40
+    assert store.take_errors() == 2 and store.take_errors() == 0
+
+
+def test_without_fallback_an_outage_means_no_replay(redis_aof):
+    store = RedisStore(redis_client(redis_aof.url), 10, name="nofb", fallback_capacity=0, retry_min_s=0)
+    store.add(*batch(0))
+    redis_aof.kill()
+    assert len(store.sample_then_add(5, *batch(10))) == 0 and store.errors == 1
+    assert len(store.sample(5)) == 0 and store.errors == 2
+
+
+def test_one_round_trip_per_learner_step(redis_server):
+    client = redis_client(redis_server.url)
+    client.connection_pool.connection_class = CountingConnection
+    store = RedisStore(client, 100, name="trips")
+    store.clear()
+    store.add(*batch(0, 20))  # loads the scripts if the server lacks them
+    CountingConnection.round_trips = 0
+    for step in range(10):
+        replay = store.sample_then_add(8, *batch(100 + 10 * step))
+        assert len(replay) == 8
+    assert CountingConnection.round_trips == 10
+
+
+def test_capacity_mismatch_between_learners_is_refused(redis_server):
+    first = open_store(f"{redis_server.url}?name=mismatch", 5)
+    first.clear()
+    first.add(*batch(0))
+    with pytest.raises(ValueError, match="capacity 5"):
+        open_store(f"{redis_server.url}?name=mismatch", 6).add(*batch(0))
+
+
+def test_auth_passes_through_the_url(tmp_path):
+    server = RedisServer(tmp_path, password="s3cret/+")
+    server.start()
+    try:
+        store = open_store(f"{server.url}?name=auth", 10)
+        store.add(*batch(0))
+        assert len(store.sample(4)) == 4 and store.errors == 0
+        anonymous = open_store(f"redis://127.0.0.1:{server.port}/0?name=auth", 10)
+        assert len(anonymous.sample(4)) == 0 and anonymous.errors == 1
+    finally:
+        server.stop()
+
+
+def test_tls_passes_through_the_url(tmp_path):
+    server = RedisServer(tmp_path, password="pw", tls=True)
+    server.start()
+    try:
+        store = open_store(f"{server.url}&name=tls", 10)
+        store.add(*batch(0))
+        assert len(store.sample(4)) == 4 and store.errors == 0
+    finally:
+        server.stop()
+
+
+def test_open_store_refuses_unknown_specs():
+    with pytest.raises(ValueError, match="memory"):
+        open_store("kafka://x", 3)
+    with pytest.raises(ValueError, match="reservoir"):
+        open_store("redis://127.0.0.1:1/0", 3, policy="class-balanced")
