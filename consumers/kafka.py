@@ -13,7 +13,7 @@ own IO thread, where a blocking consumer call (``commit``) raises. So:
 * the rebalance listener (kafka-python's IO thread) only touches the buffer and the offset maps under a lock,
   and commits with ``await commit_async``.
 
-Backpressure: the buffer holds at most ``prefetch`` records; when it is full the fetch thread pauses every
+Backpressure: the buffer holds about ``prefetch`` records; when it is full the fetch thread pauses every
 assigned partition (it keeps polling, so heartbeats and rebalances go on) and resumes once the learner has
 taken some.
 
@@ -61,7 +61,7 @@ class KafkaSource:
         group's committed offset (the service restores these from a checkpoint, so the model and the offsets
         agree). Used once per partition: after a later rebalance, the committed offset wins again.
     prefetch
-        Most decoded records held ahead of the learner (bounded memory; backpressure beyond it).
+        Decoded records held ahead of the learner before fetching pauses (bounded memory, backpressure).
     max_poll_records
         Most records one background fetch returns.
     fetch_timeout_s
@@ -226,7 +226,11 @@ class KafkaSource:
                 space = self._prefetch - len(self._buffer)
                 if space <= 0:
                     _guarded(consumer.pause, consumer.assignment())
-                    consumer.poll(timeout_ms=10)  # keeps group membership and rebalances going while paused
+                    # keeps group membership and rebalances going; a partition assigned since the pause may still
+                    # return records, whose positions kafka-python has advanced, so they are kept
+                    fetched = consumer.poll(timeout_ms=10, max_records=self._max_poll_records)
+                    if fetched:
+                        self._append(fetched)
                     with self._cond:
                         self._cond.wait_for(self._fetch_wanted, self._fetch_timeout_s)
                     continue

@@ -8,7 +8,9 @@ File format (version 1), gzip-compressed as a whole:
   holds ``stream``, ``partition``, ``offset``, ``timestamp`` and ``headers`` (a list of
   ``[name, base64 value]``).
 
-Frames are read one at a time, so a file of any size streams in constant memory.
+Frames are read one at a time, so a file of any size streams in constant memory. A file cut short
+yields its complete frames, then raises :class:`RecordedStreamError`. The version byte is bumped on any
+change old readers cannot read; readers reject other magic/version bytes.
 """
 
 from __future__ import annotations
