@@ -82,7 +82,7 @@ class MemoryStore:
         self._x[dst] = x[src].to(self.device, non_blocking=True)
         self._y[dst] = y[src].to(self.device)
         self._level[dst] = level[src].to(self.device)
-        self._size = int(np.count_nonzero(self._keys != EMPTY))
+        self._size = max(self._size, int(slots[keep].max()) + 1)  # policies fill slots 0, 1, ... in order
         return slots
 
     def sample(self, n: int) -> ReplayBatch:
