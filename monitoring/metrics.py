@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from monitoring.exporter import Check, Exporter
 
 OUTCOMES = ("learned", "predicted", "held_out", "dead_letter")
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -137,6 +139,9 @@ class Metrics:
         self._class_series.add(key)
         return True
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Serve ``/metrics`` for Prometheus in a background thread."""
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(
+        self, port: int, addr: str = "127.0.0.1", *, healthy: Check | None = None, ready: Check | None = None
+    ) -> Exporter:
+        """Serve ``/metrics`` (and ``/healthz``, ``/readyz``) in a background thread; ``stop()`` the result."""
+        checks = {k: v for k, v in (("healthy", healthy), ("ready", ready)) if v is not None}
+        return Exporter(self.registry, port, addr, **checks)

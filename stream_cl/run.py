@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from consumers.record import DeadLetter, Poll, Record
 from consumers.source import Instrumented, Source, next_offsets
+from monitoring.drift import DriftMonitor
 from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeResult, ProbeSet
@@ -78,6 +79,7 @@ def run_stream(
     dead_letters: DeadLetterSink | None = None,
     state: RunState | None = None,
     stop: threading.Event | None = None,
+    drift: DriftMonitor | None = None,
     checkpointer: Checkpointer | None = None,
     overload: OverloadPolicy | None = None,
     predictions: Predictions | None = None,
@@ -118,6 +120,8 @@ def run_stream(
             if predictions is not None:
                 predictions.publish(learn, observation.prediction, state.learner.labels, now)
             _score(observation, accuracy, summary, metrics)
+            if drift is not None:
+                _watch_drift(drift, observation, learn, summary)
             _publish_learner(state.learner, metrics)
             since_probe += observation.stats.n_learned
         offsets = next_offsets(poll.positions())
@@ -126,6 +130,7 @@ def run_stream(
             checkpointer.step(state, offsets, len(poll), summary.learned)
         if state.learner is not None and since_probe >= options.probe_every:
             _publish_probe(_evaluate(probe, state.learner), metrics)
+            _publish_buffer(state.learner, metrics)
             since_probe = 0
         bar.update(len(poll))
         rate_count += len(poll)
@@ -215,6 +220,29 @@ def _score(obs: Observation, accuracy: PrequentialAccuracy, summary: Summary, me
             metrics.online_accuracy.labels(level=str(lvl)).set(accuracy.windowed(int(lvl)))
 
 
+def _watch_drift(drift: DriftMonitor, obs: Observation, records: list[Record], summary: Summary) -> None:
+    """Feed the batch's error, loss and uncertainty signals; positions are the records' stream offsets."""
+    positions = np.array([r.position.offset for r in records], dtype=np.int64)
+    labelled = (obs.y >= 0).cpu().numpy()
+    classes, confidence = obs.prediction.classes, obs.prediction.confidence
+    events = []
+    if "error" in drift.signals and labelled.any():
+        wrong = np.ones(len(labelled), dtype=bool)
+        if classes.shape[1]:  # same scoring as _score: the prediction at the sample's own level
+            hit = classes.gather(1, obs.level.clamp(0, classes.shape[1] - 1).unsqueeze(1)).squeeze(1)
+            wrong = ~((hit == obs.y) & (obs.level < classes.shape[1])).cpu().numpy()
+        wrong = wrong[labelled]
+        events += drift.update("error", wrong, positions[labelled])
+    if "loss" in drift.signals and obs.stats.loss is not None:
+        events += drift.update("loss", np.array([obs.stats.loss]), positions[labelled][-1:])
+    known = classes >= 0
+    rows = known.any(dim=1)
+    if "uncertainty" in drift.signals and bool(rows.any()):
+        mean_conf = (confidence * known).sum(dim=1) / known.sum(dim=1).clamp(min=1)
+        events += drift.update("uncertainty", (1 - mean_conf[rows]).cpu().numpy(), positions[rows.cpu().numpy()])
+    summary.drift_events.extend(sorted((e.as_dict() for e in events), key=lambda e: e["position"]))
+
+
 def _publish_source(source: Instrumented, metrics: Metrics) -> None:
     """Consumer lag per partition (series of partitions no longer owned are dropped) and decode times."""
     metrics.consumer_lag.clear()
@@ -229,6 +257,15 @@ def _publish_learner(learner: Learner, metrics: Metrics) -> None:
         metrics.classes_seen.labels(level=str(level)).set(size)
     metrics.buffer_size.set(len(learner.buffer))
     metrics.buffer_errors.inc(learner.buffer.take_errors())
+
+
+def _publish_buffer(learner: Learner, metrics: Metrics) -> None:
+    """Buffer composition per class (at probe time: a Redis store answers it with a round trip)."""
+    metrics.buffer_bytes.set(learner.buffer.nbytes)
+    for (level, index), count in learner.buffer.class_counts().items():
+        name = learner.labels.names[level][index]
+        if metrics.class_series_allowed(level, name):
+            metrics.buffer_class_count.labels(**{"class": name}).set(count)
 
 
 def _evaluate(probe: ProbeSet, learner: Learner) -> ProbeResult:
@@ -251,6 +288,7 @@ def _publish_probe(result: ProbeResult, metrics: Metrics) -> None:
 
 def _finish(summary: Summary, learner: Learner, result: ProbeResult, metrics: Metrics) -> None:
     _publish_probe(result, metrics)
+    _publish_buffer(learner, metrics)
     summary.final_accuracy = result.accuracy
     summary.forgetting = result.forgetting
     summary.final_accuracy_by_level = {str(k): v for k, v in result.level_accuracy.items()}

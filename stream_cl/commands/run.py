@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from buffers.open import POLICIES
 from consumers.urls import is_kafka_url
 from consumers.wire import REASONS
+from monitoring.drift import DEFAULT_DRIFT, DriftMonitor, parse_drift
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
@@ -143,6 +144,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--metrics-port", type=int, default=9108, help="serve /metrics on this port; 0 disables")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="bind address of /metrics (default: 127.0.0.1)")
+    p.add_argument(
+        "--drift",
+        default=DEFAULT_DRIFT,
+        help="drift detectors as detector:signal[:name=value...], comma-separated; detectors adwin, page-hinkley, "
+        f"kswin; signals error, loss, uncertainty (default: {DEFAULT_DRIFT})",
+    )
+    p.add_argument("--no-drift", action="store_true", help="run no drift detectors")
     p.add_argument("--summary-json", type=Path, default=None, help="write the final summary to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -162,6 +170,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
     metrics.model_info.info({"method": args.method, "model": args.model, "device": str(device)})
+    try:
+        drift = None if args.no_drift else DriftMonitor(parse_drift(args.drift), metrics, seed=args.seed)
+    except ValueError as err:
+        raise StreamClError(f"--drift: {err}") from err
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_addr)
         log.info("serving metrics on http://%s:%d/metrics", args.metrics_addr, args.metrics_port)
@@ -195,6 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ProbeSet(fraction=args.probe_fraction, seed=args.seed),
             options,
             dead_letters=dead_letters,
+            drift=drift,
         )
     summary.model, summary.device = args.model, str(device)
     print(summary.render())

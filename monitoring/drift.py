@@ -1,0 +1,230 @@
+"""Drift detection: river's detectors watching signals the run loop computes per micro-batch.
+
+Signals (all "higher is worse"):
+
+* ``error``: 1 - correct of each labelled sample's prequential prediction (0/1 bits). Fed one
+  value per sample, which is what ADWIN is built for; an update is O(1) amortised, so the Python
+  loop over a micro-batch (10 values by default) costs microseconds.
+* ``loss``: the training loss of each learner step. One value per batch (that is all a step has).
+* ``uncertainty``: 1 - the softmax confidence of each sample's prediction, averaged over the
+  levels that have classes: a representation statistic available for every sample, labelled or
+  not, at no extra forward pass (the prediction already made for prequential scoring). Fed as the
+  batch mean, because KSWIN runs a two-sample KS test on every update.
+
+Specs: ``detector:signal[:name=value...]``, comma-separated, e.g.
+``adwin:error:delta=0.002,page-hinkley:loss:threshold=5,kswin:uncertainty:alpha=0.0001``. Every
+``name=value`` goes to the river detector's constructor, except two read here: ``feed`` (``each``
+value or the batch ``mean``; defaults above) and ``direction`` (``up``, the default, counts a
+detection only when the signal's last ``recent`` values average above its mean since the previous
+detection: a learner that gets better is not an alarm; ``both`` counts every detection).
+
+A detection increments ``streamcl_drift_detected_total{detector,signal}``, is logged as a
+structured event (``extra={"drift": {...}}``) and, when a ``hook`` is given, is passed to it (for
+example ``hook=lambda event: learner.on_drift(event)`` to reset a schedule); the default is none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from river.drift import ADWIN, KSWIN, PageHinkley
+
+from monitoring.metrics import Metrics
+
+log = logging.getLogger("monitoring.drift")
+
+DETECTORS = {"adwin": ADWIN, "page-hinkley": PageHinkley, "kswin": KSWIN}
+SIGNALS = {"error": "each", "loss": "each", "uncertainty": "mean"}
+"""Signal name -> default feed (``loss`` has one value per batch, so ``each`` is the batch value)."""
+DEFAULT_DRIFT = "adwin:error,page-hinkley:loss,kswin:uncertainty"
+DEFAULT_PARAMS: dict[str, dict[str, object]] = {
+    "adwin": {},
+    # mode "up": a falling loss (the learner improving) is no alarm; loss is O(1), 50 would take ages
+    "page-hinkley": {"mode": "up", "threshold": 5.0, "min_instances": 30},
+    # one KS test per batch over a long stream: a small alpha keeps false alarms rare
+    "kswin": {"alpha": 1e-4, "window_size": 100, "stat_size": 30},
+}
+OWN_PARAMS = ("feed", "direction", "recent")
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """Which river detector watches which signal, with its constructor parameters."""
+
+    detector: str
+    signal: str
+    params: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> DriftSpec:
+        """``"adwin:error:delta=0.01"`` -> ``DriftSpec("adwin", "error", {"delta": 0.01})``."""
+        detector, _, rest = text.strip().partition(":")
+        signal, *pairs = rest.split(":") if rest else ("",)
+        if detector not in DETECTORS:
+            raise ValueError(f"unknown drift detector {detector!r} in {text!r}; choose from {sorted(DETECTORS)}")
+        if signal not in SIGNALS:
+            raise ValueError(f"unknown drift signal {signal!r} in {text!r}; choose from {sorted(SIGNALS)}")
+        params: dict[str, object] = {}
+        for pair in pairs:
+            name, eq, value = pair.partition("=")
+            if not eq or not name:
+                raise ValueError(f"drift parameter must be name=value, got {pair!r} in {text!r}")
+            params[name] = _value(value)
+        return cls(detector, signal, params)
+
+
+def parse_drift(text: str) -> list[DriftSpec]:
+    """Parse a comma-separated list of specs (empty text -> no detectors)."""
+    return [DriftSpec.parse(part) for part in text.split(",") if part.strip()]
+
+
+def _value(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class DriftEvent:
+    """One detection: ``position`` is the 0-based stream index of the record that triggered it."""
+
+    detector: str
+    signal: str
+    position: int
+    value: float
+
+    def as_dict(self) -> dict[str, object]:
+        """The summary JSON form: ``{"detector", "signal", "position"}``."""
+        return {"detector": self.detector, "signal": self.signal, "position": self.position}
+
+
+class _Watch:
+    """One river detector on one signal, with its feed mode and direction filter."""
+
+    def __init__(self, spec: DriftSpec, seed: int) -> None:
+        params = {**DEFAULT_PARAMS[spec.detector], **spec.params}
+        self.feed = params.pop("feed", SIGNALS[spec.signal])
+        self.direction = params.pop("direction", "up")
+        recent = params.pop("recent", 30)
+        if self.feed not in ("each", "mean"):
+            raise ValueError(f"{spec.detector}:{spec.signal}: feed must be 'each' or 'mean', got {self.feed!r}")
+        if self.direction not in ("up", "both"):
+            raise ValueError(f"{spec.detector}:{spec.signal}: direction must be 'up' or 'both', got {self.direction!r}")
+        if not isinstance(recent, int) or recent <= 0:
+            raise ValueError(f"{spec.detector}:{spec.signal}: recent must be an int > 0, got {recent!r}")
+        if spec.detector == "kswin":
+            params.setdefault("seed", seed)
+        try:
+            self.detector = DETECTORS[spec.detector](**params)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{spec.detector}:{spec.signal}: bad parameters {params}: {err}") from err
+        self.spec = spec
+        self.recent: deque[float] = deque(maxlen=recent)
+        self.since_sum = 0.0
+        self.since_n = 0
+
+    def update(self, values: np.ndarray, positions: np.ndarray) -> list[DriftEvent]:
+        if self.feed == "mean":
+            values, positions = values.mean(keepdims=True), positions[-1:]
+        events = []
+        for value, position in zip(values.tolist(), positions.tolist(), strict=True):
+            self.detector.update(value)
+            self.recent.append(value)
+            self.since_sum += value
+            self.since_n += 1
+            if self.detector.drift_detected:
+                rose = sum(self.recent) / len(self.recent) > self.since_sum / self.since_n
+                if rose or self.direction == "both":
+                    events.append(DriftEvent(self.spec.detector, self.spec.signal, int(position), float(value)))
+                self.since_sum, self.since_n = 0.0, 0
+        return events
+
+
+class DriftMonitor:
+    """Run every configured detector on its signal and report detections.
+
+    Parameters
+    ----------
+    specs
+        What to watch (see the module docstring); ``parse_drift(DEFAULT_DRIFT)`` by default.
+    metrics
+        Where detections are counted and statistics published (None: nowhere).
+    seed
+        Seed of KSWIN's window sampling (runs are reproducible).
+    hook
+        Called with each :class:`DriftEvent` (default: none).
+
+    Examples
+    --------
+    >>> monitor = DriftMonitor(parse_drift("adwin:error"))
+    >>> errors = np.r_[np.zeros(1000), np.ones(200)]
+    >>> events = monitor.update("error", errors, np.arange(len(errors)))
+    >>> [(e.detector, e.signal) for e in events][:1], 1000 <= events[0].position < 1100
+    ([('adwin', 'error')], True)
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[DriftSpec] | None = None,
+        metrics: Metrics | None = None,
+        *,
+        seed: int = 0,
+        hook: Callable[[DriftEvent], None] | None = None,
+    ) -> None:
+        specs = parse_drift(DEFAULT_DRIFT) if specs is None else list(specs)
+        keys = [(s.detector, s.signal) for s in specs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"each detector:signal pair may appear once, got {keys}")
+        self.watches = [_Watch(spec, seed) for spec in specs]
+        self.metrics = metrics
+        self.hook = hook
+        self.events: list[DriftEvent] = []
+        if metrics is not None:  # series exist at 0 from the start, so rate()/increase() see the first detection
+            for spec in specs:
+                metrics.drift_detected.labels(detector=spec.detector, signal=spec.signal)
+
+    @property
+    def signals(self) -> set[str]:
+        return {w.spec.signal for w in self.watches}
+
+    def update(self, signal: str, values: np.ndarray, positions: np.ndarray) -> list[DriftEvent]:
+        """Feed one batch of ``signal`` (values aligned with stream positions); return new detections."""
+        if signal not in SIGNALS:
+            raise ValueError(f"unknown drift signal {signal!r}")
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(values) != len(positions):
+            raise ValueError(f"{len(values)} values but {len(positions)} positions")
+        events: list[DriftEvent] = []
+        if not len(values):
+            return events
+        for watch in self.watches:
+            if watch.spec.signal != signal:
+                continue
+            found = watch.update(values, positions)
+            events.extend(found)
+            if self.metrics is not None:
+                labels = {"detector": watch.spec.detector, "signal": signal}
+                self.metrics.drift_statistic.labels(**labels).set(float(values.mean()))
+                if found:
+                    self.metrics.drift_detected.labels(**labels).inc(len(found))
+        for event in events:
+            log.warning(
+                "drift detected detector=%s signal=%s position=%d value=%.4g",
+                event.detector,
+                event.signal,
+                event.position,
+                event.value,
+                extra={"drift": event.as_dict()},
+            )
+            if self.hook is not None:
+                self.hook(event)
+        self.events.extend(events)
+        return events
