@@ -76,7 +76,7 @@ class Metrics:
         )
         self.drift_statistic = Gauge(
             "streamcl_drift_statistic",
-            "Current value of each drift detector's input statistic.",
+            "Batch mean of the signal each drift detector watches (error 0-1, loss, uncertainty 0-1).",
             ["detector", "signal"],
             registry=r,
         )

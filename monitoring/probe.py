@@ -7,7 +7,8 @@ current model; forgetting of a class is its best accuracy so far minus its curre
 
 Trade-off: the held-out fraction is data the learner never sees. On small streams a large
 fraction starves learning; too small a fraction gives noisy per-class accuracies. The default
-(5 %, at most 50 per class) costs little learning and gives ±7 % per-class resolution at 50.
+(5 %, at most 50 per class) costs little learning; at 50 samples a class's accuracy has a standard
+error of at most 7 % (0.5/√n).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
 LabelPath = tuple[str, ...]
 
@@ -65,7 +68,7 @@ class ProbeSet:
     """
 
     def __init__(self, *, fraction: float = 0.05, per_class: int = 50, seed: int = 0) -> None:
-        if not 0.0 <= fraction < 1.0 + 1e-12:
+        if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         if per_class <= 0:
             raise ValueError(f"per_class must be > 0, got {per_class}")
@@ -93,6 +96,25 @@ class ProbeSet:
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._samples.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Samples, counts, best accuracies and RNG as tensors and plain containers, so a checkpoint
+        holding them loads with ``torch.load(weights_only=True)`` and forgetting survives a restart."""
+        paths = list(self._samples)
+        return {
+            "paths": [list(p) for p in paths],
+            "samples": [torch.from_numpy(np.stack(self._samples[p])) for p in paths],
+            "seen": [self._seen[p] for p in paths],
+            "best": [[list(p), acc] for p, acc in self.best.items()],
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        paths = [tuple(p) for p in state["paths"]]
+        self._samples = {p: list(x.numpy()) for p, x in zip(paths, state["samples"], strict=True)}
+        self._seen = dict(zip(paths, state["seen"], strict=True))
+        self.best = {tuple(p): acc for p, acc in state["best"]}
+        self._rng.bit_generator.state = state["rng"]
 
     def evaluate(
         self,

@@ -151,6 +151,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         f"kswin; signals error, loss, uncertainty (default: {DEFAULT_DRIFT})",
     )
     p.add_argument("--no-drift", action="store_true", help="run no drift detectors")
+    p.add_argument(
+        "--max-class-series",
+        type=_positive(int),
+        default=100,
+        help="most per-class metric series (class accuracy, forgetting, buffer count) exported (default: 100)",
+    )
     p.add_argument("--summary-json", type=Path, default=None, help="write the final summary to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -168,7 +174,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         dead_letter_out=args.dead_letter_out,
         dead_letter_topic=args.dead_letter_topic,
     )
-    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
+    metrics = Metrics(
+        CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS, max_class_series=args.max_class_series
+    )
     metrics.model_info.info({"method": args.method, "model": args.model, "device": str(device)})
     try:
         drift = None if args.no_drift else DriftMonitor(parse_drift(args.drift), metrics, seed=args.seed)
