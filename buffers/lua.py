@@ -11,10 +11,10 @@ from __future__ import annotations
 KEYS = ("meta", "seen", "x", "lab", "counts")
 
 INSERT = """
--- ARGV: capacity, dtype, shape, then (u, label, blob) per sample; u uniform in [0, 1).
--- Exact Algorithm R over the global counter: sample t goes to slot t-1 while t <= M, else to
--- slot floor(u*t) when that is < M. Returns {slots, seen, size, counts (flat)}.
-local cap = tonumber(ARGV[1])
+-- ARGV: capacity, dtype, shape, n, item bytes, the n samples' bytes back to back, n uniforms in [0, 1),
+-- n labels. Exact Algorithm R over the global counter: sample t goes to slot t-1 while t <= M, else
+-- to slot floor(u*t) when that is < M. Returns {slots, seen, size, counts as "label count ..."}.
+local cap, n, size = tonumber(ARGV[1]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local meta = redis.call('HMGET', KEYS[1], 'capacity', 'dtype', 'shape')
 if meta[1] then
   if tonumber(meta[1]) ~= cap or meta[2] ~= ARGV[2] or meta[3] ~= ARGV[3] then
@@ -25,24 +25,25 @@ else
 end
 local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
 local slots = {}
-for i = 4, #ARGV, 3 do
+for k = 1, n do
   seen = seen + 1
   local slot = seen - 1
   if seen > cap then
-    slot = math.floor(tonumber(ARGV[i]) * seen)
+    slot = math.floor(tonumber(ARGV[6 + k]) * seen)
     if slot >= cap then slot = -1 end
   end
   if slot >= 0 then
+    local label = ARGV[6 + n + k]
     local old = redis.call('HGET', KEYS[4], slot)
     if old and redis.call('HINCRBY', KEYS[5], old, -1) <= 0 then redis.call('HDEL', KEYS[5], old) end
-    redis.call('HSET', KEYS[4], slot, ARGV[i + 1])
-    redis.call('HINCRBY', KEYS[5], ARGV[i + 1], 1)
-    redis.call('HSET', KEYS[3], slot, ARGV[i + 2])
+    redis.call('HSET', KEYS[4], slot, label)
+    redis.call('HINCRBY', KEYS[5], label, 1)
+    redis.call('HSET', KEYS[3], slot, string.sub(ARGV[6], (k - 1) * size + 1, k * size))
   end
-  slots[#slots + 1] = slot
+  slots[k] = slot
 end
 redis.call('SET', KEYS[2], seen)
-return {slots, seen, redis.call('HLEN', KEYS[4]), redis.call('HGETALL', KEYS[5])}
+return {slots, seen, redis.call('HLEN', KEYS[4]), table.concat(redis.call('HGETALL', KEYS[5]), ' ')}
 """
 
 SAMPLE = """
@@ -65,6 +66,7 @@ return {order, labels, redis.call('HMGET', KEYS[3], unpack(order)), meta[1], met
 """
 
 STATS = """
--- Returns {seen, size, counts (flat)} without changing anything.
-return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('HLEN', KEYS[4]), redis.call('HGETALL', KEYS[5])}
+-- Returns {seen, size, counts as "label count ..."} without changing anything.
+local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
+return {seen, redis.call('HLEN', KEYS[4]), table.concat(redis.call('HGETALL', KEYS[5]), ' ')}
 """

@@ -53,7 +53,7 @@ class MemoryStore:
             raise ValueError("policy capacity must equal store capacity")
         self.capacity = capacity
         self.device = torch.device(device)
-        self._gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        self._rng = np.random.default_rng(seed + 1)
         self._x: torch.Tensor | None = None
         self._y = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         self._level = torch.zeros(capacity, dtype=torch.long, device=self.device)
@@ -90,7 +90,8 @@ class MemoryStore:
         n = min(n, self._size)
         if self._x is None or n == 0:
             return ReplayBatch.empty(self.device)
-        idx = torch.randperm(self._size, generator=self._gen)[:n].to(self.device)
+        # numpy draws n distinct slots in O(n) (torch.randperm would shuffle all of them)
+        idx = torch.from_numpy(self._rng.choice(self._size, n, replace=False)).to(self.device)
         return ReplayBatch(self._x[idx], self._y[idx], self._level[idx], idx)
 
     def sample_then_add(self, n: int, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> ReplayBatch:
@@ -140,7 +141,7 @@ class MemoryStore:
             "keys": torch.from_numpy(self._keys.copy()),
             "size": self._size,
             "policy": self.policy.state_dict(),
-            "gen": self._gen.get_state(),
+            "rng": self._rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -152,4 +153,4 @@ class MemoryStore:
         self._count(self._keys, +1)
         self._size = int(state["size"])
         self.policy.load_state_dict(state["policy"])
-        self._gen.set_state(state["gen"])
+        self._rng.bit_generator.state = state["rng"]
