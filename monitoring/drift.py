@@ -93,7 +93,8 @@ def _value(text: str) -> object:
 
 @dataclass(frozen=True, slots=True)
 class DriftEvent:
-    """One detection: ``position`` is the 0-based stream index of the record that triggered it."""
+    """One detection: ``position`` is the 0-based stream index of the record that triggered it,
+    ``value`` the signal's mean over the last ``recent`` values fed (the level it changed to)."""
 
     detector: str
     signal: str
@@ -140,9 +141,9 @@ class _Watch:
             self.since_sum += value
             self.since_n += 1
             if self.detector.drift_detected:
-                rose = sum(self.recent) / len(self.recent) > self.since_sum / self.since_n
-                if rose or self.direction == "both":
-                    events.append(DriftEvent(self.spec.detector, self.spec.signal, int(position), float(value)))
+                recent = sum(self.recent) / len(self.recent)
+                if recent > self.since_sum / self.since_n or self.direction == "both":
+                    events.append(DriftEvent(self.spec.detector, self.spec.signal, int(position), recent))
                 self.since_sum, self.since_n = 0.0, 0
         return events
 
