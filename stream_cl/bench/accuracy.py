@@ -179,7 +179,7 @@ def run_once(
     tasks = task_classes(protocol.classes, protocol.tasks)
     order = [task_indices(train.y, cls, protocol.train_per_class, rng) for cls in tasks]
     matrix = np.zeros((len(tasks), len(tasks)))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     bar = tqdm(total=sum(map(len, order)), desc=f"{method} seed {seed}", disable=not progress, unit="img")
     for t, idx in enumerate(order):
         for start in range(0, len(idx), protocol.batch_size):
@@ -192,6 +192,7 @@ def run_once(
     return {
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "matrix": matrix.round(2).tolist(),
         **run_metrics(matrix),
     }
@@ -207,7 +208,7 @@ def run_metrics(matrix: np.ndarray) -> dict[str, float | None]:
 
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("final_accuracy", "forgetting", "forgetting_code", "average_incremental_accuracy", "seconds")
+    keys = ("final_accuracy", "forgetting", "forgetting_code", "average_incremental_accuracy", "seconds", "cpu_seconds")
     out: dict[str, Any] = {k: cl_metrics.summarise([r[k] for r in runs]) for k in keys}
     matrices = np.array([r["matrix"] for r in runs])
     out["matrix_mean"] = matrices.mean(axis=0).round(2).tolist()
