@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from buffers.open import POLICIES
+from consumers.prefetch import Prefetcher
 from consumers.urls import is_kafka_url
 from consumers.wire import REASONS
 from monitoring.drift import DEFAULT_DRIFT, DriftMonitor, parse_drift
@@ -38,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arguments(run)
     run.add_argument(
         "--kafka-session-timeout-ms", type=_positive(int), default=10000, help="Kafka group session timeout"
+    )
+    run.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        metavar="BATCHES",
+        help="read and decode a recorded stream this many batches ahead on a background thread (default: 0, off; "
+        "a Kafka source always fetches and decodes ahead)",
     )
     run.set_defaults(handler=cmd_run)
 
@@ -207,6 +216,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         poll_timeout_s=0.5 if is_kafka_url(args.source or "") else 0.0,
         until_idle_s=args.until_idle,
     )
+    if args.prefetch < 0:
+        raise StreamClError(f"--prefetch must be >= 0, got {args.prefetch}")
+    if args.prefetch > 0 and not is_kafka_url(args.source or ""):
+        source = Prefetcher(source, depth=args.prefetch, batch_size=args.batch_size, max_records=args.max_records)
     with source, dead_letters or nullcontext():
         summary, _ = run_stream(
             source,
