@@ -21,7 +21,7 @@ POLICIES = {
     "class-balanced": ClassBalancedPolicy,
     "balanced-reservoir": LargestClassPolicy,
 }
-"""Policy name -> class (each takes ``(capacity, *, seed)``). Redis runs ``reservoir`` only."""
+"""Policy name -> class (each takes ``(capacity, *, seed)``). Redis runs ``reservoir`` and ``class-balanced``."""
 
 
 def make_policy(name: str, capacity: int, *, seed: int = 0) -> SlotPolicy:
@@ -44,10 +44,11 @@ def open_store(
 ) -> ReplayStore:
     """A replay store for ``spec``.
 
-    ``memory`` keeps the buffer in this process (any policy). ``redis://[user:password@]host:port/db``
-    and ``rediss://...`` (TLS; ``ssl_ca_certs`` and friends as URL query, as redis-py reads them)
-    open a shared :class:`~buffers.redis.RedisStore`; its buffer name comes from ``name`` or the
-    URL query ``?name=`` (default ``replay``). Learners using the same URL and name share one buffer.
+    ``memory`` keeps the buffer in this process (any policy of :data:`POLICIES`).
+    ``redis://[user:password@]host:port/db`` and ``rediss://...`` (TLS; ``ssl_ca_certs`` and
+    friends as URL query, as redis-py reads them) open a shared :class:`~buffers.redis.RedisStore`
+    (``reservoir`` or ``class-balanced``); its buffer name comes from ``name`` or the URL query
+    ``?name=`` (default ``replay``). Learners using the same URL and name share one buffer.
 
     Examples
     --------
@@ -59,13 +60,13 @@ def open_store(
     parts = urlsplit(spec)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(f"buffer must be 'memory', 'redis://...' or 'rediss://...', got {spec!r}")
-    if policy != "reservoir":
-        raise ValueError(f"the Redis buffer runs the 'reservoir' policy only, got {policy!r}")
     query = parse_qsl(parts.query)
     name = name or dict(query).get("name", "replay")
     url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "name"])))
     client = redis_client(url, socket_timeout_s=socket_timeout_s)
-    return RedisStore(client, capacity, name=name, seed=seed, device=device, fallback_capacity=fallback_capacity)
+    return RedisStore(
+        client, capacity, name=name, policy=policy, seed=seed, device=device, fallback_capacity=fallback_capacity
+    )
 
 
 def redis_client(url: str, *, socket_timeout_s: float = 2.0) -> redis.Redis:

@@ -20,18 +20,23 @@ import redis
 import torch
 
 from buffers import lua
+from buffers.balanced import ClassBalancedPolicy
 from buffers.memory import MemoryStore
 from buffers.policy import last_write_wins
+from buffers.reservoir import ReservoirPolicy
 from buffers.store import ReplayBatch
 
 log = logging.getLogger("buffers.redis")
+
+POLICIES = {"reservoir": ReservoirPolicy, "class-balanced": ClassBalancedPolicy}
+"""Policies the insert script runs (name -> the same policy in memory, for the local fallback)."""
 
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 """Errors meaning "Redis is not there right now" (BusyLoadingError, during an AOF load, is one)."""
 
 
 class RedisStore:
-    """A reservoir replay buffer held in Redis under the keys ``streamcl:buffer:{<name>}:*``.
+    """A replay buffer held in Redis under the keys ``streamcl:buffer:{<name>}:*``.
 
     When Redis cannot be reached, operations fail fast: the error is counted, the store backs
     off (``retry_min_s`` doubling up to ``retry_max_s``) and meanwhile serves inserts and samples
@@ -47,6 +52,9 @@ class RedisStore:
         Number of samples kept; every learner sharing ``name`` must use the same.
     name
         Buffer name: the key namespace.
+    policy
+        ``"reservoir"`` (exact Algorithm R) or ``"class-balanced"`` (CBRS), run inside the insert
+        script; every learner sharing ``name`` must use the same.
     seed
         Seed of the client-side generator that draws the scripts' random numbers.
     device
@@ -63,6 +71,7 @@ class RedisStore:
         capacity: int,
         *,
         name: str = "replay",
+        policy: str = "reservoir",
         seed: int = 0,
         device: str | torch.device = "cpu",
         fallback_capacity: int = 200,
@@ -72,6 +81,8 @@ class RedisStore:
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
+        if policy not in POLICIES:
+            raise ValueError(f"the Redis store runs {' or '.join(POLICIES)}, got {policy!r}")
         if fallback_capacity < 0:
             raise ValueError(f"fallback_capacity must be >= 0, got {fallback_capacity}")
         if not 0 <= retry_min_s <= retry_max_s:
@@ -79,12 +90,14 @@ class RedisStore:
         self.client = client
         self.capacity = capacity
         self.name = name
+        self.policy = policy
         self.device = torch.device(device)
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
         self.keys = [f"streamcl:buffer:{{{name}}}:{k}" for k in lua.KEYS]
-        self.fallback = (
-            MemoryStore(min(fallback_capacity, capacity), device=device, seed=seed) if fallback_capacity else None
-        )
+        self.fallback = None
+        if fallback_capacity:
+            local = min(fallback_capacity, capacity)
+            self.fallback = MemoryStore(local, policy=POLICIES[policy](local, seed=seed), device=device, seed=seed)
         self._rng = np.random.default_rng(seed)
         self._clock = clock
         self._sha = {code: hashlib.sha1(code.encode()).hexdigest() for code in (lua.INSERT, lua.SAMPLE, lua.STATS)}
@@ -161,7 +174,7 @@ class RedisStore:
 
     def clear(self) -> None:
         """Delete the shared buffer (every learner's samples)."""
-        self.client.delete(*self.keys)
+        self.client.delete(*self.keys[:-1], *self.client.scan_iter(match=f"{self.keys[-1]}*"))
         self._seen = self._size = 0
         self._counts = {}
 
@@ -218,8 +231,9 @@ class RedisStore:
         """All samples' bytes go as one argument (cut by the script): fewer, larger socket writes."""
         array = x.detach().cpu().contiguous().numpy()
         self._item_bytes = array[0].nbytes
-        head = [self.capacity, array.dtype.str, ",".join(map(str, array.shape[1:])), len(array), self._item_bytes]
-        draws = [repr(u) for u in self._rng.random(len(array)).tolist()]
+        shape = ",".join(map(str, array.shape[1:]))
+        head = [self.capacity, array.dtype.str, shape, self.policy, len(array), self._item_bytes]
+        draws = [repr(u) for u in self._rng.random(2 * len(array)).tolist()]
         labels = [f"{lv}:{c}" for lv, c in zip(level.tolist(), y.tolist(), strict=True)]
         return [*head, array.tobytes(), *draws, *labels]
 

@@ -136,3 +136,25 @@ def test_another_sample_shape_is_refused(make_store):
     store.add(*batch(0, 3))
     with pytest.raises(ValueError, match="buffer holds"):
         store.add(torch.zeros(2, 5, dtype=torch.uint8), *batch(0, 2)[1:])
+
+
+def test_class_balanced_keeps_small_classes_whole(make_store):
+    """Class-incremental stream with classes of 600, 300, 40, 8 and 200 samples into 100 slots."""
+    store = make_store(100, policy="class-balanced")
+    start = 0
+    for k, n in enumerate([600, 300, 40, 8, 200]):
+        for s in range(0, n, 10):
+            x, _, level = batch(start + s, min(10, n - s))
+            store.add(x, torch.full((len(x),), k), level)
+        start += n
+    counts = {y: c for (_, y), c in store.class_counts().items()}
+    assert counts[3] == 8, f"the small class keeps every sample: {counts}"
+    large = [counts[k] for k in (0, 1, 2, 4)]
+    assert sum(large) == 92 and max(large) - min(large) <= 1, f"the others share the rest equally: {counts}"
+    replay = store.sample(100)
+    assert (replay.y == 3).sum() == 8
+
+
+def test_class_balanced_same_seed_same_decisions(make_store):
+    a, b = make_store(9, seed=4, policy="class-balanced"), make_store(9, seed=4, policy="class-balanced")
+    assert all(np.array_equal(p, q) for p, q in zip(feed(a, 90), feed(b, 90), strict=True))
