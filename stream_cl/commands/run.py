@@ -132,7 +132,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--buffer-policy",
         default="reservoir",
         choices=sorted(POLICIES),
-        help="which samples a memory buffer keeps (default: reservoir; Redis runs reservoir only)",
+        help="which samples the buffer keeps (default: reservoir; Redis runs reservoir or class-balanced)",
     )
     p.add_argument("--buffer-size", type=_positive(int), default=500, help="replay buffer capacity (default: 500)")
     p.add_argument("--batch-size", type=_positive(int), default=10, help="stream micro-batch size (default: 10)")
