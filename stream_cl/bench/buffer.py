@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from buffers.memory import MemoryStore
-from buffers.open import redis_client
+from buffers.open import make_policy, redis_client
 from buffers.redis import RedisStore
 from buffers.store import ReplayStore
 from stream_cl.bench.buffer_report import write_report
@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("buffer", help="inserts/s, samples/s, round trips and bytes per sample of the replay stores")
     p.add_argument("--capacity", type=int, nargs="+", default=[2000, 20000])
     p.add_argument("--backend", nargs="+", choices=["memory", "redis"], default=["memory", "redis"])
+    p.add_argument("--policy", nargs="+", choices=["reservoir", "class-balanced"], default=["reservoir"])
     p.add_argument("--batch", type=int, default=10, help="samples per insert (stream micro-batch)")
     p.add_argument("--replay", type=int, default=10, help="samples per draw (replay batch)")
     p.add_argument("--calls", type=int, default=2000, help="timed calls per measurement")
@@ -64,18 +65,19 @@ def cmd_buffer(args: argparse.Namespace) -> int:
         url = args.redis
         if url is None and "redis" in args.backend:
             url = stack.enter_context(redis_server(aof=args.aof))
-        for backend in args.backend:
-            for capacity in args.capacity:
-                rows.append(measure(backend, capacity, args, url))
-                print(_line(rows[-1]))
+        for policy in args.policy:
+            for backend in args.backend:
+                for capacity in args.capacity:
+                    rows.append(measure(backend, policy, capacity, args, url))
+                    print(_line(rows[-1]))
         server = _server_info(url) if url else {}
     write_report(Path(args.out), vars(args) | {"redis_server": server}, rows)
     print(f"report written to {args.out}")
     return 0
 
 
-def measure(backend: str, capacity: int, args: argparse.Namespace, url: str | None) -> dict[str, Any]:
-    """One backend at one capacity: fill, then time inserts, draws and learner steps."""
+def measure(backend: str, policy: str, capacity: int, args: argparse.Namespace, url: str | None) -> dict[str, Any]:
+    """One backend and policy at one capacity: fill, then time inserts, draws and learner steps."""
     gen = torch.Generator().manual_seed(capacity)
     pool = torch.randint(0, 256, (64 * args.batch, *SHAPE), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 100, (len(pool),), generator=gen)
@@ -85,7 +87,7 @@ def measure(backend: str, capacity: int, args: argparse.Namespace, url: str | No
         s = (i * args.batch) % (len(pool) - args.batch)
         return pool[s : s + args.batch], labels[s : s + args.batch], level[s : s + args.batch]
 
-    store, used_memory = _open(backend, capacity, url)
+    store, used_memory = _open(backend, policy, capacity, url)
     base = used_memory()
     for i in tqdm(range(-(-capacity // args.batch)), desc=f"{backend} {capacity}: fill", leave=False):
         store.add(*part(i))
@@ -105,8 +107,8 @@ def measure(backend: str, capacity: int, args: argparse.Namespace, url: str | No
         store.clear()
     return {
         "backend": backend,
+        "policy": policy,
         "capacity": capacity,
-        "size": capacity,
         "inserts_per_s": calls * args.batch / insert_s,
         "samples_per_s": calls * args.replay / sample_s,
         "sample_calls_per_s": calls / sample_s,
@@ -119,12 +121,12 @@ def measure(backend: str, capacity: int, args: argparse.Namespace, url: str | No
     }
 
 
-def _open(backend: str, capacity: int, url: str | None) -> tuple[ReplayStore, Callable[[], int]]:
+def _open(backend: str, policy: str, capacity: int, url: str | None) -> tuple[ReplayStore, Callable[[], int]]:
     if backend == "memory":
-        return MemoryStore(capacity, seed=0), lambda: 0
+        return MemoryStore(capacity, policy=make_policy(policy, capacity), seed=0), lambda: 0
     client = redis_client(url)
     client.connection_pool.connection_class = CountingConnection
-    store = RedisStore(client, capacity, name=f"bench-{capacity}", seed=0)
+    store = RedisStore(client, capacity, name=f"bench-{policy}-{capacity}", policy=policy, seed=0)
     store.clear()
     return store, lambda: int(client.info("memory")["used_memory"])
 
@@ -171,7 +173,7 @@ def _server_info(url: str) -> dict[str, Any]:
 
 def _line(row: dict[str, Any]) -> str:
     return (
-        f"{row['backend']:>6} M={row['capacity']:>6}: {row['inserts_per_s']:>9.0f} inserts/s "
+        f"{row['backend']:>6} {row['policy']:>14} M={row['capacity']:>6}: {row['inserts_per_s']:>9.0f} inserts/s "
         f"{row['samples_per_s']:>9.0f} samples/s {row['steps_per_s']:>7.0f} steps/s "
         f"({row['round_trips_per_step']:.2f} round trips) {row['bytes_per_sample']:.0f} B/sample"
     )

@@ -52,13 +52,14 @@ def _markdown(meta: dict[str, Any], settings: dict[str, Any], rows: list[dict[st
         "Round trips are counted on the redis-py connection (one per packed send). Bytes per sample: the growth "
         "of Redis `used_memory` while filling, divided by the buffer size (memory: payload + labels).",
         "",
-        "| backend | capacity | inserts/s | samples/s | draws/s | steps/s | round trips/step "
+        "| backend | policy | capacity | inserts/s | samples/s | draws/s | steps/s | round trips/step "
         "| steps/s, 2 calls | round trips, 2 calls | bytes/sample |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['backend']} | {r['capacity']:,} | {r['inserts_per_s']:,.0f} | {r['samples_per_s']:,.0f} "
+            f"| {r['backend']} | {r['policy']} | {r['capacity']:,} | {r['inserts_per_s']:,.0f} "
+            f"| {r['samples_per_s']:,.0f} "
             f"| {r['sample_calls_per_s']:,.0f} | {r['steps_per_s']:,.0f} | {r['round_trips_per_step']:.2f} "
             f"| {r['steps_per_s_two_calls']:,.0f} | {r['round_trips_per_step_two_calls']:.2f} "
             f"| {r['bytes_per_sample']:,.0f} |"
@@ -68,9 +69,9 @@ def _markdown(meta: dict[str, Any], settings: dict[str, Any], rows: list[dict[st
 
 
 def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    names = [f"{r['backend']}\nM={r['capacity']:,}" for r in rows]
+    names = [f"{r['backend']}\n{r['policy']}\nM={r['capacity']:,}" for r in rows]
     series = [("inserts/s", "inserts_per_s"), ("samples/s", "samples_per_s"), ("steps/s x10", "steps_per_s")]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(rows)), 4))
     width = 0.8 / len(series)
     for k, (label, key) in enumerate(series):
         values = [r[key] * (10 if key == "steps_per_s" else 1) for r in rows]
