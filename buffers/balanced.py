@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from buffers.policy import class_table, fill_free, last_write_wins
+from buffers.policy import StoredCounts, fill_free, last_write_wins
 
 Victim = Callable[[np.ndarray], int]
 """Picks the slot to evict among candidate slots (all of the victim class)."""
@@ -51,21 +51,25 @@ class ClassBalancedPolicy:
         self._rng = np.random.default_rng(seed)
         self._stream: dict[int, int] = {}
         self._full: set[int] = set()
+        self._stored = StoredCounts()
 
     def slots(self, keys: np.ndarray, stored: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64)
         slots = np.full(len(keys), -1, dtype=np.int64)
-        placed = fill_free(slots, stored)
+        placed = fill_free(slots, self._stored.filled(stored), self.capacity)
         for k in keys[:placed].tolist():
             self._stream[k] = self._stream.get(k, 0) + 1
         if placed < len(keys):
             local = stored.copy()
             local[slots[:placed]] = keys[:placed]
-            index, counts = class_table(keys, local)
+            index, counts = self._stored.table(keys, stored)
+            np.add.at(counts, [index[k] for k in keys[:placed].tolist()], 1)
             for i in range(placed, len(keys)):
                 slots[i] = self._one(int(keys[i]), local, index, counts)
         self.seen += len(keys)
-        return last_write_wins(slots)
+        slots = last_write_wins(slots)
+        self._stored.commit(keys, stored, slots)
+        return slots
 
     def _one(self, c: int, local: np.ndarray, index: dict[int, int], counts: np.ndarray) -> int:
         self._stream[c] = self._stream.get(c, 0) + 1
@@ -98,6 +102,7 @@ class ClassBalancedPolicy:
         self._rng.bit_generator.state = state["rng"]
         self._stream = dict(zip(*state["stream"], strict=True))
         self._full = set(state["full"])
+        self._stored = StoredCounts()
 
 
 class LargestClassPolicy:
@@ -147,11 +152,12 @@ class LargestClassPolicy:
         self.seed = seed
         self.seen = 0
         self._rng = np.random.default_rng(seed)
+        self._stored = StoredCounts()
 
     def slots(self, keys: np.ndarray, stored: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.int64)
         slots = np.full(len(keys), -1, dtype=np.int64)
-        placed = fill_free(slots, stored)
+        placed = fill_free(slots, self._stored.filled(stored), self.capacity)
         t = np.arange(self.seen + 1, self.seen + len(keys) + 1)
         self.seen += len(keys)
         admitted = np.ones(len(keys), dtype=bool)
@@ -161,11 +167,14 @@ class LargestClassPolicy:
         if len(todo):
             local = stored.copy()
             local[slots[:placed]] = keys[:placed]
-            index, counts = class_table(keys, local)
+            index, counts = self._stored.table(keys, stored)
+            np.add.at(counts, [index[k] for k in keys[:placed].tolist()], 1)
             written = np.zeros(len(local), dtype=bool)
             for i in todo.tolist():
                 slots[i] = self._one(int(keys[i]), local, index, counts, written)
-        return last_write_wins(slots)
+        slots = last_write_wins(slots)
+        self._stored.commit(keys, stored, slots)
+        return slots
 
     def _one(self, c: int, local: np.ndarray, index: dict[int, int], counts: np.ndarray, written: np.ndarray) -> int:
         counts[index[c]] += 1
@@ -187,3 +196,4 @@ class LargestClassPolicy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seen = int(state["seen"])
         self._rng.bit_generator.state = state["rng"]
+        self._stored = StoredCounts()

@@ -41,18 +41,47 @@ def last_write_wins(slots: np.ndarray) -> np.ndarray:
     return np.where(kept & last, slots, -1)
 
 
-def fill_free(slots: np.ndarray, stored: np.ndarray) -> int:
+class StoredCounts:
+    """Stored samples per class, kept in step with a policy's own decisions.
+
+    The store writes exactly the slots its policy returns, so the policy can follow the class
+    counts from its decisions in O(batch) instead of recounting all M slots per batch. The counts
+    are rebuilt from the slots when unknown (a new or reloaded policy, or one given a used store).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] | None = None
+
+    def table(self, keys: np.ndarray, stored: np.ndarray) -> tuple[dict[int, int], np.ndarray]:
+        """Index of every class in the batch or the buffer, and the stored count of each."""
+        if self.counts is None:
+            classes, counts = np.unique(stored[stored != EMPTY], return_counts=True)
+            self.counts = dict(zip(classes.tolist(), counts.tolist(), strict=True))
+        classes = list(self.counts) + [k for k in np.unique(keys).tolist() if k not in self.counts]
+        return {k: i for i, k in enumerate(classes)}, np.array([self.counts.get(k, 0) for k in classes], dtype=np.int64)
+
+    def filled(self, stored: np.ndarray) -> int:
+        """Slots in use (slots fill in order, so they are 0 .. filled-1)."""
+        return int(np.count_nonzero(stored != EMPTY)) if self.counts is None else sum(self.counts.values())
+
+    def commit(self, keys: np.ndarray, stored: np.ndarray, slots: np.ndarray) -> None:
+        """Account for a batch's final slots (after :func:`last_write_wins`), before the store writes them."""
+        if self.counts is None:
+            return
+        kept = slots >= 0
+        old = stored[slots[kept]]
+        for array, sign in ((old[old != EMPTY], -1), (keys[kept], +1)):
+            classes, counts = np.unique(array, return_counts=True)
+            for k, c in zip(classes.tolist(), counts.tolist(), strict=True):
+                left = self.counts.get(k, 0) + sign * c
+                if left:
+                    self.counts[k] = left
+                else:
+                    self.counts.pop(k, None)
+
+
+def fill_free(slots: np.ndarray, filled: int, capacity: int) -> int:
     """Give the batch's first samples the free slots, in order; returns how many were placed."""
-    filled = int(np.count_nonzero(stored != EMPTY))
-    n = min(len(slots), len(stored) - filled)
+    n = min(len(slots), capacity - filled)
     slots[:n] = np.arange(filled, filled + n)
     return n
-
-
-def class_table(keys: np.ndarray, stored: np.ndarray) -> tuple[dict[int, int], np.ndarray]:
-    """Index of every class present in the batch or the buffer, and the stored count of each."""
-    classes, counts = np.unique(stored[stored != EMPTY], return_counts=True)
-    extra = np.setdiff1d(np.unique(keys), classes)
-    classes = np.concatenate([classes, extra])
-    counts = np.concatenate([counts, np.zeros(len(extra), dtype=counts.dtype)]).astype(np.int64)
-    return {int(k): i for i, k in enumerate(classes)}, counts
