@@ -142,8 +142,9 @@ class OnPro:
         m = self.replay_cap if self.task == 0 else min(self.replay_cap, self.replay_per_class * seen)
         use_apf = self.task > 0 and not first_of_task and self.mu is not None
         pool = self.buffer.sample(max(m, self.apf_pool or len(self.buffer)) if use_apf else m)
-        rx = to_model_input(pool.x[:m].to(self.model.device)) if len(pool) else None
-        rkeys = class_keys(pool.level[:m], pool.y[:m]).to(self.model.device) if len(pool) else None
+        has_replay = m > 0 and len(pool) > 0
+        rx = to_model_input(pool.x[:m].to(self.model.device)) if has_replay else None
+        rkeys = class_keys(pool.level[:m], pool.y[:m]).to(self.model.device) if has_replay else None
         mixed = None
         if rx is not None and self.task > 0:
             mixed = self._apf(rx, rkeys, pool) if use_apf else unmixed(rx, rkeys)

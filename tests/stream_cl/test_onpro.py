@@ -58,6 +58,13 @@ def test_replay_batch_size_and_apf_after_task_zero() -> None:
     assert all(s.loss is not None and math.isfinite(s.loss) for s in stats)
 
 
+def test_replay_can_be_switched_off() -> None:
+    learner = make(task_grace=1, replay_cap=0)
+    stats = [learner.observe(b).stats for b in batches(FLAT)]
+    assert all(s.n_replayed == 0 and math.isfinite(s.loss) for s in stats)
+    assert learner.task == 1 and learner.mu is None
+
+
 def test_hierarchical_labels_get_per_level_heads_and_prototypes() -> None:
     paths = [[("animal",), ("animal", "dog"), ("vehicle", "car")]] * 3 + [[("animal", "cat"), ("vehicle",)]] * 4
     learner = make(task_grace=1)
