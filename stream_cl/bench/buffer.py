@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", nargs="+", choices=["reservoir", "class-balanced"], default=["reservoir"])
     p.add_argument("--batch", type=int, default=10, help="samples per insert (stream micro-batch)")
     p.add_argument("--replay", type=int, default=10, help="samples per draw (replay batch)")
-    p.add_argument("--calls", type=int, default=2000, help="timed calls per measurement")
+    p.add_argument("--calls", type=int, default=1000, help="timed calls per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="each measurement is the best of this many runs")
     p.add_argument("--redis", default=None, help="redis:// URL to use (default: start a redis-server)")
     p.add_argument("--aof", action="store_true", help="the started redis-server writes an AOF (fsync everysec)")
     p.add_argument("--out", default="benchmarks/buffer", help="report folder")
@@ -92,15 +93,15 @@ def measure(backend: str, policy: str, capacity: int, args: argparse.Namespace, 
     for i in tqdm(range(-(-capacity // args.batch)), desc=f"{backend} {capacity}: fill", leave=False):
         store.add(*part(i))
     bytes_per_sample = (used_memory() - base) / len(store) if backend == "redis" else store.nbytes / len(store)
-    calls = args.calls
-    insert_s = _time(lambda i: store.add(*part(i)), calls, f"{backend} {capacity}: add")
-    sample_s = _time(lambda i: store.sample(args.replay), calls, f"{backend} {capacity}: sample")
+    calls, repeats, name = args.calls, args.repeats, f"{backend} {policy} {capacity}"
+    insert_s = _time(lambda i: store.add(*part(i)), calls, repeats, f"{name}: add")
+    sample_s = _time(lambda i: store.sample(args.replay), calls, repeats, f"{name}: sample")
     CountingConnection.round_trips = 0
-    step_s = _time(lambda i: store.sample_then_add(args.replay, *part(i)), calls, f"{backend} {capacity}: step")
-    trips = CountingConnection.round_trips / calls
+    step_s = _time(lambda i: store.sample_then_add(args.replay, *part(i)), calls, repeats, f"{name}: step")
+    trips = CountingConnection.round_trips / (calls * repeats)
     CountingConnection.round_trips = 0
-    two_s = _time(lambda i: (store.sample(args.replay), store.add(*part(i))), calls, f"{backend} {capacity}: 2 calls")
-    two_trips = CountingConnection.round_trips / calls
+    two_s = _time(lambda i: (store.sample(args.replay), store.add(*part(i))), calls, repeats, f"{name}: 2 calls")
+    two_trips = CountingConnection.round_trips / (calls * repeats)
     if store.errors:
         raise StreamClError(f"{store.errors} buffer errors during the benchmark")
     if backend == "redis":
@@ -131,11 +132,15 @@ def _open(backend: str, policy: str, capacity: int, url: str | None) -> tuple[Re
     return store, lambda: int(client.info("memory")["used_memory"])
 
 
-def _time(fn: Callable[[int], object], calls: int, desc: str) -> float:
-    started = time.perf_counter()
-    for i in tqdm(range(calls), desc=desc, leave=False):
-        fn(i)
-    return time.perf_counter() - started
+def _time(fn: Callable[[int], object], calls: int, repeats: int, desc: str) -> float:
+    """Seconds for ``calls`` calls, the best of ``repeats`` runs (other load only ever slows a run down)."""
+    best = float("inf")
+    for r in range(repeats):
+        started = time.perf_counter()
+        for i in tqdm(range(calls), desc=f"{desc} ({r + 1}/{repeats})", leave=False):
+            fn(r * calls + i)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 @contextlib.contextmanager

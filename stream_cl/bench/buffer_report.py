@@ -30,7 +30,12 @@ def machine() -> str:
 def write_report(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in settings.items() if k != "handler"}
-    meta = {"machine": machine(), "torch": torch.__version__, "python": platform.python_version()}
+    meta = {
+        "machine": machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+    }
     (out / "results.json").write_text(json.dumps({"meta": meta, "settings": settings, "rows": rows}, indent=2) + "\n")
     _plot(out / "throughput.png", rows)
     (out / "README.md").write_text(_markdown(meta, settings, rows))
@@ -44,10 +49,12 @@ def _markdown(meta: dict[str, Any], settings: dict[str, Any], rows: list[dict[st
         f"Machine: {meta['machine']}; Python {meta['python']}, torch {meta['torch']}"
         + (f", redis-server {server['version']} (redis-py {server['redis_py']}) on loopback" if server else "")
         + (", AOF fsync everysec" if settings.get("aof") else ", no persistence")
-        + ". Client and server share the cores.",
+        + f". Client and server share the cores with other jobs (1-minute load average {meta['load_average_1m_at_end']}"
+        " at the end of the run), so figures vary between runs; each is the best of "
+        f"{settings['repeats']} runs of {settings['calls']} calls.",
         "",
         f"Samples are 3x32x32 uint8 (3,072 bytes). Inserts come in micro-batches of {settings['batch']}, draws are "
-        f"`sample({settings['replay']})`; each figure times {settings['calls']} calls on a full buffer. A learner "
+        f"`sample({settings['replay']})`, timed on a full buffer. A learner "
         f"step is `sample_then_add({settings['replay']}, batch)`; the two-call form is `sample` then `add`. "
         "Round trips are counted on the redis-py connection (one per packed send). Bytes per sample: the growth "
         "of Redis `used_memory` while filling, divided by the buffer size (memory: payload + labels).",
