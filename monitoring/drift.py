@@ -13,10 +13,11 @@ Signals (all "higher is worse"):
 
 Specs: ``detector:signal[:name=value...]``, comma-separated, e.g.
 ``adwin:error:delta=0.002,page-hinkley:loss:threshold=5,kswin:uncertainty:alpha=0.0001``. Every
-``name=value`` goes to the river detector's constructor, except two read here: ``feed`` (``each``
-value or the batch ``mean``; defaults above) and ``direction`` (``up``, the default, counts a
+``name=value`` goes to the river detector's constructor, except three read here: ``feed`` (``each``
+value or the batch ``mean``; defaults above), ``direction`` (``up``, the default, counts a
 detection only when the signal's last ``recent`` values average above its mean since the previous
-detection: a learner that gets better is not an alarm; ``both`` counts every detection).
+detection: a learner that gets better is not an alarm; ``both`` counts every detection) and
+``recent`` (default 30).
 
 A detection increments ``streamcl_drift_detected_total{detector,signal}``, is logged as a
 structured event (``extra={"drift": {...}}``) and, when a ``hook`` is given, is passed to it (for
@@ -48,7 +49,6 @@ DEFAULT_PARAMS: dict[str, dict[str, object]] = {
     # one KS test per batch over a long stream: a small alpha keeps false alarms rare
     "kswin": {"alpha": 1e-4, "window_size": 100, "stat_size": 30},
 }
-OWN_PARAMS = ("feed", "direction", "recent")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ DASHBOARD = MONITORING / "grafana" / "dashboards" / "stream-cl.json"
 RULES = MONITORING / "prometheus" / "rules.yml"
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m"}
 COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)(?!\s*bool\b)")
+"""A comparison operator not already followed by ``bool``."""
 
 
 def load_dashboard() -> dict:
@@ -55,22 +56,20 @@ def as_bool(expr: str) -> str:
     functions are right without having to make every alert fire. Label matchers (``{a!="b"}``) and
     strings are left alone.
     """
-    out, depth, quote = [], 0, ""
-    for i, ch in enumerate(expr):
+    out, depth, quote, i = [], 0, "", 0
+    while i < len(expr):
+        ch = expr[i]
+        op = COMPARISON.match(expr, i) if not (quote or depth) else None
+        if op:
+            out.append(op.group(1) + " bool")
+            i = op.end()
+            continue
         if quote:
             quote = "" if ch == quote and expr[i - 1] != "\\" else quote
         elif ch in "\"'`":
             quote = ch
-        elif ch in "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-        out.append((ch, depth == 0 and not quote))
-    text = "".join(ch for ch, _ in out)
-    top = [i for i, (_, outside) in enumerate(out) if outside]
-    result, last = [], 0
-    for match in COMPARISON.finditer(text):
-        if match.start() in top and text[match.start() : match.start() + 2] not in ("=~", "!~"):
-            result.append(text[last : match.end()] + " bool")
-            last = match.end()
-    return "".join(result) + text[last:]
+        elif ch in "{}":
+            depth += 1 if ch == "{" else -1
+        out.append(ch)
+        i += 1
+    return "".join(out)

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.metrics import Metrics
 from tests.fixtures.procs import require_binary
-from tests.monitoring.promql import MONITORING, alert_exprs, dashboard_exprs, load_dashboard, panels
+from tests.monitoring.promql import MONITORING, alert_exprs, as_bool, dashboard_exprs, load_dashboard, panels
 
 PROVISIONING = MONITORING / "grafana" / "provisioning"
 REQUIRED = {
@@ -90,3 +90,9 @@ def test_provisioning_points_at_the_dashboard() -> None:
     assert providers[0]["type"] == "file" and providers[0]["options"]["path"]
     datasources = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())["datasources"]
     assert datasources[0]["type"] == "prometheus" and datasources[0]["url"].startswith("http")
+
+
+def test_as_bool_rewrites_only_top_level_comparisons() -> None:
+    assert (
+        as_bool('sum(x{a!="b>c", c=~"d"}) == 0 and y > bool 1') == 'sum(x{a!="b>c", c=~"d"}) == bool 0 and y > bool 1'
+    )
