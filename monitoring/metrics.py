@@ -92,7 +92,7 @@ class Metrics:
         self.buffer_size = Gauge("streamcl_buffer_size", "Samples in the replay buffer.", registry=r)
         self.buffer_bytes = Gauge("streamcl_buffer_bytes", "Bytes held by the replay buffer.", registry=r)
         self.buffer_class_count = Gauge(
-            "streamcl_buffer_class_count", "Replay-buffer samples per class (capped series).", ["class"], registry=r
+            "streamcl_buffer_class_samples", "Replay-buffer samples per class (capped series).", ["class"], registry=r
         )
         self.buffer_errors = Counter(
             "streamcl_buffer_errors", "Replay-buffer operations that failed (e.g. Redis down).", registry=r

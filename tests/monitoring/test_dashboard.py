@@ -29,7 +29,7 @@ REQUIRED = {
         "learn_step_seconds_bucket",
         "samples_per_second",
         "buffer_size",
-        "buffer_class_count",
+        "buffer_class_samples",
         "consumer_lag",
         "classes_seen",
         "checkpoint_age_seconds",

@@ -55,6 +55,27 @@ def test_detectors_fire_after_the_change_not_before(permuted: Path) -> None:
     assert events == sorted(events, key=lambda e: e["position"])
 
 
+def test_counter_is_zero_up_to_the_change_and_rises_within_the_bound(permuted: Path) -> None:
+    metrics = Metrics(CollectorRegistry())
+    monitor = DriftMonitor(parse_drift(DEFAULT_DRIFT), metrics, seed=0)
+    make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0)
+
+    def detections() -> dict[str, float]:
+        return {w.spec.detector: metrics.registry.get_sample_value(
+            "streamcl_drift_detected_total", {"detector": w.spec.detector, "signal": w.spec.signal}
+        ) for w in monitor.watches}  # fmt: skip
+
+    with RecordedSource(permuted) as source:
+        _, state = run_stream(
+            source, make, metrics, ProbeSet(), RunOptions(progress=False, max_records=CHANGE), drift=monitor
+        )
+        assert detections() == {"adwin": 0.0, "page-hinkley": 0.0, "kswin": 0.0}
+        options = RunOptions(progress=False, max_records=BOUND)
+        run_stream(source, make, metrics, ProbeSet(), options, drift=monitor, state=state)
+    after = detections()
+    assert after["adwin"] >= 1 and after["page-hinkley"] >= 1, after
+
+
 def test_deterministic(permuted: Path) -> None:
     assert run(permuted, "adwin:error")[0] == run(permuted, "adwin:error")[0]
 

@@ -83,7 +83,7 @@ def test_class_series_are_capped(tmp_path: Path) -> None:
     with RecordedSource(stream) as source:
         summary, _ = run_stream(source, make, metrics, ProbeSet(fraction=0.1), RunOptions(progress=False))
     assert summary.classes_seen == 6
-    for name in ("streamcl_class_accuracy", "streamcl_class_forgetting", "streamcl_buffer_class_count"):
+    for name in ("streamcl_class_accuracy", "streamcl_class_forgetting", "streamcl_buffer_class_samples"):
         series = [s for f in metrics.registry.collect() for s in f.samples if s.name == name]
         assert 1 <= len(series) <= 2, name
     assert metrics.registry.get_sample_value("streamcl_accuracy", {"level": "0"}) is not None

@@ -9,7 +9,9 @@ loaded by the server itself.
 
 from __future__ import annotations
 
+import subprocess
 import time
+import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
 from stream_cl.run import RUN_REASONS, RunOptions, run_stream
+from tests.fixtures.procs import require_binary
 from tests.fixtures.prometheus import PrometheusServer
 from tests.monitoring.promql import alert_exprs, as_bool, dashboard_exprs, load_dashboard
 from tests.monitoring.streams import permuted_labels_stream
@@ -52,6 +55,12 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
             drift=drift,
         )
         assert summary.drift_events and summary.dead_letter == {"bad_json": 2} and summary.forgetting > 0.3
+        url = f"http://127.0.0.1:{prometheus.target_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:  # curl /metrics | promtool check metrics
+            lint = subprocess.run(
+                [require_binary("promtool"), "check", "metrics"], input=answer.read(), capture_output=True
+            )
+        assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint
         exprs = dashboard_exprs(load_dashboard())
         exprs = [(w, as_bool(e) if w.startswith("annotation") else e) for w, e in exprs]
         exprs += [(f"alert {name}", as_bool(e)) for name, e in alert_exprs()]
