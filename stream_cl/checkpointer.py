@@ -72,7 +72,6 @@ class Checkpointer:
         self.identity = dict(identity)
         self.every_records = every_records
         self.every_seconds = every_seconds
-        self.metrics = metrics
         self.offsets: dict[tuple[str, int], int] = dict(restored.offsets) if restored else {}
         self.learned_base = restored.learned_total if restored else 0
         self.version = restored.id if restored else 0
@@ -81,6 +80,8 @@ class Checkpointer:
         self._last = time.monotonic()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
+        if metrics is not None:  # computed at scrape time, so it keeps growing while the stream is idle
+            metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last)
 
     def step(self, state: RunState, offsets: Offsets, n_records: int, learned: int) -> None:
         """Record a committed batch (its next ``offsets``); checkpoint if one is due."""
@@ -92,8 +93,6 @@ class Checkpointer:
         )
         if due and state.learner is not None:
             self._submit(state, learned)
-        if self.metrics is not None:
-            self.metrics.checkpoint_age.set(now - self._last)
 
     def finish(self, state: RunState, learned: int) -> CheckpointInfo | None:
         """Write a final checkpoint if anything was processed since the last one; wait for it."""

@@ -93,7 +93,7 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
                 metrics=metrics,
             )
         with (
-            _open_source(cfg, restored.offsets if restored else {}) as source,
+            _open_source(cfg, restored.offsets if restored else {}, from_checkpoint=store is not None) as source,
             _dead_letters(run) or nullcontext() as dead_letters,
         ):
             if restored is not None:
@@ -166,7 +166,13 @@ def _restore(
     return store, state, restored
 
 
-def _open_source(cfg: ServiceConfig, start_offsets: Offsets) -> Source:
+def _open_source(cfg: ServiceConfig, start_offsets: Offsets, *, from_checkpoint: bool) -> Source:
+    """The source, positioned at ``start_offsets``.
+
+    With checkpoints, the checkpoint (not the group's committed offsets) decides where every partition
+    starts: a partition it holds no offset for has taught the model nothing yet, so it starts at its
+    earliest record (offset 0, reset to the log start if retention removed it).
+    """
     source = cfg.run["source"]
     if source is None:
         raise ConfigError("serve needs --source (a kafka://HOST:PORT/TOPIC URL or a recorded-stream file)")
@@ -177,14 +183,33 @@ def _open_source(cfg: ServiceConfig, start_offsets: Offsets) -> Source:
     from consumers.kafka import KafkaSource  # here: file sources need no Kafka client
 
     url = KafkaUrl.parse(source)
+    start = dict(start_offsets)
+    if from_checkpoint:
+        for partition in _partitions(url.bootstrap, url.topic):
+            start.setdefault((url.topic, partition), 0)
     return KafkaSource(
         url.bootstrap,
         url.topic,
         cfg.run["group"],
-        start_offsets=start_offsets,
+        start_offsets=start,
         session_timeout_ms=cfg.kafka.session_timeout_ms,
         heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
     )
+
+
+def _partitions(bootstrap: str, topic: str) -> set[int]:
+    """The topic's partitions (empty if it does not exist yet: then there is nothing to have skipped)."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="stream-cl")
+    except KafkaError as err:
+        raise ConnectionError(f"cannot reach Kafka at {bootstrap}: {err}") from err
+    try:
+        return set(consumer.partitions_for_topic(topic) or ())
+    finally:
+        consumer.close()
 
 
 def _dead_letters(run: dict[str, Any]) -> DeadLetterSink | None:

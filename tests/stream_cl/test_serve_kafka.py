@@ -21,6 +21,7 @@ from kafka import KafkaAdminClient
 from consumers.producer import new_producer
 from consumers.wire import encode_binary
 from stream_cl.checkpoint import CheckpointStore
+from stream_cl.cli import main
 from tests.fixtures.procs import free_port
 from tests.fixtures.redis import RedisServer
 from tests.streams import blob_arrays
@@ -45,15 +46,33 @@ def produce(bootstrap: str, topic: str, n: int, *, start: int = 0) -> dict[str, 
     return {k: (f.get().partition, f.get().offset) for k, f in futures.items()}
 
 
-def serve(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int | Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "stream_cl", "serve", "--source", f"kafka://{bootstrap}/{topic}", "--group", "g"]
+def serve_args(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int | Path) -> list[str]:
+    cmd = [
+        "serve",
+        "--source",
+        f"kafka://{bootstrap}/{topic}",
+        "--group",
+        f"g-{topic}",
+    ]  # a group per test: no stale members or offsets from another test
     cmd += ["--kafka-session-timeout-ms", "2000", "--kafka-heartbeat-interval-ms", "500", "--no-progress"]
     cmd += ["--no-drift", "--model", "mlp", "--width", "16", "--probe-fraction", "0", "--buffer-size", "100"]
+    cmd += ["--metrics-port", "0"]  # tests that probe it pass their own free port (a later flag wins)
     cmd += ["--checkpoint-dir", tmp / "ckpt", "--checkpoint-every-records", "200"]
     cmd += ["--predictions", tmp / f"{name}.jsonl", "--predictions-for", "all", "--summary-json", tmp / f"{name}.json"]
+    return [*map(str, cmd), *map(str, args)]
+
+
+def serve(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int | Path) -> subprocess.Popen:
+    """``stream-cl serve`` as a subprocess, to be killed or signalled."""
+    cmd = [sys.executable, "-m", "stream_cl", *serve_args(bootstrap, topic, tmp, name, *args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMCL_TEST_THREADS": "1"}
     with (tmp / f"{name}.log").open("wb") as log:  # the child keeps its own descriptor
-        return subprocess.Popen([*map(str, cmd), *map(str, args)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def serve_here(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int | Path) -> None:
+    """``stream-cl serve`` in this process (saves a Python + torch start-up) for runs that end by themselves."""
+    assert main(serve_args(bootstrap, topic, tmp, name, "--until-idle", 6, *args)) == 0
 
 
 def lines(path: Path) -> int:
@@ -89,8 +108,7 @@ def test_kill_9_mid_stream_then_restart_learns_every_record_exactly_once(
 
     _, checkpoint = CheckpointStore(tmp_path / "ckpt").latest()
     resume = {(t, p): o for t, p, o in checkpoint["offsets"]}
-    second = serve(kafka_bootstrap, topic, tmp_path, "second", "--until-idle", 6)
-    finish(second, tmp_path / "second.log")
+    serve_here(kafka_bootstrap, topic, tmp_path, "second")
 
     before = {
         p["id"] for p in learned(tmp_path / "first.jsonl") if p["offset"] < resume.get((topic, p["partition"]), 0)
@@ -124,12 +142,13 @@ def test_sigterm_drains_within_the_bound_and_the_next_start_resumes_at_the_commi
 
     _, checkpoint = CheckpointStore(tmp_path / "ckpt").latest()
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    committed = {(tp.topic, tp.partition): om.offset for tp, om in admin.list_group_offsets("g")["g"].items()}
+    committed = {
+        (tp.topic, tp.partition): om.offset for tp, om in admin.list_group_offsets(f"g-{topic}")[f"g-{topic}"].items()
+    }
     admin.close()
     assert {(t, p): o for t, p, o in checkpoint["offsets"]} == committed  # the drain checkpointed what it committed
 
-    second = serve(kafka_bootstrap, topic, tmp_path, "second", "--until-idle", 6)
-    finish(second, tmp_path / "second.log")
+    serve_here(kafka_bootstrap, topic, tmp_path, "second")
     one, two = learned(tmp_path / "first.jsonl"), learned(tmp_path / "second.jsonl")
     for partition in range(4):
         offsets = [p["offset"] for p in two if p["partition"] == partition]
@@ -163,3 +182,33 @@ def test_redis_restart_during_the_run_keeps_the_service_running_and_replay_resum
         server.kill()
     assert {p["id"] for p in learned(tmp_path / "run.jsonl")} == set(where)
     assert json.loads((tmp_path / "run.json").read_text())["learned_total"] == len(where)
+
+
+def test_crash_before_the_first_checkpoint_relearns_from_the_start_not_from_the_group_offsets(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 1000)
+    never = ("--checkpoint-every-records", 10**6, "--checkpoint-every-seconds", 3600)
+    first = serve(kafka_bootstrap, topic, tmp_path, "first", *never)
+    wait_until(lambda: lines(tmp_path / "first.jsonl") >= 300, first, tmp_path / "first.log")
+    first.kill()
+    first.wait()
+    assert CheckpointStore(tmp_path / "ckpt").latest() is None  # the group has committed offsets; the model is gone
+    serve_here(kafka_bootstrap, topic, tmp_path, "second", *never)
+    after = [p["id"] for p in learned(tmp_path / "second.jsonl")]
+    assert sorted(after) == sorted(where)
+    assert json.loads((tmp_path / "second.json").read_text())["learned_total"] == len(where)
+
+
+def test_predict_only_overload_policy_predicts_what_it_does_not_learn(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 3000)
+    serve_here(kafka_bootstrap, topic, tmp_path, "run", "--overload-policy", "predict-only", "--max-lag", 100)
+    out = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "run.json").read_text())
+    skipped = [p for p in out if not p["learned"]]
+    assert {p["id"] for p in out} == set(where) and len(out) == len(where)
+    assert 0 < len(skipped) == summary["predicted"] and summary["learned"] + summary["predicted"] == len(where)
