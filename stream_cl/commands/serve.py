@@ -100,6 +100,9 @@ def _coerce(actions: dict[str, argparse.Action], layer: dict[str, Any], origin: 
         try:
             if action.nargs == 0:  # store_true
                 out[key] = value if isinstance(value, bool) else _boolean(str(value))
+            elif isinstance(action, argparse._AppendAction):  # a list in a file, comma-separated in the environment
+                items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+                out[key] = [action.type(str(v)) if action.type else v for v in items]
             else:
                 out[key] = action.type(str(value)) if action.type else value
         except (ValueError, argparse.ArgumentTypeError) as err:
@@ -140,4 +143,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
     return value if value is None or isinstance(value, bool | int | float | str) else str(value)

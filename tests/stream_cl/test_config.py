@@ -35,12 +35,14 @@ def test_flags_override_environment_which_overrides_the_file(
     monkeypatch.setenv("STREAMCL_BATCH_SIZE", "16")
     monkeypatch.setenv("STREAMCL_CHECKPOINT_EVERY_RECORDS", "250")
     monkeypatch.setenv("STREAMCL_NO_PROGRESS", "true")
+    monkeypatch.setenv("STREAMCL_HPARAM", "lr=0.1,replay_batch_size=4")
     got = effective(capsys, "--config", str(config), "--batch-size", "8")
     assert got["batch_size"] == 8  # flag beats environment and file
     assert got["checkpoint_every_records"] == 250  # environment beats file
     assert got["buffer_size"] == 100 and got["checkpoint_dir"] == "/var/ckpt"  # file beats default
     assert got["kafka_session_timeout_ms"] == 2000 and got["no_progress"] is True
     assert got["probe_fraction"] == 0.05  # untouched default
+    assert got["hparam"] == [["lr", 0.1], ["replay_batch_size", 4]]
 
 
 def test_toml_file_and_secrets_are_masked(
