@@ -14,12 +14,14 @@ error of at most 7 % (0.5/√n).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from monitoring.hierarchy import level_correct
 
 LabelPath = tuple[str, ...]
 
@@ -121,12 +123,15 @@ class ProbeSet:
         predict: Callable[[np.ndarray], np.ndarray],
         lookup: Callable[[LabelPath], tuple[int, int]],
         batch_size: int = 256,
+        parent_maps: Sequence[np.ndarray] | None = None,
     ) -> ProbeResult:
         """Score every known class on the current model.
 
         ``predict`` maps stacked inputs to per-level class indices ``[n, levels]``; ``lookup``
         maps a path to ``(level, class index)`` or ``(-1, -1)`` for classes the model has not
-        learned yet (skipped).
+        learned yet (skipped). With ``parent_maps`` (parent index of every class, per level), a
+        sample also counts as right when the class predicted one level down has its class as
+        parent (the HLE parent rule, :func:`monitoring.hierarchy.level_correct`).
         """
         paths, xs = [], []
         for path, samples in self._samples.items():
@@ -146,7 +151,7 @@ class ProbeSet:
         for path, level, idx, n in paths:
             got = preds[start : start + n]
             start += n
-            acc = float((got[:, level] == idx).mean()) if got.shape[1] > level else 0.0
+            acc = float(level_correct(got, np.full(n, level), np.full(n, idx), parent_maps).mean())
             best = self.best[path] = max(self.best.get(path, 0.0), acc)
             result.class_accuracy[path] = acc
             accs.setdefault(level, []).append(acc)

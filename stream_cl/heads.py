@@ -35,7 +35,9 @@ class LevelHeads(nn.Module):
                 head = nn.Linear(self.in_dim, size).to(self.device)
                 self.heads.append(head)
                 if optimizer is not None:
-                    optimizer.add_param_group({"params": list(head.parameters())})
+                    # A new group takes the *current* settings (an adaptive LR may have moved them).
+                    current = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+                    optimizer.add_param_group({**current, "params": list(head.parameters())})
                 changed = True
             elif size > self.heads[level].out_features:
                 self.heads[level] = _grown(self.heads[level], size, optimizer)

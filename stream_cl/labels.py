@@ -99,8 +99,12 @@ class LabelTree:
         return self.parents[level][index]
 
     def parent_map(self, level: int) -> np.ndarray:
-        """Parent index (at level - 1) of every class at ``level``."""
+        """Parent index (at level - 1) of every class at ``level`` (-1 at level 0)."""
         return np.asarray(self.parents[level], dtype=np.int64)
+
+    def parent_maps(self) -> list[np.ndarray]:
+        """:meth:`parent_map` of every level, as :func:`monitoring.hierarchy.level_correct` takes them."""
+        return [self.parent_map(level) for level in range(self.depth)]
 
     def state_dict(self) -> dict[str, Any]:
         return {

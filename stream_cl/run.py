@@ -16,6 +16,7 @@ from tqdm import tqdm
 from consumers.record import DeadLetter, Poll, Record
 from consumers.source import Instrumented, Source, next_offsets
 from monitoring.drift import DriftMonitor
+from monitoring.hierarchy import level_correct
 from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeResult, ProbeSet
@@ -119,7 +120,7 @@ def run_stream(
             observation = _observe(state.learner, learn, metrics)
             if predictions is not None:
                 predictions.publish(learn, observation.prediction, state.learner.labels, now)
-            _score(observation, accuracy, summary, metrics)
+            _score(observation, accuracy, summary, metrics, state.learner.labels.parent_maps())
             if drift is not None:
                 _watch_drift(drift, observation, learn, summary)
             _publish_learner(state.learner, metrics)
@@ -202,7 +203,10 @@ def _observe(learner: Learner, records: list[Record], metrics: Metrics) -> Obser
     return observation
 
 
-def _score(obs: Observation, accuracy: PrequentialAccuracy, summary: Summary, metrics: Metrics) -> None:
+def _score(
+    obs: Observation, accuracy: PrequentialAccuracy, summary: Summary, metrics: Metrics, parent_maps: list[np.ndarray]
+) -> None:
+    """Count the batch and update prequential accuracy per level (HLE parent rule, see monitoring.hierarchy)."""
     labelled = obs.y >= 0
     n_labelled = int(labelled.sum())
     summary.learned += n_labelled
@@ -210,12 +214,10 @@ def _score(obs: Observation, accuracy: PrequentialAccuracy, summary: Summary, me
     metrics.samples.labels(outcome="learned").inc(n_labelled)
     metrics.samples.labels(outcome="predicted").inc(len(obs.y) - n_labelled)
     if n_labelled:
-        level = obs.level[labelled]
-        predicted = obs.prediction.classes[labelled]
-        hit = predicted.gather(1, level.clamp(max=predicted.shape[1] - 1).unsqueeze(1)).squeeze(1)
-        correct = (hit == obs.y[labelled]) & (level < predicted.shape[1])
-        levels = level.cpu().numpy()
-        accuracy.update(levels, correct.cpu().numpy())
+        levels = obs.level[labelled].cpu().numpy()
+        predicted = obs.prediction.classes[labelled].cpu().numpy()
+        correct = level_correct(predicted, levels, obs.y[labelled].cpu().numpy(), parent_maps)
+        accuracy.update(levels, correct)
         for lvl in np.unique(levels):
             metrics.online_accuracy.labels(level=str(lvl)).set(accuracy.windowed(int(lvl)))
 
@@ -272,7 +274,7 @@ def _evaluate(probe: ProbeSet, learner: Learner) -> ProbeResult:
     def predict(x: np.ndarray) -> np.ndarray:
         return learner.predict(torch.from_numpy(x)).classes.cpu().numpy()
 
-    return probe.evaluate(predict, learner.labels.lookup)
+    return probe.evaluate(predict, learner.labels.lookup, parent_maps=learner.labels.parent_maps())
 
 
 def _publish_probe(result: ProbeResult, metrics: Metrics) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from stream_cl.bench import accuracy, buffer, throughput
+from stream_cl.bench import accuracy, buffer, hle, throughput
 
-BENCHMARKS: list = [accuracy, buffer, throughput]
+BENCHMARKS: list = [accuracy, buffer, hle, throughput]
 """Benchmark modules; each has ``register(subparsers)`` setting ``handler`` on its parser."""
 
 

@@ -1,0 +1,151 @@
+"""The HLE benchmark report: ``results.json``, ``README.md`` and per-level accuracy plots.
+
+Runs of methods not in the current invocation are kept from an earlier ``results.json`` of the
+same protocol, so methods can be added to a report one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt
+
+PAPER = {
+    "single": {"pl-fms": (43.7, 36.4), "er": (37.8, 31.3)},
+    "dual": {"pl-fms": (49.0, 39.5), "er": (42.0, 25.5)},
+    "multi": {"pl-fms": (74.5, 65.6, 56.0, 42.7, 30.8), "er": (71.5, 58.4, 36.6, 18.1, 7.47)},
+}
+"""Paper Table 1/2, CIFAR-100, final-task accuracy (%) per level (ResNet-34, 3 updates/sample, GPU)."""
+
+_PROTOCOL_KEYS = ("setup", "runs", "per_class", "test_per_class", "model", "width", "buffer_size", "batch_size",
+                  "online_iter", "imp_update_period", "eval_period", "onpro_rotations", "onpro_replay_cap")  # fmt: skip
+
+
+def machine() -> str:
+    """This machine in words: CPU model, cores, GPU."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{model}, {os.cpu_count()} cores, {gpu}"
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per method and level: [mean, std] over seeds of A_auc, A_last, F_last, head-only A_last; seconds."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        levels = sorted({lvl for r in mine for lvl in r["levels"]}, key=int)
+        out[method] = {
+            lvl: {
+                key: _mean_std([r["levels"][lvl][key] for r in mine if lvl in r["levels"]])
+                for key in ("A_auc", "A_last", "F_last", "A_last_head_only")
+            }
+            for lvl in levels
+        }
+        out[method]["seconds"] = _mean_std([r["seconds"] for r in mine])
+    return out
+
+
+def write_report(out: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    protocol = {k: v for k, v in protocol.items() if k in (*_PROTOCOL_KEYS, "device", "stream_length", "threads")}
+    runs = _merged(out / "results.json", protocol, runs)
+    summary = summarise(runs)
+    doc = {"machine": machine(), "torch": torch.__version__, "protocol": protocol, "summary": summary, "runs": runs}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    _plot(out / "accuracy.png", runs, protocol["setup"])
+    (out / "README.md").write_text(_markdown(doc))
+
+
+def _merged(path: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return runs
+    old = json.loads(path.read_text())
+    same = all(old["protocol"].get(k) == protocol.get(k) for k in _PROTOCOL_KEYS)
+    methods = {r["method"] for r in runs}
+    return [r for r in old["runs"] if same and r["method"] not in methods] + runs
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    return [float(np.mean(values)), float(np.std(values))] if values else [0.0, 0.0]
+
+
+def _pct(pair: list[float]) -> str:
+    return f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    p, summary = doc["protocol"], doc["summary"]
+    levels = sorted({lvl for s in summary.values() for lvl in s if lvl != "seconds"}, key=int)
+    lines = [
+        f"# HLE benchmark: {p['setup']} setup",
+        "",
+        f"Machine: {doc['machine']} (torch {doc['torch']}, device {p['device']}, {p.get('threads')} threads).",
+        f"Protocol: CIFAR-100, stream of {p['stream_length']} samples ({p['per_class'] or 500} train images per "
+        f"fine class), test {p['test_per_class'] or 100} images per fine class; {p['model']} (width "
+        f"{p['width'] or 'default'}), memory {p['buffer_size']}, batch {p['batch_size']} (stream arrives "
+        f"{p['batch_size'] // 2} at a time), PL-FMS online_iter {p['online_iter']}, importance re-scoring every "
+        f"{p['imp_update_period']} updates, OnPro rotation views {p['onpro_rotations'] or 'default'} and replay cap "
+        f"{p['onpro_replay_cap'] or 'default'}, evaluation every "
+        f"{p['eval_period']} samples; seeds 0..{p['runs'] - 1}.",
+        "Accuracy per level (%, mean ± std over seeds) on test images of seen classes"
+        + (", parent rule on level 0." if p["setup"] != "multi" else ", each level's own head."),
+        "",
+        "| method | level | A_last | A_auc | F_last | A_last (own head only) | seconds/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, s in summary.items():
+        for lvl in levels:
+            if lvl in s:
+                row = s[lvl]
+                lines.append(
+                    f"| {method} | {lvl} | {_pct(row['A_last'])} | {_pct(row['A_auc'])} | {_pct(row['F_last'])} "
+                    f"| {_pct(row['A_last_head_only'])} | {s['seconds'][0]:.0f} |"
+                )
+    paper = PAPER.get(p["setup"], {})
+    if paper:
+        lines += [
+            "",
+            "Paper (Table 1/2: final-task accuracy per level, ResNet-34, 3 updates/sample, full data, GPU):",
+            "",
+        ]
+        lines += [f"- {m}: " + " / ".join(f"H{i + 1} {v}" for i, v in enumerate(vals)) for m, vals in paper.items()]
+        if p["setup"] == "multi":
+            lines.append("- (the paper's multi-depth hierarchy has 5 levels, ours 4: not comparable level by level)")
+    lines += ["", "![per-level accuracy over the stream](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(path: Path, runs: list[dict[str, Any]], setup: str) -> None:
+    levels = sorted({lvl for r in runs for lvl in r["levels"]}, key=int)
+    fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 3.6), squeeze=False)
+    for ax, lvl in zip(axes[0], levels, strict=True):
+        for method in dict.fromkeys(r["method"] for r in runs):
+            curves = [r["levels"][lvl]["curve"] for r in runs if r["method"] == method and lvl in r["levels"]]
+            n = min(len(c) for c in curves)
+            x = [c[0] for c in curves[0][-n:]]
+            y = np.mean([[a for _, a in c[-n:]] for c in curves], axis=0)
+            ax.plot(x, 100 * y, marker=".", label=method)
+        ax.set_title(f"{setup}: level {lvl}")
+        ax.set_xlabel("stream samples")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,335 @@
+"""PL-FMS (Lee, Jung, Choi, Chun, "Online Continual Learning on Hierarchical Label Expansion", ICCV 2023).
+
+Per incoming labelled sample (``n`` = labelled samples seen so far, this one included): a new class
+grows its level's head and records its first-seen count ``n_c``; the sample is written to memory
+at once (importance-based eviction from the most populated class, CLIB); it joins a temporary
+batch, and every ``online_iter`` adds one update of credit. When the temporary batch holds
+``batch_size / 2`` samples, ``floor(credit)`` updates run, each on: the temporary samples kept by
+FMS (probability ``min(1, (n - n_c)·|C_seen| / (fms_factor·N))``, not on the first batch) plus
+memory samples filling the batch to ``batch_size``; crop+flip augmentation; CutMix (p 0.5) per
+level group; per-level cross-entropy; Adam. Every ``imp_update_period`` updates the whole memory is
+re-scored (CLIB sample-wise importance) and the adaptive learning rate ticks.
+
+Choices where the spec (``algorithms.md`` §2) is UNVERIFIED or the paper and code differ, each a switch:
+
+* ``pseudo_label`` (default on): the unreleased ``hp_fms`` term -- for every child-labelled sample
+  of a batch whose parent head (level ``l - 1``) is confident (max softmax > ``tau`` = 0.75) and
+  whose own head has > 1 output, add ``lambda_u · CE(parent logits, argmax)``. Only the immediate
+  parent gets a pseudo-label. The histogram-gated second term of ``hp_fms`` is not implemented.
+* ``pseudo_in_importance`` (default off, as in the released code): also count that pseudo-label
+  term in the memory samples' losses used for importance scores.
+* ``train_ancestors`` (default off, as in the paper: each sample is labelled at exactly one level):
+  when on, a child-labelled sample also trains every ancestor head with the ancestors from its
+  label path (known from the tree), and pseudo-labels are not used.
+* Augmentation is random crop (pad 4) + horizontal flip; the paper's AutoAugment and AMP are not
+  used (no torchvision here; CPU runs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from buffers.balanced import LargestClassPolicy
+from buffers.memory import MemoryStore
+from buffers.store import ReplayStore, class_keys
+from stream_cl.classifier import Classifier
+from stream_cl.heads import hierarchical_ce
+from stream_cl.inputs import to_model_input
+from stream_cl.learner import Batch, Observation, Prediction, StepStats
+from stream_cl.methods.common import encode_labels, rng_state, set_rng_state
+from stream_cl.methods.pl_fms_parts import AdaptiveLR, ImportanceScores, augment, cutmix, fms_keep_probability
+
+
+class PLFMS:
+    """Pseudo-labelling + flexible memory sampling for hierarchical label expansion (see module doc).
+
+    Parameters
+    ----------
+    model, buffer
+        Backbone with level heads; an empty :class:`~buffers.memory.MemoryStore` (its policy is
+        replaced by largest-class eviction with the importance hook) or a store whose policy is
+        already a ``LargestClassPolicy(admit="always")``.
+    lr
+        Adam learning rate (the adaptive LR's starting high rate).
+    online_iter
+        Updates per stream sample (> 0; CIFAR 3).
+    batch_size
+        Training batch B (even, >= 2); the temporary stream batch holds B / 2.
+    total_stream_length, fms_factor
+        N and the factor of FMS's denominator (multi-depth code: 2).
+    fms
+        Use flexible memory sampling (off: keep every stream sample).
+    pseudo_label, tau, lambda_u, pseudo_in_importance, train_ancestors
+        Parent supervision of child-labelled samples (module doc).
+    augment, cutmix_prob
+        Crop+flip on every training batch; CutMix probability.
+    imp_update_period, beta
+        Updates between memory re-scorings; EMA ratio of the importance update.
+    adaptive_lr, lr_step, lr_period, lr_length, lr_warmup, significance
+        CLIB adaptive learning rate (off: constant ``lr``).
+    seed
+        Seed of the method's generator (FMS, augmentation, CutMix) and of the eviction ties.
+    """
+
+    name = "pl-fms"
+
+    def __init__(
+        self,
+        model: Classifier,
+        buffer: ReplayStore,
+        *,
+        lr: float = 3e-4,
+        online_iter: float = 3.0,
+        batch_size: int = 16,
+        total_stream_length: int = 50_000,
+        fms_factor: float = 1.0,
+        fms: bool = True,
+        pseudo_label: bool = True,
+        tau: float = 0.75,
+        lambda_u: float = 1.0,
+        pseudo_in_importance: bool = False,
+        train_ancestors: bool = False,
+        augment: bool = True,
+        cutmix_prob: float = 0.5,
+        imp_update_period: int = 5,
+        beta: float = 0.9,
+        adaptive_lr: bool = True,
+        lr_step: float = 0.95,
+        lr_period: int = 10,
+        lr_length: int = 10,
+        lr_warmup: int = 20,
+        significance: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        if lr <= 0 or online_iter <= 0 or fms_factor <= 0 or lambda_u < 0:
+            raise ValueError("lr, online_iter and fms_factor must be > 0 and lambda_u >= 0")
+        if batch_size < 2 or batch_size % 2:
+            raise ValueError(f"batch_size must be even and >= 2, got {batch_size}")
+        if total_stream_length <= 0:
+            raise ValueError(f"total_stream_length must be > 0, got {total_stream_length}")
+        if not 0.0 <= tau < 1.0 or not 0.0 <= cutmix_prob <= 1.0:
+            raise ValueError("tau must be in [0, 1) and cutmix_prob in [0, 1]")
+        if imp_update_period <= 0:
+            raise ValueError(f"imp_update_period must be > 0, got {imp_update_period}")
+        self.model, self.buffer, self.labels = model, buffer, model.tree
+        self.online_iter, self.batch_size, self.total_stream_length = online_iter, batch_size, total_stream_length
+        self.fms, self.fms_factor = fms, fms_factor
+        self.pseudo_label, self.tau, self.lambda_u = pseudo_label and not train_ancestors, tau, lambda_u
+        self.pseudo_in_importance, self.train_ancestors = pseudo_in_importance, train_ancestors
+        self.augment, self.cutmix_prob, self.imp_update_period = augment, cutmix_prob, imp_update_period
+        self.scores = ImportanceScores(buffer.capacity, beta=beta)
+        _attach_policy(buffer, self.scores, seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.lr_control = (
+            AdaptiveLR(
+                lr, step=lr_step, period=lr_period, length=lr_length, warmup=lr_warmup, significance=significance
+            )
+            if adaptive_lr
+            else None
+        )
+        self.gen = torch.Generator().manual_seed(seed)
+        self.n = 0
+        self.first_seen: dict[int, int] = {}
+        self.credit = 0.0
+        self.iterations = 0
+        self.trained_once = False
+        self._tmp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def observe(self, batch: Batch) -> Observation:
+        x_raw = batch.x.to(self.model.device, non_blocking=True)
+        prediction = self.model.predict_prepared(to_model_input(x_raw))
+        level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
+        rows = torch.nonzero(learn).flatten()
+        losses, replayed, half = [], 0, self.batch_size // 2
+        start = 0
+        while start < len(rows):
+            chunk = rows[start : start + half - self._tmp_len()]
+            start += len(chunk)
+            self._arrive(x_raw[chunk], y[chunk], level[chunk])
+            if self._tmp_len() >= half:
+                loss, n_replayed = self._train()
+                replayed += n_replayed
+                if loss is not None:
+                    losses.append(loss)
+        loss = float(np.mean(losses)) if losses else None
+        return Observation(prediction, level, y, StepStats(loss, len(rows), replayed), new)
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        return self.model.predict(x)
+
+    def _tmp_len(self) -> int:
+        return 0 if self._tmp is None else len(self._tmp[1])
+
+    def _arrive(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> None:
+        """Count, record first-seen times, write to memory at once, join the temporary batch."""
+        keys = class_keys(y.cpu().numpy(), level.cpu().numpy())
+        for i, key in enumerate(keys.tolist()):
+            self.first_seen.setdefault(key, self.n + i + 1)
+        self.n += len(keys)
+        self.scores.written(self.buffer.add(x, y, level), keys)
+        new = (x, y, level)
+        self._tmp = new if self._tmp is None else tuple(torch.cat(p) for p in zip(self._tmp, new, strict=True))
+        self.credit += self.online_iter * len(keys)
+
+    def _train(self) -> tuple[float | None, int]:
+        x_s, y_s, level_s = self._tmp
+        self._tmp = None
+        iters = int(self.credit)
+        self.credit -= iters
+        losses, replayed = [], 0
+        keys = class_keys(y_s.cpu().numpy(), level_s.cpu().numpy())
+        for _ in range(iters):
+            keep = torch.ones(len(y_s), dtype=torch.bool)
+            if self.fms and self.trained_once:
+                first = np.array([self.first_seen[k] for k in keys.tolist()])
+                p = fms_keep_probability(
+                    self.n, first, sum(self.labels.sizes), self.total_stream_length, self.fms_factor
+                )
+                keep = torch.rand(len(p), generator=self.gen) < torch.from_numpy(p)
+            keep = keep.to(y_s.device)
+            memory = self.buffer.sample(self.batch_size - int(keep.sum()))
+            self.scores.note_used(memory.slot.cpu().numpy())
+            replayed += len(memory)
+            x = torch.cat([x_s[keep], memory.x.to(x_s.device)]) if len(memory) else x_s[keep]
+            y = torch.cat([y_s[keep], memory.y.to(y_s.device)])
+            level = torch.cat([level_s[keep], memory.level.to(y_s.device)])
+            if len(y):
+                losses.append(self._step(to_model_input(x), y, level))
+            self.iterations += 1
+            if self.iterations % self.imp_update_period == 0:
+                decrease = self._rescore()
+                if self.lr_control is not None:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = self.lr_control.tick(decrease)
+        self.trained_once = True
+        return (float(np.mean(losses)) if losses else None), replayed
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> float:
+        self.model.train()
+        if self.augment and x.dim() == 4:
+            x = augment(x, self.gen)
+        partner, lam = None, 1.0
+        if x.dim() == 4 and float(torch.rand((), generator=self.gen)) < self.cutmix_prob:
+            x, partner, lam = cutmix(x, level, self.gen)
+        logits = self.model.logits(self.model(x))
+        loss = hierarchical_ce(logits, y, level)
+        if partner is not None:
+            loss = lam * loss + (1.0 - lam) * hierarchical_ce(logits, y[partner], level)
+        if self.train_ancestors:
+            for anc_level, anc_y in self._ancestors(y, level):
+                loss = loss + hierarchical_ce(logits, anc_y, anc_level)
+        if self.pseudo_label:
+            loss = loss + self._pseudo_loss(logits, level).sum() / len(y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def _ancestors(self, y: torch.Tensor, level: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(level, class) of each sample's ancestors, one level up at a time (-1 where none)."""
+        out, lvl, cls = [], level, y
+        for depth in range(self.labels.depth - 1, 0, -1):
+            mask = lvl == depth
+            if mask.any():
+                parents = torch.from_numpy(self.labels.parent_map(depth)).to(y.device)
+                cls, lvl = cls.clone(), lvl.clone()
+                cls[mask], lvl[mask] = parents[cls[mask]], depth - 1
+                out.append((torch.where(mask, lvl, -1), cls))
+        return out
+
+    def _pseudo_loss(self, logits: list[torch.Tensor], level: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``lambda_u · CE(parent head, confident argmax)`` (0 where not confident)."""
+        out = logits[0].new_zeros(len(level))
+        for lvl in range(1, len(logits)):
+            mask = (level == lvl) & (logits[lvl].shape[1] > 1)
+            if not mask.any():
+                continue
+            parent = logits[lvl - 1][mask]
+            conf, target = parent.detach().float().softmax(dim=1).max(dim=1)
+            ce = F.cross_entropy(parent, target, reduction="none")
+            out[mask] = self.lambda_u * torch.where(conf > self.tau, ce, torch.zeros_like(ce))
+        return out
+
+    @torch.no_grad()
+    def _rescore(self, chunk: int = 256) -> float | None:
+        """Loss of every stored sample under its own head (eval mode), fed to the importance update."""
+        size = len(self.buffer)
+        if size == 0:
+            return None
+        stored = self.buffer.sample(size)
+        self.model.eval()
+        try:
+            loss = torch.empty(size)
+            for i in range(0, size, chunk):
+                x = to_model_input(stored.x[i : i + chunk].to(self.model.device))
+                y, level = stored.y[i : i + chunk].to(x.device), stored.level[i : i + chunk].to(x.device)
+                logits = self.model.logits(self.model(x))
+                part = _per_sample_ce(logits, y, level)
+                if self.pseudo_in_importance:
+                    part = part + self._pseudo_loss(logits, level)
+                loss[i : i + chunk] = part.cpu()
+        finally:
+            self.model.train()
+        by_slot = np.empty(size)
+        by_slot[stored.slot.cpu().numpy()] = loss.numpy()
+        return self.scores.update_importance(by_slot)
+
+    def state_dict(self) -> dict[str, Any]:
+        tmp = self._tmp or (torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+        return {
+            "labels": self.labels.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "scores": self.scores.state_dict(),
+            "lr_control": None if self.lr_control is None else self.lr_control.state_dict(),
+            "gen": self.gen.get_state(),
+            "rng": rng_state(),
+            "n": self.n,
+            "first_seen": [list(self.first_seen), list(self.first_seen.values())],
+            "credit": self.credit,
+            "iterations": self.iterations,
+            "trained_once": self.trained_once,
+            "tmp": [t.cpu() for t in tmp],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labels.load_state_dict(state["labels"])
+        self.model.sync(self.optimizer)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.scores.load_state_dict(state["scores"])
+        if self.lr_control is not None and state["lr_control"] is not None:
+            self.lr_control.load_state_dict(state["lr_control"])
+        self.gen.set_state(state["gen"])
+        set_rng_state(state["rng"])
+        self.n, self.credit, self.iterations = int(state["n"]), float(state["credit"]), int(state["iterations"])
+        self.trained_once = bool(state["trained_once"])
+        self.first_seen = dict(zip(*state["first_seen"], strict=True))
+        tmp = [t.to(self.model.device) for t in state["tmp"]]
+        self._tmp = tuple(tmp) if len(tmp[1]) else None
+
+
+def _per_sample_ce(logits: list[torch.Tensor], y: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    out = logits[0].new_zeros(len(y))
+    for lvl, out_l in enumerate(logits):
+        mask = level == lvl
+        if mask.any():
+            out[mask] = F.cross_entropy(out_l[mask].float(), y[mask], reduction="none")
+    return out
+
+
+def _attach_policy(buffer: ReplayStore, scores: ImportanceScores, seed: int) -> None:
+    """Make the buffer evict the least important sample of the most populated class."""
+    policy = getattr(buffer, "policy", None)
+    if isinstance(policy, LargestClassPolicy) and policy.admit == "always":
+        policy.victim = scores.victim
+    elif isinstance(buffer, MemoryStore) and len(buffer) == 0:
+        buffer.policy = LargestClassPolicy(buffer.capacity, admit="always", victim=scores.victim, seed=seed)
+    else:
+        raise ValueError("pl-fms needs an empty MemoryStore or a store with LargestClassPolicy(admit='always')")

@@ -1,0 +1,225 @@
+"""Parts of PL-FMS (HLE, Lee et al. ICCV 2023), each small and testable on its own.
+
+* :func:`fms_keep_probability`: flexible memory sampling.
+* :class:`ImportanceScores`: CLIB's sample-wise importance (loss decrease) per memory slot, and
+  the victim hook of :class:`buffers.balanced.LargestClassPolicy`: memory written on arrival;
+  when full, the sample of lowest importance of the most populated class (counting the incoming
+  sample) is replaced.
+* :class:`AdaptiveLR`: CLIB's adaptive learning rate (alternate two rates, Welch t-test on the
+  memory-loss decrease obtained under each).
+* :func:`augment` (random crop with 4-pixel padding + horizontal flip) and :func:`cutmix`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import ttest_ind
+
+
+def fms_keep_probability(
+    n: int, first_seen: np.ndarray, n_classes_seen: int, total: int, factor: float = 1.0
+) -> np.ndarray:
+    """``min(1, (n - n_c) · |C_seen| / (factor · N))`` for each sample's class first-seen count ``n_c``.
+
+    >>> fms_keep_probability(1000, np.array([0, 900, 1000]), 40, 50_000).tolist()
+    [0.8, 0.08, 0.0]
+    """
+    p = (n - np.asarray(first_seen, dtype=np.float64)) * n_classes_seen / (factor * total)
+    return np.clip(p, 0.0, 1.0)
+
+
+class ImportanceScores:
+    """CLIB sample-wise importance of every memory slot, and the victim hook of the eviction policy.
+
+    Eviction itself is :class:`buffers.balanced.LargestClassPolicy` (``admit="always"``): the
+    victim class is the most populated one counting the incoming sample; :meth:`victim` then picks
+    its sample of lowest importance. :meth:`written` gives new samples their initial score.
+
+    Parameters
+    ----------
+    capacity
+        Memory size M.
+    beta
+        EMA ratio of the importance update (CLIB: 0.9).
+    """
+
+    def __init__(self, capacity: int, *, beta: float = 0.9) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be > 0, got {capacity}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.capacity = capacity
+        self.beta = beta
+        self.keys = np.full(capacity, -1, dtype=np.int64)
+        self.score = np.zeros(capacity, dtype=np.float64)
+        self.prev_loss = np.full(capacity, np.nan, dtype=np.float64)
+        self.used: list[int] = []
+
+    def victim(self, candidates: np.ndarray) -> int:
+        """The candidate slot (all of the victim class) of lowest importance."""
+        return int(candidates[np.argmin(self.score[candidates])])
+
+    def written(self, slots: np.ndarray, keys: np.ndarray) -> None:
+        """Initial scores of samples just stored: their class's mean score (first of a class: 0 when
+        appended, the mean of all stored samples when replacing)."""
+        # In arrival order: a sample's initial score depends on those written before it.
+        for slot, key in zip(np.asarray(slots).tolist(), np.asarray(keys).tolist(), strict=True):
+            if slot < 0:
+                continue
+            filled = self.keys >= 0
+            filled[slot] = False
+            same = filled & (self.keys == key)
+            if same.any():
+                init = self.score[same].mean()
+            else:
+                init = self.score[filled].mean() if self.keys[slot] >= 0 and filled.any() else 0.0
+            self.keys[slot], self.score[slot], self.prev_loss[slot] = key, init, np.nan
+
+    def note_used(self, slots: np.ndarray) -> None:
+        """Remember memory slots used in a training batch (a multiset, until the next update)."""
+        self.used.extend(np.asarray(slots, dtype=np.int64).tolist())
+
+    def update_importance(self, loss: np.ndarray) -> float | None:
+        """CLIB update from the current loss of every stored sample; returns the mean loss decrease.
+
+        Δ = mean over samples still stored since the last update of (loss now - loss then); each used
+        slot k gets ``s_k -= (1 - beta) · (Δ - mean_U(s) / |U|)`` (samples used while the memory
+        loss fell gain importance). Returns ``-Δ`` (None when no sample has a previous loss).
+        """
+        loss = np.asarray(loss, dtype=np.float64)
+        size = len(loss)
+        valid = ~np.isnan(self.prev_loss[:size])
+        delta = float(np.mean(loss[valid] - self.prev_loss[:size][valid])) if valid.any() else None
+        if delta is not None and self.used:
+            used = np.asarray(self.used, dtype=np.int64)
+            # numpy's in-place fancy update applies once per distinct slot, as in CLIB.
+            self.score[used] -= (1.0 - self.beta) * (delta - self.score[used].mean() / len(used))
+        self.used = []
+        self.prev_loss[:size] = loss
+        return None if delta is None else -delta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "keys": torch.from_numpy(self.keys.copy()),
+            "score": torch.from_numpy(self.score.copy()),
+            "prev_loss": torch.from_numpy(self.prev_loss.copy()),
+            "used": list(self.used),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keys = state["keys"].numpy().copy()
+        self.score = state["score"].numpy().copy()
+        self.prev_loss = state["prev_loss"].numpy().copy()
+        self.used = [int(u) for u in state["used"]]
+
+
+class AdaptiveLR:
+    """CLIB's adaptive learning rate, ticked once per memory re-scoring with that step's loss decrease.
+
+    Alternates a high rate and ``low = step · high`` every ``period`` ticks (after ``warmup``
+    ticks); records the mean loss decrease under each; with ``length`` values of both, a one-sided
+    Welch t-test (low > high) below ``significance`` lowers both rates, above ``1 - significance``
+    raises both.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        *,
+        step: float = 0.95,
+        period: int = 10,
+        length: int = 10,
+        warmup: int = 20,
+        significance: float = 0.05,
+    ) -> None:
+        if not 0.0 < step < 1.0:
+            raise ValueError(f"step must be in (0, 1), got {step}")
+        if period <= 0 or length < 2 or warmup < 0:
+            raise ValueError("period must be > 0, length >= 2 and warmup >= 0")
+        if not 0.0 < significance < 0.5:
+            raise ValueError(f"significance must be in (0, 0.5), got {significance}")
+        self.high, self.low = lr, lr * step
+        self.step, self.period, self.length, self.warmup, self.significance = step, period, length, warmup, significance
+        self.is_high = True
+        self.ticks = 0
+        self.window: list[float] = []
+        self.high_gains: list[float] = []
+        self.low_gains: list[float] = []
+
+    @property
+    def lr(self) -> float:
+        return self.high if self.is_high else self.low
+
+    def tick(self, decrease: float | None) -> float:
+        """Account one re-scoring's mean memory-loss decrease; returns the rate to use now."""
+        self.ticks += 1
+        if self.ticks <= self.warmup:
+            return self.lr
+        if decrease is not None:
+            self.window.append(decrease)
+        if (self.ticks - self.warmup) % self.period:
+            return self.lr
+        gains = self.high_gains if self.is_high else self.low_gains
+        if self.window:
+            gains.append(float(np.mean(self.window)))
+            del gains[: -self.length]
+        self.window = []
+        self.is_high = not self.is_high
+        if len(self.high_gains) >= self.length and len(self.low_gains) >= self.length:
+            p = float(ttest_ind(self.low_gains, self.high_gains, equal_var=False, alternative="greater").pvalue)
+            if p < self.significance:
+                self.high, self.low = self.low, self.low * self.step
+            elif p > 1.0 - self.significance:
+                self.high, self.low = self.high / self.step, self.high
+            if p < self.significance or p > 1.0 - self.significance:
+                self.high_gains, self.low_gains = [], []
+        return self.lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("high", "low", "is_high", "ticks", "window", "high_gains", "low_gains")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, list(value) if isinstance(value, list) else value)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip of a float NCHW batch, per sample."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx_n = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def cutmix(x: torch.Tensor, level: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix inside each level group: returns mixed inputs, partner index and the mixing weight.
+
+    Each group gets a Beta(1, 1) box pasted from a permuted sample of the same level; the returned
+    λ (share of the original image) is the count-weighted mean of the groups' λ's, as in the HLE code.
+    """
+    n, _, h, w = x.shape
+    partner = torch.arange(n, device=x.device)
+    out = x.clone()
+    lams, counts = [], []
+    for lvl in torch.unique(level).tolist():
+        idx = torch.nonzero(level == lvl).flatten()
+        perm = idx[torch.randperm(len(idx), generator=gen).to(x.device)]
+        ratio = float(torch.rand((), generator=gen).sqrt())  # sqrt(1 - λ), λ ~ U(0, 1) = Beta(1, 1)
+        ch, cw = int(h * ratio), int(w * ratio)
+        cy, cx = int(torch.randint(0, h, (), generator=gen)), int(torch.randint(0, w, (), generator=gen))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        out[idx, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        partner[idx] = perm
+        lams.append(1.0 - (y1 - y0) * (x1 - x0) / (h * w))
+        counts.append(len(idx))
+    return out, partner, float(np.average(lams, weights=counts))
