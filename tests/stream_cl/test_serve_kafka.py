@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from consumers.producer import new_producer
 from consumers.wire import encode_binary
@@ -30,8 +30,11 @@ BAD = 12
 """Undecodable messages mixed into each produced stream (dead letters: committed past, never learned)."""
 
 
-def produce(bootstrap: str, topic: str, n: int, *, start: int = 0) -> dict[str, tuple[int, int]]:
-    """``n`` labelled float records (8 features, 4 classes) plus :data:`BAD` bad ones; id → (partition, offset)."""
+def produce(bootstrap: str, topic: str, n: int, *, start: int = 0, unlabelled: int = 0) -> dict[str, tuple[int, int]]:
+    """``n`` labelled float records (8 features, 4 classes), ``unlabelled`` ones, and :data:`BAD` bad ones.
+
+    Returns id → (partition, offset) of the labelled records.
+    """
     x, y = blob_arrays(n_classes=4, per_class=n // 4, seed=start)
     producer = new_producer(bootstrap)
     futures = {}
@@ -39,6 +42,9 @@ def produce(bootstrap: str, topic: str, n: int, *, start: int = 0) -> dict[str, 
         sample_id = f"r{start + i}"
         value, headers = encode_binary(sample_id, xi, f"c{int(yi)}")
         futures[sample_id] = producer.send(topic, key=sample_id.encode(), value=value, headers=headers)
+    for j in range(unlabelled):
+        value, headers = encode_binary(f"u{start + j}", x[j], None)
+        producer.send(topic, key=f"u{start + j}".encode(), value=value, headers=headers)
     for j in range(BAD):
         producer.send(topic, key=f"bad{start + j}".encode(), value=b"\xff not a record")
     producer.flush()
@@ -212,3 +218,20 @@ def test_predict_only_overload_policy_predicts_what_it_does_not_learn(
     skipped = [p for p in out if not p["learned"]]
     assert {p["id"] for p in out} == set(where) and len(out) == len(where)
     assert 0 < len(skipped) == summary["predicted"] and summary["learned"] + summary["predicted"] == len(where)
+
+
+def test_predictions_of_unlabelled_records_go_to_a_kafka_topic(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic, out = make_topic(4), make_topic(1)
+    produce(kafka_bootstrap, topic, 400, unlabelled=40)
+    url = f"kafka://{kafka_bootstrap}/{out}"
+    serve_here(kafka_bootstrap, topic, tmp_path, "run", "--predictions", url, "--predictions-for", "unlabelled")
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    consumer.assign([TopicPartition(out, 0)])
+    published = [json.loads(m.value) for m in consumer]
+    consumer.close()
+    assert sorted(p["id"] for p in published) == sorted(f"u{j}" for j in range(40))
+    assert all(not p["learned"] and len(p["predicted"]) == len(p["confidence"]) == 1 for p in published)
+    assert all(p["predicted"][0] in {"c0", "c1", "c2", "c3"} and 0 < p["confidence"][0] <= 1 for p in published)
+    assert json.loads((tmp_path / "run.json").read_text())["predicted"] == 40
