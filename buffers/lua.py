@@ -86,11 +86,11 @@ return {slots, seen, redis.call('HLEN', KEYS[4]), table.concat(redis.call('HGETA
 
 SAMPLE = """
 -- ARGV: n, then n uniforms in [0, 1). Floyd's algorithm: n distinct slots of 0..size-1, uniformly.
--- Returns {slots, labels, blobs, dtype, shape}.
+-- Returns {slots, labels, blobs, dtype, shape, size}.
 local size = redis.call('HLEN', KEYS[4])
 local n = math.min(tonumber(ARGV[1]), size)
 local meta = redis.call('HMGET', KEYS[1], 'dtype', 'shape')
-if n == 0 then return {{}, {}, {}, meta[1], meta[2]} end
+if n == 0 then return {{}, {}, {}, meta[1], meta[2], size} end
 local chosen, order = {}, {}
 for k = 1, n do
   local j = size - n + k - 1
@@ -100,7 +100,7 @@ for k = 1, n do
   order[k] = t
 end
 local labels = redis.call('HMGET', KEYS[4], unpack(order))
-return {order, labels, redis.call('HMGET', KEYS[3], unpack(order)), meta[1], meta[2]}
+return {order, labels, redis.call('HMGET', KEYS[3], unpack(order)), meta[1], meta[2], size}
 """
 
 STATS = """

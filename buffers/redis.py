@@ -134,15 +134,16 @@ class RedisStore:
             replay = self.fallback.sample(n) if self.fallback is not None else ReplayBatch.empty(self.device)
             self._fallback_add(x, y, level)
             return replay
-        self._read_insert(replies[1])
-        return self._read_sample(replies[0])
+        replay = self._read_sample(replies[0])
+        self._read_insert(replies[1])  # after the sample: its size is the newer
+        return replay
 
     def class_counts(self) -> dict[tuple[int, int], int]:
         """Stored samples per class ``(level, y)`` as of this store's last insert or :meth:`refresh`."""
         return dict(self._counts)
 
     def __len__(self) -> int:
-        """Buffer size as of the last insert or :meth:`refresh` (other learners may have added since)."""
+        """Buffer size as of the last call (other learners may have added since)."""
         return self._size
 
     @property
@@ -253,7 +254,8 @@ class RedisStore:
         self._counts = dict(zip(pairs, map(int, flat[1::2]), strict=True))
 
     def _read_sample(self, reply: list) -> ReplayBatch:
-        slots, labels, blobs, dtype, shape = reply
+        slots, labels, blobs, dtype, shape, size = reply
+        self._size = int(size)
         if not slots:
             return ReplayBatch.empty(self.device)
         dims = tuple(int(d) for d in shape.split(b",") if d)

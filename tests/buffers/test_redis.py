@@ -161,3 +161,14 @@ def test_open_store_refuses_unknown_specs():
         open_store("kafka://x", 3)
     with pytest.raises(ValueError, match="class-balanced"):
         open_store("redis://127.0.0.1:1/0", 3, policy="balanced-reservoir")
+
+
+def test_a_reader_sees_the_writers_samples(redis_server):
+    writer = open_store(f"{redis_server.url}?name=shared-view", 20, seed=1)
+    writer.clear()
+    for start in range(0, 50, 10):
+        writer.add(*batch(start))
+    reader = open_store(f"{redis_server.url}?name=shared-view", 20, seed=2)
+    replay = reader.sample(5)
+    assert len(reader) == 20 and len(replay) == 5 and replay.x.dtype == torch.int64 and replay.x.shape == (5, 4)
+    assert torch.equal(replay.x[:, 0] % 3, replay.y)
