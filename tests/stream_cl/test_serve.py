@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,7 @@ from consumers.record import Record
 from monitoring.metrics import Metrics
 from stream_cl.cli import main
 from stream_cl.overload import OverloadPolicy
+from stream_cl.service import DRAIN_EXIT_CODE, stop_on_signals
 from tests.streams import blob_arrays, messages, write_stream
 
 N = 400
@@ -96,3 +103,27 @@ def test_overload_policies_only_act_above_max_lag(policy: str, learned: int) -> 
     lag[0] = 10
     assert all(r.label is not None for r in overload.admit(_records(100)))
     assert metrics.registry.get_sample_value("streamcl_overloaded") == 0
+
+
+def test_sigterm_only_sets_the_stop_flag_and_handlers_are_restored_after() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    stop = threading.Event()
+    with stop_on_signals(stop, drain_timeout=30):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_drain_longer_than_the_bound_ends_the_process_with_exit_code_3() -> None:
+    code = (
+        "import os, signal, threading, time\n"
+        "from stream_cl.service import stop_on_signals\n"
+        "with stop_on_signals(threading.Event(), drain_timeout=0.5):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)  # a drain that never finishes\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == DRAIN_EXIT_CODE, done.stderr
+    assert "drain did not finish within 0.5 s" in done.stderr
+    assert time.monotonic() - started < 60
