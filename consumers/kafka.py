@@ -121,6 +121,7 @@ class KafkaSource:
         self._delivered: dict[Key, int] = {}
         self._pending: dict[Key, int] = {}
         self._lag: dict[Key, int] = {}
+        self._rewind: dict[Key, int] = {}
         self._decode_seconds: deque[float] = deque(maxlen=10000)
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -260,14 +261,12 @@ class KafkaSource:
         elapsed = time.perf_counter() - started
         with self._cond:
             self._decode_seconds.append(elapsed)
-            # kafka-python advanced its positions past these records, so all of them are handed on, except those of
-            # partitions revoked since (their next owner reads them from the committed offset)
-            if any((tp.topic, tp.partition) not in self._assigned for tp in fetched):
-                entries = [e for e in entries if (_position(e).stream, _position(e).partition) in self._assigned]
-            for tp, records in fetched.items():
-                if (tp.topic, tp.partition) in self._assigned:
-                    self._buffered[(tp.topic, tp.partition)] += len(records)
             self._buffer.extend(entries)
+            for tp, records in fetched.items():
+                self._buffered[(tp.topic, tp.partition)] += len(records)
+            revoked = {(tp.topic, tp.partition) for tp in fetched} - self._assigned
+            if revoked:  # revoked while this batch was decoded
+                self._drop(revoked)
             self._cond.notify_all()
 
     def _commit_pending(self) -> None:
@@ -325,16 +324,33 @@ class KafkaSource:
                     table.pop(key, None)
 
     def _assign(self, partitions: Iterable[TopicPartition]) -> None:
+        with self._cond:
+            rewind, self._rewind = self._rewind, {}
+            self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         for tp in partitions:
-            offset = self._start.pop((tp.topic, tp.partition), None)
+            key = (tp.topic, tp.partition)
+            offset = self._start.pop(key, None)
+            if offset is None:
+                offset = rewind.get(key)
             if offset is not None:
                 self._consumer.seek(tp, offset)
-        with self._cond:
-            self._assigned.update((tp.topic, tp.partition) for tp in partitions)
 
     def _drop(self, keys: set[Key]) -> None:
-        kept = [e for e in self._buffer if (_position(e).stream, _position(e).partition) not in keys]
-        self._buffer = deque(kept)
+        """Forget undelivered records of ``keys`` and remember where they began.
+
+        kafka-python keeps its fetch position for a partition that is assigned again after an eager rebalance,
+        so without a seek back to the first dropped record (done on the next assignment) those records would
+        be skipped.
+        """
+        kept: deque[Record | DeadLetter] = deque()
+        for entry in self._buffer:
+            pos = _position(entry)
+            key = (pos.stream, pos.partition)
+            if key in keys:
+                self._rewind[key] = min(self._rewind.get(key, pos.offset), pos.offset)
+            else:
+                kept.append(entry)
+        self._buffer = kept
         for key in keys:
             self._buffered.pop(key, None)
 
