@@ -21,6 +21,7 @@ import torch
 
 from consumers.source import Offsets
 from monitoring.metrics import Metrics
+from monitoring.probe import ProbeSet
 from stream_cl.checkpoint import CheckpointInfo, CheckpointStore
 from stream_cl.errors import ConfigError
 from stream_cl.run import LearnerFactory, RunState
@@ -52,6 +53,8 @@ class Checkpointer:
         The checkpoint this run resumed from, whose offsets and counters it extends.
     metrics
         Receives ``streamcl_checkpoint_age_seconds``.
+    probe
+        The run's probe set, checkpointed too, so accuracy and forgetting continue across restarts.
     """
 
     def __init__(
@@ -63,12 +66,14 @@ class Checkpointer:
         every_seconds: float | None = None,
         restored: Restored | None = None,
         metrics: Metrics | None = None,
+        probe: ProbeSet | None = None,
     ) -> None:
         if every_records is not None and every_records <= 0:
             raise ValueError(f"every_records must be > 0, got {every_records}")
         if every_seconds is not None and every_seconds <= 0:
             raise ValueError(f"every_seconds must be > 0, got {every_seconds}")
         self.store = store
+        self.probe = probe
         self.identity = dict(identity)
         self.every_records = every_records
         self.every_seconds = every_seconds
@@ -110,6 +115,7 @@ class Checkpointer:
             "offsets": [[topic, partition, offset] for (topic, partition), offset in sorted(self.offsets.items())],
             "learned_total": self.learned_base + learned,
             "learner": _snapshot(state.learner.state_dict()),
+            "probe": None if self.probe is None else _snapshot(self.probe.state_dict()),
         }
         try:
             self._wait()  # at most one write in flight: back-pressure instead of a growing queue
@@ -129,9 +135,13 @@ class Checkpointer:
 
 
 def restore(
-    store: CheckpointStore, make_learner: LearnerFactory, identity: Mapping[str, Any]
+    store: CheckpointStore,
+    make_learner: LearnerFactory,
+    identity: Mapping[str, Any],
+    probe: ProbeSet | None = None,
 ) -> tuple[RunState, Restored | None]:
-    """A run state rebuilt from the newest valid checkpoint (an empty one if there is none).
+    """A run state rebuilt from the newest valid checkpoint (an empty one if there is none); ``probe``
+    gets the checkpoint's probe set back.
 
     Raises
     ------
@@ -150,6 +160,8 @@ def restore(
     shape, dtype = tuple(payload["input_shape"]), np.dtype(payload["input_dtype"])
     learner = make_learner(shape, dtype)
     learner.load_state_dict(payload["learner"])
+    if probe is not None and payload.get("probe") is not None:
+        probe.load_state_dict(payload["probe"])
     offsets = {(topic, int(partition)): int(offset) for topic, partition, offset in payload["offsets"]}
     log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, payload["learned_total"], offsets)
     return RunState(learner, shape, dtype), Restored(info.id, offsets, int(payload["learned_total"]))

@@ -53,7 +53,10 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
     stop = stop or threading.Event()
     device = pick_device(run["device"])
     identity = {"method": run["method"], "model": run["model"], "width": run["width"]}
-    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
+    if not 0.0 <= run["probe_fraction"] < 1.0:
+        raise ConfigError(f"probe_fraction must be in [0, 1), got {run['probe_fraction']}")
+    reasons = REASONS + RUN_REASONS
+    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=reasons, max_class_series=run["max_class_series"])
     metrics.model_info.info({"method": run["method"], "model": run["model"], "device": str(device)})
     hparams = dict(run.get("hparam") or [])
     check_hparams(run["method"], hparams)
@@ -81,7 +84,8 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
         exporter = metrics.serve(run["metrics_port"], run["metrics_addr"], ready=is_ready)
         log.info("serving /metrics, /healthz, /readyz on %s:%d", exporter.addr, exporter.port)
     try:
-        store, state, restored = _restore(cfg, make_learner, identity)
+        probe = ProbeSet(fraction=run["probe_fraction"], seed=run["seed"])
+        store, state, restored = _restore(cfg, make_learner, identity, probe)
         checkpointer = None
         if store is not None:
             checkpointer = Checkpointer(
@@ -91,6 +95,7 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
                 every_seconds=cfg.checkpoint.every_seconds,
                 restored=restored,
                 metrics=metrics,
+                probe=probe,
             )
         with (
             _open_source(cfg, restored.offsets if restored else {}, from_checkpoint=store is not None) as source,
@@ -105,7 +110,7 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
                     source,
                     make_learner,
                     metrics,
-                    ProbeSet(fraction=run["probe_fraction"], seed=run["seed"]),
+                    probe,
                     _options(run),
                     dead_letters=dead_letters,
                     state=state,
@@ -156,13 +161,13 @@ def stop_on_signals(stop: threading.Event, drain_timeout: float) -> Iterator[Non
 
 
 def _restore(
-    cfg: ServiceConfig, make_learner: Any, identity: dict[str, Any]
+    cfg: ServiceConfig, make_learner: Any, identity: dict[str, Any], probe: ProbeSet
 ) -> tuple[CheckpointStore | None, RunState, Restored | None]:
     if cfg.checkpoint.dir is None:
         log.warning("no --checkpoint-dir: the model is lost when the service stops")
         return None, RunState(), None
     store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
-    state, restored = restore(store, make_learner, identity)
+    state, restored = restore(store, make_learner, identity, probe)
     return store, state, restored
 
 

@@ -57,15 +57,16 @@ def test_stale_temp_files_are_removed_and_never_listed(tmp_path: Path) -> None:
 
 def _learn(path: Path, store: CheckpointStore, max_records: int | None) -> tuple[object, object]:
     make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=3, buffer_size=50, width=32)
-    state, restored = restore(store, make, IDENTITY)
-    checkpointer = Checkpointer(store, identity=IDENTITY, every_records=70, restored=restored)
+    probe = ProbeSet(fraction=0.1, seed=3)
+    state, restored = restore(store, make, IDENTITY, probe)
+    checkpointer = Checkpointer(store, identity=IDENTITY, every_records=70, restored=restored, probe=probe)
     offsets = restored.offsets if restored else {}
     with RecordedSource(path, start_offsets=offsets) as source:
         summary, state = run_stream(
             source,
             make,
             Metrics(CollectorRegistry()),
-            ProbeSet(fraction=0.1, seed=3),
+            probe,
             RunOptions(batch_size=10, max_records=max_records, poll_timeout_s=0.0, progress=False),
             state=state,
             checkpointer=checkpointer,
@@ -74,7 +75,7 @@ def _learn(path: Path, store: CheckpointStore, max_records: int | None) -> tuple
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
-    """Stop twice mid-stream, resume from the checkpoints: same model, same learned total, bit for bit."""
+    """Stop twice mid-stream, resume from the checkpoints: same model, learned total, probe results, bit for bit."""
     path = write_stream(tmp_path / "s.rec.gz", n_classes=4, per_class=60)
     whole, whole_state = _learn(path, CheckpointStore(tmp_path / "a"), None)
     store = CheckpointStore(tmp_path / "b")
@@ -83,6 +84,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path)
     rest, state = _learn(path, store, None)
     assert rest.learned_total == whole.learned_total == whole.learned
     assert first.learned + second.learned + rest.learned == whole.learned
+    assert first.held_out + second.held_out + rest.held_out == whole.held_out > 0
+    assert (rest.final_accuracy, rest.forgetting) == (whole.final_accuracy, whole.forgetting)
     for name, tensor in whole_state.learner.model.state_dict().items():
         assert torch.equal(tensor, state.learner.model.state_dict()[name]), name
     _, payload = store.latest()
