@@ -28,6 +28,7 @@ from stream_cl.bench.perf.data import Case, Stream, make_stream, messages, write
 from stream_cl.bench.perf.memory import run_memory, summarise
 from stream_cl.bench.perf.paths import run_learner_only, run_recorded
 from stream_cl.bench.perf.plain import run_plain_er
+from stream_cl.bench.perf.services import Service
 from stream_cl.bench.perf.timing import StepTimes
 from stream_cl.device import pick_device
 from stream_cl.methods import METHODS
@@ -41,6 +42,10 @@ METHOD_NOTES = [
     "every cycle holds the step and all the path does between steps (poll, decode, metrics, commit, ...); "
     "the median keeps bursts of other jobs on the shared cores out. The mean over the whole window "
     "(first step start to last step start) is given too; set-up (model build, broker group join) counts for no path.",
+    "samples per CPU-s = records per CPU-second of the benchmark process (all its threads: prefetch, Kafka "
+    "fetch+decode, checkpoint writer, exporter), from the first step's end to the last's. Unlike wall time it "
+    "does not depend on what else runs on the shared cores, so CPU-time ratios are the steadier ones here. "
+    "For (c) a second figure adds the broker's and redis-server's CPU over the whole run (group join included).",
     "step latency = duration of one learner step (`observe`, or the plain loop's step), pooled over repetitions.",
     "Paths run one after the other in each repetition, the order rotated between repetitions; ratios are taken "
     "within a repetition, then the median over repetitions is reported.",
@@ -110,6 +115,13 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         "method_notes": METHOD_NOTES,
         "cases": [],
     }
+    if memory_records:  # first, so its starting RSS is not that of the cases' data
+        trace = run_memory(memory_records, progress=not args.no_progress)
+        result["memory"] = {
+            **summarise(trace),
+            "batch_size": 10,
+            "trace": {"records": trace.records, "rss_mib": [r / 2**20 for r in trace.rss]},
+        }
     with tempfile.TemporaryDirectory(prefix="streamcl-bench-") as tmp, ExitStack() as services:
         workdir = Path(tmp)
         endpoints = None
@@ -119,13 +131,6 @@ def cmd_throughput(args: argparse.Namespace) -> int:
             endpoints = (services.enter_context(kafka_broker(workdir)), services.enter_context(redis_server(workdir)))
         for case in chosen:
             result["cases"].append(_run_case(case, args.data_dir, device, reps, workdir, endpoints, args.no_progress))
-    if memory_records:
-        trace = run_memory(memory_records, progress=not args.no_progress)
-        result["memory"] = {
-            **summarise(trace),
-            "batch_size": 10,
-            "trace": {"records": trace.records, "rss_mib": [r / 2**20 for r in trace.rss]},
-        }
     result["load_after"] = _load()
     result["shared_note"] = _shared_note(result["load_before"], result["load_after"], args.threads)
     result["avalanche"] = AVALANCHE_NOTE
@@ -145,7 +150,7 @@ def _run_case(
     device: torch.device,
     reps: int,
     workdir: Path,
-    endpoints: tuple[str, str] | None,
+    endpoints: tuple[Service, Service] | None,
     quiet: bool,
 ) -> dict[str, Any]:
     stream = make_stream(case, data_dir)
@@ -157,20 +162,22 @@ def _run_case(
         from stream_cl.bench.perf.service_path import run_service
         from stream_cl.bench.perf.services import produce
 
-        bootstrap, redis_url = endpoints
+        kafka, redis = endpoints
         topic = f"bench-{case.name}"
-        produce(bootstrap, topic, messages(stream, topic))
+        produce(kafka.address, topic, messages(stream, topic))
 
         def service() -> StepTimes:
+            before = kafka.cpu_seconds() + redis.cpu_seconds()
             times, written = run_service(
                 case,
-                bootstrap=bootstrap,
+                bootstrap=kafka.address,
                 topic=topic,
-                redis_url=redis_url,
+                redis_url=redis.address,
                 n_records=len(stream),
                 device=device,
                 workdir=workdir,
             )
+            times.extra_cpu_s = kafka.cpu_seconds() + redis.cpu_seconds() - before
             checkpoints.append(written)
             return times
 
@@ -192,8 +199,14 @@ def _run_case(
         if name == base:
             continue
         key = f"{name}/{base}" if base == "a" else f"{name}/learner"
-        per_rep = [_median_rate(t) / _median_rate(b) for t, b in zip(timings[name], timings[base], strict=True)]
-        ratios[key] = {"median": statistics.median(per_rep), "reps": per_rep}
+        pairs = list(zip(timings[name], timings[base], strict=True))
+        per_rep = [_median_rate(t) / _median_rate(b) for t, b in pairs]
+        cpu = [t.samples_per_cpu_second() / b.samples_per_cpu_second() for t, b in pairs]
+        ratios[key] = {"median": statistics.median(per_rep), "reps": per_rep, "cpu_median": statistics.median(cpu)}
+        ratios[key]["cpu_reps"] = cpu
+        if name == "c":
+            with_services = [_cpu_rate_with_services(t) / b.samples_per_cpu_second() for t, b in pairs]
+            ratios[key]["cpu_with_services_median"] = statistics.median(with_services)
         goal = GOALS.get((case.name, key.replace("b+prefetch", "b")))
         if goal is not None and "prefetch" not in name:
             ratios[key]["goal"] = f">= {goal}"
@@ -230,16 +243,26 @@ def _median_rate(times: StepTimes) -> float:
     return float(1.0 / np.median(cycles)) if len(cycles) else 0.0
 
 
+def _cpu_rate_with_services(times: StepTimes) -> float:
+    """Records per CPU-second of this process plus the broker and Redis (theirs over the whole run)."""
+    own = sum(times.sizes[1:]) / times.samples_per_cpu_second() if times.samples_per_cpu_second() else 0.0
+    return sum(times.sizes[1:]) / (own + times.extra_cpu_s) if own + times.extra_cpu_s else 0.0
+
+
 def _path_result(runs: list[StepTimes]) -> dict[str, Any]:
     pooled = StepTimes(durations=[d for t in runs for d in t.durations])
     rates = [_median_rate(t) for t in runs]
-    return {
+    out = {
         "samples_per_second": statistics.median(rates),
         "samples_per_second_reps": rates,
         "mean_samples_per_second": statistics.median(t.samples_per_second() for t in runs),
+        "samples_per_cpu_second": statistics.median(t.samples_per_cpu_second() for t in runs),
         "step_latency_ms": pooled.percentiles_ms(),
         "steps": len(pooled.durations),
     }
+    if any(t.extra_cpu_s for t in runs):
+        out["samples_per_cpu_second_with_services"] = statistics.median(_cpu_rate_with_services(t) for t in runs)
+    return out
 
 
 def _load() -> list[float] | None:

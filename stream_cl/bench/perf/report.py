@@ -141,20 +141,31 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
             f"replay batch {c['replay_batch_size']}, buffer {c['buffer_size']}; "
             f"{case['reps']} interleaved repetitions.",
             "",
-            "| path | samples/s | samples/s (mean over window) | step p50 ms | p95 ms | p99 ms |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| path | samples/s | samples/s (mean over window) | samples per CPU-s | step p50 ms | p95 ms | p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, p in case["paths"].items():
             lat = p["step_latency_ms"]
             lines.append(
                 f"| {PATH_LABELS.get(name, name)} | {_fmt(p['samples_per_second'])}"
-                f" | {_fmt(p['mean_samples_per_second'])}"
+                f" | {_fmt(p['mean_samples_per_second'])} | {_fmt(p['samples_per_cpu_second'])}"
                 f" | {lat.get('p50', 0):.2f} | {lat.get('p95', 0):.2f} | {lat.get('p99', 0):.2f} |"
             )
-        lines += ["", "| ratio | median | each repetition | goal |", "|---|---:|---|---|"]
+        lines += [
+            "",
+            "| ratio | wall-clock (median) | each repetition | CPU-time (median) | each repetition | goal |",
+            "|---|---:|---|---:|---|---|",
+        ]
         for name, r in case["ratios"].items():
             each = ", ".join(f"{v:.3f}" for v in r["reps"])
-            lines.append(f"| {name} | {r['median']:.3f} | {each} | {r.get('goal', '')} |")
+            cpu_each = ", ".join(f"{v:.3f}" for v in r["cpu_reps"])
+            lines.append(
+                f"| {name} | {r['median']:.3f} | {each} | {r['cpu_median']:.3f} | {cpu_each} | {r.get('goal', '')} |"
+            )
+            if "cpu_with_services_median" in r:
+                lines.append(
+                    f"| {name}, CPU of broker + Redis included | | | {r['cpu_with_services_median']:.3f} | | |"
+                )
         if case.get("notes"):
             lines += ["", *[f"- {n}" for n in case["notes"]]]
         lines.append("")

@@ -5,12 +5,14 @@ Both bind to free loopback ports, keep everything in memory, and are stopped by 
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from consumers.record import Message
@@ -34,13 +36,29 @@ def _wait_tcp(port: int, timeout_s: float = 15.0) -> None:
     raise StreamClError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
 
 
+@dataclass(frozen=True)
+class Service:
+    """A started service: the address clients use and its process id (for CPU accounting)."""
+
+    address: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far (Linux /proc; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def _process(cmd: list[str], log: Path, port: int) -> Iterator[None]:
+def _process(cmd: list[str], log: Path, port: int) -> Iterator[int]:
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_tcp(port)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -63,25 +81,25 @@ def tansu_binary() -> Path:
 
 
 @contextmanager
-def kafka_broker(workdir: Path) -> Iterator[str]:
-    """A tansu broker with memory storage; yields its ``HOST:PORT``."""
+def kafka_broker(workdir: Path) -> Iterator[Service]:
+    """A tansu broker with memory storage; its address is ``HOST:PORT``."""
     port = _free_port()
     url = f"tcp://127.0.0.1:{port}"
     cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
-    with _process([*cmd, "--storage-engine", "memory://tansu/"], workdir / "tansu.log", port):
-        yield f"127.0.0.1:{port}"
+    with _process([*cmd, "--storage-engine", "memory://tansu/"], workdir / "tansu.log", port) as pid:
+        yield Service(f"127.0.0.1:{port}", pid)
 
 
 @contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
-    """A redis-server without persistence; yields its ``redis://`` URL."""
+def redis_server(workdir: Path) -> Iterator[Service]:
+    """A redis-server without persistence; its address is a ``redis://`` URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise StreamClError("path (c) needs redis-server (apt-get install redis-server)")
     port = _free_port()
     cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-    with _process([*cmd, "--dir", str(workdir), "--daemonize", "no"], workdir / "redis.log", port):
-        yield f"redis://127.0.0.1:{port}/0"
+    with _process([*cmd, "--dir", str(workdir), "--daemonize", "no"], workdir / "redis.log", port) as pid:
+        yield Service(f"redis://127.0.0.1:{port}/0", pid)
 
 
 def produce(bootstrap: str, topic: str, messages: Iterable[Message]) -> int:

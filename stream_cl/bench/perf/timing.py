@@ -14,16 +14,32 @@ from stream_cl.learner import Batch, Learner, Observation, Prediction
 
 @dataclass
 class StepTimes:
-    """Start time, duration and size of every learner step of one run."""
+    """Start time, duration and size of every learner step of one run, and process CPU time at its end.
+
+    ``extra_cpu_s`` is CPU time spent outside this process for the run (the broker and Redis of path c).
+    """
 
     starts: list[float] = field(default_factory=list)
     durations: list[float] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    extra_cpu_s: float = 0.0
 
     def add(self, start: float, end: float, size: int) -> None:
         self.starts.append(start)
         self.durations.append(end - start)
         self.sizes.append(size)
+        self.cpu.append(time.process_time())
+
+    def samples_per_cpu_second(self) -> float:
+        """Records per CPU-second of this process (every thread), from the first step's end to the last's.
+
+        CPU time is what a path costs whatever else shares the cores; it counts the prefetch, Kafka fetch
+        and checkpoint threads too, which wall time on an idle many-core machine would hide.
+        """
+        if len(self.cpu) < 2 or self.cpu[-1] <= self.cpu[0]:
+            return 0.0
+        return sum(self.sizes[1:]) / (self.cpu[-1] - self.cpu[0])
 
     def samples_per_second(self) -> float:
         """Records per second from the first step's start to the last step's start.
