@@ -1,0 +1,49 @@
+"""``stream-cl bench hle`` end to end on tiny CIFAR-shaped files: report files, levels, merging methods."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from stream_cl.cli import main
+
+
+def _write_cifar_like(folder, n_fine: int = 10, per_class: int = 6, test_per_class: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(n_fine), per_class)
+    yt = np.repeat(np.arange(n_fine), test_per_class)
+    names = {"fine_label_names": [f"f{c}" for c in range(n_fine)], "coarse_label_names": [f"c{c}" for c in range(5)]}
+    (folder / "cifar100_label_map.json").write_text(json.dumps(names))
+
+    def images(n: int) -> np.ndarray:
+        return rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+
+    np.savez_compressed(folder / "cifar100.part1.npz", x_train=images(0), y_train=y[:0], y_train_coarse=y[:0])
+    np.savez_compressed(
+        folder / "cifar100.part2.npz",
+        x_train=images(len(y)), y_train=y, y_train_coarse=y // 2,
+        x_test=images(len(yt)), y_test=yt, y_test_coarse=yt // 2,
+    )  # fmt: skip
+
+
+def test_bench_hle_writes_per_level_reports_and_merges_methods(tmp_path) -> None:
+    _write_cifar_like(tmp_path)
+    out = tmp_path / "out"
+    common = ["bench", "hle", "--setup", "single", "--runs", "2", "--data-dir", str(tmp_path), "--model", "mlp"]
+    common += ["--buffer-size", "20", "--batch-size", "4", "--online-iter", "0.5", "--eval-period", "20"]
+    common += ["--threads", "1", "--device", "cpu", "--out", str(out)]
+    assert main([*common, "--method", "er"]) == 0
+    assert main([*common, "--method", "pl-fms"]) == 0
+    report = out / "single"
+    doc = json.loads((report / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in doc["runs"]] == [("er", 0), ("er", 1), ("pl-fms", 0), ("pl-fms", 1)]
+    for run in doc["runs"]:
+        assert set(run["levels"]) == {"0", "1"} and run["stream_length"] == 60
+        for level in run["levels"].values():
+            assert 0.0 <= level["A_last"] <= 1.0 and level["curve"][-1][0] == 60
+            assert level["A_last"] >= level["A_last_head_only"]  # the parent rule only adds hits
+    assert set(doc["summary"]) == {"er", "pl-fms"}
+    text = (report / "README.md").read_text()
+    assert "| pl-fms | 1 |" in text and "43.7" in text
+    assert (report / "accuracy.png").stat().st_size > 1000
