@@ -31,16 +31,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from buffers.balanced import LargestClassPolicy
-from buffers.memory import MemoryStore
 from buffers.store import ReplayStore, class_keys
 from stream_cl.classifier import Classifier
 from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
 from stream_cl.methods.common import encode_labels, rng_state, set_rng_state
+from stream_cl.methods.pl_fms_losses import (
+    ancestor_targets,
+    attach_importance_policy,
+    parent_pseudo_loss,
+    per_sample_ce,
+)
 from stream_cl.methods.pl_fms_parts import AdaptiveLR, ImportanceScores, augment, cutmix, fms_keep_probability
 
 
@@ -122,7 +125,7 @@ class PLFMS:
         self.pseudo_in_importance, self.train_ancestors = pseudo_in_importance, train_ancestors
         self.augment, self.cutmix_prob, self.imp_update_period = augment, cutmix_prob, imp_update_period
         self.scores = ImportanceScores(buffer.capacity, beta=beta)
-        _attach_policy(buffer, self.scores, seed)
+        attach_importance_policy(buffer, self.scores, seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.lr_control = (
             AdaptiveLR(
@@ -220,39 +223,14 @@ class PLFMS:
         if partner is not None:
             loss = lam * loss + (1.0 - lam) * hierarchical_ce(logits, y[partner], level)
         if self.train_ancestors:
-            for anc_level, anc_y in self._ancestors(y, level):
+            for anc_level, anc_y in ancestor_targets(self.labels.parent_maps(), y, level):
                 loss = loss + hierarchical_ce(logits, anc_y, anc_level)
         if self.pseudo_label:
-            loss = loss + self._pseudo_loss(logits, level).sum() / len(y)
+            loss = loss + parent_pseudo_loss(logits, level, self.tau, self.lambda_u).sum() / len(y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.item()
-
-    def _ancestors(self, y: torch.Tensor, level: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(level, class) of each sample's ancestors, one level up at a time (-1 where none)."""
-        out, lvl, cls = [], level, y
-        for depth in range(self.labels.depth - 1, 0, -1):
-            mask = lvl == depth
-            if mask.any():
-                parents = torch.from_numpy(self.labels.parent_map(depth)).to(y.device)
-                cls, lvl = cls.clone(), lvl.clone()
-                cls[mask], lvl[mask] = parents[cls[mask]], depth - 1
-                out.append((torch.where(mask, lvl, -1), cls))
-        return out
-
-    def _pseudo_loss(self, logits: list[torch.Tensor], level: torch.Tensor) -> torch.Tensor:
-        """Per-sample ``lambda_u · CE(parent head, confident argmax)`` (0 where not confident)."""
-        out = logits[0].new_zeros(len(level))
-        for lvl in range(1, len(logits)):
-            mask = (level == lvl) & (logits[lvl].shape[1] > 1)
-            if not mask.any():
-                continue
-            parent = logits[lvl - 1][mask]
-            conf, target = parent.detach().float().softmax(dim=1).max(dim=1)
-            ce = F.cross_entropy(parent, target, reduction="none")
-            out[mask] = self.lambda_u * torch.where(conf > self.tau, ce, torch.zeros_like(ce))
-        return out
 
     @torch.no_grad()
     def _rescore(self, chunk: int = 256) -> float | None:
@@ -268,9 +246,9 @@ class PLFMS:
                 x = to_model_input(stored.x[i : i + chunk].to(self.model.device))
                 y, level = stored.y[i : i + chunk].to(x.device), stored.level[i : i + chunk].to(x.device)
                 logits = self.model.logits(self.model(x))
-                part = _per_sample_ce(logits, y, level)
+                part = per_sample_ce(logits, y, level)
                 if self.pseudo_in_importance:
-                    part = part + self._pseudo_loss(logits, level)
+                    part = part + parent_pseudo_loss(logits, level, self.tau, self.lambda_u)
                 loss[i : i + chunk] = part.cpu()
         finally:
             self.model.train()
@@ -313,23 +291,3 @@ class PLFMS:
         self.first_seen = dict(zip(*state["first_seen"], strict=True))
         tmp = [t.to(self.model.device) for t in state["tmp"]]
         self._tmp = tuple(tmp) if len(tmp[1]) else None
-
-
-def _per_sample_ce(logits: list[torch.Tensor], y: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    out = logits[0].new_zeros(len(y))
-    for lvl, out_l in enumerate(logits):
-        mask = level == lvl
-        if mask.any():
-            out[mask] = F.cross_entropy(out_l[mask].float(), y[mask], reduction="none")
-    return out
-
-
-def _attach_policy(buffer: ReplayStore, scores: ImportanceScores, seed: int) -> None:
-    """Make the buffer evict the least important sample of the most populated class."""
-    policy = getattr(buffer, "policy", None)
-    if isinstance(policy, LargestClassPolicy) and policy.admit == "always":
-        policy.victim = scores.victim
-    elif isinstance(buffer, MemoryStore) and len(buffer) == 0:
-        buffer.policy = LargestClassPolicy(buffer.capacity, admit="always", victim=scores.victim, seed=seed)
-    else:
-        raise ValueError("pl-fms needs an empty MemoryStore or a store with LargestClassPolicy(admit='always')")

@@ -11,8 +11,10 @@ import torch
 from buffers.memory import MemoryStore
 from buffers.store import class_keys
 from stream_cl.build import build_learner
+from stream_cl.labels import LabelTree
 from stream_cl.learner import Batch
 from stream_cl.methods.pl_fms import PLFMS
+from stream_cl.methods.pl_fms_losses import ancestor_targets, parent_pseudo_loss
 from stream_cl.methods.pl_fms_parts import AdaptiveLR, ImportanceScores, augment, cutmix, fms_keep_probability
 
 
@@ -101,19 +103,18 @@ def test_augment_and_cutmix_keep_shapes_and_mix_within_levels() -> None:
 
 
 def test_pseudo_labels_only_for_confident_parent_predictions_of_child_samples() -> None:
-    learner = _learner(tau=0.75, lambda_u=2.0)
     parent = torch.tensor([[4.0, 0.0], [0.1, 0.0], [4.0, 0.0]])
     child = torch.zeros(3, 3)
-    loss = learner._pseudo_loss([parent, child], torch.tensor([1, 1, 0]))
+    loss = parent_pseudo_loss([parent, child], torch.tensor([1, 1, 0]), tau=0.75, lambda_u=2.0)
     expected = 2.0 * torch.nn.functional.cross_entropy(parent[:1], torch.tensor([0]))
     assert loss[0].item() == pytest.approx(expected.item())
     assert loss[1].item() == 0.0 and loss[2].item() == 0.0  # not confident / parent-labelled
 
 
 def test_ancestors_walk_up_the_tree() -> None:
-    learner = _learner()
-    learner.labels.encode([("a", "x", "p"), ("b", "y", "q"), ("a", "z")])
-    got = learner._ancestors(torch.tensor([1, 0, 0]), torch.tensor([2, 1, 0]))
+    tree = LabelTree()
+    tree.encode([("a", "x", "p"), ("b", "y", "q"), ("a", "z")])
+    got = ancestor_targets(tree.parent_maps(), torch.tensor([1, 0, 0]), torch.tensor([2, 1, 0]))
     assert [(lv.tolist(), c.tolist()) for lv, c in got] == [([1, -1, -1], [1, 0, 0]), ([0, 0, -1], [1, 0, 0])]
 
 
@@ -147,3 +148,12 @@ def test_hyper_parameters_and_buffer_are_validated() -> None:
     store.add(_images(1), torch.tensor([0]), torch.tensor([0]))
     with pytest.raises(ValueError, match="MemoryStore"):
         PLFMS(_learner().model, store)
+
+
+def test_switches_train_ancestors_and_pseudo_labels_in_importance_run() -> None:
+    paths = [("p0",), ("p1",), ("p0", "c0"), ("p1", "c1"), ("p0", "c2"), ("p1", "c3"), ("p0", "c0"), ("p1", "c1")]
+    for kw in ({"train_ancestors": True}, {"pseudo_in_importance": True, "tau": 0.0}):
+        learner = _learner(capacity=6, imp_update_period=1, **kw)
+        obs = learner.observe(Batch(_images(8), paths))
+        assert np.isfinite(obs.stats.loss) and learner.pseudo_label == ("train_ancestors" not in kw)
+        assert learner.scores.score[: len(learner.buffer)].any()  # importance was updated

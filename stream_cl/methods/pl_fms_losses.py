@@ -1,0 +1,71 @@
+"""PL-FMS losses and memory wiring: per-sample CE, parent pseudo-labels, ancestor targets, eviction hook."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from buffers.balanced import LargestClassPolicy
+from buffers.memory import MemoryStore
+from buffers.store import ReplayStore
+from stream_cl.methods.pl_fms_parts import ImportanceScores
+
+
+def per_sample_ce(logits: list[torch.Tensor], y: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each sample under its own level's head (0 for samples of no level)."""
+    out = logits[0].new_zeros(len(y))
+    for lvl, out_l in enumerate(logits):
+        mask = level == lvl
+        if mask.any():
+            out[mask] = F.cross_entropy(out_l[mask].float(), y[mask], reduction="none")
+    return out
+
+
+def parent_pseudo_loss(logits: list[torch.Tensor], level: torch.Tensor, tau: float, lambda_u: float) -> torch.Tensor:
+    """Per sample: ``lambda_u · CE(parent head, its argmax)`` for level-l samples (l >= 1) whose parent
+    head (l - 1) is confident (max softmax > ``tau``) and whose own head has > 1 output; else 0."""
+    out = logits[0].new_zeros(len(level))
+    for lvl in range(1, len(logits)):
+        mask = (level == lvl) & (logits[lvl].shape[1] > 1)
+        if not mask.any():
+            continue
+        parent = logits[lvl - 1][mask]
+        conf, target = parent.detach().float().softmax(dim=1).max(dim=1)
+        ce = F.cross_entropy(parent, target, reduction="none")
+        out[mask] = lambda_u * torch.where(conf > tau, ce, torch.zeros_like(ce))
+    return out
+
+
+def ancestor_targets(
+    parent_maps: Sequence[np.ndarray], y: torch.Tensor, level: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(level, class) of each sample's ancestors, one level up at a time (level -1 where none)."""
+    out, lvl, cls = [], level, y
+    for depth in range(len(parent_maps) - 1, 0, -1):
+        mask = lvl == depth
+        if mask.any():
+            parents = torch.from_numpy(parent_maps[depth]).to(y.device)
+            cls, lvl = cls.clone(), lvl.clone()
+            cls[mask], lvl[mask] = parents[cls[mask]], depth - 1
+            out.append((torch.where(mask, lvl, -1), cls))
+    return out
+
+
+def attach_importance_policy(buffer: ReplayStore, scores: ImportanceScores, seed: int) -> None:
+    """Make the buffer evict the least important sample of the most populated class.
+
+    Raises
+    ------
+    ValueError
+        For a store that already holds samples under another policy, or is not in process.
+    """
+    policy = getattr(buffer, "policy", None)
+    if isinstance(policy, LargestClassPolicy) and policy.admit == "always":
+        policy.victim = scores.victim
+    elif isinstance(buffer, MemoryStore) and len(buffer) == 0:
+        buffer.policy = LargestClassPolicy(buffer.capacity, admit="always", victim=scores.victim, seed=seed)
+    else:
+        raise ValueError("pl-fms needs an empty MemoryStore or a store with LargestClassPolicy(admit='always')")
