@@ -25,6 +25,11 @@ PATH_LABELS = {
 }
 
 
+def _ordered(paths: dict[str, Any]) -> list[str]:
+    """Path names in report order (JSON keeps them sorted)."""
+    return sorted(paths, key=lambda name: list(PATH_LABELS).index(name) if name in PATH_LABELS else len(PATH_LABELS))
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     lscpu = ""
@@ -53,17 +58,24 @@ def write_json(result: dict[str, Any], out: Path) -> Path:
 
 def plot_throughput(result: dict[str, Any], out: Path) -> Path:
     cases = result["cases"]
-    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6), squeeze=False)
-    for ax, case in zip(axes[0], cases, strict=True):
-        names = list(case["paths"])
-        reps = [case["paths"][p]["samples_per_second_reps"] for p in names]
-        medians = [case["paths"][p]["samples_per_second"] for p in names]
-        ax.bar(range(len(names)), medians, color="#4c72b0")
-        for i, values in enumerate(reps):
-            ax.plot([i] * len(values), values, "k.", markersize=4)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(case["case"]["name"], fontsize=10)
-        ax.set_ylabel("samples/s (median of repetitions; dots: each)")
+    fig, axes = plt.subplots(2, len(cases), figsize=(4.2 * len(cases), 6.4), squeeze=False)
+    for col, case in enumerate(cases):
+        names = _ordered(case["paths"])
+        for row, (key, label) in enumerate(
+            (("samples_per_second", "samples/s"), ("samples_per_cpu_second", "per CPU-s"))
+        ):
+            ax = axes[row][col]
+            ax.bar(
+                range(len(names)), [case["paths"][p][key] for p in names], color="#4c72b0" if row == 0 else "#55a868"
+            )
+            if row == 0:
+                for i, p in enumerate(names):
+                    values = case["paths"][p]["samples_per_second_reps"]
+                    ax.plot([i] * len(values), values, "k.", markersize=4)
+                ax.set_title(case["case"]["name"], fontsize=10)
+            ax.set_xticks(range(len(names)), names if row == 1 else [""] * len(names), rotation=30, ha="right")
+            ax.set_ylabel(label)
+    fig.suptitle("bars: median of repetitions; dots: each repetition (wall clock)", fontsize=9)
     fig.tight_layout()
     path = out / "throughput.png"
     fig.savefig(path, dpi=90)
@@ -75,7 +87,7 @@ def plot_latency(result: dict[str, Any], out: Path) -> Path:
     cases = result["cases"]
     fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6), squeeze=False)
     for ax, case in zip(axes[0], cases, strict=True):
-        names = list(case["paths"])
+        names = _ordered(case["paths"])
         pct = [case["paths"][p]["step_latency_ms"] for p in names]
         for q, marker in (("p50", "o"), ("p95", "s"), ("p99", "^")):
             ax.plot(range(len(names)), [p.get(q, 0.0) for p in pct], marker, label=q)
@@ -144,7 +156,8 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
             "| path | samples/s | samples/s (mean over window) | samples per CPU-s | step p50 ms | p95 ms | p99 ms |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for name, p in case["paths"].items():
+        for name in _ordered(case["paths"]):
+            p = case["paths"][name]
             lat = p["step_latency_ms"]
             lines.append(
                 f"| {PATH_LABELS.get(name, name)} | {_fmt(p['samples_per_second'])}"
@@ -156,7 +169,9 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
             "| ratio | wall-clock (median) | each repetition | CPU-time (median) | each repetition | goal |",
             "|---|---:|---|---:|---|---|",
         ]
-        for name, r in case["ratios"].items():
+        for name, r in sorted(
+            case["ratios"].items(), key=lambda kv: _ordered(case["paths"]).index(kv[0].split("/")[0])
+        ):
             each = ", ".join(f"{v:.3f}" for v in r["reps"])
             cpu_each = ", ".join(f"{v:.3f}" for v in r["cpu_reps"])
             lines.append(
