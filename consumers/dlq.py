@@ -8,7 +8,9 @@ Both sinks implement the run loop's ``DeadLetterSink`` protocol (``send(dead)``)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from consumers.producer import new_producer
 from consumers.record import DeadLetter, Message
@@ -51,11 +53,18 @@ class KafkaDeadLetterSink:
         committed, and is read again after a restart).
     """
 
-    def __init__(self, bootstrap: str, *, topic: str | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        topic: str | None = None,
+        timeout_s: float = 10.0,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.topic = topic
         self.timeout_s = timeout_s
         self.sent = 0
-        self._producer = new_producer(bootstrap, linger_ms=0)
+        self._producer = new_producer(bootstrap, linger_ms=0, **dict(client_options or {}))
 
     def send(self, dead: DeadLetter) -> None:
         topic = self.topic or dead.message.position.stream + DLQ_SUFFIX

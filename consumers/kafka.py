@@ -29,7 +29,8 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import IllegalStateError, KafkaError
@@ -101,6 +102,7 @@ class KafkaSource:
         auto_offset_reset: str = "earliest",
         max_bytes: int = MAX_PAYLOAD_BYTES,
         client_id: str = "stream-cl",
+        client_options: Mapping[str, Any] | None = None,
     ) -> None:
         for name, value in (("prefetch", prefetch), ("max_poll_records", max_poll_records), ("max_bytes", max_bytes)):
             if value < 1:
@@ -137,6 +139,7 @@ class KafkaSource:
                 session_timeout_ms=session_timeout_ms,
                 heartbeat_interval_ms=heartbeat_interval_ms,
                 max_poll_interval_ms=max_poll_interval_ms,
+                **dict(client_options or {}),
             )
         except KafkaError as err:
             raise ConnectionError(f"cannot reach Kafka at {bootstrap}: {err}") from err

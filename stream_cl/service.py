@@ -99,7 +99,7 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
             )
         with (
             _open_source(cfg, restored.offsets if restored else {}, from_checkpoint=store is not None) as source,
-            _dead_letters(run) or nullcontext() as dead_letters,
+            _dead_letters(run, cfg.kafka.client_options()) or nullcontext() as dead_letters,
         ):
             if restored is not None:
                 _commit_restored(source, restored.offsets)
@@ -183,14 +183,12 @@ def _open_source(cfg: ServiceConfig, start_offsets: Offsets, *, from_checkpoint:
         raise ConfigError("serve needs --source (a kafka://HOST:PORT/TOPIC URL or a recorded-stream file)")
     if not is_kafka_url(source):
         return RecordedSource(Path(source), start_offsets=start_offsets)
-    if cfg.kafka.security_protocol != "PLAINTEXT":
-        raise ConfigError("the Kafka source does not take SASL/TLS settings yet; use PLAINTEXT")
     from consumers.kafka import KafkaSource  # here: file sources need no Kafka client
 
     url = KafkaUrl.parse(source)
     start = dict(start_offsets)
     if from_checkpoint:
-        for partition in _partitions(url.bootstrap, url.topic):
+        for partition in _partitions(url.bootstrap, url.topic, cfg.kafka.client_options()):
             start.setdefault((url.topic, partition), 0)
     return KafkaSource(
         url.bootstrap,
@@ -199,16 +197,17 @@ def _open_source(cfg: ServiceConfig, start_offsets: Offsets, *, from_checkpoint:
         start_offsets=start,
         session_timeout_ms=cfg.kafka.session_timeout_ms,
         heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
+        client_options=cfg.kafka.client_options(),
     )
 
 
-def _partitions(bootstrap: str, topic: str) -> set[int]:
+def _partitions(bootstrap: str, topic: str, client_options: dict[str, Any]) -> set[int]:
     """The topic's partitions (empty if it does not exist yet: then there is nothing to have skipped)."""
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
     try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="stream-cl")
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="stream-cl", **client_options)
     except KafkaError as err:
         raise ConnectionError(f"cannot reach Kafka at {bootstrap}: {err}") from err
     try:
@@ -217,7 +216,7 @@ def _partitions(bootstrap: str, topic: str) -> set[int]:
         consumer.close()
 
 
-def _dead_letters(run: dict[str, Any]) -> DeadLetterSink | None:
+def _dead_letters(run: dict[str, Any], client_options: dict[str, Any]) -> DeadLetterSink | None:
     """Dead letters go to a file (--dead-letter-out), else to TOPIC.dlq for Kafka; file sources only count them."""
     if run["dead_letter_out"]:
         return FileDeadLetterSink(run["dead_letter_out"])
@@ -225,7 +224,8 @@ def _dead_letters(run: dict[str, Any]) -> DeadLetterSink | None:
         return None
     from consumers.dlq import KafkaDeadLetterSink
 
-    return KafkaDeadLetterSink(KafkaUrl.parse(run["source"]).bootstrap, topic=run["dead_letter_topic"])
+    url = KafkaUrl.parse(run["source"])
+    return KafkaDeadLetterSink(url.bootstrap, topic=run["dead_letter_topic"], client_options=client_options)
 
 
 def _commit_restored(source: Source, offsets: Offsets, timeout_s: float = 10.0) -> None:

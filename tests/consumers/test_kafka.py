@@ -9,6 +9,7 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
+import pytest
 import torch
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
@@ -197,3 +198,9 @@ def test_cli_produce_and_run_from_kafka(kafka_bootstrap, make_topic, tmp_path: P
     assert main([*args, "--metrics-port", "0", "--no-progress", "--summary-json", str(summary), "--width", "16"]) == 0
     result = json.loads(summary.read_text())
     assert result["learned"] + result["held_out"] == 40 and not result["dead_letter"]
+
+
+def test_client_options_reach_the_kafka_client() -> None:
+    """SASL/TLS settings pass straight through: kafka-python itself validates them."""
+    with pytest.raises(Exception, match="Unrecognized configs"):
+        KafkaSource("127.0.0.1:1", "t", "g", client_options={"not_a_kafka_setting": 1})
