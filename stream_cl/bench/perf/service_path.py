@@ -50,11 +50,18 @@ def run_service(
     seed: int = 0,
     session_timeout_ms: int = 6000,
     heartbeat_interval_ms: int = 2000,
+    drift: bool = True,
+    checkpoint_every_s: float | None = CHECKPOINT_EVERY_S,
 ) -> tuple[StepTimes, int]:
-    """Learn ``n_records`` of ``topic`` through the service's parts; returns step times and checkpoints written."""
+    """Learn ``n_records`` of ``topic`` through the service's parts; returns step times and checkpoints written.
+
+    ``redis_url`` ``memory`` keeps the buffer in process; ``drift`` and ``checkpoint_every_s`` (None: only
+    the final checkpoint) switch parts off, to see what each costs.
+    """
     times = StepTimes()
     run_id = uuid.uuid4().hex[:8]
-    store = open_store(f"{redis_url}?name=bench-{run_id}", case.buffer_size, device=device, seed=seed)
+    spec = redis_url if redis_url == "memory" else f"{redis_url}?name=bench-{run_id}"
+    store = open_store(spec, case.buffer_size, device=device, seed=seed)
     metrics = new_metrics()
     exporter = metrics.serve(0)
     stop_scrape = threading.Event()
@@ -64,11 +71,17 @@ def run_service(
     checkpointer = Checkpointer(
         checkpoints,
         identity={"method": case.method, "model": case.model, "width": case.width},
-        every_seconds=CHECKPOINT_EVERY_S,
+        every_seconds=checkpoint_every_s,
         metrics=metrics,
     )
     try:
-        source = KafkaSource(bootstrap, topic, f"bench-{run_id}", session_timeout_ms=6000, heartbeat_interval_ms=2000)
+        source = KafkaSource(
+            bootstrap,
+            topic,
+            f"bench-{run_id}",
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+        )
         with source:
             run_stream(
                 source,
@@ -76,7 +89,7 @@ def run_service(
                 metrics,
                 ProbeSet(fraction=0.0),
                 options(case, n_records, poll_timeout_s=0.5),
-                drift=DriftMonitor(parse_drift(DEFAULT_DRIFT), metrics, seed=seed),
+                drift=DriftMonitor(parse_drift(DEFAULT_DRIFT), metrics, seed=seed) if drift else None,
                 checkpointer=checkpointer,
             )
     finally:
