@@ -120,9 +120,9 @@ def run_stream(
             observation = _observe(state.learner, learn, metrics)
             if predictions is not None:
                 predictions.publish(learn, observation.prediction, state.learner.labels, now)
-            _score(observation, accuracy, summary, metrics, state.learner.labels.parent_maps())
+            correct = _score(observation, accuracy, summary, metrics, state.learner.labels.parent_maps())
             if drift is not None:
-                _watch_drift(drift, observation, learn, summary)
+                _watch_drift(drift, observation, correct, learn, summary)
             _publish_learner(state.learner, metrics)
             since_probe += observation.stats.n_learned
         offsets = next_offsets(poll.positions())
@@ -205,8 +205,11 @@ def _observe(learner: Learner, records: list[Record], metrics: Metrics) -> Obser
 
 def _score(
     obs: Observation, accuracy: PrequentialAccuracy, summary: Summary, metrics: Metrics, parent_maps: list[np.ndarray]
-) -> None:
-    """Count the batch and update prequential accuracy per level (HLE parent rule, see monitoring.hierarchy)."""
+) -> np.ndarray:
+    """Count the batch and update prequential accuracy per level (HLE parent rule, see monitoring.hierarchy).
+
+    Returns whether each labelled sample was predicted right (in batch order).
+    """
     labelled = obs.y >= 0
     n_labelled = int(labelled.sum())
     summary.learned += n_labelled
@@ -220,21 +223,20 @@ def _score(
         accuracy.update(levels, correct)
         for lvl in np.unique(levels):
             metrics.online_accuracy.labels(level=str(lvl)).set(accuracy.windowed(int(lvl)))
+        return correct
+    return np.zeros(0, dtype=bool)
 
 
-def _watch_drift(drift: DriftMonitor, obs: Observation, records: list[Record], summary: Summary) -> None:
-    """Feed the batch's error, loss and uncertainty signals; positions are the records' stream offsets."""
+def _watch_drift(
+    drift: DriftMonitor, obs: Observation, correct: np.ndarray, records: list[Record], summary: Summary
+) -> None:
+    """Feed the batch's error (as scored by ``_score``), loss and uncertainty signals at the records' offsets."""
     positions = np.array([r.position.offset for r in records], dtype=np.int64)
     labelled = (obs.y >= 0).cpu().numpy()
     classes, confidence = obs.prediction.classes, obs.prediction.confidence
     events = []
     if "error" in drift.signals and labelled.any():
-        wrong = np.ones(len(labelled), dtype=bool)
-        if classes.shape[1]:  # same scoring as _score: the prediction at the sample's own level
-            hit = classes.gather(1, obs.level.clamp(0, classes.shape[1] - 1).unsqueeze(1)).squeeze(1)
-            wrong = ~((hit == obs.y) & (obs.level < classes.shape[1])).cpu().numpy()
-        wrong = wrong[labelled]
-        events += drift.update("error", wrong, positions[labelled])
+        events += drift.update("error", ~correct, positions[labelled])
     if "loss" in drift.signals and obs.stats.loss is not None:
         events += drift.update("loss", np.array([obs.stats.loss]), positions[labelled][-1:])
     known = classes >= 0
