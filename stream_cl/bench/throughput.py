@@ -76,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service", action=argparse.BooleanOptionalAction, default=None, help="run path (c)")
     p.add_argument("--memory-records", type=int, default=None, help="records of the long run (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--breakdown", action="store_true", help="only break path (c) down part by part (writes breakdown.md/json)"
+    )
     p.set_defaults(handler=cmd_throughput)
 
 
@@ -107,6 +110,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         chosen = [c for c in chosen if c.name in wanted]
     memory_records = args.memory_records if args.memory_records is not None else (2000 if args.quick else 1_000_000)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.breakdown:
+        return _breakdown(chosen, args.data_dir, device, reps, args.out)
     command = "stream-cl bench throughput" + (" --quick" if args.quick else "")
     result: dict[str, Any] = {
         "command": command,
@@ -141,6 +146,24 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         report.plot_memory(result["memory"], args.out)
     report.write_markdown(result, args.out)
     print(f"report written to {args.out}/README.md")
+    return 0
+
+
+def _breakdown(chosen: list[Case], data_dir: Path | None, device: torch.device, reps: int, out: Path) -> int:
+    from stream_cl.bench.perf.breakdown import run_breakdown, write_breakdown
+    from stream_cl.bench.perf.services import kafka_broker, redis_server
+
+    results = []
+    with (
+        tempfile.TemporaryDirectory(prefix="streamcl-bench-") as tmp,
+        kafka_broker(Path(tmp)) as kafka,
+        redis_server(Path(tmp)) as redis,
+    ):
+        for case in (c for c in chosen if c.method == "er"):
+            stream = make_stream(case, data_dir)
+            kwargs = {"kafka": kafka, "redis": redis, "device": device, "workdir": Path(tmp), "reps": reps}
+            results.append(run_breakdown(case, stream, **kwargs))
+    print(f"breakdown written to {write_breakdown(results, report.machine(device), out)}")
     return 0
 
 
