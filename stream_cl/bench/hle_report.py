@@ -129,7 +129,7 @@ def _markdown(doc: dict[str, Any]) -> str:
             lines.append("- (the paper's multi-depth hierarchy has 5 levels, ours 4: not comparable level by level)")
     lines += [
         "",
-        "Notes: level 0 is the paper's H1 (parents), level 1 its H2 (children). Every method gets the stream "
+        "Notes: level k is the paper's H(k+1) (level 0 = coarsest). Every method gets the stream "
         f"{p['batch_size'] // 2} samples at a time; ER takes one SGD step (lr 0.05) on them plus 10 replayed "
         "samples, OnPro one step per batch with its own replay, PL-FMS `online_iter` Adam updates per sample on "
         "batches of B. The paper's figures come from the full data, ResNet-34 and a GPU: compare the ordering "
