@@ -47,7 +47,7 @@ class RssSampling:
     def __init__(self, source: Source, trace: RssTrace, every: int, total: int, progress: bool) -> None:
         self.source, self.trace, self.every = source, trace, every
         self.polled = self._next = 0
-        self.bar = tqdm(total=total, unit="rec", desc="memory run", disable=not progress, dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="rec", desc="memory run", disable=not progress, mininterval=2.0)
 
     @property
     def exhausted(self) -> bool:
