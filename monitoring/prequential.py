@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 
@@ -26,24 +24,44 @@ class PrequentialAccuracy:
         self.window = window
         self.total = 0
         self.correct = 0
-        self._recent: dict[int, deque[bool]] = {}
+        self._recent: dict[int, _Window] = {}
 
     def update(self, level: np.ndarray, correct: np.ndarray) -> None:
         """Add a batch: ``level[i]`` of each scored sample and whether it was predicted right."""
         self.total += len(correct)
         self.correct += int(correct.sum())
         for lvl in np.unique(level):
-            recent = self._recent.setdefault(int(lvl), deque(maxlen=self.window))
-            recent.extend(correct[level == lvl].tolist())
+            recent = self._recent.get(int(lvl))
+            if recent is None:
+                recent = self._recent[int(lvl)] = _Window(self.window)
+            recent.extend(correct[level == lvl])
 
     def cumulative(self) -> float:
         """Accuracy over every scored sample so far (0 before any)."""
         return self.correct / self.total if self.total else 0.0
 
     def windowed(self, level: int) -> float:
+        """Accuracy over the last ``window`` scored samples of ``level`` (0 before any)."""
         recent = self._recent.get(level)
-        return sum(recent) / len(recent) if recent else 0.0
+        return recent.hits / recent.size if recent and recent.size else 0.0
 
     @property
     def levels(self) -> list[int]:
         return sorted(self._recent)
+
+
+class _Window:
+    """The last ``capacity`` verdicts in a ring, with their running hit count (O(batch) per update)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.ring = np.zeros(capacity, dtype=bool)
+        self.size = self.head = self.hits = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        values = values[-len(self.ring) :]
+        idx = (self.head + np.arange(len(values))) % len(self.ring)
+        self.hits -= int(self.ring[idx].sum())  # the verdicts overwritten (unfilled slots hold False)
+        self.ring[idx] = values
+        self.hits += int(values.sum())
+        self.head = (self.head + len(values)) % len(self.ring)
+        self.size = min(len(self.ring), self.size + len(values))
