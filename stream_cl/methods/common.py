@@ -1,4 +1,4 @@
-"""Small steps every method shares: label encoding with head growth, and RNG state capture."""
+"""Small steps every method shares: label encoding with head growth, and the state every learner saves."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from buffers.store import ReplayStore
 from stream_cl.classifier import Classifier
 from stream_cl.labels import LabelPath
 
@@ -38,3 +39,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def core_state(model: Classifier, optimizer: torch.optim.Optimizer, buffer: ReplayStore) -> dict[str, Any]:
+    """What every method saves: label tree, model (backbone and heads), optimizer, buffer, torch RNGs."""
+    return {
+        "labels": model.tree.state_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "buffer": buffer.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def load_core_state(
+    state: dict[str, Any], model: Classifier, optimizer: torch.optim.Optimizer, buffer: ReplayStore
+) -> None:
+    """Restore :func:`core_state`; the heads are grown to the saved tree before their weights load."""
+    model.tree.load_state_dict(state["labels"])
+    model.sync(optimizer)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    buffer.load_state_dict(state["buffer"])
+    set_rng_state(state["rng"])

@@ -11,7 +11,7 @@ from stream_cl.classifier import Classifier
 from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
-from stream_cl.methods.common import encode_labels, rng_state, set_rng_state
+from stream_cl.methods.common import core_state, encode_labels, load_core_state
 
 
 class ER:
@@ -75,18 +75,7 @@ class ER:
         return self.model.predict(x)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "labels": self.labels.state_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "buffer": self.buffer.state_dict(),
-            "rng": rng_state(),
-        }
+        return core_state(self.model, self.optimizer, self.buffer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.labels.load_state_dict(state["labels"])
-        self.model.sync(self.optimizer)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.buffer.load_state_dict(state["buffer"])
-        set_rng_state(state["rng"])
+        load_core_state(state, self.model, self.optimizer, self.buffer)

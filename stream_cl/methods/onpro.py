@@ -13,7 +13,7 @@ from buffers.store import ReplayStore
 from stream_cl.classifier import Classifier
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
-from stream_cl.methods.common import encode_labels, rng_state, set_rng_state
+from stream_cl.methods.common import core_state, encode_labels, load_core_state
 from stream_cl.methods.onpro_apf import Mixed, apf_batch, unmixed
 from stream_cl.methods.onpro_augment import VIEW_COUNTS, random_view, rotation_views
 from stream_cl.methods.onpro_losses import class_keys, contrast_groups, ins_loss, ins_similarity, mixup_ce, proto_loss
@@ -221,30 +221,21 @@ class OnPro:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "labels": self.labels.state_dict(),
-            "model": self.model.state_dict(),
+            **core_state(self.model, self.optimizer, self.buffer),
             "projector": self.projector.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "buffer": self.buffer.state_dict(),
             "progress": {"task": self.task, "task_age": self.task_age, "steps": self.steps},
             "mu": None if self.mu is None else {"keys": self.mu_keys.cpu(), "means": self.mu.cpu()},
             "gen": self.gen.get_state(),
-            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.labels.load_state_dict(state["labels"])
-        self.model.sync(self.optimizer)
-        self.model.load_state_dict(state["model"])
         self.projector.load_state_dict(state["projector"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_core_state(state, self.model, self.optimizer, self.buffer)
         self.scaler.load_state_dict(state["scaler"])
-        self.buffer.load_state_dict(state["buffer"])
         progress = state["progress"]
         self.task, self.task_age, self.steps = progress["task"], progress["task_age"], progress["steps"]
         mu = state["mu"]
         self.mu_keys = None if mu is None else mu["keys"].to(self.model.device)
         self.mu = None if mu is None else mu["means"].to(self.model.device)
         self.gen.set_state(state["gen"])
-        set_rng_state(state["rng"])

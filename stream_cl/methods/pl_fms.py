@@ -37,7 +37,7 @@ from stream_cl.classifier import Classifier
 from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
-from stream_cl.methods.common import encode_labels, rng_state, set_rng_state
+from stream_cl.methods.common import core_state, encode_labels, load_core_state
 from stream_cl.methods.pl_fms_losses import (
     ancestor_targets,
     attach_importance_policy,
@@ -259,14 +259,10 @@ class PLFMS:
     def state_dict(self) -> dict[str, Any]:
         tmp = self._tmp or (torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
         return {
-            "labels": self.labels.state_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "buffer": self.buffer.state_dict(),
+            **core_state(self.model, self.optimizer, self.buffer),
             "scores": self.scores.state_dict(),
             "lr_control": None if self.lr_control is None else self.lr_control.state_dict(),
             "gen": self.gen.get_state(),
-            "rng": rng_state(),
             "n": self.n,
             "first_seen": [list(self.first_seen), list(self.first_seen.values())],
             "credit": self.credit,
@@ -276,16 +272,11 @@ class PLFMS:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.labels.load_state_dict(state["labels"])
-        self.model.sync(self.optimizer)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.buffer.load_state_dict(state["buffer"])
+        load_core_state(state, self.model, self.optimizer, self.buffer)
         self.scores.load_state_dict(state["scores"])
         if self.lr_control is not None and state["lr_control"] is not None:
             self.lr_control.load_state_dict(state["lr_control"])
         self.gen.set_state(state["gen"])
-        set_rng_state(state["rng"])
         self.n, self.credit, self.iterations = int(state["n"]), float(state["credit"]), int(state["iterations"])
         self.trained_once = bool(state["trained_once"])
         self.first_seen = dict(zip(*state["first_seen"], strict=True))

@@ -19,13 +19,15 @@ from consumers.record import Message
 from stream_cl.errors import StreamClError
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_tcp(port: int, timeout_s: float = 15.0) -> None:
+def wait_tcp(port: int, timeout_s: float = 15.0) -> None:
+    """Return once something accepts connections on 127.0.0.1:``port``; StreamClError after the timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -57,7 +59,7 @@ def _process(cmd: list[str], log: Path, port: int) -> Iterator[int]:
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_tcp(port)
+        wait_tcp(port)
         yield proc.pid
     finally:
         proc.terminate()
@@ -83,7 +85,7 @@ def tansu_binary() -> Path:
 @contextmanager
 def kafka_broker(workdir: Path) -> Iterator[Service]:
     """A tansu broker with memory storage; its address is ``HOST:PORT``."""
-    port = _free_port()
+    port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
     with _process([*cmd, "--storage-engine", "memory://tansu/"], workdir / "tansu.log", port) as pid:
@@ -96,7 +98,7 @@ def redis_server(workdir: Path) -> Iterator[Service]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise StreamClError("path (c) needs redis-server (apt-get install redis-server)")
-    port = _free_port()
+    port = free_port()
     cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
     with _process([*cmd, "--dir", str(workdir), "--daemonize", "no"], workdir / "redis.log", port) as pid:
         yield Service(f"redis://127.0.0.1:{port}/0", pid)
