@@ -15,31 +15,25 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any
-
-from prometheus_client import CollectorRegistry
 
 from consumers.dlq import FileDeadLetterSink
 from consumers.recorded import RecordedSource
 from consumers.source import Offsets, Source
 from consumers.urls import KafkaUrl, is_kafka_url
-from consumers.wire import REASONS
-from monitoring.drift import DriftMonitor, parse_drift
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
-from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.checkpointer import Checkpointer, Restored, restore
-from stream_cl.commands.run import check_hparams
 from stream_cl.config import ServiceConfig
 from stream_cl.device import pick_device
 from stream_cl.errors import ConfigError
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions, open_sink
-from stream_cl.run import RUN_REASONS, DeadLetterSink, RunOptions, RunState, run_stream
+from stream_cl.run import DeadLetterSink, RunState, run_stream
 from stream_cl.summary import Summary
+from stream_cl.wiring import check_settings, drift_monitor, learner_factory, make_metrics, run_options
 
 log = logging.getLogger("stream_cl.serve")
 
@@ -53,25 +47,9 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
     stop = stop or threading.Event()
     device = pick_device(run["device"])
     identity = {"method": run["method"], "model": run["model"], "width": run["width"]}
-    if not 0.0 <= run["probe_fraction"] < 1.0:
-        raise ConfigError(f"probe_fraction must be in [0, 1), got {run['probe_fraction']}")
-    reasons = REASONS + RUN_REASONS
-    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=reasons, max_class_series=run["max_class_series"])
-    metrics.model_info.info({"method": run["method"], "model": run["model"], "device": str(device)})
-    hparams = dict(run.get("hparam") or [])
-    check_hparams(run["method"], hparams)
-    make_learner = partial(
-        build_learner,
-        run["method"],
-        run["model"],
-        device=device,
-        seed=run["seed"],
-        buffer_size=run["buffer_size"],
-        buffer_spec=run["buffer"],
-        buffer_policy=run["buffer_policy"],
-        width=run["width"],
-        hparams=hparams,
-    )
+    check_settings(run)
+    metrics = make_metrics(run, device)
+    make_learner = learner_factory(run, device)
     ready = threading.Event()
     source: Source | None = None
 
@@ -111,11 +89,11 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
                     make_learner,
                     metrics,
                     probe,
-                    _options(run),
+                    run_options(run),
                     dead_letters=dead_letters,
                     state=state,
                     stop=stop,
-                    drift=_drift(run, metrics),
+                    drift=drift_monitor(run, metrics),
                     checkpointer=checkpointer,
                     overload=_overload(cfg, source, metrics, run["seed"]),
                     predictions=predictions,
@@ -270,23 +248,3 @@ def _total(lag: Any) -> int | None:
     if lag is None or isinstance(lag, int):
         return lag
     return sum(lag.values())
-
-
-def _drift(run: dict[str, Any], metrics: Metrics) -> DriftMonitor | None:
-    if run.get("no_drift"):
-        return None
-    try:
-        return DriftMonitor(parse_drift(run["drift"]), metrics, seed=run["seed"])
-    except ValueError as err:
-        raise ConfigError(f"--drift: {err}") from err
-
-
-def _options(run: dict[str, Any]) -> RunOptions:
-    return RunOptions(
-        batch_size=run["batch_size"],
-        max_records=run["max_records"],
-        probe_every=run["probe_every"],
-        progress=not run["no_progress"],
-        poll_timeout_s=0.5 if is_kafka_url(run["source"]) else 0.0,
-        until_idle_s=run.get("until_idle"),
-    )

@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 from contextlib import nullcontext
-from functools import partial
 from importlib import resources
 from pathlib import Path
-
-from prometheus_client import CollectorRegistry
 
 from buffers.open import POLICIES
 from consumers.prefetch import Prefetcher
 from consumers.urls import is_kafka_url
-from consumers.wire import REASONS
-from monitoring.drift import DEFAULT_DRIFT, DriftMonitor, parse_drift
-from monitoring.metrics import Metrics
+from monitoring.drift import DEFAULT_DRIFT
 from monitoring.probe import ProbeSet
-from stream_cl.build import build_learner
 from stream_cl.device import pick_device
-from stream_cl.errors import ConfigError, StreamClError
-from stream_cl.methods import METHODS, method_class
+from stream_cl.errors import StreamClError
+from stream_cl.methods import METHODS
 from stream_cl.models import MODELS
-from stream_cl.run import RUN_REASONS, RunOptions, run_stream
+from stream_cl.run import run_stream
 from stream_cl.sources import open_source
+from stream_cl.wiring import check_settings, drift_monitor, learner_factory, make_metrics, run_options
 
 log = logging.getLogger("stream_cl")
 
@@ -82,17 +76,6 @@ def parse_hparam(text: str) -> tuple[str, bool | int | float | str | None]:
         except ValueError:
             pass
     return key.strip(), value
-
-
-def check_hparams(method: str, hparams: dict) -> None:
-    """Raise ConfigError for keys ``method``'s constructor does not take."""
-    params = inspect.signature(method_class(method)).parameters
-    known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(hparams) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown hyper-parameter(s) {', '.join(unknown)} for method {method}; known: {', '.join(known)}"
-        )
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,10 +154,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if not 0.0 <= args.probe_fraction < 1.0:
-        raise StreamClError(f"--probe-fraction must be in [0, 1), got {args.probe_fraction}")
-    hparams = dict(args.hparam)
-    check_hparams(args.method, hparams)
+    settings = vars(args)
+    check_settings(settings)
     device = pick_device(args.device)
     source, dead_letters = open_source(
         args.source or str(default_stream()),
@@ -183,39 +164,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         dead_letter_out=args.dead_letter_out,
         dead_letter_topic=args.dead_letter_topic,
     )
-    metrics = Metrics(
-        CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS, max_class_series=args.max_class_series
-    )
-    metrics.model_info.info({"method": args.method, "model": args.model, "device": str(device)})
-    try:
-        drift = None if args.no_drift else DriftMonitor(parse_drift(args.drift), metrics, seed=args.seed)
-    except ValueError as err:
-        raise StreamClError(f"--drift: {err}") from err
+    metrics = make_metrics(settings, device)
+    drift = drift_monitor(settings, metrics)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_addr)
         log.info("serving metrics on http://%s:%d/metrics", args.metrics_addr, args.metrics_port)
-
-    make_learner = partial(
-        build_learner,
-        args.method,
-        args.model,
-        device=device,
-        seed=args.seed,
-        buffer_size=args.buffer_size,
-        buffer_spec=args.buffer,
-        buffer_policy=args.buffer_policy,
-        width=args.width,
-        hparams=hparams,
-    )
-
-    options = RunOptions(
-        batch_size=args.batch_size,
-        max_records=args.max_records,
-        probe_every=args.probe_every,
-        progress=not args.no_progress,
-        poll_timeout_s=0.5 if is_kafka_url(args.source or "") else 0.0,
-        until_idle_s=args.until_idle,
-    )
+    make_learner = learner_factory(settings, device)
+    options = run_options(settings)
     if args.prefetch < 0:
         raise StreamClError(f"--prefetch must be >= 0, got {args.prefetch}")
     if args.prefetch > 0 and not is_kafka_url(args.source or ""):
