@@ -3,7 +3,8 @@
 For each case (method, model, batch sizes, stream) it measures, in interleaved repetitions:
 (a) a plain in-memory PyTorch loop, the learner's ``observe`` alone, (b) a recorded file through
 ``run_stream`` (with and without the prefetch thread) and (c) the full service path (Kafka in,
-Redis buffer, metrics served and scraped, drift detectors, checkpoints). Then a long run keeps a
+Redis buffer, metrics served and scraped, drift detectors, checkpoints) and, when Avalanche is installed
+(``pip install '.[bench]'``), (d) Avalanche's OnlineNaive with a ReplayPlugin. Then a long run keeps a
 million small records going through the MLP learner and samples RSS. Writes
 ``throughput.json``, ``README.md`` and PNG plots under ``--out``.
 """
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_cl.bench.perf import report
+from stream_cl.bench.perf import avalanche, report
 from stream_cl.bench.perf.data import Case, Stream, make_stream, messages, write_recorded
 from stream_cl.bench.perf.memory import run_memory, summarise
 from stream_cl.bench.perf.paths import run_learner_only, run_recorded
@@ -112,6 +113,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.breakdown:
         return _breakdown(chosen, args.data_dir, device, reps, args.out)
+    why_no_avalanche = "not run with --quick" if args.quick else avalanche.available()
     command = "stream-cl bench throughput" + (" --quick" if args.quick else "")
     result: dict[str, Any] = {
         "command": command,
@@ -135,10 +137,14 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
             endpoints = (services.enter_context(kafka_broker(workdir)), services.enter_context(redis_server(workdir)))
         for case in chosen:
-            result["cases"].append(_run_case(case, args.data_dir, device, reps, workdir, endpoints, args.no_progress))
+            result["cases"].append(
+                _run_case(
+                    case, args.data_dir, device, reps, workdir, endpoints, args.no_progress, why_no_avalanche is None
+                )
+            )
     result["load_after"] = _load()
     result["shared_note"] = _shared_note(result["load_before"], result["load_after"], args.threads)
-    result["avalanche"] = AVALANCHE_NOTE
+    result["avalanche"] = avalanche.note() if why_no_avalanche is None else f"(d) not measured: {why_no_avalanche}."
     report.write_json(result, args.out)
     report.plot_throughput(result, args.out)
     report.plot_latency(result, args.out)
@@ -175,11 +181,12 @@ def _run_case(
     workdir: Path,
     endpoints: tuple[Service, Service] | None,
     quiet: bool,
+    with_avalanche: bool = False,
 ) -> dict[str, Any]:
     stream = make_stream(case, data_dir)
     recorded = write_recorded(stream, workdir / f"{case.name}.rec.gz")
     base = "a" if case.method == "er" else "learner"
-    runners = _runners(case, stream, recorded, device)
+    runners = _runners(case, stream, recorded, device, with_avalanche)
     checkpoints: list[int] = []
     if endpoints is not None:
         from stream_cl.bench.perf.service_path import run_service
@@ -206,7 +213,7 @@ def _run_case(
 
         runners["c"] = service
     warm = _prefix(stream, case)
-    for run in _runners(case, warm, write_recorded(warm, workdir / "warm.rec.gz"), device).values():
+    for run in _runners(case, warm, write_recorded(warm, workdir / "warm.rec.gz"), device, with_avalanche).values():
         run()  # warm-up: imports, allocator, first-call costs
     names = list(runners)
     timings: dict[str, list[StepTimes]] = {n: [] for n in names}
@@ -246,10 +253,12 @@ def _run_case(
     }
 
 
-def _runners(case: Case, stream: Stream, recorded: Path, device: torch.device) -> dict[str, Any]:
+def _runners(case: Case, stream: Stream, recorded: Path, device: torch.device, with_avalanche: bool) -> dict[str, Any]:
     runners = {}
     if case.method == "er":
         runners["a"] = lambda: run_plain_er(case, stream, device)
+        if with_avalanche:
+            runners["d"] = lambda: avalanche.run_avalanche_er(case, stream, device)
     runners["learner"] = lambda: run_learner_only(case, stream, device)
     runners["b"] = lambda: run_recorded(case, recorded, len(stream), device, prefetch=False)
     runners["b+prefetch"] = lambda: run_recorded(case, recorded, len(stream), device, prefetch=True)
@@ -301,12 +310,3 @@ def _shared_note(before: list[float] | None, after: list[float] | None, threads:
             "itself puts on it): absolute numbers are pessimistic, and only ratios within a repetition are fair"
         )
     return "the machine looked otherwise idle during this run"
-
-
-AVALANCHE_NOTE = (
-    "Not measured. `pip install --dry-run avalanche-lib` (0.6.0, the newest on PyPI) in this project's environment "
-    "would replace the pinned CPU torch 2.13.0 with torch 2.14.1 plus the CUDA 13 wheels (cuda-toolkit, "
-    "nvidia-cudnn-cu13, nvidia-cublas, nvidia-nccl-cu13, triton, ...) and add torchvision 0.29.1, tensorboard, "
-    "pytorchcv, gdown, qpsolvers, opentelemetry and more: several GB, and a torch upgrade the project forbids. "
-    "So there is no `[bench]` Avalanche extra and no Avalanche ratio."
-)

@@ -22,6 +22,7 @@ PATH_LABELS = {
     "b": "(b) recorded file → run loop",
     "b+prefetch": "(b) + prefetch thread",
     "c": "(c) Kafka → run loop, Redis buffer, metrics, drift, checkpoints",
+    "d": "(d) Avalanche OnlineNaive + ReplayPlugin",
 }
 
 
