@@ -18,7 +18,7 @@ class MemoryStore:
     Storage is allocated on the first ``add`` (the sample shape is known then) and never
     grows. Insert and sample are a handful of tensor ops per batch, no per-sample loop. A CPU
     copy of each slot's class key (``level * 2**32 + y``) serves class-aware policies and
-    :meth:`class_counts` without a device sync.
+    :meth:`class_counts` (counted when asked, at probe time, not per insert) without a device sync.
 
     Parameters
     ----------
@@ -58,7 +58,6 @@ class MemoryStore:
         self._y = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         self._level = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self._keys = np.full(capacity, EMPTY, dtype=np.int64)
-        self._counts: dict[int, int] = {}
         self._size = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> np.ndarray:
@@ -74,8 +73,6 @@ class MemoryStore:
         keep = np.flatnonzero(slots >= 0)
         if keep.size == 0:
             return slots
-        self._count(self._keys[slots[keep]], -1)
-        self._count(keys[keep], +1)
         self._keys[slots[keep]] = keys[keep]
         src = torch.from_numpy(keep).to(x.device)
         dst = torch.from_numpy(slots[keep]).to(self.device)
@@ -106,7 +103,8 @@ class MemoryStore:
 
     def class_counts(self) -> dict[tuple[int, int], int]:
         """Stored samples per class ``(level, y)``."""
-        return {split_key(k): v for k, v in self._counts.items()}
+        classes, counts = np.unique(self._keys[: self._size], return_counts=True)
+        return {split_key(k): c for k, c in zip(classes.tolist(), counts.tolist(), strict=True)}
 
     def __len__(self) -> int:
         return self._size
@@ -124,15 +122,6 @@ class MemoryStore:
     def take_errors(self) -> int:
         return 0
 
-    def _count(self, keys: np.ndarray, sign: int) -> None:
-        classes, counts = np.unique(keys[keys != EMPTY], return_counts=True)
-        for k, c in zip(classes.tolist(), counts.tolist(), strict=True):
-            left = self._counts.get(k, 0) + sign * c
-            if left:
-                self._counts[k] = left
-            else:
-                self._counts.pop(k, None)
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "x": None if self._x is None else self._x.cpu(),
@@ -149,8 +138,6 @@ class MemoryStore:
         self._y = state["y"].to(self.device)
         self._level = state["level"].to(self.device)
         self._keys = state["keys"].numpy().copy()
-        self._counts = {}
-        self._count(self._keys, +1)
         self._size = int(state["size"])
         self.policy.load_state_dict(state["policy"])
         self._rng.bit_generator.state = state["rng"]

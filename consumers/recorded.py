@@ -8,7 +8,8 @@ File format (version 1), gzip-compressed as a whole:
   holds ``stream``, ``partition``, ``offset``, ``timestamp`` and ``headers`` (a list of
   ``[name, base64 value]``).
 
-Frames are read one at a time, so a file of any size streams in constant memory. A file cut short
+Frames are parsed from 64 KiB chunks of the decompressed stream, so a file of any size streams in
+constant memory. A file cut short
 yields its complete frames, then raises :class:`RecordedStreamError`. The version byte is bumped on any
 change old readers cannot read; readers reject other magic/version bytes.
 """
@@ -16,6 +17,7 @@ change old readers cannot read; readers reject other magic/version bytes.
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import json
 import struct
@@ -30,6 +32,7 @@ from consumers.wire import MAX_PAYLOAD_BYTES, decode
 MAGIC = b"SCLREC\x00\x01"
 _U32 = struct.Struct("<I")
 _NULL = 0xFFFFFFFF
+_CHUNK = 1 << 16
 
 
 class RecordedStreamError(ValueError):
@@ -75,11 +78,9 @@ def read_messages(path: str | Path) -> Iterator[Message]:
         with gzip.open(path, "rb") as src:
             if src.read(len(MAGIC)) != MAGIC:
                 raise RecordedStreamError(f"{path}: not a stream-cl recorded stream (bad magic)")
-            while True:
-                head = src.read(4)
-                if not head:
-                    return
-                yield _read_frame(src, head, path)
+            frames = _Chunks(src, path)
+            while frames.more():
+                yield _read_frame(frames)
     except (OSError, EOFError) as err:
         raise RecordedStreamError(f"{path}: {err}") from err
 
@@ -154,21 +155,50 @@ def _write_frame(out: BinaryIO, message: Message) -> None:
     out.write(_U32.pack(len(message.value)) + message.value)
 
 
-def _read_exact(src: BinaryIO, n: int, path: str | Path) -> bytes:
-    data = src.read(n)
-    if len(data) != n:
-        raise RecordedStreamError(f"{path}: truncated frame")
-    return data
+class _Chunks:
+    """The decompressed stream read in large chunks: one gzip read per 64 KiB, not four per frame."""
+
+    def __init__(self, src: BinaryIO, path: str | Path) -> None:
+        self._src, self._path = src, path
+        self._buf, self._pos = b"", 0
+
+    def more(self) -> bool:
+        return self._pos < len(self._buf) or self._fill(1)
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._buf) and not self._fill(n):
+            raise RecordedStreamError(f"{self._path}: truncated frame")
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def u32(self) -> int:
+        return _U32.unpack(self.take(4))[0]
+
+    def _fill(self, n: int) -> bool:
+        """Make ``n`` bytes available from the current position; False at end of file."""
+        parts, have = [self._buf[self._pos :]], len(self._buf) - self._pos
+        while have < n:
+            chunk = self._src.read(max(_CHUNK, n - have))
+            if not chunk:
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        self._buf, self._pos = b"".join(parts), 0
+        return have >= n
 
 
-def _read_frame(src: BinaryIO, head: bytes, path: str | Path) -> Message:
-    if len(head) != 4:
-        raise RecordedStreamError(f"{path}: truncated frame")
-    meta = json.loads(_read_exact(src, _U32.unpack(head)[0], path))
-    (key_len,) = _U32.unpack(_read_exact(src, 4, path))
-    key = None if key_len == _NULL else _read_exact(src, key_len, path)
-    (value_len,) = _U32.unpack(_read_exact(src, 4, path))
-    value = _read_exact(src, value_len, path)
-    headers = tuple((k, base64.b64decode(v)) for k, v in meta["headers"])
+def _read_frame(frames: _Chunks) -> Message:
+    meta = json.loads(frames.take(frames.u32()))
+    key_len = frames.u32()
+    key = None if key_len == _NULL else frames.take(key_len)
+    value = frames.take(frames.u32())
+    headers = tuple((k, _header_value(v)) for k, v in meta["headers"])
     position = Position(meta["stream"], meta["partition"], meta["offset"])
     return Message(position, meta["timestamp"], key, value, headers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_value(encoded: str) -> bytes:
+    """Header values repeat from frame to frame (dtype, shape, labels): decode each once."""
+    return base64.b64decode(encoded)

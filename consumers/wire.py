@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ JSON_TYPE = b"application/json"
 BINARY_TYPE = b"application/x-streamcl-tensor"
 DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+_PARSED_MAX = 4096
 
 REASONS = (
     "undecodable",  # bytes that are not valid UTF-8 JSON / unknown content type
@@ -95,10 +97,12 @@ def _decode(message: Message, max_bytes: int) -> Record:
     content_type = headers.get("content-type", JSON_TYPE)
     if content_type == BINARY_TYPE:
         sample_id = _text(headers, "id")
-        dtype = _parse_dtype(_text(headers, "dtype"))
-        shape = _parse_shape(_json_header(headers, "shape"))
-        label = _parse_label(_json_header(headers, "y"))
-        x = _array(message.value, dtype, shape)
+        key = ("layout", headers.get("dtype"), headers.get("shape"))
+        dtype, shape, nbytes = _parsed(key, lambda: _layout(headers))
+        label = _parsed(("y", headers.get("y")), lambda: _parse_label(_json_header(headers, "y")))
+        if len(message.value) != nbytes:
+            raise BadRecord("bad_shape", f"{len(message.value)} bytes for shape {list(shape)} of {dtype.name}")
+        x = _finite(np.frombuffer(message.value, dtype=dtype).reshape(shape))
     elif content_type == JSON_TYPE:
         body = _json_body(message.value)
         sample_id = body.get("id")
@@ -111,6 +115,28 @@ def _decode(message: Message, max_bytes: int) -> Record:
     else:
         raise BadRecord("undecodable", f"unknown content-type {content_type[:64]!r}")
     return Record(sample_id, x, label, message.position, message.timestamp, message)
+
+
+_parsed_headers: dict[tuple, object] = {}
+
+
+def _parsed(key: tuple, parse: Callable[[], object]) -> Any:
+    """``parse()``, remembered by the raw header bytes in ``key``: a stream repeats a handful of
+    layouts and labels, so most records skip the JSON parsing. Failures raise and are not kept."""
+    value = _parsed_headers.get(key, _parsed_headers)
+    if value is _parsed_headers:
+        value = parse()
+        if len(_parsed_headers) >= _PARSED_MAX:  # bounded: many distinct labels only cost re-parsing
+            _parsed_headers.clear()
+        _parsed_headers[key] = value
+    return value
+
+
+def _layout(headers: dict[str, bytes]) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, payload bytes) of a binary message."""
+    dtype = _parse_dtype(_text(headers, "dtype"))
+    shape = _parse_shape(_json_header(headers, "shape"))
+    return dtype, shape, math.prod(shape) * dtype.itemsize
 
 
 def _dtype_name(x: np.ndarray) -> str:
@@ -176,13 +202,6 @@ def _parse_label(label: object) -> tuple[str, ...] | None:
         return label_path(label)  # type: ignore[arg-type]
     except (ValueError, TypeError) as err:
         raise BadRecord("bad_label", str(err)[:200]) from err
-
-
-def _array(value: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    expected = math.prod(shape) * dtype.itemsize
-    if len(value) != expected:
-        raise BadRecord("bad_shape", f"{len(value)} bytes for shape {list(shape)} of {dtype.name}")
-    return _finite(np.frombuffer(value, dtype=dtype).reshape(shape))
 
 
 def _json_array(x: object, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -30,11 +30,19 @@ class PrequentialAccuracy:
         """Add a batch: ``level[i]`` of each scored sample and whether it was predicted right."""
         self.total += len(correct)
         self.correct += int(correct.sum())
+        if not len(level):
+            return
+        if (level == level[0]).all():  # the common case, one level per batch: no grouping needed
+            self._level(int(level[0])).extend(correct)
+            return
         for lvl in np.unique(level):
-            recent = self._recent.get(int(lvl))
-            if recent is None:
-                recent = self._recent[int(lvl)] = _Window(self.window)
-            recent.extend(correct[level == lvl])
+            self._level(int(lvl)).extend(correct[level == lvl])
+
+    def _level(self, level: int) -> _Window:
+        recent = self._recent.get(level)
+        if recent is None:
+            recent = self._recent[level] = _Window(self.window)
+        return recent
 
     def cumulative(self) -> float:
         """Accuracy over every scored sample so far (0 before any)."""

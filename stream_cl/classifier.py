@@ -9,6 +9,7 @@ from stream_cl.heads import LevelHeads
 from stream_cl.inputs import to_model_input
 from stream_cl.labels import LabelTree
 from stream_cl.learner import Prediction
+from stream_cl.models import mode_matters
 
 
 class Classifier(nn.Module):
@@ -23,6 +24,7 @@ class Classifier(nn.Module):
         self.backbone = backbone.to(self.device)
         self.heads = LevelHeads(backbone.out_dim, self.device)
         self.tree = tree
+        self.switch_mode = mode_matters(self.backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of prepared (float) inputs."""
@@ -42,16 +44,21 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def predict_prepared(self, x: torch.Tensor) -> Prediction:
-        was_training = self.training
-        self.eval()
+        was_training = self.training and self.switch_mode
+        if was_training:
+            self.eval()
         try:
             logits = self.logits(self(x)) if len(self.heads.heads) else []
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         n, depth = x.shape[0], max(self.tree.depth, 1)
+        levels = [out.float().softmax(dim=1).max(dim=1) for out in logits]
+        if levels and len(levels) == depth:  # every level has a head: no -1 padding needed
+            confidence = torch.stack([conf for conf, _ in levels], dim=1)
+            return Prediction(torch.stack([cls for _, cls in levels], dim=1), confidence)
         classes = torch.full((n, depth), -1, dtype=torch.long, device=x.device)
         confidence = torch.zeros((n, depth), device=x.device)
-        for level, out in enumerate(logits):
-            conf, cls = out.float().softmax(dim=1).max(dim=1)
+        for level, (conf, cls) in enumerate(levels):
             classes[:, level], confidence[:, level] = cls, conf
         return Prediction(classes, confidence)

@@ -49,6 +49,9 @@ def hierarchical_ce(
     logits: list[torch.Tensor], y: torch.Tensor, level: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Cross-entropy of each sample under its own level's head, averaged over the batch."""
+    if len(logits) == 1 and len(y):  # flat streams: every sample is at level 0, no masking needed
+        losses = F.cross_entropy(logits[0], y, reduction="none")
+        return (losses if weight is None else losses * weight).mean()
     total = logits[0].new_zeros(())
     for lvl, out in enumerate(logits):
         mask = level == lvl

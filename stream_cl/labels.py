@@ -38,6 +38,7 @@ class LabelTree:
         self.names: list[list[str]] = []
         self.parents: list[list[int]] = []
         self._index: list[dict[str, int]] = []
+        self._known: dict[LabelPath, tuple[int, int]] = {}  # path -> (level, index): one lookup per record
 
     @property
     def sizes(self) -> list[int]:
@@ -50,6 +51,8 @@ class LabelTree:
 
     def problem(self, path: LabelPath) -> str | None:
         """Why ``path`` cannot be learned (too deep, or contradicts a known parent), else None."""
+        if path in self._known:  # parents never change, so a learned path stays consistent
+            return None
         if len(path) > self.max_depth:
             return f"label path deeper than max_depth={self.max_depth}"
         for level in range(1, min(len(path), self.depth)):
@@ -74,17 +77,21 @@ class LabelTree:
         Returns ``(level, y, new)`` where ``new`` lists the ``(level, name)`` classes added.
         Paths must have passed :meth:`problem`.
         """
-        level = np.full(len(paths), -1, dtype=np.int64)
-        y = np.full(len(paths), -1, dtype=np.int64)
         new: list[tuple[int, str]] = []
-        for i, path in enumerate(paths):
+        encoded = []
+        for path in paths:
             if path is None:
+                encoded.append((-1, -1))
                 continue
-            parent = -1
-            for depth, name in enumerate(path):
-                parent = self._add(depth, name, parent, new)
-            level[i], y[i] = len(path) - 1, parent
-        return level, y, new
+            known = self._known.get(path)
+            if known is None:
+                parent = -1
+                for depth, name in enumerate(path):
+                    parent = self._add(depth, name, parent, new)
+                known = self._known[path] = (len(path) - 1, parent)
+            encoded.append(known)
+        pairs = np.array(encoded, dtype=np.int64).reshape(-1, 2)
+        return pairs[:, 0].copy(), pairs[:, 1].copy(), new
 
     def path(self, level: int, index: int) -> LabelPath:
         """The full path of class ``index`` at ``level``."""
@@ -118,6 +125,7 @@ class LabelTree:
         self.names = [list(n) for n in state["names"]]
         self.parents = [list(p) for p in state["parents"]]
         self._index = [{name: i for i, name in enumerate(level)} for level in self.names]
+        self._known = {}
 
     def _add(self, depth: int, name: str, parent: int, new: list[tuple[int, str]]) -> int:
         if depth == self.depth:

@@ -10,6 +10,18 @@ from torch.nn import functional as F
 
 MODELS = ("mlp", "resnet18-reduced", "resnet18")
 
+# Layers whose forward differs between train and eval mode (batch statistics, dropout masks).
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
+
+def mode_matters(module: nn.Module) -> bool:
+    """Whether ``module.train()``/``eval()`` changes what it computes.
+
+    ``nn.Module.train`` walks every submodule; for an MLP the walk costs as much as a small
+    forward pass, so callers skip it when the mode changes nothing.
+    """
+    return any(isinstance(m, _MODE_DEPENDENT) for m in module.modules())
+
 
 class MLP(nn.Module):
     """Two hidden ReLU layers over the flattened input; ``out_dim`` features."""

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+from prometheus_client import Counter
 from tqdm import tqdm
 
 from consumers.record import DeadLetter, Poll, Record
 from consumers.source import Instrumented, Source, next_offsets
 from monitoring.drift import DriftMonitor
 from monitoring.hierarchy import level_correct
-from monitoring.metrics import Metrics
+from monitoring.metrics import OUTCOMES, Metrics
 from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeResult, ProbeSet
 from stream_cl.learner import Batch, Learner, Observation
@@ -90,6 +91,8 @@ def run_stream(
     stop = stop or threading.Event()
     summary = Summary()
     accuracy = PrequentialAccuracy(options.online_window)
+    counted = {outcome: metrics.samples.labels(outcome=outcome) for outcome in OUTCOMES}
+    parent_maps = state.learner.labels.parent_maps() if state.learner is not None else []
     started = last_message = last_rate = time.monotonic()
     polled = rate_count = since_probe = 0
     bar = tqdm(total=options.max_records, unit="rec", disable=not options.progress, dynamic_ncols=True)
@@ -112,18 +115,20 @@ def run_stream(
         for dead in poll.dead_letters:
             _dead_letter(dead, summary, metrics, dead_letters)
         learn, held = _split_probe(records, probe)
-        summary.held_out += len(held)
-        metrics.samples.labels(outcome="held_out").inc(len(held))
+        if held:
+            summary.held_out += len(held)
+            counted["held_out"].inc(len(held))
         if overload is not None:
             learn = overload.admit(learn)
         if learn:
             observation = _observe(state.learner, learn, metrics)
             if predictions is not None:
                 predictions.publish(learn, observation.prediction, state.learner.labels, now)
-            correct = _score(observation, accuracy, summary, metrics, state.learner.labels.parent_maps())
+            if observation.new_labels or not parent_maps:
+                parent_maps = state.learner.labels.parent_maps()
+            correct = _score(observation, accuracy, summary, counted, parent_maps)
             if drift is not None:
                 _watch_drift(drift, observation, correct, learn, summary)
-            _publish_learner(state.learner, metrics)
             since_probe += observation.stats.n_learned
         offsets = next_offsets(poll.positions())
         source.commit(offsets)
@@ -135,14 +140,12 @@ def run_stream(
             since_probe = 0
         bar.update(len(poll))
         rate_count += len(poll)
-        if now - last_rate >= 1.0:
+        if now - last_rate >= 1.0:  # gauges change every batch but are scraped every few seconds
             metrics.samples_per_second.set(rate_count / (now - last_rate))
             last_rate, rate_count = now, 0
-            if isinstance(source, Instrumented):
-                _publish_source(source, metrics)
+            _publish_gauges(state.learner, accuracy, source, metrics)
     bar.close()
-    if isinstance(source, Instrumented):
-        _publish_source(source, metrics)
+    _publish_gauges(state.learner, accuracy, source, metrics)
     summary.learned_total = summary.learned
     if checkpointer is not None:
         checkpointer.finish(state, summary.learned)
@@ -204,47 +207,62 @@ def _observe(learner: Learner, records: list[Record], metrics: Metrics) -> Obser
 
 
 def _score(
-    obs: Observation, accuracy: PrequentialAccuracy, summary: Summary, metrics: Metrics, parent_maps: list[np.ndarray]
+    obs: Observation,
+    accuracy: PrequentialAccuracy,
+    summary: Summary,
+    counted: dict[str, Counter],
+    parent_maps: list[np.ndarray],
 ) -> np.ndarray:
     """Count the batch and update prequential accuracy per level (HLE parent rule, see monitoring.hierarchy).
 
     Returns whether each labelled sample was predicted right (in batch order).
     """
-    labelled = obs.y >= 0
+    y, levels, predicted = obs.y.cpu().numpy(), obs.level.cpu().numpy(), obs.prediction.classes.cpu().numpy()
+    labelled = y >= 0
     n_labelled = int(labelled.sum())
     summary.learned += n_labelled
-    summary.predicted += len(obs.y) - n_labelled
-    metrics.samples.labels(outcome="learned").inc(n_labelled)
-    metrics.samples.labels(outcome="predicted").inc(len(obs.y) - n_labelled)
-    if n_labelled:
-        levels = obs.level[labelled].cpu().numpy()
-        predicted = obs.prediction.classes[labelled].cpu().numpy()
-        correct = level_correct(predicted, levels, obs.y[labelled].cpu().numpy(), parent_maps)
-        accuracy.update(levels, correct)
-        for lvl in np.unique(levels):
-            metrics.online_accuracy.labels(level=str(lvl)).set(accuracy.windowed(int(lvl)))
-        return correct
-    return np.zeros(0, dtype=bool)
+    summary.predicted += len(y) - n_labelled
+    counted["learned"].inc(n_labelled)
+    if n_labelled < len(y):
+        counted["predicted"].inc(len(y) - n_labelled)
+        y, levels, predicted = y[labelled], levels[labelled], predicted[labelled]
+    if not n_labelled:
+        return np.zeros(0, dtype=bool)
+    correct = level_correct(predicted, levels, y, parent_maps)
+    accuracy.update(levels, correct)
+    return correct
 
 
 def _watch_drift(
     drift: DriftMonitor, obs: Observation, correct: np.ndarray, records: list[Record], summary: Summary
 ) -> None:
     """Feed the batch's error (as scored by ``_score``), loss and uncertainty signals at the records' offsets."""
-    positions = np.array([r.position.offset for r in records], dtype=np.int64)
-    labelled = (obs.y >= 0).cpu().numpy()
-    classes, confidence = obs.prediction.classes, obs.prediction.confidence
+    positions = np.fromiter((r.position.offset for r in records), dtype=np.int64, count=len(records))
+    labelled = obs.y.cpu().numpy() >= 0
     events = []
     if "error" in drift.signals and labelled.any():
         events += drift.update("error", ~correct, positions[labelled])
     if "loss" in drift.signals and obs.stats.loss is not None:
         events += drift.update("loss", np.array([obs.stats.loss]), positions[labelled][-1:])
-    known = classes >= 0
-    rows = known.any(dim=1)
-    if "uncertainty" in drift.signals and bool(rows.any()):
-        mean_conf = (confidence * known).sum(dim=1) / known.sum(dim=1).clamp(min=1)
-        events += drift.update("uncertainty", (1 - mean_conf[rows]).cpu().numpy(), positions[rows.cpu().numpy()])
-    summary.drift_events.extend(sorted((e.as_dict() for e in events), key=lambda e: e["position"]))
+    if "uncertainty" in drift.signals:
+        known = obs.prediction.classes.cpu().numpy() >= 0
+        rows = known.any(axis=1)
+        if rows.any():
+            confidence = (obs.prediction.confidence.cpu().numpy() * known).sum(axis=1)
+            mean_conf = confidence / np.maximum(known.sum(axis=1), 1)
+            events += drift.update("uncertainty", 1 - mean_conf[rows], positions[rows])
+    if events:
+        summary.drift_events.extend(sorted((e.as_dict() for e in events), key=lambda e: e["position"]))
+
+
+def _publish_gauges(learner: Learner | None, accuracy: PrequentialAccuracy, source: Source, metrics: Metrics) -> None:
+    """The per-second gauges: windowed online accuracy, classes seen, buffer size and errors, source lag."""
+    for level in accuracy.levels:
+        metrics.online_accuracy.labels(level=str(level)).set(accuracy.windowed(level))
+    if learner is not None:
+        _publish_learner(learner, metrics)
+    if isinstance(source, Instrumented):
+        _publish_source(source, metrics)
 
 
 def _publish_source(source: Instrumented, metrics: Metrics) -> None:

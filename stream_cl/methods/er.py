@@ -54,22 +54,26 @@ class ER:
         x = to_model_input(x_raw)
         prediction = self.model.predict_prepared(x)
         level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
-        if not learn.any():
+        n_learn = int(learn.sum())
+        if not n_learn:
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
+        raw_in, inputs, targets, levels = x_raw, x, y, level
+        if n_learn < len(learn):  # unlabelled records are only predicted
+            raw_in, inputs, targets, levels = x_raw[learn], x[learn], y[learn], level[learn]
 
         # Draw the replay from the buffer as it was, then insert this batch: one round trip for Redis.
-        replay = self.buffer.sample_then_add(self.replay_batch_size, x_raw[learn], y[learn], level[learn])
-        inputs, targets, levels = x[learn], y[learn], level[learn]
+        replay = self.buffer.sample_then_add(self.replay_batch_size, raw_in, targets, levels)
         if len(replay):
             inputs = torch.cat([inputs, to_model_input(replay.x.to(self.model.device))])
             targets = torch.cat([targets, replay.y.to(self.model.device)])
             levels = torch.cat([levels, replay.level.to(self.model.device)])
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return Observation(prediction, level, y, StepStats(loss.item(), int(learn.sum()), len(replay)), new)
+        return Observation(prediction, level, y, StepStats(loss.item(), n_learn, len(replay)), new)
 
     def predict(self, x: torch.Tensor) -> Prediction:
         return self.model.predict(x)
