@@ -50,7 +50,8 @@ METHOD_NOTES = [
     "step latency = duration of one learner step (`observe`, or the plain loop's step), pooled over repetitions.",
     "Paths run one after the other in each repetition, the order rotated between repetitions; ratios are taken "
     "within a repetition, then the median over repetitions is reported.",
-    "(a) is ER written by hand: same backbone, SGD, stream/replay batch sizes, eval-mode prediction, uniform "
+    "(a) is ER written by hand: same backbone, SGD, stream/replay batch sizes, eval-mode prediction (the "
+    "train/eval switch is skipped, in (a) as in stream-cl, for models without batch-norm or dropout), uniform "
     "replay from a preallocated tensor buffer, vectorised reservoir insert; one fixed-size head (stream-cl "
     "grows its heads as classes appear). Methods without a hand-written loop (OnPro) use `learner.observe` "
     "on preloaded tensors as their (a).",

@@ -71,3 +71,19 @@ def test_oversized_limit_is_configurable() -> None:
     message = Message(Position("t", 0, 0), 0.0, None, value, tuple(headers))
     assert isinstance(decode(message, max_bytes=100), Record)
     assert decode(message, max_bytes=99).reason == "oversized"
+
+
+def test_remembered_headers_still_check_every_payload_and_stay_bounded() -> None:
+    from consumers import wire
+
+    value, headers = encode_binary("a", np.ones(4, np.float32), "cat")
+    assert isinstance(decode(Message(Position("t", 0, 0), 0.0, None, value, tuple(headers))), Record)
+    short = decode(Message(Position("t", 0, 1), 0.0, None, value[:-4], tuple(headers)))  # same headers, 3 floats
+    assert isinstance(short, DeadLetter) and short.reason == "bad_shape"
+    nan = decode(Message(Position("t", 0, 2), 0.0, None, np.full(4, np.nan, np.float32).tobytes(), tuple(headers)))
+    assert isinstance(nan, DeadLetter) and nan.reason == "non_finite"
+    for k in range(wire._PARSED_MAX + 10):  # more distinct labels than the memo holds
+        value, headers = encode_binary(f"s{k}", np.ones(2, np.float32), f"class-{k}")
+        record = decode(Message(Position("t", 0, k), 0.0, None, value, tuple(headers)))
+        assert record.label == (f"class-{k}",)
+    assert len(wire._parsed_headers) <= wire._PARSED_MAX

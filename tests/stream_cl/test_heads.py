@@ -69,3 +69,19 @@ def test_hierarchical_ce_scores_each_sample_under_its_own_level() -> None:
     assert hierarchical_ce(logits, y, level).item() == pytest.approx(expected.item())
     weighted = hierarchical_ce(logits, y, level, weight=torch.tensor([0.0, 1.0, 0.0]))
     assert weighted.item() == pytest.approx(F.cross_entropy(logits[1][[1]], y[[1]]).item() / 3)
+
+
+def test_one_level_loss_equals_the_masked_general_loss() -> None:
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    weight = torch.rand(6)
+    level = torch.zeros(6, dtype=torch.long)
+    assert torch.allclose(hierarchical_ce([logits], y, level), F.cross_entropy(logits, y))
+    expected = (F.cross_entropy(logits, y, reduction="none") * weight).mean()
+    assert torch.allclose(hierarchical_ce([logits], y, level, weight), expected)
+    # two levels: each sample scored by its own level's head, averaged over all samples
+    fine, level2 = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+    y2 = torch.tensor([0, 2, 1, 0, 3, 1])
+    manual = (F.cross_entropy(logits[level2 == 0], y2[level2 == 0], reduction="sum")
+              + F.cross_entropy(fine[level2 == 1], y2[level2 == 1], reduction="sum")) / 6  # fmt: skip
+    assert torch.allclose(hierarchical_ce([logits, fine], y2, level2), manual)

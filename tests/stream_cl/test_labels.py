@@ -61,3 +61,14 @@ def test_state_round_trip_keeps_indices() -> None:
     _, y, new = copy.encode([("vehicle", "car"), ("animal", "cat")])
     assert y.tolist() == [1, 2] and new == [(1, "cat")]
     assert np.array_equal(copy.parent_map(1), [0, 1, 0])
+
+
+def test_loading_state_replaces_what_the_tree_remembered() -> None:
+    used = LabelTree()
+    used.encode([("vehicle", "car"), ("animal", "dog")])
+    other = LabelTree()
+    other.encode([("animal", "dog"), ("vehicle", "car")])
+    used.load_state_dict(other.state_dict())
+    level, y, new = used.encode([("vehicle", "car"), ("animal", "dog")])
+    assert level.tolist() == [1, 1] and y.tolist() == [1, 0] and new == []
+    assert "has parent 'animal'" in used.problem(("vehicle", "dog"))
