@@ -78,6 +78,15 @@ def check_unlabelled_records_are_not_learned(learner: Learner) -> None:
     assert (obs.y == -1).all()
 
 
+def check_mixed_batch_learns_only_the_labelled(learner: Learner) -> None:
+    batch = stream()[0]
+    labels = [path if i % 2 else None for i, path in enumerate(batch.labels)]
+    obs = learner.observe(Batch(batch.x, labels))
+    assert obs.stats.n_learned == 5 and len(obs.prediction.classes) == 10
+    assert (obs.y[0::2] == -1).all() and (obs.y[1::2] >= 0).all()
+    assert len(learner.buffer) <= 5
+
+
 def run_all_seeded(make) -> list[torch.Tensor]:
     learner = make()
     return [learner.observe(b).prediction.classes for b in stream()]

@@ -54,7 +54,7 @@ class ER:
         x = to_model_input(x_raw)
         prediction = self.model.predict_prepared(x)
         level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
-        n_learn = int(learn.sum())
+        n_learn = len(batch.labels) - batch.labels.count(None)  # no tensor reduction and sync
         if not n_learn:
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
         raw_in, inputs, targets, levels = x_raw, x, y, level

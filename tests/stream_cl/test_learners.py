@@ -37,6 +37,7 @@ CHECKS = [
     contracts.check_observe_predicts_before_learning,
     contracts.check_new_labels_mid_stream,
     contracts.check_unlabelled_records_are_not_learned,
+    contracts.check_mixed_batch_learns_only_the_labelled,
 ]
 
 
