@@ -1,35 +1,76 @@
-"""Lua scripts of the Redis replay store: one atomic call per micro-batch insert, one per sample.
+"""The Lua script of the Redis replay store: one atomic call per learner step (draw, then insert).
 
 Keys (all under one hash tag, so a cluster keeps them on one node): ``meta`` (capacity, dtype,
 shape, policy), ``seen`` (global stream counter), ``x`` (slot -> raw sample bytes), ``lab`` (slot ->
 ``"level:y"``), ``counts`` (``"level:y"`` -> stored samples). The class-balanced policy adds
 ``stream`` (``"level:y"`` -> stream samples), ``full`` (set of full classes) and one sorted set of
 slots per class (``cls:<level:y>``). Random numbers come in ARGV from the client's seeded
-generator: the scripts are deterministic and need no server-side RNG.
+generator: the script is deterministic and needs no server-side RNG.
+
+Arrays travel packed (little-endian doubles and int32, cut and built with Redis' ``struct``
+library), so a call has ten arguments and a reply eight values whatever the batch sizes: the
+client's cost per call stays flat instead of growing with one parsed value per sample.
 """
 
 from __future__ import annotations
 
 KEYS = ("meta", "seen", "x", "lab", "counts", "stream", "full", "cls:")
 
-INSERT = """
--- ARGV: capacity, dtype, shape, policy, n, item bytes, the n samples' bytes back to back,
--- 2n uniforms in [0, 1), n labels. Returns {slots, seen, size, counts as "label count ...").
--- reservoir: exact Algorithm R over the global counter (sample t -> slot t-1 while t <= M, else slot
--- floor(u*t) when < M). class-balanced: CBRS (Chrysakis & Moens 2020), as buffers.balanced does it.
-local cap, policy, n, size = tonumber(ARGV[1]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+STEP = """
+-- ARGV: capacity, dtype, shape, policy, item bytes, m (samples to draw), n (samples to insert),
+-- m + 2n uniforms in [0, 1) ('<d' each), the n levels then the n ys ('<i4' each), the n samples' bytes
+-- back to back. Draws m distinct stored samples, then inserts the n.
+-- Returns {dtype, shape, drawn slots, levels, ys (m '<i4' each, one string), drawn samples' bytes,
+-- seen, size, each inserted sample's slot ('<i4', -1: not kept), counts as "label count ..." (m = n = 0
+-- only; else '')}.
+local cap, policy, size, m, n = tonumber(ARGV[1]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local cbrs = policy == 'class-balanced'
 local meta = redis.call('HMGET', KEYS[1], 'capacity', 'dtype', 'shape', 'policy')
-if meta[1] then
-  if tonumber(meta[1]) ~= cap or meta[2] ~= ARGV[2] or meta[3] ~= ARGV[3] or meta[4] ~= policy then
+if n > 0 then
+  if not meta[1] then
+    redis.call('HSET', KEYS[1], 'capacity', cap, 'dtype', ARGV[2], 'shape', ARGV[3], 'policy', policy)
+  elseif tonumber(meta[1]) ~= cap or meta[2] ~= ARGV[2] or meta[3] ~= ARGV[3] or meta[4] ~= policy then
     return redis.error_reply('SHAPE buffer holds capacity ' .. meta[1] .. ' of ' .. meta[2] .. '[' .. meta[3] ..
       '] by ' .. meta[4])
   end
-else
-  redis.call('HSET', KEYS[1], 'capacity', cap, 'dtype', ARGV[2], 'shape', ARGV[3], 'policy', policy)
 end
 
-local function write(slot, label, data)
+local function uniform(i) return (struct.unpack('<d', ARGV[8], 8 * i - 7)) end
+
+local function hmget(key, fields)  -- in chunks: unpack() of a whole large draw would overflow Lua's stack
+  local out = {}
+  for first = 1, #fields, 1000 do
+    local part = redis.call('HMGET', key, unpack(fields, first, math.min(first + 999, #fields)))
+    for i = 1, #part do out[#out + 1] = part[i] end
+  end
+  return out
+end
+
+-- Draw: Floyd's algorithm, m distinct slots of 0..stored-1, uniformly.
+local stored = redis.call('HLEN', KEYS[4])
+m = math.min(m, stored)
+local drawn, data = {}, ''
+if m > 0 then
+  local chosen, order = {}, {}
+  for k = 1, m do
+    local j = stored - m + k - 1
+    local t = math.min(math.floor(uniform(k) * (j + 1)), j)
+    if chosen[t] then t = j end
+    chosen[t] = true
+    order[k] = t
+  end
+  local labels = hmget(KEYS[4], order)
+  for k = 1, m do
+    local level, y = string.match(labels[k], '^(-?%d+):(-?%d+)$')
+    drawn[k] = struct.pack('<i4', order[k])
+    drawn[m + k], drawn[2 * m + k] = struct.pack('<i4', tonumber(level)), struct.pack('<i4', tonumber(y))
+  end
+  data = table.concat(hmget(KEYS[3], order))
+end
+
+-- Insert. reservoir: exact Algorithm R over the global counter (sample t -> slot t-1 while t <= M, else
+-- slot floor(u*t) when < M). class-balanced: CBRS (Chrysakis & Moens 2020), as buffers.balanced does it.
+local function write(slot, label, bytes)
   local old = redis.call('HGET', KEYS[4], slot)
   if old then
     if redis.call('HINCRBY', KEYS[5], old, -1) <= 0 then redis.call('HDEL', KEYS[5], old) end
@@ -38,11 +79,11 @@ local function write(slot, label, data)
   redis.call('HSET', KEYS[4], slot, label)
   redis.call('HINCRBY', KEYS[5], label, 1)
   if cbrs then redis.call('ZADD', KEYS[8] .. label, slot, slot) end
-  redis.call('HSET', KEYS[3], slot, data)
+  redis.call('HSET', KEYS[3], slot, bytes)
 end
 
-local function pick(label, stored, u)  -- a uniformly drawn slot of class label
-  local rank = math.min(math.floor(u * stored), stored - 1)
+local function pick(label, count, u)  -- a uniformly drawn slot of class label
+  local rank = math.min(math.floor(u * count), count - 1)
   return tonumber(redis.call('ZRANGE', KEYS[8] .. label, rank, rank)[1])
 end
 
@@ -67,7 +108,8 @@ local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
 local slots = {}
 for k = 1, n do
   seen = seen + 1
-  local label, u1, u2 = ARGV[7 + 2 * n + k], tonumber(ARGV[6 + 2 * k]), tonumber(ARGV[7 + 2 * k])
+  local level, y = (struct.unpack('<i4', ARGV[9], 4 * k - 3)), (struct.unpack('<i4', ARGV[9], 4 * (n + k) - 3))
+  local label, u1, u2 = level .. ':' .. y, uniform(m + 2 * k - 1), uniform(m + 2 * k)
   local slot = seen - 1
   if seen <= cap then
     if cbrs then redis.call('HINCRBY', KEYS[6], label, 1) end
@@ -77,34 +119,17 @@ for k = 1, n do
     slot = math.floor(u1 * seen)
     if slot >= cap then slot = -1 end
   end
-  if slot >= 0 then write(slot, label, string.sub(ARGV[7], (k - 1) * size + 1, k * size)) end
+  if slot >= 0 then write(slot, label, string.sub(ARGV[10], (k - 1) * size + 1, k * size)) end
   slots[k] = slot
 end
-redis.call('SET', KEYS[2], seen)
-return {slots, seen, redis.call('HLEN', KEYS[4]), table.concat(redis.call('HGETALL', KEYS[5]), ' ')}
-"""
-
-SAMPLE = """
--- ARGV: n, then n uniforms in [0, 1). Floyd's algorithm: n distinct slots of 0..size-1, uniformly.
--- Returns {slots, labels, blobs, dtype, shape, size}.
-local size = redis.call('HLEN', KEYS[4])
-local n = math.min(tonumber(ARGV[1]), size)
-local meta = redis.call('HMGET', KEYS[1], 'dtype', 'shape')
-if n == 0 then return {{}, {}, {}, meta[1], meta[2], size} end
-local chosen, order = {}, {}
-for k = 1, n do
-  local j = size - n + k - 1
-  local t = math.min(math.floor(tonumber(ARGV[k + 1]) * (j + 1)), j)
-  if chosen[t] then t = j end
-  chosen[t] = true
-  order[k] = t
+if n > 0 then redis.call('SET', KEYS[2], seen) end
+local written, packed = {}, {}
+for k = n, 1, -1 do  -- a slot written twice in the batch keeps the later sample: the earlier one gets -1
+  if slots[k] >= 0 and written[slots[k]] then slots[k] = -1 elseif slots[k] >= 0 then written[slots[k]] = true end
+  packed[k] = struct.pack('<i4', slots[k])
 end
-local labels = redis.call('HMGET', KEYS[4], unpack(order))
-return {order, labels, redis.call('HMGET', KEYS[3], unpack(order)), meta[1], meta[2], size}
-"""
-
-STATS = """
--- Returns {seen, size, counts as "label count ..."} without changing anything.
-local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
-return {seen, redis.call('HLEN', KEYS[4]), table.concat(redis.call('HGETALL', KEYS[5]), ' ')}
+local counts = ''  -- only when asked (a call that neither draws nor inserts): its size grows with the classes
+if tonumber(ARGV[6]) == 0 and n == 0 then counts = table.concat(redis.call('HGETALL', KEYS[5]), ' ') end
+return {meta[2] or '', meta[3] or '', table.concat(drawn), data, seen, redis.call('HLEN', KEYS[4]),
+  table.concat(packed), counts}
 """

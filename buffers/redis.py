@@ -1,9 +1,10 @@
 """Replay store in Redis, shared by any number of learner processes (redis-py + Lua).
 
-One atomic script call inserts a micro-batch: the global counter, the slot decisions (exact
-Algorithm R), the sample bytes and the labels change together, so N learners writing into one
-buffer keep the statistics of a single reservoir over their merged streams. ``sample_then_add``
-sends the sample script and the insert script in one pipeline: one round trip per learner step.
+One atomic script call (:data:`buffers.lua.STEP`) draws replay samples, then inserts a
+micro-batch: the global counter, the slot decisions (exact Algorithm R or CBRS), the sample bytes
+and the labels change together, so N learners writing into one buffer keep the statistics of a
+single reservoir over their merged streams. ``sample_then_add`` is one call: one round trip per
+learner step, with every array packed into one argument or reply value (see :mod:`buffers.lua`).
 Samples are stored as raw tensor bytes; dtype and shape are kept once per buffer (never pickle).
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +25,6 @@ import torch
 from buffers import lua
 from buffers.balanced import ClassBalancedPolicy
 from buffers.memory import MemoryStore
-from buffers.policy import last_write_wins
 from buffers.reservoir import ReservoirPolicy
 from buffers.store import ReplayBatch
 
@@ -100,11 +102,14 @@ class RedisStore:
             self.fallback = MemoryStore(local, policy=POLICIES[policy](local, seed=seed), device=device, seed=seed)
         self._rng = np.random.default_rng(seed)
         self._clock = clock
-        self._sha = {code: hashlib.sha1(code.encode()).hexdigest() for code in (lua.INSERT, lua.SAMPLE, lua.STATS)}
+        self._sha = hashlib.sha1(lua.STEP.encode()).hexdigest()
         self._errors = self._taken = 0
         self._retry_at, self._backoff = 0.0, retry_min_s
         self._seen = self._size = self._item_bytes = 0
-        self._counts: dict[tuple[int, int], int] = {}
+        self._counts = b""  # "level:y count ..." as last read
+        self._conn: redis.Connection | None = None  # taken from the client's pool on first use
+        self._pid, self._lock = os.getpid(), threading.Lock()
+        self._layouts: dict[tuple[bytes, bytes], tuple[np.dtype, tuple[int, ...]]] = {}
 
     # -- the ReplayStore API -------------------------------------------------------------------
 
@@ -112,35 +117,40 @@ class RedisStore:
         """Insert a micro-batch atomically; returns each sample's slot (-1: not kept or Redis down)."""
         if len(x) == 0:
             return np.empty(0, dtype=np.int64)
-        replies = self._run([(lua.INSERT, self._insert_args(x, y, level))])
-        if replies is None:
+        reply = self._step(0, x, y, level)
+        if reply is None:
             self._fallback_add(x, y, level)
             return np.full(len(x), -1, dtype=np.int64)
-        return self._read_insert(replies[0])
+        return np.frombuffer(reply[6], dtype="<i4").astype(np.int64)
 
     def sample(self, n: int) -> ReplayBatch:
         """Up to ``n`` distinct samples, uniformly without replacement, in one round trip."""
-        replies = self._run([(lua.SAMPLE, self._sample_args(n))])
-        if replies is None:
+        reply = self._step(n)
+        if reply is None:
             return self.fallback.sample(n) if self.fallback is not None else ReplayBatch.empty(self.device)
-        return self._read_sample(replies[0])
+        return self._read_sample(reply)
 
     def sample_then_add(self, n: int, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> ReplayBatch:
-        """Draw ``n`` samples, then insert the batch: both scripts in one pipelined round trip."""
+        """Draw ``n`` samples, then insert the batch: one script call, one round trip."""
         if len(x) == 0:
             return self.sample(n)
-        replies = self._run([(lua.SAMPLE, self._sample_args(n)), (lua.INSERT, self._insert_args(x, y, level))])
-        if replies is None:
+        reply = self._step(n, x, y, level)
+        if reply is None:
             replay = self.fallback.sample(n) if self.fallback is not None else ReplayBatch.empty(self.device)
             self._fallback_add(x, y, level)
             return replay
-        replay = self._read_sample(replies[0])
-        self._read_insert(replies[1])  # after the sample: its size is the newer
-        return replay
+        return self._read_sample(reply)
 
     def class_counts(self) -> dict[tuple[int, int], int]:
-        """Stored samples per class ``(level, y)`` as of this store's last insert or :meth:`refresh`."""
-        return dict(self._counts)
+        """Stored samples per class ``(level, y)``, read from Redis (the last counts read if it is unreachable).
+
+        One round trip, made when asked (at probe time) rather than on every learner step: the
+        counts grow with the number of classes, the steps' replies stay the same size.
+        """
+        self.refresh()
+        flat = self._counts.split()
+        pairs = (tuple(map(int, k.split(b":"))) for k in flat[0::2])
+        return dict(zip(pairs, map(int, flat[1::2]), strict=True))
 
     def __len__(self) -> int:
         """Buffer size as of the last call (other learners may have added since)."""
@@ -168,16 +178,13 @@ class RedisStore:
 
     def refresh(self) -> bool:
         """Re-read seen, size and class counts from Redis; False when Redis is unreachable."""
-        replies = self._run([(lua.STATS, [])])
-        if replies is not None:
-            self._read_stats(replies[0])
-        return replies is not None
+        return self._step(0) is not None
 
     def clear(self) -> None:
         """Delete the shared buffer (every learner's samples)."""
         self.client.delete(*self.keys[:-1], *self.client.scan_iter(match=f"{self.keys[-1]}*"))
         self._seen = self._size = 0
-        self._counts = {}
+        self._counts = b""
 
     def state_dict(self) -> dict[str, Any]:
         """The client side only (generator, fallback); the samples live in Redis."""
@@ -194,12 +201,25 @@ class RedisStore:
 
     # -- Redis calls ----------------------------------------------------------------------------
 
-    def _run(self, calls: list[tuple[str, list]]) -> list | None:
-        """Run the scripts in one pipeline; None (error counted, back-off set) if Redis is unavailable."""
+    def _step(
+        self, draw: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None, level: torch.Tensor | None = None
+    ) -> list | None:
+        """Draw ``draw`` samples, then insert the batch (if any), in one script call; None if Redis is down.
+
+        The reply's seen, size and class counts update the store's view of the shared buffer.
+        """
         if self._clock() < self._retry_at:
             return None
+        head, n, labels, data = ["", ""], 0, b"", b""
+        if x is not None:
+            array = x.detach().cpu().contiguous().numpy()
+            n, self._item_bytes, data = len(array), array[0].nbytes, array.tobytes()
+            head = [array.dtype.str, ",".join(map(str, array.shape[1:]))]
+            labels = np.concatenate((level.cpu().numpy(), y.cpu().numpy())).astype("<i4").tobytes()
+        uniforms = self._rng.random(max(draw, 0) + 2 * n).astype("<f8", copy=False).tobytes()
+        args = [self.capacity, *head, self.policy, self._item_bytes, max(draw, 0), n, uniforms, labels, data]
         try:
-            replies = self._pipeline(calls)
+            reply = self._eval(args)
         except (*UNAVAILABLE, redis.ResponseError) as error:
             if isinstance(error, redis.ResponseError) and str(error).startswith("SHAPE"):
                 raise ValueError(f"Redis buffer {self.name!r}: {str(error)[len('SHAPE ') :]}") from None
@@ -209,65 +229,53 @@ class RedisStore:
             self._backoff = min(max(2 * self._backoff, self.retry_min_s), self.retry_max_s)
             return None
         self._backoff = self.retry_min_s
-        return replies
+        self._seen, self._size = int(reply[4]), int(reply[5])
+        if not draw and x is None:
+            self._counts = reply[7]
+        return reply
 
-    def _pipeline(self, calls: list[tuple[str, list]]) -> list:
-        pipe = self.client.pipeline(transaction=False)
-        for code, args in calls:
-            pipe.evalsha(self._sha[code], len(self.keys), *self.keys, *args)
-        replies = pipe.execute(raise_on_error=False)
-        for i, reply in enumerate(replies):
-            # After a restart (or SCRIPT FLUSH) the script cache is empty: load and rerun that one call.
-            if isinstance(reply, redis.exceptions.NoScriptError):
-                code, args = calls[i]
-                self.client.script_load(code)
-                replies[i] = self.client.evalsha(self._sha[code], len(self.keys), *self.keys, *args)
-            elif isinstance(reply, Exception):
-                raise reply
-        return replies
+    def _eval(self, args: list) -> list:
+        command = ("EVALSHA", self._sha, len(self.keys), *self.keys, *args)
+        try:
+            return self._send(command)
+        except redis.exceptions.NoScriptError:  # after a restart (or SCRIPT FLUSH) the script cache is empty
+            self._send(("SCRIPT", "LOAD", lua.STEP))
+            return self._send(command)
 
-    # -- encoding -------------------------------------------------------------------------------
+    def _send(self, command: tuple) -> Any:
+        """One command on the store's own connection, retried as the client's ``retry`` says.
 
-    def _insert_args(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> list:
-        """All samples' bytes go as one argument (cut by the script): fewer, larger socket writes."""
-        array = x.detach().cpu().contiguous().numpy()
-        self._item_bytes = array[0].nbytes
-        shape = ",".join(map(str, array.shape[1:]))
-        head = [self.capacity, array.dtype.str, shape, self.policy, len(array), self._item_bytes]
-        draws = [repr(u) for u in self._rng.random(2 * len(array)).tolist()]
-        labels = [f"{lv}:{c}" for lv, c in zip(level.tolist(), y.tolist(), strict=True)]
-        return [*head, array.tobytes(), *draws, *labels]
+        Holding one connection skips the pool's per-command check-out (a lock and a poll() of the
+        socket) and redis-py's per-command bookkeeping: about 13 us of the learner's CPU per step.
+        A connection broken by a server restart is reconnected by the retry, as the pool would.
+        """
+        with self._lock:  # one command at a time on the connection (a probe may read counts from another thread)
+            if self._conn is None or self._pid != os.getpid():  # a forked child takes its own
+                self._conn, self._pid = self.client.connection_pool.get_connection(), os.getpid()
+            conn = self._conn
+            return conn.retry.call_with_retry(lambda: self._exchange(conn, command), lambda _: conn.disconnect())
 
-    def _sample_args(self, n: int) -> list:
-        return [n, *(repr(u).encode() for u in self._rng.random(max(n, 0)).tolist())]
+    @staticmethod
+    def _exchange(conn: redis.Connection, command: tuple) -> Any:
+        conn.send_packed_command(conn.pack_command(*command))
+        return conn.read_response()
 
-    def _read_insert(self, reply: list) -> np.ndarray:
-        slots, seen, size, counts = reply
-        self._read_stats([seen, size, counts])
-        return last_write_wins(np.asarray(slots, dtype=np.int64))
-
-    def _read_stats(self, reply: list) -> None:
-        seen, size, counts = reply
-        self._seen, self._size = int(seen), int(size)
-        flat = counts.split()
-        pairs = (tuple(map(int, k.split(b":"))) for k in flat[0::2])
-        self._counts = dict(zip(pairs, map(int, flat[1::2]), strict=True))
+    # -- decoding -------------------------------------------------------------------------------
 
     def _read_sample(self, reply: list) -> ReplayBatch:
-        slots, labels, blobs, dtype, shape, size = reply
-        self._size = int(size)
-        if not slots:
+        dtype, shape, drawn, data = reply[:4]
+        if not drawn:
             return ReplayBatch.empty(self.device)
-        dims = tuple(int(d) for d in shape.split(b",") if d)
-        x = np.frombuffer(b"".join(blobs), dtype=np.dtype(dtype.decode())).reshape(len(slots), *dims)
-        level_y = np.array([[int(part) for part in label.split(b":")] for label in labels], dtype=np.int64)
-        self._item_bytes = x[0].nbytes
-        return ReplayBatch(
-            torch.from_numpy(x.copy()).to(self.device),
-            torch.from_numpy(level_y[:, 1]).to(self.device),
-            torch.from_numpy(level_y[:, 0]).to(self.device),
-            torch.as_tensor(slots, dtype=torch.long, device=self.device),
-        )
+        if (dtype, shape) not in self._layouts:
+            self._layouts[dtype, shape] = np.dtype(dtype.decode()), tuple(int(d) for d in shape.split(b",") if d)
+        array_dtype, dims = self._layouts[dtype, shape]
+        ints = np.frombuffer(drawn, dtype="<i4").astype(np.int64).reshape(3, -1)  # slots, levels, ys
+        x = np.frombuffer(data, dtype=array_dtype).reshape(ints.shape[1], *dims)
+        self._item_bytes = len(data) // ints.shape[1]
+        tensors = [torch.from_numpy(array) for array in (x.copy(), ints[2], ints[1], ints[0])]
+        if self.device.type != "cpu":
+            tensors = [t.to(self.device) for t in tensors]
+        return ReplayBatch(*tensors)
 
     def _fallback_add(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> None:
         if self.fallback is not None:

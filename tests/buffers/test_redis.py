@@ -163,6 +163,16 @@ def test_open_store_refuses_unknown_specs():
         open_store("redis://127.0.0.1:1/0", 3, policy="balanced-reservoir")
 
 
+def test_a_draw_larger_than_luas_stack_limit(redis_server):
+    """The script reads drawn slots in chunks: one unpack() of 9000 fields would overflow Lua's C stack."""
+    store = open_store(f"{redis_server.url}?name=big-draw", 9000)
+    store.clear()
+    pos = torch.arange(9000)
+    store.add(pos.to(torch.int32).view(-1, 1), pos % 7, torch.zeros(9000, dtype=torch.long))
+    replay = store.sample(9000)
+    assert sorted(replay.x[:, 0].tolist()) == list(range(9000)) and torch.equal(replay.x[:, 0].long() % 7, replay.y)
+
+
 def test_a_reader_sees_the_writers_samples(redis_server):
     writer = open_store(f"{redis_server.url}?name=shared-view", 20, seed=1)
     writer.clear()
@@ -172,3 +182,5 @@ def test_a_reader_sees_the_writers_samples(redis_server):
     replay = reader.sample(5)
     assert len(reader) == 20 and len(replay) == 5 and replay.x.dtype == torch.int64 and replay.x.shape == (5, 4)
     assert torch.equal(replay.x[:, 0] % 3, replay.y)
+    counts = reader.class_counts()
+    assert counts == writer.class_counts() and sum(counts.values()) == 20, "the counts are read from Redis"
