@@ -9,13 +9,19 @@ own IO thread, where a blocking consumer call (``commit``) raises. So:
   (:func:`consumers.wire.decode`) and appends the results to a bounded buffer;
 * the learner thread's :meth:`KafkaSource.poll` only takes from that buffer, so the learner never waits on the
   network while data is there, and :meth:`KafkaSource.commit` only hands offsets to the fetch thread, which
-  commits them on its next turn (the learner never waits on a broker round trip);
+  commits them (the learner never waits on a broker round trip);
 * the rebalance listener (kafka-python's IO thread) only touches the buffer and the offset maps under a lock,
   and commits with ``await commit_async``.
 
-Backpressure: the buffer holds about ``prefetch`` records; when it is full the fetch thread pauses every
+Backpressure: the buffer holds at most about ``prefetch`` records; when it is full the fetch thread pauses every
 assigned partition (it keeps polling, so heartbeats and rebalances go on) and resumes once the learner has
-taken some.
+taken half of them, so that fetches come in large chunks rather than one learner batch at a time.
+
+Commits are coalesced: a learner that commits every batch would otherwise cost a broker round trip (and
+kafka-python's request machinery, heavy Python) per batch. The fetch thread sends the newest pending offsets
+at most once per ``commit_interval_s``, and at once on ``close()`` and on revoke, so a crash re-delivers at
+most about ``commit_interval_s`` more of learned records (still at-least-once; Kafka's own auto-commit
+default is 5 s).
 
 Rebalances: on revoke, records fetched but not yet handed to the learner are dropped (the next owner reads
 them from the committed offset), the listener waits (at most ``revoke_timeout_s``) until the learner has
@@ -72,13 +78,16 @@ class KafkaSource:
         ``session_timeout_ms / 2``, so tests use small values (e.g. 2000/500).
     revoke_timeout_s
         Longest wait, on revoke, for the learner to finish and commit the batch it holds.
+    commit_interval_s
+        Least time between two commits sent to the broker (0: every learner commit, on the fetch thread's
+        next turn); pending offsets are always sent on ``close()`` and on revoke.
     max_bytes
         Messages larger than this become ``oversized`` dead letters.
 
     Notes
     -----
     ``commit(offsets)`` takes the offsets of learned records (last + 1, see
-    :func:`consumers.source.next_offsets`); they reach the broker on the fetch thread's next turn and
+    :func:`consumers.source.next_offsets`); they reach the broker within about ``commit_interval_s`` and
     always before ``close()`` returns. ``committed`` holds what the broker has acknowledged. Leaving a
     ``with`` block on an exception closes without committing what is still pending.
     """
@@ -99,6 +108,7 @@ class KafkaSource:
         heartbeat_interval_ms: int = 3000,
         max_poll_interval_ms: int = 300000,
         revoke_timeout_s: float = 5.0,
+        commit_interval_s: float = 0.5,
         auto_offset_reset: str = "earliest",
         max_bytes: int = MAX_PAYLOAD_BYTES,
         client_id: str = "stream-cl",
@@ -107,8 +117,8 @@ class KafkaSource:
         for name, value in (("prefetch", prefetch), ("max_poll_records", max_poll_records), ("max_bytes", max_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if fetch_timeout_s <= 0 or revoke_timeout_s < 0:
-            raise ValueError("fetch_timeout_s must be > 0 and revoke_timeout_s >= 0")
+        if fetch_timeout_s <= 0 or revoke_timeout_s < 0 or commit_interval_s < 0:
+            raise ValueError("fetch_timeout_s must be > 0, revoke_timeout_s and commit_interval_s >= 0")
         if not 0 < heartbeat_interval_ms < session_timeout_ms:
             raise ValueError(f"need 0 < heartbeat_interval_ms < session_timeout_ms, got {heartbeat_interval_ms}")
         self.topic, self.group = topic, group
@@ -116,6 +126,9 @@ class KafkaSource:
         self._start = dict(start_offsets or {})
         self._prefetch, self._max_poll_records = prefetch, max_poll_records
         self._fetch_timeout_s, self._revoke_timeout_s, self._max_bytes = fetch_timeout_s, revoke_timeout_s, max_bytes
+        self._commit_interval_s = commit_interval_s
+        self._commit_due = 0.0  # monotonic time from which the fetch thread may send pending offsets
+        self._revoking = 0  # rebalance listeners waiting for the learner's commit
         self._cond = threading.Condition()
         self._buffer: deque[Record | DeadLetter] = deque()
         self._buffered: Counter[Key] = Counter()
@@ -161,7 +174,8 @@ class KafkaSource:
                 key = (pos.stream, pos.partition)
                 self._buffered[key] -= 1
                 self._delivered[key] = pos.offset + 1
-            self._cond.notify_all()
+            if len(self._buffer) <= self._prefetch // 2:  # else a paused fetch thread stays asleep
+                self._cond.notify_all()
         poll = Poll()
         for entry in taken:
             (poll.records if isinstance(entry, Record) else poll.dead_letters).append(entry)  # type: ignore[arg-type]
@@ -177,7 +191,8 @@ class KafkaSource:
             for key, offset in offsets.items():
                 if key in self._assigned and offset > max(self._pending.get(key, -1), self.committed.get(key, -1)):
                     self._pending[key] = offset
-            self._cond.notify_all()
+            if self._revoking or time.monotonic() >= self._commit_due:  # a wake-up per batch costs CPU
+                self._cond.notify_all()
 
     def lag(self) -> dict[Key, int]:
         """Records behind each assigned partition's high watermark that the learner has not received yet."""
@@ -221,14 +236,17 @@ class KafkaSource:
     def _fetch_loop(self) -> None:
         consumer = self._consumer
         last_lag = 0.0
+        full = False
         try:
             while not self._stop.is_set():
-                self._commit_pending()
+                if time.monotonic() >= self._commit_due:
+                    self._commit_pending()
                 if time.monotonic() - last_lag >= _LAG_EVERY_S:
                     self._update_lag()
                     last_lag = time.monotonic()
                 space = self._prefetch - len(self._buffer)
-                if space <= 0:
+                full = space <= 0 or (full and len(self._buffer) > self._prefetch // 2)
+                if full:
                     _guarded(consumer.pause, consumer.assignment())
                     # keeps group membership and rebalances going; a partition assigned since the pause may still
                     # return records, whose positions kafka-python has advanced, so they are kept
@@ -236,7 +254,8 @@ class KafkaSource:
                     if fetched:
                         self._append(fetched)
                     with self._cond:
-                        self._cond.wait_for(self._fetch_wanted, self._fetch_timeout_s)
+                        due = self._commit_due - time.monotonic() if self._pending else self._fetch_timeout_s
+                        self._cond.wait_for(self._fetch_wanted, min(self._fetch_timeout_s, max(0.0, due)))
                     continue
                 if consumer.paused():
                     _guarded(consumer.resume, consumer.paused())
@@ -256,7 +275,9 @@ class KafkaSource:
             consumer.close(autocommit=False)
 
     def _fetch_wanted(self) -> bool:
-        return len(self._buffer) < self._prefetch or bool(self._pending) or self._stop.is_set()
+        """While paused: wake when the buffer is down to its low watermark, a commit is due, or on close."""
+        commit_due = bool(self._pending) and time.monotonic() >= self._commit_due
+        return len(self._buffer) <= self._prefetch // 2 or commit_due or self._stop.is_set()
 
     def _append(self, fetched: dict) -> None:
         started = time.perf_counter()
@@ -275,6 +296,8 @@ class KafkaSource:
     def _commit_pending(self) -> None:
         with self._cond:
             offsets, self._pending = self._pending, {}
+            if offsets:
+                self._commit_due = time.monotonic() + self._commit_interval_s
         if not offsets:
             return
         try:
@@ -313,7 +336,12 @@ class KafkaSource:
                 done = (max(self._pending.get(k, -1), self.committed.get(k, -1)) >= self._delivered[k] for k in held)
                 return self._stop.is_set() or all(done)
 
-            if not self._cond.wait_for(settled, self._revoke_timeout_s):
+            self._revoking += 1
+            try:
+                waited = self._cond.wait_for(settled, self._revoke_timeout_s)
+            finally:
+                self._revoking -= 1
+            if not waited:
                 log.warning("revoked %s before the learner committed them; records will be delivered again", held)
             return {k: self._pending.pop(k) for k in list(self._pending) if k in keys}
 

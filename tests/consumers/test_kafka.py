@@ -121,6 +121,48 @@ def test_start_offsets_lag_and_bounded_prefetch(kafka_bootstrap, make_topic) -> 
         assert s.take_decode_seconds() and not s.take_decode_seconds()
 
 
+def _take(source: KafkaSource, n: int) -> list:
+    taken: list = []
+    while len(taken) < n:
+        taken += source.poll(1.0, n - len(taken)).records
+    return taken
+
+
+def _broker_committed(bootstrap: str, topic: str, group: str) -> int | None:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return consumer.committed(TopicPartition(topic, 0))
+    finally:
+        consumer.close()
+
+
+def test_commits_are_coalesced_and_close_sends_the_last_one(kafka_bootstrap, make_topic) -> None:
+    topic = make_topic(1)
+    produce_messages(kafka_bootstrap, topic, good_messages(100))
+    with KafkaSource(kafka_bootstrap, topic, "coalesce", prefetch=20, commit_interval_s=3600, **FAST_GROUP) as s:
+        s.commit(next_offsets(r.position for r in _take(s, 10)))  # the first commit is due at once
+        _wait(lambda: s.committed == {(topic, 0): 10})
+        for _ in range(2):
+            s.commit(next_offsets(r.position for r in _take(s, 10)))
+        time.sleep(0.5)  # several fetch-thread turns: none may send offsets before the interval is over
+        assert s.committed == {(topic, 0): 10}
+        assert _broker_committed(kafka_bootstrap, topic, "coalesce") == 10
+    assert s.committed == {(topic, 0): 30}
+    assert _broker_committed(kafka_bootstrap, topic, "coalesce") == 30
+
+
+def test_without_an_interval_each_commit_wakes_a_paused_fetch_thread(kafka_bootstrap, make_topic) -> None:
+    """A fetch timeout far beyond the waits below: only the commit's wake-up can send the offsets in time."""
+    topic = make_topic(1)
+    produce_messages(kafka_bootstrap, topic, good_messages(100))
+    options = {"prefetch": 10, "commit_interval_s": 0, "fetch_timeout_s": 60}
+    with KafkaSource(kafka_bootstrap, topic, "prompt", **options, **FAST_GROUP) as s:
+        for end in (2, 4):  # the buffer stays above its low watermark (5): the fetch thread stays paused
+            s.commit(next_offsets(r.position for r in _take(s, 2)))
+            _wait(lambda end=end: s.committed == {(topic, 0): end}, timeout_s=20)
+            assert _broker_committed(kafka_bootstrap, topic, "prompt") == end
+
+
 def test_dead_letter_topic_gets_exactly_the_bad_records(kafka_bootstrap, make_topic) -> None:
     topic = make_topic(4)
     good, bad = good_messages(40), bad_messages()
