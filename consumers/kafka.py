@@ -264,6 +264,7 @@ class KafkaSource:
                 )
                 if fetched:
                     self._append(fetched)
+                    last_lag = 0.0  # fresh high watermarks: report the lag now (overload policies act on it)
         except Exception as err:  # surfaced to the learner by its next poll()
             log.exception("Kafka fetch thread failed")
             with self._cond:

@@ -15,11 +15,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Any
 
-from consumers.dlq import FileDeadLetterSink
-from consumers.recorded import RecordedSource
 from consumers.source import Offsets, Source
 from consumers.urls import KafkaUrl, is_kafka_url
 from monitoring.metrics import Metrics
@@ -31,7 +28,8 @@ from stream_cl.device import pick_device
 from stream_cl.errors import ConfigError
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions, open_sink
-from stream_cl.run import DeadLetterSink, RunState, run_stream
+from stream_cl.run import RunState, run_stream
+from stream_cl.sources import open_dead_letters, open_source
 from stream_cl.summary import Summary
 from stream_cl.wiring import check_settings, drift_monitor, learner_factory, make_metrics, run_options
 
@@ -77,7 +75,13 @@ def serve(cfg: ServiceConfig, stop: threading.Event | None = None) -> Summary:
             )
         with (
             _open_source(cfg, restored.offsets if restored else {}, from_checkpoint=store is not None) as source,
-            _dead_letters(run, cfg.kafka.client_options()) or nullcontext() as dead_letters,
+            open_dead_letters(
+                run["source"],
+                dead_letter_out=run["dead_letter_out"],
+                dead_letter_topic=run["dead_letter_topic"],
+                client_options=cfg.kafka.client_options(),
+            )
+            or nullcontext() as dead_letters,
         ):
             if restored is not None:
                 _commit_restored(source, restored.offsets)
@@ -156,22 +160,17 @@ def _open_source(cfg: ServiceConfig, start_offsets: Offsets, *, from_checkpoint:
     starts: a partition it holds no offset for has taught the model nothing yet, so it starts at its
     earliest record (offset 0, reset to the log start if retention removed it).
     """
-    source = cfg.run["source"]
-    if source is None:
+    spec = cfg.run["source"]
+    if spec is None:
         raise ConfigError("serve needs --source (a kafka://HOST:PORT/TOPIC URL or a recorded-stream file)")
-    if not is_kafka_url(source):
-        return RecordedSource(Path(source), start_offsets=start_offsets)
-    from consumers.kafka import KafkaSource  # here: file sources need no Kafka client
-
-    url = KafkaUrl.parse(source)
     start = dict(start_offsets)
-    if from_checkpoint:
+    if from_checkpoint and is_kafka_url(spec):
+        url = KafkaUrl.parse(spec)
         for partition in _partitions(url.bootstrap, url.topic, cfg.kafka.client_options()):
             start.setdefault((url.topic, partition), 0)
-    return KafkaSource(
-        url.bootstrap,
-        url.topic,
-        cfg.run["group"],
+    return open_source(
+        spec,
+        group=cfg.run["group"],
         start_offsets=start,
         session_timeout_ms=cfg.kafka.session_timeout_ms,
         heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
@@ -192,18 +191,6 @@ def _partitions(bootstrap: str, topic: str, client_options: dict[str, Any]) -> s
         return set(consumer.partitions_for_topic(topic) or ())
     finally:
         consumer.close()
-
-
-def _dead_letters(run: dict[str, Any], client_options: dict[str, Any]) -> DeadLetterSink | None:
-    """Dead letters go to a file (--dead-letter-out), else to TOPIC.dlq for Kafka; file sources only count them."""
-    if run["dead_letter_out"]:
-        return FileDeadLetterSink(run["dead_letter_out"])
-    if not is_kafka_url(run["source"]):
-        return None
-    from consumers.dlq import KafkaDeadLetterSink
-
-    url = KafkaUrl.parse(run["source"])
-    return KafkaDeadLetterSink(url.bootstrap, topic=run["dead_letter_topic"], client_options=client_options)
 
 
 def _commit_restored(source: Source, offsets: Offsets, timeout_s: float = 10.0) -> None:

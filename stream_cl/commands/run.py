@@ -18,7 +18,7 @@ from stream_cl.errors import StreamClError
 from stream_cl.methods import METHODS
 from stream_cl.models import MODELS
 from stream_cl.run import run_stream
-from stream_cl.sources import open_source
+from stream_cl.sources import open_dead_letters, open_source
 from stream_cl.wiring import check_settings, drift_monitor, learner_factory, make_metrics, run_options
 
 log = logging.getLogger("stream_cl")
@@ -157,13 +157,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = vars(args)
     check_settings(settings)
     device = pick_device(args.device)
-    source, dead_letters = open_source(
-        args.source or str(default_stream()),
-        group=args.group,
-        session_timeout_ms=args.kafka_session_timeout_ms,
-        dead_letter_out=args.dead_letter_out,
-        dead_letter_topic=args.dead_letter_topic,
+    spec = args.source or str(default_stream())
+    dead_letters = open_dead_letters(
+        spec, dead_letter_out=args.dead_letter_out, dead_letter_topic=args.dead_letter_topic
     )
+    try:
+        source = open_source(spec, group=args.group, session_timeout_ms=args.kafka_session_timeout_ms)
+    except BaseException:
+        if dead_letters is not None:
+            dead_letters.close()
+        raise
     metrics = make_metrics(settings, device)
     drift = drift_monitor(settings, metrics)
     if args.metrics_port:
