@@ -48,6 +48,7 @@ end
 
 -- Draw: Floyd's algorithm, m distinct slots of 0..stored-1, uniformly.
 local stored = redis.call('HLEN', KEYS[4])
+local requested = m  -- the insert's uniforms follow all m requested ones, however many are drawn
 m = math.min(m, stored)
 local drawn, data = {}, ''
 if m > 0 then
@@ -109,7 +110,7 @@ local slots = {}
 for k = 1, n do
   seen = seen + 1
   local level, y = (struct.unpack('<i4', ARGV[9], 4 * k - 3)), (struct.unpack('<i4', ARGV[9], 4 * (n + k) - 3))
-  local label, u1, u2 = level .. ':' .. y, uniform(m + 2 * k - 1), uniform(m + 2 * k)
+  local label, u1, u2 = level .. ':' .. y, uniform(requested + 2 * k - 1), uniform(requested + 2 * k)
   local slot = seen - 1
   if seen <= cap then
     if cbrs then redis.call('HINCRBY', KEYS[6], label, 1) end

@@ -75,12 +75,13 @@ def redis_client(url: str, *, socket_timeout_s: float = 2.0) -> redis.Redis:
     The URL carries AUTH (``redis://user:password@host``) and TLS (``rediss://``, with redis-py's
     ``ssl_*`` query options); its query options win over these defaults. The single retry
     reconnects a pooled connection broken by a server restart; longer outages are the store's
-    back-off, not redis-py's (whose default retries for seconds).
+    back-off, not redis-py's (whose default retries for seconds). A timeout is not retried: the
+    script may have run, and running it again would insert the batch twice.
     """
     return redis.Redis.from_url(
         url,
         decode_responses=False,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     )

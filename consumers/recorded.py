@@ -158,7 +158,7 @@ def _write_frame(out: BinaryIO, message: Message) -> None:
 class _Chunks:
     """The decompressed stream read in large chunks: one gzip read per 64 KiB, not four per frame."""
 
-    def __init__(self, src: BinaryIO, path: str | Path) -> None:
+    def __init__(self, src: gzip.GzipFile, path: str | Path) -> None:
         self._src, self._path = src, path
         self._buf, self._pos = b"", 0
 
@@ -179,7 +179,8 @@ class _Chunks:
         """Make ``n`` bytes available from the current position; False at end of file."""
         parts, have = [self._buf[self._pos :]], len(self._buf) - self._pos
         while have < n:
-            chunk = self._src.read(max(_CHUNK, n - have))
+            # read1: a truncated file still gives up what it decompressed before the gzip stream ends
+            chunk = self._src.read1(max(_CHUNK, n - have))
             if not chunk:
                 break
             parts.append(chunk)
@@ -193,12 +194,12 @@ def _read_frame(frames: _Chunks) -> Message:
     key_len = frames.u32()
     key = None if key_len == _NULL else frames.take(key_len)
     value = frames.take(frames.u32())
-    headers = tuple((k, _header_value(v)) for k, v in meta["headers"])
+    headers = tuple((k, base64.b64decode(v) if k == "id" else _header_value(v)) for k, v in meta["headers"])
     position = Position(meta["stream"], meta["partition"], meta["offset"])
     return Message(position, meta["timestamp"], key, value, headers)
 
 
 @functools.lru_cache(maxsize=4096)
 def _header_value(encoded: str) -> bytes:
-    """Header values repeat from frame to frame (dtype, shape, labels): decode each once."""
+    """Header values repeat from frame to frame (dtype, shape, labels; not ids): decode each once."""
     return base64.b64decode(encoded)

@@ -134,10 +134,17 @@ class _Watch:
         labels = {"detector": spec.detector, "signal": spec.signal}
         # series exist at 0 from the start, so rate()/increase() see the first detection
         self.detected = None if metrics is None else metrics.drift_detected.labels(**labels)
-        self.statistic = None if metrics is None else metrics.drift_statistic.labels(**labels)
+        self._labels, self._metrics, self.statistic = labels, metrics, None  # no series before the first value
         self.recent: deque[float] = deque(maxlen=recent)
         self.since_sum = 0.0
         self.since_n = 0
+
+    def publish(self, batch_mean: float) -> None:
+        """Set ``streamcl_drift_statistic`` (created at the first value, so no series reads 0 before data)."""
+        if self.statistic is None and self._metrics is not None:
+            self.statistic = self._metrics.drift_statistic.labels(**self._labels)
+        if self.statistic is not None:
+            self.statistic.set(batch_mean)
 
     def update(self, values: np.ndarray, positions: np.ndarray) -> list[DriftEvent]:
         if self.feed == "mean":
@@ -212,8 +219,7 @@ class DriftMonitor:
                 continue
             found = watch.update(values, positions)
             events.extend(found)
-            if watch.statistic is not None:
-                watch.statistic.set(float(values.mean()))
+            watch.publish(float(values.mean()))
             if found and watch.detected is not None:
                 watch.detected.inc(len(found))
         for event in events:

@@ -63,6 +63,26 @@ class LabelTree:
                 return f"{path[level]!r} has parent {known!r}, not {path[level - 1]!r}"
         return None
 
+    def problems(self, paths: Sequence[LabelPath | None]) -> list[str | None]:
+        """:meth:`problem` of each path of a batch, the earlier paths counting as learned.
+
+        Two new paths of one batch that give one class two parents are caught here: the first wins.
+        """
+        claims: dict[tuple[int, str], str] = {}  # (level, class) -> parent claimed earlier in the batch
+        out: list[str | None] = []
+        for path in paths:
+            problem = None if path is None else self.problem(path)
+            if problem is None and path is not None and len(path) > 1 and path not in self._known:
+                for level in range(1, len(path)):
+                    parent = claims.get((level, path[level]), path[level - 1])
+                    if parent != path[level - 1]:
+                        problem = f"{path[level]!r} has parent {parent!r}, not {path[level - 1]!r}"
+                        break
+                else:
+                    claims.update(((level, path[level]), path[level - 1]) for level in range(1, len(path)))
+            out.append(problem)
+        return out
+
     def lookup(self, path: LabelPath) -> tuple[int, int]:
         """(level, class index) of a known path's last element; (-1, -1) if unknown."""
         level = len(path) - 1
@@ -85,10 +105,14 @@ class LabelTree:
                 continue
             known = self._known.get(path)
             if known is None:
-                parent = -1
+                parent, consistent = -1, True
                 for depth, name in enumerate(path):
-                    parent = self._add(depth, name, parent, new)
-                known = self._known[path] = (len(path) - 1, parent)
+                    index = self._add(depth, name, parent, new)
+                    consistent = consistent and self.parents[depth][index] == parent
+                    parent = index
+                known = (len(path) - 1, parent)
+                if consistent:  # only a path that matches the tree may skip problem() later
+                    self._known[path] = known
             encoded.append(known)
         pairs = np.array(encoded, dtype=np.int64).reshape(-1, 2)
         return pairs[:, 0].copy(), pairs[:, 1].copy(), new

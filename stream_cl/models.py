@@ -10,18 +10,6 @@ from torch.nn import functional as F
 
 MODELS = ("mlp", "resnet18-reduced", "resnet18")
 
-# Layers whose forward differs between train and eval mode (batch statistics, dropout masks).
-_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-
-
-def mode_matters(module: nn.Module) -> bool:
-    """Whether ``module.train()``/``eval()`` changes what it computes.
-
-    ``nn.Module.train`` walks every submodule; for an MLP the walk costs as much as a small
-    forward pass, so callers skip it when the mode changes nothing.
-    """
-    return any(isinstance(m, _MODE_DEPENDENT) for m in module.modules())
-
 
 class MLP(nn.Module):
     """Two hidden ReLU layers over the flattened input; ``out_dim`` features."""
@@ -35,6 +23,20 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+# Module types whose forward ignores train/eval mode (exact types: a subclass may read ``self.training``).
+_MODE_FREE = {MLP, nn.Sequential, nn.Flatten, nn.Linear, nn.ReLU, nn.Identity}
+
+
+def mode_matters(module: nn.Module) -> bool:
+    """Whether ``module.train()``/``eval()`` may change what it computes: unless every submodule is
+    known to ignore the mode, assume it does.
+
+    ``nn.Module.train`` walks every submodule; for an MLP the walk costs as much as a small
+    forward pass, so callers skip it when the mode changes nothing.
+    """
+    return any(type(m) not in _MODE_FREE for m in module.modules())
 
 
 class BasicBlock(nn.Module):

@@ -161,7 +161,7 @@ def run_stream(
 
 def _screen(poll: Poll, state: RunState, make_learner: LearnerFactory) -> list[Record]:
     """Records that can enter the learner; the others join ``poll.dead_letters``."""
-    good = []
+    fitting = []
     for record in poll.records:
         if state.learner is None:
             state.input_shape, state.input_dtype = record.x.shape, record.x.dtype
@@ -169,10 +169,16 @@ def _screen(poll: Poll, state: RunState, make_learner: LearnerFactory) -> list[R
         if record.x.shape != state.input_shape or record.x.dtype != state.input_dtype:
             detail = f"{record.x.dtype}{list(record.x.shape)} != {state.input_dtype}{list(state.input_shape)}"
             poll.dead_letters.append(DeadLetter(record.message, "shape_mismatch", detail))
-        elif record.label is not None and (problem := state.learner.labels.problem(record.label)):
-            poll.dead_letters.append(DeadLetter(record.message, "label_conflict", problem))
         else:
+            fitting.append(record)
+    if not fitting:
+        return []
+    good = []
+    for record, problem in zip(fitting, state.learner.labels.problems([r.label for r in fitting]), strict=True):
+        if problem is None:
             good.append(record)
+        else:
+            poll.dead_letters.append(DeadLetter(record.message, "label_conflict", problem))
     return good
 
 
@@ -284,8 +290,11 @@ def _publish_learner(learner: Learner, metrics: Metrics) -> None:
 def _publish_buffer(learner: Learner, metrics: Metrics) -> None:
     """Buffer composition per class (at probe time: a Redis store answers it with a round trip)."""
     metrics.buffer_bytes.set(learner.buffer.nbytes)
+    names = learner.labels.names
     for (level, index), count in learner.buffer.class_counts().items():
-        name = learner.labels.names[level][index]
+        if level >= len(names) or index >= len(names[level]):
+            continue  # stored by another learner sharing the Redis buffer, under a class this one has not seen
+        name = names[level][index]
         if metrics.class_series_allowed(level, name):
             metrics.buffer_class_count.labels(**{"class": name}).set(count)
 

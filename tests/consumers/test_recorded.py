@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import gzip
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from consumers.record import Message, Position, Record
-from consumers.recorded import RecordedSource, RecordedStreamError, RecordedWriter, read_messages, write_messages
+from consumers.recorded import MAGIC, RecordedSource, RecordedStreamError, RecordedWriter, read_messages, write_messages
 from tests.consumers.streams import bad_messages, good_messages
 
 
@@ -43,6 +46,36 @@ def test_truncated_file_raises_after_the_complete_frames(tmp_path: Path) -> None
     half_gzip.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(RecordedStreamError):
         list(read_messages(half_gzip))
+
+
+def test_a_cut_gzip_still_yields_every_frame_it_can_decompress(tmp_path: Path) -> None:
+    path = tmp_path / "big.rec.gz"
+    rng = np.random.default_rng(0)
+    frames = [
+        Message(Position("t", 0, i), float(i), None, rng.bytes(512), (("id", f"r{i}".encode()),)) for i in range(2000)
+    ]
+    write_messages(path, frames)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.rec.gz"
+    cut.write_bytes(data[: len(data) * 3 // 10])  # a writer killed mid-file: no gzip trailer, a partial block
+    readable = zlib.decompressobj(wbits=31).decompress(cut.read_bytes())
+    complete, end = 0, len(MAGIC)  # frames wholly inside the decompressible prefix
+    while end < len(readable):
+        for _ in range(3):  # meta, key, value: each a u32 length (0xFFFFFFFF: a null key) then its bytes
+            if end + 4 > len(readable):
+                break
+            (length,) = struct.unpack_from("<I", readable, end)
+            end += 4 + (0 if length == 0xFFFFFFFF else length)
+        else:
+            if end <= len(readable):
+                complete += 1
+                continue
+        break
+    got = []
+    with pytest.raises(RecordedStreamError):
+        for message in read_messages(cut):
+            got.append(message)
+    assert complete > 500 and got == frames[:complete]
 
 
 def test_not_a_recorded_stream(tmp_path: Path) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from stream_cl.classifier import Classifier
 from stream_cl.labels import LabelTree
-from stream_cl.models import build_backbone
+from stream_cl.models import MLP, build_backbone, mode_matters
 
 
 def _classifier(model: str, shape: tuple[int, ...]) -> Classifier:
@@ -44,3 +45,9 @@ def test_levels_without_a_head_yet_are_padded() -> None:
     prediction = classifier.predict_prepared(torch.randn(3, 6))
     assert prediction.classes[:, 2].tolist() == [-1, -1, -1] and prediction.confidence[:, 2].tolist() == [0, 0, 0]
     assert (prediction.classes[:, :2] >= 0).all()
+
+
+def test_unknown_layers_count_as_mode_dependent() -> None:
+    assert not mode_matters(MLP(6, hidden=4))
+    assert mode_matters(nn.Sequential(nn.Linear(4, 4), nn.RReLU()))  # random slopes in training only
+    assert mode_matters(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))

@@ -72,3 +72,18 @@ def test_loading_state_replaces_what_the_tree_remembered() -> None:
     level, y, new = used.encode([("vehicle", "car"), ("animal", "dog")])
     assert level.tolist() == [1, 1] and y.tolist() == [1, 0] and new == []
     assert "has parent 'animal'" in used.problem(("vehicle", "dog"))
+
+
+def test_a_batch_is_checked_as_if_learned_in_order() -> None:
+    tree = LabelTree()
+    tree.encode([("animal", "dog")])
+    problems = tree.problems([("vehicle", "car"), None, ("animal", "car"), ("animal", "dog"), ("x", "y", "car")])
+    assert problems[0] is None and problems[1] is None and problems[3] is None
+    assert problems[2] == "'car' has parent 'vehicle', not 'animal'"  # claimed by the batch's first path
+    assert problems[4] is None  # car at level 2 is another class than car at level 1
+
+
+def test_an_inconsistent_path_encoded_anyway_is_not_remembered_as_good() -> None:
+    tree = LabelTree()
+    tree.encode([("animal", "dog"), ("vehicle", "dog")])  # the caller skipped problems()
+    assert "has parent 'animal'" in tree.problem(("vehicle", "dog"))
