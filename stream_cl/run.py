@@ -92,7 +92,8 @@ def run_stream(
     summary = Summary()
     accuracy = PrequentialAccuracy(options.online_window)
     counted = {outcome: metrics.samples.labels(outcome=outcome) for outcome in OUTCOMES}
-    parent_maps = state.learner.labels.parent_maps() if state.learner is not None else []
+    parent_maps: list[np.ndarray] = []
+    parent_sizes: list[int] = []  # the tree's class counts when parent_maps was built
     started = last_message = last_rate = time.monotonic()
     polled = rate_count = since_probe = 0
     bar = tqdm(total=options.max_records, unit="rec", disable=not options.progress, dynamic_ncols=True)
@@ -124,8 +125,9 @@ def run_stream(
             observation = _observe(state.learner, learn, metrics)
             if predictions is not None:
                 predictions.publish(learn, observation.prediction, state.learner.labels, now)
-            if observation.new_labels or not parent_maps:
-                parent_maps = state.learner.labels.parent_maps()
+            sizes = state.learner.labels.sizes  # the tree grows with new labels, and with replay from a shared buffer
+            if sizes != parent_sizes:
+                parent_maps, parent_sizes = state.learner.labels.parent_maps(), sizes
             correct = _score(observation, accuracy, summary, counted, parent_maps)
             if drift is not None:
                 _watch_drift(drift, observation, correct, learn, summary)
