@@ -2,14 +2,17 @@
 
 Keys (all under one hash tag, so a cluster keeps them on one node): ``meta`` (capacity, dtype,
 shape, policy), ``seen`` (global stream counter), ``x`` (slot -> raw sample bytes), ``lab`` (slot ->
-``"level:y"``), ``counts`` (``"level:y"`` -> stored samples). The class-balanced policy adds
-``stream`` (``"level:y"`` -> stream samples), ``full`` (set of full classes) and one sorted set of
-slots per class (``cls:<level:y>``). Random numbers come in ARGV from the client's seeded
-generator: the script is deterministic and needs no server-side RNG.
+label), ``counts`` (label -> stored samples). The class-balanced policy adds ``stream`` (label ->
+stream samples), ``full`` (set of full classes) and one sorted set of slots per class
+(``cls:<label>``). A label is an opaque string to the script (the client's encoding of a class:
+its path, or ``"level:y"``), so a class is the same class for every learner sharing the buffer.
+Random numbers come in ARGV from the client's seeded generator: the script is deterministic and
+needs no server-side RNG.
 
-Arrays travel packed (little-endian doubles and int32, cut and built with Redis' ``struct``
-library), so a call has ten arguments and a reply eight values whatever the batch sizes: the
-client's cost per call stays flat instead of growing with one parsed value per sample.
+Arrays travel packed (little-endian doubles and int32, labels each after its '<i4' byte length,
+cut and built with Redis' ``struct`` library), so a call has ten arguments and a reply nine values
+whatever the batch sizes: the client's cost per call stays flat instead of growing with one
+parsed value per sample.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ KEYS = ("meta", "seen", "x", "lab", "counts", "stream", "full", "cls:")
 
 STEP = """
 -- ARGV: capacity, dtype, shape, policy, item bytes, m (samples to draw), n (samples to insert),
--- m + 2n uniforms in [0, 1) ('<d' each), the n levels then the n ys ('<i4' each), the n samples' bytes
--- back to back. Draws m distinct stored samples, then inserts the n.
--- Returns {dtype, shape, drawn slots, levels, ys (m '<i4' each, one string), drawn samples' bytes,
--- seen, size, each inserted sample's slot ('<i4', -1: not kept), counts as "label count ..." (m = n = 0
--- only; else '')}.
+-- m + 2n uniforms in [0, 1) ('<d' each), the n labels (each its '<i4' byte length, then its bytes), the n
+-- samples' bytes back to back. Draws m distinct stored samples, then inserts the n.
+-- Returns {dtype, shape, drawn slots (m '<i4', one string), drawn samples' bytes, seen, size, each inserted
+-- sample's slot ('<i4', -1: not kept), counts as {label, count, ...} (m = n = 0 only; else {}), drawn labels
+-- (their m '<i4' byte lengths, then the labels back to back; one string)}.
 local cap, policy, size, m, n = tonumber(ARGV[1]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local cbrs = policy == 'class-balanced'
 local meta = redis.call('HMGET', KEYS[1], 'capacity', 'dtype', 'shape', 'policy')
@@ -50,7 +53,7 @@ end
 local stored = redis.call('HLEN', KEYS[4])
 local requested = m  -- the insert's uniforms follow all m requested ones, however many are drawn
 m = math.min(m, stored)
-local drawn, data = {}, ''
+local drawn, data, lengths, drawn_labels = {}, '', {}, {}
 if m > 0 then
   local chosen, order = {}, {}
   for k = 1, m do
@@ -62,9 +65,8 @@ if m > 0 then
   end
   local labels = hmget(KEYS[4], order)
   for k = 1, m do
-    local level, y = string.match(labels[k], '^(-?%d+):(-?%d+)$')
     drawn[k] = struct.pack('<i4', order[k])
-    drawn[m + k], drawn[2 * m + k] = struct.pack('<i4', tonumber(level)), struct.pack('<i4', tonumber(y))
+    lengths[k], drawn_labels[k] = struct.pack('<i4', #labels[k]), labels[k]
   end
   data = table.concat(hmget(KEYS[3], order))
 end
@@ -106,11 +108,13 @@ local function balanced(label, u1, u2)  -- the CBRS decision once the buffer is 
 end
 
 local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
-local slots = {}
+local slots, at = {}, 1
 for k = 1, n do
   seen = seen + 1
-  local level, y = (struct.unpack('<i4', ARGV[9], 4 * k - 3)), (struct.unpack('<i4', ARGV[9], 4 * (n + k) - 3))
-  local label, u1, u2 = level .. ':' .. y, uniform(requested + 2 * k - 1), uniform(requested + 2 * k)
+  local length, start = struct.unpack('<i4', ARGV[9], at)
+  local label, u1, u2 = string.sub(ARGV[9], start, start + length - 1), uniform(requested + 2 * k - 1),
+    uniform(requested + 2 * k)
+  at = start + length
   local slot = seen - 1
   if seen <= cap then
     if cbrs then redis.call('HINCRBY', KEYS[6], label, 1) end
@@ -129,8 +133,8 @@ for k = n, 1, -1 do  -- a slot written twice in the batch keeps the later sample
   if slots[k] >= 0 and written[slots[k]] then slots[k] = -1 elseif slots[k] >= 0 then written[slots[k]] = true end
   packed[k] = struct.pack('<i4', slots[k])
 end
-local counts = ''  -- only when asked (a call that neither draws nor inserts): its size grows with the classes
-if tonumber(ARGV[6]) == 0 and n == 0 then counts = table.concat(redis.call('HGETALL', KEYS[5]), ' ') end
+local counts = {}  -- only when asked (a call that neither draws nor inserts): its size grows with the classes
+if tonumber(ARGV[6]) == 0 and n == 0 then counts = redis.call('HGETALL', KEYS[5]) end
 return {meta[2] or '', meta[3] or '', table.concat(drawn), data, seen, redis.call('HLEN', KEYS[4]),
-  table.concat(packed), counts}
+  table.concat(packed), counts, table.concat(lengths) .. table.concat(drawn_labels)}
 """

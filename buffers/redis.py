@@ -6,16 +6,21 @@ and the labels change together, so N learners writing into one buffer keep the s
 single reservoir over their merged streams. ``sample_then_add`` is one call: one round trip per
 learner step, with every array packed into one argument or reply value (see :mod:`buffers.lua`).
 Samples are stored as raw tensor bytes; dtype and shape are kept once per buffer (never pickle).
+Labels are stored by class path when the store has the learner's :class:`~buffers.store.ClassNames`
+(learners number classes in their own order of first appearance), else as ``"level:y"``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
+from itertools import accumulate, pairwise
 from typing import Any
 
 import numpy as np
@@ -26,7 +31,7 @@ from buffers import lua
 from buffers.balanced import ClassBalancedPolicy
 from buffers.memory import MemoryStore
 from buffers.reservoir import ReservoirPolicy
-from buffers.store import ReplayBatch
+from buffers.store import ClassNames, ReplayBatch
 
 log = logging.getLogger("buffers.redis")
 
@@ -65,6 +70,12 @@ class RedisStore:
         Local fallback size and reconnect back-off while Redis is unreachable.
     clock
         Monotonic clock for the back-off.
+    classes
+        The learner's class numbering (its ``LabelTree``; also settable as :attr:`classes`). With it,
+        labels are stored by class path (a JSON array of names) and a draw maps them to this
+        learner's ``(level, y)``, adding classes only other learners have seen. Without it, labels
+        are this process's ``"level:y"``: right for one learner, wrong for learners that number
+        classes differently. Every store sharing ``name`` must do the same.
     """
 
     def __init__(
@@ -80,6 +91,7 @@ class RedisStore:
         retry_min_s: float = 0.1,
         retry_max_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        classes: ClassNames | None = None,
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
@@ -106,10 +118,21 @@ class RedisStore:
         self._errors = self._taken = 0
         self._retry_at, self._backoff = 0.0, retry_min_s
         self._seen = self._size = self._item_bytes = 0
-        self._counts = b""  # "level:y count ..." as last read
+        self._counts: list[bytes] = []  # [label, count, ...] as last read
         self._conn: redis.Connection | None = None  # taken from the client's pool on first use
         self._pid, self._lock = os.getpid(), threading.Lock()
         self._layouts: dict[tuple[bytes, bytes], tuple[np.dtype, tuple[int, ...]]] = {}
+        self.classes = classes
+
+    @property
+    def classes(self) -> ClassNames | None:
+        """The learner's class numbering labels are mapped through (None: labels are ``"level:y"``)."""
+        return self._classes
+
+    @classes.setter
+    def classes(self, classes: ClassNames | None) -> None:
+        self._classes = classes
+        self._forget_labels()
 
     # -- the ReplayStore API -------------------------------------------------------------------
 
@@ -145,12 +168,18 @@ class RedisStore:
         """Stored samples per class ``(level, y)``, read from Redis (the last counts read if it is unreachable).
 
         One round trip, made when asked (at probe time) rather than on every learner step: the
-        counts grow with the number of classes, the steps' replies stay the same size.
+        counts grow with the number of classes, the steps' replies stay the same size. With
+        :attr:`classes`, classes this learner has not seen yet are left out (counting them would
+        add them to its tree outside a learning step).
         """
         self.refresh()
-        flat = self._counts.split()
-        pairs = (tuple(map(int, k.split(b":"))) for k in flat[0::2])
-        return dict(zip(pairs, map(int, flat[1::2]), strict=True))
+        counts: dict[tuple[int, int], int] = {}
+        for label, count in zip(self._counts[0::2], self._counts[1::2], strict=True):
+            parsed = self._parse(label)
+            key = parsed if self._classes is None else self._classes.lookup(parsed)
+            if key != (-1, -1):
+                counts[key] = counts.get(key, 0) + int(count)
+        return counts
 
     def __len__(self) -> int:
         """Buffer size as of the last call (other learners may have added since)."""
@@ -184,7 +213,7 @@ class RedisStore:
         """Delete the shared buffer (every learner's samples)."""
         self.client.delete(*self.keys[:-1], *self.client.scan_iter(match=f"{self.keys[-1]}*"))
         self._seen = self._size = 0
-        self._counts = b""
+        self._counts = []
 
     def state_dict(self) -> dict[str, Any]:
         """The client side only (generator, fallback); the samples live in Redis."""
@@ -195,6 +224,8 @@ class RedisStore:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore generator and fallback; label encodings are re-made (the learner restores its tree first)."""
+        self._forget_labels()
         self._rng.bit_generator.state = state["rng"]
         if self.fallback is not None and state["fallback"] is not None:
             self.fallback.load_state_dict(state["fallback"])
@@ -215,7 +246,7 @@ class RedisStore:
             array = x.detach().cpu().contiguous().numpy()
             n, self._item_bytes, data = len(array), array[0].nbytes, array.tobytes()
             head = [array.dtype.str, ",".join(map(str, array.shape[1:]))]
-            labels = np.concatenate((level.cpu().numpy(), y.cpu().numpy())).astype("<i4").tobytes()
+            labels = self._pack_labels(level, y)
         uniforms = self._rng.random(max(draw, 0) + 2 * n).astype("<f8", copy=False).tobytes()
         args = [self.capacity, *head, self.policy, self._item_bytes, max(draw, 0), n, uniforms, labels, data]
         try:
@@ -230,7 +261,7 @@ class RedisStore:
             return None
         self._backoff = self.retry_min_s
         self._seen, self._size = int(reply[4]), int(reply[5])
-        if not draw and x is None:
+        if not draw and x is None:  # counts come only with a call that neither draws nor inserts
             self._counts = reply[7]
         return reply
 
@@ -269,13 +300,69 @@ class RedisStore:
         if (dtype, shape) not in self._layouts:
             self._layouts[dtype, shape] = np.dtype(dtype.decode()), tuple(int(d) for d in shape.split(b",") if d)
         array_dtype, dims = self._layouts[dtype, shape]
-        ints = np.frombuffer(drawn, dtype="<i4").astype(np.int64).reshape(3, -1)  # slots, levels, ys
-        x = np.frombuffer(data, dtype=array_dtype).reshape(ints.shape[1], *dims)
-        self._item_bytes = len(data) // ints.shape[1]
-        tensors = [torch.from_numpy(array) for array in (x.copy(), ints[2], ints[1], ints[0])]
+        slots = np.frombuffer(drawn, dtype="<i4").astype(np.int64)
+        level, y = self._unpack_labels(reply[8], len(slots))
+        x = np.frombuffer(data, dtype=array_dtype).reshape(len(slots), *dims)
+        self._item_bytes = len(data) // len(slots)
+        tensors = [torch.from_numpy(array) for array in (x.copy(), y, level, slots)]
         if self.device.type != "cpu":
             tensors = [t.to(self.device) for t in tensors]
         return ReplayBatch(*tensors)
+
+    # -- labels: one opaque string per class in Redis, cached both ways on the client ------------
+
+    def _forget_labels(self) -> None:
+        """Drop the cached encodings: a new or reloaded class numbering maps indices to other classes."""
+        self._encoded: dict[tuple[int, int], bytes] = {}  # (level, y) -> '<i4' length + label
+        self._decoded: dict[bytes, bytes] = {}  # label -> (level, y) as two '<i4'
+
+    def _pack_labels(self, level: torch.Tensor, y: torch.Tensor) -> bytes:
+        """The batch's labels as the script takes them: each its '<i4' byte length, then its bytes."""
+        cache = self._encoded
+        return b"".join([cache.get(key) or self._encode(key) for key in zip(level.tolist(), y.tolist(), strict=True)])
+
+    def _encode(self, key: tuple[int, int]) -> bytes:
+        if self._classes is None:
+            label = f"{key[0]}:{key[1]}".encode()
+        else:
+            label = json.dumps(self._classes.path(*key), ensure_ascii=False, separators=(",", ":")).encode()
+        self._encoded[key] = packed = len(label).to_bytes(4, "little") + label
+        return packed
+
+    def _unpack_labels(self, blob: bytes, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(level, y)`` of ``m`` drawn labels; with :attr:`classes`, classes new to it are added to it."""
+        ends = list(accumulate(struct.unpack_from(f"<{m}i", blob), initial=4 * m))
+        labels = [blob[start:end] for start, end in pairwise(ends)]
+        cache = self._decoded
+        pairs = b"".join([cache[label] if label in cache else self._decode(label) for label in labels])
+        level, y = np.frombuffer(pairs, dtype="<i4").reshape(-1, 2).T.astype(np.int64, order="C")
+        return level, y
+
+    def _decode(self, label: bytes) -> bytes:
+        """A stored label's (level, y) in this learner's numbering (with :attr:`classes`, adding its class)."""
+        parsed = self._parse(label)
+        if self._classes is not None:
+            level, y, _ = self._classes.encode([parsed])
+            parsed = int(level[0]), int(y[0])
+        self._decoded[label] = pair = struct.pack("<ii", *parsed)
+        return pair
+
+    def _parse(self, label: bytes) -> Any:
+        """A stored label as a class path (with :attr:`classes`) or ``(level, y)``; ValueError if of the other kind."""
+        try:
+            if self._classes is None:
+                level, y = map(int, label.split(b":"))
+                return level, y
+            path = tuple(json.loads(label)) if label.startswith(b"[") else ()
+            if not path or not all(isinstance(name, str) and name for name in path):
+                raise ValueError("not a class path")
+            return path
+        except ValueError:
+            kind = "by class path" if self._classes is not None else 'as "level:y"'
+            raise ValueError(
+                f"Redis buffer {self.name!r} holds label {label[:80]!r}, but this store reads labels {kind}: "
+                "every learner sharing a buffer must store labels the same way"
+            ) from None
 
     def _fallback_add(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> None:
         if self.fallback is not None:

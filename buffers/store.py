@@ -1,7 +1,8 @@
-"""The ReplayStore protocol, the fixed-shape ReplayBatch it returns, and the class key of a sample."""
+"""The ReplayStore protocol, the fixed-shape ReplayBatch it returns, the class key of a sample, and ClassNames."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,6 +21,22 @@ def class_keys(y: np.ndarray, level: np.ndarray) -> np.ndarray:
 def split_key(key: int) -> tuple[int, int]:
     """``(level, y)`` of a class key."""
     return int(key) >> 32, int(key) & 0xFFFFFFFF
+
+
+class ClassNames(Protocol):
+    """A learner's class numbering: local ``(level, index)`` <-> label path (``stream_cl.labels.LabelTree``).
+
+    A store shared by learners that number classes differently keeps labels by path and maps
+    them to each learner's own indices with this; ``encode`` adds the classes it has not seen.
+    """
+
+    def path(self, level: int, index: int) -> tuple[str, ...]: ...
+
+    def lookup(self, path: tuple[str, ...]) -> tuple[int, int]: ...
+
+    def encode(
+        self, paths: Sequence[tuple[str, ...] | None]
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]: ...
 
 
 @dataclass(frozen=True, slots=True)

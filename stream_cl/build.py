@@ -41,6 +41,8 @@ def build_learner(
 
     ``buffer`` is used as given; otherwise ``buffer_spec`` (``memory``, ``redis://...``) and
     ``buffer_policy`` open one of ``buffer_size`` samples (:func:`buffers.open.open_store`).
+    A store that takes ``classes`` (Redis, shared by learners) gets the learner's label tree, so
+    labels travel by class path rather than by this learner's class indices.
     """
     torch.manual_seed(seed)
     backbone = build_backbone(model, model_input_shape(record_shape, record_dtype), width=width)
@@ -48,4 +50,6 @@ def build_learner(
     store = buffer
     if store is None:
         store = open_store(buffer_spec, buffer_size, device=device, seed=seed, policy=buffer_policy)
+    if hasattr(store, "classes"):
+        store.classes = classifier.tree
     return method_class(method)(classifier, store, **(hparams or {}))

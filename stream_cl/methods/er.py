@@ -63,6 +63,7 @@ class ER:
 
         # Draw the replay from the buffer as it was, then insert this batch: one round trip for Redis.
         replay = self.buffer.sample_then_add(self.replay_batch_size, raw_in, targets, levels)
+        self.model.sync(self.optimizer)  # a shared buffer may replay classes only other learners have seen
         if len(replay):
             inputs = torch.cat([inputs, to_model_input(replay.x.to(self.model.device))])
             targets = torch.cat([targets, replay.y.to(self.model.device)])

@@ -142,6 +142,7 @@ class OnPro:
         m = self.replay_cap if self.task == 0 else min(self.replay_cap, self.replay_per_class * seen)
         use_apf = self.task > 0 and not first_of_task and self.mu is not None
         pool = self.buffer.sample(max(m, self.apf_pool or len(self.buffer)) if use_apf else m)
+        self.model.sync(self.optimizer)  # a shared buffer may replay classes only other learners have seen
         has_replay = m > 0 and len(pool) > 0
         rx = to_model_input(pool.x[:m].to(self.model.device)) if has_replay else None
         rkeys = class_keys(pool.level[:m], pool.y[:m]).to(self.model.device) if has_replay else None

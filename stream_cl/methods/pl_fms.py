@@ -195,6 +195,7 @@ class PLFMS:
                 keep = torch.rand(len(p), generator=self.gen) < torch.from_numpy(p)
             keep = keep.to(y_s.device)
             memory = self.buffer.sample(self.batch_size - int(keep.sum()))
+            self.model.sync(self.optimizer)  # a shared buffer may replay classes only other learners have seen
             self.scores.note_used(memory.slot.cpu().numpy())
             replayed += len(memory)
             x = torch.cat([x_s[keep], memory.x.to(x_s.device)]) if len(memory) else x_s[keep]
@@ -239,6 +240,7 @@ class PLFMS:
         if size == 0:
             return None
         stored = self.buffer.sample(size)
+        self.model.sync(self.optimizer)  # a shared buffer may replay classes only other learners have seen
         self.model.eval()
         try:
             loss = torch.empty(size)

@@ -15,6 +15,7 @@ from scipy.stats import chisquare
 from buffers.open import open_store, redis_client
 from buffers.redis import RedisStore
 from stream_cl.bench.buffer import CountingConnection
+from stream_cl.labels import LabelTree
 from tests.fixtures.redis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +54,14 @@ def test_two_processes_keep_one_exact_reservoir(redis_server):
     assert held.sum() == repeats * capacity
     p = chisquare(held.reshape(2, 10, -1).sum(axis=2).ravel()).pvalue
     assert p > 1e-3, f"retention is not uniform over both streams (p = {p:.2g})"
+
+
+def three_classes(order: tuple[int, ...] = (0, 1, 2)) -> LabelTree:
+    """Class names that a space-, colon- or JSON-splitting encoding would get wrong, seen in ``order``."""
+    names = [("a b", 'c:"d"'), ("naïve 0:1",), ("[x]", "y z")]
+    tree = LabelTree()
+    tree.encode([names[i] for i in order])
+    return tree
 
 
 def by_slot(store) -> torch.Tensor:
@@ -111,10 +120,11 @@ def test_without_fallback_an_outage_means_no_replay(redis_aof):
     assert len(store.sample(5)) == 0 and store.errors == 2
 
 
-def test_one_round_trip_per_learner_step(redis_server):
+@pytest.mark.parametrize("by_path", [False, True], ids=["by-index", "by-path"])
+def test_one_round_trip_per_learner_step(redis_server, by_path):
     client = redis_client(redis_server.url)
     client.connection_pool.connection_class = CountingConnection
-    store = RedisStore(client, 100, name="trips")
+    store = RedisStore(client, 100, name=f"trips-{by_path}", classes=three_classes() if by_path else None)
     store.clear()
     store.add(*batch(0, 20))  # loads the scripts if the server lacks them
     CountingConnection.round_trips = 0
@@ -184,3 +194,37 @@ def test_a_reader_sees_the_writers_samples(redis_server):
     assert torch.equal(replay.x[:, 0] % 3, replay.y)
     counts = reader.class_counts()
     assert counts == writer.class_counts() and sum(counts.values()) == 20, "the counts are read from Redis"
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class-balanced"])
+def test_stores_with_their_own_class_numbering_share_classes_by_name(redis_server, policy):
+    """Each store reads every sample under its own learner's index of the sample's class path."""
+    trees = three_classes((0, 1, 2)), three_classes((2, 0, 1))
+    url = f"{redis_server.url}?name=by-path-{policy}"
+    stores = [open_store(url, 30, seed=seed, policy=policy) for seed in (1, 2)]
+    stores[0].clear()
+    for store, tree in zip(stores, trees, strict=True):
+        store.classes = tree
+    paths = [trees[0].path(*trees[0].lookup(path)) for path in (("a b", 'c:"d"'), ("naïve 0:1",), ("[x]", "y z"))]
+    for start in range(0, 60, 10):  # x[:, 0] names the class: position % 3 indexes paths
+        store, tree = stores[start // 10 % 2], trees[start // 10 % 2]
+        pos = torch.arange(start, start + 10)
+        level, y, _ = tree.encode([paths[i] for i in (pos % 3).tolist()])
+        store.add(pos.view(-1, 1), torch.from_numpy(y), torch.from_numpy(level))
+    for store, tree in zip(stores, trees, strict=True):
+        replay = store.sample(30)
+        assert len(replay) == 30
+        want = [tree.lookup(paths[i]) for i in (replay.x[:, 0] % 3).tolist()]
+        assert list(zip(replay.level.tolist(), replay.y.tolist(), strict=True)) == want
+        counts = store.class_counts()
+        assert set(counts) == {tree.lookup(path) for path in paths} and sum(counts.values()) == 30
+
+
+def test_a_store_refuses_labels_of_the_other_kind(redis_server):
+    by_path = open_store(f"{redis_server.url}?name=kinds", 10)
+    by_path.clear()
+    by_path.classes = three_classes()
+    by_path.add(*batch(0, 3))
+    by_index = open_store(f"{redis_server.url}?name=kinds", 10)
+    with pytest.raises(ValueError, match=r'reads labels as "level:y"'):
+        by_index.sample(3)
