@@ -13,10 +13,10 @@ one of :data:`REASONS`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -96,10 +96,9 @@ def _decode(message: Message, max_bytes: int) -> Record:
     headers = dict(message.headers)
     content_type = headers.get("content-type", JSON_TYPE)
     if content_type == BINARY_TYPE:
-        sample_id = _text(headers, "id")
-        key = ("layout", headers.get("dtype"), headers.get("shape"))
-        dtype, shape, nbytes = _parsed(key, lambda: _layout(headers))
-        label = _parsed(("y", headers.get("y")), lambda: _parse_label(_json_header(headers, "y")))
+        sample_id = _text(headers.get("id"), "id")
+        dtype, shape, nbytes = _layout(headers.get("dtype"), headers.get("shape"))
+        label = _binary_label(headers.get("y"))
         if len(message.value) != nbytes:
             raise BadRecord("bad_shape", f"{len(message.value)} bytes for shape {list(shape)} of {dtype.name}")
         x = _finite(np.frombuffer(message.value, dtype=dtype).reshape(shape))
@@ -117,26 +116,19 @@ def _decode(message: Message, max_bytes: int) -> Record:
     return Record(sample_id, x, label, message.position, message.timestamp, message)
 
 
-_parsed_headers: dict[tuple, object] = {}
-
-
-def _parsed(key: tuple, parse: Callable[[], object]) -> Any:
-    """``parse()``, remembered by the raw header bytes in ``key``: a stream repeats a handful of
-    layouts and labels, so most records skip the JSON parsing. Failures raise and are not kept."""
-    value = _parsed_headers.get(key, _parsed_headers)
-    if value is _parsed_headers:
-        value = parse()
-        if len(_parsed_headers) >= _PARSED_MAX:  # bounded: many distinct labels only cost re-parsing
-            _parsed_headers.clear()
-        _parsed_headers[key] = value
-    return value
-
-
-def _layout(headers: dict[str, bytes]) -> tuple[np.dtype, tuple[int, ...], int]:
+# A stream repeats a handful of layouts and labels: both are remembered by their raw header bytes, so
+# most records skip the JSON parsing (an exception is never cached: a bad header fails every time).
+@functools.lru_cache(maxsize=_PARSED_MAX)
+def _layout(dtype: bytes | None, shape: bytes | None) -> tuple[np.dtype, tuple[int, ...], int]:
     """(dtype, shape, payload bytes) of a binary message."""
-    dtype = _parse_dtype(_text(headers, "dtype"))
-    shape = _parse_shape(_json_header(headers, "shape"))
-    return dtype, shape, math.prod(shape) * dtype.itemsize
+    array_dtype = _parse_dtype(_text(dtype, "dtype"))
+    dims = _parse_shape(_json_header(shape, "shape"))
+    return array_dtype, dims, math.prod(dims) * array_dtype.itemsize
+
+
+@functools.lru_cache(maxsize=_PARSED_MAX)
+def _binary_label(y: bytes | None) -> tuple[str, ...] | None:
+    return _parse_label(_json_header(y, "y"))
 
 
 def _dtype_name(x: np.ndarray) -> str:
@@ -152,11 +144,11 @@ def _label_json(label: str | Sequence[str] | None) -> list[str] | None:
     return None if path is None else list(path)
 
 
-def _text(headers: dict[str, bytes], name: str) -> str:
-    if name not in headers:
+def _text(raw: bytes | None, name: str) -> str:
+    if raw is None:
         raise BadRecord("missing_field", f"header {name!r} missing")
     try:
-        value = headers[name].decode()
+        value = raw.decode()
     except UnicodeDecodeError as err:
         raise BadRecord("undecodable", f"header {name!r} is not UTF-8") from err
     if not value:
@@ -164,9 +156,9 @@ def _text(headers: dict[str, bytes], name: str) -> str:
     return value
 
 
-def _json_header(headers: dict[str, bytes], name: str) -> object:
+def _json_header(raw: bytes | None, name: str) -> object:
     try:
-        return json.loads(_text(headers, name))
+        return json.loads(_text(raw, name))
     except json.JSONDecodeError as err:
         raise BadRecord("bad_json", f"header {name!r}: {err.msg}") from err
 
