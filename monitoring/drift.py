@@ -31,18 +31,19 @@ example ``hook=lambda event: learner.on_drift(event)`` to reset a schedule); the
 from __future__ import annotations
 
 import logging
+from importlib import import_module
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from river.drift import ADWIN, KSWIN, PageHinkley
 
 from monitoring.metrics import Metrics
 
 log = logging.getLogger("monitoring.drift")
 
-DETECTORS = {"adwin": ADWIN, "page-hinkley": PageHinkley, "kswin": KSWIN}
+DETECTORS = {"adwin": "ADWIN", "page-hinkley": "PageHinkley", "kswin": "KSWIN"}
+"""Detector name → class in ``river.drift`` (imported when a detector is built, so parsing settings stays fast)."""
 SIGNALS = ("error", "loss", "uncertainty")
 """Signals the run loop computes (``loss`` has one value per batch)."""
 DEFAULT_DRIFT = "adwin:error,page-hinkley:loss,adwin:uncertainty"
@@ -127,7 +128,7 @@ class _Watch:
         if spec.detector == "kswin":
             params.setdefault("seed", seed)
         try:
-            self.detector = DETECTORS[spec.detector](**params)
+            self.detector = getattr(import_module("river.drift"), DETECTORS[spec.detector])(**params)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{spec.detector}:{spec.signal}: bad parameters {params}: {err}") from err
         self.spec = spec

@@ -24,18 +24,24 @@ from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.checkpoint import CheckpointInfo, CheckpointStore
 from stream_cl.errors import ConfigError
-from stream_cl.run import LearnerFactory, RunState
+from stream_cl.learner import LearnerFactory, RunState
+from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.checkpoint")
 
 
 @dataclass(frozen=True, slots=True)
 class Restored:
-    """What a restart resumes from: checkpoint id, next offsets per (topic, partition), records learned."""
+    """What a restart resumes from: checkpoint id, next offsets per (topic, partition), and the outcome
+    totals (``consumed_total``, ``learned_total``, ...; see ``stream_cl.summary``) up to those offsets."""
 
     id: int
     offsets: dict[tuple[str, int], int]
-    learned_total: int
+    totals: dict[str, int]
+
+    @property
+    def learned_total(self) -> int:
+        return self.totals.get("learned_total", 0)
 
 
 class Checkpointer:
@@ -78,7 +84,8 @@ class Checkpointer:
         self.every_records = every_records
         self.every_seconds = every_seconds
         self.offsets: dict[tuple[str, int], int] = dict(restored.offsets) if restored else {}
-        self.learned_base = restored.learned_total if restored else 0
+        self.base_totals: dict[str, int] = dict(restored.totals) if restored else {}
+        """Outcome totals of the model's history before this run (see ``Summary.totals``)."""
         self.version = restored.id if restored else 0
         """Id of the newest checkpoint written (or restored): the model version predictions carry."""
         self._since = 0
@@ -88,7 +95,7 @@ class Checkpointer:
         if metrics is not None:  # computed at scrape time, so it keeps growing while the stream is idle
             metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last)
 
-    def step(self, state: RunState, offsets: Offsets, n_records: int, learned: int) -> None:
+    def step(self, state: RunState, offsets: Offsets, n_records: int, summary: Summary) -> None:
         """Record a committed batch (its next ``offsets``); checkpoint if one is due."""
         self.offsets.update(offsets)
         self._since += n_records
@@ -97,23 +104,25 @@ class Checkpointer:
             self.every_seconds is not None and now - self._last >= self.every_seconds
         )
         if due and state.learner is not None:
-            self._submit(state, learned)
+            self._submit(state, summary)
 
-    def finish(self, state: RunState, learned: int) -> CheckpointInfo | None:
+    def finish(self, state: RunState, summary: Summary) -> CheckpointInfo | None:
         """Write a final checkpoint if anything was processed since the last one; wait for it."""
         if state.learner is not None and self._since:
-            self._submit(state, learned)
+            self._submit(state, summary)
         info = self._wait()
         self._pool.shutdown()
         return info
 
-    def _submit(self, state: RunState, learned: int) -> None:
+    def _submit(self, state: RunState, summary: Summary) -> None:
+        totals = summary.totals(self.base_totals)
         payload = {
             "identity": dict(self.identity),
             "input_shape": list(state.input_shape),
             "input_dtype": str(state.input_dtype),
             "offsets": [[topic, partition, offset] for (topic, partition), offset in sorted(self.offsets.items())],
-            "learned_total": self.learned_base + learned,
+            "learned_total": totals["learned_total"],
+            "totals": totals,
             "learner": _snapshot(state.learner.state_dict()),
             "probe": None if self.probe is None else _snapshot(self.probe.state_dict()),
         }
@@ -163,8 +172,10 @@ def restore(
     if probe is not None and payload.get("probe") is not None:
         probe.load_state_dict(payload["probe"])
     offsets = {(topic, int(partition)): int(offset) for topic, partition, offset in payload["offsets"]}
-    log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, payload["learned_total"], offsets)
-    return RunState(learner, shape, dtype), Restored(info.id, offsets, int(payload["learned_total"]))
+    # Checkpoints written before the outcome totals existed carry learned_total alone.
+    totals = {k: int(v) for k, v in (payload.get("totals") or {"learned_total": payload["learned_total"]}).items()}
+    log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, totals["learned_total"], offsets)
+    return RunState(learner, shape, dtype), Restored(info.id, offsets, totals)
 
 
 def _snapshot(value: Any) -> Any:

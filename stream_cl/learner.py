@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from buffers.store import ReplayStore
@@ -81,3 +82,16 @@ class Learner(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LearnerFactory = Callable[[tuple[int, ...], np.dtype], Learner]
+"""Builds the learner from the first record's input shape and dtype."""
+
+
+@dataclass
+class RunState:
+    """What a run carries between batches and restarts; ``learner`` is built on the first record."""
+
+    learner: Learner | None = None
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: np.dtype | None = None

@@ -1,331 +1,336 @@
-"""The run loop: poll, decode, predict-then-learn, update metrics, commit. One function, no hooks."""
+"""The run loop: poll, screen, predict-then-learn, count, commit. One function, no hooks.
+
+Every polled record gets exactly one outcome (learned, held out for the probe, predicted only,
+skipped by the overload policy, or dead-lettered), so the summary's counts add up.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
-from prometheus_client import Counter
 from tqdm import tqdm
 
 from consumers.record import DeadLetter, Poll, Record
 from consumers.source import Instrumented, Source, next_offsets
 from monitoring.drift import DriftMonitor
-from monitoring.hierarchy import level_correct
-from monitoring.metrics import OUTCOMES, Metrics
+from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
-from monitoring.probe import ProbeResult, ProbeSet
-from stream_cl.learner import Batch, Learner, Observation
+from monitoring.probe import ProbeSet
+from stream_cl.checkpointer import Checkpointer
+from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, RunState
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions
+from stream_cl.publishing import Publisher, evaluate
+from stream_cl.scoring import score, watch_drift
 from stream_cl.summary import Summary
-
-if TYPE_CHECKING:  # the checkpointer imports RunState from here
-    from stream_cl.checkpointer import Checkpointer
 
 log = logging.getLogger("stream_cl.run")
 
-RUN_REASONS = ("shape_mismatch", "label_conflict")
+RUN_REASONS = ("shape_mismatch", "label_conflict", "too_many_classes", "non_finite_loss")
 """Dead-letter reasons found after decoding (the decoder's own are in ``consumers.wire.REASONS``)."""
 
-LearnerFactory = Callable[[tuple[int, ...], np.dtype], Learner]
-"""Builds the learner from the first record's input shape and dtype."""
+ASSIGNMENT_GRACE_S = 60.0
+"""How long past ``until_idle_s`` a Kafka source may wait for its first partitions before the run gives up."""
 
 
 class DeadLetterSink(Protocol):
-    """Where records that cannot be learned go (a Kafka topic, a file, or nowhere but counters)."""
+    """Where records that cannot be learned go (a Kafka topic, a file, or nowhere but the counters).
+
+    ``send`` never blocks for long; ``backpressure`` is True while the sink cannot take more (the
+    loop stops polling until it can); ``healthy`` is False while dead letters cannot be delivered.
+    """
+
+    backpressure: bool
+    healthy: bool
 
     def send(self, dead: DeadLetter) -> None: ...
 
 
+class CountOnly:
+    """The sink of a run with nowhere to send dead letters: they are only counted."""
+
+    backpressure = False
+    healthy = True
+
+    def send(self, dead: DeadLetter) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class RunOptions:
-    """How the loop polls and when it stops.
+    """How the loop batches, measures and stops.
 
-    ``max_records`` counts every polled message (good or bad); ``until_idle_s`` stops an
-    unbounded source after that long without a message; ``probe_every`` is the number of learned
-    records between probe evaluations.
+    ``max_records`` counts every polled message (good or bad); ``until_idle_s`` stops once no
+    message arrived for that long, counted from a Kafka source's first partition assignment;
+    ``probe_every`` is the number of learned records between probe evaluations;
+    ``max_classes`` bounds the classes (all levels) a stream may bring.
     """
 
     batch_size: int = 10
     max_records: int | None = None
-    poll_timeout_s: float = 1.0
     until_idle_s: float | None = None
     probe_every: int = 500
     online_window: int = 1000
+    max_classes: int | None = None
     progress: bool = True
 
 
 @dataclass
-class RunState:
-    """Everything the loop carries between batches; ``learner`` is built on the first record."""
+class RunParts:
+    """The collaborators of a run besides its source, learner and metrics; each optional one may be None."""
 
-    learner: Learner | None = None
-    input_shape: tuple[int, ...] | None = None
-    input_dtype: np.dtype | None = None
+    probe: ProbeSet = field(default_factory=lambda: ProbeSet(fraction=0.0))
+    dead_letters: DeadLetterSink = field(default_factory=CountOnly)
+    drift: DriftMonitor | None = None
+    checkpointer: Checkpointer | None = None
+    overload: OverloadPolicy | None = None
+    predictions: Predictions | None = None
 
 
 def run_stream(
     source: Source,
     make_learner: LearnerFactory,
     metrics: Metrics,
-    probe: ProbeSet,
     options: RunOptions = RunOptions(),
+    parts: RunParts | None = None,
     *,
-    dead_letters: DeadLetterSink | None = None,
     state: RunState | None = None,
     stop: threading.Event | None = None,
-    drift: DriftMonitor | None = None,
-    checkpointer: Checkpointer | None = None,
-    overload: OverloadPolicy | None = None,
-    predictions: Predictions | None = None,
 ) -> tuple[Summary, RunState]:
     """Learn ``source`` until it ends, goes idle, hits ``max_records`` or ``stop`` is set."""
-    state = state or RunState()
+    run = _Run(source, make_learner, metrics, options, parts or RunParts(), state or RunState())
     stop = stop or threading.Event()
-    summary = Summary()
-    accuracy = PrequentialAccuracy(options.online_window)
-    counted = {outcome: metrics.samples.labels(outcome=outcome) for outcome in OUTCOMES}
-    parent_maps: list[np.ndarray] = []
-    parent_sizes: list[int] = []  # the tree's class counts when parent_maps was built
-    started = last_message = last_rate = time.monotonic()
-    polled = rate_count = since_probe = 0
+    idle = _IdleClock(source, options.until_idle_s)
     bar = tqdm(total=options.max_records, unit="rec", disable=not options.progress, dynamic_ncols=True)
     while not stop.is_set():
         limit = options.batch_size
         if options.max_records is not None:
-            limit = min(limit, options.max_records - polled)
+            limit = min(limit, options.max_records - run.summary.consumed)
             if limit <= 0:
                 break
-        poll = source.poll(options.poll_timeout_s, limit)
         now = time.monotonic()
+        run.publisher.tick(now, run.state.learner, run.accuracy, source)
+        if run.parts.dead_letters.backpressure:  # the dead-letter spool is full: wait, never drop
+            stop.wait(0.1)
+            continue
+        poll = source.poll(source.poll_timeout_s, limit)
         if not len(poll):
-            idle = options.until_idle_s is not None and now - last_message >= options.until_idle_s
-            if source.exhausted or idle:
+            if source.exhausted or idle.expired(time.monotonic()):
                 break
             continue
-        last_message = now
-        polled += len(poll)
-        records = _screen(poll, state, make_learner)
-        for dead in poll.dead_letters:
-            _dead_letter(dead, summary, metrics, dead_letters)
-        learn, held = _split_probe(records, probe)
-        if held:
-            summary.held_out += len(held)
-            counted["held_out"].inc(len(held))
-        if overload is not None:
-            learn = overload.admit(learn)
-        if learn:
-            observation = _observe(state.learner, learn, metrics)
-            if predictions is not None:
-                predictions.publish(learn, observation.prediction, state.learner.labels, now)
-            sizes = state.learner.labels.sizes  # the tree grows with new labels, and with replay from a shared buffer
-            if sizes != parent_sizes:
-                parent_maps, parent_sizes = state.learner.labels.parent_maps(), sizes
-            correct = _score(observation, accuracy, summary, counted, parent_maps)
-            if drift is not None:
-                _watch_drift(drift, observation, correct, learn, summary)
-            since_probe += observation.stats.n_learned
+        idle.saw_records(time.monotonic())
+        run.process(poll)
         offsets = next_offsets(poll.positions())
         source.commit(offsets)
-        if checkpointer is not None:
-            checkpointer.step(state, offsets, len(poll), summary.learned)
-        if state.learner is not None and since_probe >= options.probe_every:
-            _publish_probe(_evaluate(probe, state.learner), metrics)
-            _publish_buffer(state.learner, metrics)
-            since_probe = 0
+        if run.parts.checkpointer is not None:
+            run.parts.checkpointer.step(run.state, offsets, len(poll), run.summary)
+        run.probe_if_due()
         bar.update(len(poll))
-        rate_count += len(poll)
-        if now - last_rate >= 1.0:  # gauges change every batch but are scraped every few seconds
-            metrics.samples_per_second.set(rate_count / (now - last_rate))
-            last_rate, rate_count = now, 0
-            _publish_gauges(state.learner, accuracy, source, metrics)
     bar.close()
-    _publish_gauges(state.learner, accuracy, source, metrics)
-    summary.learned_total = summary.learned
-    if checkpointer is not None:
-        checkpointer.finish(state, summary.learned)
-        summary.learned_total += checkpointer.learned_base
-    elapsed = time.monotonic() - started
-    if state.learner is not None:
-        _finish(summary, state.learner, _evaluate(probe, state.learner), metrics)
-    summary.online_accuracy = accuracy.cumulative()
-    summary.elapsed_seconds = elapsed
-    summary.samples_per_second = polled / elapsed if elapsed > 0 else 0.0
-    return summary, state
+    return run.finish(), run.state
 
 
-def _screen(poll: Poll, state: RunState, make_learner: LearnerFactory) -> list[Record]:
-    """Records that can enter the learner; the others join ``poll.dead_letters``."""
-    fitting = []
-    for record in poll.records:
-        if state.learner is None:
-            state.input_shape, state.input_dtype = record.x.shape, record.x.dtype
-            state.learner = make_learner(record.x.shape, record.x.dtype)
-        if record.x.shape != state.input_shape or record.x.dtype != state.input_dtype:
-            detail = f"{record.x.dtype}{list(record.x.shape)} != {state.input_dtype}{list(state.input_shape)}"
-            poll.dead_letters.append(DeadLetter(record.message, "shape_mismatch", detail))
-        else:
-            fitting.append(record)
-    if not fitting:
-        return []
-    good = []
-    for record, problem in zip(fitting, state.learner.labels.problems([r.label for r in fitting]), strict=True):
-        if problem is None:
-            good.append(record)
-        else:
-            poll.dead_letters.append(DeadLetter(record.message, "label_conflict", problem))
-    return good
+class _Run:
+    """A run's state between batches: the learner, counts, accuracy and what publishes them."""
+
+    def __init__(
+        self,
+        source: Source,
+        make_learner: LearnerFactory,
+        metrics: Metrics,
+        options: RunOptions,
+        parts: RunParts,
+        state: RunState,
+    ) -> None:
+        self.source, self.make_learner, self.metrics = source, make_learner, metrics
+        self.options, self.parts, self.state = options, parts, state
+        self.summary = Summary()
+        self.accuracy = PrequentialAccuracy(options.online_window)
+        self.publisher = Publisher(metrics)
+        self.outcomes = metrics.samples
+        self.parent_maps: list[np.ndarray] = []
+        self.parent_sizes: list[int] = []  # the tree's class counts when parent_maps was built
+        self.since_probe = 0
+        self.started = time.monotonic()
+
+    def process(self, poll: Poll) -> None:
+        """One polled batch: every record ends learned, held out, predicted, skipped or dead-lettered."""
+        now = time.monotonic()
+        self.summary.consumed += len(poll)
+        self.publisher.count(len(poll))
+        records = self._screen(poll)
+        learn = self._hold_out(records)
+        labelled = sum(r.label is not None for r in learn)
+        skipped = 0
+        if self.parts.overload is not None:
+            learn = self.parts.overload.admit(learn)
+            skipped = labelled - sum(r.label is not None for r in learn)
+            if skipped:
+                self.summary.overload_skipped += skipped
+                self.outcomes.labels(outcome="overload_skipped").inc(skipped)
+        for dead in poll.dead_letters:
+            self._dead_letter(dead)
+        if not learn:
+            return
+        learner = self.state.learner
+        observation = self._observe(learner, learn)
+        if self.parts.predictions is not None:
+            self.parts.predictions.publish(learn, observation.prediction, learner.labels, now)
+        if observation.stats.rejected is not None:  # the learner refused the batch: its labelled records are dead
+            for record in learn:
+                if record.label is not None:
+                    self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
+            self._count_predicted(len(learn) - labelled)
+            return
+        n_learned = labelled - skipped
+        self.summary.learned += n_learned
+        self.outcomes.labels(outcome="learned").inc(n_learned)
+        self._count_predicted(len(learn) - labelled)
+        sizes = learner.labels.sizes  # the tree grows with new labels, and with replay from a shared buffer
+        if sizes != self.parent_sizes:
+            self.parent_maps, self.parent_sizes = learner.labels.parent_maps(), sizes
+        correct = score(observation, self.accuracy, self.parent_maps)
+        if self.parts.drift is not None:
+            self.summary.drift_events.extend(watch_drift(self.parts.drift, observation, correct, learn))
+        self.since_probe += n_learned
+
+    def probe_if_due(self) -> None:
+        if self.state.learner is not None and self.since_probe >= self.options.probe_every:
+            self.publisher.probe(evaluate(self.parts.probe, self.state.learner))
+            self.publisher.buffer(self.state.learner)
+            self.since_probe = 0
+
+    def finish(self) -> Summary:
+        """Final gauges, checkpoint, probe evaluation and totals."""
+        summary, learner, checkpointer = self.summary, self.state.learner, self.parts.checkpointer
+        self.publisher.gauges(time.monotonic(), learner, self.accuracy, self.source)
+        if checkpointer is not None:
+            checkpointer.finish(self.state, summary)
+        summary.set_totals(checkpointer.base_totals if checkpointer is not None else {})
+        elapsed = time.monotonic() - self.started
+        if learner is not None:
+            result = evaluate(self.parts.probe, learner)
+            self.publisher.probe(result)
+            summary.buffer_errors = self.publisher.buffer(learner)
+            if len(self.parts.probe):
+                summary.final_accuracy, summary.forgetting = result.accuracy, result.forgetting
+                summary.final_accuracy_by_level = {str(k): v for k, v in result.level_accuracy.items()}
+                summary.forgetting_by_level = {str(k): v for k, v in result.level_forgetting.items()}
+            summary.classes_seen_by_level = learner.labels.sizes
+            summary.classes_seen = sum(learner.labels.sizes)
+            summary.method = learner.name
+        summary.online_accuracy = self.accuracy.cumulative()
+        summary.elapsed_seconds = elapsed
+        summary.samples_per_second = summary.consumed / elapsed if elapsed > 0 else 0.0
+        return summary
+
+    def _count_predicted(self, n: int) -> None:
+        if n:
+            self.summary.predicted += n
+            self.outcomes.labels(outcome="predicted").inc(n)
+
+    def _screen(self, poll: Poll) -> list[Record]:
+        """Records that can enter the learner; the others join ``poll.dead_letters``."""
+        state, fitting = self.state, []
+        for record in poll.records:
+            if state.learner is None:
+                state.input_shape, state.input_dtype = record.x.shape, record.x.dtype
+                state.learner = self.make_learner(record.x.shape, record.x.dtype)
+            if record.x.shape != state.input_shape or record.x.dtype != state.input_dtype:
+                detail = f"{record.x.dtype}{list(record.x.shape)} != {state.input_dtype}{list(state.input_shape)}"
+                poll.dead_letters.append(DeadLetter(record.message, "shape_mismatch", detail))
+            else:
+                fitting.append(record)
+        if not fitting:
+            return []
+        tree, good = state.learner.labels, []
+        for record, problem in zip(fitting, tree.problems([r.label for r in fitting]), strict=True):
+            if problem is None:
+                good.append(record)
+            else:
+                poll.dead_letters.append(DeadLetter(record.message, "label_conflict", problem))
+        return self._within_class_limit(good, poll)
+
+    def _within_class_limit(self, records: list[Record], poll: Poll) -> list[Record]:
+        """Records whose new classes still fit ``max_classes``; records that would pass it are dead letters."""
+        limit, tree = self.options.max_classes, self.state.learner.labels
+        known = sum(tree.sizes)
+        if limit is None or known + sum(len(r.label) for r in records if r.label is not None) <= limit:
+            return records  # even if every label part were new, the batch fits
+        new: set[tuple[str, ...]] = set()
+        kept = []
+        for record in records:
+            if record.label is not None:
+                prefixes = {record.label[: i + 1] for i in range(len(record.label))}
+                added = {p for p in prefixes if tree.lookup(p)[0] < 0} - new
+                if known + len(new) + len(added) > limit:
+                    detail = f"the stream brought more than {limit} classes (--max-classes)"
+                    poll.dead_letters.append(DeadLetter(record.message, "too_many_classes", detail))
+                    continue
+                new |= added
+            kept.append(record)
+        return kept
+
+    def _hold_out(self, records: list[Record]) -> list[Record]:
+        """Records to learn; the probe set keeps its share of labelled ones, never trained on."""
+        probe = self.parts.probe
+        if probe.fraction == 0:
+            return records
+        learn, held = [], 0
+        for record in records:
+            if record.label is not None and probe.holds_out(record.id):
+                probe.add(record.x, record.label)
+                held += 1
+            else:
+                learn.append(record)
+        if held:
+            self.summary.held_out += held
+            self.outcomes.labels(outcome="held_out").inc(held)
+        return learn
+
+    def _dead_letter(self, dead: DeadLetter) -> None:
+        self.parts.dead_letters.send(dead)
+        self.summary.dead_letter[dead.reason] = self.summary.dead_letter.get(dead.reason, 0) + 1
+        self.metrics.dead_letters.labels(reason=dead.reason).inc()
+        self.outcomes.labels(outcome="dead_letter").inc()
+        log.debug("dead letter %s at %s: %s", dead.reason, dead.message.position, dead.detail)
+
+    def _observe(self, learner: Learner, records: list[Record]) -> Observation:
+        x = torch.from_numpy(np.stack([r.x for r in records]))
+        started = time.perf_counter()
+        observation = learner.observe(Batch(x, [r.label for r in records]))
+        self.metrics.learn_step.observe(time.perf_counter() - started)
+        return observation
 
 
-def _dead_letter(dead: DeadLetter, summary: Summary, metrics: Metrics, sink: DeadLetterSink | None) -> None:
-    if sink is not None:
-        sink.send(dead)
-    summary.dead_letter[dead.reason] = summary.dead_letter.get(dead.reason, 0) + 1
-    metrics.dead_letters.labels(reason=dead.reason).inc()
-    metrics.samples.labels(outcome="dead_letter").inc()
-    log.debug("dead letter %s at %s: %s", dead.reason, dead.message.position, dead.detail)
+class _IdleClock:
+    """When an unbounded source counts as idle: ``until_idle_s`` without a record, counted from the last
+    record or, for a Kafka source, from its first partition assignment (a restarted consumer may wait
+    for the group to reassign partitions for longer than the idle bound)."""
 
+    def __init__(self, source: Source, until_idle_s: float | None) -> None:
+        self.source = source
+        self.until_idle_s = until_idle_s
+        self.started = self.last_record = time.monotonic()
 
-def _split_probe(records: list[Record], probe: ProbeSet) -> tuple[list[Record], list[Record]]:
-    if probe.fraction == 0:
-        return records, []
-    learn, held = [], []
-    for record in records:
-        if record.label is not None and probe.holds_out(record.id):
-            probe.add(record.x, record.label)
-            held.append(record)
-        else:
-            learn.append(record)
-    return learn, held
+    def saw_records(self, now: float) -> None:
+        self.last_record = now
 
-
-def _observe(learner: Learner, records: list[Record], metrics: Metrics) -> Observation:
-    x = torch.from_numpy(np.stack([r.x for r in records]))
-    started = time.perf_counter()
-    observation = learner.observe(Batch(x, [r.label for r in records]))
-    metrics.learn_step.observe(time.perf_counter() - started)
-    return observation
-
-
-def _score(
-    obs: Observation,
-    accuracy: PrequentialAccuracy,
-    summary: Summary,
-    counted: dict[str, Counter],
-    parent_maps: list[np.ndarray],
-) -> np.ndarray:
-    """Count the batch and update prequential accuracy per level (HLE parent rule, see monitoring.hierarchy).
-
-    Returns whether each labelled sample was predicted right (in batch order).
-    """
-    y, levels, predicted = obs.y.cpu().numpy(), obs.level.cpu().numpy(), obs.prediction.classes.cpu().numpy()
-    labelled = y >= 0
-    n_labelled = int(labelled.sum())
-    summary.learned += n_labelled
-    summary.predicted += len(y) - n_labelled
-    counted["learned"].inc(n_labelled)
-    if n_labelled < len(y):
-        counted["predicted"].inc(len(y) - n_labelled)
-        y, levels, predicted = y[labelled], levels[labelled], predicted[labelled]
-    if not n_labelled:
-        return np.zeros(0, dtype=bool)
-    correct = level_correct(predicted, levels, y, parent_maps)
-    accuracy.update(levels, correct)
-    return correct
-
-
-def _watch_drift(
-    drift: DriftMonitor, obs: Observation, correct: np.ndarray, records: list[Record], summary: Summary
-) -> None:
-    """Feed the batch's error (as scored by ``_score``), loss and uncertainty signals at the records' offsets."""
-    positions = np.fromiter((r.position.offset for r in records), dtype=np.int64, count=len(records))
-    labelled = obs.y.cpu().numpy() >= 0
-    events = []
-    if "error" in drift.signals and labelled.any():
-        events += drift.update("error", ~correct, positions[labelled])
-    if "loss" in drift.signals and obs.stats.loss is not None:
-        events += drift.update("loss", np.array([obs.stats.loss]), positions[labelled][-1:])
-    if "uncertainty" in drift.signals:
-        known = obs.prediction.classes.cpu().numpy() >= 0
-        rows = known.any(axis=1)
-        if rows.any():
-            confidence = (obs.prediction.confidence.cpu().numpy() * known).sum(axis=1)
-            mean_conf = confidence / np.maximum(known.sum(axis=1), 1)
-            events += drift.update("uncertainty", 1 - mean_conf[rows], positions[rows])
-    if events:
-        summary.drift_events.extend(sorted((e.as_dict() for e in events), key=lambda e: e["position"]))
-
-
-def _publish_gauges(learner: Learner | None, accuracy: PrequentialAccuracy, source: Source, metrics: Metrics) -> None:
-    """The per-second gauges: windowed online accuracy, classes seen, buffer size and errors, source lag."""
-    for level in accuracy.levels:
-        metrics.online_accuracy.labels(level=str(level)).set(accuracy.windowed(level))
-    if learner is not None:
-        _publish_learner(learner, metrics)
-    if isinstance(source, Instrumented):
-        _publish_source(source, metrics)
-
-
-def _publish_source(source: Instrumented, metrics: Metrics) -> None:
-    """Consumer lag per partition (series of partitions no longer owned are dropped) and decode times."""
-    metrics.consumer_lag.clear()
-    for (topic, partition), lag in source.lag().items():
-        metrics.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
-    for seconds in source.take_decode_seconds():
-        metrics.decode_seconds.observe(seconds)
-
-
-def _publish_learner(learner: Learner, metrics: Metrics) -> None:
-    for level, size in enumerate(learner.labels.sizes):
-        metrics.classes_seen.labels(level=str(level)).set(size)
-    metrics.buffer_size.set(len(learner.buffer))
-    metrics.buffer_errors.inc(learner.buffer.take_errors())
-
-
-def _publish_buffer(learner: Learner, metrics: Metrics) -> None:
-    """Buffer composition per class (at probe time: a Redis store answers it with a round trip)."""
-    metrics.buffer_bytes.set(learner.buffer.nbytes)
-    names = learner.labels.names
-    for (level, index), count in learner.buffer.class_counts().items():
-        if level >= len(names) or index >= len(names[level]):
-            continue  # stored by another learner sharing the Redis buffer, under a class this one has not seen
-        name = names[level][index]
-        if metrics.class_series_allowed(level, name):
-            metrics.buffer_class_count.labels(**{"class": name}).set(count)
-
-
-def _evaluate(probe: ProbeSet, learner: Learner) -> ProbeResult:
-    def predict(x: np.ndarray) -> np.ndarray:
-        return learner.predict(torch.from_numpy(x)).classes.cpu().numpy()
-
-    return probe.evaluate(predict, learner.labels.lookup, parent_maps=learner.labels.parent_maps())
-
-
-def _publish_probe(result: ProbeResult, metrics: Metrics) -> None:
-    for level, acc in result.level_accuracy.items():
-        metrics.accuracy.labels(level=str(level)).set(acc)
-        metrics.forgetting.labels(level=str(level)).set(result.level_forgetting[level])
-    for path, acc in result.class_accuracy.items():
-        level, name = str(len(path) - 1), path[-1]
-        if metrics.class_series_allowed(len(path) - 1, name):
-            metrics.class_accuracy.labels(level=level, **{"class": name}).set(acc)
-            metrics.class_forgetting.labels(level=level, **{"class": name}).set(result.class_forgetting.get(path, 0.0))
-
-
-def _finish(summary: Summary, learner: Learner, result: ProbeResult, metrics: Metrics) -> None:
-    _publish_probe(result, metrics)
-    _publish_buffer(learner, metrics)
-    summary.final_accuracy = result.accuracy
-    summary.forgetting = result.forgetting
-    summary.final_accuracy_by_level = {str(k): v for k, v in result.level_accuracy.items()}
-    summary.forgetting_by_level = {str(k): v for k, v in result.level_forgetting.items()}
-    summary.classes_seen_by_level = learner.labels.sizes
-    summary.classes_seen = sum(learner.labels.sizes)
-    summary.method = learner.name
+    def expired(self, now: float) -> bool:
+        if self.until_idle_s is None:
+            return False
+        since = self.last_record
+        if isinstance(self.source, Instrumented):
+            if self.source.assigned_at is None:
+                if now - self.started < self.until_idle_s + ASSIGNMENT_GRACE_S:
+                    return False
+                log.warning("no partitions were assigned within %.0f s; stopping", now - self.started)
+                return True
+            since = max(since, self.source.assigned_at)
+        return now - since >= self.until_idle_s

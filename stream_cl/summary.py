@@ -1,25 +1,48 @@
-"""The run summary: what a run did, as JSON for machines and a short table for people."""
+"""The run summary: what a run did, as JSON for machines and a short table for people.
+
+Every consumed record has exactly one outcome, so the counts add up, in one run and (the
+``*_total`` fields, carried by checkpoints) over the model's whole history::
+
+    consumed = learned + held_out + predicted + overload_skipped + dead letters
+
+``predicted`` counts unlabelled records (predict only); ``overload_skipped`` labelled records an
+overload policy predicted instead of learning them.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+COUNTS = ("consumed", "learned", "held_out", "predicted", "overload_skipped", "dead_letter")
+"""The outcome counters of one run."""
+TOTALS = {name: f"{name}_total" for name in COUNTS} | {"predicted": "predict_only_total"}
+"""Outcome counter → its total over the model's history (restored checkpoints included)."""
 
 
 @dataclass
 class Summary:
-    """Counts and accuracies of one run (accuracies and forgetting are 0-1 ratios)."""
+    """Counts and accuracies of one run (accuracies and forgetting are 0-1 ratios; None without a probe set)."""
 
+    consumed: int = 0
     learned: int = 0
-    learned_total: int = 0  # learned over the model's whole history, restored checkpoints included
-    predicted: int = 0
     held_out: int = 0
+    predicted: int = 0
+    overload_skipped: int = 0
     dead_letter: dict[str, int] = field(default_factory=dict)
+    consumed_total: int = 0
+    learned_total: int = 0
+    held_out_total: int = 0
+    predict_only_total: int = 0
+    overload_skipped_total: int = 0
+    dead_letter_total: int = 0
+    buffer_errors: int = 0
     online_accuracy: float = 0.0
-    final_accuracy: float = 0.0
+    final_accuracy: float | None = None
     final_accuracy_by_level: dict[str, float] = field(default_factory=dict)
-    forgetting: float = 0.0
+    forgetting: float | None = None
     forgetting_by_level: dict[str, float] = field(default_factory=dict)
     classes_seen: int = 0
     classes_seen_by_level: list[int] = field(default_factory=list)
@@ -30,6 +53,19 @@ class Summary:
     model: str = ""
     device: str = ""
 
+    def count(self, name: str) -> int:
+        """This run's count of outcome ``name`` (one of :data:`COUNTS`)."""
+        value = getattr(self, name)
+        return sum(value.values()) if isinstance(value, dict) else value
+
+    def totals(self, base: Mapping[str, int]) -> dict[str, int]:
+        """Every :data:`TOTALS` entry: ``base`` (from a restored checkpoint) plus this run."""
+        return {total: int(base.get(total, 0)) + self.count(name) for name, total in TOTALS.items()}
+
+    def set_totals(self, base: Mapping[str, int]) -> None:
+        for name, value in self.totals(base).items():
+            setattr(self, name, value)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
@@ -37,20 +73,28 @@ class Summary:
         Path(path).write_text(self.to_json() + "\n")
 
     def render(self) -> str:
-        dead = sum(self.dead_letter.values())
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.dead_letter.items())) or "none"
         rows = [
             ("method / model / device", f"{self.method} / {self.model} / {self.device}"),
+            ("records consumed", f"{self.consumed} ({self.consumed_total} in the model's history)"),
             ("records learned", f"{self.learned}"),
             ("records predicted only", f"{self.predicted}"),
             ("records held out (probe)", f"{self.held_out}"),
-            ("dead letters", f"{dead} ({reasons})"),
+            ("dead letters", f"{self.count('dead_letter')} ({reasons})"),
             ("classes seen (per level)", f"{self.classes_seen} {self.classes_seen_by_level}"),
             ("online accuracy", f"{self.online_accuracy:.3f}"),
-            ("final average accuracy", f"{self.final_accuracy:.3f}"),
-            ("average forgetting", f"{self.forgetting:.3f}"),
+            ("final average accuracy", _ratio(self.final_accuracy)),
+            ("average forgetting", _ratio(self.forgetting)),
             ("drift events", f"{len(self.drift_events)}"),
             ("elapsed", f"{self.elapsed_seconds:.1f} s ({self.samples_per_second:.0f} records/s)"),
         ]
+        if self.overload_skipped:
+            rows.insert(4, ("labelled, not learned (overload)", f"{self.overload_skipped}"))
+        if self.buffer_errors:
+            rows.append(("replay-buffer errors", f"{self.buffer_errors} (ran on the local fallback meanwhile)"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

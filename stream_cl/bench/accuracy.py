@@ -19,15 +19,15 @@ import torch
 from tqdm import tqdm
 
 from consumers.datasets import LabelledArrays, load_cifar100
+from stream_cl.assemble import check_hparams
 from stream_cl.bench import cl_metrics
 from stream_cl.bench.accuracy_report import machine, write_report
 from stream_cl.build import build_learner
-from stream_cl.commands.run import parse_hparam
+from stream_cl.config import parse_hparam
 from stream_cl.device import pick_device
 from stream_cl.errors import ConfigError
 from stream_cl.learner import Batch, Learner
 from stream_cl.methods import METHODS
-from stream_cl.wiring import check_hparams
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from buffers.open import redis_client
 from buffers.redis import RedisStore
 from consumers.recorded import RecordedSource
 from monitoring.metrics import Metrics
-from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
 from stream_cl.run import RunOptions, run_stream
 from tests.streams import write_stream
@@ -54,8 +53,8 @@ def test_learner_survives_redis_dying_mid_stream(redis_aof, tmp_path):
     registry = CollectorRegistry()
     cpu = torch.device("cpu")
     make = partial(build_learner, "er", "mlp", device=cpu, buffer=store, hparams={"replay_batch_size": 5})
-    options = RunOptions(batch_size=10, progress=False, probe_every=10**6, poll_timeout_s=0.0)
-    summary, _ = run_stream(source, make, Metrics(registry), ProbeSet(fraction=0.0), options)
+    options = RunOptions(batch_size=10, progress=False, probe_every=10**6)
+    summary, _ = run_stream(source, make, Metrics(registry), options)
 
     assert summary.learned == 180, "every record was learned, Redis or not"
     assert store.errors == 6, "one failed step per batch while Redis was down (no back-off wait)"

@@ -23,10 +23,9 @@ from consumers.recorded import read_messages
 from consumers.source import next_offsets
 from consumers.wire import REASONS
 from monitoring.metrics import Metrics
-from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
 from stream_cl.cli import main
-from stream_cl.run import RUN_REASONS, RunOptions, run_stream
+from stream_cl.run import RUN_REASONS, RunOptions, RunParts, run_stream
 from tests.consumers.streams import MAX_BYTES, bad_messages, good_messages
 from tests.fixtures.kafka import FAST_GROUP
 
@@ -172,10 +171,10 @@ def test_dead_letter_topic_gets_exactly_the_bad_records(kafka_bootstrap, make_to
     produce_messages(kafka_bootstrap, topic, mixed)
     metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
     make_learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, buffer_size=50, width=16)
-    options = RunOptions(batch_size=8, poll_timeout_s=0.2, until_idle_s=2.0, progress=False)
+    options = RunOptions(batch_size=8, until_idle_s=2.0, progress=False)
     source = KafkaSource(kafka_bootstrap, topic, "dlq", max_bytes=MAX_BYTES, **FAST_GROUP)
     with source, KafkaDeadLetterSink(kafka_bootstrap) as sink:
-        summary, _ = run_stream(source, make_learner, metrics, ProbeSet(fraction=0.0), options, dead_letters=sink)
+        summary, _ = run_stream(source, make_learner, metrics, options, RunParts(dead_letters=sink))
     assert summary.learned == 40
     assert summary.dead_letter == dict.fromkeys(bad, 1)
     assert metrics.registry.get_sample_value("streamcl_dead_letter_total", {"reason": "oversized"}) == 1

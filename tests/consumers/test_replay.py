@@ -19,7 +19,7 @@ from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
 from stream_cl.cli import main
-from stream_cl.run import RUN_REASONS, RunOptions, run_stream
+from stream_cl.run import RUN_REASONS, RunOptions, RunParts, run_stream
 from tests.consumers.streams import bad_messages, tiny_dataset
 
 TIMING = ("elapsed_seconds", "samples_per_second")
@@ -28,9 +28,9 @@ TIMING = ("elapsed_seconds", "samples_per_second")
 def _replay(path: Path, seed: int) -> tuple[dict, np.ndarray]:
     make_learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=seed, buffer_size=40, width=16)
     metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
-    options = RunOptions(batch_size=10, poll_timeout_s=0.0, probe_every=50, progress=False)
+    options = RunOptions(batch_size=10, probe_every=50, progress=False)
     with RecordedSource(path) as source:
-        summary, state = run_stream(source, make_learner, metrics, ProbeSet(fraction=0.1, seed=seed), options)
+        summary, state = run_stream(source, make_learner, metrics, options, RunParts(ProbeSet(fraction=0.1, seed=seed)))
     probe = torch.from_numpy(tiny_dataset(32, seed=99).x)
     predictions = state.learner.predict(probe).classes.numpy()
     return {k: v for k, v in vars(summary).items() if k not in TIMING}, predictions

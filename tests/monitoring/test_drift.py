@@ -18,7 +18,7 @@ from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
 from stream_cl.errors import StreamClError
-from stream_cl.run import RunOptions, run_stream
+from stream_cl.run import RunOptions, RunParts, run_stream
 from tests.monitoring.streams import permuted_labels_stream
 
 CHANGE = 1500
@@ -35,7 +35,7 @@ def run(path: Path, drift: str) -> tuple[list[dict], Metrics]:
     monitor = DriftMonitor(parse_drift(drift), metrics, seed=0)
     make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0)
     with RecordedSource(path) as source:
-        summary, _ = run_stream(source, make, metrics, ProbeSet(), RunOptions(progress=False), drift=monitor)
+        summary, _ = run_stream(source, make, metrics, RunOptions(progress=False), RunParts(ProbeSet(), drift=monitor))
     return summary.drift_events, metrics
 
 
@@ -67,11 +67,11 @@ def test_counter_is_zero_up_to_the_change_and_rises_within_the_bound(permuted: P
 
     with RecordedSource(permuted) as source:
         _, state = run_stream(
-            source, make, metrics, ProbeSet(), RunOptions(progress=False, max_records=CHANGE), drift=monitor
+            source, make, metrics, RunOptions(progress=False, max_records=CHANGE), RunParts(ProbeSet(), drift=monitor)
         )
         assert detections() == {"error": 0.0, "loss": 0.0, "uncertainty": 0.0}
         options = RunOptions(progress=False, max_records=BOUND)
-        run_stream(source, make, metrics, ProbeSet(), options, drift=monitor, state=state)
+        run_stream(source, make, metrics, options, RunParts(ProbeSet(), drift=monitor), state=state)
     after = detections()
     assert after["error"] >= 1 and after["loss"] >= 1, after
 

@@ -13,7 +13,7 @@ from consumers.recorded import RecordedSource
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
-from stream_cl.run import RunOptions, run_stream
+from stream_cl.run import RunOptions, RunParts, run_stream
 from tests.monitoring.streams import class_incremental_stream
 
 PER_TASK = 400
@@ -40,9 +40,11 @@ def learn(stream: Path, replay_batch_size: int) -> tuple[float, float, float]:
         hparams={"replay_batch_size": replay_batch_size},
     )  # fmt: skip
     with RecordedSource(stream) as source:
-        _, state = run_stream(source, make, metrics, probe, RunOptions(progress=False, max_records=PER_TASK))
+        _, state = run_stream(source, make, metrics, RunOptions(progress=False, max_records=PER_TASK), RunParts(probe))
         after_task0 = old_class_forgetting(metrics)
-        summary, _ = run_stream(source, make, metrics, probe, RunOptions(progress=False, probe_every=100), state=state)
+        summary, _ = run_stream(
+            source, make, metrics, RunOptions(progress=False, probe_every=100), RunParts(probe), state=state
+        )
     assert summary.forgetting_by_level["0"] == metrics.registry.get_sample_value("streamcl_forgetting", {"level": "0"})
     return after_task0, old_class_forgetting(metrics), summary.forgetting_by_level["0"]
 

@@ -15,7 +15,7 @@ from consumers.recorded import RecordedSource
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
-from stream_cl.run import RunOptions, run_stream
+from stream_cl.run import RunOptions, RunParts, run_stream
 from tests.monitoring.streams import class_incremental_stream
 
 NAMES = "abc"
@@ -81,7 +81,7 @@ def test_class_series_are_capped(tmp_path: Path) -> None:
     metrics = Metrics(CollectorRegistry(), max_class_series=2)
     make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0)
     with RecordedSource(stream) as source:
-        summary, _ = run_stream(source, make, metrics, ProbeSet(fraction=0.1), RunOptions(progress=False))
+        summary, _ = run_stream(source, make, metrics, RunOptions(progress=False), RunParts(ProbeSet(fraction=0.1)))
     assert summary.classes_seen == 6
     for name in ("streamcl_class_accuracy", "streamcl_class_forgetting", "streamcl_buffer_class_samples"):
         series = [s for f in metrics.registry.collect() for s in f.samples if s.name == name]

@@ -24,7 +24,7 @@ from monitoring.drift import DriftMonitor
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
-from stream_cl.run import RUN_REASONS, RunOptions, run_stream
+from stream_cl.run import RUN_REASONS, RunOptions, RunParts, run_stream
 from tests.fixtures.procs import require_binary
 from tests.fixtures.prometheus import PrometheusServer
 from tests.monitoring.promql import alert_exprs, as_bool, dashboard_exprs, load_dashboard
@@ -50,9 +50,8 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
             source,
             make,
             metrics,
-            ProbeSet(fraction=0.1),
             RunOptions(progress=False, probe_every=100),
-            drift=drift,
+            RunParts(ProbeSet(fraction=0.1), drift=drift),
         )
         assert summary.drift_events and summary.dead_letter == {"bad_json": 2} and summary.forgetting > 0.3
         url = f"http://127.0.0.1:{prometheus.target_port}/metrics"

@@ -16,7 +16,7 @@ from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointError, CheckpointStore
 from stream_cl.checkpointer import Checkpointer, restore
 from stream_cl.errors import ConfigError
-from stream_cl.run import RunOptions, run_stream
+from stream_cl.run import RunOptions, RunParts, run_stream
 from tests.streams import write_stream
 
 IDENTITY = {"method": "er", "model": "mlp", "width": 32}
@@ -66,10 +66,9 @@ def _learn(path: Path, store: CheckpointStore, max_records: int | None) -> tuple
             source,
             make,
             Metrics(CollectorRegistry()),
-            probe,
-            RunOptions(batch_size=10, max_records=max_records, poll_timeout_s=0.0, progress=False),
+            RunOptions(batch_size=10, max_records=max_records, progress=False),
+            RunParts(probe, checkpointer=checkpointer),
             state=state,
-            checkpointer=checkpointer,
         )
     return summary, state
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from stream_cl.cli import main
-from stream_cl.config import KafkaConfig, ServiceConfig, masked
+from stream_cl.config import Config, KafkaConfig, masked
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,6 @@ def test_toml_file_and_secrets_are_masked(
     ("content", "env", "message"),
     [
         ("bach_size: 3\n", {}, "unknown setting"),
-        ("", {"STREAMCL_CHEKPOINT_DIR": "/x"}, "unknown setting"),
         ("", {"STREAMCL_BATCH_SIZE": "0"}, "batch_size in environment"),
         ("method: nope\n", {}, "not one of"),
         ("overload_policy: subsample\n", {}, "needs max_lag"),
@@ -90,7 +89,7 @@ def test_bad_settings_fail_at_load_time(
 
 
 def test_sections_and_kafka_client_options() -> None:
-    cfg = ServiceConfig.from_mapping(
+    cfg = Config.from_mapping(
         {"predictions": "out.jsonl", "predictions_for": "all", "max_lag": 5, "overload_policy": "predict-only"}
     )
     assert (cfg.predictions.url, cfg.predictions.which) == ("out.jsonl", "all")
@@ -104,3 +103,42 @@ def test_sections_and_kafka_client_options() -> None:
         "ssl_cafile": "/ca.pem",
     }
     assert masked({"x_password": None, "token": "t"}) == {"x_password": None, "token": "***"}
+
+
+def test_unknown_environment_variables_are_only_warned_about(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orchestrators inject variables such as STREAMCL_SERVICE_HOST: a typo in a file fails, the environment warns."""
+    monkeypatch.setenv("STREAMCL_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("STREAMCL_BATCH_SIZE", "7")
+    got = effective(capsys, "--metrics-port", "0")
+    assert got["batch_size"] == 7
+    assert "STREAMCL_SERVICE_HOST" in caplog.text
+
+
+def test_run_takes_a_config_file_and_the_environment_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("batch_size: 32\nlearner: {seed: 5}\n")
+    monkeypatch.setenv("STREAMCL_PROBE_FRACTION", "0.1")
+    assert main(["run", "--config", str(config), "--print-config", "--max-records", "9"]) == 0
+    got = yaml.safe_load(capsys.readouterr().out)
+    assert (got["batch_size"], got["probe_fraction"], got["max_records"]) == (32, 0.1, 9)
+    assert "checkpoint_dir" not in got  # run is serve without checkpoints
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:hunter2@redis:6379/0",
+        "rediss://redis:6379/0?password=hunter2",
+        "rediss://redis:6379/0?ssl_password=hunter2&name=b",
+    ],
+)
+def test_every_form_of_redis_credential_is_masked(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("STREAMCL_BUFFER", url)
+    got = effective(capsys)
+    assert "hunter2" not in got["buffer"] and "***" in got["buffer"]

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from stream_cl.assemble import check_hparams
 from stream_cl.build import build_learner
 from stream_cl.cli import main
-from stream_cl.commands.run import parse_hparam
+from stream_cl.config import parse_hparam
 from stream_cl.errors import ConfigError
 from stream_cl.learner import Batch
 from stream_cl.methods.onpro import OnPro
-from stream_cl.wiring import check_hparams
 from tests.streams import write_stream
 
 

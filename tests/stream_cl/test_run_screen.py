@@ -15,10 +15,13 @@ from consumers.wire import encode_binary
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
-from stream_cl.run import RunOptions, run_stream
+from stream_cl.run import RunOptions, RunParts, run_stream
 
 
 class Collected:
+    backpressure = False
+    healthy = True
+
     def __init__(self) -> None:
         self.dead: list[DeadLetter] = []
 
@@ -52,9 +55,8 @@ def test_conflicting_parents_in_one_batch_and_later_are_dead_letters_not_learned
             source,
             make,
             Metrics(CollectorRegistry()),
-            ProbeSet(fraction=0.0),
             RunOptions(batch_size=4, progress=False),
-            dead_letters=sink,
+            RunParts(ProbeSet(fraction=0.0), dead_letters=sink),
         )
     reasons = {d.message.position.offset: d.reason for d in sink.dead}
     assert reasons == {1: "label_conflict", 2: "shape_mismatch", 4: "label_conflict"}

@@ -18,7 +18,7 @@ from consumers.synthetic import SyntheticSource
 from monitoring.probe import ProbeSet
 from stream_cl.bench.perf.data import Case
 from stream_cl.bench.perf.paths import build, new_metrics
-from stream_cl.run import RunOptions, run_stream
+from stream_cl.run import RunOptions, RunParts, run_stream
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -88,17 +88,15 @@ def run_memory(
     source = RssSampling(
         SyntheticSource(n_records, dim=dim, seed=seed), trace, max(1, n_records // samples), n_records, progress
     )
-    opts = RunOptions(
-        batch_size=batch_size, max_records=n_records, poll_timeout_s=0.0, probe_every=50_000, progress=False
-    )
+    opts = RunOptions(batch_size=batch_size, max_records=n_records, probe_every=50_000, progress=False)
     started = time.perf_counter()
     with source:
         run_stream(
             source,
             lambda shape, dtype: build(case, shape, dtype, device, seed),
             new_metrics(),
-            ProbeSet(fraction=0.05, seed=seed),
             opts,
+            RunParts(probe=ProbeSet(fraction=0.05, seed=seed)),
         )
     trace.seconds = time.perf_counter() - started
     trace.records.append(source.polled)

@@ -13,7 +13,6 @@ from consumers.recorded import RecordedSource
 from consumers.source import Source
 from consumers.wire import REASONS
 from monitoring.metrics import Metrics
-from monitoring.probe import ProbeSet
 from stream_cl.bench.perf.data import Case, Stream
 from stream_cl.bench.perf.timing import StepTimes, TimedLearner
 from stream_cl.build import build_learner
@@ -62,15 +61,9 @@ def run_learner_only(case: Case, stream: Stream, device: torch.device, seed: int
     return times
 
 
-def options(case: Case, n_records: int, poll_timeout_s: float = 0.0) -> RunOptions:
+def options(case: Case, n_records: int) -> RunOptions:
     """Run options of the stream-cl paths; probe evaluation is off (path a has none either)."""
-    return RunOptions(
-        batch_size=case.batch_size,
-        max_records=n_records,
-        poll_timeout_s=poll_timeout_s,
-        probe_every=1 << 62,
-        progress=False,
-    )
+    return RunOptions(batch_size=case.batch_size, max_records=n_records, probe_every=1 << 62, progress=False)
 
 
 def new_metrics() -> Metrics:
@@ -90,11 +83,5 @@ def run_recorded(
     if prefetch:
         source = prefetched(source, case, n_records)
     with source:
-        run_stream(
-            source,
-            timed_factory(case, device, seed, times),
-            new_metrics(),
-            ProbeSet(fraction=0.0),
-            options(case, n_records),
-        )
+        run_stream(source, timed_factory(case, device, seed, times), new_metrics(), options(case, n_records))
     return times

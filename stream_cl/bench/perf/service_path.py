@@ -17,13 +17,12 @@ import torch
 from buffers.open import open_store
 from consumers.kafka import KafkaSource
 from monitoring.drift import DEFAULT_DRIFT, DriftMonitor, parse_drift
-from monitoring.probe import ProbeSet
 from stream_cl.bench.perf.data import Case
 from stream_cl.bench.perf.paths import new_metrics, options, timed_factory
 from stream_cl.bench.perf.timing import StepTimes
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.checkpointer import Checkpointer
-from stream_cl.run import run_stream
+from stream_cl.run import RunParts, run_stream
 
 CHECKPOINT_EVERY_S = 2.0
 """Checkpoint cadence of path (c): short, so every timed run writes several (serve's default is 60 s)."""
@@ -87,10 +86,11 @@ def run_service(
                 source,
                 timed_factory(case, device, seed, times, buffer=store),
                 metrics,
-                ProbeSet(fraction=0.0),
-                options(case, n_records, poll_timeout_s=0.5),
-                drift=DriftMonitor(parse_drift(DEFAULT_DRIFT), metrics, seed=seed) if drift else None,
-                checkpointer=checkpointer,
+                options(case, n_records),
+                RunParts(
+                    drift=DriftMonitor(parse_drift(DEFAULT_DRIFT), metrics, seed=seed) if drift else None,
+                    checkpointer=checkpointer,
+                ),
             )
     finally:
         stop_scrape.set()

@@ -1,0 +1,239 @@
+"""The one wiring path: a :class:`~stream_cl.config.Config` in, the parts of a run out.
+
+``stream-cl run``, ``stream-cl serve`` and the benchmarks all build their runs here; ``run`` is
+``serve`` without checkpoints and predictions. Start-up restores the newest valid checkpoint and
+opens the source at that checkpoint's offsets, so the restored model neither skips nor relearns
+a record.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+
+import torch
+from consumers.open import open_dead_letters, open_source
+from prometheus_client import CollectorRegistry
+
+from consumers.prefetch import Prefetcher
+from consumers.source import Instrumented, Source
+from consumers.wire import REASONS
+from monitoring.drift import DriftMonitor, parse_drift
+from monitoring.exporter import Exporter
+from monitoring.metrics import Metrics
+from monitoring.probe import ProbeSet
+from stream_cl.build import build_learner
+from stream_cl.checkpoint import CheckpointStore
+from stream_cl.checkpointer import Checkpointer, Restored, restore
+from stream_cl.config import DEFAULT_METRICS_PORT, Config
+from stream_cl.device import pick_device
+from stream_cl.errors import ConfigError
+from stream_cl.learner import LearnerFactory, RunState
+from stream_cl.methods import method_class
+from stream_cl.overload import OverloadPolicy
+from stream_cl.predictions import Predictions, open_sink
+from stream_cl.run import RUN_REASONS, CountOnly, RunOptions, RunParts
+
+log = logging.getLogger("stream_cl")
+
+
+@dataclass
+class Assembly:
+    """Everything :func:`stream_cl.run.run_stream` takes, built and opened from a config."""
+
+    source: Source
+    make_learner: LearnerFactory
+    metrics: Metrics
+    options: RunOptions
+    parts: RunParts
+    state: RunState
+    device: torch.device
+    exporter: Exporter | None
+
+
+def default_stream() -> Path:
+    """The recorded stream shipped with the package (class-incremental Fashion-MNIST slice)."""
+    return Path(str(resources.files("consumers.data").joinpath("fashion_mnist_ci.rec.gz")))
+
+
+@contextmanager
+def assemble(cfg: Config, ready: threading.Event | None = None) -> Iterator[Assembly]:
+    """Open the run ``cfg`` describes; everything opened is closed when the block exits.
+
+    ``ready`` is set by the caller once the loop runs; ``/readyz`` answers 200 only while it is
+    set, the source has partitions (Kafka) and dead letters can be delivered.
+    """
+    check_hparams(cfg.learner.method, dict(cfg.learner.hparam))
+    device = pick_device(cfg.learner.device)
+    metrics = make_metrics(cfg, device)
+    make_learner = learner_factory(cfg, device)
+    probe = ProbeSet(fraction=cfg.run.probe_fraction, seed=cfg.learner.seed)
+    state, restored, checkpointer = _restore(cfg, make_learner, probe, metrics)
+    url = cfg.source.url or str(default_stream())
+    ready = ready or threading.Event()
+    with ExitStack() as stack:
+        source: Source | None = None
+        parts = RunParts(probe=probe, checkpointer=checkpointer)
+
+        def is_ready() -> bool:
+            assigned = not isinstance(source, Instrumented) or bool(source.assignment())
+            return ready.is_set() and assigned and parts.dead_letters.healthy
+
+        exporter = _serve_metrics(cfg, metrics, is_ready)
+        if exporter is not None:
+            stack.callback(exporter.stop)
+        source = open_source(
+            url,
+            group=cfg.source.group,
+            start_offsets=restored.offsets if restored else None,
+            from_checkpoint=checkpointer is not None,
+            kafka_options=cfg.kafka.consumer_options(),
+        )
+        if cfg.source.prefetch and not source.fetches_ahead:
+            source = Prefetcher(
+                source, depth=cfg.source.prefetch, batch_size=cfg.run.batch_size, max_records=cfg.run.max_records
+            )
+        stack.enter_context(source)
+        sink = open_dead_letters(
+            url,
+            dead_letter_out=cfg.source.dead_letter_out,
+            dead_letter_topic=cfg.source.dead_letter_topic,
+            client_options=cfg.kafka.client_options(),
+        )
+        if sink is not None:
+            parts.dead_letters = stack.enter_context(sink)
+        else:
+            parts.dead_letters = CountOnly()
+        if cfg.predictions.url is not None:
+            parts.predictions = Predictions(
+                open_sink(cfg.predictions.url, **cfg.kafka.client_options()),
+                which=cfg.predictions.which,
+                version=(lambda: checkpointer.version) if checkpointer is not None else (lambda: 0),
+                metrics=metrics,
+            )
+            stack.callback(parts.predictions.close)
+        parts.drift = drift_monitor(cfg, metrics)
+        parts.overload = _overload(cfg, source, metrics)
+        yield Assembly(source, make_learner, metrics, run_options(cfg), parts, state, device, exporter)
+
+
+def check_hparams(method: str, hparams: dict) -> None:
+    """Raise ConfigError for keys ``method``'s constructor does not take."""
+    params = inspect.signature(method_class(method)).parameters
+    known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for method {method}; known: {', '.join(known)}"
+        )
+
+
+def make_metrics(cfg: Config, device: torch.device) -> Metrics:
+    """Metrics on a fresh registry, every dead-letter reason touched, the model described."""
+    metrics = Metrics(
+        CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS, max_class_series=cfg.metrics.max_class_series
+    )
+    metrics.model_info.info({"method": cfg.learner.method, "model": cfg.learner.model, "device": str(device)})
+    return metrics
+
+
+def learner_factory(cfg: Config, device: torch.device) -> LearnerFactory:
+    """Builds the configured learner once the first record shows the input shape and dtype."""
+    return partial(
+        build_learner,
+        cfg.learner.method,
+        cfg.learner.model,
+        device=device,
+        seed=cfg.learner.seed,
+        buffer_size=cfg.buffer.size,
+        buffer_spec=cfg.buffer.spec,
+        buffer_policy=cfg.buffer.policy,
+        width=cfg.learner.width,
+        hparams=dict(cfg.learner.hparam),
+    )
+
+
+def drift_monitor(cfg: Config, metrics: Metrics) -> DriftMonitor | None:
+    if cfg.metrics.no_drift:
+        return None
+    try:
+        return DriftMonitor(parse_drift(cfg.metrics.drift), metrics, seed=cfg.learner.seed)
+    except ValueError as err:
+        raise ConfigError(f"--drift: {err}") from err
+
+
+def run_options(cfg: Config) -> RunOptions:
+    return RunOptions(
+        batch_size=cfg.run.batch_size,
+        max_records=cfg.run.max_records,
+        until_idle_s=cfg.source.until_idle,
+        probe_every=cfg.run.probe_every,
+        max_classes=cfg.learner.max_classes,
+        progress=not cfg.run.no_progress and sys.stderr.isatty(),  # no carriage returns in captured logs
+    )
+
+
+def identity(cfg: Config) -> dict[str, object]:
+    """What a checkpoint's learner must match to be restored."""
+    return {"method": cfg.learner.method, "model": cfg.learner.model, "width": cfg.learner.width}
+
+
+def _restore(
+    cfg: Config, make_learner: LearnerFactory, probe: ProbeSet, metrics: Metrics
+) -> tuple[RunState, Restored | None, Checkpointer | None]:
+    if cfg.checkpoint.dir is None:
+        return RunState(), None, None
+    store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+    state, restored = restore(store, make_learner, identity(cfg), probe)
+    checkpointer = Checkpointer(
+        store,
+        identity=identity(cfg),
+        every_records=cfg.checkpoint.every_records,
+        every_seconds=cfg.checkpoint.every_seconds,
+        restored=restored,
+        metrics=metrics,
+        probe=probe,
+    )
+    return state, restored, checkpointer
+
+
+def _serve_metrics(cfg: Config, metrics: Metrics, ready: object) -> Exporter | None:
+    """``/metrics`` on the configured port; the default port moves to a free one when busy, a chosen one fails."""
+    port, addr = cfg.metrics.port, cfg.metrics.addr
+    if not port:
+        return None
+    try:
+        exporter = metrics.serve(port, addr, ready=ready)
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE:
+            raise
+        if port != DEFAULT_METRICS_PORT or "metrics_port" in cfg.explicit:
+            raise ConfigError(f"--metrics-port {port}: the port is in use on {addr}; choose another port") from None
+        exporter = metrics.serve(0, addr, ready=ready)
+        log.warning("port %d is in use; serving metrics on port %d instead", port, exporter.port)
+    log.info("serving /metrics, /healthz, /readyz on http://%s:%d", exporter.addr, exporter.port)
+    return exporter
+
+
+def _overload(cfg: Config, source: Source, metrics: Metrics) -> OverloadPolicy | None:
+    if cfg.overload.max_lag is None:
+        return None
+    if not isinstance(source, Instrumented):
+        raise ConfigError("--max-lag needs a source that reports its lag (Kafka)")
+    return OverloadPolicy(
+        cfg.overload.policy,
+        max_lag=cfg.overload.max_lag,
+        lag=lambda: sum(source.lag().values()),
+        fraction=cfg.overload.fraction,
+        metrics=metrics,
+        seed=cfg.learner.seed,
+    )

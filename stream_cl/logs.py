@@ -1,0 +1,59 @@
+"""Logging set-up for the command line: text for people, one JSON object per line for log collectors.
+
+Structured fields passed with ``extra=`` (such as a drift event) become keys of the JSON object.
+Log lines are written through tqdm, so they never break into a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+FORMATS = ("text", "json")
+QUIET_LOGGERS = ("kafka",)
+"""Chatty libraries kept at WARNING unless debug logging is asked for."""
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time", "level", "logger", "message", ...extra fields}``, one object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write`` so a progress bar on the same terminal is redrawn below the line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never take the service down
+            self.handleError(record)
+
+
+def configure(level: str = "INFO", fmt: str = "text") -> None:
+    """Root logging at ``level`` in ``fmt``; third-party chatter stays at WARNING unless ``level`` is DEBUG."""
+    handler = TqdmHandler()
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    if not root.handlers:  # like logging.basicConfig: a host (or pytest) that set up logging keeps its handlers
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

@@ -1,0 +1,94 @@
+"""What a run shows on ``/metrics`` besides per-batch counters: gauges once a second, probe results, buffer stats."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from consumers.source import Instrumented, Source
+from monitoring.metrics import Metrics
+from monitoring.prequential import PrequentialAccuracy
+from monitoring.probe import ProbeResult, ProbeSet
+from stream_cl.learner import Learner
+
+GAUGE_INTERVAL_S = 1.0
+"""Gauges change every batch but are scraped every few seconds: publishing them once a second is enough."""
+
+
+class Publisher:
+    """Publishes a run's gauges on a timer (also while the stream is idle, so rates fall to 0 and lag stays
+    true) and its probe and buffer figures when asked."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._last = time.monotonic()
+        self._records = 0
+        self._buffer_errors = 0
+
+    def count(self, records: int) -> None:
+        self._records += records
+
+    def tick(self, now: float, learner: Learner | None, accuracy: PrequentialAccuracy, source: Source) -> None:
+        """Publish the per-second gauges if a second has passed since the last time."""
+        if now - self._last >= GAUGE_INTERVAL_S:
+            self.gauges(now, learner, accuracy, source)
+
+    def gauges(self, now: float, learner: Learner | None, accuracy: PrequentialAccuracy, source: Source) -> None:
+        """Records per second, windowed online accuracy, classes seen, buffer size, source lag."""
+        m = self.metrics
+        m.samples_per_second.set(self._records / max(now - self._last, 1e-9))
+        self._last, self._records = now, 0
+        for level in accuracy.levels:
+            m.online_accuracy.labels(level=str(level)).set(accuracy.windowed(level))
+        if learner is not None:
+            for level, size in enumerate(learner.labels.sizes):
+                m.classes_seen.labels(level=str(level)).set(size)
+            m.buffer_size.set(len(learner.buffer))
+        if isinstance(source, Instrumented):
+            m.consumer_lag.clear()  # series of partitions no longer owned are dropped
+            for (topic, partition), lag in source.lag().items():
+                m.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
+            for seconds in source.take_decode_seconds():
+                m.decode_seconds.observe(seconds)
+
+    def buffer(self, learner: Learner) -> int:
+        """Buffer bytes, errors and composition per class (a Redis store answers with a round trip).
+
+        Returns the buffer's failed operations so far.
+        """
+        stats = learner.buffer.stats(classes=True)
+        m = self.metrics
+        m.buffer_bytes.set(stats.nbytes)
+        if stats.errors > self._buffer_errors:
+            m.buffer_errors.inc(stats.errors - self._buffer_errors)
+            self._buffer_errors = stats.errors
+        names = learner.labels.names
+        for (level, index), count in stats.class_counts.items():
+            if level >= len(names) or index >= len(names[level]):
+                continue  # stored by another learner sharing the Redis buffer, under a class this one has not seen
+            name = names[level][index]
+            if m.class_series_allowed(level, name):
+                m.buffer_class_count.labels(**{"class": name}).set(count)
+        return stats.errors
+
+    def probe(self, result: ProbeResult) -> None:
+        m = self.metrics
+        for level, acc in result.level_accuracy.items():
+            m.accuracy.labels(level=str(level)).set(acc)
+            m.forgetting.labels(level=str(level)).set(result.level_forgetting[level])
+        for path, acc in result.class_accuracy.items():
+            level, name = str(len(path) - 1), path[-1]
+            if m.class_series_allowed(len(path) - 1, name):
+                m.class_accuracy.labels(level=level, **{"class": name}).set(acc)
+                m.class_forgetting.labels(level=level, **{"class": name}).set(result.class_forgetting.get(path, 0.0))
+
+
+def evaluate(probe: ProbeSet, learner: Learner) -> ProbeResult:
+    """The probe set scored on the learner's current model."""
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return learner.predict(torch.from_numpy(x)).classes.cpu().numpy()
+
+    return probe.evaluate(predict, learner.labels.lookup, parent_maps=learner.labels.parent_maps())

@@ -1,0 +1,49 @@
+"""Scoring a learned batch: prequential accuracy (HLE parent rule) and the drift detectors' signals."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from consumers.record import Record
+from monitoring.drift import DriftMonitor
+from monitoring.hierarchy import level_correct
+from monitoring.prequential import PrequentialAccuracy
+from stream_cl.learner import Observation
+
+
+def score(obs: Observation, accuracy: PrequentialAccuracy, parent_maps: list[np.ndarray]) -> np.ndarray:
+    """Update prequential accuracy per level (see ``monitoring.hierarchy``) with the batch's labelled samples.
+
+    Returns whether each labelled sample was predicted right (in batch order).
+    """
+    y, levels, predicted = obs.y.cpu().numpy(), obs.level.cpu().numpy(), obs.prediction.classes.cpu().numpy()
+    labelled = y >= 0
+    if not labelled.all():
+        y, levels, predicted = y[labelled], levels[labelled], predicted[labelled]
+    if not len(y):
+        return np.zeros(0, dtype=bool)
+    correct = level_correct(predicted, levels, y, parent_maps)
+    accuracy.update(levels, correct)
+    return correct
+
+
+def watch_drift(drift: DriftMonitor, obs: Observation, correct: np.ndarray, records: list[Record]) -> list[dict]:
+    """Feed the batch's error (as scored by :func:`score`), loss and uncertainty signals at the records' offsets.
+
+    Returns the drift events found, as dicts in stream order.
+    """
+    positions = np.fromiter((r.position.offset for r in records), dtype=np.int64, count=len(records))
+    labelled = obs.y.cpu().numpy() >= 0
+    events = []
+    if "error" in drift.signals and labelled.any():
+        events += drift.update("error", ~correct, positions[labelled])
+    if "loss" in drift.signals and obs.stats.loss is not None:
+        events += drift.update("loss", np.array([obs.stats.loss]), positions[labelled][-1:])
+    if "uncertainty" in drift.signals:
+        known = obs.prediction.classes.cpu().numpy() >= 0
+        rows = known.any(axis=1)
+        if rows.any():
+            confidence = (obs.prediction.confidence.cpu().numpy() * known).sum(axis=1)
+            mean_conf = confidence / np.maximum(known.sum(axis=1), 1)
+            events += drift.update("uncertainty", 1 - mean_conf[rows], positions[rows])
+    return sorted((e.as_dict() for e in events), key=lambda e: e["position"])
