@@ -29,6 +29,8 @@ from stream_cl.inputs import PIXEL_MEAN, PIXEL_STD
 
 FORMATS = ("torchscript", "onnx")
 MODEL_FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
+ONNX_PACKAGES = ("onnx", "onnxscript")
+"""What ``torch.onnx.export`` needs; optional, so stream-cl does not depend on them."""
 
 
 class ExportError(StreamClError):
@@ -123,8 +125,12 @@ def export_checkpoint(source: Path, out: Path, fmt: str = "torchscript") -> dict
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
-        raise ExportError("--format onnx needs the onnx package (pip install onnx); TorchScript needs nothing extra")
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None] if fmt == "onnx" else []
+    if missing:
+        raise ExportError(
+            f"--format onnx needs {' and '.join(missing)} (pip install {' '.join(ONNX_PACKAGES)}); "
+            "the default TorchScript format needs nothing extra"
+        )
     info, payload = find_checkpoint(source)
     model = serving_model(payload)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +142,8 @@ def export_checkpoint(source: Path, out: Path, fmt: str = "torchscript") -> dict
             warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", DeprecationWarning)
             torch.jit.script(model).save(str(model_path))
     else:
-        example = torch.zeros((1, *payload["input_shape"]), dtype=getattr(torch, payload["input_dtype"]))
+        # two rows: an example batch of one would fix the batch dimension at 1
+        example = torch.zeros((2, *payload["input_shape"]), dtype=getattr(torch, payload["input_dtype"]))
         try:
             torch.onnx.export(
                 model,
@@ -144,7 +151,9 @@ def export_checkpoint(source: Path, out: Path, fmt: str = "torchscript") -> dict
                 str(model_path),
                 input_names=["x"],
                 output_names=["classes", "confidence"],
-                dynamic_axes={"x": {0: "batch"}, "classes": {0: "batch"}, "confidence": {0: "batch"}},
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                external_data=False,  # one self-contained file, so the manifest's digest covers every weight
+                verbose=False,
             )
         except Exception as err:  # the ONNX exporter raises many types, none of them ours
             raise ExportError(f"ONNX export failed: {err}") from err
