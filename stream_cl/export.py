@@ -115,7 +115,8 @@ def serving_model(payload: dict[str, Any]) -> ServingModel:
         raise ExportError(f"checkpoint {payload['id']} has learned no class yet: nothing to export")
     classifier.sync()
     classifier.load_state_dict(state["model"])
-    return ServingModel(classifier).eval()
+    # no autograd graph for callers who forget torch.no_grad(): serving never trains
+    return ServingModel(classifier).eval().requires_grad_(False)
 
 
 def export_checkpoint(source: Path, out: Path, fmt: str = "torchscript") -> dict[str, Any]:

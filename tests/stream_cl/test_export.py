@@ -45,6 +45,7 @@ LOADER = textwrap.dedent(
     model = torch.jit.load(sys.argv[2] + "/model.pt")
     x = torch.load(sys.argv[3], weights_only=True)
     classes, confidence = model(x)
+    assert not confidence.requires_grad
     torch.save({"classes": classes, "confidence": confidence, "logits": model.logits(x)}, sys.argv[4])
     """
 )
