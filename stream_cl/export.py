@@ -135,6 +135,7 @@ def export_checkpoint(source: Path, out: Path, fmt: str = "torchscript") -> dict
     info, payload = find_checkpoint(source)
     model = serving_model(payload)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # an earlier export's manifest must not vouch for new files
     model_path = out / MODEL_FILES[fmt]
     if fmt == "torchscript":
         # TorchScript is deprecated in favour of torch.export, but it is what C++ (LibTorch) and every

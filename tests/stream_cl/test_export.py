@@ -125,6 +125,9 @@ def test_export_of_a_single_checkpoint_file_and_format_errors(tmp_path: Path) ->
         "created": manifest["checkpoint"]["created"],
     }
     assert manifest["learned_total"] == 50
+    newest = export.export_checkpoint(tmp_path / "ckpt", tmp_path / "first")  # re-export into the same folder
+    assert json.loads((tmp_path / "first" / "manifest.json").read_text()) == newest
+    assert newest["checkpoint"]["id"] == 3 and newest["learned_total"] == 120
 
     with pytest.raises(export.ExportError, match="unknown export format"):
         export.export_checkpoint(first.path, tmp_path / "x", "pickle")
