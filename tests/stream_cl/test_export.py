@@ -118,6 +118,8 @@ def test_export_reproduces_the_learner_without_stream_cl(
 def test_export_of_a_single_checkpoint_file_and_format_errors(tmp_path: Path) -> None:
     _learn(tmp_path, "mlp", (8,), False)
     first = CheckpointStore(tmp_path / "ckpt").list()[0]
+    in_flight = tmp_path / "ckpt" / ".ckpt-being-written.tmp"  # a running service's next checkpoint
+    in_flight.write_bytes(b"half")
     manifest = export.export_checkpoint(first.path, tmp_path / "first")
     assert manifest["checkpoint"] == {
         "id": first.id,
@@ -128,6 +130,7 @@ def test_export_of_a_single_checkpoint_file_and_format_errors(tmp_path: Path) ->
     newest = export.export_checkpoint(tmp_path / "ckpt", tmp_path / "first")  # re-export into the same folder
     assert json.loads((tmp_path / "first" / "manifest.json").read_text()) == newest
     assert newest["checkpoint"]["id"] == 3 and newest["learned_total"] == 120
+    assert in_flight.exists()  # exporting never touches what a service is writing
 
     with pytest.raises(export.ExportError, match="unknown export format"):
         export.export_checkpoint(first.path, tmp_path / "x", "pickle")
