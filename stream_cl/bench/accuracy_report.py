@@ -14,6 +14,10 @@ import torch
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # after choosing the Agg backend
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from stream_cl.bench.provenance import provenance
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -93,16 +97,23 @@ def plot_matrices(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tasks(report: dict[str, Any], path: Path) -> None:
+def tasks_figure(report: dict[str, Any]) -> Figure:
+    """Accuracy on the tasks seen so far after each task: mean ± sample std over runs; whole-task ticks."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, res in report["methods"].items():
         accs = np.array([[np.mean(row[: i + 1]) for i, row in enumerate(r["matrix"])] for r in res["runs"]])
         x = np.arange(1, accs.shape[1] + 1)
         ax.errorbar(x, accs.mean(0), yerr=accs.std(0, ddof=1) if len(accs) > 1 else None, marker="o", label=name)
     ax.set(xlabel="tasks seen", ylabel="accuracy on seen tasks (%)", ylim=(0, 100))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_tasks(report: dict[str, Any], path: Path) -> None:
+    fig = tasks_figure(report)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -110,6 +121,7 @@ def plot_tasks(report: dict[str, Any], path: Path) -> None:
 def write_report(out: Path, stem: str, report: dict[str, Any]) -> list[Path]:
     """Write ``<stem>.json``, ``<stem>.md``, ``<stem>_matrix.png``, ``<stem>_tasks.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    report = {**report, "provenance": provenance()}
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}_matrix.png", out / f"{stem}_tasks.png"]
     paths[0].write_text(json.dumps(report, indent=1) + "\n")
     paths[1].write_text(markdown(report, stem))

@@ -13,6 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
+
+from stream_cl.bench.provenance import provenance
 
 
 def machine() -> str:
@@ -36,8 +39,11 @@ def write_report(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]]
         "python": platform.python_version(),
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "settings": settings, "rows": rows}, indent=2) + "\n")
-    _plot(out / "throughput.png", rows)
+    doc = {"meta": meta, "provenance": provenance(), "settings": settings, "rows": rows}
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    fig = throughput_figure(rows)
+    fig.savefig(out / "throughput.png", dpi=90)
+    plt.close(fig)
     (out / "README.md").write_text(_markdown(meta, settings, rows))
 
 
@@ -75,19 +81,20 @@ def _markdown(meta: dict[str, Any], settings: dict[str, Any], rows: list[dict[st
     return "\n".join(lines)
 
 
-def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    names = [f"{r['backend']}\n{r['policy']}\nM={r['capacity']:,}" for r in rows]
+def throughput_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Grouped bars per store; one-line labels, rotated, so long policy names do not run into each other."""
+    names = [f"{r['backend']} {r['policy']} M={r['capacity']:,}" for r in rows]
     series = [("inserts/s", "inserts_per_s"), ("samples/s", "samples_per_s"), ("steps/s x10", "steps_per_s")]
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows)), 4.6))
     width = 0.8 / len(series)
     for k, (label, key) in enumerate(series):
         values = [r[key] * (10 if key == "steps_per_s" else 1) for r in rows]
         ax.bar([i + k * width for i in range(len(rows))], values, width, label=label)
-    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(rows))], names)
+    ticks = [i + width * (len(series) - 1) / 2 for i in range(len(rows))]
+    ax.set_xticks(ticks, names, rotation=30, ha="right", rotation_mode="anchor", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("per second (log)")
     ax.set_title("Replay stores, 3x32x32 uint8 samples")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig

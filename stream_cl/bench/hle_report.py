@@ -18,6 +18,9 @@ import torch
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
+
+from stream_cl.bench.provenance import provenance
 
 PAPER = {
     "single": {"pl-fms": (43.7, 36.4), "er": (37.8, 31.3)},
@@ -66,9 +69,18 @@ def write_report(out: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]
     protocol = {k: v for k, v in protocol.items() if k in (*_PROTOCOL_KEYS, "device", "stream_length", "threads")}
     runs = _merged(out / "results.json", protocol, runs)
     summary = summarise(runs)
-    doc = {"machine": machine(), "torch": torch.__version__, "protocol": protocol, "summary": summary, "runs": runs}
+    doc = {
+        "machine": machine(),
+        "torch": torch.__version__,
+        "provenance": provenance(),
+        "protocol": protocol,
+        "summary": summary,
+        "runs": runs,
+    }
     (out / "results.json").write_text(json.dumps(doc, indent=1))
-    _plot(out / "accuracy.png", runs, protocol["setup"])
+    fig = accuracy_figure(runs, protocol["setup"])
+    fig.savefig(out / "accuracy.png", dpi=80)
+    plt.close(fig)
     (out / "README.md").write_text(_markdown(doc))
 
 
@@ -141,7 +153,8 @@ def _markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: Path, runs: list[dict[str, Any]], setup: str) -> None:
+def accuracy_figure(runs: list[dict[str, Any]], setup: str) -> Figure:
+    """Per level, each method's accuracy over the stream: mean over seeds, shaded ± sample std (ddof = 1)."""
     levels = sorted({lvl for r in runs for lvl in r["levels"]}, key=int)
     fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 3.6), squeeze=False)
     for ax, lvl in zip(axes[0], levels, strict=True):
@@ -149,13 +162,16 @@ def _plot(path: Path, runs: list[dict[str, Any]], setup: str) -> None:
             curves = [r["levels"][lvl]["curve"] for r in runs if r["method"] == method and lvl in r["levels"]]
             n = min(len(c) for c in curves)
             x = [c[0] for c in curves[0][-n:]]
-            y = np.mean([[a for _, a in c[-n:]] for c in curves], axis=0)
-            ax.plot(x, 100 * y, marker=".", label=method)
+            acc = 100 * np.array([[a for _, a in c[-n:]] for c in curves])
+            mean = acc.mean(axis=0)
+            (line,) = ax.plot(x, mean, marker=".", label=f"{method} ({len(curves)} seeds)")
+            if len(curves) > 1:
+                std = acc.std(axis=0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(f"{setup}: level {lvl}")
         ax.set_xlabel("stream samples")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("accuracy (%, mean ± std over seeds)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig

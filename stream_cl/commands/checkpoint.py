@@ -1,4 +1,5 @@
-"""``stream-cl checkpoint ls | show | restore``: inspect a checkpoint directory, roll back to a checkpoint."""
+"""``stream-cl checkpoint ls | show | restore | export``: inspect a checkpoint directory, roll back to a
+checkpoint, export a checkpoint's model for serving elsewhere."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stream_cl.checkpoint import CheckpointError, CheckpointStore
+from stream_cl.export import FORMATS, export_checkpoint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,10 +27,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     restore.add_argument("dir", type=Path)
     restore.add_argument("id", type=int)
+    export = actions.add_parser(
+        "export",
+        help="write a checkpoint's model (TorchScript or ONNX), label tree and manifest for serving without stream-cl",
+    )
+    export.add_argument("source", type=Path, help="checkpoint file, or directory (its newest valid checkpoint)")
+    export.add_argument("--out", type=Path, required=True, help="directory to write the export to")
+    export.add_argument("--format", choices=FORMATS, default="torchscript", help="model file format")
     p.set_defaults(handler=cmd_checkpoint)
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        manifest = export_checkpoint(args.source, args.out, args.format)
+        print(
+            f"checkpoint {manifest['checkpoint']['id']} ({manifest['learned_total']} records learned) exported "
+            f"to {args.out}: {manifest['model_file']}, {manifest['labels_file']}, manifest.json"
+        )
+        return 0
     if not args.dir.is_dir():
         raise CheckpointError(f"not a directory: {args.dir}")
     # keep=large: inspecting or restoring never prunes what the service kept

@@ -10,6 +10,7 @@ import pytest
 
 from stream_cl.bench import cl_metrics
 from stream_cl.bench.accuracy import task_classes, task_indices
+from stream_cl.bench.provenance import provenance
 from stream_cl.cli import main
 
 
@@ -64,6 +65,7 @@ def test_bench_accuracy_writes_a_report(tmp_path: Path) -> None:
     stem = "cifar100-c4-t2-m20"
     assert {p.name for p in out.iterdir()} == {f"{stem}.json", f"{stem}.md", f"{stem}_matrix.png", f"{stem}_tasks.png"}
     report = json.loads((out / f"{stem}.json").read_text())
+    assert report["provenance"] == provenance()
     assert report["protocol"]["hparams"] == {"onpro": {"rotations": 2, "replay_cap": 8}, "er": {"lr": 0.1}}
     for method in ("onpro", "er"):
         runs = report["methods"][method]["runs"]

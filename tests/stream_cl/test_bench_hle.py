@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from stream_cl.bench.provenance import provenance
 from stream_cl.cli import main
 
 
@@ -43,7 +44,7 @@ def test_bench_hle_writes_per_level_reports_and_merges_methods(tmp_path) -> None
         for level in run["levels"].values():
             assert 0.0 <= level["A_last"] <= 1.0 and level["curve"][-1][0] == 60
             assert level["A_last"] >= level["A_last_head_only"]  # the parent rule only adds hits
-    assert set(doc["summary"]) == {"er", "pl-fms"}
+    assert set(doc["summary"]) == {"er", "pl-fms"} and doc["provenance"] == provenance()
     text = (report / "README.md").read_text()
     assert "| pl-fms | 1 |" in text and "43.7" in text
     assert (report / "accuracy.png").stat().st_size > 1000

@@ -10,6 +10,7 @@ import torch
 from stream_cl.bench.perf.data import Case, make_stream, messages
 from stream_cl.bench.perf.service_path import run_service
 from stream_cl.bench.perf.services import produce
+from stream_cl.bench.provenance import provenance
 from stream_cl.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,6 +21,7 @@ def test_quick_run_writes_json_markdown_and_plots(tmp_path) -> None:
     assert main(["bench", "throughput", "--quick", "--out", str(out), "--no-progress"]) == 0
     result = json.loads((out / "throughput.json").read_text())
     assert [c["case"]["name"] for c in result["cases"]] == ["er-resnet", "er-mlp"]
+    assert result["provenance"] == provenance()
     for case in result["cases"]:
         assert set(case["paths"]) == {"a", "learner", "b", "b+prefetch"}
         steps = case["case"]["n_records"] // case["case"]["batch_size"]

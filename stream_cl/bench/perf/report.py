@@ -15,6 +15,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import StrMethodFormatter
+
+from stream_cl.bench.provenance import provenance
 
 PATH_LABELS = {
     "a": "(a) plain PyTorch loop",
@@ -53,7 +57,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def write_json(result: dict[str, Any], out: Path) -> Path:
     path = out / "throughput.json"
-    path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps({**result, "provenance": provenance()}, indent=1, sort_keys=True) + "\n")
     return path
 
 
@@ -103,14 +107,23 @@ def plot_latency(result: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def plot_memory(memory: dict[str, Any], out: Path) -> Path:
+def memory_figure(memory: dict[str, Any]) -> Figure:
+    """RSS over records polled, from 0 MiB with headroom above the peak so a flat line stays off the frame."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(memory["trace"]["records"], memory["trace"]["rss_mib"], "-", color="#c44e52")
+    rss = memory["trace"]["rss_mib"]
+    ax.plot(memory["trace"]["records"], rss, "-", color="#c44e52")
     ax.set_xlabel("records polled")
     ax.set_ylabel("RSS (MiB)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.15 * max(rss, default=1.0) or 1.0)
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.grid(alpha=0.3)
     ax.set_title(f"ER + MLP on {memory['records']:,} synthetic records: RSS", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_memory(memory: dict[str, Any], out: Path) -> Path:
+    fig = memory_figure(memory)
     path = out / "memory_rss.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
