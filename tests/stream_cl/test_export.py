@@ -23,7 +23,7 @@ from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.checkpointer import Checkpointer
 from stream_cl.cli import main
-from stream_cl.run import RunOptions, run_stream
+from stream_cl.run import RunOptions, RunParts, run_stream
 from tests.streams import blob_arrays, messages
 
 # Coarse then fine: two levels, so the export carries two heads and a parent map.
@@ -65,9 +65,8 @@ def _learn(tmp_path: Path, model: str, shape: tuple[int, ...], images: bool) -> 
             source,
             make,
             Metrics(CollectorRegistry()),
-            probe,
-            RunOptions(batch_size=10, poll_timeout_s=0.0, progress=False),
-            checkpointer=checkpointer,
+            RunOptions(batch_size=10, progress=False),
+            RunParts(probe, checkpointer=checkpointer),
         )
     return state.learner, torch.from_numpy(x)
 
