@@ -320,7 +320,7 @@ class KafkaSource:
             # return records, whose positions kafka-python has advanced, so they are kept
             fetched = consumer.poll(timeout_ms=10, max_records=self._max_poll_records)
             if fetched:
-                self._append(fetched)
+                self._take_in(fetched)
             with self._cond:
                 due = min(self._commit_due if self._pending else self._lag_due, self._lag_due) - time.monotonic()
                 self._cond.wait_for(self._fetch_wanted, min(self._fetch_timeout_s, max(0.0, due)))
@@ -331,12 +331,22 @@ class KafkaSource:
             timeout_ms=int(self._fetch_timeout_s * 1000), max_records=min(space, self._max_poll_records)
         )
         if fetched:
-            self._append(fetched)
+            self._take_in(fetched)
 
     def _fetch_wanted(self) -> bool:
         """While paused: wake when the buffer is down to its low watermark, a commit is due, or on close."""
         commit_due = bool(self._pending) and time.monotonic() >= self._commit_due
         return len(self._buffer) <= self._prefetch // 2 or commit_due or self._stop.is_set()
+
+    def _take_in(self, fetched: dict) -> None:
+        """Buffer a fetch; if that fails, seek back to its first records so they are fetched again, not lost."""
+        try:
+            self._append(fetched)
+        except Exception:
+            for tp, records in fetched.items():
+                with contextlib.suppress(IllegalStateError, KafkaError):  # no longer assigned: the next owner reads it
+                    self._consumer.seek(tp, records[0].offset)
+            raise
 
     def _append(self, fetched: dict) -> None:
         started = time.perf_counter()
