@@ -352,16 +352,16 @@ class KafkaSource:
         started = time.perf_counter()
         entries = [_decode(message_from_record(r), self._max_bytes) for records in fetched.values() for r in records]
         elapsed = time.perf_counter() - started
-        with self._cond:
+        highs = {tp: self._consumer.highwater(tp) for tp in fetched}
+        with self._cond:  # nothing below raises: a failure above leaves the buffer untouched (see _take_in)
             self._decode_seconds.append(elapsed)
             self._buffer.extend(entries)
             for tp, records in fetched.items():
                 key = (tp.topic, tp.partition)
                 self._buffered[key] += len(records)
                 self._positions[key] = records[-1].offset + 1
-                high = self._consumer.highwater(tp)
-                if high is not None:
-                    self._ends[key] = max(high, self._ends.get(key, 0))
+                if highs[tp] is not None:
+                    self._ends[key] = max(highs[tp], self._ends.get(key, 0))
             revoked = {(tp.topic, tp.partition) for tp in fetched} - self._assigned
             if revoked:  # revoked while this batch was decoded
                 self._drop(revoked)
@@ -425,7 +425,8 @@ class KafkaSource:
                 key = (tp.topic, tp.partition)
                 if key not in self._assigned:
                     continue
-                known = [v for v in (ends.get(tp), self._consumer.highwater(tp), self._ends.get(key)) if v is not None]
+                # not the last value too: an end that went back (topic recreated) must not freeze the lag
+                known = [v for v in (ends.get(tp), self._consumer.highwater(tp)) if v is not None]
                 if known:
                     self._ends[key] = max(known)
                 if positions.get(tp) is not None:
