@@ -15,17 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from consumers.dlq import FileDeadLetterSink
+from consumers.dlq import FileDeadLetterSink, KafkaDeadLetterSink
+from consumers.kafka import KafkaSource
 from consumers.recorded import RecordedSource
 from consumers.source import Offsets, Source
 from consumers.synthetic import SyntheticSource
 from consumers.urls import KafkaUrl, SyntheticUrl, is_kafka_url
-
-if TYPE_CHECKING:
-    from consumers.dlq import KafkaDeadLetterSink
 
 _GROUP_TIMINGS = ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms")
 
@@ -43,8 +41,6 @@ class SourceRequest:
 
 
 def _open_kafka(request: SourceRequest) -> Source:
-    from consumers.kafka import KafkaSource  # here: other sources need no Kafka client
-
     url = KafkaUrl.parse(request.url)
     options = dict(request.kafka_options)
     timings = {name: options.pop(name) for name in _GROUP_TIMINGS if name in options}
@@ -157,6 +153,4 @@ def open_dead_letters(
         return FileDeadLetterSink(dead_letter_out)
     if not is_kafka_url(url):
         return None
-    from consumers.dlq import KafkaDeadLetterSink
-
     return KafkaDeadLetterSink(KafkaUrl.parse(url).bootstrap, topic=dead_letter_topic, client_options=client_options)

@@ -54,11 +54,24 @@ def _graph() -> dict[str, set[str]]:
     return {name: _imports(name, path, modules) for name, path in modules.items()}
 
 
-def test_the_scan_finds_the_project_and_its_imports() -> None:
-    graph = _graph()
-    assert {"stream_cl.run", "consumers.open", "buffers.open", "monitoring.metrics"} <= set(graph)
-    assert "consumers.kafka" in graph["consumers.open"]  # imported inside a function
-    assert "consumers.dlq" in graph["consumers.open"]  # imported under TYPE_CHECKING too
+def test_the_scan_finds_the_project_and_every_kind_of_import(tmp_path: Path) -> None:
+    assert {"stream_cl.run", "consumers.open", "buffers.open", "monitoring.metrics"} <= set(_graph())
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "import numpy\n"
+        "from buffers import store\n"
+        "from stream_cl.run import RunOptions\n"
+        "if TYPE_CHECKING:\n"
+        "    from monitoring.metrics import Metrics\n"
+        "def f():\n"
+        "    import consumers.kafka\n"
+        "    from . import wire\n"
+    )
+    modules = dict.fromkeys(
+        ["buffers.store", "stream_cl.run", "monitoring.metrics", "consumers.kafka", "consumers.wire"]
+    )
+    assert _imports("consumers.mod", source, modules) == set(modules)
 
 
 def test_lower_layers_never_import_stream_cl() -> None:
