@@ -8,7 +8,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from consumers.kafka import message_from_record
+from consumers.kafka import TopicNotFoundError, message_from_record
 from consumers.recorded import RecordedWriter
 
 
@@ -26,13 +26,18 @@ def record_topic(
     ``until_idle_s`` seconds; ``None`` records until interrupted (Ctrl-C still closes the file cleanly).
     Messages of different partitions interleave in arrival order; each partition's order is kept.
     Returns the number of messages written.
+
+    Raises
+    ------
+    TopicNotFoundError
+        If ``topic`` does not exist on the broker (checked without creating it).
     """
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, client_id="stream-cl-record")
     except KafkaError as err:
         raise ConnectionError(f"cannot reach Kafka at {bootstrap}: {err}") from err
     try:
-        partitions = _partitions(consumer, topic, metadata_timeout_s)
+        partitions = _partitions(consumer, bootstrap, topic, metadata_timeout_s)
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
         with RecordedWriter(path) as writer:
@@ -52,10 +57,13 @@ def record_topic(
         consumer.close(autocommit=False)
 
 
-def _partitions(consumer: KafkaConsumer, topic: str, timeout_s: float) -> list[TopicPartition]:
+def _partitions(consumer: KafkaConsumer, bootstrap: str, topic: str, timeout_s: float) -> list[TopicPartition]:
+    # Listing all topics creates none, unlike a metadata request naming the topic on some brokers.
+    if topic not in consumer.topics():
+        raise TopicNotFoundError(topic, bootstrap)
     deadline = time.monotonic() + timeout_s
-    while (ids := consumer.partitions_for_topic(topic)) is None:
+    while not (ids := consumer.partitions_for_topic(topic)):  # the topic's metadata may still be on its way
         if time.monotonic() > deadline:
-            raise ValueError(f"topic {topic!r} not found")
+            raise TopicNotFoundError(topic, bootstrap)
         time.sleep(0.1)
     return [TopicPartition(topic, p) for p in sorted(ids)]

@@ -23,6 +23,16 @@ at most once per ``commit_interval_s``, and at once on ``close()`` and on revoke
 most about ``commit_interval_s`` more of learned records (still at-least-once; Kafka's own auto-commit
 default is 5 s).
 
+Lag (:meth:`KafkaSource.lag`) covers every assigned partition: the broker's end offset minus the next offset the
+learner will get (records fetched and decoded here but not yet handed over still count). The fetch thread
+refreshes the end offsets every ``_LAG_EVERY_S`` even when nothing arrives, so an idle, caught-up stream reports 0.
+The end offset is the larger of ListOffsets(LATEST) and the high watermark of the last fetch response: some brokers
+(tansu's memory storage) answer ListOffsets with a stale, lower offset, while a partition not fetched yet has no
+high watermark at all; neither ever overstates the end.
+
+The fetch thread survives bad input and transient errors: a record whose decoding raises becomes an ``internal``
+dead letter, and any other error is logged and retried after a short back-off.
+
 Rebalances: on revoke, records fetched but not yet handed to the learner are dropped (the next owner reads
 them from the committed offset), the listener waits (at most ``revoke_timeout_s``) until the learner has
 committed what it holds, then commits it; on lost, everything for those partitions is dropped, uncommitted.
@@ -49,11 +59,17 @@ from consumers.wire import MAX_PAYLOAD_BYTES, decode
 log = logging.getLogger("consumers.kafka")
 
 Key = tuple[str, int]
-_LAG_EVERY_S = 0.5
+_LAG_EVERY_S = 1.0
+_OFFSETS_TIMEOUT_MS = 500  # a ListOffsets lookup for the lag must not stall fetching for long
+_BACKOFF_S = (0.1, 5.0)  # first and longest wait before the fetch thread retries after an error
 
 
-class KafkaSourceError(RuntimeError):
-    """The background fetch thread failed; raised by the next :meth:`KafkaSource.poll`."""
+class TopicNotFoundError(ValueError):
+    """The topic named by the source does not exist on the broker (and the source was told to require it)."""
+
+    def __init__(self, topic: str, bootstrap: str) -> None:
+        super().__init__(f"topic {topic!r} does not exist on {bootstrap}")
+        self.topic, self.bootstrap = topic, bootstrap
 
 
 class KafkaSource:
@@ -65,8 +81,14 @@ class KafkaSource:
         Broker address (``HOST:PORT``), topic to subscribe to, consumer group id.
     start_offsets
         ``{(topic, partition): next offset}`` to seek to when a partition is first assigned, overriding the
-        group's committed offset (the service restores these from a checkpoint, so the model and the offsets
-        agree). Used once per partition: after a later rebalance, the committed offset wins again.
+        group's committed offset. Used once per partition: after a later rebalance, the committed offset wins again.
+    from_checkpoint
+        ``start_offsets`` come from a model checkpoint and decide where *every* partition starts: one they hold no
+        offset for has taught the model nothing, so it starts at its earliest offset. Once a partition is first
+        assigned, its start offset is committed, so the group agrees with the model.
+    require_topic
+        Raise :class:`TopicNotFoundError` at once if the topic does not exist, instead of waiting for it (some
+        brokers, tansu among them, create a subscribed topic on the fly, which hides a mistyped name).
     prefetch
         Decoded records held ahead of the learner before fetching pauses (bounded memory, backpressure).
     max_poll_records
@@ -83,6 +105,8 @@ class KafkaSource:
         next turn); pending offsets are always sent on ``close()`` and on revoke.
     max_bytes
         Messages larger than this become ``oversized`` dead letters.
+    client_options
+        Further kafka-python client settings (``security_protocol``, ``sasl_*``, ``ssl_*``, ...).
 
     Notes
     -----
@@ -93,6 +117,8 @@ class KafkaSource:
     """
 
     exhausted = False
+    poll_timeout_s = 0.5
+    fetches_ahead = True
 
     def __init__(
         self,
@@ -101,6 +127,8 @@ class KafkaSource:
         group: str,
         *,
         start_offsets: Offsets | None = None,
+        from_checkpoint: bool = False,
+        require_topic: bool = False,
         prefetch: int = 2000,
         max_poll_records: int = 500,
         fetch_timeout_s: float = 0.1,
@@ -123,7 +151,11 @@ class KafkaSource:
             raise ValueError(f"need 0 < heartbeat_interval_ms < session_timeout_ms, got {heartbeat_interval_ms}")
         self.topic, self.group = topic, group
         self.committed: dict[Key, int] = {}
+        self.assigned_at: float | None = None
         self._start = dict(start_offsets or {})
+        self._from_checkpoint = from_checkpoint
+        self._placed: set[Key] = set()  # partitions whose start has been decided (first assignment)
+        self._start_commits: dict[Key, int | None] = {}  # None: the partition's earliest offset
         self._prefetch, self._max_poll_records = prefetch, max_poll_records
         self._fetch_timeout_s, self._revoke_timeout_s, self._max_bytes = fetch_timeout_s, revoke_timeout_s, max_bytes
         self._commit_interval_s = commit_interval_s
@@ -135,10 +167,12 @@ class KafkaSource:
         self._assigned: set[Key] = set()
         self._delivered: dict[Key, int] = {}
         self._pending: dict[Key, int] = {}
-        self._lag: dict[Key, int] = {}
+        self._ends: dict[Key, int] = {}  # broker end offset per partition, refreshed by the fetch thread
+        self._positions: dict[Key, int] = {}  # next offset the fetch thread will fetch
         self._rewind: dict[Key, int] = {}
         self._decode_seconds: deque[float] = deque(maxlen=10000)
-        self._error: BaseException | None = None
+        self._lag_due = 0.0  # monotonic time of the next end-offset refresh
+        self._full = False  # the buffer reached ``prefetch``: fetching paused until it is half empty
         self._stop = threading.Event()
         self._flush_on_close = True
         self._closed = False
@@ -156,6 +190,8 @@ class KafkaSource:
             )
         except KafkaError as err:
             raise ConnectionError(f"cannot reach Kafka at {bootstrap}: {err}") from err
+        if require_topic:
+            self._require_topic(bootstrap)
         self._consumer.subscribe(topics=[topic], listener=_Rebalance(self))
         self._thread = threading.Thread(target=self._fetch_loop, name=f"kafka-source-{topic}", daemon=True)
         self._thread.start()
@@ -165,9 +201,7 @@ class KafkaSource:
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> Poll:
         """Up to ``max_records`` decoded records and dead letters; waits at most ``timeout_s`` for the first."""
         with self._cond:
-            self._cond.wait_for(lambda: self._buffer or self._error is not None or self._stop.is_set(), timeout_s)
-            if self._error is not None:
-                raise KafkaSourceError(f"Kafka fetch thread failed: {self._error}") from self._error
+            self._cond.wait_for(lambda: self._buffer or self._stop.is_set(), timeout_s)
             taken = [self._buffer.popleft() for _ in range(min(max_records, len(self._buffer)))]
             for entry in taken:
                 pos = _position(entry)
@@ -195,9 +229,16 @@ class KafkaSource:
                 self._cond.notify_all()
 
     def lag(self) -> dict[Key, int]:
-        """Records behind each assigned partition's high watermark that the learner has not received yet."""
+        """Records not yet handed to the learner, per assigned partition: end offset - next offset it will get.
+
+        A partition appears once its end offset and position are known (within about a second of assignment).
+        """
         with self._cond:
-            return dict(self._lag)
+            return {
+                key: max(0, self._ends[key] - (self._positions[key] - self._buffered[key]))
+                for key in self._assigned
+                if key in self._ends and key in self._positions
+            }
 
     def take_decode_seconds(self) -> list[float]:
         """Decode wall times (one per fetched batch) since the last call."""
@@ -233,66 +274,121 @@ class KafkaSource:
 
     # --- fetch thread ---------------------------------------------------------------------------------
 
+    def _require_topic(self, bootstrap: str) -> None:
+        # A metadata request for all topics lists them without creating any (subscribing may create one).
+        try:
+            exists = self.topic in self._consumer.topics()
+        except KafkaError as err:
+            self._consumer.close(autocommit=False)
+            raise ConnectionError(f"cannot list the topics of Kafka at {bootstrap}: {err}") from err
+        if not exists:
+            self._consumer.close(autocommit=False)
+            raise TopicNotFoundError(self.topic, bootstrap)
+
     def _fetch_loop(self) -> None:
-        consumer = self._consumer
-        last_lag = 0.0
-        full = False
+        backoff = _BACKOFF_S[0]
         try:
             while not self._stop.is_set():
-                if time.monotonic() >= self._commit_due:
-                    self._commit_pending()
-                if time.monotonic() - last_lag >= _LAG_EVERY_S:
-                    self._update_lag()
-                    last_lag = time.monotonic()
-                space = self._prefetch - len(self._buffer)
-                full = space <= 0 or (full and len(self._buffer) > self._prefetch // 2)
-                if full:
-                    _guarded(consumer.pause, consumer.assignment())
-                    # keeps group membership and rebalances going; a partition assigned since the pause may still
-                    # return records, whose positions kafka-python has advanced, so they are kept
-                    fetched = consumer.poll(timeout_ms=10, max_records=self._max_poll_records)
-                    if fetched:
-                        self._append(fetched)
-                    with self._cond:
-                        due = self._commit_due - time.monotonic() if self._pending else self._fetch_timeout_s
-                        self._cond.wait_for(self._fetch_wanted, min(self._fetch_timeout_s, max(0.0, due)))
-                    continue
-                if consumer.paused():
-                    _guarded(consumer.resume, consumer.paused())
-                fetched = consumer.poll(
-                    timeout_ms=int(self._fetch_timeout_s * 1000), max_records=min(space, self._max_poll_records)
-                )
-                if fetched:
-                    self._append(fetched)
-                    last_lag = 0.0  # fresh high watermarks: report the lag now (overload policies act on it)
-        except Exception as err:  # surfaced to the learner by its next poll()
-            log.exception("Kafka fetch thread failed")
-            with self._cond:
-                self._error = err
-                self._cond.notify_all()
+                try:
+                    self._fetch_once()
+                    backoff = _BACKOFF_S[0]
+                except Exception:  # one bad turn must not end the stream: log it, wait, try again
+                    log.exception("Kafka fetch failed; retrying in %.1f s", backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(2 * backoff, _BACKOFF_S[1])
         finally:
-            if self._flush_on_close and self._error is None:
-                self._commit_pending()
-            consumer.close(autocommit=False)
+            if self._flush_on_close:
+                with contextlib.suppress(Exception):  # best effort: uncommitted records are delivered again
+                    self._commit_pending()
+            with contextlib.suppress(Exception):
+                self._consumer.close(autocommit=False)
+
+    def _fetch_once(self) -> None:
+        """One turn: commit what is due, refresh the lag, then fetch (or, while the buffer is full, keep alive)."""
+        consumer = self._consumer
+        self._commit_start_offsets()
+        if time.monotonic() >= self._commit_due:
+            self._commit_pending()
+        if time.monotonic() >= self._lag_due:
+            self._lag_due = time.monotonic() + _LAG_EVERY_S
+            self._update_lag()
+        space = self._prefetch - len(self._buffer)
+        self._full = space <= 0 or (self._full and len(self._buffer) > self._prefetch // 2)
+        if self._full:
+            _guarded(consumer.pause, consumer.assignment())
+            # keeps group membership and rebalances going; a partition assigned since the pause may still
+            # return records, whose positions kafka-python has advanced, so they are kept
+            fetched = consumer.poll(timeout_ms=10, max_records=self._max_poll_records)
+            if fetched:
+                self._take_in(fetched)
+            with self._cond:
+                due = min(self._commit_due if self._pending else self._lag_due, self._lag_due) - time.monotonic()
+                self._cond.wait_for(self._fetch_wanted, min(self._fetch_timeout_s, max(0.0, due)))
+            return
+        if consumer.paused():
+            _guarded(consumer.resume, consumer.paused())
+        fetched = consumer.poll(
+            timeout_ms=int(self._fetch_timeout_s * 1000), max_records=min(space, self._max_poll_records)
+        )
+        if fetched:
+            self._take_in(fetched)
 
     def _fetch_wanted(self) -> bool:
         """While paused: wake when the buffer is down to its low watermark, a commit is due, or on close."""
         commit_due = bool(self._pending) and time.monotonic() >= self._commit_due
         return len(self._buffer) <= self._prefetch // 2 or commit_due or self._stop.is_set()
 
+    def _take_in(self, fetched: dict) -> None:
+        """Buffer a fetch; if that fails, seek back to its first records so they are fetched again, not lost."""
+        try:
+            self._append(fetched)
+        except Exception:
+            for tp, records in fetched.items():
+                with contextlib.suppress(IllegalStateError, KafkaError):  # no longer assigned: the next owner reads it
+                    self._consumer.seek(tp, records[0].offset)
+            raise
+
     def _append(self, fetched: dict) -> None:
         started = time.perf_counter()
-        entries = [decode(message_from_record(r), self._max_bytes) for records in fetched.values() for r in records]
+        entries = [_decode(message_from_record(r), self._max_bytes) for records in fetched.values() for r in records]
         elapsed = time.perf_counter() - started
-        with self._cond:
+        highs = {tp: self._consumer.highwater(tp) for tp in fetched}
+        with self._cond:  # nothing below raises: a failure above leaves the buffer untouched (see _take_in)
             self._decode_seconds.append(elapsed)
             self._buffer.extend(entries)
             for tp, records in fetched.items():
-                self._buffered[(tp.topic, tp.partition)] += len(records)
+                key = (tp.topic, tp.partition)
+                self._buffered[key] += len(records)
+                self._positions[key] = records[-1].offset + 1
+                if highs[tp] is not None:
+                    self._ends[key] = max(highs[tp], self._ends.get(key, 0))
             revoked = {(tp.topic, tp.partition) for tp in fetched} - self._assigned
             if revoked:  # revoked while this batch was decoded
                 self._drop(revoked)
             self._cond.notify_all()
+
+    def _commit_start_offsets(self) -> None:
+        """Commit where newly assigned partitions start (``from_checkpoint``), so the group agrees with the model."""
+        with self._cond:
+            starts, self._start_commits = self._start_commits, {}
+        if not starts:
+            return
+        earliest = [TopicPartition(*key) for key, offset in starts.items() if offset is None]
+        if earliest:
+            try:
+                first = self._consumer.beginning_offsets(earliest, timeout_ms=_OFFSETS_TIMEOUT_MS)
+            except KafkaError as err:
+                log.warning("earliest offsets unavailable (%s); committing the start offsets later", err)
+                with self._cond:
+                    self._start_commits = {**starts, **self._start_commits}
+                return
+            starts.update({(tp.topic, tp.partition): offset for tp, offset in first.items()})
+        with self._cond:
+            for key, offset in starts.items():
+                learned = max(self._pending.get(key, -1), self.committed.get(key, -1))
+                if key in self._assigned and offset is not None and offset > learned:
+                    self._pending[key] = offset
+        self._commit_pending()
 
     def _commit_pending(self) -> None:
         with self._cond:
@@ -311,17 +407,30 @@ class KafkaSource:
             self._cond.notify_all()
 
     def _update_lag(self) -> None:
-        lag = {}
-        for tp in self._consumer.assignment():
-            try:
-                high = self._consumer.highwater(tp)
-                position = self._consumer.position(tp, timeout_ms=100) if high is not None else None
-            except (IllegalStateError, KafkaError):
-                continue  # reassigned meanwhile
-            if high is not None and position is not None:
-                lag[(tp.topic, tp.partition)] = max(0, high - position) + self._buffered[(tp.topic, tp.partition)]
+        """Ask the broker for the end offset and learn the position of every assigned partition."""
+        partitions = list(self._consumer.assignment())
+        if not partitions:
+            return
+        try:
+            ends = self._consumer.end_offsets(partitions, timeout_ms=_OFFSETS_TIMEOUT_MS)
+        except KafkaError as err:
+            log.debug("end offsets unavailable (%s); the lag keeps the last known ones", err)
+            ends = {}
+        positions = {}
+        for tp in partitions:
+            with contextlib.suppress(IllegalStateError, KafkaError):  # reassigned meanwhile, or not resolved yet
+                positions[tp] = self._consumer.position(tp, timeout_ms=100)
         with self._cond:
-            self._lag = lag
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                if key not in self._assigned:
+                    continue
+                # not the last value too: an end that went back (topic recreated) must not freeze the lag
+                known = [v for v in (ends.get(tp), self._consumer.highwater(tp)) if v is not None]
+                if known:
+                    self._ends[key] = max(known)
+                if positions.get(tp) is not None:
+                    self._positions[key] = positions[tp]
 
     # --- rebalance listener (kafka-python's IO thread) ------------------------------------------------
 
@@ -352,20 +461,30 @@ class KafkaSource:
             self._drop(keys)
             for key in keys:
                 self._assigned.discard(key)
-                for table in (self._delivered, self._pending, self._lag, self._buffered):
+                for table in (self._delivered, self._pending, self._ends, self._positions, self._buffered):
                     table.pop(key, None)
 
     def _assign(self, partitions: Iterable[TopicPartition]) -> None:
+        partitions = list(partitions)
         with self._cond:
             rewind, self._rewind = self._rewind, {}
-            self._assigned.update((tp.topic, tp.partition) for tp in partitions)
+            self._assigned.update(_keys(partitions))
+            if partitions and self.assigned_at is None:
+                self.assigned_at = time.monotonic()
         for tp in partitions:
             key = (tp.topic, tp.partition)
+            first = key not in self._placed
+            self._placed.add(key)
             offset = self._start.pop(key, None)
             if offset is None:
                 offset = rewind.get(key)
             if offset is not None:
                 self._consumer.seek(tp, offset)
+            elif first and self._from_checkpoint:
+                self._consumer.seek_to_beginning(tp)
+            if first and self._from_checkpoint:
+                with self._cond:
+                    self._start_commits[key] = offset
 
     def _drop(self, keys: set[Key]) -> None:
         """Forget undelivered records of ``keys`` and remember where they began.
@@ -417,6 +536,14 @@ def _keys(partitions: Iterable[TopicPartition]) -> set[Key]:
 
 def _kafka_offsets(offsets: dict[Key, int]) -> dict[TopicPartition, OffsetAndMetadata]:
     return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+
+
+def _decode(message: Message, max_bytes: int) -> Record | DeadLetter:
+    """:func:`consumers.wire.decode`, with a record whose decoding raises turned into an ``internal`` dead letter."""
+    try:
+        return decode(message, max_bytes)
+    except Exception as err:  # a decoder bug must cost one record, not the fetch thread
+        return DeadLetter(message, "internal", f"{type(err).__name__}: {err}")
 
 
 def _guarded(method, partitions: Iterable[TopicPartition]) -> None:

@@ -30,7 +30,8 @@ class Prefetcher:
     its next poll (and at the latest by ``close``), so commits reach the wrapped source in order and
     never race its ``poll``. An error raised by the source's ``poll`` is re-raised by the next
     ``poll`` here. ``exhausted`` turns true once the source is exhausted (or ``max_records`` were
-    polled) and everything queued has been handed out.
+    polled) and everything queued has been handed out. It reads ahead on a thread of its own, so
+    ``fetches_ahead`` is true; ``poll_timeout_s`` is the wrapped source's.
 
     Parameters
     ----------
@@ -83,6 +84,8 @@ class Prefetcher:
         self.timeout_s = timeout_s
         self.wait_s = wait_s
         self.exhausted = False
+        self.poll_timeout_s = source.poll_timeout_s
+        self.fetches_ahead = True
         self._ready: queue.Queue = queue.Queue(maxsize=depth)
         self._carry: Poll | None = None
         self._commits: list[Offsets] = []

@@ -92,6 +92,9 @@ class RecordedSource:
     ``start_offsets`` skips what an earlier run already committed, so resuming works as with Kafka.
     """
 
+    poll_timeout_s = 0.0  # the data is on disk: never wait for more
+    fetches_ahead = False
+
     def __init__(
         self,
         path: str | Path,

@@ -20,9 +20,17 @@ class Source(Protocol):
     is restarted resumes from its last commit. Leaving a ``with`` block on an exception must not
     commit, so an unprocessed record is never silently skipped. ``exhausted`` turns true when a
     finite source (a file) has nothing more to give; an unbounded one (Kafka) never sets it.
+
+    Two attributes tell the run loop how to drive the source, so it needs no rule per kind:
+    ``poll_timeout_s`` is how long its ``poll`` should wait for data (0.0 where data is there at
+    once, as in a file; 0.5 for Kafka, whose records arrive over the network), and
+    ``fetches_ahead`` is true when the source already fetches and decodes on a thread of its own
+    (Kafka), so wrapping it in a :class:`~consumers.prefetch.Prefetcher` would only add a hop.
     """
 
     exhausted: bool
+    poll_timeout_s: float
+    fetches_ahead: bool
 
     def poll(self, timeout_s: float, max_records: int) -> Poll: ...
 
@@ -37,10 +45,24 @@ class Source(Protocol):
 
 @runtime_checkable
 class Instrumented(Protocol):
-    """A source that reports consumer lag and decode times (Kafka); the run loop publishes them."""
+    """A source in a consumer group that reports lag, assignment and decode times (Kafka).
+
+    ``assigned_at`` is the ``time.monotonic()`` of the first partition assignment (None before),
+    so a caller can tell "not ready yet" from "ready, nothing to read".
+    """
+
+    assigned_at: float | None
 
     def lag(self) -> dict[tuple[str, int], int]:
-        """Records behind the high watermark per (topic, partition) not yet handed to the learner."""
+        """Records not yet handed to the learner per assigned (topic, partition).
+
+        The broker's end offset minus the next offset the learner will get, so records fetched
+        ahead but not yet handed over count; refreshed even while no records arrive.
+        """
+        ...
+
+    def assignment(self) -> set[tuple[str, int]]:
+        """The (topic, partition) pairs this consumer owns now."""
         ...
 
     def take_decode_seconds(self) -> list[float]:

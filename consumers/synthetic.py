@@ -7,6 +7,8 @@ import numpy as np
 from consumers.record import Message, Poll, Position, Record
 from consumers.source import Offsets
 
+_SKIP_CHUNK = 1 << 16  # rows of noise drawn at once when skipping, to bound memory
+
 
 class SyntheticSource:
     """A :class:`~consumers.source.Source` of ``n_records`` Gaussian feature vectors, one class each.
@@ -28,6 +30,9 @@ class SyntheticSource:
         Seed of class means and noise.
     stream
         Stream name in the records' positions (partition 0, offset = record index).
+    start_offsets
+        ``{(stream, 0): next offset}`` to resume from (as committed by an earlier run): the records
+        before it are skipped, and every later record is the same as in an uninterrupted run.
 
     Examples
     --------
@@ -37,8 +42,18 @@ class SyntheticSource:
     ([('c0',), ('c1',), ('c0',)], (2,), True)
     """
 
+    poll_timeout_s = 0.0
+    fetches_ahead = False
+
     def __init__(
-        self, n_records: int, *, dim: int = 8, n_classes: int = 10, seed: int = 0, stream: str = "synthetic"
+        self,
+        n_records: int,
+        *,
+        dim: int = 8,
+        n_classes: int = 10,
+        seed: int = 0,
+        stream: str = "synthetic",
+        start_offsets: Offsets | None = None,
     ) -> None:
         if n_records < 0:
             raise ValueError(f"n_records must be >= 0, got {n_records}")
@@ -51,9 +66,10 @@ class SyntheticSource:
         self._rng = np.random.default_rng(seed)
         self._means = self._rng.normal(0.0, 2.0, size=(n_classes, dim)).astype(np.float32)
         self._labels = tuple((f"c{k}",) for k in range(n_classes))
-        self._next = 0
-        self.committed: dict[tuple[str, int], int] = {}
-        self.exhausted = n_records == 0
+        self._next = min(n_records, max(0, (start_offsets or {}).get((stream, 0), 0)))
+        self._skip_noise(self._next)
+        self.committed: dict[tuple[str, int], int] = dict(start_offsets or {})
+        self.exhausted = self._next >= n_records
 
     def poll(self, timeout_s: float = 0.0, max_records: int = 10) -> Poll:
         n = min(max_records, self.n_records - self._next)
@@ -71,6 +87,13 @@ class SyntheticSource:
         self._next += n
         self.exhausted = self._next >= self.n_records
         return Poll(records)
+
+    def _skip_noise(self, n: int) -> None:
+        """Draw and drop the noise of ``n`` records, so a resumed stream continues the same draws."""
+        while n > 0:
+            chunk = min(n, _SKIP_CHUNK)
+            self._rng.standard_normal((chunk, self.dim), dtype=np.float32)
+            n -= chunk
 
     def commit(self, offsets: Offsets) -> None:
         self.committed.update(offsets)

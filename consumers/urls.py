@@ -1,9 +1,9 @@
-"""``kafka://HOST:PORT/TOPIC`` addresses, as the command line takes them."""
+"""Source addresses as the command line takes them: ``kafka://HOST:PORT/TOPIC`` and ``synthetic://?...``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 SCHEME = "kafka://"
 
@@ -56,3 +56,51 @@ def is_kafka_url(text: str) -> bool:
     (True, False)
     """
     return text.startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class SyntheticUrl:
+    """The parameters of a :class:`~consumers.synthetic.SyntheticSource`, written as a URL query.
+
+    ``synthetic://?records=N[&classes=K][&dim=D][&seed=S][&stream=NAME]``: ``records`` is required;
+    the others default to 10 classes, 8 dimensions, seed 0 and stream ``synthetic``.
+
+    Examples
+    --------
+    >>> SyntheticUrl.parse("synthetic://?records=1000&classes=4&dim=8&seed=0")
+    SyntheticUrl(records=1000, classes=4, dim=8, seed=0, stream='synthetic')
+    """
+
+    records: int
+    classes: int = 10
+    dim: int = 8
+    seed: int = 0
+    stream: str = "synthetic"
+
+    @classmethod
+    def parse(cls, url: str) -> SyntheticUrl:
+        """Parse ``synthetic://?records=N&...``.
+
+        Raises
+        ------
+        ValueError
+            If the scheme is not ``synthetic``, anything but a query is given, ``records`` is missing,
+            a parameter is unknown or repeated, or a number is not an integer.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "synthetic" or parts.netloc or parts.path or parts.fragment:
+            raise ValueError(f"synthetic URL is synthetic://?records=N&..., got {url!r}")
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        names = [name for name, _ in pairs]
+        allowed = ("records", "classes", "dim", "seed", "stream")
+        unknown = sorted(set(names) - set(allowed))
+        if unknown or len(names) != len(set(names)):
+            raise ValueError(f"synthetic URL takes each of {', '.join(allowed)} at most once, got {url!r}")
+        given = dict(pairs)
+        if "records" not in given:
+            raise ValueError(f"synthetic URL needs records=N, got {url!r}")
+        try:
+            numbers = {name: int(value) for name, value in given.items() if name != "stream"}
+        except ValueError as err:
+            raise ValueError(f"synthetic URL parameters must be integers, got {url!r}") from err
+        return cls(stream=given.get("stream", "synthetic"), **numbers)
