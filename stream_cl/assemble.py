@@ -66,11 +66,12 @@ def default_stream() -> Path:
 
 
 @contextmanager
-def assemble(cfg: Config, ready: threading.Event | None = None) -> Iterator[Assembly]:
+def assemble(cfg: Config, ready: threading.Event | None = None, *, require_topic: bool = False) -> Iterator[Assembly]:
     """Open the run ``cfg`` describes; everything opened is closed when the block exits.
 
     ``ready`` is set by the caller once the loop runs; ``/readyz`` answers 200 only while it is
-    set, the source has partitions (Kafka) and dead letters can be delivered.
+    set, the source has partitions (Kafka) and dead letters can be delivered. ``require_topic``
+    makes a missing Kafka topic an error (a service may instead start before its producers).
     """
     check_hparams(cfg.learner.method, dict(cfg.learner.hparam))
     device = pick_device(cfg.learner.device)
@@ -96,6 +97,7 @@ def assemble(cfg: Config, ready: threading.Event | None = None) -> Iterator[Asse
             group=cfg.source.group,
             start_offsets=restored.offsets if restored else None,
             from_checkpoint=checkpointer is not None,
+            require_topic=require_topic,
             kafka_options=cfg.kafka.consumer_options(),
         )
         if cfg.source.prefetch and not source.fetches_ahead:

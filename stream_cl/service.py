@@ -27,10 +27,13 @@ DRAIN_EXIT_CODE = 3
 """Exit code when a drain did not finish within ``drain_timeout`` (the process is ended)."""
 
 
-def serve(cfg: Config, stop: threading.Event | None = None) -> Summary:
-    """Run ``cfg``'s stream until it ends (or idles out) or ``stop`` is set; returns the summary."""
+def serve(cfg: Config, stop: threading.Event | None = None, *, require_topic: bool = False) -> Summary:
+    """Run ``cfg``'s stream until it ends (or idles out) or ``stop`` is set; returns the summary.
+
+    ``require_topic`` makes a missing Kafka topic an error rather than a wait for its producers.
+    """
     ready = threading.Event()
-    with assemble(cfg, ready) as parts:
+    with assemble(cfg, ready, require_topic=require_topic) as parts:
         ready.set()
         try:
             summary, _ = run_stream(

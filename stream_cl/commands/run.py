@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     with stop_on_signals(stop, cfg.service.drain_timeout) as received:
-        summary = serve(cfg, stop)
+        summary = serve(cfg, stop, require_topic=True)
     print(summary.render())
     if cfg.run.summary_json:
         summary.write(cfg.run.summary_json)
