@@ -31,10 +31,10 @@ example ``hook=lambda event: learner.on_drift(event)`` to reset a schedule); the
 from __future__ import annotations
 
 import logging
-from importlib import import_module
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import import_module
 
 import numpy as np
 

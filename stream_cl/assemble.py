@@ -21,9 +21,9 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from consumers.open import open_dead_letters, open_source
 from prometheus_client import CollectorRegistry
 
+from consumers.open import open_dead_letters, open_source
 from consumers.prefetch import Prefetcher
 from consumers.source import Instrumented, Source
 from consumers.wire import REASONS
