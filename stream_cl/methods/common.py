@@ -81,8 +81,10 @@ class StepGuard:
 
     :meth:`begin`, before a step's training forward passes, copies the modules' buffers (batch-norm
     running statistics, which a training-mode forward updates). :meth:`step`, after ``backward``,
-    reads the loss and the gradients' float32 L2 norm in one host sync (the ``loss.item()`` a step
-    pays anyway), then steps, or refuses: gradients dropped, buffers restored, optimizer untouched.
+    reads the loss and the float32 L2 norms of the gradients and of the floating-point buffers in
+    one host sync (the ``loss.item()`` a step pays anyway): batch normalisation can squash an
+    extreme batch into a finite loss while its running variance overflows. Then it steps, or
+    refuses: gradients dropped, buffers restored, optimizer untouched.
     """
 
     def __init__(self, *modules: nn.Module) -> None:
@@ -107,6 +109,9 @@ class StepGuard:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not scaled:
             checks.append(torch.nn.utils.get_total_norm(grads).float().to(checks[0].device))
+        statistics = [b for b in self._buffers if b.is_floating_point()]
+        if statistics:
+            checks.append(torch.nn.utils.get_total_norm(statistics).float().to(checks[0].device))
         values = torch.stack(checks).tolist()
         if all(math.isfinite(v) for v in values):
             if scaled:
