@@ -14,10 +14,11 @@ from buffers.open import POLICIES, make_policy, open_store
 from buffers.policy import SlotPolicy
 from buffers.redis import RedisStore
 from buffers.reservoir import ReservoirPolicy
-from buffers.store import ReplayBatch, ReplayStore
+from buffers.store import BufferStats, ReplayBatch, ReplayStore
 
 __all__ = [
     "POLICIES",
+    "BufferStats",
     "ClassBalancedPolicy",
     "LargestClassPolicy",
     "MemoryStore",

@@ -9,7 +9,7 @@ import torch
 
 from buffers.policy import SlotPolicy
 from buffers.reservoir import ReservoirPolicy
-from buffers.store import EMPTY, ReplayBatch, class_keys, split_key
+from buffers.store import EMPTY, BufferStats, ReplayBatch, class_keys, split_key
 
 
 class MemoryStore:
@@ -18,7 +18,7 @@ class MemoryStore:
     Storage is allocated on the first ``add`` (the sample shape is known then) and never
     grows. Insert and sample are a handful of tensor ops per batch, no per-sample loop. A CPU
     copy of each slot's class key (``level * 2**32 + y``) serves class-aware policies and
-    :meth:`class_counts` (counted when asked, at probe time, not per insert) without a device sync.
+    :meth:`stats` (classes counted when asked, at probe time, not per insert) without a device sync.
 
     Parameters
     ----------
@@ -101,26 +101,18 @@ class MemoryStore:
         """(y, level) of every stored sample, for composition metrics."""
         return self._y[: self._size], self._level[: self._size]
 
-    def class_counts(self) -> dict[tuple[int, int], int]:
-        """Stored samples per class ``(level, y)``."""
-        classes, counts = np.unique(self._keys[: self._size], return_counts=True)
-        return {split_key(k): c for k, c in zip(classes.tolist(), counts.tolist(), strict=True)}
-
     def __len__(self) -> int:
         return self._size
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored samples and their labels (the preallocated tensors hold ``capacity``)."""
-        stored = 0 if self._x is None else self._x.element_size() * self._x[0].numel()
-        return self._size * (stored + 16)
-
-    @property
-    def errors(self) -> int:
-        return 0
-
-    def take_errors(self) -> int:
-        return 0
+    def stats(self, *, classes: bool = False) -> BufferStats:
+        """Size, payload bytes (of the stored samples, not the preallocated ``capacity``), no errors;
+        with ``classes``, the stored samples per class ``(level, y)`` (one ``np.unique`` over the slots)."""
+        item = 0 if self._x is None else self._x.element_size() * self._x[0].numel()
+        counts = {}
+        if classes:
+            keys, n = np.unique(self._keys[: self._size], return_counts=True)
+            counts = {split_key(k): c for k, c in zip(keys.tolist(), n.tolist(), strict=True)}
+        return BufferStats(self._size, self.capacity, self._size * (item + 16), 0, counts)
 
     def state_dict(self) -> dict[str, Any]:
         return {

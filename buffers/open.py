@@ -14,7 +14,7 @@ from buffers.memory import MemoryStore
 from buffers.policy import SlotPolicy
 from buffers.redis import RedisStore
 from buffers.reservoir import ReservoirPolicy
-from buffers.store import ReplayStore
+from buffers.store import ClassNames, ReplayStore
 
 POLICIES = {
     "reservoir": ReservoirPolicy,
@@ -41,6 +41,7 @@ def open_store(
     name: str | None = None,
     fallback_capacity: int = 200,
     socket_timeout_s: float = 2.0,
+    classes: ClassNames | None = None,
 ) -> ReplayStore:
     """A replay store for ``spec``.
 
@@ -49,6 +50,12 @@ def open_store(
     friends as URL query, as redis-py reads them) open a shared :class:`~buffers.redis.RedisStore`
     (``reservoir`` or ``class-balanced``); its buffer name comes from ``name`` or the URL query
     ``?name=`` (default ``replay``). Learners using the same URL and name share one buffer.
+    ``classes`` (the learner's label tree) makes a Redis store keep labels by class path, so
+    learners that number classes differently share them by name; the memory store ignores it.
+
+    A Redis server that cannot be reached or refuses the credentials at open is a
+    ``ConnectionError`` (the URL in its message has the password masked): a learner does not
+    start on a silent local fallback. Outages after a good start are the store's back-off.
 
     Examples
     --------
@@ -59,14 +66,53 @@ def open_store(
         return MemoryStore(capacity, policy=make_policy(policy, capacity, seed=seed), device=device, seed=seed)
     parts = urlsplit(spec)
     if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"buffer must be 'memory', 'redis://...' or 'rediss://...', got {spec!r}")
+        raise ValueError(f"buffer must be 'memory', 'redis://...' or 'rediss://...', got {masked_url(spec)!r}")
     query = parse_qsl(parts.query)
     name = name or dict(query).get("name", "replay")
     url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "name"])))
     client = redis_client(url, socket_timeout_s=socket_timeout_s)
-    return RedisStore(
-        client, capacity, name=name, policy=policy, seed=seed, device=device, fallback_capacity=fallback_capacity
+    store = RedisStore(
+        client,
+        capacity,
+        name=name,
+        policy=policy,
+        seed=seed,
+        device=device,
+        fallback_capacity=fallback_capacity,
+        classes=classes,
     )
+    try:
+        client.ping()  # connects and, with credentials in the URL, authenticates
+    except redis.RedisError as error:
+        client.close()
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConnectionError(f"cannot reach the Redis buffer at {masked_url(url)}: {reason}") from None
+    return store
+
+
+SECRET_QUERY = ("password", "ssl_password")
+"""URL query options whose values are secrets."""
+
+
+def masked_url(url: str) -> str:
+    """``url`` with the password of ``user:password@`` and of the secret query options as ``***``.
+
+    Examples
+    --------
+    >>> masked_url("redis://app:s3cret@cache:6379/0?password=x&name=replay")
+    'redis://app:***@cache:6379/0?password=***&name=replay'
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: nothing can be shown safely
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
+    query = [(k, "***" if k.lower() in SECRET_QUERY else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
 
 def redis_client(url: str, *, socket_timeout_s: float = 2.0) -> redis.Redis:

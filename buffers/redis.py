@@ -31,7 +31,7 @@ from buffers import lua
 from buffers.balanced import ClassBalancedPolicy
 from buffers.memory import MemoryStore
 from buffers.reservoir import ReservoirPolicy
-from buffers.store import ClassNames, ReplayBatch
+from buffers.store import BufferStats, ClassNames, ReplayBatch
 
 log = logging.getLogger("buffers.redis")
 
@@ -115,7 +115,7 @@ class RedisStore:
         self._rng = np.random.default_rng(seed)
         self._clock = clock
         self._sha = hashlib.sha1(lua.STEP.encode()).hexdigest()
-        self._errors = self._taken = 0
+        self._errors = 0
         self._retry_at, self._backoff = 0.0, retry_min_s
         self._seen = self._size = self._item_bytes = 0
         self._counts: list[bytes] = []  # [label, count, ...] as last read
@@ -164,23 +164,6 @@ class RedisStore:
             return replay
         return self._read_sample(reply)
 
-    def class_counts(self) -> dict[tuple[int, int], int]:
-        """Stored samples per class ``(level, y)``, read from Redis (the last counts read if it is unreachable).
-
-        One round trip, made when asked (at probe time) rather than on every learner step: the
-        counts grow with the number of classes, the steps' replies stay the same size. With
-        :attr:`classes`, classes this learner has not seen yet are left out (counting them would
-        add them to its tree outside a learning step).
-        """
-        self.refresh()
-        counts: dict[tuple[int, int], int] = {}
-        for label, count in zip(self._counts[0::2], self._counts[1::2], strict=True):
-            parsed = self._parse(label)
-            key = parsed if self._classes is None else self._classes.lookup(parsed)
-            if key != (-1, -1):
-                counts[key] = counts.get(key, 0) + int(count)
-        return counts
-
     def __len__(self) -> int:
         """Buffer size as of the last call (other learners may have added since)."""
         return self._size
@@ -190,20 +173,25 @@ class RedisStore:
         """Samples ever offered to the shared buffer, by all learners (as of the last reply)."""
         return self._seen
 
-    @property
-    def nbytes(self) -> int:
-        """Sample and label payload bytes (Redis' own per-entry overhead comes on top)."""
-        return self._size * (self._item_bytes + 8)
+    def stats(self, *, classes: bool = False) -> BufferStats:
+        """Size as of the last reply, payload bytes (Redis' own per-entry overhead comes on top) and
+        the Redis operations that failed since this store was made.
 
-    @property
-    def errors(self) -> int:
-        """Redis operations that failed since this store was made."""
-        return self._errors
-
-    def take_errors(self) -> int:
-        """Failures since the previous call (to increment a counter)."""
-        new, self._taken = self._errors - self._taken, self._errors
-        return new
+        ``classes`` re-reads the class counts from Redis (the last counts read if it is unreachable):
+        one round trip, made when asked (at probe time) rather than on every learner step, since the
+        counts grow with the number of classes while the steps' replies stay the same size. With
+        :attr:`classes`, classes this learner has not seen yet are left out (counting them would add
+        them to its tree outside a learning step).
+        """
+        counts: dict[tuple[int, int], int] = {}
+        if classes:
+            self.refresh()
+            for label, count in zip(self._counts[0::2], self._counts[1::2], strict=True):
+                parsed = self._parse(label)
+                key = parsed if self._classes is None else self._classes.lookup(parsed)
+                if key != (-1, -1):
+                    counts[key] = counts.get(key, 0) + int(count)
+        return BufferStats(self._size, self.capacity, self._size * (self._item_bytes + 8), self._errors, counts)
 
     def refresh(self) -> bool:
         """Re-read seen, size and class counts from Redis; False when Redis is unreachable."""

@@ -1,9 +1,9 @@
-"""The ReplayStore protocol, the fixed-shape ReplayBatch it returns, the class key of a sample, and ClassNames."""
+"""The ReplayStore protocol, the ReplayBatch and BufferStats it returns, the class key of a sample, and ClassNames."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -61,14 +61,30 @@ class ReplayBatch:
         return ReplayBatch(torch.empty(0, device=device), none, none, none)
 
 
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    """A store's state for metrics (:meth:`ReplayStore.stats`).
+
+    ``nbytes``: sample and label payload bytes. ``errors``: failed operations since the store was
+    opened, cumulative (always 0 in memory; a Prometheus counter adds the difference between two
+    reads). ``class_counts``: stored samples per class ``(level, y)``, filled only when asked for.
+    """
+
+    size: int
+    capacity: int
+    nbytes: int
+    errors: int
+    class_counts: dict[tuple[int, int], int] = field(default_factory=dict)
+
+
 @runtime_checkable
 class ReplayStore(Protocol):
     """Where replay samples live. ``add`` inserts a micro-batch through the store's policy.
 
     ``add`` returns the slot each sample went to (-1: not kept). ``sample_then_add`` draws
     ``n`` samples from the buffer as it is, then inserts the batch: what a replay step needs,
-    in one round trip for remote stores. ``errors`` counts failed operations (always 0 in
-    memory); ``take_errors`` returns those since its last call, for a Prometheus counter.
+    in one round trip for remote stores. ``stats(classes=True)`` also counts the stored samples
+    per class, which costs a Redis store a round trip (ask at probe time, not per step).
     """
 
     capacity: int
@@ -79,15 +95,7 @@ class ReplayStore(Protocol):
 
     def sample_then_add(self, n: int, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> ReplayBatch: ...
 
-    def class_counts(self) -> dict[tuple[int, int], int]: ...
-
-    @property
-    def nbytes(self) -> int: ...
-
-    @property
-    def errors(self) -> int: ...
-
-    def take_errors(self) -> int: ...
+    def stats(self, *, classes: bool = False) -> BufferStats: ...
 
     def __len__(self) -> int: ...
 

@@ -39,17 +39,18 @@ def build_learner(
 ) -> Learner:
     """A ready learner; the seed fixes weight init, buffer and every method RNG.
 
-    ``buffer`` is used as given; otherwise ``buffer_spec`` (``memory``, ``redis://...``) and
-    ``buffer_policy`` open one of ``buffer_size`` samples (:func:`buffers.open.open_store`).
-    A store that takes ``classes`` (Redis, shared by learners) gets the learner's label tree, so
-    labels travel by class path rather than by this learner's class indices.
+    ``buffer`` is used as given (keeping labels as it was built to); otherwise ``buffer_spec``
+    (``memory``, ``redis://...``) and ``buffer_policy`` open one of ``buffer_size`` samples
+    (:func:`buffers.open.open_store`).
+    An opened store gets the learner's label tree, so a Redis buffer shared by learners keeps
+    labels by class path rather than by this learner's class indices.
     """
     torch.manual_seed(seed)
     backbone = build_backbone(model, model_input_shape(record_shape, record_dtype), width=width)
     classifier = Classifier(backbone, LabelTree(), device)
     store = buffer
     if store is None:
-        store = open_store(buffer_spec, buffer_size, device=device, seed=seed, policy=buffer_policy)
-    if hasattr(store, "classes"):
-        store.classes = classifier.tree
+        store = open_store(
+            buffer_spec, buffer_size, device=device, seed=seed, policy=buffer_policy, classes=classifier.tree
+        )
     return method_class(method)(classifier, store, **(hparams or {}))

@@ -39,11 +39,17 @@ class Prediction:
 
 @dataclass(frozen=True, slots=True)
 class StepStats:
-    """What one ``observe`` did: the loss (None if nothing was learned) and sample counts."""
+    """What one ``observe`` did: the loss (None if nothing was learned) and sample counts.
+
+    ``rejected`` is the reason the learner refused the batch's labelled records (then
+    ``n_learned = 0``): ``"non_finite_loss"`` when learning them would make the loss or the
+    gradients non-finite. The caller dead-letters those records with that reason.
+    """
 
     loss: float | None
     n_learned: int
     n_replayed: int
+    rejected: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

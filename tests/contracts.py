@@ -90,3 +90,64 @@ def check_mixed_batch_learns_only_the_labelled(learner: Learner) -> None:
 def run_all_seeded(make) -> list[torch.Tensor]:
     learner = make()
     return [learner.observe(b).prediction.classes for b in stream()]
+
+
+def float_stream(n: int = 200, n_classes: int = 2, seed: int = 0) -> list[Batch]:
+    """Micro-batches of 10 float32 CHW images (3, 8, 8); the class sets the mean of channel 0."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n // 10):
+        y = rng.integers(0, n_classes, size=10)
+        x = rng.normal(0.0, 0.5, size=(10, 3, 8, 8)).astype(np.float32)
+        x[:, 0] += 4.0 * y[:, None, None] - 2.0
+        batches.append(Batch(torch.from_numpy(x), [(f"class{k}",) for k in y]))
+    return batches
+
+
+def same_state(a: object, b: object) -> bool:
+    """Whether two state dicts hold identical values (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def check_poisoned_batch_is_refused(make, min_accuracy: float | None) -> None:
+    """A labelled record holding 3e38 (finite float32) is refused; the learner is as if it never came.
+
+    ``make()`` builds a learner for float32 (3, 8, 8) records and seeds torch's global RNG. The same
+    stream is learned twice, once with a poisoned batch mid-stream (one after the other: heads grow
+    from the global RNG). The refusal leaves the state (model, optimizer, buffer, RNGs) unchanged,
+    and both runs end with the same held-out predictions: varied ones, and at least ``min_accuracy``
+    right where the method learns this short stream (OnPro needs a longer one).
+    """
+    batches, held_out = float_stream(), float_stream(n=40, seed=1)
+    x_test = torch.cat([b.x for b in held_out])
+
+    def run(poison: bool) -> Learner:
+        learner = make()
+        for i, batch in enumerate(batches):
+            if poison and i == 4:
+                x = batch.x.clone()
+                x[3, 0, 2, 2] = 3e38
+                before = learner.state_dict()
+                obs = learner.observe(Batch(x, batch.labels))
+                assert obs.stats.rejected == "non_finite_loss" and obs.stats.n_learned == 0
+                assert (obs.y >= 0).all(), "the refused records keep their (known) labels for the caller"
+                assert same_state(before, learner.state_dict()), "model, optimizer, buffer and RNGs are untouched"
+            assert learner.observe(batch).stats.rejected is None
+        return learner
+
+    clean = run(poison=False).predict(x_test).classes[:, 0]
+    poisoned = run(poison=True)
+    predicted = poisoned.predict(x_test).classes[:, 0]
+    assert torch.equal(predicted, clean), "held-out predictions are those of the run without the poison"
+    assert len(predicted.unique()) > 1, "a model damaged into one constant answer would not be told apart"
+    if min_accuracy is not None:
+        names = poisoned.labels.names[0]
+        y_test = torch.tensor([int(path[0][-1]) for b in held_out for path in b.labels])
+        accuracy = (torch.tensor([int(names[c][-1]) for c in predicted.tolist()]) == y_test).float().mean()
+        assert accuracy >= min_accuracy, f"held-out accuracy {accuracy:.2f}"

@@ -92,7 +92,7 @@ def measure(backend: str, policy: str, capacity: int, args: argparse.Namespace, 
     base = used_memory()
     for i in tqdm(range(-(-capacity // args.batch)), desc=f"{backend} {capacity}: fill", leave=False):
         store.add(*part(i))
-    bytes_per_sample = (used_memory() - base) / len(store) if backend == "redis" else store.nbytes / len(store)
+    bytes_per_sample = (used_memory() - base) / len(store) if backend == "redis" else store.stats().nbytes / len(store)
     calls, repeats, name = args.calls, args.repeats, f"{backend} {policy} {capacity}"
     insert_s = _time(lambda i: store.add(*part(i)), calls, repeats, f"{name}: add")
     sample_s = _time(lambda i: store.sample(args.replay), calls, repeats, f"{name}: sample")
@@ -102,8 +102,8 @@ def measure(backend: str, policy: str, capacity: int, args: argparse.Namespace, 
     CountingConnection.round_trips = 0
     two_s = _time(lambda i: (store.sample(args.replay), store.add(*part(i))), calls, repeats, f"{name}: 2 calls")
     two_trips = CountingConnection.round_trips / (calls * repeats)
-    if store.errors:
-        raise StreamClError(f"{store.errors} buffer errors during the benchmark")
+    if errors := store.stats().errors:
+        raise StreamClError(f"{errors} buffer errors during the benchmark")
     if backend == "redis":
         store.clear()
     return {

@@ -11,7 +11,16 @@ from stream_cl.classifier import Classifier
 from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
-from stream_cl.methods.common import core_state, encode_labels, load_core_state
+from stream_cl.methods.common import (
+    NON_FINITE_LOSS,
+    StepGuard,
+    core_state,
+    draw_replay,
+    encode_labels,
+    load_core_state,
+    refused,
+    unsafe_batch,
+)
 
 
 class ER:
@@ -19,7 +28,9 @@ class ER:
 
     Each step: predict the incoming batch, draw ``replay_batch_size`` buffer samples and insert
     the incoming samples into the buffer (in one call, the draw first), then take one SGD step on
-    incoming + replayed samples.
+    incoming + replayed samples. A batch with a non-finite input or prediction is refused before
+    it reaches the buffer, and a step whose loss or gradients are non-finite is not taken
+    (:class:`~stream_cl.methods.common.StepGuard`).
 
     Parameters
     ----------
@@ -48,13 +59,16 @@ class ER:
         self.lr = lr
         self.replay_batch_size = replay_batch_size
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.guard = StepGuard(model)
 
     def observe(self, batch: Batch) -> Observation:
         x_raw = batch.x.to(self.model.device, non_blocking=True)
         x = to_model_input(x_raw)
         prediction = self.model.predict_prepared(x)
-        level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
         n_learn = len(batch.labels) - batch.labels.count(None)  # no tensor reduction and sync
+        if n_learn and unsafe_batch(x, prediction, batch.labels):
+            return refused(prediction, self.labels, batch.labels)
+        level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
         if not n_learn:
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
         raw_in, inputs, targets, levels = x_raw, x, y, level
@@ -62,19 +76,21 @@ class ER:
             raw_in, inputs, targets, levels = x_raw[learn], x[learn], y[learn], level[learn]
 
         # Draw the replay from the buffer as it was, then insert this batch: one round trip for Redis.
-        replay = self.buffer.sample_then_add(self.replay_batch_size, raw_in, targets, levels)
-        self.model.sync(self.optimizer)  # a shared buffer may replay classes only other learners have seen
+        replay = draw_replay(self.model, self.optimizer, self.buffer, self.replay_batch_size, raw_in, targets, levels)
         if len(replay):
             inputs = torch.cat([inputs, to_model_input(replay.x.to(self.model.device))])
             targets = torch.cat([targets, replay.y.to(self.model.device)])
             levels = torch.cat([levels, replay.level.to(self.model.device)])
         if not self.model.training:
             self.model.train()
+        self.guard.begin()
         loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        return Observation(prediction, level, y, StepStats(loss.item(), n_learn, len(replay)), new)
+        value = self.guard.step(loss, self.optimizer)
+        if value is None:
+            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=NON_FINITE_LOSS), new)
+        return Observation(prediction, level, y, StepStats(value, n_learn, len(replay)), new)
 
     def predict(self, x: torch.Tensor) -> Prediction:
         return self.model.predict(x)

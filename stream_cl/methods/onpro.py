@@ -13,7 +13,16 @@ from buffers.store import ReplayStore
 from stream_cl.classifier import Classifier
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
-from stream_cl.methods.common import core_state, encode_labels, load_core_state
+from stream_cl.methods.common import (
+    NON_FINITE_LOSS,
+    StepGuard,
+    core_state,
+    draw_replay,
+    encode_labels,
+    load_core_state,
+    refused,
+    unsafe_batch,
+)
 from stream_cl.methods.onpro_apf import Mixed, apf_batch, unmixed
 from stream_cl.methods.onpro_augment import VIEW_COUNTS, random_view, rotation_views
 from stream_cl.methods.onpro_losses import class_keys, contrast_groups, ins_loss, ins_similarity, mixup_ce, proto_loss
@@ -24,6 +33,9 @@ class OnPro:
 
     Per step: L = L_CE + L_INS + L_OPE(new) + L_OPE(seen) (spec §1.7). Task 0 trains CE on T(x);
     later tasks train CE only on the APF-mixed replay batch. Prediction is the head argmax.
+    The stream batch is inserted into the buffer after the step. A batch with a non-finite input
+    or prediction is refused before the step, and a step whose loss or gradients are non-finite is
+    not taken (:class:`~stream_cl.methods.common.StepGuard`; task bookkeeping and APF means stay).
 
     Task boundaries: a stream has no task ids, so a batch that brings a class never seen before
     opens a new task, unless the current task began fewer than ``task_grace`` learning steps ago
@@ -117,6 +129,7 @@ class OnPro:
         params = [*model.parameters(), *self.projector.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.guard = StepGuard(model, self.projector)
         self.seed = int(torch.randint(2**62, (1,)).item()) if seed is None else seed
         self.gen = torch.Generator().manual_seed(self.seed)
         self.task, self.task_age, self.steps = 0, 0, 0
@@ -129,9 +142,12 @@ class OnPro:
         if x.dim() != 4:
             raise ValueError(f"OnPro needs image inputs (N, C, H, W), got shape {tuple(x.shape)}")
         prediction = self.model.predict_prepared(x)
+        if batch.labels.count(None) < len(batch.labels) and unsafe_batch(x, prediction, batch.labels):
+            return refused(prediction, self.labels, batch.labels)
         level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
         if not learn.any():
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
+        before = self.task, self.task_age, self.steps, self.mu_keys, self.mu  # restored if the step is refused
         first_of_task = self._track_task(bool(new))
         xs, keys = x[learn], class_keys(level[learn], y[learn])
         seen = sum(self.labels.sizes)
@@ -141,8 +157,9 @@ class OnPro:
         # m = min(cap, per_class · seen) and (after a task's first step) mix them with APF.
         m = self.replay_cap if self.task == 0 else min(self.replay_cap, self.replay_per_class * seen)
         use_apf = self.task > 0 and not first_of_task and self.mu is not None
-        pool = self.buffer.sample(max(m, self.apf_pool or len(self.buffer)) if use_apf else m)
-        self.model.sync(self.optimizer)  # a shared buffer may replay classes only other learners have seen
+        pool = draw_replay(
+            self.model, self.optimizer, self.buffer, max(m, self.apf_pool or len(self.buffer)) if use_apf else m
+        )
         has_replay = m > 0 and len(pool) > 0
         rx = to_model_input(pool.x[:m].to(self.model.device)) if has_replay else None
         rkeys = class_keys(pool.level[:m], pool.y[:m]).to(self.model.device) if has_replay else None
@@ -150,6 +167,7 @@ class OnPro:
         if rx is not None and self.task > 0:
             mixed = self._apf(rx, rkeys, pool) if use_apf else unmixed(rx, rkeys)
 
+        self.guard.begin()
         with self._autocast():
             # L_INS on the stream (and on the mixed replay batch), one forward; L_OPE(new) from block 0.
             views = rotation_views(xs, self.rotations)
@@ -192,11 +210,13 @@ class OnPro:
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        value = self.guard.step(loss, self.optimizer, self.scaler)
+        if value is None:
+            self.task, self.task_age, self.steps, self.mu_keys, self.mu = before
+            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=NON_FINITE_LOSS), new)
         self.buffer.add(x_raw[learn], y[learn], level[learn])
         n_replayed = 0 if rx is None else len(rx)
-        return Observation(prediction, level, y, StepStats(loss.item(), int(learn.sum()), n_replayed), new)
+        return Observation(prediction, level, y, StepStats(value, int(learn.sum()), n_replayed), new)
 
     def predict(self, x: torch.Tensor) -> Prediction:
         return self.model.predict(x)

@@ -21,6 +21,9 @@ Choices where the spec (``algorithms.md`` §2) is UNVERIFIED or the paper and co
 * ``train_ancestors`` (default off, as in the paper: each sample is labelled at exactly one level):
   when on, a child-labelled sample also trains every ancestor head with the ancestors from its
   label path (known from the tree), and pseudo-labels are not used.
+* Guard: a batch with a non-finite input or prediction is refused before it is written to memory;
+  an update whose loss or gradients are non-finite is not taken, and the observed batch is then
+  reported refused, though its samples were written to memory on arrival (as CLIB does).
 * Augmentation is random crop (pad 4) + horizontal flip; the paper's AutoAugment and AMP are not
   used (no torchvision here; CPU runs).
 """
@@ -37,7 +40,16 @@ from stream_cl.classifier import Classifier
 from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
-from stream_cl.methods.common import core_state, encode_labels, load_core_state
+from stream_cl.methods.common import (
+    NON_FINITE_LOSS,
+    StepGuard,
+    core_state,
+    draw_replay,
+    encode_labels,
+    load_core_state,
+    refused,
+    unsafe_batch,
+)
 from stream_cl.methods.pl_fms_losses import (
     ancestor_targets,
     attach_importance_policy,
@@ -127,6 +139,7 @@ class PLFMS:
         self.scores = ImportanceScores(buffer.capacity, beta=beta)
         attach_importance_policy(buffer, self.scores, seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.guard = StepGuard(model)
         self.lr_control = (
             AdaptiveLR(
                 lr, step=lr_step, period=lr_period, length=lr_length, warmup=lr_warmup, significance=significance
@@ -144,20 +157,26 @@ class PLFMS:
 
     def observe(self, batch: Batch) -> Observation:
         x_raw = batch.x.to(self.model.device, non_blocking=True)
-        prediction = self.model.predict_prepared(to_model_input(x_raw))
+        x = to_model_input(x_raw)
+        prediction = self.model.predict_prepared(x)
+        if batch.labels.count(None) < len(batch.labels) and unsafe_batch(x, prediction, batch.labels):
+            return refused(prediction, self.labels, batch.labels)
         level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
         rows = torch.nonzero(learn).flatten()
-        losses, replayed, half = [], 0, self.batch_size // 2
+        losses, replayed, half, refusals = [], 0, self.batch_size // 2, 0
         start = 0
         while start < len(rows):
             chunk = rows[start : start + half - self._tmp_len()]
             start += len(chunk)
             self._arrive(x_raw[chunk], y[chunk], level[chunk])
             if self._tmp_len() >= half:
-                loss, n_replayed = self._train()
+                loss, n_replayed, n_refused = self._train()
                 replayed += n_replayed
+                refusals += n_refused
                 if loss is not None:
                     losses.append(loss)
+        if refusals:
+            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=NON_FINITE_LOSS), new)
         loss = float(np.mean(losses)) if losses else None
         return Observation(prediction, level, y, StepStats(loss, len(rows), replayed), new)
 
@@ -178,12 +197,13 @@ class PLFMS:
         self._tmp = new if self._tmp is None else tuple(torch.cat(p) for p in zip(self._tmp, new, strict=True))
         self.credit += self.online_iter * len(keys)
 
-    def _train(self) -> tuple[float | None, int]:
+    def _train(self) -> tuple[float | None, int, int]:
+        """Run the credited updates on the temporary batch; returns mean loss, replayed samples, refused updates."""
         x_s, y_s, level_s = self._tmp
         self._tmp = None
         iters = int(self.credit)
         self.credit -= iters
-        losses, replayed = [], 0
+        losses, replayed, refusals = [], 0, 0
         keys = class_keys(y_s.cpu().numpy(), level_s.cpu().numpy())
         for _ in range(iters):
             keep = torch.ones(len(y_s), dtype=torch.bool)
@@ -194,15 +214,18 @@ class PLFMS:
                 )
                 keep = torch.rand(len(p), generator=self.gen) < torch.from_numpy(p)
             keep = keep.to(y_s.device)
-            memory = self.buffer.sample(self.batch_size - int(keep.sum()))
-            self.model.sync(self.optimizer)  # a shared buffer may replay classes only other learners have seen
+            memory = draw_replay(self.model, self.optimizer, self.buffer, self.batch_size - int(keep.sum()))
             self.scores.note_used(memory.slot.cpu().numpy())
             replayed += len(memory)
             x = torch.cat([x_s[keep], memory.x.to(x_s.device)]) if len(memory) else x_s[keep]
             y = torch.cat([y_s[keep], memory.y.to(y_s.device)])
             level = torch.cat([level_s[keep], memory.level.to(y_s.device)])
             if len(y):
-                losses.append(self._step(to_model_input(x), y, level))
+                loss = self._step(to_model_input(x), y, level)
+                if loss is None:
+                    refusals += 1
+                else:
+                    losses.append(loss)
             self.iterations += 1
             if self.iterations % self.imp_update_period == 0:
                 decrease = self._rescore()
@@ -210,10 +233,12 @@ class PLFMS:
                     for group in self.optimizer.param_groups:
                         group["lr"] = self.lr_control.tick(decrease)
         self.trained_once = True
-        return (float(np.mean(losses)) if losses else None), replayed
+        return (float(np.mean(losses)) if losses else None), replayed, refusals
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> float:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> float | None:
+        """One update; its loss, or None when the guard refused it (loss or gradients non-finite)."""
         self.model.train()
+        self.guard.begin()
         if self.augment and x.dim() == 4:
             x = augment(x, self.gen)
         partner, lam = None, 1.0
@@ -230,8 +255,7 @@ class PLFMS:
             loss = loss + parent_pseudo_loss(logits, level, self.tau, self.lambda_u).sum() / len(y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        return loss.item()
+        return self.guard.step(loss, self.optimizer)
 
     @torch.no_grad()
     def _rescore(self, chunk: int = 256) -> float | None:
@@ -239,8 +263,7 @@ class PLFMS:
         size = len(self.buffer)
         if size == 0:
             return None
-        stored = self.buffer.sample(size)
-        self.model.sync(self.optimizer)  # a shared buffer may replay classes only other learners have seen
+        stored = draw_replay(self.model, self.optimizer, self.buffer, size)
         self.model.eval()
         try:
             loss = torch.empty(size)

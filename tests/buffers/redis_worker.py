@@ -29,8 +29,8 @@ def main(url: str, proc: int, repeats: int, total: int, capacity: int) -> None:
             before = store.seen
             store.add(x, pos.long() % 5, torch.zeros(10, dtype=torch.long))
             interleaved += store.seen != before + 10
-            if store.errors:
-                raise SystemExit(f"redis errors: {store.errors}")
+            if errors := store.stats().errors:
+                raise SystemExit(f"redis errors: {errors}")
     print(interleaved)
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from buffers.store import BufferStats
+
 SHAPE = (3, 4, 4)
 
 
@@ -31,7 +33,7 @@ def test_empty_store_samples_nothing(make_store):
     replay = store.sample(4)
     assert len(store) == 0 and len(replay) == 0
     assert replay.y.dtype == replay.level.dtype == replay.slot.dtype == torch.long
-    assert store.class_counts() == {} and store.nbytes == 0 and store.errors == 0
+    assert store.stats(classes=True) == BufferStats(size=0, capacity=5, nbytes=0, errors=0, class_counts={})
 
 
 def test_samples_keep_dtype_shape_and_labels(make_store):
@@ -87,16 +89,20 @@ def test_class_counts_match_the_stored_labels(make_store):
     expected: dict[tuple[int, int], int] = {}
     for lvl, c in zip(replay.level.tolist(), replay.y.tolist(), strict=True):
         expected[(lvl, c)] = expected.get((lvl, c), 0) + 1
-    assert store.class_counts() == expected
-    assert sum(store.class_counts().values()) == len(store) == 20
+    stats = store.stats(classes=True)
+    assert stats.class_counts == expected
+    assert sum(stats.class_counts.values()) == stats.size == len(store) == 20
+    assert store.stats().class_counts == {}, "classes are counted only when asked"
 
 
-def test_nbytes_covers_the_stored_samples(make_store):
+def test_stats_cover_the_stored_samples(make_store):
     store = make_store(10)
     feed(store, 4)
-    assert store.nbytes >= 4 * int(np.prod(SHAPE))
+    stats = store.stats()
+    assert (stats.size, stats.capacity, stats.errors) == (4, 10, 0)
+    assert 4 * int(np.prod(SHAPE)) <= stats.nbytes < 10 * int(np.prod(SHAPE))
     feed(store, 20)
-    assert store.nbytes >= 10 * int(np.prod(SHAPE))
+    assert store.stats().nbytes >= 10 * int(np.prod(SHAPE))
 
 
 def test_same_seed_same_decisions(make_store):
@@ -147,7 +153,7 @@ def test_class_balanced_keeps_small_classes_whole(make_store):
             x, _, level = batch(start + s, min(10, n - s))
             store.add(x, torch.full((len(x),), k), level)
         start += n
-    counts = {y: c for (_, y), c in store.class_counts().items()}
+    counts = {y: c for (_, y), c in store.stats(classes=True).class_counts.items()}
     assert counts[3] == 8, f"the small class keeps every sample: {counts}"
     large = [counts[k] for k in (0, 1, 2, 4)]
     assert sum(large) == 92 and max(large) - min(large) <= 1, f"the others share the rest equally: {counts}"

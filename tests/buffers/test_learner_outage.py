@@ -57,7 +57,7 @@ def test_learner_survives_redis_dying_mid_stream(redis_aof, tmp_path):
     summary, _ = run_stream(source, make, Metrics(registry), options)
 
     assert summary.learned == 180, "every record was learned, Redis or not"
-    assert store.errors == 6, "one failed step per batch while Redis was down (no back-off wait)"
+    assert store.stats().errors == 6, "one failed step per batch while Redis was down (no back-off wait)"
     assert registry.get_sample_value("streamcl_buffer_errors_total") == 6
     assert source.seen_at_kill == 60
     assert len(store.fallback) == 20 and store.fallback.policy.seen == 60, "the outage's batches went local"

@@ -138,8 +138,9 @@ def test_memory_store_with_class_policy_counts_classes():
         y = torch.from_numpy(keys[start : start + 10])
         store.add(torch.zeros(len(y), 2), y, torch.zeros(len(y), dtype=torch.long))
     y, _ = store.labels()
-    assert store.class_counts() == {(0, k): int((y == k).sum()) for k in y.unique().tolist()}
-    assert sorted(store.class_counts().values()) == [6] * 5, "five classes share 30 slots equally"
+    counts = store.stats(classes=True).class_counts
+    assert counts == {(0, k): int((y == k).sum()) for k in y.unique().tolist()}
+    assert sorted(counts.values()) == [6] * 5, "five classes share 30 slots equally"
 
 
 def test_class_keys_separate_levels():

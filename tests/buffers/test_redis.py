@@ -16,6 +16,7 @@ from buffers.open import open_store, redis_client
 from buffers.redis import RedisStore
 from stream_cl.bench.buffer import CountingConnection
 from stream_cl.labels import LabelTree
+from tests.fixtures.procs import free_port
 from tests.fixtures.redis import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +77,19 @@ def test_contents_survive_a_crash_and_restart_with_aof(redis_aof):
     meta, seen, x, lab, counts = store.keys[:5]
     raw = redis_aof.client()
     before = [raw.hgetall(meta), raw.get(seen), raw.hgetall(x), raw.hgetall(lab), raw.hgetall(counts)]
-    class_counts, samples = store.class_counts(), by_slot(store)
+    class_counts, samples = store.stats(classes=True).class_counts, by_slot(store)
     redis_aof.restart(crash=True)  # kill -9: only what the AOF holds comes back
     raw = redis_aof.client()
     assert [raw.hgetall(meta), raw.get(seen), raw.hgetall(x), raw.hgetall(lab), raw.hgetall(counts)] == before
-    assert store.refresh() and store.seen == 300 and len(store) == 50 and store.class_counts() == class_counts
+    assert (
+        store.refresh()
+        and store.seen == 300
+        and len(store) == 50
+        and store.stats(classes=True).class_counts == class_counts
+    )
     assert torch.equal(by_slot(store), samples)
     store.add(*batch(300))  # the script cache is empty after a restart: reloaded on the fly
-    assert store.seen == 310 and store.errors == 0
+    assert store.seen == 310 and store.stats().errors == 0
 
 
 def test_outage_falls_back_backs_off_and_resumes(redis_aof):
@@ -94,30 +100,30 @@ def test_outage_falls_back_backs_off_and_resumes(redis_aof):
     )  # fmt: skip
     store.add(*batch(0, 30))
     redis_aof.kill()
-    assert (store.add(*batch(100, 10, level=1)) == -1).all() and store.errors == 1
+    assert (store.add(*batch(100, 10, level=1)) == -1).all() and store.stats().errors == 1
     assert len(store.fallback) == 10
     replay = store.sample(5)  # inside the back-off: Redis is not tried, the fallback answers
-    assert store.errors == 1 and len(replay) == 5 and (replay.level == 1).all()
+    assert store.stats().errors == 1 and len(replay) == 5 and (replay.level == 1).all()
     now[0] = 1.0
-    assert len(store.sample(5)) == 5 and store.errors == 2  # tried and failed: back-off doubles to 2 s
+    assert len(store.sample(5)) == 5 and store.stats().errors == 2  # tried and failed: back-off doubles to 2 s
     now[0] = 2.9
     redis_aof.start()
     store.sample(5)
-    assert store.errors == 2, "still backing off"
+    assert store.stats().errors == 2, "still backing off"
     now[0] = 3.0
     replay = store.sample(30)
-    assert store.errors == 2 and len(replay) == 30 and (replay.level == 0).all(), "back on the shared buffer"
+    assert store.stats().errors == 2 and len(replay) == 30 and (replay.level == 0).all(), "back on the shared buffer"
     store.add(*batch(200))
     assert store.seen == 40
-    assert store.take_errors() == 2 and store.take_errors() == 0
+    assert store.stats().errors == 2, "errors are cumulative: reading them does not reset them"
 
 
 def test_without_fallback_an_outage_means_no_replay(redis_aof):
     store = RedisStore(redis_client(redis_aof.url), 10, name="nofb", fallback_capacity=0, retry_min_s=0)
     store.add(*batch(0))
     redis_aof.kill()
-    assert len(store.sample_then_add(5, *batch(10))) == 0 and store.errors == 1
-    assert len(store.sample(5)) == 0 and store.errors == 2
+    assert len(store.sample_then_add(5, *batch(10))) == 0 and store.stats().errors == 1
+    assert len(store.sample(5)) == 0 and store.stats().errors == 2
 
 
 @pytest.mark.parametrize("by_path", [False, True], ids=["by-index", "by-path"])
@@ -148,11 +154,37 @@ def test_auth_passes_through_the_url(tmp_path):
     try:
         store = open_store(f"{server.url}?name=auth", 10)
         store.add(*batch(0))
-        assert len(store.sample(4)) == 4 and store.errors == 0
-        anonymous = open_store(f"redis://127.0.0.1:{server.port}/0?name=auth", 10)
-        assert len(anonymous.sample(4)) == 0 and anonymous.errors == 1
+        assert len(store.sample(4)) == 4 and store.stats().errors == 0
     finally:
         server.stop()
+
+
+def test_open_store_refuses_a_redis_it_cannot_reach(redis_server):
+    good = f"redis://app:hunter2@127.0.0.1:{redis_server.port}/0"
+    wrong_port = good.replace(str(redis_server.port), str(free_port()))  # nothing listens there
+    with pytest.raises(ConnectionError, match=r"^cannot reach the Redis buffer at redis://app:\*\*\*@127") as info:
+        open_store(f"{wrong_port}?name=unreachable", 10)
+    assert "hunter2" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_open_store_refuses_wrong_credentials(tmp_path):
+    server = RedisServer(tmp_path, password="s3cret")
+    server.start()
+    try:
+        at = f"127.0.0.1:{server.port}/0"
+        for url in (f"redis://:wrong-pw@{at}", f"redis://{at}?password=wrong-pw", f"redis://{at}"):
+            with pytest.raises(ConnectionError, match=r"^cannot reach the Redis buffer at redis://") as info:
+                open_store(url, 10)
+            assert "wrong-pw" not in str(info.value), "the password is masked"
+        assert len(open_store(f"{server.url}?name=auth", 10)) == 0, "the right password opens it"
+    finally:
+        server.stop()
+
+
+def test_a_bad_scheme_does_not_echo_secrets():
+    with pytest.raises(ValueError, match=r"app:\*\*\*@host") as info:
+        open_store("redi://app:hunter2@host:1/0?password=p2x&ssl_password=p3x", 3)
+    assert "hunter2" not in str(info.value) and "p2x" not in str(info.value) and "p3x" not in str(info.value)
 
 
 def test_tls_passes_through_the_url(tmp_path):
@@ -161,7 +193,7 @@ def test_tls_passes_through_the_url(tmp_path):
     try:
         store = open_store(f"{server.url}&name=tls", 10)
         store.add(*batch(0))
-        assert len(store.sample(4)) == 4 and store.errors == 0
+        assert len(store.sample(4)) == 4 and store.stats().errors == 0
     finally:
         server.stop()
 
@@ -192,8 +224,8 @@ def test_a_reader_sees_the_writers_samples(redis_server):
     replay = reader.sample(5)
     assert len(reader) == 20 and len(replay) == 5 and replay.x.dtype == torch.int64 and replay.x.shape == (5, 4)
     assert torch.equal(replay.x[:, 0] % 3, replay.y)
-    counts = reader.class_counts()
-    assert counts == writer.class_counts() and sum(counts.values()) == 20, "the counts are read from Redis"
+    counts = reader.stats(classes=True).class_counts
+    assert counts == writer.stats(classes=True).class_counts and sum(counts.values()) == 20, "read from Redis"
 
 
 @pytest.mark.parametrize("policy", ["reservoir", "class-balanced"])
@@ -201,10 +233,10 @@ def test_stores_with_their_own_class_numbering_share_classes_by_name(redis_serve
     """Each store reads every sample under its own learner's index of the sample's class path."""
     trees = three_classes((0, 1, 2)), three_classes((2, 0, 1))
     url = f"{redis_server.url}?name=by-path-{policy}"
-    stores = [open_store(url, 30, seed=seed, policy=policy) for seed in (1, 2)]
+    stores = [
+        open_store(url, 30, seed=seed, policy=policy, classes=tree) for seed, tree in zip((1, 2), trees, strict=True)
+    ]
     stores[0].clear()
-    for store, tree in zip(stores, trees, strict=True):
-        store.classes = tree
     paths = [trees[0].path(*trees[0].lookup(path)) for path in (("a b", 'c:"d"'), ("naïve 0:1",), ("[x]", "y z"))]
     for start in range(0, 60, 10):  # x[:, 0] names the class: position % 3 indexes paths
         store, tree = stores[start // 10 % 2], trees[start // 10 % 2]
@@ -216,7 +248,7 @@ def test_stores_with_their_own_class_numbering_share_classes_by_name(redis_serve
         assert len(replay) == 30
         want = [tree.lookup(paths[i]) for i in (replay.x[:, 0] % 3).tolist()]
         assert list(zip(replay.level.tolist(), replay.y.tolist(), strict=True)) == want
-        counts = store.class_counts()
+        counts = store.stats(classes=True).class_counts
         assert set(counts) == {tree.lookup(path) for path in paths} and sum(counts.values()) == 30
 
 

@@ -57,3 +57,14 @@ def test_same_seed_same_run(method: str) -> None:
     first = contracts.run_all_seeded(lambda: make(method))
     second = contracts.run_all_seeded(lambda: make(method))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_poisoned_batch_is_refused(method: str) -> None:
+    def make_float():
+        return build_learner(
+            method, "resnet18-reduced", (3, 8, 8), np.dtype(np.float32), device=torch.device("cpu"),
+            buffer_size=20, width=4, hparams=TINY_HPARAMS.get(method),
+        )  # fmt: skip
+
+    contracts.check_poisoned_batch_is_refused(make_float, min_accuracy=None if method == "onpro" else 0.9)

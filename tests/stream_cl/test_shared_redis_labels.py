@@ -56,7 +56,7 @@ def test_samples_of_one_learner_replay_with_the_other_learners_indices(redis_ser
         index = {name: learner.labels.lookup((name,))[1] for name in ("cat", "dog")}
         expected = torch.where(replay.x[:, 0] == MARK["cat"], index["cat"], index["dog"])
         assert torch.equal(replay.y, expected) and torch.equal(replay.level, torch.zeros(40, dtype=torch.long))
-        assert learner.buffer.class_counts() == {(0, index["cat"]): 20, (0, index["dog"]): 20}
+        assert learner.buffer.stats(classes=True).class_counts == {(0, index["cat"]): 20, (0, index["dog"]): 20}
 
 
 def test_a_class_only_another_learner_saw_joins_tree_and_heads(redis_server):
@@ -64,7 +64,7 @@ def test_a_class_only_another_learner_saw_joins_tree_and_heads(redis_server):
     writer, reader = mlp(url, seed=1), mlp(url, seed=2)
     x = torch.randn(10, 8)
     writer.observe(Batch(x, [("animal", "bird")] * 10))
-    assert reader.buffer.class_counts() == {}, "counts leave out classes this learner has not seen"
+    assert reader.buffer.stats(classes=True).class_counts == {}, "counts leave out classes this learner has not seen"
 
     for _ in range(3):
         stats = reader.observe(flat("cat")).stats
@@ -73,7 +73,7 @@ def test_a_class_only_another_learner_saw_joins_tree_and_heads(redis_server):
     assert [head.out_features for head in reader.model.heads.heads] == reader.labels.sizes == [2, 1]
     params = {id(p) for group in reader.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in params for p in reader.model.heads.parameters()), "the grown heads are trained"
-    assert reader.buffer.class_counts()[1, 0] == 10
+    assert reader.buffer.stats(classes=True).class_counts[1, 0] == 10
     assert reader.predict(x).classes.shape == (10, 2)
 
 
