@@ -13,7 +13,7 @@ import sys
 from consumers.recorded import RecordedStreamError
 from stream_cl import __version__
 from stream_cl.commands import bench, checkpoint, produce, record, replay, run, serve
-from stream_cl.errors import ConfigError, StreamClError
+from stream_cl.errors import StreamClError
 from stream_cl.logs import FORMATS, configure
 
 COMMANDS = [run, bench, serve, checkpoint, produce, record, replay]
@@ -47,12 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     except RecordedStreamError as err:  # a ValueError, but an unreadable file is no usage error
         print(f"stream-cl: error: {err}", file=sys.stderr)
         return RUNTIME_EXIT_CODE
-    except (ConfigError, ValueError) as err:
+    except (StreamClError, ValueError, OSError) as err:
         print(f"stream-cl: error: {err}", file=sys.stderr)
-        return USAGE_EXIT_CODE
-    except (StreamClError, OSError) as err:
-        print(f"stream-cl: error: {err}", file=sys.stderr)
-        return RUNTIME_EXIT_CODE
+        # What the user asked for is wrong (2), or what it needs failed and may work later (1).
+        runtime = isinstance(err, OSError) or getattr(err, "retriable", False)
+        return RUNTIME_EXIT_CODE if runtime else USAGE_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -587,7 +587,7 @@ def mask_url(text: str) -> str:
     """``text`` with a URL's password (``user:pass@``) and secret query values (``?password=``) hidden.
 
     >>> mask_url("redis://app:hunter2@redis:6379/0?ssl_password=x&name=b")
-    'redis://app:***@redis:6379/0?ssl_password=%2A%2A%2A&name=b'
+    'redis://app:***@redis:6379/0?ssl_password=***&name=b'
     """
     if "://" not in text:
         return text
@@ -602,7 +602,8 @@ def mask_url(text: str) -> str:
     if parts.query:
         query = parse_qsl(parts.query, keep_blank_values=True)
         if any(_SECRET.search(k) for k, _ in query):
-            parts = parts._replace(query=urlencode([(k, MASK if _SECRET.search(k) else v) for k, v in query]))
+            masked_query = [(k, MASK if _SECRET.search(k) else v) for k, v in query]
+            parts = parts._replace(query=urlencode(masked_query, safe="*"))
     return urlunsplit(parts)
 
 

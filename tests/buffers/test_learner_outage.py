@@ -20,6 +20,8 @@ from tests.streams import write_stream
 class Outage:
     """A source that kills Redis after ``kill_at`` polled records and starts it again at ``start_at``."""
 
+    poll_timeout_s, fetches_ahead = 0.0, False
+
     def __init__(self, source: RecordedSource, server, store: RedisStore, kill_at: int, start_at: int) -> None:
         self.source, self.server, self.store = source, server, store
         self.kill_at, self.start_at = kill_at, start_at

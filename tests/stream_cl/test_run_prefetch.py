@@ -21,4 +21,4 @@ def test_prefetched_run_learns_exactly_what_the_plain_run_learns(tmp_path) -> No
 
 def test_negative_prefetch_is_rejected(capsys) -> None:
     assert main([*RUN, "--prefetch", "-1"]) != 0
-    assert "--prefetch must be >= 0" in capsys.readouterr().err
+    assert "--prefetch: must be >= 0" in capsys.readouterr().err

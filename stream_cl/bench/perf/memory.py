@@ -46,6 +46,7 @@ class RssSampling:
 
     def __init__(self, source: Source, trace: RssTrace, every: int, total: int, progress: bool) -> None:
         self.source, self.trace, self.every = source, trace, every
+        self.poll_timeout_s, self.fetches_ahead = source.poll_timeout_s, source.fetches_ahead
         self.polled = self._next = 0
         self.bar = tqdm(total=total, unit="rec", desc="memory run", disable=not progress, mininterval=2.0)
 
