@@ -169,14 +169,7 @@ class KafkaDeadLetterSink:
             self._wake.notify()
         self._sender.join(bound)
         if self._sender.is_alive():
-            log.warning("dead-letter sender still waiting on the broker at close; the process exit ends it")
-            return
-        left = len(self._spool)
-        self._spool.close()
-        if left:
-            log.warning("%d dead letters stay in %s for the next start", left, self.spool_dir)
-        elif self._temporary_spool:
-            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            log.warning("dead-letter sender still waiting on the broker at close; it stops after this attempt")
 
     def __enter__(self) -> KafkaDeadLetterSink:
         return self
@@ -190,6 +183,15 @@ class KafkaDeadLetterSink:
                 self._deliver_batch()
         finally:
             self._drop_producer()
+            self._release_spool()
+
+    def _release_spool(self) -> None:
+        left = len(self._spool)
+        self._spool.close()
+        if left:
+            log.warning("%d dead letters stay in %s for the next start", left, self.spool_dir)
+        elif self._temporary_spool:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     def _wait_for_work(self) -> bool:
         """Wait until there is something to deliver and no retry pause; False once closing is done."""

@@ -57,7 +57,7 @@ class Spool:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
             self._lock_file.close()
-            raise RuntimeError(f"spool directory {self.directory} is in use by another sink") from err
+            raise RuntimeError(f"spool directory {self.directory} is in use by another spool") from err
         self._mutex = threading.Lock()
         self._entries: deque[Entry] = deque()
         self.bytes = 0
@@ -110,6 +110,12 @@ class Spool:
     def close(self) -> None:
         """Release the directory; entries stay on disk for the next :class:`Spool` there."""
         self._lock_file.close()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _read(path: Path) -> Message | None:
