@@ -160,7 +160,9 @@ class KafkaDeadLetterSink:
     def close(self, timeout_s: float | None = None) -> None:
         """Deliver what can be delivered within ``timeout_s`` (default ``timeout_s`` of the sink), then stop.
 
-        Dead letters still spooled stay in ``spool_dir`` and are delivered by the next sink opened on it.
+        Delivery stops at the bound or at the first failed attempt (at once if the broker is already
+        unreachable). Dead letters still spooled stay in ``spool_dir`` and are delivered by the next sink
+        opened on it.
         """
         bound = self.timeout_s if timeout_s is None else timeout_s
         with self._wake:
@@ -199,7 +201,8 @@ class KafkaDeadLetterSink:
             while True:
                 now = time.monotonic()
                 closing = self._close_by is not None
-                if closing and (not len(self._spool) or now >= self._close_by):
+                # closing stops at the first failure: the rest waits in the spool for the next start
+                if closing and (not len(self._spool) or now >= self._close_by or self._failing):
                     return False
                 if len(self._spool) and now >= self._retry_at:
                     return True
