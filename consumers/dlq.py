@@ -11,11 +11,13 @@ caller must not poll more records while it is True), ``healthy`` (False while de
 delivered) and the counters ``spooled`` and ``delivered``.
 
 :class:`KafkaDeadLetterSink` never makes the learner wait for the broker. ``send`` writes the dead letter to
-a local :class:`~consumers.spool.Spool` (one small file; no network I/O) and returns: well under 50 ms for
-dead letters up to 1 MiB. One sender thread delivers the spool to the topic oldest first, and deletes each
-file once the broker has acknowledged it. A sender thread rather than kafka-python's asynchronous ``send``:
-that ``send`` itself blocks (up to ``max_block_ms``) while the producer has no metadata, which is exactly
-the outage case, and the producer's in-memory buffer dies with the process. Because every dead letter is on
+a local :class:`~consumers.spool.Spool` (one uncompressed file; no network I/O) and returns. Its cost grows
+with the dead letter's size: about 2 ms for 1 MiB, within 50 ms up to 8 MiB (the decoder's default
+``max_bytes``); only a larger ``oversized`` value takes longer. One sender thread delivers the spool to the
+topic oldest first, and deletes each file once the broker has acknowledged it. A sender thread rather than
+kafka-python's asynchronous ``send``: that ``send`` itself blocks (up to ``max_block_ms``) while the producer
+has no metadata, which is exactly the outage case, and the producer's in-memory buffer dies with the
+process. Because every dead letter is on
 disk before ``send`` returns, the run loop may commit past a bad record at once, and a spool left by a
 crashed process is delivered by the next sink opened on the same ``spool_dir``.
 """

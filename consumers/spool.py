@@ -1,11 +1,11 @@
 """A durable first-in, first-out queue of messages on local disk, shared by one writer and one reader thread.
 
-Each message is one recorded-stream file (:mod:`consumers.recorded`'s format) named by a sequence number,
-written under a temporary name and renamed into place, so a file that exists is complete: a crash never
-leaves a half-written entry, only whole ones (an interrupted write leaves a ``.tmp`` file, removed on the
-next open; its ``put`` never returned). Files are flushed to the OS, not fsynced: entries survive a killed
-process, not a power cut. A new :class:`Spool` on the same directory picks up the entries left there, oldest
-first. An exclusive lock file keeps two processes from sharing a directory.
+Each message is one recorded-stream file (:mod:`consumers.recorded`'s format, stored uncompressed) named by
+a sequence number, written under a temporary name and renamed into place, so a file that exists is
+complete: a crash never leaves a half-written entry (an interrupted write leaves a ``.tmp`` file, removed on
+the next open; its ``put`` never returned). Files are flushed to the OS, not fsynced: entries survive a
+killed process, not a power cut. A new :class:`Spool` on the same directory picks up the entries left
+there, oldest first. An exclusive lock file keeps two processes from sharing a directory.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Spool:
             seq, self._next = self._next, self._next + 1
         path = self.directory / f"{seq:012d}{_SUFFIX}"
         tmp = path.with_name(path.name + ".tmp")
-        write_messages(tmp, [message])
+        write_messages(tmp, [message], compresslevel=0)  # stored, not compressed: the writer is the learner
         os.replace(tmp, path)
         size = path.stat().st_size
         with self._mutex:
