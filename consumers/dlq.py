@@ -226,12 +226,7 @@ class KafkaDeadLetterSink:
         elif isinstance(error, _UNDELIVERABLE):
             self._spool.remove(1, keep_as_rejected=True)
             self.rejected += 1
-            log.error(
-                "dead letter %s cannot be delivered; kept as %s.rejected: %s",
-                batch[delivered][0].path.name,
-                batch[delivered][0].path,
-                error,
-            )
+            log.error("dead letter cannot be delivered, kept as %s.rejected: %s", batch[delivered][0].path, error)
         else:
             if not self._failing:
                 log.warning("dead letters cannot be delivered, spooling in %s: %s", self.spool_dir, error)
