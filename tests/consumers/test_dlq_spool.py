@@ -1,10 +1,14 @@
-"""The on-disk spool behind the Kafka dead-letter sink (no broker needed)."""
+"""The on-disk spool behind the Kafka dead-letter sink, and the sink's retry path with a fake producer."""
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from consumers.record import Message, Position
+import pytest
+from kafka.errors import KafkaConnectionError
+
+from consumers import dlq
+from consumers.record import DeadLetter, Message, Position
 from consumers.spool import Spool
 
 
@@ -50,3 +54,54 @@ def test_one_directory_one_spool(tmp_path):
     with Spool(tmp_path, max_bytes=1), pytest.raises(RuntimeError, match="in use"):
         Spool(tmp_path, max_bytes=1)
     Spool(tmp_path, max_bytes=1).close()
+
+
+class _Ack:
+    def __init__(self, error: Exception | None) -> None:
+        self._error = error
+
+    def get(self, timeout: float) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class _FakeProducer:
+    """Acknowledges sends into ``topic_log`` until its ``fail_from``-th send; from then on the connection is lost."""
+
+    def __init__(self, topic_log: list[bytes], fail_from: int | None) -> None:
+        self._log, self._fail_from, self._sends = topic_log, fail_from, 0
+
+    def partitions_for(self, topic: str) -> set[int]:
+        return {0}
+
+    def send(self, topic, value, key, headers, partition) -> _Ack:
+        self._sends += 1
+        if self._fail_from is not None and self._sends >= self._fail_from:
+            return _Ack(KafkaConnectionError("connection lost"))
+        self._log.append(value)
+        return _Ack(None)
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+def test_half_failed_batch_keeps_its_acknowledged_start_and_retries_the_rest(tmp_path, monkeypatch):
+    topic_log: list[bytes] = []
+    producers = iter([_FakeProducer(topic_log, fail_from=3), None, _FakeProducer(topic_log, fail_from=None)])
+
+    def new_producer(bootstrap: str, **options: object) -> _FakeProducer:
+        producer = next(producers)
+        if producer is None:
+            raise RuntimeError("unexpected client failure")  # the sender thread must survive it
+        return producer
+
+    monkeypatch.setattr(dlq, "new_producer", new_producer)
+    sink = dlq.KafkaDeadLetterSink("unused:9092", spool_dir=tmp_path, retry_s=0.05)
+    with sink:
+        for offset in range(5):
+            sink.send(DeadLetter(_message(offset), "bad_json"))
+        deadline = time.monotonic() + 10
+        while sink.spooled and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (sink.spooled, sink.delivered, sink.healthy) == (0, 5, True)
+    assert topic_log == [b"v%d" % i for i in range(5)]
