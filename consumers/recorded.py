@@ -39,10 +39,13 @@ class RecordedStreamError(ValueError):
     """The file is not a recorded stream, or is truncated mid-frame."""
 
 
-def write_messages(path: str | Path, messages: Iterable[Message]) -> int:
-    """Write messages to a recorded-stream file; returns how many were written."""
+def write_messages(path: str | Path, messages: Iterable[Message], *, compresslevel: int = 6) -> int:
+    """Write messages to a recorded-stream file; returns how many were written.
+
+    ``compresslevel`` is gzip's (0 stores without compressing: fastest to write, same format).
+    """
     count = 0
-    with gzip.open(path, "wb", compresslevel=6) as out:
+    with gzip.open(path, "wb", compresslevel=compresslevel) as out:
         out.write(MAGIC)
         for message in messages:
             _write_frame(out, message)
