@@ -143,14 +143,18 @@ def open_dead_letters(
     dead_letter_out: str | Path | None = None,
     dead_letter_topic: str | None = None,
     client_options: Mapping[str, Any] | None = None,
+    spool_dir: str | Path | None = None,
 ) -> FileDeadLetterSink | KafkaDeadLetterSink | None:
     """Where the dead letters of source ``url`` go.
 
     ``dead_letter_out`` (a recorded-stream file) wins; else a Kafka source's go to ``dead_letter_topic``
-    (default ``TOPIC.dlq``); those of other sources are only counted (None).
+    (default ``TOPIC.dlq``) through the on-disk spool ``spool_dir`` (what a crash left there is sent on
+    the next start); those of other sources are only counted (None).
     """
     if dead_letter_out:
         return FileDeadLetterSink(dead_letter_out)
     if not is_kafka_url(url):
         return None
-    return KafkaDeadLetterSink(KafkaUrl.parse(url).bootstrap, topic=dead_letter_topic, client_options=client_options)
+    return KafkaDeadLetterSink(
+        KafkaUrl.parse(url).bootstrap, topic=dead_letter_topic, client_options=client_options, spool_dir=spool_dir
+    )

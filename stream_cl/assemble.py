@@ -110,6 +110,7 @@ def assemble(cfg: Config, ready: threading.Event | None = None, *, require_topic
             dead_letter_out=cfg.source.dead_letter_out,
             dead_letter_topic=cfg.source.dead_letter_topic,
             client_options=cfg.kafka.client_options(),
+            spool_dir=_spool_dir(cfg),
         )
         if sink is not None:
             parts.dead_letters = stack.enter_context(sink)
@@ -206,6 +207,15 @@ def _restore(
         probe=probe,
     )
     return state, restored, checkpointer
+
+
+def _spool_dir(cfg: Config) -> Path | None:
+    """Where dead letters wait for the broker: a directory that outlives the process when there is one."""
+    if cfg.source.dead_letter_spool is not None:
+        return Path(cfg.source.dead_letter_spool)
+    if cfg.checkpoint.dir is not None:
+        return Path(cfg.checkpoint.dir) / "dead-letter-spool"
+    return None
 
 
 def _serve_metrics(cfg: Config, metrics: Metrics, ready: object) -> Exporter | None:

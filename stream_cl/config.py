@@ -187,6 +187,11 @@ class SourceConfig:
     )
     dead_letter_out: str | None = setting(None, "also write dead letters to this recorded-stream file")
     dead_letter_topic: str | None = setting(None, "Kafka dead-letter topic (default: TOPIC.dlq)")
+    dead_letter_spool: str | None = setting(
+        None,
+        "directory where Kafka dead letters wait while the broker is unreachable (default: CHECKPOINT_DIR/"
+        "dead-letter-spool with checkpoints, else a temporary directory, which a restart does not see)",
+    )
 
 
 @dataclass(frozen=True)
