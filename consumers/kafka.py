@@ -85,7 +85,8 @@ class KafkaSource:
     from_checkpoint
         ``start_offsets`` come from a model checkpoint and decide where *every* partition starts: one they hold no
         offset for has taught the model nothing, so it starts at its earliest offset. Once a partition is first
-        assigned, its start offset is committed, so the group agrees with the model.
+        assigned, its start offset is committed (where the group holds an offset for it), so the group agrees
+        with the model.
     require_topic
         Raise :class:`TopicNotFoundError` at once if the topic does not exist, instead of waiting for it (some
         brokers, tansu among them, create a subscribed topic on the fly, which hides a mistyped name).
@@ -373,10 +374,13 @@ class KafkaSource:
             starts, self._start_commits = self._start_commits, {}
         if not starts:
             return
+        # A partition the group holds no offset for agrees with the model already; one it holds a stale
+        # offset for (an older run's) is moved back to where the model starts.
         earliest = [TopicPartition(*key) for key, offset in starts.items() if offset is None]
         if earliest:
             try:
-                first = self._consumer.beginning_offsets(earliest, timeout_ms=_OFFSETS_TIMEOUT_MS)
+                earliest = [tp for tp in earliest if self._consumer.committed(tp) is not None]
+                first = self._consumer.beginning_offsets(earliest, timeout_ms=_OFFSETS_TIMEOUT_MS) if earliest else {}
             except KafkaError as err:
                 log.warning("earliest offsets unavailable (%s); committing the start offsets later", err)
                 with self._cond:

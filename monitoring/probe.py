@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from consumers.record import LabelPath
 from monitoring.hierarchy import level_correct
-
-LabelPath = tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-LabelPath = tuple[str, ...]
+from consumers.record import LabelPath
 
 
 class LabelTree:

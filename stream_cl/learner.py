@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from buffers.store import ReplayStore
-from stream_cl.labels import LabelPath, LabelTree
+from consumers.record import LabelPath
+from stream_cl.labels import LabelTree
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from buffers.store import ReplayBatch, ReplayStore
+from consumers.record import LabelPath
 from stream_cl.classifier import Classifier
-from stream_cl.labels import LabelPath, LabelTree
+from stream_cl.labels import LabelTree
 from stream_cl.learner import Observation, Prediction, StepStats
 
 NON_FINITE_LOSS = "non_finite_loss"
