@@ -38,7 +38,20 @@ def test_each_bad_kind_gets_its_reason(reason: str, message: Message) -> None:
 
 
 def test_every_reason_is_reachable() -> None:
-    assert set(bad_messages()) == set(REASONS)
+    assert set(bad_messages()) == set(REASONS) - {"internal"}
+
+
+def test_an_unexpected_error_costs_one_record_not_the_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from consumers import wire
+
+    def broken(*args: object) -> None:
+        raise ZeroDivisionError("x" * 1000)
+
+    monkeypatch.setattr(wire, "_json_array", broken)
+    value, headers = encode_json("a", np.ones(4, np.float32), "cat")
+    dead = decode(Message(Position("t", 0, 0), 0.0, None, value, tuple(headers)))
+    assert isinstance(dead, DeadLetter) and dead.reason == "internal" and "internal" in REASONS
+    assert dead.detail.startswith("ZeroDivisionError: xxx") and len(dead.detail) == wire.MAX_DETAIL_CHARS
 
 
 @pytest.mark.parametrize(
