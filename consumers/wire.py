@@ -44,6 +44,8 @@ MAX_LABEL_CHARS = 256
 MAX_DETAIL_CHARS = 200
 _PARSED_MAX = 4096
 _FIELDS = frozenset(("id", "x", "shape", "dtype", "y"))
+# The shape and y headers are flat lists; one level more lets a nested one get its field's own reason.
+_HEADER_DEPTH = 2
 # Largest magnitude that float32 rounds to a finite value: float32's max plus half its last step
 # (the midpoint itself rounds to even, i.e. to infinity).
 _FLOAT32_LIMIT = 2.0**128 - 2.0**103
@@ -193,7 +195,7 @@ def _binary_id(raw: bytes | None) -> str:
 
 def _json_header(raw: bytes | None, name: str) -> object:
     text = _text(raw, name)
-    _check_json_text(raw, max_depth=1)  # type: ignore[arg-type]
+    _check_json_text(raw, _HEADER_DEPTH)  # type: ignore[arg-type]
     try:
         value = _loads(text)
     except json.JSONDecodeError as err:
