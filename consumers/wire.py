@@ -35,7 +35,7 @@ MAX_JSON_DEPTH = 1 + MAX_DIMS
 MAX_NUMBER_CHARS = 40
 """Longest number literal (digits, sign, point, exponent) in JSON; float64's longest repr is 24."""
 MAX_HEADER_BYTES = 16 * 1024
-"""Largest ``id``/``dtype``/``shape``/``y`` header of a binary message."""
+"""Largest ``dtype``/``shape``/``y`` header of a binary message (an id is refused past 4 bytes a character)."""
 MAX_ID_CHARS = 256
 MAX_LABEL_DEPTH = 8
 """Most levels a label path may have."""
