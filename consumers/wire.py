@@ -86,7 +86,8 @@ def encode_binary(
         ("id", sample_id.encode()),
         ("dtype", dtype.encode()),
         ("shape", json.dumps(list(x.shape)).encode()),
-        ("y", json.dumps(_label_json(label)).encode()),
+        # UTF-8 rather than \u escapes: the longest label path allowed stays well inside MAX_HEADER_BYTES
+        ("y", json.dumps(_label_json(label), ensure_ascii=False).encode()),
     ]
     return np.ascontiguousarray(x, dtype=DTYPES[dtype]).tobytes(), headers
 

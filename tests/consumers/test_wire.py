@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from consumers.record import DeadLetter, Message, Position, Record
-from consumers.wire import BINARY_TYPE, REASONS, decode, encode_binary, encode_json
+from consumers.wire import (
+    BINARY_TYPE,
+    MAX_LABEL_CHARS,
+    MAX_LABEL_DEPTH,
+    REASONS,
+    decode,
+    encode_binary,
+    encode_json,
+)
 from tests.consumers.streams import MAX_BYTES, bad_messages
 
 
@@ -17,6 +25,7 @@ from tests.consumers.streams import MAX_BYTES, bad_messages
         (np.arange(12, dtype=np.uint8).reshape(2, 2, 3), ["animal", "dog"]),
         (np.linspace(-1, 1, 6, dtype=np.float32).reshape(1, 2, 3), "cat"),
         (np.ones(5, np.float32), None),
+        (np.zeros(3, np.uint8), ["😀" * MAX_LABEL_CHARS] * MAX_LABEL_DEPTH),  # the largest label allowed
     ],
 )
 def test_round_trip(encode, x: np.ndarray, label) -> None:
