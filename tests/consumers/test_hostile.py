@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -63,3 +64,23 @@ def test_recorded_file_of_hostile_and_good_records_learns_the_good_ones(tmp_path
     unlabelled = sum(decode(m).label is None for m in accepted)
     assert (summary["learned"], summary["predicted"]) == (len(good) + len(accepted) - unlabelled, unlabelled)
     assert unlabelled == 1 and len(accepted) > 10
+
+
+def test_kafka_source_turns_hostile_records_into_dead_letters_and_keeps_fetching(
+    kafka_bootstrap: str, make_topic
+) -> None:
+    from consumers.kafka import KafkaSource
+    from consumers.producer import produce_messages
+    from tests.fixtures.kafka import FAST_GROUP
+
+    topic = make_topic(1)
+    hostile = [(m, r) for _, m, r in CASES if r is not None and len(m.value) < 900_000]  # under the broker's limit
+    good = good_messages(10)
+    produce_messages(kafka_bootstrap, topic, [*good[:5], *(m for m, _ in hostile), *good[5:]])
+    polled = []
+    deadline = time.monotonic() + 30
+    with KafkaSource(kafka_bootstrap, topic, "hostile", **FAST_GROUP) as source:
+        while sum(map(len, polled)) < len(good) + len(hostile) and time.monotonic() < deadline:
+            polled.append(source.poll(0.5, 500))
+    assert [r.id for p in polled for r in p.records] == [m.key.decode() for m in good]
+    assert [(d.message.value, d.reason) for p in polled for d in p.dead_letters] == [(m.value, r) for m, r in hostile]
