@@ -246,11 +246,11 @@ def _check_json_text(raw: bytes, max_depth: int) -> bool:
     conversion can be made to do unbounded work. Returns whether a ``true``/``false`` literal may occur.
     """
     mapped = raw.translate(_MAPPING)
-    # both counts are upper bounds (strings count too): only a value that fails them is scanned exactly
-    if mapped.count(b"[") > max_depth or _LONG_NUMBER in mapped:
+    structure = mapped.translate(None, b"0")  # numbers gone: much shorter; "true" -> "tru", "false" -> "fals"
+    # both tests are upper bounds (strings count too): only a value that fails them is scanned exactly
+    if structure.count(b"[") > max_depth or _LONG_NUMBER in mapped:
         _check_outside_strings(raw, mapped, max_depth)
-    letters = mapped.translate(None, b"0")  # "true" -> "tru", "false" -> "fals"
-    return b"tru" in letters or b"fals" in letters
+    return b"tru" in structure or b"fals" in structure
 
 
 def _check_outside_strings(raw: bytes, mapped: bytes, max_depth: int) -> None:
