@@ -11,6 +11,8 @@ from kafka.errors import KafkaError
 from consumers.record import Message
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
+"""Every compression codec Kafka defines; the project installs the libraries for all of them."""
 
 
 def new_producer(bootstrap: str, **overrides: object) -> KafkaProducer:
@@ -44,14 +46,17 @@ class KafkaSink:
 
     Partitions follow the key (Kafka's default partitioner) unless ``keep_partitions`` is set, in which case
     each message goes to the partition it was recorded from (which must exist in the target topic).
-    Failed sends are raised, as :class:`ConnectionError`, by the next :meth:`flush` or :meth:`close`.
+    ``compression`` (one of :data:`COMPRESSION`) compresses each batch. Failed sends are raised, as
+    :class:`ConnectionError`, by the next :meth:`flush` or :meth:`close`.
     """
 
-    def __init__(self, bootstrap: str, topic: str, *, keep_partitions: bool = False) -> None:
+    def __init__(self, bootstrap: str, topic: str, *, keep_partitions: bool = False, compression: str = "none") -> None:
+        if compression not in COMPRESSION:
+            raise ValueError(f"compression must be one of {COMPRESSION}, got {compression!r}")
         self.topic = topic
         self.keep_partitions = keep_partitions
         self.sent = 0
-        self._producer = new_producer(bootstrap)
+        self._producer = new_producer(bootstrap, compression_type=None if compression == "none" else compression)
         self._errors: list[BaseException] = []
 
     def send(self, message: Message) -> None:
@@ -82,10 +87,16 @@ class KafkaSink:
 
 
 def produce_messages(
-    bootstrap: str, topic: str, messages: Iterable[Message], *, speed: float | None = None, keep_partitions=False
+    bootstrap: str,
+    topic: str,
+    messages: Iterable[Message],
+    *,
+    speed: float | None = None,
+    keep_partitions: bool = False,
+    compression: str = "none",
 ) -> int:
     """Send ``messages`` to ``topic`` (paced by their timestamps when ``speed`` is given); returns the count."""
-    with KafkaSink(bootstrap, topic, keep_partitions=keep_partitions) as sink:
+    with KafkaSink(bootstrap, topic, keep_partitions=keep_partitions, compression=compression) as sink:
         for message in paced(messages, speed) if speed else messages:
             sink.send(message)
     return sink.sent

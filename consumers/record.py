@@ -79,7 +79,7 @@ def label_path(label: str | Sequence[str] | None) -> LabelPath | None:
     Raises
     ------
     ValueError
-        If the label is not a non-empty string or a non-empty list of non-empty strings.
+        If the label is not a non-empty string or a non-empty list (or tuple) of non-empty strings.
 
     Examples
     --------
@@ -88,7 +88,12 @@ def label_path(label: str | Sequence[str] | None) -> LabelPath | None:
     """
     if label is None:
         return None
-    parts = (label,) if isinstance(label, str) else tuple(label)
+    if isinstance(label, str):
+        parts: tuple = (label,)
+    elif isinstance(label, list | tuple):  # not any iterable: a dict would give its keys
+        parts = tuple(label)
+    else:
+        parts = ()
     if not parts or not all(isinstance(p, str) and p for p in parts):
-        raise ValueError(f"label must be a non-empty string or list of strings, got {label!r}")
+        raise ValueError(f"label must be a non-empty string or list of strings, got {label!r:.80}")
     return parts

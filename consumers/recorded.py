@@ -9,14 +9,16 @@ File format (version 1), gzip-compressed as a whole:
   ``[name, base64 value]``).
 
 Frames are parsed from 64 KiB chunks of the decompressed stream, so a file of any size streams in
-constant memory. A file cut short
-yields its complete frames, then raises :class:`RecordedStreamError`. The version byte is bumped on any
-change old readers cannot read; readers reject other magic/version bytes.
+constant memory. A file cut short or damaged (a length over :data:`MAX_FIELD_BYTES`, meta that is not the
+object above, headers that are not base64) yields its complete frames before the damage, then raises
+:class:`RecordedStreamError` naming the frame; nothing after it is trusted, since the framing is lost. The
+version byte is bumped on any change old readers cannot read; readers reject other magic/version bytes.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import gzip
 import json
@@ -33,10 +35,12 @@ MAGIC = b"SCLREC\x00\x01"
 _U32 = struct.Struct("<I")
 _NULL = 0xFFFFFFFF
 _CHUNK = 1 << 16
+MAX_FIELD_BYTES = 64 * 1024 * 1024
+"""Longest meta, key or value a frame may declare: a longer one is damage, not data (Kafka's own limit is lower)."""
 
 
 class RecordedStreamError(ValueError):
-    """The file is not a recorded stream, or is truncated mid-frame."""
+    """The file is not a recorded stream, or is truncated or damaged mid-frame."""
 
 
 def write_messages(path: str | Path, messages: Iterable[Message], *, compresslevel: int = 6) -> int:
@@ -82,8 +86,15 @@ def read_messages(path: str | Path) -> Iterator[Message]:
             if src.read(len(MAGIC)) != MAGIC:
                 raise RecordedStreamError(f"{path}: not a stream-cl recorded stream (bad magic)")
             frames = _Chunks(src, path)
+            index = 0
             while frames.more():
-                yield _read_frame(frames)
+                start = frames.taken
+                try:
+                    message = _read_frame(frames)
+                except _BadFrame as err:
+                    raise RecordedStreamError(f"{path}: frame {index} (byte {start} unpacked): {err}") from err
+                yield message
+                index += 1
     except (OSError, EOFError) as err:
         raise RecordedStreamError(f"{path}: {err}") from err
 
@@ -113,11 +124,21 @@ class RecordedSource:
         self._messages = read_messages(self.path)
         self.committed: dict[tuple[str, int], int] = dict(self._start)
         self.exhausted = False
+        self._error: RecordedStreamError | None = None
 
     def poll(self, timeout_s: float = 0.0, max_records: int = 10) -> Poll:
+        """The next records and dead letters; a damaged file's error comes after the frames before the damage."""
+        if self._error is not None:
+            raise self._error
         poll = Poll()
         while len(poll) < max_records:
-            message = next(self._messages, None)
+            try:
+                message = next(self._messages, None)
+            except RecordedStreamError as err:
+                self._error = err  # raised from now on; first by the next poll if this one has records
+                if not len(poll):
+                    raise
+                break
             if message is None:
                 self.exhausted = True
                 break
@@ -167,6 +188,7 @@ class _Chunks:
     def __init__(self, src: gzip.GzipFile, path: str | Path) -> None:
         self._src, self._path = src, path
         self._buf, self._pos = b"", 0
+        self.taken = 0
 
     def more(self) -> bool:
         return self._pos < len(self._buf) or self._fill(1)
@@ -176,10 +198,20 @@ class _Chunks:
             raise RecordedStreamError(f"{self._path}: truncated frame")
         out = self._buf[self._pos : self._pos + n]
         self._pos += n
+        self.taken += n
         return out
 
     def u32(self) -> int:
         return _U32.unpack(self.take(4))[0]
+
+    def field(self, name: str, *, nullable: bool = False) -> bytes | None:
+        """A length-prefixed field; ``None`` for the null length where ``nullable``."""
+        length = self.u32()
+        if nullable and length == _NULL:
+            return None
+        if length > MAX_FIELD_BYTES:
+            raise _BadFrame(f"{name} length {length} > {MAX_FIELD_BYTES}")
+        return self.take(length)
 
     def _fill(self, n: int) -> bool:
         """Make ``n`` bytes available from the current position; False at end of file."""
@@ -195,17 +227,34 @@ class _Chunks:
         return have >= n
 
 
+class _BadFrame(ValueError):
+    """A frame whose lengths or meta are not what the writer writes."""
+
+
 def _read_frame(frames: _Chunks) -> Message:
-    meta = json.loads(frames.take(frames.u32()))
-    key_len = frames.u32()
-    key = None if key_len == _NULL else frames.take(key_len)
-    value = frames.take(frames.u32())
-    headers = tuple((k, base64.b64decode(v) if k == "id" else _header_value(v)) for k, v in meta["headers"])
-    position = Position(meta["stream"], meta["partition"], meta["offset"])
-    return Message(position, meta["timestamp"], key, value, headers)
+    raw_meta = frames.field("meta")
+    key = frames.field("key", nullable=True)
+    value = frames.field("value")
+    try:
+        meta = json.loads(raw_meta)  # type: ignore[arg-type]
+        headers = tuple(
+            (k, base64.b64decode(v, validate=True) if k == "id" else _header_value(v)) for k, v in meta["headers"]
+        )
+        position = Position(meta["stream"], meta["partition"], meta["offset"])
+        timestamp = meta["timestamp"]
+    except (ValueError, TypeError, KeyError, RecursionError, binascii.Error) as err:
+        raise _BadFrame(f"meta is not a frame's meta ({type(err).__name__}: {str(err)[:100]})") from err
+    if not (
+        isinstance(position.stream, str)
+        and all(type(n) is int and n >= 0 for n in (position.partition, position.offset))
+        and type(timestamp) in (int, float)
+        and all(isinstance(k, str) for k, _ in headers)
+    ):
+        raise _BadFrame(f"meta has fields of the wrong types: {str(meta)[:100]}")
+    return Message(position, timestamp, key, value, headers)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=4096)
 def _header_value(encoded: str) -> bytes:
     """Header values repeat from frame to frame (dtype, shape, labels; not ids): decode each once."""
-    return base64.b64decode(encoded)
+    return base64.b64decode(encoded, validate=True)

@@ -7,8 +7,9 @@ Two encodings, told apart by the ``content-type`` header (absent means JSON):
 * ``application/x-streamcl-tensor``: the value is the raw little-endian tensor bytes; headers
   ``id``, ``dtype``, ``shape`` (JSON list) and ``y`` (JSON label path or ``null``) carry the rest.
 
-Decoding never raises on bad input: :func:`decode` returns a :class:`DeadLetter` whose reason is
-one of :data:`REASONS`.
+Decoding never raises: :func:`decode` returns a :class:`DeadLetter` whose reason is one of
+:data:`REASONS`. The work per message is bounded before any parsing: the value's size, the JSON's
+nesting depth and the length of each number literal are checked on the raw bytes first.
 """
 
 from __future__ import annotations
@@ -27,17 +28,40 @@ JSON_TYPE = b"application/json"
 BINARY_TYPE = b"application/x-streamcl-tensor"
 DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+MAX_DIMS = 4
+"""Most dimensions a shape may have."""
+MAX_JSON_DEPTH = 1 + MAX_DIMS
+"""Deepest bracket nesting a JSON value may have: the object, then ``x`` nested once per dimension."""
+MAX_NUMBER_CHARS = 40
+"""Longest number literal (digits, sign, point, exponent) in JSON; float64's longest repr is 24."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Largest ``dtype``/``shape``/``y`` header of a binary message (an id is refused past 4 bytes a character)."""
+MAX_ID_CHARS = 256
+MAX_LABEL_DEPTH = 8
+"""Most levels a label path may have."""
+MAX_LABEL_CHARS = 256
+"""Longest label part, in characters."""
+MAX_DETAIL_CHARS = 200
 _PARSED_MAX = 4096
+_FIELDS = frozenset(("id", "x", "shape", "dtype", "y"))
+# The shape and y headers are flat lists; one level more lets a nested one get its field's own reason.
+_HEADER_DEPTH = 2
+# Largest magnitude that float32 rounds to a finite value: float32's max plus half its last step
+# (the midpoint itself rounds to even, i.e. to infinity).
+_FLOAT32_LIMIT = 2.0**128 - 2.0**103
 
 REASONS = (
-    "undecodable",  # bytes that are not valid UTF-8 JSON / unknown content type
-    "bad_json",  # JSON that parses but is not the expected object
+    "undecodable",  # bytes that are not valid UTF-8 / unknown content type
+    "bad_json",  # not JSON, not the expected object, or nested deeper than MAX_JSON_DEPTH
     "missing_field",
-    "bad_dtype",
-    "bad_shape",
-    "non_finite",
+    "bad_dtype",  # unknown dtype, or uint8 values that are not integers in 0..255
+    "bad_shape",  # bad shape, a count of values that does not match it, or values in x that are not numbers
+    "non_finite",  # NaN/inf in a binary float32 tensor, or a NaN/Infinity literal in JSON
+    "out_of_range",  # a number that does not fit the dtype (float32 beyond its finite range), or too many digits
     "oversized",
     "bad_label",
+    "bad_id",  # an id longer than MAX_ID_CHARS or not encodable as UTF-8
+    "internal",  # an unexpected error while decoding; the detail names it
 )
 """Every dead-letter reason the decoder can give (metrics touch each at start-up)."""
 
@@ -62,7 +86,8 @@ def encode_binary(
         ("id", sample_id.encode()),
         ("dtype", dtype.encode()),
         ("shape", json.dumps(list(x.shape)).encode()),
-        ("y", json.dumps(_label_json(label)).encode()),
+        # UTF-8 rather than \u escapes: the longest label path allowed stays well inside MAX_HEADER_BYTES
+        ("y", json.dumps(_label_json(label), ensure_ascii=False).encode()),
     ]
     return np.ascontiguousarray(x, dtype=DTYPES[dtype]).tobytes(), headers
 
@@ -83,11 +108,13 @@ def encode_json(
 
 
 def decode(message: Message, max_bytes: int = MAX_PAYLOAD_BYTES) -> Record | DeadLetter:
-    """Decode a message into a record, or a dead letter saying why it cannot be one."""
+    """Decode a message into a record, or a dead letter saying why it cannot be one. Never raises."""
     try:
         return _decode(message, max_bytes)
     except BadRecord as bad:
         return DeadLetter(message, bad.reason, bad.detail)
+    except Exception as err:  # a decoder bug must cost one record, never the consumer
+        return DeadLetter(message, "internal", f"{type(err).__name__}: {err}"[:MAX_DETAIL_CHARS])
 
 
 def _decode(message: Message, max_bytes: int) -> Record:
@@ -96,21 +123,24 @@ def _decode(message: Message, max_bytes: int) -> Record:
     headers = dict(message.headers)
     content_type = headers.get("content-type", JSON_TYPE)
     if content_type == BINARY_TYPE:
-        sample_id = _text(headers.get("id"), "id")
+        sample_id = _binary_id(headers.get("id"))
         dtype, shape, nbytes = _layout(headers.get("dtype"), headers.get("shape"))
         label = _binary_label(headers.get("y"))
         if len(message.value) != nbytes:
             raise BadRecord("bad_shape", f"{len(message.value)} bytes for shape {list(shape)} of {dtype.name}")
-        x = _finite(np.frombuffer(message.value, dtype=dtype).reshape(shape))
+        x = np.frombuffer(message.value, dtype=dtype).reshape(shape)
+        if dtype.kind == "f" and not np.isfinite(x).all():
+            raise BadRecord("non_finite", "x contains NaN or inf")
     elif content_type == JSON_TYPE:
-        body = _json_body(message.value)
-        sample_id = body.get("id")
-        if not isinstance(sample_id, str) or not sample_id:
-            raise BadRecord("missing_field", "id must be a non-empty string")
+        body, has_booleans = _json_body(message.value)
+        sample_id = _parse_id(body.get("id"))
         dtype = _parse_dtype(body.get("dtype"))
         shape = _parse_shape(body.get("shape"))
         label = _parse_label(body.get("y"))
-        x = _json_array(body.get("x"), dtype, shape)
+        # quotes delimit the keys, the id, the dtype and the label parts; any other string may sit in x
+        strings = len(body) + 2 + (len(label) if label else 0)
+        unexplained = body.keys() - _FIELDS or message.value.count(b'"') != 2 * strings
+        x = _json_array(body.get("x"), dtype, shape, has_booleans or bool(unexplained))
     else:
         raise BadRecord("undecodable", f"unknown content-type {content_type[:64]!r}")
     return Record(sample_id, x, label, message.position, message.timestamp, message)
@@ -147,6 +177,8 @@ def _label_json(label: str | Sequence[str] | None) -> list[str] | None:
 def _text(raw: bytes | None, name: str) -> str:
     if raw is None:
         raise BadRecord("missing_field", f"header {name!r} missing")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise BadRecord("oversized", f"header {name!r} has {len(raw)} bytes > {MAX_HEADER_BYTES}")
     try:
         value = raw.decode()
     except UnicodeDecodeError as err:
@@ -156,62 +188,197 @@ def _text(raw: bytes | None, name: str) -> str:
     return value
 
 
+def _binary_id(raw: bytes | None) -> str:
+    if raw is not None and len(raw) > 4 * MAX_ID_CHARS:  # before decoding: no UTF-8 char is over 4 bytes
+        raise BadRecord("bad_id", f"id of {len(raw)} bytes is longer than {MAX_ID_CHARS} characters")
+    return _parse_id(_text(raw, "id"))
+
+
 def _json_header(raw: bytes | None, name: str) -> object:
+    text = _text(raw, name)
+    _check_json_text(raw, _HEADER_DEPTH)  # type: ignore[arg-type]
     try:
-        return json.loads(_text(raw, name))
+        value = _loads(text)
     except json.JSONDecodeError as err:
         raise BadRecord("bad_json", f"header {name!r}: {err.msg}") from err
+    return value
 
 
-def _json_body(value: bytes) -> dict:
+def _json_body(value: bytes) -> tuple[dict, bool]:
+    """The parsed JSON object, and whether any ``true``/``false`` literal occurs in it."""
     try:
-        body = json.loads(value)
+        text = value.decode()
     except UnicodeDecodeError as err:
         raise BadRecord("undecodable", "value is not UTF-8") from err
+    has_booleans = _check_json_text(value, MAX_JSON_DEPTH)
+    try:
+        body = _loads(text)
     except json.JSONDecodeError as err:
         raise BadRecord("bad_json", err.msg) from err
     if not isinstance(body, dict):
         raise BadRecord("bad_json", f"expected an object, got {type(body).__name__}")
-    return body
+    return body, has_booleans
+
+
+def _reject_constant(name: str) -> None:
+    raise BadRecord("non_finite", f"JSON literal {name} is not a finite number")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _loads(text: str) -> object:
+    """Strict JSON: a UTF-8 BOM, trailing data and NaN/Infinity literals are errors."""
+    return _decoder.decode(text)
+
+
+# The bytes of a JSON text with every number character mapped to "0" and braces to brackets: one C-speed
+# translation makes nesting, number lengths and boolean literals countable with bytes methods.
+_NUMBER_CHARS = b"0123456789+-.eE"
+_MAPPING = bytes.maketrans(_NUMBER_CHARS + b"{}", b"0" * len(_NUMBER_CHARS) + b"[]")
+_LONG_NUMBER = b"0" * (MAX_NUMBER_CHARS + 1)
+
+
+def _check_json_text(raw: bytes, max_depth: int) -> bool:
+    """Refuse JSON nested deeper than ``max_depth`` or with a number literal over MAX_NUMBER_CHARS.
+
+    Checked on the bytes, before parsing, so that neither the parser's recursion nor Python's int
+    conversion can be made to do unbounded work. Returns whether a ``true``/``false`` literal may occur.
+    """
+    mapped = raw.translate(_MAPPING)
+    structure = mapped.translate(None, b"0")  # numbers gone: much shorter; "true" -> "tru", "false" -> "fals"
+    # both tests are upper bounds (strings count too): only a value that fails them is scanned exactly
+    if structure.count(b"[") > max_depth or _LONG_NUMBER in mapped:
+        _check_outside_strings(raw, mapped, max_depth)
+    return b"tru" in structure or b"fals" in structure
+
+
+def _check_outside_strings(raw: bytes, mapped: bytes, max_depth: int) -> None:
+    quotes = _delimiting_quotes(raw)
+
+    def outside(positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(quotes, positions) % 2 == 0  # an even number of quotes before: not in a string
+
+    data = np.frombuffer(mapped, np.uint8)
+    opens, closes = np.flatnonzero(data == ord("[")), np.flatnonzero(data == ord("]"))
+    opens, closes = opens[outside(opens)], closes[outside(closes)]
+    if len(opens) > max_depth:
+        brackets = np.concatenate((opens, closes))
+        steps = np.concatenate((np.ones(len(opens), np.int32), np.full(len(closes), -1, np.int32)))
+        if np.cumsum(steps[np.argsort(brackets)]).max() > max_depth:
+            raise BadRecord("bad_json", f"nested deeper than {max_depth}")
+    number = np.concatenate(([False], data == ord("0"), [False]))
+    edges = np.flatnonzero(number[1:] != number[:-1])
+    starts = edges[::2][edges[1::2] - edges[::2] > MAX_NUMBER_CHARS]
+    if outside(starts).any():
+        raise BadRecord("out_of_range", f"a number literal is longer than {MAX_NUMBER_CHARS} characters")
+
+
+def _delimiting_quotes(raw: bytes) -> np.ndarray:
+    """Positions of the quotes that open or close strings (not those escaped by a backslash)."""
+    data = np.frombuffer(raw, np.uint8)
+    quotes = np.flatnonzero(data == ord('"'))
+    if b"\\" not in raw or not len(quotes):
+        return quotes
+    index = np.arange(len(data))
+    last_other = np.maximum.accumulate(np.where(data == ord("\\"), -1, index))
+    before = np.maximum(quotes - 1, 0)
+    backslashes = np.where(quotes > 0, before - last_other[before], 0)
+    return quotes[backslashes % 2 == 0]
+
+
+def _parse_id(sample_id: object) -> str:
+    if not isinstance(sample_id, str) or not sample_id:
+        raise BadRecord("missing_field", "id must be a non-empty string")
+    if len(sample_id) > MAX_ID_CHARS:
+        raise BadRecord("bad_id", f"id of {len(sample_id)} characters > {MAX_ID_CHARS}")
+    if not _utf8(sample_id):
+        raise BadRecord("bad_id", "id is not encodable as UTF-8 (lone surrogate)")
+    return sample_id
+
+
+def _utf8(text: str) -> bool:
+    # JSON escapes can spell lone surrogates, which no header, metric label or Redis key can carry
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_dtype(name: object) -> np.dtype:
-    if name not in DTYPES:
-        raise BadRecord("bad_dtype", f"dtype {name!r} not in {sorted(DTYPES)}")
-    return DTYPES[name]  # type: ignore[index]
+    if not isinstance(name, str) or name not in DTYPES:
+        raise BadRecord("bad_dtype", f"dtype {str(name)[:64]!r} not in {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def _parse_shape(shape: object) -> tuple[int, ...]:
-    ok = isinstance(shape, list) and 1 <= len(shape) <= 4
-    ok = ok and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ok = isinstance(shape, list) and 1 <= len(shape) <= MAX_DIMS
+    ok = ok and all(type(d) is int and d > 0 for d in shape)  # type: ignore[union-attr]
     if not ok:
-        raise BadRecord("bad_shape", f"shape must be 1-4 positive ints, got {str(shape)[:64]}")
+        raise BadRecord("bad_shape", f"shape must be 1-{MAX_DIMS} positive ints, got {str(shape)[:64]}")
     return tuple(shape)  # type: ignore[arg-type]
 
 
 def _parse_label(label: object) -> tuple[str, ...] | None:
     try:
-        return label_path(label)  # type: ignore[arg-type]
+        path = label_path(label)  # type: ignore[arg-type]
     except (ValueError, TypeError) as err:
-        raise BadRecord("bad_label", str(err)[:200]) from err
+        raise BadRecord("bad_label", str(err)[:MAX_DETAIL_CHARS]) from err
+    if path is None:
+        return None
+    if len(path) > MAX_LABEL_DEPTH:
+        raise BadRecord("bad_label", f"label path of {len(path)} levels > {MAX_LABEL_DEPTH}")
+    if max(map(len, path)) > MAX_LABEL_CHARS:
+        raise BadRecord("bad_label", f"a label part is longer than {MAX_LABEL_CHARS} characters")
+    if not all(map(_utf8, path)):
+        raise BadRecord("bad_label", "label is not encodable as UTF-8 (lone surrogate)")
+    return path
 
 
-def _json_array(x: object, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def _json_array(x: object, dtype: np.dtype, shape: tuple[int, ...], look_closely: bool) -> np.ndarray:
+    """``x`` as an array of ``dtype``; ``look_closely``: it may hold booleans or numeric strings.
+
+    numpy turns those (and null, as NaN) into numbers silently, so they are searched for element by element,
+    but only in values whose text hints at them: a good record costs one conversion and a range check.
+    """
     if not isinstance(x, list):
         raise BadRecord("missing_field", "x must be a list of numbers")
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (ValueError, TypeError) as err:
-        raise BadRecord("bad_shape", "x must be a flat or nested list of numbers") from err
+        raise BadRecord("bad_shape", "x must be a flat or nested list of numbers of equal lengths") from err
+    if look_closely and not _numbers_only(x):
+        raise BadRecord("bad_shape", _NOT_NUMBERS)
+    if arr.ndim != 1 and arr.shape != shape:
+        raise BadRecord("bad_shape", f"x nested as {list(arr.shape)} for shape {list(shape)}")
     if arr.size != math.prod(shape):
         raise BadRecord("bad_shape", f"{arr.size} values for shape {list(shape)}")
-    arr = _finite(arr)
-    if dtype == DTYPES["uint8"] and (arr.min() < 0 or arr.max() > 255 or np.any(arr != np.round(arr))):
-        raise BadRecord("bad_dtype", "uint8 values must be integers in 0..255")
+    if dtype == DTYPES["uint8"]:
+        if not (((arr >= 0) & (arr <= 255)).all() and np.array_equal(arr, np.round(arr))):
+            _refuse_values("bad_dtype", "uint8 values must be integers in 0..255", arr)
+    elif not (np.abs(arr) < _FLOAT32_LIMIT).all():  # before the cast, which would make them inf
+        _refuse_values("out_of_range", "x has values beyond float32's finite range", arr)
     return arr.reshape(shape).astype(dtype)
 
 
-def _finite(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise BadRecord("non_finite", "x contains NaN or inf")
-    return arr
+_NOT_NUMBERS = "x must hold only numbers (no strings, booleans or null)"
+
+
+def _refuse_values(reason: str, detail: str, arr: np.ndarray) -> None:
+    # JSON numbers never parse to NaN (NaN literals are refused): a NaN was a null
+    if np.isnan(arr).any():
+        raise BadRecord("bad_shape", _NOT_NUMBERS)
+    raise BadRecord(reason, detail)
+
+
+def _numbers_only(x: list) -> bool:
+    """Whether a nested list holds only ints and floats (a per-element walk, for suspicious records only)."""
+    pending = [x]
+    while pending:
+        for item in pending.pop():
+            if type(item) is list:
+                pending.append(item)
+            elif type(item) is not int and type(item) is not float:
+                return False
+    return True

@@ -36,7 +36,7 @@ def good_messages(n: int, stream: str = "src") -> list[Message]:
 
 
 def bad_messages(stream: str = "src") -> dict[str, Message]:
-    """One message per kind of bad input, keyed by the dead-letter reason it must get."""
+    """One message per kind of bad input, keyed by the dead-letter reason it must get (all but ``internal``)."""
 
     def msg(key: str, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> Message:
         return Message(Position(stream, 0, 0), 0.0, key.encode(), value, tuple(headers or []))
@@ -56,4 +56,6 @@ def bad_messages(stream: str = "src") -> dict[str, Message]:
         "non_finite": msg("bad-nan", nan_value, nan_headers),
         "oversized": msg("bad-big", b"\x00" * (MAX_BYTES + 1), [("content-type", BINARY_TYPE)]),
         "bad_label": msg("bad-label", body(y=5)),
+        "out_of_range": msg("bad-range", body(x=[1e300, 0, 0, 0], dtype="float32")),
+        "bad_id": msg("bad-id", body(id="i" * 300)),
     }

@@ -104,3 +104,52 @@ def test_source_decodes_streams_and_resumes(tmp_path: Path) -> None:
     with RecordedSource(path, start_offsets={("src", 0): 5}) as resumed:
         assert [r.id for r in resumed.poll(0, 10).records] == ["good-5"]
     assert all(isinstance(r, Record) for r in first.records)
+
+
+def _frame(meta: bytes, key: bytes | None = b"k", value: bytes = b"v", value_len: int | None = None) -> bytes:
+    u32 = struct.Struct("<I").pack
+    key_part = u32(0xFFFFFFFF) if key is None else u32(len(key)) + key
+    return u32(len(meta)) + meta + key_part + u32(len(value) if value_len is None else value_len) + value
+
+
+_META = b'{"stream":"src","partition":0,"offset":9,"timestamp":1.0,"headers":[]}'
+
+
+@pytest.mark.parametrize(
+    ("frame", "says"),
+    [
+        (_frame(b"not json"), "JSONDecodeError"),
+        (_frame(b'{"stream":"src"}'), "KeyError"),
+        (_frame(b"[" * 100_000), "RecursionError"),
+        (_frame(_META.replace(b'"offset":9', b'"offset":"9"')), "wrong types"),
+        (_frame(_META.replace(b'"partition":0', b'"partition":-1')), "wrong types"),
+        (_frame(_META.replace(b'"timestamp":1.0', b'"timestamp":true')), "wrong types"),
+        (_frame(_META.replace(b'"headers":[]', b'"headers":[["h","*not base64*"]]')), "Error"),
+        (_frame(_META.replace(b'"headers":[]', b'"headers":[["id","@@"]]')), "Error"),
+        (_frame(_META.replace(b'"headers":[]', b'"headers":[[1,"AA=="]]')), "wrong types"),
+        (_frame(_META.replace(b'"headers":[]', b'"headers":[["a"]]')), "ValueError"),
+        (_frame(_META, value=b"", value_len=0xFFFFFFF0), "value length"),
+        (struct.pack("<I", 0xFFFFFFFF) + b"x" * 20, "meta length"),
+    ],
+)
+def test_a_damaged_frame_is_a_clear_error_after_the_frames_before_it(tmp_path: Path, frame: bytes, says: str) -> None:
+    good = good_messages(5)
+    path = tmp_path / "ok.rec.gz"
+    write_messages(path, good[:3])
+    damaged = tmp_path / "damaged.rec.gz"
+    ok = gzip.decompress(path.read_bytes())
+    write_messages(path, good[3:])
+    damaged.write_bytes(gzip.compress(ok + frame + gzip.decompress(path.read_bytes())[len(MAGIC) :]))
+    with pytest.raises(RecordedStreamError, match=rf"frame 3 \(byte {len(ok) - len(MAGIC)} unpacked\): .*{says}"):
+        list(read_messages(damaged))
+    with RecordedSource(damaged) as source:
+        first = source.poll(0, 10)  # the frames before the damage are delivered (and learned) first
+        assert [r.id for r in first.records] == ["good-0", "good-1", "good-2"] and not first.dead_letters
+        with pytest.raises(RecordedStreamError, match="frame 3"):
+            source.poll(0, 10)
+        with pytest.raises(RecordedStreamError, match="frame 3"):
+            source.poll(0, 10)  # and it stays an error
+    with RecordedSource(damaged, start_offsets={("src", 0): 3}) as resumed:  # the damage is the first thing polled
+        for _ in range(2):
+            with pytest.raises(RecordedStreamError, match="frame 3"):
+                resumed.poll(0, 10)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from consumers.record import DeadLetter, Message, Position, Record
-from consumers.wire import BINARY_TYPE, REASONS, decode, encode_binary, encode_json
+from consumers.wire import (
+    BINARY_TYPE,
+    MAX_LABEL_CHARS,
+    MAX_LABEL_DEPTH,
+    REASONS,
+    decode,
+    encode_binary,
+    encode_json,
+)
 from tests.consumers.streams import MAX_BYTES, bad_messages
 
 
@@ -17,6 +25,7 @@ from tests.consumers.streams import MAX_BYTES, bad_messages
         (np.arange(12, dtype=np.uint8).reshape(2, 2, 3), ["animal", "dog"]),
         (np.linspace(-1, 1, 6, dtype=np.float32).reshape(1, 2, 3), "cat"),
         (np.ones(5, np.float32), None),
+        (np.zeros(3, np.uint8), ["😀" * MAX_LABEL_CHARS] * MAX_LABEL_DEPTH),  # the largest label allowed
     ],
 )
 def test_round_trip(encode, x: np.ndarray, label) -> None:
@@ -38,7 +47,20 @@ def test_each_bad_kind_gets_its_reason(reason: str, message: Message) -> None:
 
 
 def test_every_reason_is_reachable() -> None:
-    assert set(bad_messages()) == set(REASONS)
+    assert set(bad_messages()) == set(REASONS) - {"internal"}
+
+
+def test_an_unexpected_error_costs_one_record_not_the_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from consumers import wire
+
+    def broken(*args: object) -> None:
+        raise ZeroDivisionError("x" * 1000)
+
+    monkeypatch.setattr(wire, "_json_array", broken)
+    value, headers = encode_json("a", np.ones(4, np.float32), "cat")
+    dead = decode(Message(Position("t", 0, 0), 0.0, None, value, tuple(headers)))
+    assert isinstance(dead, DeadLetter) and dead.reason == "internal" and "internal" in REASONS
+    assert dead.detail.startswith("ZeroDivisionError: xxx") and len(dead.detail) == wire.MAX_DETAIL_CHARS
 
 
 @pytest.mark.parametrize(
