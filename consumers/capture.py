@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -19,6 +21,7 @@ def record_topic(
     *,
     until_idle_s: float | None = 5.0,
     metadata_timeout_s: float = 10.0,
+    client_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Copy ``topic`` into ``path`` byte for byte (keys, values, headers, timestamps, partitions, offsets).
 
@@ -33,7 +36,12 @@ def record_topic(
         If ``topic`` does not exist on the broker (checked without creating it).
     """
     try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, client_id="stream-cl-record")
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            client_id="stream-cl-record",
+            **(client_options or {}),
+        )
     except KafkaError as err:
         raise ConnectionError(f"cannot reach Kafka at {bootstrap}: {err}") from err
     try:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
@@ -50,13 +51,23 @@ class KafkaSink:
     :class:`ConnectionError`, by the next :meth:`flush` or :meth:`close`.
     """
 
-    def __init__(self, bootstrap: str, topic: str, *, keep_partitions: bool = False, compression: str = "none") -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        keep_partitions: bool = False,
+        compression: str = "none",
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
         if compression not in COMPRESSION:
             raise ValueError(f"compression must be one of {COMPRESSION}, got {compression!r}")
         self.topic = topic
         self.keep_partitions = keep_partitions
         self.sent = 0
-        self._producer = new_producer(bootstrap, compression_type=None if compression == "none" else compression)
+        self._producer = new_producer(
+            bootstrap, compression_type=None if compression == "none" else compression, **(client_options or {})
+        )
         self._errors: list[BaseException] = []
 
     def send(self, message: Message) -> None:
@@ -94,9 +105,16 @@ def produce_messages(
     speed: float | None = None,
     keep_partitions: bool = False,
     compression: str = "none",
+    client_options: Mapping[str, Any] | None = None,
 ) -> int:
-    """Send ``messages`` to ``topic`` (paced by their timestamps when ``speed`` is given); returns the count."""
-    with KafkaSink(bootstrap, topic, keep_partitions=keep_partitions, compression=compression) as sink:
+    """Send ``messages`` to ``topic`` (paced by their timestamps when ``speed`` is given); returns the count.
+
+    ``client_options`` are kafka-python security settings (``security_protocol``, ``sasl_*``, ``ssl_*``).
+    """
+    sink = KafkaSink(
+        bootstrap, topic, keep_partitions=keep_partitions, compression=compression, client_options=client_options
+    )
+    with sink:
         for message in paced(messages, speed) if speed else messages:
             sink.send(message)
     return sink.sent

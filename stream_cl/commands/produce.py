@@ -10,9 +10,11 @@ from tqdm import tqdm
 
 from consumers.datasets import load_cifar100, load_fashion_mnist
 from consumers.produce import FORMATS, ORDERS, dataset_messages
-from consumers.producer import produce_messages
+from consumers.producer import COMPRESSION, produce_messages
 from consumers.recorded import write_messages
 from consumers.urls import KafkaUrl, is_kafka_url
+from stream_cl.commands.record import KAFKA_SECTIONS
+from stream_cl.commands.settings import add_settings, config_from
 
 log = logging.getLogger("stream_cl")
 
@@ -33,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="use a random subset of this many samples")
     p.add_argument("--order", default="class-incremental", choices=ORDERS, help="stream order")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and the order (default: 0)")
+    p.add_argument("--compression", default="none", choices=COMPRESSION, help="batch compression (default: none)")
+    add_settings(p, KAFKA_SECTIONS, printable=False)
     p.set_defaults(handler=cmd_produce)
 
 
@@ -44,7 +48,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     messages = tqdm(messages, total=total, unit="msg", desc="produce")
     if is_kafka_url(args.to):
         url = KafkaUrl.parse(args.to)
-        count = produce_messages(url.bootstrap, url.topic, messages)
+        options = config_from(args).kafka.client_options()
+        count = produce_messages(
+            url.bootstrap, url.topic, messages, compression=args.compression, client_options=options
+        )
     else:
         count = write_messages(args.to, messages)
     log.info("produced %d %s messages of %s to %s", count, args.format, name, args.to)

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from consumers.capture import record_topic
 from consumers.urls import KafkaUrl
+from stream_cl.commands.settings import add_settings, config_from
+
+KAFKA_SECTIONS = ("kafka",)
+"""The Kafka tools take the security settings ``run`` and ``serve`` take, from flags, STREAMCL_KAFKA_* or a file."""
 
 log = logging.getLogger("stream_cl")
 
@@ -29,10 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", required=True, type=kafka_url, help="kafka://HOST:PORT/TOPIC")
     p.add_argument("--out", required=True, type=Path, help="recorded-stream file to write (.rec.gz)")
     p.add_argument("--until-idle", type=float, default=None, metavar="S", help="stop after S seconds without a message")
+    add_settings(p, KAFKA_SECTIONS, printable=False)
     p.set_defaults(handler=cmd_record)
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    count = record_topic(args.source.bootstrap, args.source.topic, args.out, until_idle_s=args.until_idle)
+    kafka = config_from(args).kafka
+    count = record_topic(
+        args.source.bootstrap,
+        args.source.topic,
+        args.out,
+        until_idle_s=args.until_idle,
+        client_options=kafka.client_options(),
+    )
     log.info("recorded %d messages from %s to %s", count, args.source, args.out)
     return 0

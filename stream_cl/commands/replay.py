@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from consumers.producer import produce_messages
+from consumers.producer import COMPRESSION, produce_messages
 from consumers.recorded import read_messages
-from stream_cl.commands.record import kafka_url
+from stream_cl.commands.record import KAFKA_SECTIONS, kafka_url
+from stream_cl.commands.settings import add_settings, config_from
 
 log = logging.getLogger("stream_cl")
 
@@ -37,12 +38,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-partitions", action="store_true", help="send each message to its recorded partition, not by key"
     )
+    p.add_argument("--compression", default="none", choices=COMPRESSION, help="batch compression (default: none)")
+    add_settings(p, KAFKA_SECTIONS, printable=False)
     p.set_defaults(handler=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     messages = read_messages(args.file)
     url = args.to
-    count = produce_messages(url.bootstrap, url.topic, messages, speed=args.speed, keep_partitions=args.keep_partitions)
+    count = produce_messages(
+        url.bootstrap,
+        url.topic,
+        messages,
+        speed=args.speed,
+        keep_partitions=args.keep_partitions,
+        compression=args.compression,
+        client_options=config_from(args).kafka.client_options(),
+    )
     log.info("replayed %d messages from %s to %s", count, args.file, url)
     return 0

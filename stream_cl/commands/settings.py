@@ -13,12 +13,13 @@ import yaml
 from stream_cl.config import Config, add_arguments, flat_fields, load, masked
 
 
-def add_settings(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
-    """``--config``, ``--print-config`` and one flag per setting of ``sections``."""
+def add_settings(parser: argparse.ArgumentParser, sections: Sequence[str], *, printable: bool = True) -> None:
+    """``--config``, ``--print-config`` (if ``printable``) and one flag per setting of ``sections``."""
     parser.add_argument(
         "--config", default=None, help="settings file (.yaml/.yml or .toml; flat names or sections); or STREAMCL_CONFIG"
     )
-    parser.add_argument("--print-config", action="store_true", help="print the effective settings (secrets masked)")
+    if printable:
+        parser.add_argument("--print-config", action="store_true", help="print the effective settings, secrets masked")
     add_arguments(parser, sections)
     parser.set_defaults(setting_sections=tuple(sections))
 
