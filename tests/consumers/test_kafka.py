@@ -245,3 +245,22 @@ def test_client_options_reach_the_kafka_client() -> None:
     """SASL/TLS settings pass straight through: kafka-python itself validates them."""
     with pytest.raises(Exception, match="Unrecognized configs"):
         KafkaSource("127.0.0.1:1", "t", "g", client_options={"not_a_kafka_setting": 1})
+
+
+def test_rate_and_lag_gauges_tell_the_truth_once_the_stream_is_idle(kafka_bootstrap, make_topic) -> None:
+    topic = make_topic(2)
+    produce_messages(kafka_bootstrap, topic, good_messages(60))
+    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
+    make_learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, buffer_size=50, width=16)
+    source = KafkaSource(kafka_bootstrap, topic, "idle-gauges", **FAST_GROUP)
+    with source:
+        summary, _ = run_stream(
+            source, make_learner, metrics, RunOptions(batch_size=8, until_idle_s=3.0, progress=False)
+        )
+    assert summary.learned == 60
+    assert metrics.registry.get_sample_value("streamcl_samples_per_second") == 0.0  # idle: no stale rate
+    lags = [
+        metrics.registry.get_sample_value("streamcl_consumer_lag", {"topic": topic, "partition": str(p)})
+        for p in (0, 1)
+    ]
+    assert lags == [0.0, 0.0]

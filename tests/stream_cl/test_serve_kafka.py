@@ -125,6 +125,31 @@ def test_kill_9_mid_stream_then_restart_learns_every_record_exactly_once(
     assert before | set(after) == set(where) and not before & set(after)
     summary = json.loads((tmp_path / "second.json").read_text())
     assert summary["learned_total"] == len(where) == checkpoint["learned_total"] + summary["learned"]
+    assert_accounted(summary, len(where) + BAD)
+
+
+def assert_accounted(summary: dict, records: int) -> None:
+    """Every record of the topic was consumed once over the model's history, with exactly one outcome."""
+    outcomes = ("learned_total", "held_out_total", "predict_only_total", "overload_skipped_total", "dead_letter_total")
+    assert summary["consumed_total"] == records == sum(summary[k] for k in outcomes), summary
+
+
+def test_a_restart_waiting_for_the_dead_members_partitions_does_not_stop_as_idle(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """After kill -9 the group hands the dead member's partitions over only once its session expires (here 8 s),
+    longer than --until-idle: the idle clock starts at the first assignment, so the restart still learns."""
+    topic = make_topic(2)
+    where = produce(kafka_bootstrap, topic, 2000)
+    slow = ("--kafka-session-timeout-ms", 8000, "--kafka-heartbeat-interval-ms", 1000)
+    first = serve(kafka_bootstrap, topic, tmp_path, "first", *slow)
+    wait_until(lambda: lines(tmp_path / "first.jsonl") >= 300, first, tmp_path / "first.log")
+    first.kill()
+    first.wait()
+    assert main(serve_args(kafka_bootstrap, topic, tmp_path, "second", *slow, "--until-idle", 3)) == 0
+    summary = json.loads((tmp_path / "second.json").read_text())
+    assert summary["learned"] > 0 and summary["learned_total"] == len(where)
+    assert_accounted(summary, len(where) + BAD)
 
 
 def test_sigterm_drains_within_the_bound_and_the_next_start_resumes_at_the_committed_offsets(

@@ -1,0 +1,105 @@
+"""How `stream-cl run` starts and ends as scripts see it: ports, exit codes, interrupts, logs, idle gauges."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from consumers.record import Message, Position
+from consumers.recorded import write_messages
+from stream_cl.cli import main
+from stream_cl.config import DEFAULT_METRICS_PORT
+from tests.fixtures.procs import free_port
+from tests.streams import blob_arrays, messages, write_stream
+
+QUIET = ["--no-progress", "--probe-fraction", "0"]
+
+
+def _hold(port: int) -> socket.socket:
+    """Occupy ``127.0.0.1:port`` (if something else holds it already, it is busy all the same)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        return socket.socket()
+    return sock
+
+
+def test_busy_default_metrics_port_moves_and_a_busy_chosen_port_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = write_stream(tmp_path / "s.rec.gz", n_classes=2, per_class=10)
+    with _hold(DEFAULT_METRICS_PORT):
+        assert main(["run", "--source", str(stream), *QUIET]) == 0
+        assert f"port {DEFAULT_METRICS_PORT} is in use; serving metrics on port" in caplog.text
+        capsys.readouterr()
+        assert main(["run", "--source", str(stream), "--metrics-port", str(DEFAULT_METRICS_PORT), *QUIET]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"stream-cl: error: --metrics-port {DEFAULT_METRICS_PORT}: the port is in use on 127.0.0.1; " + (
+        "choose another port"
+    )
+
+
+def test_ctrl_c_prints_and_writes_the_partial_summary_and_exits_130(tmp_path: Path) -> None:
+    stream = write_stream(tmp_path / "big.rec.gz", n_classes=4, per_class=20000)
+    out = tmp_path / "summary.json"
+    port = free_port()
+    cmd = [sys.executable, "-m", "stream_cl", "run", "--source", str(stream), "--metrics-port", str(port),
+           *QUIET, "--summary-json", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                if 'streamcl_samples_total{outcome="learned"} 0.0' not in body and "learned" in body:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "records learned" in stdout
+    summary = json.loads(out.read_text())
+    assert 0 < summary["consumed"] < 80000
+
+
+def test_a_missing_topic_is_an_error_and_an_empty_one_ends_with_code_4(
+    kafka_bootstrap: str, make_topic: Callable[..., str], capsys: pytest.CaptureFixture
+) -> None:
+    run = ["run", "--metrics-port", "0", *QUIET, "--until-idle", "1", "--kafka-session-timeout-ms", "2000"]
+    assert main([*run, "--source", f"kafka://{kafka_bootstrap}/no-such-topic"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    topic = make_topic(1)
+    assert main([*run, "--source", f"kafka://{kafka_bootstrap}/{topic}"]) == 4
+
+
+def test_json_logs_and_verbose_after_the_command(tmp_path: Path) -> None:
+    x, y = blob_arrays(n_classes=2, per_class=10)
+    bad = Message(Position("test", 0, 20), 20.0, None, b"{not json", ())  # its dead letter is logged at DEBUG
+    write_messages(tmp_path / "s.rec.gz", [*messages(x, y), bad])
+    cmd = [sys.executable, "-m", "stream_cl", "--log-format", "json", "run", "--source", str(tmp_path / "s.rec.gz"),
+           "--metrics-port", str(free_port()), *QUIET, "-v"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    assert any(r["level"] == "DEBUG" and "dead letter" in r["message"] for r in records)  # -v after the command
+    assert any("serving /metrics" in r["message"] for r in records)
+    assert "\r" not in done.stderr  # no progress bar when stderr is not a terminal
+    version = subprocess.run([sys.executable, "-m", "stream_cl", "--version"], capture_output=True, text=True)
+    assert version.stdout.startswith("stream-cl ")
