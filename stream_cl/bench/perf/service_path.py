@@ -1,8 +1,7 @@
 """Path (c): the full service path -- Kafka in, Redis buffer, metrics served and scraped, drift, checkpoints.
 
-Wired as :func:`stream_cl.service.serve` wires a run (same source, store, checkpointer, drift
-monitor and exporter), minus restore; the learner is wrapped to time its steps, which ``serve``
-does not expose.
+Built from a :class:`~stream_cl.config.Config` by :func:`stream_cl.assemble.assemble`, as ``serve``
+builds a run; the learner is wrapped to time its steps, which ``serve`` does not expose.
 """
 
 from __future__ import annotations
@@ -14,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from buffers.open import open_store
-from consumers.kafka import KafkaSource
-from monitoring.drift import DEFAULT_DRIFT, DriftMonitor, parse_drift
+from stream_cl.assemble import assemble
 from stream_cl.bench.perf.data import Case
-from stream_cl.bench.perf.paths import new_metrics, options, timed_factory
-from stream_cl.bench.perf.timing import StepTimes
+from stream_cl.bench.perf.paths import learner_hparams
+from stream_cl.bench.perf.services import free_port
+from stream_cl.bench.perf.timing import StepTimes, TimedLearner
 from stream_cl.checkpoint import CheckpointStore
-from stream_cl.checkpointer import Checkpointer
-from stream_cl.run import RunParts, run_stream
+from stream_cl.config import Config
+from stream_cl.learner import Learner
+from stream_cl.run import run_stream
 
 CHECKPOINT_EVERY_S = 2.0
 """Checkpoint cadence of path (c): short, so every timed run writes several (serve's default is 60 s)."""
@@ -59,41 +58,46 @@ def run_service(
     """
     times = StepTimes()
     run_id = uuid.uuid4().hex[:8]
-    spec = redis_url if redis_url == "memory" else f"{redis_url}?name=bench-{run_id}"
-    store = open_store(spec, case.buffer_size, device=device, seed=seed)
-    metrics = new_metrics()
-    exporter = metrics.serve(0)
-    stop_scrape = threading.Event()
-    scraper = threading.Thread(target=_scrape, args=(exporter.port, stop_scrape), daemon=True)
-    scraper.start()
-    checkpoints = CheckpointStore(workdir / f"checkpoints-{run_id}", keep=2)
-    checkpointer = Checkpointer(
-        checkpoints,
-        identity={"method": case.method, "model": case.model, "width": case.width},
-        every_seconds=checkpoint_every_s,
-        metrics=metrics,
+    checkpoints = workdir / f"checkpoints-{run_id}"
+    port = free_port()
+    cfg = Config.from_mapping(
+        {
+            "source": f"kafka://{bootstrap}/{topic}",
+            "group": f"bench-{run_id}",
+            "kafka_session_timeout_ms": session_timeout_ms,
+            "kafka_heartbeat_interval_ms": heartbeat_interval_ms,
+            "method": case.method,
+            "model": case.model,
+            "width": case.width,
+            "hparam": learner_hparams(case),
+            "seed": seed,
+            "device": str(device),
+            "buffer": redis_url if redis_url == "memory" else f"{redis_url}?name=bench-{run_id}",
+            "buffer_size": case.buffer_size,
+            "metrics_port": port,
+            "no_drift": not drift,
+            "checkpoint_dir": str(checkpoints),
+            "checkpoint_every_seconds": checkpoint_every_s,
+            "checkpoint_keep": 2,
+            "batch_size": case.batch_size,
+            "max_records": n_records,
+            "probe_fraction": 0.0,  # path (a) has no probe either
+            "probe_every": 1 << 62,
+            "no_progress": True,
+        },
+        origin="the throughput benchmark",
     )
-    try:
-        source = KafkaSource(
-            bootstrap,
-            topic,
-            f"bench-{run_id}",
-            session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=heartbeat_interval_ms,
-        )
-        with source:
-            run_stream(
-                source,
-                timed_factory(case, device, seed, times, buffer=store),
-                metrics,
-                options(case, n_records),
-                RunParts(
-                    drift=DriftMonitor(parse_drift(DEFAULT_DRIFT), metrics, seed=seed) if drift else None,
-                    checkpointer=checkpointer,
-                ),
-            )
-    finally:
-        stop_scrape.set()
-        scraper.join()
-        exporter.stop()
-    return times, max((info.id for info in checkpoints.list()), default=0)
+    stop_scrape = threading.Event()
+    scraper = threading.Thread(target=_scrape, args=(port, stop_scrape), daemon=True)
+    with assemble(cfg) as run:
+
+        def make(shape: tuple[int, ...], dtype) -> Learner:
+            return TimedLearner(run.make_learner(shape, dtype), times)
+
+        scraper.start()
+        try:
+            run_stream(run.source, make, run.metrics, run.options, run.parts, state=run.state)
+        finally:
+            stop_scrape.set()
+            scraper.join()
+    return times, max((info.id for info in CheckpointStore(checkpoints).list()), default=0)
