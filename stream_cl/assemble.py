@@ -244,6 +244,7 @@ def _overload(cfg: Config, source: Source, metrics: Metrics) -> OverloadPolicy |
     return OverloadPolicy(
         cfg.overload.policy,
         max_lag=cfg.overload.max_lag,
+        resume_lag=cfg.overload.resume_lag,
         lag=lambda: sum(source.lag().values()),
         fraction=cfg.overload.fraction,
         metrics=metrics,

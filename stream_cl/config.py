@@ -309,6 +309,9 @@ class OverloadConfig:
         "queue", "what to do above --max-lag", flat="overload_policy", choices=("queue", "subsample", "predict-only")
     )
     max_lag: int | None = setting(None, "consumer lag (records) that counts as falling behind", check=non_negative)
+    resume_lag: int | None = setting(
+        None, "lag at or below which the policy stops again (default: half of --max-lag)", check=non_negative
+    )
     fraction: float = setting(
         0.5, "share learned under --overload-policy subsample", flat="subsample_fraction", check=positive
     )
@@ -316,6 +319,8 @@ class OverloadConfig:
     def __post_init__(self) -> None:
         if self.policy != "queue" and self.max_lag is None:
             raise ConfigError(f"overload_policy {self.policy!r} needs max_lag")
+        if self.resume_lag is not None and (self.max_lag is None or self.resume_lag > self.max_lag):
+            raise ConfigError("resume_lag needs max_lag and must not exceed it")
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,11 @@ class OverloadPolicy:
     policy
         One of :data:`POLICIES`.
     max_lag
-        Lag (records behind the high watermark, summed over partitions) above which the policy
-        acts (>= 0).
+        Lag (records behind the end of the topic, summed over partitions) above which the policy
+        starts to act (>= 0).
+    resume_lag
+        Lag at or below which it stops again (default ``max_lag // 2``; at most ``max_lag``). The gap
+        keeps a lag that hovers around ``max_lag`` from switching the policy on and off every batch.
     lag
         Returns the current lag, or None when unknown (then the policy does not act).
     fraction
@@ -52,6 +55,7 @@ class OverloadPolicy:
         policy: str = "queue",
         *,
         max_lag: int,
+        resume_lag: int | None = None,
         lag: Callable[[], int | None],
         fraction: float = 0.5,
         metrics: Metrics | None = None,
@@ -61,10 +65,14 @@ class OverloadPolicy:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if max_lag < 0:
             raise ValueError(f"max_lag must be >= 0, got {max_lag}")
+        resume_lag = max_lag // 2 if resume_lag is None else resume_lag
+        if not 0 <= resume_lag <= max_lag:
+            raise ValueError(f"resume_lag must be in [0, max_lag], got {resume_lag}")
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.policy = policy
-        self.max_lag = max_lag
+        self.max_lag, self.resume_lag = max_lag, resume_lag
+        self.behind = False
         self.fraction = fraction
         self.metrics = metrics
         self._lag = lag
@@ -75,10 +83,11 @@ class OverloadPolicy:
     def admit(self, records: list[Record]) -> list[Record]:
         """``records``, with the labels of those not to be learned removed (they are predicted only)."""
         lag = self._lag() if records else None
-        behind = lag is not None and lag > self.max_lag
+        if lag is not None:
+            self.behind = lag > (self.resume_lag if self.behind else self.max_lag)
         if self.metrics is not None:
-            self.metrics.overloaded.set(int(behind))
-        if not behind:
+            self.metrics.overloaded.set(int(self.behind))
+        if not self.behind:
             return records
         labelled = np.fromiter((r.label is not None for r in records), dtype=bool, count=len(records))
         if self.metrics is not None:

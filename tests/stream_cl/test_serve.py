@@ -100,9 +100,14 @@ def test_overload_policies_only_act_above_max_lag(policy: str, learned: int) -> 
     assert sum(r.label is not None for r in admitted) == learned
     assert metrics.registry.get_sample_value("streamcl_overload_records_total", {"policy": policy}) == 100
     assert metrics.registry.get_sample_value("streamcl_overloaded") == 1
-    lag[0] = 10
+    lag[0] = 10  # between resume_lag (5) and max_lag: still behind, no flapping around the threshold
+    assert (sum(r.label is not None for r in overload.admit(_records(100))) == 100) == (policy == "queue")
+    assert metrics.registry.get_sample_value("streamcl_overloaded") == 1
+    lag[0] = 5
     assert all(r.label is not None for r in overload.admit(_records(100)))
     assert metrics.registry.get_sample_value("streamcl_overloaded") == 0
+    lag[0] = 10  # back above resume_lag but not above max_lag: stays caught up
+    assert all(r.label is not None for r in overload.admit(_records(100)))
 
 
 def test_sigterm_only_sets_the_stop_flag_and_handlers_are_restored_after() -> None:
