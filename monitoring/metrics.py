@@ -8,8 +8,19 @@ to keep label cardinality bounded; classes past the cap are summarised in the pe
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cached_property
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from monitoring.exporter import Check, Exporter
 
@@ -36,6 +47,10 @@ class Metrics:
         max_class_series: int = 100,
     ) -> None:
         self.registry = registry
+        # A service is judged by its memory, CPU time and open files too (process_*, python_gc_*, python_info).
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self.max_class_series = max_class_series
         self._class_series: set[tuple[str, str]] = set()
         r = registry
@@ -110,9 +125,6 @@ class Metrics:
             registry=r,
         )
         self.classes_seen = Gauge("streamcl_classes_seen", "Classes seen so far per level.", ["level"], registry=r)
-        self.checkpoint_age = Gauge(
-            "streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.", registry=r
-        )
         self.overload_records = Counter(
             "streamcl_overload_records",
             "Labelled records that arrived while the consumer lag was above --max-lag, by overload policy.",
@@ -123,11 +135,42 @@ class Metrics:
         self.predictions = Counter(
             "streamcl_predictions", "Prediction records published to the predictions output.", registry=r
         )
+        self.dead_letter_spool = Gauge(
+            "streamcl_dead_letter_spool_records",
+            "Dead letters waiting in the on-disk spool until the dead-letter sink accepts them.",
+            registry=r,
+        )
+        self.dead_letter_sink_up = Gauge(
+            "streamcl_dead_letter_sink_up",
+            "1 while the dead-letter sink accepts records, 0 while it fails.",
+            registry=r,
+        )
         self.model_info = Info("streamcl_model", "Method, model and device of this learner.", registry=r)
+        self.build_info = Gauge(
+            "streamcl_build_info",
+            "Always 1; the labels say which stream-cl version runs which method and model.",
+            ["version", "method", "model"],
+            registry=r,
+        )
         for outcome in OUTCOMES:
             self.samples.labels(outcome=outcome)
         for reason in dead_letter_reasons:
             self.dead_letters.labels(reason=reason)
+
+    def describe(self, *, method: str, model: str, device: str) -> None:
+        """Publish what this learner runs: ``streamcl_model_info`` and ``streamcl_build_info``."""
+        self.model_info.info({"method": method, "model": model, "device": device})
+        self.build_info.labels(version=package_version(), method=method, model=model).set(1)
+
+    @cached_property
+    def checkpoint_age(self) -> Gauge:
+        """``streamcl_checkpoint_age_seconds``, registered on first use: a run without checkpoints has no such series.
+
+        The checkpointer calls ``set_function`` on it, so the age is computed at scrape time.
+        """
+        return Gauge(
+            "streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.", registry=self.registry
+        )
 
     def class_series_allowed(self, level: int, name: str) -> bool:
         """Whether a per-class series may be created for this class (bounded cardinality)."""
@@ -145,3 +188,11 @@ class Metrics:
         """Serve ``/metrics`` (and ``/healthz``, ``/readyz``) in a background thread; ``stop()`` the result."""
         checks = {k: v for k, v in (("healthy", healthy), ("ready", ready)) if v is not None}
         return Exporter(self.registry, port, addr, **checks)
+
+
+def package_version() -> str:
+    """The installed stream-cl version, or ``unknown`` when run from a source tree that was never installed."""
+    try:
+        return version("stream-cl")
+    except PackageNotFoundError:
+        return "unknown"
