@@ -7,8 +7,8 @@ to keep label cardinality bounded; classes past the cap are summarised in the pe
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
-from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -53,6 +53,8 @@ class Metrics:
         GCCollector(registry=registry)
         self.max_class_series = max_class_series
         self._class_series: set[tuple[str, str]] = set()
+        self._lazy: dict[str, Gauge] = {}
+        self._lazy_lock = threading.Lock()
         r = registry
         self.samples = Counter("streamcl_samples", "Records processed, by outcome.", ["outcome"], registry=r)
         self.dead_letters = Counter(
@@ -135,16 +137,6 @@ class Metrics:
         self.predictions = Counter(
             "streamcl_predictions", "Prediction records published to the predictions output.", registry=r
         )
-        self.dead_letter_spool = Gauge(
-            "streamcl_dead_letter_spool_records",
-            "Dead letters waiting in the on-disk spool until the dead-letter sink accepts them.",
-            registry=r,
-        )
-        self.dead_letter_sink_up = Gauge(
-            "streamcl_dead_letter_sink_up",
-            "1 while the dead-letter sink accepts records, 0 while it fails.",
-            registry=r,
-        )
         self.model_info = Info("streamcl_model", "Method, model and device of this learner.", registry=r)
         self.build_info = Gauge(
             "streamcl_build_info",
@@ -162,15 +154,34 @@ class Metrics:
         self.model_info.info({"method": method, "model": model, "device": device})
         self.build_info.labels(version=package_version(), method=method, model=model).set(1)
 
-    @cached_property
+    @property
     def checkpoint_age(self) -> Gauge:
         """``streamcl_checkpoint_age_seconds``, registered on first use: a run without checkpoints has no such series.
 
         The checkpointer calls ``set_function`` on it, so the age is computed at scrape time.
         """
-        return Gauge(
-            "streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.", registry=self.registry
+        return self._on_first_use("streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.")
+
+    @property
+    def dead_letter_spool(self) -> Gauge:
+        """``streamcl_dead_letter_spool_records``, registered on first use (by the dead-letter sink, if any)."""
+        return self._on_first_use(
+            "streamcl_dead_letter_spool_records",
+            "Dead letters waiting in the on-disk spool until the dead-letter sink accepts them.",
         )
+
+    @property
+    def dead_letter_sink_up(self) -> Gauge:
+        """``streamcl_dead_letter_sink_up``, registered on first use: without a sink, no series (and no alert)."""
+        return self._on_first_use(
+            "streamcl_dead_letter_sink_up", "1 while the dead-letter sink accepts records, 0 while it fails."
+        )
+
+    def _on_first_use(self, name: str, documentation: str) -> Gauge:
+        with self._lazy_lock:  # a sink thread and the run loop may both ask first
+            if name not in self._lazy:
+                self._lazy[name] = Gauge(name, documentation, registry=self.registry)
+            return self._lazy[name]
 
     def class_series_allowed(self, level: int, name: str) -> bool:
         """Whether a per-class series may be created for this class (bounded cardinality)."""

@@ -52,12 +52,14 @@ def test_checkpoint_age_exists_only_once_used() -> None:
     assert "streamcl_checkpoint_age_seconds 12.5" in scrape(metrics)
 
 
-def test_dead_letter_spool_and_sink_gauges() -> None:
+def test_dead_letter_spool_and_sink_gauges_exist_only_once_used() -> None:
     metrics = Metrics(CollectorRegistry())
+    assert "streamcl_dead_letter_s" not in scrape(metrics)  # no sink: nothing to alert on
     metrics.dead_letter_spool.set(17)
     metrics.dead_letter_sink_up.set(0)
+    metrics.dead_letter_spool.inc()
     body = scrape(metrics)
-    assert "streamcl_dead_letter_spool_records 17.0" in body and "streamcl_dead_letter_sink_up 0.0" in body
+    assert "streamcl_dead_letter_spool_records 18.0" in body and "streamcl_dead_letter_sink_up 0.0" in body
 
 
 def test_promtool_accepts_a_scrape_of_a_populated_registry() -> None:
