@@ -194,6 +194,8 @@ def test_the_image_serves_without_arguments_on_all_interfaces(
     settings = print_config(ROOT / config_copy[0], monkeypatch, capsys)
     assert settings["metrics_addr"] == "0.0.0.0" and ("EXPOSE", str(settings["metrics_port"])) in INSTRUCTIONS
     assert any(settings["checkpoint_dir"] in a and "chown" in a for op, a in INSTRUCTIONS if op == "RUN")
+    assert ("WORKDIR", "/app") in INSTRUCTIONS and ("COPY", "consumers consumers") in INSTRUCTIONS
+    assert (ROOT / settings["source"].removeprefix("/app/")).is_file()  # the shipped stream, copied into /app
 
 
 def test_dockerignore_keeps_what_the_image_copies() -> None:
