@@ -1,9 +1,12 @@
-"""Packaging: every imported distribution is declared, the wheel carries an SPDX licence, benchmarks are optional."""
+"""Packaging: every imported distribution is declared, the wheel carries an SPDX licence, benchmarks are optional,
+CITATION.cff and CHANGELOG.md are well-formed."""
 
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +15,8 @@ import zipfile
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import jsonschema
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -111,3 +116,23 @@ def test_wheel_has_an_spdx_licence_and_the_licence_file(tmp_path: Path) -> None:
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence
     assert "Requires-Dist: scipy>=1.11" in metadata
     assert 'Requires-Dist: matplotlib>=3.8; extra == "bench"' in metadata
+
+
+def test_citation_file_is_valid_cff_1_2_0() -> None:
+    schema = json.loads((ROOT / "tests" / "data" / "citation-cff-1.2.0.schema.json").read_text())
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(citation)]
+    assert errors == []
+    assert citation["version"] == PYPROJECT["version"] and citation["license"] == PYPROJECT["license"]
+    assert citation["authors"] == [{"name": "stream-cl developers"}]
+    titles = {r["title"]: r for r in citation["references"]}
+    onpro = titles["Online Prototype Learning for Online Continual Learning"]
+    hle = titles["Online Continual Learning on Hierarchical Label Expansion"]
+    assert (onpro["authors"][0]["family-names"], onpro["year"]) == ("Wei", 2023)
+    assert (hle["authors"][0]["family-names"], hle["year"]) == ("Lee", 2023)
+    assert all("ICCV" in r["conference"]["name"] for r in (onpro, hle))
+
+
+def test_changelog_has_unreleased_and_the_current_version() -> None:
+    headings = re.findall(r"^## \[(.+?)\]", (ROOT / "CHANGELOG.md").read_text(), flags=re.MULTILINE)
+    assert headings[:2] == ["Unreleased", PYPROJECT["version"]]
