@@ -62,9 +62,10 @@ def test_benchmark_imports_are_dependencies_or_the_bench_extra() -> None:
 
 
 def test_kafka_python_floor_has_what_the_consumer_imports() -> None:
-    """kafka-python 2.x lacks ``AsyncConsumerRebalanceListener``: with 2.2 installed ``stream-cl --help`` died."""
+    """kafka-python 2.x lacks ``AsyncConsumerRebalanceListener`` (with 2.2 installed ``stream-cl --help`` died);
+    with 3.0.0 to 3.0.8 the two-consumer split test of ``tests/consumers/test_kafka.py`` stalls in the rebalance."""
     kafka = next(Requirement(r) for r in PYPROJECT["dependencies"] if Requirement(r).name == "kafka-python")
-    assert "2.2.21" not in kafka.specifier and "3.0.0" in kafka.specifier
+    assert "2.2.21" not in kafka.specifier and "3.0.8" not in kafka.specifier and "3.0.9" in kafka.specifier
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
