@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("monitoring.exporter")
 
@@ -27,11 +28,38 @@ def _always() -> bool:
     return True
 
 
+class WithoutCreated:
+    """A registry's metrics minus the ``*_created`` samples of counters and histograms.
+
+    Those are creation timestamps, one extra series per counter child that no dashboard or alert
+    reads. prometheus_client can only drop them process-wide (``disable_created_metrics``), which
+    would change every other registry in the process too; filtering here keeps it to this port.
+
+    Examples
+    --------
+    >>> from prometheus_client import Counter
+    >>> registry = CollectorRegistry()
+    >>> Counter("jobs", "Jobs done.", registry=registry).inc()
+    >>> b"jobs_created" in generate_latest(WithoutCreated(registry)), b"jobs_created" in generate_latest(registry)
+    (False, True)
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():  # fresh Metric objects on every collect, safe to trim
+            created = family.name + "_created"
+            family.samples = [s for s in family.samples if s.name != created]
+            yield family
+
+
 class Exporter:
     """Serve a registry's metrics and two probes on ``addr:port`` until :meth:`stop`.
 
-    ``GET /metrics`` answers the Prometheus text format; ``GET /healthz`` and ``GET /readyz``
-    answer ``200 ok`` when ``healthy()`` / ``ready()`` return True and ``503`` otherwise.
+    ``GET /metrics`` answers the Prometheus text format (without ``*_created`` series, see
+    :class:`WithoutCreated`); ``GET /healthz`` and ``GET /readyz`` answer ``200 ok`` when
+    ``healthy()`` / ``ready()`` return True and ``503`` otherwise.
     The service (``stream-cl serve``) passes e.g. ``ready=lambda: consumer_assigned`` and
     ``healthy=lambda: loop_alive``; the defaults always answer 200.
 
@@ -66,6 +94,7 @@ class Exporter:
         if not 0 <= port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         self.registry = registry
+        self._exposed = WithoutCreated(registry)
         self.healthy = healthy
         self.ready = ready
         self._server = ThreadingHTTPServer((addr, port), _handler(self))
@@ -101,7 +130,7 @@ def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._answer(200, generate_latest(exporter.registry), TEXT_FORMAT)
+                self._answer(200, generate_latest(exporter._exposed), TEXT_FORMAT)
             elif path in ("/healthz", "/readyz"):
                 ok = _probe(exporter.healthy if path == "/healthz" else exporter.ready)
                 self._answer(200 if ok else 503, b"ok\n" if ok else b"unavailable\n", "text/plain; charset=utf-8")

@@ -7,9 +7,20 @@ to keep label cardinality bounded; classes past the cap are summarised in the pe
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from monitoring.exporter import Check, Exporter
 
@@ -36,8 +47,14 @@ class Metrics:
         max_class_series: int = 100,
     ) -> None:
         self.registry = registry
+        # A service is judged by its memory, CPU time and open files too (process_*, python_gc_*, python_info).
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self.max_class_series = max_class_series
         self._class_series: set[tuple[str, str]] = set()
+        self._lazy: dict[str, Gauge] = {}
+        self._lazy_lock = threading.Lock()
         r = registry
         self.samples = Counter("streamcl_samples", "Records processed, by outcome.", ["outcome"], registry=r)
         self.dead_letters = Counter(
@@ -110,9 +127,6 @@ class Metrics:
             registry=r,
         )
         self.classes_seen = Gauge("streamcl_classes_seen", "Classes seen so far per level.", ["level"], registry=r)
-        self.checkpoint_age = Gauge(
-            "streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.", registry=r
-        )
         self.overload_records = Counter(
             "streamcl_overload_records",
             "Labelled records that arrived while the consumer lag was above --max-lag, by overload policy.",
@@ -124,10 +138,50 @@ class Metrics:
             "streamcl_predictions", "Prediction records published to the predictions output.", registry=r
         )
         self.model_info = Info("streamcl_model", "Method, model and device of this learner.", registry=r)
+        self.build_info = Gauge(
+            "streamcl_build_info",
+            "Always 1; the labels say which stream-cl version runs which method and model.",
+            ["version", "method", "model"],
+            registry=r,
+        )
         for outcome in OUTCOMES:
             self.samples.labels(outcome=outcome)
         for reason in dead_letter_reasons:
             self.dead_letters.labels(reason=reason)
+
+    def describe(self, *, method: str, model: str, device: str) -> None:
+        """Publish what this learner runs: ``streamcl_model_info`` and ``streamcl_build_info``."""
+        self.model_info.info({"method": method, "model": model, "device": device})
+        self.build_info.labels(version=package_version(), method=method, model=model).set(1)
+
+    @property
+    def checkpoint_age(self) -> Gauge:
+        """``streamcl_checkpoint_age_seconds``, registered on first use: a run without checkpoints has no such series.
+
+        The checkpointer calls ``set_function`` on it, so the age is computed at scrape time.
+        """
+        return self._on_first_use("streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.")
+
+    @property
+    def dead_letter_spool(self) -> Gauge:
+        """``streamcl_dead_letter_spool_records``, registered on first use (by the dead-letter sink, if any)."""
+        return self._on_first_use(
+            "streamcl_dead_letter_spool_records",
+            "Dead letters waiting in the on-disk spool until the dead-letter sink accepts them.",
+        )
+
+    @property
+    def dead_letter_sink_up(self) -> Gauge:
+        """``streamcl_dead_letter_sink_up``, registered on first use: without a sink, no series (and no alert)."""
+        return self._on_first_use(
+            "streamcl_dead_letter_sink_up", "1 while the dead-letter sink accepts records, 0 while it fails."
+        )
+
+    def _on_first_use(self, name: str, documentation: str) -> Gauge:
+        with self._lazy_lock:  # a sink thread and the run loop may both ask first
+            if name not in self._lazy:
+                self._lazy[name] = Gauge(name, documentation, registry=self.registry)
+            return self._lazy[name]
 
     def class_series_allowed(self, level: int, name: str) -> bool:
         """Whether a per-class series may be created for this class (bounded cardinality)."""
@@ -145,3 +199,11 @@ class Metrics:
         """Serve ``/metrics`` (and ``/healthz``, ``/readyz``) in a background thread; ``stop()`` the result."""
         checks = {k: v for k, v in (("healthy", healthy), ("ready", ready)) if v is not None}
         return Exporter(self.registry, port, addr, **checks)
+
+
+def package_version() -> str:
+    """The installed stream-cl version, or ``unknown`` when run from a source tree that was never installed."""
+    try:
+        return version("stream-cl")
+    except PackageNotFoundError:
+        return "unknown"

@@ -34,11 +34,15 @@ from tests.monitoring.streams import permuted_labels_stream
 def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: Path) -> None:
     stream = permuted_labels_stream(tmp_path / "s.rec.gz", n_before=1000, n_after=600, garbage=(50, 1200))
     metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
-    metrics.model_info.info({"method": "er", "model": "mlp", "device": "cpu"})
-    # Published by `stream-cl serve`'s Kafka source, checkpointer and overload policy, which a
-    # recorded run has not: set here so their panels and alerts are proven against the server too.
+    metrics.describe(method="er", model="mlp", device="cpu")
+    # Published by `stream-cl serve`'s Kafka source, checkpointer, overload policy, dead-letter sink and
+    # model guard, which a recorded run has not: set here so their panels and alerts are proven against
+    # the server too.
     metrics.consumer_lag.labels(topic="samples", partition="0").set(1500)
     metrics.checkpoint_age.set(42)
+    metrics.dead_letter_spool.set(0)
+    metrics.dead_letter_sink_up.set(1)
+    metrics.dead_letters.labels(reason="non_finite_loss")
     metrics.overload_records.labels(policy="skip-learning")
     drift = DriftMonitor(None, metrics)  # before the first scrape: its counters are scraped at 0 first
     make = partial(
@@ -80,6 +84,6 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
             found = prometheus.wait_for(f'ALERTS{{alertname="{alert}", alertstate="{state}"}}', timeout_s=15)
             assert found, alert
         quiet = prometheus.series(
-            'ALERTS{alertname=~"StreamClCheckpointStale|StreamClLearnerDown", alertstate="firing"}'
+            'ALERTS{alertname=~"StreamClCheckpointStale|StreamClLearnerDown|StreamClDeadLetterSinkDown|StreamClNonFiniteLoss"}'
         )
         assert quiet == []
