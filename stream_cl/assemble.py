@@ -145,7 +145,7 @@ def make_metrics(cfg: Config, device: torch.device) -> Metrics:
     metrics = Metrics(
         CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS, max_class_series=cfg.metrics.max_class_series
     )
-    metrics.model_info.info({"method": cfg.learner.method, "model": cfg.learner.model, "device": str(device)})
+    metrics.describe(method=cfg.learner.method, model=cfg.learner.model, device=str(device))
     return metrics
 
 

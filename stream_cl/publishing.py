@@ -21,8 +21,9 @@ class Publisher:
     """Publishes a run's gauges on a timer (also while the stream is idle, so rates fall to 0 and lag stays
     true) and its probe and buffer figures when asked."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, dead_letters: object = None) -> None:
         self.metrics = metrics
+        self.dead_letters = dead_letters if hasattr(dead_letters, "spooled") else None  # a sink that can spool
         self._last = time.monotonic()
         self._records = 0
         self._buffer_errors = 0
@@ -36,7 +37,7 @@ class Publisher:
             self.gauges(now, learner, accuracy, source)
 
     def gauges(self, now: float, learner: Learner | None, accuracy: PrequentialAccuracy, source: Source) -> None:
-        """Records per second, windowed online accuracy, classes seen, buffer size, source lag."""
+        """Records per second, windowed online accuracy, classes seen, buffer size, source lag, dead-letter spool."""
         m = self.metrics
         m.samples_per_second.set(self._records / max(now - self._last, 1e-9))
         self._last, self._records = now, 0
@@ -46,6 +47,9 @@ class Publisher:
             for level, size in enumerate(learner.labels.sizes):
                 m.classes_seen.labels(level=str(level)).set(size)
             m.buffer_size.set(len(learner.buffer))
+        if self.dead_letters is not None:
+            m.dead_letter_spool.set(self.dead_letters.spooled)
+            m.dead_letter_sink_up.set(int(self.dead_letters.healthy))
         if isinstance(source, Instrumented):
             m.consumer_lag.clear()  # series of partitions no longer owned are dropped
             for (topic, partition), lag in source.lag().items():

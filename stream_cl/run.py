@@ -43,7 +43,8 @@ class DeadLetterSink(Protocol):
     """Where records that cannot be learned go (a Kafka topic, a file, or nowhere but the counters).
 
     ``send`` never blocks for long; ``backpressure`` is True while the sink cannot take more (the
-    loop stops polling until it can); ``healthy`` is False while dead letters cannot be delivered.
+    loop stops polling until it can); ``healthy`` is False while dead letters cannot be delivered. A
+    sink that spools also reports ``spooled`` (dead letters waiting), exported with ``healthy``.
     """
 
     backpressure: bool
@@ -152,7 +153,7 @@ class _Run:
         self.options, self.parts, self.state = options, parts, state
         self.summary = Summary()
         self.accuracy = PrequentialAccuracy(options.online_window)
-        self.publisher = Publisher(metrics)
+        self.publisher = Publisher(metrics, parts.dead_letters)
         self.outcomes = metrics.samples
         self.parent_maps: list[np.ndarray] = []
         self.parent_sizes: list[int] = []  # the tree's class counts when parent_maps was built
