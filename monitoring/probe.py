@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from consumers.record import LabelPath
 from monitoring.hierarchy import level_correct
@@ -101,6 +100,8 @@ class ProbeSet:
     def state_dict(self) -> dict[str, Any]:
         """Samples, counts, best accuracies and RNG as tensors and plain containers, so a checkpoint
         holding them loads with ``torch.load(weights_only=True)`` and forgetting survives a restart."""
+        import torch  # here: the probe itself is numpy; only its checkpoint state is tensors
+
         paths = list(self._samples)
         return {
             "paths": [list(p) for p in paths],

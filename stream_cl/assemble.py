@@ -195,7 +195,7 @@ def _restore(
 ) -> tuple[RunState, Restored | None, Checkpointer | None]:
     if cfg.checkpoint.dir is None:
         return RunState(), None, None
-    store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+    store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, sweep=True)
     state, restored = restore(store, make_learner, identity(cfg), probe)
     checkpointer = Checkpointer(
         store,

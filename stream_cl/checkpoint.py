@@ -57,6 +57,10 @@ class CheckpointStore:
         Created if missing.
     keep
         Newest checkpoints kept after each write (>= 1); older ones are deleted.
+    sweep
+        Delete temp files a crash left mid-write. Only the process that writes checkpoints does (at its
+        start): anyone else opening the directory (``stream-cl checkpoint``, an export) could be deleting
+        the checkpoint a running service is writing.
 
     Examples
     --------
@@ -68,14 +72,15 @@ class CheckpointStore:
     ([2, 3], 2)
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 3) -> None:
+    def __init__(self, directory: str | Path, *, keep: int = 3, sweep: bool = False) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(".ckpt-*.tmp"):
-            stale.unlink(missing_ok=True)  # left by a crash mid-write; never renamed, so never valid
+        if sweep:
+            for stale in self.directory.glob(".ckpt-*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a crash mid-write; never renamed, so never valid
 
     def list(self) -> list[CheckpointInfo]:
         """Checkpoints in the directory, oldest first."""

@@ -77,25 +77,16 @@ class ServingModel(nn.Module):
         return torch.stack(classes, dim=1), torch.stack(confidence, dim=1)
 
 
-class _ReadOnlyStore(CheckpointStore):
-    """A checkpoint directory opened for reading only: unlike ``CheckpointStore()`` it neither creates
-    the directory nor sweeps temp files, which may be a running service's checkpoint being written."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.keep = 1
-
-
 def find_checkpoint(path: Path) -> tuple[CheckpointInfo, dict[str, Any]]:
     """The verified checkpoint at ``path``: a checkpoint file, or the newest valid one in a directory."""
     if path.is_dir():
-        found = _ReadOnlyStore(path).latest()
+        found = CheckpointStore(path).latest()
         if found is None:
             raise CheckpointError(f"no valid checkpoint in {path}")
         return found
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file or directory: {path}")
-    store = _ReadOnlyStore(path.parent)
+    store = CheckpointStore(path.parent)
     for info in store.list():
         if info.path.name == path.name:
             return info, store.load(info)

@@ -9,9 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stream_cl.checkpoint import CheckpointError, CheckpointStore
-from stream_cl.export import FORMATS, export_checkpoint
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("checkpoint", help="list, show or restore service checkpoints")
@@ -33,11 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     export.add_argument("source", type=Path, help="checkpoint file, or directory (its newest valid checkpoint)")
     export.add_argument("--out", type=Path, required=True, help="directory to write the export to")
-    export.add_argument("--format", choices=FORMATS, default="torchscript", help="model file format")
+    export.add_argument("--format", default="torchscript", help="model file format: torchscript (default) or onnx")
     p.set_defaults(handler=cmd_checkpoint)
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from stream_cl.checkpoint import CheckpointError, CheckpointStore  # here: parsing and --help need no torch
+    from stream_cl.export import export_checkpoint
+
     if args.action == "export":
         manifest = export_checkpoint(args.source, args.out, args.format)
         print(

@@ -50,7 +50,8 @@ def test_truncated_or_corrupted_newest_falls_back_to_previous(tmp_path: Path) ->
 
 def test_stale_temp_files_are_removed_and_never_listed(tmp_path: Path) -> None:
     (tmp_path / ".ckpt-abc.tmp").write_bytes(b"half a checkpoint")
-    store = CheckpointStore(tmp_path)
+    assert CheckpointStore(tmp_path).list() == [] and list(tmp_path.glob("*.tmp"))  # a reader leaves them alone
+    store = CheckpointStore(tmp_path, sweep=True)  # the writer sweeps them at its start
     assert store.list() == [] and not list(tmp_path.glob("*.tmp"))
     assert store.latest() is None
 
