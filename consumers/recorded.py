@@ -22,6 +22,7 @@ import binascii
 import functools
 import gzip
 import json
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -79,10 +80,10 @@ class RecordedWriter:
         self.close()
 
 
-def read_messages(path: str | Path) -> Iterator[Message]:
-    """Stream the messages of a recorded-stream file in order."""
+def read_messages(path: str | Path, raw: BinaryIO | None = None) -> Iterator[Message]:
+    """Stream the messages of a recorded-stream file in order (from ``raw``, the opened file, if given)."""
     try:
-        with gzip.open(path, "rb") as src:
+        with gzip.GzipFile(filename=None if raw else path, fileobj=raw, mode="rb") as src:
             if src.read(len(MAGIC)) != MAGIC:
                 raise RecordedStreamError(f"{path}: not a stream-cl recorded stream (bad magic)")
             frames = _Chunks(src, path)
@@ -121,7 +122,9 @@ class RecordedSource:
             raise FileNotFoundError(f"recorded stream not found: {self.path}")
         self._start = dict(start_offsets or {})
         self._max_bytes = max_bytes
-        self._messages = read_messages(self.path)
+        self._raw = self.path.open("rb")
+        self._size = max(os.fstat(self._raw.fileno()).st_size, 1)
+        self._messages = read_messages(self.path, self._raw)
         self.committed: dict[tuple[str, int], int] = dict(self._start)
         self.exhausted = False
         self._error: RecordedStreamError | None = None
@@ -152,11 +155,17 @@ class RecordedSource:
                 poll.dead_letters.append(decoded)
         return poll
 
+    @property
+    def fraction_read(self) -> float:
+        """Share of the file's (compressed) bytes read so far: what a progress bar's estimate needs."""
+        return 0.0 if self._raw.closed else self._raw.tell() / self._size
+
     def commit(self, offsets: Offsets) -> None:
         self.committed.update(offsets)
 
     def close(self) -> None:
         self._messages.close()
+        self._raw.close()
 
     def __enter__(self) -> RecordedSource:
         return self

@@ -44,6 +44,16 @@ class Source(Protocol):
 
 
 @runtime_checkable
+class Progressing(Protocol):
+    """A finite source that knows how far through it is (a file): progress bars estimate the total from it."""
+
+    @property
+    def fraction_read(self) -> float:
+        """Share of the source read so far, 0-1."""
+        ...
+
+
+@runtime_checkable
 class Instrumented(Protocol):
     """A source in a consumer group that reports lag, assignment and decode times (Kafka).
 

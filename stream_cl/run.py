@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from consumers.record import DeadLetter, Poll, Record
-from consumers.source import Instrumented, Source, next_offsets
+from consumers.source import Instrumented, Progressing, Source, next_offsets
 from monitoring.drift import DriftMonitor
 from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
@@ -132,7 +132,7 @@ def run_stream(
         if run.parts.checkpointer is not None:
             run.parts.checkpointer.step(run.state, offsets, len(poll), run.summary)
         run.probe_if_due()
-        bar.update(len(poll))
+        _advance(bar, len(poll), source, options.max_records is None)
     bar.close()
     return run.finish(), run.state
 
@@ -308,6 +308,15 @@ class _Run:
         observation = learner.observe(Batch(x, [r.label for r in records]))
         self.metrics.learn_step.observe(time.perf_counter() - started)
         return observation
+
+
+def _advance(bar: tqdm, records: int, source: Source, estimate_total: bool) -> None:
+    """Move the progress bar; for a file, estimate the total from the share read so far, so the bar has an ETA."""
+    if estimate_total and not bar.disable and isinstance(source, Progressing):
+        fraction = source.fraction_read
+        if fraction > 0.01:
+            bar.total = max(bar.n + records, round((bar.n + records) / fraction))
+    bar.update(records)
 
 
 class _IdleClock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import socket
@@ -13,11 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tqdm import tqdm
 
 from consumers.record import Message, Position
-from consumers.recorded import write_messages
+from consumers.recorded import RecordedSource, write_messages
 from stream_cl.cli import main
 from stream_cl.config import DEFAULT_METRICS_PORT
+from stream_cl.run import _advance
 from tests.fixtures.procs import free_port
 from tests.streams import blob_arrays, messages, write_stream
 
@@ -103,3 +106,47 @@ def test_json_logs_and_verbose_after_the_command(tmp_path: Path) -> None:
     assert "\r" not in done.stderr  # no progress bar when stderr is not a terminal
     version = subprocess.run([sys.executable, "-m", "stream_cl", "--version"], capture_output=True, text=True)
     assert version.stdout.startswith("stream-cl ")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--device", "tpu"], "device must be auto, cpu, cuda, cuda:N or mps"),
+        (["--until-idle", "-1"], "--until-idle: must be > 0"),
+        (["--seed", "-1"], "--seed: must be >= 0"),
+        (["--config", "BAD_YAML"], "not valid YAML"),
+    ],
+)
+def test_bad_settings_are_one_line_usage_errors(
+    args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: [1,\n  nope: {\n")
+    args = [str(bad) if a == "BAD_YAML" else a for a in args]
+    assert main(["run", "--metrics-port", "0", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stream-cl: error:") and "\n" not in err and says in err, err
+
+
+def test_without_a_probe_set_accuracy_and_forgetting_are_not_available(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    stream = write_stream(tmp_path / "s.rec.gz", n_classes=2, per_class=10)
+    out = tmp_path / "summary.json"
+    assert main(["run", "--source", str(stream), "--metrics-port", "0", *QUIET, "--summary-json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "final average accuracy    n/a" in printed and "average forgetting        n/a" in printed
+    summary = json.loads(out.read_text())
+    assert summary["final_accuracy"] is None and summary["forgetting"] is None
+
+
+def test_the_progress_bar_of_a_file_estimates_its_total(tmp_path: Path) -> None:
+    stream = write_stream(tmp_path / "s.rec.gz", n_classes=4, per_class=5000)
+    bar = tqdm(total=None, file=io.StringIO(), disable=False)
+    estimates = []
+    with RecordedSource(stream) as source:
+        while not source.exhausted:
+            _advance(bar, len(source.poll(0.0, 500)), source, estimate_total=True)
+            estimates.append(bar.total)
+    assert estimates[0] is not None and 10_000 < estimates[0] <= 20_000  # an estimate from the first batch
+    assert estimates[-1] == bar.n == 20_000
