@@ -22,16 +22,11 @@ from consumers.spool import Spool
 from tests.fixtures.kafka import RestartableBroker
 from tests.fixtures.procs import free_port
 
-# kafka-python 3.0 leaves the sockets of refused connection attempts to the garbage collector; these tests
-# refuse connections on purpose (an outage)
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
-)
-
 
 @pytest.fixture(autouse=True)
 def _collect_leaked_sockets():
-    """Collect them while the filter above applies, not during a later test."""
+    """kafka-python 3.0 leaves the sockets of refused connection attempts (an outage, here on purpose) to the
+    garbage collector: collect them now, not during a later test."""
     yield
     gc.collect()
 
