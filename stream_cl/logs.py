@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 FORMATS = ("text", "json")
 QUIET_LOGGERS = ("kafka",)
-"""Chatty libraries kept at WARNING unless debug logging is asked for."""
+"""Libraries whose own log is silenced unless debug logging is asked for: kafka-python logs every refused
+connection and retry (about 20 lines for one wrong broker address), while stream-cl reports the failure
+once, in its own words (a one-line error, or a warning while it retries)."""
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -46,7 +48,7 @@ class TqdmHandler(logging.StreamHandler):
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
-    """Root logging at ``level`` in ``fmt``; third-party chatter stays at WARNING unless ``level`` is DEBUG."""
+    """Root logging at ``level`` in ``fmt``; :data:`QUIET_LOGGERS` are silenced unless ``level`` is DEBUG."""
     handler = TqdmHandler()
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -56,4 +58,4 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         root.addHandler(handler)
     root.setLevel(level)
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)

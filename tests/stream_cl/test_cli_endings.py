@@ -150,3 +150,12 @@ def test_the_progress_bar_of_a_file_estimates_its_total(tmp_path: Path) -> None:
             estimates.append(bar.total)
     assert estimates[0] is not None and 10_000 < estimates[0] <= 20_000  # an estimate from the first batch
     assert estimates[-1] == bar.n == 20_000
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_1() -> None:
+    cmd = [sys.executable, "-m", "stream_cl", "run", "--source", f"kafka://127.0.0.1:{free_port()}/t",
+           "--metrics-port", "0", *QUIET]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # the Kafka client's retries stay quiet
+    assert done.stderr.startswith("stream-cl: error: cannot reach Kafka at 127.0.0.1:")
