@@ -15,6 +15,7 @@ from buffers.policy import SlotPolicy
 from buffers.redis import RedisStore
 from buffers.reservoir import ReservoirPolicy
 from buffers.store import ClassNames, ReplayStore
+from consumers.urls import mask_url
 
 POLICIES = {
     "reservoir": ReservoirPolicy,
@@ -66,7 +67,7 @@ def open_store(
         return MemoryStore(capacity, policy=make_policy(policy, capacity, seed=seed), device=device, seed=seed)
     parts = urlsplit(spec)
     if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"buffer must be 'memory', 'redis://...' or 'rediss://...', got {masked_url(spec)!r}")
+        raise ValueError(f"buffer must be 'memory', 'redis://...' or 'rediss://...', got {mask_url(spec)!r}")
     query = parse_qsl(parts.query)
     name = name or dict(query).get("name", "replay")
     url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "name"])))
@@ -86,33 +87,8 @@ def open_store(
     except redis.RedisError as error:
         client.close()
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise ConnectionError(f"cannot reach the Redis buffer at {masked_url(url)}: {reason}") from None
+        raise ConnectionError(f"cannot reach the Redis buffer at {mask_url(url)}: {reason}") from None
     return store
-
-
-SECRET_QUERY = ("password", "ssl_password")
-"""URL query options whose values are secrets."""
-
-
-def masked_url(url: str) -> str:
-    """``url`` with the password of ``user:password@`` and of the secret query options as ``***``.
-
-    Examples
-    --------
-    >>> masked_url("redis://app:s3cret@cache:6379/0?password=x&name=replay")
-    'redis://app:***@cache:6379/0?password=***&name=replay'
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an unclosed IPv6 bracket: nothing can be shown safely
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
-    query = [(k, "***" if k.lower() in SECRET_QUERY else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
 
 def redis_client(url: str, *, socket_timeout_s: float = 2.0) -> redis.Redis:

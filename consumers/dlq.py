@@ -147,8 +147,8 @@ class KafkaDeadLetterSink:
 
     @property
     def healthy(self) -> bool:
-        """False from a failed delivery attempt until an attempt succeeds again."""
-        return not self._failing
+        """False from a failed delivery attempt until an attempt succeeds again, and once the sender has stopped."""
+        return not self._failing and (self._sender.is_alive() or self._close_by is not None)
 
     def send(self, dead: DeadLetter) -> None:
         """Spool ``dead`` for delivery; returns without waiting for the broker."""
@@ -184,7 +184,11 @@ class KafkaDeadLetterSink:
     def _deliver_until_closed(self) -> None:
         try:
             while self._wait_for_work():
-                self._deliver_batch()
+                try:
+                    self._deliver_batch()
+                except OSError as err:  # the spool's disk (full, read-only): retry, never end the sender
+                    log.error("dead-letter spool %s failed: %s; retrying", self.spool_dir, err)
+                    self._failing, self._retry_at = True, time.monotonic() + self.retry_s
         finally:
             self._drop_producer()
             self._release_spool()
@@ -192,7 +196,14 @@ class KafkaDeadLetterSink:
     def _release_spool(self) -> None:
         left = len(self._spool)
         self._spool.close()
-        if left:
+        if left and self._temporary_spool:
+            log.error(
+                "%d dead letters were not delivered; the temporary spool %s is not seen by a later start "
+                "(give --dead-letter-spool or --checkpoint-dir to keep them)",
+                left,
+                self.spool_dir,
+            )
+        elif left:
             log.warning("%d dead letters stay in %s for the next start", left, self.spool_dir)
         elif self._temporary_spool:
             shutil.rmtree(self.spool_dir, ignore_errors=True)

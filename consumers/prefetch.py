@@ -115,6 +115,11 @@ class Prefetcher:
         out, self._carry = _split(self._carry, max_records)
         return out
 
+    @property
+    def fraction_read(self) -> float:
+        """The wrapped source's share read (an AttributeError where it has none: then this is no progressing source)."""
+        return self.source.fraction_read
+
     def commit(self, offsets: Offsets) -> None:
         """Queue a commit for the background thread; applied directly once it has stopped."""
         with self._lock:

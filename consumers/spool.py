@@ -66,7 +66,11 @@ class Spool:
         for path in sorted(self.directory.glob("*" + _SUFFIX)):
             self._entries.append(Entry(path, path.stat().st_size))
             self.bytes += path.stat().st_size
-        self._next = int(self._entries[-1].path.name.removesuffix(_SUFFIX)) + 1 if self._entries else 0
+        # numbers continue past the set-aside (.rejected) files too, so a later one never overwrites them
+        numbers = [
+            int(p.name.split(".", 1)[0]) for p in self.directory.glob("*" + _SUFFIX + "*") if p.name[0].isdigit()
+        ]
+        self._next = max(numbers, default=-1) + 1
         if self._entries:
             log.warning("spool %s: %d messages left by an earlier process", self.directory, len(self._entries))
 

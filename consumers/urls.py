@@ -1,9 +1,11 @@
-"""Source addresses as the command line takes them: ``kafka://HOST:PORT/TOPIC`` and ``synthetic://?...``."""
+"""Source addresses as the command line takes them (``kafka://HOST:PORT/TOPIC``, ``synthetic://?...``), and
+URLs with their secrets masked for logs and errors."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SCHEME = "kafka://"
 
@@ -104,3 +106,34 @@ class SyntheticUrl:
         except ValueError as err:
             raise ValueError(f"synthetic URL parameters must be integers, got {url!r}") from err
         return cls(stream=given.get("stream", "synthetic"), **numbers)
+
+
+MASK = "***"
+SECRET = re.compile(r"password|secret|token", re.IGNORECASE)
+"""Names (settings, URL query options) whose values are secrets."""
+
+
+def mask_url(text: str) -> str:
+    """``text`` with a URL's password (``user:pass@``) and secret query values (``?password=``) as ``***``.
+
+    Text that is no URL comes back unchanged; a URL that cannot be parsed comes back as ``***`` whole.
+
+    >>> mask_url("redis://app:hunter2@redis:6379/0?ssl_password=x&name=b")
+    'redis://app:***@redis:6379/0?ssl_password=***&name=b'
+    """
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+    except ValueError:  # e.g. an unclosed IPv6 bracket: show nothing rather than a secret
+        return MASK
+    if password is not None:
+        user = f"{parts.username}:" if parts.username else ":"
+        parts = parts._replace(netloc=f"{user}{MASK}@{parts.netloc.rpartition('@')[2]}")
+    if parts.query:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if any(SECRET.search(k) for k, _ in query):
+            masked = [(k, MASK if SECRET.search(k) else v) for k, v in query]
+            parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)

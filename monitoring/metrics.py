@@ -160,7 +160,10 @@ class Metrics:
 
         The checkpointer calls ``set_function`` on it, so the age is computed at scrape time.
         """
-        return self._on_first_use("streamcl_checkpoint_age_seconds", "Seconds since the last checkpoint was written.")
+        return self._on_first_use(
+            "streamcl_checkpoint_age_seconds",
+            "Seconds the oldest learning not yet in a written checkpoint has waited (0 when everything is saved).",
+        )
 
     @property
     def dead_letter_spool(self) -> Gauge:

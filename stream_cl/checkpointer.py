@@ -89,17 +89,25 @@ class Checkpointer:
         self.version = restored.id if restored else 0
         """Id of the newest checkpoint written (or restored): the model version predictions carry."""
         self._since = 0
-        self._last = time.monotonic()
+        self._last = time.monotonic()  # of the last submitted write: the cadence
+        self._unsaved_since: float | None = None  # when the oldest learning no written checkpoint holds began
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
-        if metrics is not None:  # computed at scrape time, so it keeps growing while the stream is idle
-            metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last)
+        self._pending_unsaved: float | None = None
+        if metrics is not None:  # computed at scrape time: it grows while writes fail, and is 0 when all is saved
+            metrics.checkpoint_age.set_function(self.unsaved_seconds)
+
+    def unsaved_seconds(self) -> float:
+        """How long the oldest record learned but not yet in a written checkpoint has waited (0: none)."""
+        return 0.0 if self._unsaved_since is None else time.monotonic() - self._unsaved_since
 
     def step(self, state: RunState, offsets: Offsets, n_records: int, summary: Summary) -> None:
         """Record a committed batch (its next ``offsets``); checkpoint if one is due."""
         self.offsets.update(offsets)
         self._since += n_records
         now = time.monotonic()
+        if self._unsaved_since is None:
+            self._unsaved_since = now
         due = (self.every_records is not None and self._since >= self.every_records) or (
             self.every_seconds is not None and now - self._last >= self.every_seconds
         )
@@ -131,13 +139,20 @@ class Checkpointer:
         except Exception:
             log.exception("checkpoint write failed; the next one will be attempted")
         self._since, self._last = 0, time.monotonic()
+        self._pending_unsaved, self._unsaved_since = self._unsaved_since, None
         self._pending = self._pool.submit(self.store.write, payload)
 
     def _wait(self) -> CheckpointInfo | None:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        info = pending.result()
+        try:
+            info = pending.result()
+        except Exception:
+            # what that checkpoint would have saved is still unsaved, since its own time
+            waiting = [t for t in (self._pending_unsaved, self._unsaved_since) if t is not None]
+            self._unsaved_since = min(waiting, default=None)
+            raise
         self.version = info.id
         log.info("checkpoint %d written (%d bytes)", info.id, info.size)
         return info

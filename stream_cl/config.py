@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import tomllib
 import types
 import typing
@@ -24,19 +23,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
+from consumers.urls import MASK, SECRET, mask_url
 from monitoring.drift import DEFAULT_DRIFT
 from stream_cl.errors import ConfigError
 
 log = logging.getLogger("stream_cl.config")
 
 ENV_PREFIX = "STREAMCL_"
-MASK = "***"
 DEFAULT_METRICS_PORT = 9108
-_SECRET = re.compile(r"password|secret|token", re.IGNORECASE)
 _NOT_ENV = {"STREAMCL_TEST_THREADS"}  # a test-suite knob, not a setting
 
 
@@ -584,37 +581,13 @@ def masked(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` with secrets hidden: passwords, tokens, and credentials inside URLs."""
     out = {}
     for key, value in values.items():
-        if value is not None and _SECRET.search(key):
+        if value is not None and SECRET.search(key):
             out[key] = MASK
         elif isinstance(value, str):
             out[key] = mask_url(value)
         else:
             out[key] = value
     return out
-
-
-def mask_url(text: str) -> str:
-    """``text`` with a URL's password (``user:pass@``) and secret query values (``?password=``) hidden.
-
-    >>> mask_url("redis://app:hunter2@redis:6379/0?ssl_password=x&name=b")
-    'redis://app:***@redis:6379/0?ssl_password=***&name=b'
-    """
-    if "://" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-        password = parts.password
-    except ValueError:
-        return MASK  # unparseable: show nothing rather than a secret
-    if password is not None:
-        user = f"{parts.username}:" if parts.username else ":"
-        parts = parts._replace(netloc=f"{user}{MASK}@{parts.netloc.rpartition('@')[2]}")
-    if parts.query:
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        if any(_SECRET.search(k) for k, _ in query):
-            masked_query = [(k, MASK if _SECRET.search(k) else v) for k, v in query]
-            parts = parts._replace(query=urlencode(masked_query, safe="*"))
-    return urlunsplit(parts)
 
 
 def _first_line(err: Exception) -> str:

@@ -6,6 +6,7 @@ skipped by the overload policy, or dead-lettered), so the summary's counts add u
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -32,7 +33,13 @@ from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.run")
 
-RUN_REASONS = ("shape_mismatch", "label_conflict", "too_many_classes", "non_finite_loss")
+RUN_REASONS = (
+    "shape_mismatch",
+    "label_conflict",
+    "too_many_classes",
+    "non_finite_loss",
+    "extreme_input",
+)
 """Dead-letter reasons found after decoding (the decoder's own are in ``consumers.wire.REASONS``)."""
 
 ASSIGNMENT_GRACE_S = 60.0
@@ -181,13 +188,15 @@ class _Run:
             return
         learner = self.state.learner
         observation = self._observe(learner, learn)
-        if self.parts.predictions is not None:
-            self.parts.predictions.publish(learn, observation.prediction, learner.labels, now)
         if observation.stats.rejected is not None:  # the learner refused the batch: its labelled records are dead
             for record in learn:
                 if record.label is not None:
                     self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
             self._count_predicted(len(learn) - labelled)
+            learn = [dataclasses.replace(r, label=None) for r in learn]  # their predictions say "not learned"
+        if self.parts.predictions is not None:
+            self.parts.predictions.publish(learn, observation.prediction, learner.labels, now)
+        if observation.stats.rejected is not None:
             return
         n_learned = labelled - skipped
         self.summary.learned += n_learned

@@ -105,9 +105,12 @@ def float_stream(n: int = 200, n_classes: int = 2, seed: int = 0) -> list[Batch]
 
 
 def same_state(a: object, b: object) -> bool:
-    """Whether two state dicts hold identical values (tensors bit for bit)."""
+    """Whether two state dicts hold identical values (tensors element for element; NaN, a "none yet" marker in
+    some method states, equals NaN)."""
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        return torch.equal(a, b) or (a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all()))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
     if isinstance(a, list | tuple):
@@ -115,8 +118,13 @@ def same_state(a: object, b: object) -> bool:
     return a == b
 
 
+POISONS = {4: (3e38, "non_finite_loss"), 6: (1e12, "extreme_input")}
+"""Batch index → (value written into one labelled record, the reason it must be refused for)."""
+
+
 def check_poisoned_batch_is_refused(make, min_accuracy: float | None) -> None:
-    """A labelled record holding 3e38 (finite float32) is refused; the learner is as if it never came.
+    """A labelled record holding 3e38 (finite float32, but its square is not), and later one holding 1e12
+    (finite squared, but far beyond the usual inputs), are refused; the learner is as if they never came.
 
     ``make()`` builds a learner for float32 (3, 8, 8) records and seeds torch's global RNG. The same
     stream is learned twice, once with a poisoned batch mid-stream (one after the other: heads grow
@@ -130,12 +138,13 @@ def check_poisoned_batch_is_refused(make, min_accuracy: float | None) -> None:
     def run(poison: bool) -> Learner:
         learner = make()
         for i, batch in enumerate(batches):
-            if poison and i == 4:
+            if poison and i in POISONS:
+                value, reason = POISONS[i]
                 x = batch.x.clone()
-                x[3, 0, 2, 2] = 3e38
+                x[3, 0, 2, 2] = value
                 before = learner.state_dict()
                 obs = learner.observe(Batch(x, batch.labels))
-                assert obs.stats.rejected == "non_finite_loss" and obs.stats.n_learned == 0
+                assert obs.stats.rejected == reason and obs.stats.n_learned == 0
                 assert (obs.y >= 0).all(), "the refused records keep their (known) labels for the caller"
                 assert same_state(before, learner.state_dict()), "model, optimizer, buffer and RNGs are untouched"
             assert learner.observe(batch).stats.rejected is None

@@ -18,6 +18,8 @@ from stream_cl.learner import Observation, Prediction, StepStats
 
 NON_FINITE_LOSS = "non_finite_loss"
 """``StepStats.rejected`` of a batch refused because learning it would make the loss or gradients non-finite."""
+EXTREME_INPUT = "extreme_input"
+"""``StepStats.rejected`` of a batch with a labelled input far larger than the usual ones (see :class:`StepGuard`)."""
 
 
 def encode_labels(
@@ -54,44 +56,66 @@ def draw_replay(
     return replay
 
 
-def unsafe_batch(x: torch.Tensor, prediction: Prediction, labels: Sequence[LabelPath | None]) -> bool:
-    """Whether a labelled row has a prepared input whose float32 squared norm, or a prediction, is not finite.
-
-    Such a row would poison the model (the first layer's gradient is the input times the error, so
-    an input of magnitude above ~1.8e19 already overflows the gradient norm), so the batch is refused
-    before it reaches the buffer or a training forward (batch-norm statistics). One host sync.
-    """
-    learn = torch.tensor([path is not None for path in labels], device=x.device)
-    per_row = x.flatten(1).float().square().sum(dim=1) + prediction.confidence.float().sum(dim=1)
-    return not bool(torch.isfinite(torch.where(learn, per_row, 0.0)).all())
-
-
-def refused(prediction: Prediction, tree: LabelTree, labels: Sequence[LabelPath | None]) -> Observation:
-    """The observation of a batch refused as :data:`NON_FINITE_LOSS`: nothing learned.
+def refused(prediction: Prediction, tree: LabelTree, labels: Sequence[LabelPath | None], reason: str) -> Observation:
+    """The observation of a batch refused for ``reason`` before anything changed: nothing learned.
 
     Labels are encoded without growing the tree (classes first seen in the refused batch stay
     unknown, -1), so the model keeps its shape.
     """
     known = [tree.lookup(path) if path is not None else (-1, -1) for path in labels]  # refusals are rare
     level, y = torch.tensor(known, dtype=torch.long, device=prediction.classes.device).reshape(-1, 2).T
-    return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=NON_FINITE_LOSS), [])
+    return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=reason), [])
 
 
 class StepGuard:
-    """Takes an optimizer step only when the loss and the gradients are finite.
+    """Takes an optimizer step only when the loss and the gradients are finite; refuses extreme inputs first.
 
     :meth:`begin`, before a step's training forward passes, copies the modules' buffers (batch-norm
     running statistics, which a training-mode forward updates). :meth:`step`, after ``backward``,
     reads the loss and the float32 L2 norms of the gradients and of the floating-point buffers in
     one host sync (the ``loss.item()`` a step pays anyway): batch normalisation can squash an
     extreme batch into a finite loss while its running variance overflows. Then it steps, or
-    refuses: gradients dropped, buffers restored, optimizer untouched.
+    refuses (:attr:`reason` says why): gradients dropped, buffers restored, optimizer untouched.
+
+    A finite but extreme input (say 1e12) gives a finite loss and a gradient millions of times the
+    usual one; one such step would throw the weights so far that every later batch overflows. So
+    :meth:`screen` refuses, before the batch reaches the buffer or a training forward, a labelled row
+    whose input is not finite or, after ``warmup`` batches, whose input norm is more than
+    ``input_spike`` times the usual one (:data:`EXTREME_INPUT`). "Usual" is the running geometric mean
+    of the largest input norm of accepted batches; it is part of the learner's state, so a resumed
+    learner decides as an uninterrupted one would. (Gradient norms are no such yardstick in continual
+    learning: a head with one class has a zero gradient, and the next class multiplies it without bound.)
     """
 
-    def __init__(self, *modules: nn.Module) -> None:
+    def __init__(self, *modules: nn.Module, input_spike: float = 1e4, warmup: int = 3) -> None:
         self.modules = modules
+        self.input_spike, self.warmup = input_spike, warmup
+        self.reason: str | None = None
+        self._input = _RunningLogMean()
         self._buffers: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
+
+    def screen(self, x: torch.Tensor, prediction: Prediction, labels: Sequence[LabelPath | None]) -> str | None:
+        """Why the batch must be refused before anything changes, or None. One host sync.
+
+        Only labelled rows count (the others are only predicted): a non-finite float32 squared input norm
+        (any value above ~1.8e19 in magnitude) or prediction is :data:`NON_FINITE_LOSS`; an input norm
+        far above the usual is :data:`EXTREME_INPUT`.
+        """
+        learn = [path is not None for path in labels]
+        if not any(learn):
+            return None
+        rows = torch.tensor(learn, device=x.device)
+        squared = x.flatten(1).float().square().sum(dim=1)
+        sums = torch.where(rows, squared + prediction.confidence.float().sum(dim=1), 0.0)
+        *squared_norms, total = torch.cat([squared, sums.sum().reshape(1)]).tolist()  # the one host sync
+        if not math.isfinite(total):
+            return NON_FINITE_LOSS
+        largest = math.sqrt(max(v for v, keep in zip(squared_norms, learn, strict=True) if keep))
+        if self._input.count >= self.warmup and not self._input.within(largest, self.input_spike):
+            return EXTREME_INPUT
+        self._input.add(largest)
+        return None
 
     def begin(self) -> None:
         self._buffers = [b for module in self.modules for b in module.buffers()]
@@ -114,7 +138,8 @@ class StepGuard:
         if statistics:
             checks.append(torch.nn.utils.get_total_norm(statistics).float().to(checks[0].device))
         values = torch.stack(checks).tolist()
-        if all(math.isfinite(v) for v in values):
+        self.reason = None if all(math.isfinite(v) for v in values) else NON_FINITE_LOSS
+        if self.reason is None:
             if scaled:
                 scaler.step(optimizer)
                 scaler.update()
@@ -126,6 +151,33 @@ class StepGuard:
             for buffer, saved in zip(self._buffers, self._saved, strict=True):
                 buffer.copy_(saved)
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"input": self._input.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._input.load(state["input"])
+
+
+class _RunningLogMean:
+    """The mean of the logs of a series of values, each taken as at least 1 (a blank input must not make every
+    ordinary one look extreme): an average over the first 100, then a moving one."""
+
+    def __init__(self) -> None:
+        self.count, self.log_mean = 0, 0.0
+
+    def within(self, value: float, factor: float) -> bool:
+        return math.log(max(value, 1.0)) <= self.log_mean + math.log(factor)
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.log_mean += (math.log(max(value, 1.0)) - self.log_mean) / min(self.count, 100)
+
+    def state(self) -> list[float]:
+        return [float(self.count), self.log_mean]
+
+    def load(self, state: list[float]) -> None:
+        self.count, self.log_mean = int(state[0]), float(state[1])
 
 
 def rng_state() -> dict[str, Any]:
@@ -142,19 +194,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def core_state(model: Classifier, optimizer: torch.optim.Optimizer, buffer: ReplayStore) -> dict[str, Any]:
-    """What every method saves: label tree, model (backbone and heads), optimizer, buffer, torch RNGs."""
+def core_state(
+    model: Classifier, optimizer: torch.optim.Optimizer, buffer: ReplayStore, guard: StepGuard
+) -> dict[str, Any]:
+    """What every method saves: label tree, model (backbone and heads), optimizer, buffer, step guard, torch RNGs."""
     return {
         "labels": model.tree.state_dict(),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "buffer": buffer.state_dict(),
+        "guard": guard.state_dict(),
         "rng": rng_state(),
     }
 
 
 def load_core_state(
-    state: dict[str, Any], model: Classifier, optimizer: torch.optim.Optimizer, buffer: ReplayStore
+    state: dict[str, Any], model: Classifier, optimizer: torch.optim.Optimizer, buffer: ReplayStore, guard: StepGuard
 ) -> None:
     """Restore :func:`core_state`; the heads are grown to the saved tree before their weights load."""
     model.tree.load_state_dict(state["labels"])
@@ -162,4 +217,6 @@ def load_core_state(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     buffer.load_state_dict(state["buffer"])
+    if "guard" in state:  # checkpoints written before the spike guard start it afresh
+        guard.load_state_dict(state["guard"])
     set_rng_state(state["rng"])

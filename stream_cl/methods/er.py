@@ -12,14 +12,12 @@ from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
 from stream_cl.methods.common import (
-    NON_FINITE_LOSS,
     StepGuard,
     core_state,
     draw_replay,
     encode_labels,
     load_core_state,
     refused,
-    unsafe_batch,
 )
 
 
@@ -66,8 +64,9 @@ class ER:
         x = to_model_input(x_raw)
         prediction = self.model.predict_prepared(x)
         n_learn = len(batch.labels) - batch.labels.count(None)  # no tensor reduction and sync
-        if n_learn and unsafe_batch(x, prediction, batch.labels):
-            return refused(prediction, self.labels, batch.labels)
+        reason = self.guard.screen(x, prediction, batch.labels) if n_learn else None
+        if reason is not None:
+            return refused(prediction, self.labels, batch.labels, reason)
         level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
         if not n_learn:
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
@@ -89,14 +88,14 @@ class ER:
         loss.backward()
         value = self.guard.step(loss, self.optimizer)
         if value is None:
-            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=NON_FINITE_LOSS), new)
+            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=self.guard.reason), new)
         return Observation(prediction, level, y, StepStats(value, n_learn, len(replay)), new)
 
     def predict(self, x: torch.Tensor) -> Prediction:
         return self.model.predict(x)
 
     def state_dict(self) -> dict[str, Any]:
-        return core_state(self.model, self.optimizer, self.buffer)
+        return core_state(self.model, self.optimizer, self.buffer, self.guard)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_core_state(state, self.model, self.optimizer, self.buffer)
+        load_core_state(state, self.model, self.optimizer, self.buffer, self.guard)

@@ -14,14 +14,12 @@ from stream_cl.classifier import Classifier
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
 from stream_cl.methods.common import (
-    NON_FINITE_LOSS,
     StepGuard,
     core_state,
     draw_replay,
     encode_labels,
     load_core_state,
     refused,
-    unsafe_batch,
 )
 from stream_cl.methods.onpro_apf import Mixed, apf_batch, unmixed
 from stream_cl.methods.onpro_augment import VIEW_COUNTS, random_view, rotation_views
@@ -142,8 +140,9 @@ class OnPro:
         if x.dim() != 4:
             raise ValueError(f"OnPro needs image inputs (N, C, H, W), got shape {tuple(x.shape)}")
         prediction = self.model.predict_prepared(x)
-        if batch.labels.count(None) < len(batch.labels) and unsafe_batch(x, prediction, batch.labels):
-            return refused(prediction, self.labels, batch.labels)
+        reason = self.guard.screen(x, prediction, batch.labels)
+        if reason is not None:
+            return refused(prediction, self.labels, batch.labels, reason)
         level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
         if not learn.any():
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
@@ -213,7 +212,7 @@ class OnPro:
         value = self.guard.step(loss, self.optimizer, self.scaler)
         if value is None:
             self.task, self.task_age, self.steps, self.mu_keys, self.mu = before
-            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=NON_FINITE_LOSS), new)
+            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=self.guard.reason), new)
         self.buffer.add(x_raw[learn], y[learn], level[learn])
         n_replayed = 0 if rx is None else len(rx)
         return Observation(prediction, level, y, StepStats(value, int(learn.sum()), n_replayed), new)
@@ -242,7 +241,7 @@ class OnPro:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            **core_state(self.model, self.optimizer, self.buffer),
+            **core_state(self.model, self.optimizer, self.buffer, self.guard),
             "projector": self.projector.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": {"task": self.task, "task_age": self.task_age, "steps": self.steps},
@@ -252,7 +251,7 @@ class OnPro:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.projector.load_state_dict(state["projector"])
-        load_core_state(state, self.model, self.optimizer, self.buffer)
+        load_core_state(state, self.model, self.optimizer, self.buffer, self.guard)
         self.scaler.load_state_dict(state["scaler"])
         progress = state["progress"]
         self.task, self.task_age, self.steps = progress["task"], progress["task_age"], progress["steps"]

@@ -41,14 +41,12 @@ from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
 from stream_cl.methods.common import (
-    NON_FINITE_LOSS,
     StepGuard,
     core_state,
     draw_replay,
     encode_labels,
     load_core_state,
     refused,
-    unsafe_batch,
 )
 from stream_cl.methods.pl_fms_losses import (
     ancestor_targets,
@@ -159,24 +157,25 @@ class PLFMS:
         x_raw = batch.x.to(self.model.device, non_blocking=True)
         x = to_model_input(x_raw)
         prediction = self.model.predict_prepared(x)
-        if batch.labels.count(None) < len(batch.labels) and unsafe_batch(x, prediction, batch.labels):
-            return refused(prediction, self.labels, batch.labels)
+        reason = self.guard.screen(x, prediction, batch.labels)
+        if reason is not None:
+            return refused(prediction, self.labels, batch.labels, reason)
         level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
         rows = torch.nonzero(learn).flatten()
-        losses, replayed, half, refusals = [], 0, self.batch_size // 2, 0
+        losses, replayed, half, refusal = [], 0, self.batch_size // 2, None
         start = 0
         while start < len(rows):
             chunk = rows[start : start + half - self._tmp_len()]
             start += len(chunk)
             self._arrive(x_raw[chunk], y[chunk], level[chunk])
             if self._tmp_len() >= half:
-                loss, n_replayed, n_refused = self._train()
+                loss, n_replayed, refused_as = self._train()
                 replayed += n_replayed
-                refusals += n_refused
+                refusal = refusal or refused_as
                 if loss is not None:
                     losses.append(loss)
-        if refusals:
-            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=NON_FINITE_LOSS), new)
+        if refusal is not None:
+            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=refusal), new)
         loss = float(np.mean(losses)) if losses else None
         return Observation(prediction, level, y, StepStats(loss, len(rows), replayed), new)
 
@@ -197,13 +196,14 @@ class PLFMS:
         self._tmp = new if self._tmp is None else tuple(torch.cat(p) for p in zip(self._tmp, new, strict=True))
         self.credit += self.online_iter * len(keys)
 
-    def _train(self) -> tuple[float | None, int, int]:
-        """Run the credited updates on the temporary batch; returns mean loss, replayed samples, refused updates."""
+    def _train(self) -> tuple[float | None, int, str | None]:
+        """Run the credited updates on the temporary batch; returns mean loss, replayed samples and the reason
+        the first refused update was refused (None: none was)."""
         x_s, y_s, level_s = self._tmp
         self._tmp = None
         iters = int(self.credit)
         self.credit -= iters
-        losses, replayed, refusals = [], 0, 0
+        losses, replayed, refusal = [], 0, None
         keys = class_keys(y_s.cpu().numpy(), level_s.cpu().numpy())
         for _ in range(iters):
             keep = torch.ones(len(y_s), dtype=torch.bool)
@@ -223,7 +223,7 @@ class PLFMS:
             if len(y):
                 loss = self._step(to_model_input(x), y, level)
                 if loss is None:
-                    refusals += 1
+                    refusal = refusal or self.guard.reason
                 else:
                     losses.append(loss)
             self.iterations += 1
@@ -233,7 +233,7 @@ class PLFMS:
                     for group in self.optimizer.param_groups:
                         group["lr"] = self.lr_control.tick(decrease)
         self.trained_once = True
-        return (float(np.mean(losses)) if losses else None), replayed, refusals
+        return (float(np.mean(losses)) if losses else None), replayed, refusal
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> float | None:
         """One update; its loss, or None when the guard refused it (loss or gradients non-finite)."""
@@ -284,7 +284,7 @@ class PLFMS:
     def state_dict(self) -> dict[str, Any]:
         tmp = self._tmp or (torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
         return {
-            **core_state(self.model, self.optimizer, self.buffer),
+            **core_state(self.model, self.optimizer, self.buffer, self.guard),
             "scores": self.scores.state_dict(),
             "lr_control": None if self.lr_control is None else self.lr_control.state_dict(),
             "gen": self.gen.get_state(),
@@ -297,7 +297,7 @@ class PLFMS:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_core_state(state, self.model, self.optimizer, self.buffer)
+        load_core_state(state, self.model, self.optimizer, self.buffer, self.guard)
         self.scores.load_state_dict(state["scores"])
         if self.lr_control is not None and state["lr_control"] is not None:
             self.lr_control.load_state_dict(state["lr_control"])

@@ -9,6 +9,7 @@ from kafka.errors import KafkaConnectionError
 
 from consumers import dlq
 from consumers.record import DeadLetter, Message, Position
+from consumers.recorded import read_messages
 from consumers.spool import Spool
 
 
@@ -28,6 +29,16 @@ def test_entries_come_back_in_order_and_survive_a_new_spool(tmp_path):
         again.put(_message(4))
         assert [m.position.offset for _, m in again.oldest(10)] == [1, 2, 3, 4]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_set_aside_entry_is_never_overwritten_by_a_later_one(tmp_path):
+    for offset in (1, 2):  # one entry set aside per process: the spool is empty again in between
+        with Spool(tmp_path, max_bytes=1 << 20) as spool:
+            spool.put(_message(offset))
+            spool.remove(1, keep_as_rejected=True)
+    kept = sorted(tmp_path.glob("*.rejected"))
+    assert len(kept) == 2
+    assert sorted(read_messages(path).__next__().position.offset for path in kept) == [1, 2]
 
 
 def test_bound_is_reported_never_enforced(tmp_path):

@@ -32,7 +32,7 @@ def test_the_operator_alerts_exist() -> None:
         "StreamClNoSamplesLearned",
     }
     assert expected <= set(ALERTS)
-    assert 'reason="non_finite_loss"' in ALERTS["StreamClNonFiniteLoss"]["expr"]
+    assert 'reason=~"non_finite_loss|extreme_input"' in ALERTS["StreamClNonFiniteLoss"]["expr"]
     assert "streamcl_consumer_lag" in ALERTS["StreamClNoSamplesLearned"]["expr"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 
@@ -99,3 +100,31 @@ def test_restore_refuses_another_method_or_model(tmp_path: Path) -> None:
     make = partial(build_learner, "er", "mlp", device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="configured as"):
         restore(store, make, {**IDENTITY, "width": 64})
+
+
+class FailingStore(CheckpointStore):
+    """A store whose disk is full."""
+
+    def write(self, payload: dict) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_checkpoint_age_counts_unsaved_learning_and_keeps_growing_while_writes_fail(tmp_path: Path) -> None:
+    path = write_stream(tmp_path / "s.rec.gz", n_classes=2, per_class=20)
+    metrics = Metrics(CollectorRegistry())
+    good = Checkpointer(CheckpointStore(tmp_path / "a"), identity=IDENTITY, every_records=10, metrics=metrics)
+    assert good.unsaved_seconds() == 0.0
+    _run_with(path, good, metrics)
+    assert good.unsaved_seconds() == 0.0  # everything learned is saved: an idle stream reads 0
+    failing = Checkpointer(FailingStore(tmp_path / "b"), identity=IDENTITY, every_records=10)
+    with pytest.raises(OSError):
+        _run_with(path, failing, Metrics(CollectorRegistry()))
+    waited = failing.unsaved_seconds()
+    time.sleep(0.05)
+    assert waited > 0 and failing.unsaved_seconds() > waited  # not reset by the failed writes
+
+
+def _run_with(path: Path, checkpointer: Checkpointer, metrics: Metrics) -> None:
+    make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, width=8)
+    with RecordedSource(path) as source:
+        run_stream(source, make, metrics, RunOptions(progress=False), RunParts(checkpointer=checkpointer))

@@ -15,6 +15,8 @@ from consumers.wire import encode_binary
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
+from stream_cl.checkpoint import CheckpointStore
+from stream_cl.checkpointer import Checkpointer, restore
 from stream_cl.overload import OverloadPolicy
 from stream_cl.run import RunOptions, RunParts, run_stream
 from stream_cl.summary import COUNTS, TOTALS, Summary
@@ -38,8 +40,11 @@ def _write(path: Path, rows: list[tuple[np.ndarray, str | None] | bytes]) -> Pat
 def _balanced(summary: Summary) -> None:
     parts = sum(summary.count(name) for name in COUNTS if name != "consumed")
     assert summary.consumed == parts, summary
-    totals = summary.totals({})
-    assert totals[TOTALS["consumed"]] == sum(v for k, v in totals.items() if k != TOTALS["consumed"])
+
+
+def _balanced_totals(summary: Summary) -> None:
+    totals = {total: getattr(summary, total) for total in TOTALS.values()}
+    assert totals[TOTALS["consumed"]] == sum(v for k, v in totals.items() if k != TOTALS["consumed"]), totals
 
 
 def test_every_outcome_is_counted_once(tmp_path: Path) -> None:
@@ -65,6 +70,7 @@ def test_every_outcome_is_counted_once(tmp_path: Path) -> None:
     assert first.held_out > 0 and second.held_out > 0
     for summary in (first, second):
         _balanced(summary)
+        _balanced_totals(summary)
     counted = {o: metrics.registry.get_sample_value("streamcl_samples_total", {"outcome": o}) for o in COUNTS[1:]}
     assert sum(v or 0 for v in counted.values()) == 180  # the Prometheus outcomes add up to the records too
 
@@ -97,3 +103,37 @@ def test_a_refused_batch_is_dead_lettered_and_the_model_keeps_learning(tmp_path:
     params = torch.cat([p.detach().flatten() for p in state.learner.model.parameters()])
     assert torch.isfinite(params).all()
     _balanced(summary)
+
+
+def test_totals_add_up_across_a_restart_from_a_checkpoint(tmp_path: Path) -> None:
+    x, y = blob_arrays(n_classes=3, per_class=40, seed=5)
+    rows: list = [(xi, f"c{int(yi)}") for xi, yi in zip(x, y, strict=True)]
+    for i in (7, 70):
+        rows[i] = b"\xff not a record"
+    rows[20] = (x[20], None)
+    stream = _write(tmp_path / "s.rec.gz", rows)
+    store, identity = CheckpointStore(tmp_path / "ckpt"), {"method": "er", "model": "mlp", "width": 16}
+
+    def run(max_records: int | None) -> Summary:
+        probe = ProbeSet(fraction=0.1, seed=0)
+        state, restored = restore(store, make, identity, probe)
+        checkpointer = Checkpointer(store, identity=identity, every_records=30, restored=restored, probe=probe)
+        with RecordedSource(stream, start_offsets=restored.offsets if restored else None) as source:
+            options = RunOptions(batch_size=10, max_records=max_records, progress=False)
+            summary, _ = run_stream(
+                source,
+                make,
+                Metrics(CollectorRegistry()),
+                options,
+                RunParts(probe, checkpointer=checkpointer),
+                state=state,
+            )
+        return summary
+
+    first, second = run(50), run(None)
+    assert second.consumed_total == 120 == first.consumed + second.consumed
+    assert second.learned_total == first.learned + second.learned > second.learned > 0
+    assert second.dead_letter_total == 2 and second.predict_only_total == 1 and second.held_out_total > 0
+    for summary in (first, second):
+        _balanced(summary)
+        _balanced_totals(summary)

@@ -1,4 +1,5 @@
-"""The guard every method steps through: non-finite losses, gradients or batch-norm statistics skip the step."""
+"""The guard every method steps through: non-finite or extreme inputs are refused before anything changes;
+non-finite losses, gradients or batch-norm statistics skip the step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stream_cl.learner import Prediction
-from stream_cl.methods.common import StepGuard, unsafe_batch
+from stream_cl.methods.common import EXTREME_INPUT, NON_FINITE_LOSS, StepGuard
 from tests.contracts import same_state
 
 
@@ -43,13 +44,27 @@ def test_a_non_finite_step_leaves_weights_optimizer_and_batch_norm_as_they_were(
     assert loss is not None and loss > 0 and not same_state(model.state_dict(), before[0]), "learning goes on"
 
 
-def test_unsafe_batch_looks_only_at_rows_to_learn():
+def test_screen_looks_only_at_rows_to_learn():
+    confident = Prediction(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    labels = [("a",), ("b",), None]
     x = torch.ones(3, 2)
     x[1, 0] = 3e38  # squared, it overflows float32
-    confident = Prediction(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
-    assert unsafe_batch(x, confident, [("a",), ("b",), None])
-    assert not unsafe_batch(x, confident, [("a",), None, ("b",)]), "an unlabelled row is only predicted"
-    x[1, 0] = 1e18  # extreme but its square fits: left to the step's loss and gradient check
-    assert not unsafe_batch(x, confident, [("a",), ("b",), None])
+    assert StepGuard().screen(x, confident, labels) == NON_FINITE_LOSS
+    assert StepGuard().screen(x, confident, [("a",), None, ("b",)]) is None, "an unlabelled row is only predicted"
     lost = Prediction(confident.classes, torch.tensor([[1.0], [float("nan")], [1.0]]))
-    assert unsafe_batch(torch.ones(3, 2), lost, [("a",), ("b",), None])
+    assert StepGuard().screen(torch.ones(3, 2), lost, labels) == NON_FINITE_LOSS
+
+
+def test_screen_refuses_inputs_far_larger_than_the_usual_ones_after_warm_up():
+    confident = Prediction(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    guard, labels = StepGuard(warmup=3), [("a",), ("b",), ("a",)]
+    extreme = torch.ones(3, 2)
+    extreme[2, 1] = 1e12  # finite, and so is its square
+    for scale in (1.0, 2.0, 0.5):
+        assert guard.screen(torch.full((3, 2), scale), confident, labels) is None
+    assert guard.screen(extreme, confident, labels) == EXTREME_INPUT
+    assert guard.screen(torch.full((3, 2), 50.0), confident, labels) is None, "a larger but plausible batch passes"
+    state = guard.state_dict()
+    resumed = StepGuard(warmup=3)
+    resumed.load_state_dict(state)
+    assert resumed.screen(extreme, confident, labels) == EXTREME_INPUT, "the usual scale survives a restart"
