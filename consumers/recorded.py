@@ -22,7 +22,6 @@ import binascii
 import functools
 import gzip
 import json
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -122,9 +121,9 @@ class RecordedSource:
             raise FileNotFoundError(f"recorded stream not found: {self.path}")
         self._start = dict(start_offsets or {})
         self._max_bytes = max_bytes
-        self._raw = self.path.open("rb")
-        self._size = max(os.fstat(self._raw.fileno()).st_size, 1)
-        self._messages = read_messages(self.path, self._raw)
+        self._size = max(self.path.stat().st_size, 1)
+        self._raw: BinaryIO | None = None
+        self._messages = self._read()
         self.committed: dict[tuple[str, int], int] = dict(self._start)
         self.exhausted = False
         self._error: RecordedStreamError | None = None
@@ -155,17 +154,23 @@ class RecordedSource:
                 poll.dead_letters.append(decoded)
         return poll
 
+    def _read(self) -> Iterator[Message]:
+        # the generator owns the open file: closing it (or collecting it) closes the file
+        with self.path.open("rb") as raw:
+            self._raw = raw
+            yield from read_messages(self.path, raw)
+
     @property
     def fraction_read(self) -> float:
         """Share of the file's (compressed) bytes read so far: what a progress bar's estimate needs."""
-        return 0.0 if self._raw.closed else self._raw.tell() / self._size
+        raw = self._raw
+        return 1.0 if self.exhausted else 0.0 if raw is None or raw.closed else raw.tell() / self._size
 
     def commit(self, offsets: Offsets) -> None:
         self.committed.update(offsets)
 
     def close(self) -> None:
         self._messages.close()
-        self._raw.close()
 
     def __enter__(self) -> RecordedSource:
         return self
