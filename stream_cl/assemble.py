@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
+from buffers.open import open_store
 from consumers.open import open_dead_letters, open_source
 from consumers.prefetch import Prefetcher
 from consumers.source import Instrumented, Source
@@ -74,6 +75,8 @@ def assemble(cfg: Config, ready: threading.Event | None = None, *, require_topic
     makes a missing Kafka topic an error (a service may instead start before its producers).
     """
     check_hparams(cfg.learner.method, dict(cfg.learner.hparam))
+    if cfg.buffer.spec != "memory":  # the learner opens its buffer at the first record: fail now, not then
+        open_store(cfg.buffer.spec, cfg.buffer.size, policy=cfg.buffer.policy)
     device = pick_device(cfg.learner.device)
     metrics = make_metrics(cfg, device)
     make_learner = learner_factory(cfg, device)

@@ -159,3 +159,14 @@ def test_an_unreachable_broker_is_one_line_and_exit_1() -> None:
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # the Kafka client's retries stay quiet
     assert done.stderr.startswith("stream-cl: error: cannot reach Kafka at 127.0.0.1:")
+
+
+def test_a_redis_buffer_that_cannot_be_reached_at_start_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The error comes at start, before the first record (a topic may have none for a long time)."""
+    url = f"redis://app:hunter2@127.0.0.1:{free_port()}/0"
+    assert main(["run", "--buffer", url, "--metrics-port", "0", *QUIET]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stream-cl: error: cannot reach the Redis buffer at redis://app:***@127.0.0.1:")
+    assert "\n" not in err and "hunter2" not in err
