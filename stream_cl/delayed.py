@@ -137,18 +137,15 @@ class DelayedLabels:
         self._gauges()
         return step, next_offsets(poll.positions()), len(poll)
 
+    def count(self, summary: Summary) -> None:
+        """This run's join counts and what still waits, into ``summary`` (checkpoints take their totals from it)."""
+        summary.labels_consumed, summary.labels_joined = self.consumed, self.joined
+        summary.labels_unmatched, summary.pending_expired = self.unmatched, self.expired
+        summary.pending, summary.labels_waiting = len(self.pending), len(self.waiting)
+
     def fill(self, summary: Summary) -> None:
-        """This run's join counts, what still waits, and the p50/p95 label delay of its joins (seconds)."""
-        summary.labels_consumed, summary.labels_joined, summary.labels_unmatched = (
-            self.consumed,
-            self.joined,
-            self.unmatched,
-        )
-        summary.pending_expired, summary.pending, summary.labels_waiting = (
-            self.expired,
-            len(self.pending),
-            len(self.waiting),
-        )
+        """:meth:`count`, and the p50/p95 label delay of this run's joins (seconds)."""
+        self.count(summary)
         if self.delays:
             p50, p95 = np.percentile(np.fromiter(self.delays, dtype=np.float64), [50, 95])
             summary.label_delay_seconds = {"p50": float(p50), "p95": float(p95)}

@@ -232,6 +232,7 @@ class _Run:
 
     def _settle(self, step: JoinStep) -> None:
         """Expired samples end predicted only; joined ones are learned in batches, scored as predicted on arrival."""
+        self.parts.labels.count(self.summary)
         self._count_predicted(len(step.expired))
         size = self.options.batch_size
         for start in range(0, len(step.joined), size):
