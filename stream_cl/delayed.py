@@ -112,7 +112,7 @@ class DelayedLabels:
         """Read up to ``limit`` label messages without waiting; returns what they settled, the offsets to
         commit, and how many messages were read."""
         step = JoinStep()
-        if getattr(self.dead_letters, "backpressure", False):  # the label dead-letter spool is full: wait
+        if self.dead_letters.backpressure:  # the label dead-letter spool is full: wait
             return step, {}, 0
         poll = self.source.poll(0.0, limit)
         if not len(poll):
