@@ -225,8 +225,7 @@ class _Run:
         if labels is None:
             self._count_predicted(n)
             return
-        rows = [i for i, r in enumerate(records) if id(r) in arrived]
-        self._count_predicted(n - len(rows))  # labels the overload policy dropped: predicted only, as always
+        rows = [i for i, r in enumerate(records) if id(r) in arrived]  # not those the overload policy unlabelled
         classes = observation.prediction.classes.cpu().numpy()[rows]
         self._settle(labels.arrive([records[i] for i in rows], classes))
 
