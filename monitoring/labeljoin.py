@@ -16,7 +16,7 @@ class JoinMetrics:
     ``streamcl_labels_total{outcome}`` and ``streamcl_pending_expired_total``, on ``registry``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
+        self.registry = r = registry
         self.pending = Gauge("streamcl_pending_samples", "Predicted samples waiting for their label.", registry=r)
         self.waiting = Gauge("streamcl_labels_waiting", "Labels that arrived before their features.", registry=r)
         self.delay = Histogram(

@@ -133,3 +133,20 @@ def test_label_messages_decode_or_say_why_not() -> None:
     assert decoded(b"\xff") == "undecodable"
     assert decoded(b"[1]") == "bad_json"
     assert decoded(b" " * 70_000) == "oversized"
+
+
+def test_the_metrics_follow_the_join() -> None:
+    delayed, labels, _ = join(ttl_s=10)
+    delayed.arrive([feature("a", 0), feature("b", 1)], classes(2))
+    labels.send("a", "cat", 3)
+    labels.send("ghost", "cat", 4)
+    labels.send("late", "cat", 20)  # label time 20 > 1 + 10: b expires
+    delayed.poll(100)
+    delayed.arrive([feature("c", 30)], classes(1))  # feature time 30 > 4 + 10: ghost is unmatched
+    registry = delayed.metrics.registry
+    value = registry.get_sample_value
+    assert value("streamcl_labels_total", {"outcome": "joined"}) == 1
+    assert value("streamcl_labels_total", {"outcome": "unmatched"}) == 1
+    assert value("streamcl_pending_expired_total") == 1
+    assert (value("streamcl_pending_samples"), value("streamcl_labels_waiting")) == (1, 1)
+    assert (value("streamcl_label_delay_seconds_count"), value("streamcl_label_delay_seconds_sum")) == (1, 3)
