@@ -107,7 +107,7 @@ class KafkaSource:
     max_bytes
         Messages larger than this become ``oversized`` dead letters.
     decoder
-        Turns a message into a record or a dead letter, never raising: the wire format by default,
+        Turns a message into a record or a dead letter, never raising: the wire format (None),
         :func:`consumers.label_wire.decode_label` for a topic of label messages.
     client_options
         Further kafka-python client settings (``security_protocol``, ``sasl_*``, ``ssl_*``, ...).
@@ -145,7 +145,7 @@ class KafkaSource:
         max_bytes: int = MAX_PAYLOAD_BYTES,
         client_id: str = "stream-cl",
         client_options: Mapping[str, Any] | None = None,
-        decoder: Callable[[Message, int], Any] = decode,
+        decoder: Callable[[Message, int], Any] | None = None,
     ) -> None:
         for name, value in (("prefetch", prefetch), ("max_poll_records", max_poll_records), ("max_bytes", max_bytes)):
             if value < 1:
@@ -164,7 +164,7 @@ class KafkaSource:
         self._prefetch, self._max_poll_records = prefetch, max_poll_records
         self._fetch_timeout_s, self._revoke_timeout_s, self._max_bytes = fetch_timeout_s, revoke_timeout_s, max_bytes
         self._commit_interval_s = commit_interval_s
-        self._decoder = decoder
+        self._decoder = decoder if decoder is not None else decode
         self._commit_due = 0.0  # monotonic time from which the fetch thread may send pending offsets
         self._revoking = 0  # rebalance listeners waiting for the learner's commit
         self._cond = threading.Condition()
