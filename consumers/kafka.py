@@ -45,7 +45,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
@@ -106,6 +106,9 @@ class KafkaSource:
         next turn); pending offsets are always sent on ``close()`` and on revoke.
     max_bytes
         Messages larger than this become ``oversized`` dead letters.
+    decoder
+        Turns a message into a record or a dead letter, never raising: the wire format (None),
+        :func:`consumers.label_wire.decode_label` for a topic of label messages.
     client_options
         Further kafka-python client settings (``security_protocol``, ``sasl_*``, ``ssl_*``, ...).
 
@@ -142,6 +145,7 @@ class KafkaSource:
         max_bytes: int = MAX_PAYLOAD_BYTES,
         client_id: str = "stream-cl",
         client_options: Mapping[str, Any] | None = None,
+        decoder: Callable[[Message, int], Any] | None = None,
     ) -> None:
         for name, value in (("prefetch", prefetch), ("max_poll_records", max_poll_records), ("max_bytes", max_bytes)):
             if value < 1:
@@ -160,6 +164,7 @@ class KafkaSource:
         self._prefetch, self._max_poll_records = prefetch, max_poll_records
         self._fetch_timeout_s, self._revoke_timeout_s, self._max_bytes = fetch_timeout_s, revoke_timeout_s, max_bytes
         self._commit_interval_s = commit_interval_s
+        self._decoder = decoder if decoder is not None else decode
         self._commit_due = 0.0  # monotonic time from which the fetch thread may send pending offsets
         self._revoking = 0  # rebalance listeners waiting for the learner's commit
         self._cond = threading.Condition()
@@ -213,7 +218,7 @@ class KafkaSource:
                 self._cond.notify_all()
         poll = Poll()
         for entry in taken:
-            (poll.records if isinstance(entry, Record) else poll.dead_letters).append(entry)  # type: ignore[arg-type]
+            (poll.dead_letters if isinstance(entry, DeadLetter) else poll.records).append(entry)  # type: ignore[arg-type]
         return poll
 
     def commit(self, offsets: Offsets) -> None:
@@ -351,7 +356,11 @@ class KafkaSource:
 
     def _append(self, fetched: dict) -> None:
         started = time.perf_counter()
-        entries = [_decode(message_from_record(r), self._max_bytes) for records in fetched.values() for r in records]
+        entries = [
+            _decode(self._decoder, message_from_record(r), self._max_bytes)
+            for records in fetched.values()
+            for r in records
+        ]
         elapsed = time.perf_counter() - started
         highs = {tp: self._consumer.highwater(tp) for tp in fetched}
         with self._cond:  # nothing below raises: a failure above leaves the buffer untouched (see _take_in)
@@ -542,10 +551,11 @@ def _kafka_offsets(offsets: dict[Key, int]) -> dict[TopicPartition, OffsetAndMet
     return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
 
 
-def _decode(message: Message, max_bytes: int) -> Record | DeadLetter:
-    """:func:`consumers.wire.decode`, with a record whose decoding raises turned into an ``internal`` dead letter."""
+def _decode(decoder: Callable[[Message, int], Any], message: Message, max_bytes: int) -> Any:
+    """``decoder`` (by default :func:`consumers.wire.decode`), with a message whose decoding raises turned into an
+    ``internal`` dead letter."""
     try:
-        return decode(message, max_bytes)
+        return decoder(message, max_bytes)
     except Exception as err:  # a decoder bug must cost one record, not the fetch thread
         return DeadLetter(message, "internal", f"{type(err).__name__}: {err}")
 
@@ -557,7 +567,7 @@ def _guarded(method, partitions: Iterable[TopicPartition]) -> None:
 
 
 def _position(entry: Record | DeadLetter) -> Position:
-    return entry.position if isinstance(entry, Record) else entry.message.position
+    return entry.message.position if isinstance(entry, DeadLetter) else entry.position
 
 
 def message_from_record(r) -> Message:

@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 
 from consumers.dlq import FileDeadLetterSink, KafkaDeadLetterSink
 from consumers.kafka import KafkaSource
+from consumers.label_wire import decode_label
 from consumers.recorded import RecordedSource
 from consumers.source import Offsets, Source
 from consumers.synthetic import SyntheticSource
 from consumers.urls import KafkaUrl, SyntheticUrl, is_kafka_url
+from consumers.wire import decode
 
 _GROUP_TIMINGS = ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms")
 
@@ -38,6 +40,7 @@ class SourceRequest:
     from_checkpoint: bool = False
     require_topic: bool = False
     kafka_options: Mapping[str, Any] = field(default_factory=dict)
+    labels: bool = False
 
 
 def _open_kafka(request: SourceRequest) -> Source:
@@ -54,16 +57,19 @@ def _open_kafka(request: SourceRequest) -> Source:
         from_checkpoint=request.from_checkpoint,
         require_topic=request.require_topic,
         client_options=options,
+        decoder=decode_label if request.labels else decode,
         **timings,
     )
 
 
 def _open_file(request: SourceRequest) -> Source:
+    _no_labels(request)
     path = request.url.removeprefix("file://")
     return RecordedSource(Path(path), start_offsets=request.start_offsets)
 
 
 def _open_synthetic(request: SourceRequest) -> Source:
+    _no_labels(request)
     url = SyntheticUrl.parse(request.url)
     return SyntheticSource(
         url.records,
@@ -73,6 +79,11 @@ def _open_synthetic(request: SourceRequest) -> Source:
         stream=url.stream,
         start_offsets=request.start_offsets,
     )
+
+
+def _no_labels(request: SourceRequest) -> None:
+    if request.labels:
+        raise ValueError(f"label messages are read from Kafka only, not {request.url!r}")
 
 
 SOURCES: dict[str, Callable[[SourceRequest], Source]] = {
@@ -102,6 +113,7 @@ def open_source(
     from_checkpoint: bool = False,
     require_topic: bool = False,
     kafka_options: Mapping[str, Any] | None = None,
+    labels: bool = False,
 ) -> Source:
     """The source named by ``url``, starting at ``start_offsets`` where given.
 
@@ -110,7 +122,8 @@ def open_source(
     and a Kafka source commits them once assigned, so the group agrees with the model. ``require_topic``
     makes a missing Kafka topic an error at once instead of a wait. ``kafka_options`` are kafka-python client
     settings (``security_protocol``, ``sasl_*``, ``ssl_*``, ``session_timeout_ms``, ``heartbeat_interval_ms``;
-    heartbeats default to a quarter of the session timeout, which defaults to 10 s).
+    heartbeats default to a quarter of the session timeout, which defaults to 10 s). ``labels`` reads label
+    messages (:mod:`consumers.label_wire`) instead of feature records.
 
     Raises
     ------
@@ -133,6 +146,7 @@ def open_source(
         from_checkpoint=from_checkpoint,
         require_topic=require_topic,
         kafka_options=dict(kafka_options or {}),
+        labels=labels,
     )
     return SOURCES[scheme](request)
 

@@ -27,15 +27,18 @@ from buffers.open import open_store
 from consumers.open import open_dead_letters, open_source
 from consumers.prefetch import Prefetcher
 from consumers.source import Instrumented, Source
+from consumers.urls import is_kafka_url
 from consumers.wire import REASONS
 from monitoring.drift import DriftMonitor, parse_drift
 from monitoring.exporter import Exporter
+from monitoring.labeljoin import JoinMetrics
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.checkpointer import Checkpointer, Restored, restore
 from stream_cl.config import DEFAULT_METRICS_PORT, Config
+from stream_cl.delayed import DelayedLabels
 from stream_cl.device import pick_device
 from stream_cl.errors import ConfigError
 from stream_cl.learner import LearnerFactory, RunState
@@ -129,6 +132,9 @@ def assemble(cfg: Config, ready: threading.Event | None = None, *, require_topic
             stack.callback(parts.predictions.close)
         parts.drift = drift_monitor(cfg, metrics)
         parts.overload = _overload(cfg, source, metrics)
+        parts.labels = _delayed_labels(cfg, stack, metrics, restored, require_topic)
+        if checkpointer is not None:
+            checkpointer.pending = parts.labels
         yield Assembly(source, make_learner, metrics, run_options(cfg), parts, state, device, exporter)
 
 
@@ -237,6 +243,44 @@ def _serve_metrics(cfg: Config, metrics: Metrics, ready: object) -> Exporter | N
         log.warning("port %d is in use; serving metrics on port %d instead", port, exporter.port)
     log.info("serving /metrics, /healthz, /readyz on http://%s:%d", exporter.addr, exporter.port)
     return exporter
+
+
+def _delayed_labels(
+    cfg: Config, stack: ExitStack, metrics: Metrics, restored: Restored | None, require_topic: bool
+) -> DelayedLabels | None:
+    """The label topic's source (group ``GROUP-labels``, resuming at the checkpoint's offsets), its dead-letter
+    sink (``TOPIC.dlq`` through a spool of its own) and the pending stores the checkpoint held."""
+    url = cfg.labels.url
+    if url is None:
+        return None
+    if not is_kafka_url(url):
+        raise ConfigError(f"--labels {url}: label messages are read from Kafka (kafka://HOST:PORT/TOPIC)")
+    source = open_source(
+        url,
+        group=f"{cfg.source.group}-labels",
+        start_offsets=restored.offsets if restored else None,
+        from_checkpoint=cfg.checkpoint.dir is not None,
+        require_topic=require_topic,
+        kafka_options=cfg.kafka.consumer_options(),
+        labels=True,
+    )
+    stack.enter_context(source)
+    spool = _spool_dir(cfg)
+    sink = open_dead_letters(
+        url,
+        client_options=cfg.kafka.client_options(),
+        spool_dir=None if spool is None else spool.with_name(spool.name + "-labels"),
+    )
+    labels = DelayedLabels(
+        source,
+        stack.enter_context(sink),
+        ttl_s=cfg.labels.ttl_seconds,
+        max_pending=cfg.labels.pending_max,
+        metrics=JoinMetrics(metrics.registry),
+    )
+    if restored is not None and restored.pending is not None:
+        labels.load_state_dict(restored.pending)
+    return labels
 
 
 def _overload(cfg: Config, source: Source, metrics: Metrics) -> OverloadPolicy | None:

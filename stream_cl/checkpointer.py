@@ -38,6 +38,8 @@ class Restored:
     id: int
     offsets: dict[tuple[str, int], int]
     totals: dict[str, int]
+    pending: dict[str, Any] | None = None
+    """The delayed-label stores (``DelayedLabels.state_dict``), if the run had them."""
 
     @property
     def learned_total(self) -> int:
@@ -61,6 +63,9 @@ class Checkpointer:
         Receives ``streamcl_checkpoint_age_seconds``.
     probe
         The run's probe set, checkpointed too, so accuracy and forgetting continue across restarts.
+    pending
+        The delayed-label stores (anything with ``state_dict``), checkpointed with the learner and both
+        topics' offsets, so a restart neither loses a waiting sample nor learns one twice.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class Checkpointer:
         restored: Restored | None = None,
         metrics: Metrics | None = None,
         probe: ProbeSet | None = None,
+        pending: Any = None,
     ) -> None:
         if every_records is not None and every_records <= 0:
             raise ValueError(f"every_records must be > 0, got {every_records}")
@@ -80,6 +86,7 @@ class Checkpointer:
             raise ValueError(f"every_seconds must be > 0, got {every_seconds}")
         self.store = store
         self.probe = probe
+        self.pending = pending
         self.identity = dict(identity)
         self.every_records = every_records
         self.every_seconds = every_seconds
@@ -133,6 +140,7 @@ class Checkpointer:
             "totals": totals,
             "learner": _snapshot(state.learner.state_dict()),
             "probe": None if self.probe is None else _snapshot(self.probe.state_dict()),
+            "pending": None if self.pending is None else _snapshot(self.pending.state_dict()),
         }
         try:
             self._wait()  # at most one write in flight: back-pressure instead of a growing queue
@@ -190,7 +198,7 @@ def restore(
     # Checkpoints written before the outcome totals existed carry learned_total alone.
     totals = {k: int(v) for k, v in (payload.get("totals") or {"learned_total": payload["learned_total"]}).items()}
     log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, totals["learned_total"], offsets)
-    return RunState(learner, shape, dtype), Restored(info.id, offsets, totals)
+    return RunState(learner, shape, dtype), Restored(info.id, offsets, totals, payload.get("pending"))
 
 
 def _snapshot(value: Any) -> Any:

@@ -327,6 +327,30 @@ class ServiceConfig:
     drain_timeout: float = setting(30.0, "seconds a SIGTERM drain may take", flat="drain_timeout", check=positive)
 
 
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Delayed labels: features predicted on arrival, learned when their label arrives on a topic of its own."""
+
+    url: str | None = setting(
+        None,
+        "kafka://HOST:PORT/TOPIC of label messages {id, y} joining the source's records by id (none: labels come "
+        "with the records)",
+        flat="labels",
+    )
+    ttl_seconds: float = setting(
+        86400.0,
+        "longest event-time gap between a sample and its label, either order",
+        flat="label_ttl_seconds",
+        check=positive,
+    )
+    pending_max: int = setting(
+        100_000,
+        "most samples waiting for a label (and most labels waiting for a sample); the oldest leaves first",
+        flat="pending_max",
+        check=positive,
+    )
+
+
 SECTIONS: dict[str, tuple[type, str]] = {
     "learner": (LearnerConfig, ""),
     "buffer": (BufferConfig, "buffer_"),
@@ -337,6 +361,7 @@ SECTIONS: dict[str, tuple[type, str]] = {
     "checkpoint": (CheckpointConfig, "checkpoint_"),
     "predictions": (PredictionsConfig, "predictions_"),
     "overload": (OverloadConfig, ""),
+    "labels": (LabelsConfig, ""),
     "service": (ServiceConfig, ""),
 }
 """Section name → (dataclass, prefix of its fields' flat names)."""
@@ -362,6 +387,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     predictions: PredictionsConfig = field(default_factory=PredictionsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     explicit: frozenset[str] = frozenset()
 

@@ -24,11 +24,12 @@ from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeSet
 from stream_cl.checkpointer import Checkpointer
+from stream_cl.delayed import DelayedLabels, Joined, JoinStep
 from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, RunState
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions
 from stream_cl.publishing import Publisher, evaluate
-from stream_cl.scoring import score, watch_drift
+from stream_cl.scoring import arrival_scored, score, watch_drift
 from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.run")
@@ -41,6 +42,9 @@ RUN_REASONS = (
     "extreme_input",
 )
 """Dead-letter reasons found after decoding (the decoder's own are in ``consumers.wire.REASONS``)."""
+
+LABEL_POLL_BATCHES = 50
+"""Label messages read per loop turn, in batches: labels are small, and joined samples are learned batch by batch."""
 
 ASSIGNMENT_GRACE_S = 60.0
 """How long past ``until_idle_s`` a Kafka source may wait for its first partitions before the run gives up."""
@@ -99,6 +103,7 @@ class RunParts:
     checkpointer: Checkpointer | None = None
     overload: OverloadPolicy | None = None
     predictions: Predictions | None = None
+    labels: DelayedLabels | None = None
 
 
 def run_stream(
@@ -128,6 +133,8 @@ def run_stream(
             stop.wait(0.1)
             continue
         poll = source.poll(source.poll_timeout_s, limit)
+        if run.join_labels():  # label messages are activity too: a run waiting for labels is not idle
+            idle.saw_records(time.monotonic())
         if not len(poll):
             if source.exhausted or idle.expired(time.monotonic()):
                 break
@@ -175,6 +182,7 @@ class _Run:
         records = self._screen(poll)
         learn = self._hold_out(records)
         labelled = sum(r.label is not None for r in learn)
+        arrived = {id(r) for r in learn if r.label is None}  # before the overload policy may drop labels
         skipped = 0
         if self.parts.overload is not None:
             learn = self.parts.overload.admit(learn)
@@ -192,7 +200,7 @@ class _Run:
             for record in learn:
                 if record.label is not None:
                     self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
-            self._count_predicted(len(learn) - labelled)
+            self._predicted(learn, arrived, observation, len(learn) - labelled)
             learn = [dataclasses.replace(r, label=None) for r in learn]  # their predictions say "not learned"
         if self.parts.predictions is not None:
             self.parts.predictions.publish(learn, observation.prediction, learner.labels, now)
@@ -201,14 +209,69 @@ class _Run:
         n_learned = labelled - skipped
         self.summary.learned += n_learned
         self.outcomes.labels(outcome="learned").inc(n_learned)
-        self._count_predicted(len(learn) - labelled)
-        sizes = learner.labels.sizes  # the tree grows with new labels, and with replay from a shared buffer
-        if sizes != self.parent_sizes:
-            self.parent_maps, self.parent_sizes = learner.labels.parent_maps(), sizes
-        correct = score(observation, self.accuracy, self.parent_maps)
+        correct = score(observation, self.accuracy, self._parent_maps(learner))
         if self.parts.drift is not None:
             self.summary.drift_events.extend(watch_drift(self.parts.drift, observation, correct, learn))
         self.since_probe += n_learned
+        self._predicted(learn, arrived, observation, len(learn) - labelled)
+
+    def join_labels(self) -> int:
+        """Read waiting label messages, learn the samples they join; returns how many messages were read."""
+        labels = self.parts.labels
+        if labels is None:
+            return 0
+        step, offsets, n = labels.poll(LABEL_POLL_BATCHES * self.options.batch_size)
+        if n:
+            self._settle(step)
+            labels.source.commit(offsets)
+            if self.parts.checkpointer is not None:
+                self.parts.checkpointer.step(self.state, offsets, n, self.summary)
+        return n
+
+    def _predicted(self, records: list[Record], arrived: set[int], observation: Observation, n: int) -> None:
+        """Settle the predicted records: predicted only, or (with delayed labels) pending until their label."""
+        labels = self.parts.labels
+        if labels is None:
+            self._count_predicted(n)
+            return
+        rows = [i for i, r in enumerate(records) if id(r) in arrived]  # not those the overload policy unlabelled
+        classes = observation.prediction.classes.cpu().numpy()[rows]
+        self._settle(labels.arrive([records[i] for i in rows], classes))
+
+    def _settle(self, step: JoinStep) -> None:
+        """Expired samples end predicted only; joined ones are learned in batches, scored as predicted on arrival."""
+        self.parts.labels.count(self.summary)
+        self._count_predicted(len(step.expired))
+        size = self.options.batch_size
+        for start in range(0, len(step.joined), size):
+            self._learn_joined(step.joined[start : start + size])
+
+    def _learn_joined(self, joined: list[Joined]) -> None:
+        poll = Poll(records=[j.record for j in joined])
+        learn = self._hold_out(self._screen(poll))
+        for dead in poll.dead_letters:
+            self._dead_letter(dead)
+        if not learn:
+            return
+        learner = self.state.learner
+        observation = self._observe(learner, learn)
+        if observation.stats.rejected is not None:
+            for record in learn:
+                self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
+            return
+        self.summary.learned += len(learn)
+        self.outcomes.labels(outcome="learned").inc(len(learn))
+        self.since_probe += len(learn)
+        at_arrival = {id(j.record): j.predicted for j in joined}
+        score(
+            arrival_scored(observation, [at_arrival[id(r)] for r in learn]), self.accuracy, self._parent_maps(learner)
+        )
+
+    def _parent_maps(self, learner: Learner) -> list[np.ndarray]:
+        sizes = learner.labels.sizes  # the tree grows with new labels, and with replay from a shared buffer
+        if sizes != self.parent_sizes:
+            self.parent_maps, self.parent_sizes = learner.labels.parent_maps(), sizes
+        return self.parent_maps
 
     def probe_if_due(self) -> None:
         if self.state.learner is not None and self.since_probe >= self.options.probe_every:
@@ -220,6 +283,8 @@ class _Run:
         """Final gauges, checkpoint, probe evaluation and totals."""
         summary, learner, checkpointer = self.summary, self.state.learner, self.parts.checkpointer
         self.publisher.gauges(time.monotonic(), learner, self.accuracy, self.source)
+        if self.parts.labels is not None:
+            self.parts.labels.fill(summary)
         if checkpointer is not None:
             checkpointer.finish(self.state, summary)
         summary.set_totals(checkpointer.base_totals if checkpointer is not None else {})

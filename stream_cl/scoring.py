@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import torch
 
 from consumers.record import Record
 from monitoring.drift import DriftMonitor
 from monitoring.hierarchy import level_correct
 from monitoring.prequential import PrequentialAccuracy
-from stream_cl.learner import Observation
+from stream_cl.learner import Observation, Prediction
 
 
 def score(obs: Observation, accuracy: PrequentialAccuracy, parent_maps: list[np.ndarray]) -> np.ndarray:
@@ -25,6 +28,18 @@ def score(obs: Observation, accuracy: PrequentialAccuracy, parent_maps: list[np.
     correct = level_correct(predicted, levels, y, parent_maps)
     accuracy.update(levels, correct)
     return correct
+
+
+def arrival_scored(obs: Observation, at_arrival: list[np.ndarray]) -> Observation:
+    """``obs`` with its predictions replaced by those made when each sample arrived, so :func:`score` measures
+    delayed prequential accuracy: what the model said before the label could be known. Levels the tree grew
+    since a sample arrived had no prediction then (-1)."""
+    current = obs.prediction.classes
+    classes = np.full(tuple(current.shape), -1, dtype=np.int64)
+    for i, row in enumerate(at_arrival):
+        classes[i, : len(row)] = row
+    prediction = Prediction(torch.from_numpy(classes), obs.prediction.confidence)
+    return replace(obs, prediction=prediction)
 
 
 def watch_drift(drift: DriftMonitor, obs: Observation, correct: np.ndarray, records: list[Record]) -> list[dict]:

@@ -7,6 +7,17 @@ Every consumed record has exactly one outcome, so the counts add up, in one run 
 
 ``predicted`` counts unlabelled records (predict only); ``overload_skipped`` labelled records an
 overload policy predicted instead of learning them.
+
+With delayed labels (``--labels``) an unlabelled feature record has no outcome until its label
+joins it (then it is ``learned``, or held out or dead-lettered as any labelled record) or it
+expires (then it is ``predicted``, and ``pending_expired`` counts it too); meanwhile it is
+``pending``, a level carried by checkpoints rather than a flow. Label messages are counted apart::
+
+    consumed_total = learned_total + held_out_total + predict_only_total + overload_skipped_total
+                     + dead_letter_total + pending
+    labels_consumed_total = labels_joined_total + labels_unmatched_total + labels_waiting
+
+(per run, add the ``pending`` and ``labels_waiting`` restored from the checkpoint on the left).
 """
 
 from __future__ import annotations
@@ -18,7 +29,9 @@ from pathlib import Path
 
 COUNTS = ("consumed", "learned", "held_out", "predicted", "overload_skipped", "dead_letter")
 """The outcome counters of one run."""
-TOTALS = {name: f"{name}_total" for name in COUNTS} | {"predicted": "predict_only_total"}
+LABEL_COUNTS = ("labels_consumed", "labels_joined", "labels_unmatched", "pending_expired")
+"""The delayed-label counters of one run."""
+TOTALS = {name: f"{name}_total" for name in COUNTS + LABEL_COUNTS} | {"predicted": "predict_only_total"}
 """Outcome counter → its total over the model's history (restored checkpoints included)."""
 
 
@@ -38,6 +51,17 @@ class Summary:
     predict_only_total: int = 0
     overload_skipped_total: int = 0
     dead_letter_total: int = 0
+    labels_consumed: int = 0
+    labels_joined: int = 0
+    labels_unmatched: int = 0
+    pending_expired: int = 0
+    pending: int = 0
+    labels_waiting: int = 0
+    label_delay_seconds: dict[str, float] = field(default_factory=dict)
+    labels_consumed_total: int = 0
+    labels_joined_total: int = 0
+    labels_unmatched_total: int = 0
+    pending_expired_total: int = 0
     buffer_errors: int = 0
     online_accuracy: float = 0.0
     final_accuracy: float | None = None
@@ -90,6 +114,16 @@ class Summary:
         ]
         if self.overload_skipped:
             rows.insert(4, ("labelled, not learned (overload)", f"{self.overload_skipped}"))
+        if self.labels_consumed or self.pending:
+            delay = ", ".join(f"{k} {v:.1f} s" for k, v in self.label_delay_seconds.items()) or "n/a"
+            rows[4:4] = [
+                (
+                    "label messages (joined / unmatched)",
+                    f"{self.labels_consumed} ({self.labels_joined} / {self.labels_unmatched})",
+                ),
+                ("pending (expired / still waiting)", f"{self.pending_expired} / {self.pending}"),
+                ("label delay", delay),
+            ]
         if self.buffer_errors:
             rows.append(("replay-buffer errors", f"{self.buffer_errors} (ran on the local fallback meanwhile)"))
         width = max(len(k) for k, _ in rows)

@@ -83,6 +83,7 @@ def describe(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     learner = payload["learner"]
     labels = learner.get("labels", {})
     model = learner.get("model", {})
+    pending = payload.get("pending")  # delayed labels (--labels): samples and labels waiting to join
     return {
         "id": payload["id"],
         "file": str(path),
@@ -95,4 +96,5 @@ def describe(payload: dict[str, Any], path: Path) -> dict[str, Any]:
         "classes_per_level": [len(names) for names in labels.get("names", [])],
         "parameters": int(sum(t.numel() for t in model.values() if hasattr(t, "numel"))),
         "buffer_size": int(learner["buffer"]["size"]) if "size" in learner.get("buffer", {}) else None,
+        "pending": None if pending is None else {"samples": len(pending["pending"]), "labels": len(pending["waiting"])},
     }

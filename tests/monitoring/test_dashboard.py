@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
+from monitoring.labeljoin import JoinMetrics
 from monitoring.metrics import Metrics
 from tests.fixtures.procs import require_binary
 from tests.fixtures.prometheus import PrometheusServer
@@ -73,6 +74,7 @@ def test_dashboard_structure() -> None:
     assert drift and "streamcl_drift_detected_total" in drift[0]["expr"] and drift[0]["datasource"] == DATASOURCE
     titles = {p["title"] for p in data_panels}
     assert {"Buffer errors", "Dead-letter spool", "Dead-letter sink up", "Process memory"} <= titles
+    assert {"Waiting for a label", "Labels joined, unmatched, expired", "Label delay"} <= titles
 
 
 def test_datasource_and_job_are_template_variables() -> None:
@@ -95,10 +97,11 @@ def test_every_panel_query_returns_series_from_a_real_prometheus(prometheus: Pro
     """Each panel and annotation query, with ``$job`` and ``$instance`` set as Grafana would set them from the
     server's own label values, runs against Prometheus scraping a populated exporter and returns series."""
     metrics = Metrics(CollectorRegistry(), dead_letter_reasons=("bad_json",))
-    populate(metrics)
+    join = JoinMetrics(metrics.registry)
+    populate(metrics, join)
     with metrics.serve(prometheus.target_port):
         assert prometheus.wait_for("streamcl_buffer_errors_total"), prometheus.log.read_text()[-2000:]
-        count_up(metrics)  # rates and increases need two scrapes that differ
+        count_up(metrics, join)  # rates and increases need two scrapes that differ
         assert prometheus.wait_for("increase(streamcl_buffer_errors_total[1m]) > 0"), prometheus.log.read_text()[-2000:]
         variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
         (job,) = variable_values(prometheus, variables["job"]["query"]["query"])
@@ -131,7 +134,7 @@ def raw_exprs(dashboard: dict) -> list[tuple[str, str]]:
     return found + [(f"annotation {a['name']}", a["expr"]) for a in dashboard["annotations"]["list"] if "expr" in a]
 
 
-def populate(metrics: Metrics) -> None:
+def populate(metrics: Metrics, join: JoinMetrics) -> None:
     """A series in every family the dashboard reads."""
     metrics.describe(method="er", model="mlp", device="cpu")
     for level in ("0", "1"):
@@ -148,10 +151,12 @@ def populate(metrics: Metrics) -> None:
     metrics.checkpoint_age.set(5)
     metrics.dead_letter_spool.set(2)
     metrics.dead_letter_sink_up.set(1)
-    count_up(metrics)
+    join.pending.set(4)
+    join.waiting.set(1)
+    count_up(metrics, join)
 
 
-def count_up(metrics: Metrics) -> None:
+def count_up(metrics: Metrics, join: JoinMetrics) -> None:
     """Move every counter and histogram the dashboard takes a rate or increase of."""
     metrics.samples.labels(outcome="learned").inc(10)
     metrics.dead_letters.labels(reason="bad_json").inc()
@@ -161,6 +166,9 @@ def count_up(metrics: Metrics) -> None:
     metrics.buffer_errors.inc()
     metrics.drift_detected.labels(detector="adwin", signal="error").inc()
     metrics.overload_records.labels(policy="skip-learning").inc()
+    join.labels.labels(outcome="joined").inc()
+    join.expired.inc()
+    join.delay.observe(30)
 
 
 def test_every_expr_is_valid_promql(tmp_path: Path) -> None:
@@ -178,6 +186,7 @@ def test_exprs_use_only_contract_metrics() -> None:
     """A typo in a metric name would give an empty panel; every ``streamcl_*`` name must be exported."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
+    JoinMetrics(registry)
     for on_first_use in (metrics.checkpoint_age, metrics.dead_letter_spool, metrics.dead_letter_sink_up):
         on_first_use.set(0)
     suffixes = {"counter": ["_total"], "info": ["_info"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}

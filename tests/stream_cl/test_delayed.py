@@ -1,0 +1,152 @@
+"""The delayed-label join on its own: event-time expiry in both orders, a full store, checkpoint round trip,
+and the label message decoder."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from consumers.label_wire import decode_label, encode_label
+from consumers.record import DeadLetter, Message, Poll, Position, Record
+from monitoring.labeljoin import JoinMetrics
+from stream_cl.delayed import UNMATCHED, DelayedLabels
+
+
+class Labels:
+    """A label source that hands out the messages queued on it."""
+
+    exhausted, poll_timeout_s, fetches_ahead = False, 0.0, False
+
+    def __init__(self) -> None:
+        self.queued: list[Message] = []
+
+    def send(self, sample_id: str, label: str, at_s: float) -> None:
+        position = Position("labels", 0, len(self.queued))
+        self.queued.append(Message(position, at_s, None, encode_label(sample_id, label)))
+
+    def poll(self, timeout_s: float, max_records: int) -> Poll:
+        taken, self.queued = self.queued[:max_records], self.queued[max_records:]
+        poll = Poll()
+        for message in taken:
+            entry = decode_label(message)
+            (poll.dead_letters if isinstance(entry, DeadLetter) else poll.records).append(entry)
+        return poll
+
+
+class Sink:
+    backpressure = False
+
+    def __init__(self) -> None:
+        self.sent: list[DeadLetter] = []
+
+    def send(self, dead: DeadLetter) -> None:
+        self.sent.append(dead)
+
+
+def feature(sample_id: str, at_s: float) -> Record:
+    message = Message(Position("features", 0, int(at_s)), at_s, sample_id.encode(), b"raw bytes", (("k", b"v"),))
+    return Record(sample_id, np.full(3, at_s, dtype=np.float32), None, message.position, at_s, message)
+
+
+def join(ttl_s: float = 10, max_pending: int = 100) -> tuple[DelayedLabels, Labels, Sink]:
+    labels, sink = Labels(), Sink()
+    return (
+        DelayedLabels(labels, sink, ttl_s=ttl_s, max_pending=max_pending, metrics=JoinMetrics(CollectorRegistry())),
+        labels,
+        sink,
+    )
+
+
+def classes(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64).reshape(n, 1)
+
+
+def test_a_sample_joins_its_label_in_either_order_and_keeps_its_arrival_prediction() -> None:
+    delayed, labels, _ = join()
+    assert not delayed.arrive([feature("a", 0)], classes(1)).joined
+    labels.send("a", "cat", 4)
+    labels.send("b", "dog", 5)  # before its features
+    step, offsets, n = delayed.poll(100)
+    assert [(j.record.id, j.record.label, int(j.predicted[0])) for j in step.joined] == [("a", ("cat",), 0)]
+    assert (offsets, n) == ({("labels", 0): 2}, 2)
+    step = delayed.arrive([feature("x", 1), feature("b", 2)], classes(2))
+    assert [(j.record.id, j.record.label, int(j.predicted[0])) for j in step.joined] == [("b", ("dog",), 1)]
+    assert list(delayed.pending) == ["x"] and list(delayed.delays) == [4.0, 3.0]
+
+
+def test_expiry_follows_event_time_of_the_other_topic() -> None:
+    delayed, labels, sink = join(ttl_s=10)
+    delayed.arrive([feature("a", 0), feature("b", 5)], classes(2))
+    labels.send("ghost", "cat", 6)
+    labels.send("late", "cat", 12)  # label time 12 > 0 + 10: a's label can no longer come in time
+    step, _, _ = delayed.poll(100)
+    assert [r.id for r in step.expired] == ["a"] and list(delayed.pending) == ["b"]
+    assert list(delayed.waiting) == ["ghost", "late"] and not sink.sent
+    delayed.arrive([feature("c", 17)], classes(1))  # feature time 17 > 6 + 10: ghost's features never came
+    assert list(delayed.waiting) == ["late"] and [d.reason for d in sink.sent] == [UNMATCHED]
+    assert (delayed.expired, delayed.unmatched, delayed.joined) == (1, 1, 0)
+
+
+def test_a_full_store_gives_up_its_oldest_entry_and_a_bad_label_message_is_a_dead_letter() -> None:
+    delayed, labels, sink = join(max_pending=2)
+    step = delayed.arrive([feature("a", 0), feature("b", 1), feature("c", 2)], classes(3))
+    assert [r.id for r in step.expired] == ["a"] and list(delayed.pending) == ["b", "c"]
+    for sample_id in ("p", "q", "r"):
+        labels.send(sample_id, "cat", 3)
+    labels.queued.append(Message(Position("labels", 0, 3), 3, None, b'{"id": "s"}'))
+    delayed.poll(100)
+    assert list(delayed.waiting) == ["q", "r"]
+    assert [(d.reason, d.message.value) for d in sink.sent] == [
+        ("missing_field", b'{"id": "s"}'),
+        (UNMATCHED, encode_label("p", "cat")),
+    ]
+
+
+def test_the_stores_survive_a_checkpoint_round_trip_byte_for_byte() -> None:
+    delayed, labels, _ = join()
+    delayed.arrive([feature("a", 0)], classes(1))
+    labels.send("b", "dog", 1)
+    delayed.poll(100)
+    buffer = io.BytesIO()
+    torch.save(delayed.state_dict(), buffer)
+    restored, _, _ = join()
+    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    (kept,) = restored.pending.values()
+    assert kept.record.message == feature("a", 0).message and np.array_equal(kept.record.x, feature("a", 0).x)
+    assert restored.waiting["b"].message == delayed.waiting["b"].message
+    step = restored.arrive([feature("b", 0.5)], classes(1))
+    assert [j.record.label for j in step.joined] == [("dog",)]
+
+
+def test_label_messages_decode_or_say_why_not() -> None:
+    def decoded(value: bytes) -> object:
+        entry = decode_label(Message(Position("l", 0, 0), 1.0, None, value))
+        return entry.reason if isinstance(entry, DeadLetter) else (entry.id, entry.label)
+
+    assert decoded(encode_label("a", ["animal", "dog"])) == ("a", ("animal", "dog"))
+    assert decoded(b'{"id": "a", "y": null}') == "missing_field"
+    assert decoded(b'{"y": "dog"}') == "missing_field"
+    assert decoded(b'{"id": "a", "y": 3}') == "bad_label"
+    assert decoded(b"\xff") == "undecodable"
+    assert decoded(b"[1]") == "bad_json"
+    assert decoded(b" " * 70_000) == "oversized"
+
+
+def test_the_metrics_follow_the_join() -> None:
+    delayed, labels, _ = join(ttl_s=10)
+    delayed.arrive([feature("a", 0), feature("b", 1)], classes(2))
+    labels.send("a", "cat", 3)
+    labels.send("ghost", "cat", 4)
+    labels.send("late", "cat", 20)  # label time 20 > 1 + 10: b expires
+    delayed.poll(100)
+    delayed.arrive([feature("c", 30)], classes(1))  # feature time 30 > 4 + 10: ghost is unmatched
+    registry = delayed.metrics.registry
+    value = registry.get_sample_value
+    assert value("streamcl_labels_total", {"outcome": "joined"}) == 1
+    assert value("streamcl_labels_total", {"outcome": "unmatched"}) == 1
+    assert value("streamcl_pending_expired_total") == 1
+    assert (value("streamcl_pending_samples"), value("streamcl_labels_waiting")) == (1, 1)
+    assert (value("streamcl_label_delay_seconds_count"), value("streamcl_label_delay_seconds_sum")) == (1, 3)
