@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from consumers.recorded import RecordedSource
 from consumers.wire import REASONS
 from monitoring.drift import DriftMonitor
+from monitoring.labeljoin import JoinMetrics
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
@@ -44,6 +45,9 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
     metrics.dead_letter_sink_up.set(1)
     metrics.dead_letters.labels(reason="non_finite_loss")
     metrics.overload_records.labels(policy="skip-learning")
+    join = JoinMetrics(metrics.registry)  # published when labels arrive on their own topic (--labels)
+    join.pending.set(3)
+    join.waiting.set(1)
     drift = DriftMonitor(None, metrics)  # before the first scrape: its counters are scraped at 0 first
     make = partial(
         build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, hparams={"replay_batch_size": 0}
