@@ -4,7 +4,7 @@ against non-finite steps, and the state every learner saves."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -86,10 +86,15 @@ class StepGuard:
     one host sync (the ``loss.item()`` a step pays anyway): batch normalisation can squash an
     extreme batch into a finite loss while its running variance overflows. Then it steps, or
     refuses: gradients dropped, buffers restored, optimizer untouched.
+
+    ``reduce``, set by a group of workers (:mod:`stream_cl.group`), averages the gradients and buffers
+    over the group before the check and returns the loss summed over the group: every worker then
+    steps or refuses alike.
     """
 
     def __init__(self, *modules: nn.Module) -> None:
         self.modules = modules
+        self.reduce: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
         self._buffers: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
 
@@ -105,7 +110,10 @@ class StepGuard:
         With mixed precision, overflowing gradients are the scaler's to skip (it lowers its scale),
         so only the loss is checked.
         """
-        checks = [loss.detach().float().reshape(())]
+        checked = loss
+        if self.reduce is not None:
+            checked = self.reduce([p for group in optimizer.param_groups for p in group["params"]], loss)
+        checks = [checked.detach().float().reshape(())]
         scaled = scaler is not None and scaler.is_enabled()
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not scaled:
@@ -120,7 +128,7 @@ class StepGuard:
                 scaler.update()
             else:
                 optimizer.step()
-            return values[0]
+            return float(loss.detach()) if self.reduce is not None else values[0]
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for buffer, saved in zip(self._buffers, self._saved, strict=True):
