@@ -85,7 +85,7 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
     dist.init_process_group("nccl" if nccl else "gloo")
     try:
         group = Group.current()
-        log.info("worker %d of %d (%s)", group.rank, group.world_size, dist.get_backend())
+        log.info("worker %d of %d (%s), pid %d", group.rank, group.world_size, dist.get_backend(), os.getpid())
         stop = threading.Event()
         with stop_on_signals(stop, cfg.service.drain_timeout) as received:
             summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)

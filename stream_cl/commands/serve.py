@@ -74,7 +74,8 @@ def _scale_out(cfg: Config, args: argparse.Namespace) -> tuple[Summary | None, b
     from stream_cl.scaleout import launch, launched_by_torchrun, run_worker
 
     if not launched_by_torchrun():
-        return launch(cfg, args.log_level, args.log_format)
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())  # -v included
+        return launch(cfg, level, args.log_format)
     if cfg.service.workers > 1:
         raise ConfigError("--workers starts local workers; under torchrun, give it --nproc-per-node instead")
     summary, received = run_worker(cfg)

@@ -1,0 +1,109 @@
+"""``stream-cl serve --workers N`` against the real broker (tansu) and redis-server: one model, every record once.
+
+Which records a worker learned is read from its predictions file (``--predictions-for all``; worker r
+writes ``NAME.r.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from stream_cl.checkpoint import CheckpointStore
+from tests.fixtures.redis import RedisServer
+from tests.stream_cl.test_serve_kafka import BAD, assert_accounted, finish, produce, serve_args, wait_until
+
+GROUP = ("--workers", 2, "--until-idle", 6, "--kafka-session-timeout-ms", 2000)
+
+
+def shared_buffer(server: RedisServer, name: str) -> tuple[str, str]:
+    return "--buffer", f"{server.url}?name={name}"
+
+
+def start(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "stream_cl", *serve_args(bootstrap, topic, tmp, name, *args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMCL_TEST_THREADS": "1"}
+    with (tmp / f"{name}.log").open("wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int) -> dict:
+    proc = start(bootstrap, topic, tmp, name, *args)
+    finish(proc, tmp / f"{name}.log", timeout_s=180)
+    return json.loads((tmp / f"{name}.json").read_text())
+
+
+def learned_ids(tmp: Path, name: str, ranks: int) -> list[str]:
+    files = [tmp / f"{name}.{r}.jsonl" for r in range(ranks)] if ranks > 1 else [tmp / f"{name}.jsonl"]
+    return [p["id"] for f in files if f.exists() for p in map(json.loads, f.read_text().splitlines()) if p["learned"]]
+
+
+def test_two_workers_learn_a_4_partition_topic_once_as_one_model_and_restore_into_one_and_two(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 400)
+    buffer = shared_buffer(redis_server, f"scaleout-{topic}")
+    summary = run(kafka_bootstrap, topic, tmp_path, "first", *GROUP, *buffer)
+
+    assert summary["world_size"] == 2
+    workers = summary["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert all(w["learned"] > 0 for w in workers), workers  # both workers had partitions and learned
+    assert workers[0]["model_sha256"] == workers[1]["model_sha256"] != ""  # one model
+    ids = Counter(learned_ids(tmp_path, "first", 2))
+    assert set(ids) == set(where) and set(ids.values()) == {1}  # every record learned exactly once by the group
+    assert summary["learned_total"] == sum(w["learned"] for w in workers) == len(where)
+    assert_accounted(summary, len(where) + BAD)
+    _, checkpoint = CheckpointStore(tmp_path / "ckpt").latest()
+    ends = Counter(p for p, _ in where.values())  # labelled records per partition, plus the bad ones
+    offsets = {p: o for _, p, o in checkpoint["offsets"]}
+    assert sorted(offsets) == [0, 1, 2, 3]  # every partition of both workers, in rank 0's checkpoint
+    assert sum(offsets.values()) == len(where) + BAD and all(offsets[p] >= n for p, n in ends.items())
+
+    # The group's checkpoint restores into one worker: it resumes every partition where the group stopped.
+    more = produce(kafka_bootstrap, topic, 200, start=1000)
+    alone = run(kafka_bootstrap, topic, tmp_path, "alone", "--until-idle", 6, *buffer, "--group", f"alone-{topic}")
+    assert sorted(learned_ids(tmp_path, "alone", 1)) == sorted(more)
+    assert alone["learned_total"] == len(where) + len(more)
+
+    # ... and into two again.
+    last = produce(kafka_bootstrap, topic, 200, start=2000)
+    again = run(kafka_bootstrap, topic, tmp_path, "again", *GROUP, *buffer, "--group", f"again-{topic}")
+    assert sorted(learned_ids(tmp_path, "again", 2)) == sorted(last)
+    assert again["learned_total"] == len(where) + len(more) + len(last)
+    assert again["workers"][0]["model_sha256"] == again["workers"][1]["model_sha256"]
+    assert_accounted(again, len(where) + len(more) + len(last) + 3 * BAD)
+
+
+def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing_is_skipped_or_counted_twice(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 2000)
+    buffer = shared_buffer(redis_server, f"scaleout-{topic}")
+    proc = start(kafka_bootstrap, topic, tmp_path, "group", *GROUP, *buffer)
+    log = tmp_path / "group.log"
+
+    def worker_pid() -> int | None:
+        found = re.search(r"worker 1 of 2 \(gloo\), pid (\d+)", log.read_text())
+        return int(found.group(1)) if found else None
+
+    predictions = tmp_path / "group.1.jsonl"
+    wait_until(lambda: predictions.exists() and predictions.read_bytes().count(b"\n") >= 300, proc, log)
+    os.kill(worker_pid(), signal.SIGKILL)
+    finish(proc, log, timeout_s=240)
+
+    assert len(re.findall(r"worker 1 of 2 \(gloo\)", log.read_text())) == 2, "the group was restarted once"
+    summary = json.loads((tmp_path / "group.json").read_text())
+    assert summary["learned_total"] == len(where)  # the restart resumed every partition at the checkpoint
+    assert_accounted(summary, len(where) + BAD)
+    assert set(learned_ids(tmp_path, "group", 2)) == set(where)  # relearned at most since the last checkpoint
+    assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
