@@ -94,7 +94,8 @@ class Group:
                     return  # no worker has a learner: every record of this step was screened out
                 state.input_shape, state.input_dtype = tuple(known[0]), np.dtype(known[1])
                 state.learner = self.make_learner(state.input_shape, state.input_dtype)
-                self._grow(state.learner, gathered)
+            self._grow(state.learner, gathered)
+            self._align(state.learner)
         if not self._stepped:
             self.empty_step(state.learner)
 
@@ -103,6 +104,19 @@ class Group:
         """All-gather the paths of ``paths`` new to the tree and add every worker's, in sorted order."""
         shape = [list(learner.record_shape), str(learner.record_dtype)]
         self._grow(learner, self._share(learner, paths, shape))
+        self._align(learner)
+
+    def _align(self, learner: GroupLearner) -> None:
+        """Give a learner new to the group, or with new heads, rank 0's parameters and buffers (every
+        worker builds its learner and grows its heads in the same group step, so this broadcast is a
+        collective they all make)."""
+        if learner.aligned:
+            return
+        tensors = list(learner.inner.model.state_dict().values())
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
+        dist.broadcast(flat, 0)
+        _unflatten(flat, tensors)
+        learner.aligned = True
 
     def _share(self, learner: Learner | None, paths: Sequence[LabelPath | None], shape: list | None) -> list[dict]:
         tree = None if learner is None else learner.labels
@@ -110,14 +124,15 @@ class Group:
         self._shared = True
         return self.gather_json({"paths": [list(p) for p in new], "shape": shape})
 
-    def _grow(self, learner: Learner, gathered: list[dict]) -> None:
-        inner = learner.inner if isinstance(learner, GroupLearner) else learner
+    def _grow(self, learner: GroupLearner, gathered: list[dict]) -> None:
+        inner = learner.inner
         union = sorted({tuple(p) for g in gathered for p in g["paths"]}, key=lambda p: (len(p), p))
         fresh = [p for p in union if inner.labels.lookup(p)[0] < 0]
         accepted = [p for p, problem in zip(fresh, inner.labels.problems(fresh), strict=True) if problem is None]
         if accepted:
             inner.labels.encode(accepted)
             inner.model.sync(inner.optimizer)
+            learner.aligned = False  # the new heads' rows were initialised by each worker's own RNG
 
     # -- 3. gradients ----------------------------------------------------------------------------
     def reduce(
@@ -143,12 +158,7 @@ class Group:
             flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
             flat[sum(p.numel() for p in params) :] *= weight
             dist.all_reduce(flat)
-            flat /= divisor
-            offset = 0
-            for t in tensors:
-                part = flat[offset : offset + t.numel()].view_as(t)
-                t.copy_(part.round() if not t.is_floating_point() else part)
-                offset += t.numel()
+            _unflatten(flat / divisor, tensors)
         return torch.tensor(loss_sum, device=loss.device)
 
     def empty_step(self, learner: GroupLearner) -> None:
@@ -213,6 +223,8 @@ class GroupLearner:
 
         inner.guard.reduce = reduce
         self.record_shape, self.record_dtype = record_shape, record_dtype
+        self.aligned = False
+        """Whether it holds the group's parameters (rank 0's are broadcast at its first group step)."""
 
     @property
     def name(self) -> str:
@@ -275,6 +287,16 @@ class GroupCheckpointer:
         if self.group.rank != 0:  # it never wrote: this only stops its writer thread
             return self.inner.finish(state, summary)
         return self.inner.finish(state, merge_counts(summary, self._last) if self._last else summary)
+
+
+def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` (float64) into ``tensors``, rounding for integer ones."""
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            part = flat[offset : offset + t.numel()].view_as(t)
+            t.copy_(part if t.is_floating_point() else part.round())
+            offset += t.numel()
 
 
 def merge_counts(summary: Summary, gathered: list[dict]) -> Summary:

@@ -14,11 +14,26 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from prometheus_client import CollectorRegistry
+
+from consumers.recorded import RecordedSource, write_messages
+from monitoring.metrics import Metrics
+from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointStore
+from stream_cl.group import Group, model_sha256
+from stream_cl.learner import RunState
+from stream_cl.run import RunOptions, RunParts, run_stream
+from tests.fixtures.procs import free_port
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_serve_kafka import BAD, assert_accounted, finish, produce, serve_args, wait_until
+from tests.streams import blob_arrays, messages
 
 GROUP = ("--workers", 2, "--until-idle", 6, "--kafka-session-timeout-ms", 2000)
 
@@ -107,3 +122,54 @@ def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing
     assert_accounted(summary, len(where) + BAD)
     assert set(learned_ids(tmp_path, "group", 2)) == set(where)  # relearned at most since the last checkpoint
     assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
+
+
+class RecordingGroup(Group):
+    """A group worker that records the model's SHA-256 and label tree after every group step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[list] = []
+
+    def finish_step(self, state: RunState) -> None:
+        super().finish_step(state)
+        self.steps.append([model_sha256(state.learner), [list(n) for n in state.learner.labels.names]])
+
+
+def _lockstep_worker(rank: int, port: int, tmp: Path) -> None:
+    """Rank 0 streams classes c0-c2 (150 records), rank 1 only 40 records of c0 and c3: rank 1 runs dry
+    early (empty steps), c3 is a class only rank 1 sees, c1 and c2 only rank 0. The seeds differ, so
+    the learners start apart: the group starts from rank 0's parameters."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, y = blob_arrays(n_classes=4, per_class=50, shape=(8,))
+        keep = y < 3 if rank == 0 else np.isin(y, [0, 3]) & (np.arange(len(y)) % 50 < 20)
+        path = tmp / f"stream-{rank}.rec.gz"
+        write_messages(path, messages(x[keep], y[keep]))
+        group = RecordingGroup(rank, 2, torch.device("cpu"))
+        learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=rank, width=16, buffer_size=50)
+        with RecordedSource(path) as source:
+            summary, state = run_stream(
+                source,
+                group.wrap(learner),
+                Metrics(CollectorRegistry()),
+                RunOptions(batch_size=10, progress=False),
+                RunParts(lockstep=group),
+            )
+        summary = group.summarize(summary, state.learner)
+        (tmp / f"steps-{rank}.json").write_text(json.dumps({"steps": group.steps, "learned": summary.learned}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_hold_identical_parameters_and_label_trees_after_every_step(tmp_path: Path) -> None:
+    mp.spawn(_lockstep_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"steps-{r}.json").read_text()) for r in (0, 1))
+    assert len(zero["steps"]) == len(one["steps"]) == 15  # rank 0's 150 records in batches of 10
+    assert zero["steps"] == one["steps"]  # the same parameters and tree after every step ...
+    # ... and every step changed them, on both, but the second: with c0 alone the softmax has one class, no gradient
+    assert len({sha for sha, _ in zero["steps"]}) == 14 and zero["steps"][0][0] == zero["steps"][1][0]
+    trees = [tree for _, tree in zero["steps"]]
+    assert trees[0] == [["c0"]] and trees[2] == [["c0", "c3"]] and trees[-1] == [["c0", "c3", "c1", "c2"]]
+    assert zero["learned"] == one["learned"] == 150 + 40  # the group's summary, on both workers
