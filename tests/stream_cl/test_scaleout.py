@@ -50,8 +50,11 @@ def start(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int) ->
 
 
 def run(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int) -> dict:
-    proc = start(bootstrap, topic, tmp, name, *args)
-    finish(proc, tmp / f"{name}.log", timeout_s=180)
+    with start(bootstrap, topic, tmp, name, *args) as proc:
+        try:
+            finish(proc, tmp / f"{name}.log", timeout_s=180)
+        finally:
+            proc.kill()  # a no-op once it exited; a hung group must not outlive the test
     return json.loads((tmp / f"{name}.json").read_text())
 
 
@@ -112,9 +115,13 @@ def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing
         return int(found.group(1)) if found else None
 
     predictions = tmp_path / "group.1.jsonl"
-    wait_until(lambda: predictions.exists() and predictions.read_bytes().count(b"\n") >= 300, proc, log)
-    os.kill(worker_pid(), signal.SIGKILL)
-    finish(proc, log, timeout_s=240)
+    with proc:
+        try:
+            wait_until(lambda: predictions.exists() and predictions.read_bytes().count(b"\n") >= 300, proc, log)
+            os.kill(worker_pid(), signal.SIGKILL)
+            finish(proc, log, timeout_s=240)
+        finally:
+            proc.kill()
 
     assert len(re.findall(r"worker 1 of 2 \(gloo\)", log.read_text())) == 2, "the group was restarted once"
     summary = json.loads((tmp_path / "group.json").read_text())
