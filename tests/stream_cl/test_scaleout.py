@@ -123,7 +123,8 @@ def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing
         finally:
             proc.kill()
 
-    assert len(re.findall(r"worker 1 of 2 \(gloo\)", log.read_text())) == 2, "the group was restarted once"
+    # restarted (a restart can itself fail to form the group on a loaded machine; the launcher tries again)
+    assert len(re.findall(r"worker 1 of 2 \(gloo\)", log.read_text())) >= 2, "the group was restarted"
     summary = json.loads((tmp_path / "group.json").read_text())
     assert summary["learned_total"] == len(where)  # the restart resumed every partition at the checkpoint
     assert_accounted(summary, len(where) + BAD)
