@@ -16,6 +16,7 @@ import socket
 import threading
 import uuid
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 from stream_cl.config import Config
@@ -82,7 +83,8 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
     nccl = torch.cuda.is_available() and cfg.learner.device != "cpu"
     if nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if nccl else "gloo")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("nccl" if nccl else "gloo", store=_store(rank), rank=rank, world_size=world_size)
     try:
         group = Group.current()
         log.info("worker %d of %d (%s), pid %d", group.rank, group.world_size, dist.get_backend(), os.getpid())
@@ -92,6 +94,21 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
         return summary, bool(received)
     finally:
         dist.destroy_process_group()
+
+
+def _store(rank: int) -> object:
+    """The launcher's key-value store, under a prefix of this restart: a restarted group must not read
+    the addresses its dead predecessor left there (its workers would connect to ports nobody listens on)."""
+    import torch.distributed as dist
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=not agent_store and rank == 0,
+        timeout=timedelta(seconds=300),
+    )
+    return dist.PrefixStore(f"stream-cl/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def for_rank(cfg: Config, rank: int, world_size: int) -> Config:
