@@ -82,8 +82,7 @@ def assemble(
     metrics = make_metrics(cfg, device)
     make_learner = learner_factory(cfg, device)
     if group is not None:
-        if cfg.learner.method not in LOCKSTEP_METHODS:
-            raise ConfigError(f"--method {cfg.learner.method} cannot learn with several workers yet")
+        check_group(cfg, group.world_size)
         make_learner = group.wrap(make_learner)
     probe = ProbeSet(fraction=cfg.run.probe_fraction, seed=cfg.learner.seed)
     state, restored, checkpointer = _restore(cfg, make_learner, probe, metrics, writer=group is None or group.rank == 0)
@@ -137,6 +136,15 @@ def assemble(
         parts.drift = drift_monitor(cfg, metrics)
         parts.overload = _overload(cfg, source, metrics)
         yield Assembly(source, make_learner, metrics, run_options(cfg), parts, state, device, exporter)
+
+
+def check_group(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError if ``cfg`` cannot run as a group of ``world_size`` workers."""
+    if cfg.learner.method not in LOCKSTEP_METHODS:
+        raise ConfigError(f"--method {cfg.learner.method} cannot learn with several workers yet")
+    if world_size > 1 and not (cfg.source.url or "").startswith("kafka://"):
+        # only a consumer group splits a stream: every worker would learn all of a file
+        raise ConfigError("several workers need a Kafka source (kafka://HOST:PORT/TOPIC)")
 
 
 def check_hparams(method: str, hparams: dict) -> None:

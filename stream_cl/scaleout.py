@@ -43,6 +43,9 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from stream_cl.assemble import check_group
+
+    check_group(cfg, cfg.service.workers)  # a usage error is no reason to start (and restart) workers
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -58,7 +61,9 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
     try:
         results = elastic_launch(config, _spawned)(cfg, log_level, log_format)
     except ChildFailedError as err:
-        raise WorkersFailed(f"the group of workers failed: {err.get_first_failure()[1].message}") from None
+        message = err.get_first_failure()[1].message
+        message = message.get("message", message) if isinstance(message, dict) else message
+        raise WorkersFailed(f"the group of workers failed: {message}") from None
     summary, received = json.loads(results[0])
     return Summary(**summary), received
 

@@ -27,6 +27,7 @@ from consumers.recorded import RecordedSource, write_messages
 from monitoring.metrics import Metrics
 from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointStore
+from stream_cl.cli import main
 from stream_cl.group import Group, model_sha256
 from stream_cl.learner import RunState
 from stream_cl.run import RunOptions, RunParts, run_stream
@@ -181,3 +182,13 @@ def test_workers_hold_identical_parameters_and_label_trees_after_every_step(tmp_
     trees = [tree for _, tree in zero["steps"]]
     assert trees[0] == [["c0"]] and trees[2] == [["c0", "c3"]] and trees[-1] == [["c0", "c3", "c1", "c2"]]
     assert zero["learned"] == one["learned"] == 150 + 40  # the group's summary, on both workers
+
+
+def test_workers_refuse_what_a_group_cannot_learn_before_starting_any(tmp_path: Path, capsys) -> None:
+    stream = tmp_path / "s.rec.gz"
+    write_messages(stream, messages(*blob_arrays(n_classes=2, per_class=5)))
+    assert main(["serve", "--workers", "2", "--source", str(stream), "--metrics-port", "0"]) == 2
+    assert "several workers need a Kafka source" in capsys.readouterr().err  # a file would be learned twice
+    kafka = ["serve", "--workers", "2", "--source", "kafka://127.0.0.1:1/t", "--metrics-port", "0"]
+    assert main([*kafka, "--method", "pl-fms"]) == 2
+    assert "cannot learn with several workers" in capsys.readouterr().err
