@@ -41,6 +41,7 @@ from stream_cl.config import DEFAULT_METRICS_PORT, Config
 from stream_cl.delayed import DelayedLabels
 from stream_cl.device import pick_device
 from stream_cl.errors import ConfigError
+from stream_cl.group import LOCKSTEP_METHODS, Group, GroupCheckpointer
 from stream_cl.learner import LearnerFactory, RunState
 from stream_cl.methods import method_class
 from stream_cl.overload import OverloadPolicy
@@ -70,12 +71,15 @@ def default_stream() -> Path:
 
 
 @contextmanager
-def assemble(cfg: Config, ready: threading.Event | None = None, *, require_topic: bool = False) -> Iterator[Assembly]:
+def assemble(
+    cfg: Config, ready: threading.Event | None = None, *, require_topic: bool = False, group: Group | None = None
+) -> Iterator[Assembly]:
     """Open the run ``cfg`` describes; everything opened is closed when the block exits.
 
     ``ready`` is set by the caller once the loop runs; ``/readyz`` answers 200 only while it is
     set, the source has partitions (Kafka) and dead letters can be delivered. ``require_topic``
     makes a missing Kafka topic an error (a service may instead start before its producers).
+    ``group`` makes this run one worker of a group learning one model (:mod:`stream_cl.group`).
     """
     check_hparams(cfg.learner.method, dict(cfg.learner.hparam))
     if cfg.buffer.spec != "memory":  # the learner opens its buffer at the first record: fail now, not then
@@ -83,13 +87,18 @@ def assemble(cfg: Config, ready: threading.Event | None = None, *, require_topic
     device = pick_device(cfg.learner.device)
     metrics = make_metrics(cfg, device)
     make_learner = learner_factory(cfg, device)
+    if group is not None:
+        check_group(cfg, group.world_size)
+        make_learner = group.wrap(make_learner)
     probe = ProbeSet(fraction=cfg.run.probe_fraction, seed=cfg.learner.seed)
-    state, restored, checkpointer = _restore(cfg, make_learner, probe, metrics)
+    state, restored, checkpointer = _restore(cfg, make_learner, probe, metrics, writer=group is None or group.rank == 0)
     url = cfg.source.url or str(default_stream())
     ready = ready or threading.Event()
     with ExitStack() as stack:
         source: Source | None = None
-        parts = RunParts(probe=probe, checkpointer=checkpointer)
+        parts = RunParts(probe=probe, checkpointer=checkpointer, lockstep=group)
+        if group is not None and checkpointer is not None:
+            parts.checkpointer = GroupCheckpointer(group, checkpointer)
 
         def is_ready() -> bool:
             assigned = not isinstance(source, Instrumented) or bool(source.assignment())
@@ -136,6 +145,18 @@ def assemble(cfg: Config, ready: threading.Event | None = None, *, require_topic
         if checkpointer is not None:
             checkpointer.pending = parts.labels
         yield Assembly(source, make_learner, metrics, run_options(cfg), parts, state, device, exporter)
+
+
+def check_group(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError if ``cfg`` cannot run as a group of ``world_size`` workers."""
+    if cfg.learner.method not in LOCKSTEP_METHODS:
+        raise ConfigError(f"--method {cfg.learner.method} cannot learn with several workers yet")
+    if world_size > 1 and not (cfg.source.url or "").startswith("kafka://"):
+        # only a consumer group splits a stream: every worker would learn all of a file
+        raise ConfigError("several workers need a Kafka source (kafka://HOST:PORT/TOPIC)")
+    if world_size > 1 and cfg.labels.url is not None:
+        # joined samples are learned outside the group's agreed steps, so the workers would not step together
+        raise ConfigError("--labels cannot be used with several workers yet")
 
 
 def check_hparams(method: str, hparams: dict) -> None:
@@ -200,11 +221,12 @@ def identity(cfg: Config) -> dict[str, object]:
 
 
 def _restore(
-    cfg: Config, make_learner: LearnerFactory, probe: ProbeSet, metrics: Metrics
+    cfg: Config, make_learner: LearnerFactory, probe: ProbeSet, metrics: Metrics, *, writer: bool
 ) -> tuple[RunState, Restored | None, Checkpointer | None]:
+    """The restored state; ``writer`` is False for the workers of a group that only read checkpoints."""
     if cfg.checkpoint.dir is None:
         return RunState(), None, None
-    store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, sweep=True)
+    store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, sweep=writer)
     state, restored = restore(store, make_learner, identity(cfg), probe)
     checkpointer = Checkpointer(
         store,

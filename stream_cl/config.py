@@ -325,6 +325,18 @@ class ServiceConfig:
     """What only a long-running service needs besides checkpoints."""
 
     drain_timeout: float = setting(30.0, "seconds a SIGTERM drain may take", flat="drain_timeout", check=positive)
+    workers: int = setting(
+        1,
+        "local workers learning one model together (torch's elastic launcher)",
+        flat="workers",
+        check=positive,
+    )
+    max_restarts: int = setting(
+        3,
+        "times the launcher restarts the workers after one fails",
+        flat="max_restarts",
+        check=non_negative,
+    )
 
 
 @dataclass(frozen=True)

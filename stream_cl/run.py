@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from consumers.record import DeadLetter, Poll, Record
-from consumers.source import Instrumented, Progressing, Source, next_offsets
+from consumers.source import Instrumented, Offsets, Progressing, Source, next_offsets
 from monitoring.drift import DriftMonitor
 from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
@@ -64,6 +64,19 @@ class DeadLetterSink(Protocol):
     def send(self, dead: DeadLetter) -> None: ...
 
 
+class Lockstep(Protocol):
+    """Workers of a group that learn one model step by step together (:class:`stream_cl.group.Group`).
+
+    ``agree`` turns this worker's polled count, end (idle, exhausted, ``max_records``) and stop
+    request into the group's ``(stop, step)``; after a step, ``finish_step`` makes the collectives
+    this worker skipped (it had nothing to learn), so no worker waits for another forever.
+    """
+
+    def agree(self, polled: int, ended: bool, stopping: bool) -> tuple[bool, bool]: ...
+
+    def finish_step(self, state: RunState) -> None: ...
+
+
 class CountOnly:
     """The sink of a run with nowhere to send dead letters: they are only counted."""
 
@@ -104,6 +117,7 @@ class RunParts:
     overload: OverloadPolicy | None = None
     predictions: Predictions | None = None
     labels: DelayedLabels | None = None
+    lockstep: Lockstep | None = None
 
 
 def run_stream(
@@ -121,28 +135,35 @@ def run_stream(
     stop = stop or threading.Event()
     idle = _IdleClock(source, options.until_idle_s)
     bar = tqdm(total=options.max_records, unit="rec", disable=not options.progress, dynamic_ncols=True)
-    while not stop.is_set():
+    lockstep = run.parts.lockstep
+    while lockstep is not None or not stop.is_set():  # a group stops only when its workers agree
         limit = options.batch_size
         if options.max_records is not None:
             limit = min(limit, options.max_records - run.summary.consumed)
-            if limit <= 0:
-                break
         now = time.monotonic()
         run.publisher.tick(now, run.state.learner, run.accuracy, source)
         if run.parts.dead_letters.backpressure:  # the dead-letter spool is full: wait, never drop
             stop.wait(0.1)
             continue
-        poll = source.poll(source.poll_timeout_s, limit)
+        poll = source.poll(source.poll_timeout_s, limit) if limit > 0 else Poll()
         if run.join_labels():  # label messages are activity too: a run waiting for labels is not idle
             idle.saw_records(time.monotonic())
-        if not len(poll):
-            if source.exhausted or idle.expired(time.monotonic()):
-                break
+        ended = limit <= 0 or (not len(poll) and (source.exhausted or idle.expired(time.monotonic())))
+        stepping = len(poll) > 0
+        if lockstep is not None:
+            ended, stepping = lockstep.agree(len(poll), ended, stop.is_set())
+        if ended:
+            break
+        if not stepping:
             continue
-        idle.saw_records(time.monotonic())
-        run.process(poll)
-        offsets = next_offsets(poll.positions())
-        source.commit(offsets)
+        offsets: Offsets = {}
+        if len(poll):
+            idle.saw_records(time.monotonic())
+            run.process(poll)
+            offsets = next_offsets(poll.positions())
+            source.commit(offsets)
+        if lockstep is not None:
+            lockstep.finish_step(run.state)
         if run.parts.checkpointer is not None:
             run.parts.checkpointer.step(run.state, offsets, len(poll), run.summary)
         run.probe_if_due()

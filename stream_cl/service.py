@@ -18,6 +18,7 @@ from typing import Any
 
 from stream_cl.assemble import assemble
 from stream_cl.config import Config
+from stream_cl.group import Group
 from stream_cl.run import run_stream
 from stream_cl.summary import Summary
 
@@ -27,16 +28,19 @@ DRAIN_EXIT_CODE = 3
 """Exit code when a drain did not finish within ``drain_timeout`` (the process is ended)."""
 
 
-def serve(cfg: Config, stop: threading.Event | None = None, *, require_topic: bool = False) -> Summary:
+def serve(
+    cfg: Config, stop: threading.Event | None = None, *, require_topic: bool = False, group: Group | None = None
+) -> Summary:
     """Run ``cfg``'s stream until it ends (or idles out) or ``stop`` is set; returns the summary.
 
     ``require_topic`` makes a missing Kafka topic an error rather than a wait for its producers.
+    As one worker of ``group``, the summary is the group's (see :meth:`Group.summarize`).
     """
     ready = threading.Event()
-    with assemble(cfg, ready, require_topic=require_topic) as parts:
+    with assemble(cfg, ready, require_topic=require_topic, group=group) as parts:
         ready.set()
         try:
-            summary, _ = run_stream(
+            summary, state = run_stream(
                 parts.source,
                 parts.make_learner,
                 parts.metrics,
@@ -47,6 +51,8 @@ def serve(cfg: Config, stop: threading.Event | None = None, *, require_topic: bo
             )
         finally:
             ready.clear()
+        if group is not None:
+            summary = group.summarize(summary, state.learner)
     summary.model, summary.device = cfg.learner.model, str(parts.device)
     return summary
 

@@ -76,6 +76,9 @@ class Summary:
     method: str = ""
     model: str = ""
     device: str = ""
+    world_size: int = 1
+    workers: list[dict] = field(default_factory=list)
+    """With several workers (``serve --workers``): per rank, ``rank``, ``learned`` and ``model_sha256``."""
 
     def count(self, name: str) -> int:
         """This run's count of outcome ``name`` (one of :data:`COUNTS`)."""

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
+from typing import TYPE_CHECKING
 
 from stream_cl.commands.settings import add_settings, config_from, print_config, setting_names
-from stream_cl.config import SECTIONS, masked
+from stream_cl.config import SECTIONS, Config, masked
+from stream_cl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.serve")
 
@@ -30,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print_config(cfg, tuple(SECTIONS))
         return 0
     from stream_cl.commands.run import NO_RECORDS_EXIT_CODE
+    from stream_cl.scaleout import launched_by_torchrun
     from stream_cl.service import serve, stop_on_signals  # here: --help and --print-config need no torch
 
     names = setting_names(tuple(SECTIONS))
@@ -37,9 +44,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("stream-cl %s serving with %s", _version(), effective or "defaults")
     if cfg.checkpoint.dir is None:
         log.warning("no --checkpoint-dir: the model is lost when the service stops")
-    stop = threading.Event()
-    with stop_on_signals(stop, cfg.service.drain_timeout) as received:
-        summary = serve(cfg, stop)
+    if cfg.service.workers > 1 or launched_by_torchrun():
+        summary, received = _scale_out(cfg, args)
+        if summary is None:
+            return 0  # a worker other than rank 0 under torchrun: rank 0 reports for the group
+    else:
+        stop = threading.Event()
+        with stop_on_signals(stop, cfg.service.drain_timeout) as received:
+            summary = serve(cfg, stop)
     print(summary.render())
     if cfg.run.summary_json:
         summary.write(cfg.run.summary_json)
@@ -55,6 +67,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("the source delivered no record: check the topic name or the file")
         return NO_RECORDS_EXIT_CODE
     return 0
+
+
+def _scale_out(cfg: Config, args: argparse.Namespace) -> tuple[Summary | None, bool]:
+    """Run as a group of workers: launch ``--workers`` local ones, or be one that ``torchrun`` started."""
+    from stream_cl.scaleout import launch, launched_by_torchrun, run_worker
+
+    if not launched_by_torchrun():
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())  # -v included
+        return launch(cfg, level, args.log_format)
+    if cfg.service.workers > 1:
+        raise ConfigError("--workers starts local workers; under torchrun, give it --nproc-per-node instead")
+    summary, received = run_worker(cfg)
+    return (summary if int(os.environ["RANK"]) == 0 else None), received
 
 
 def _version() -> str:

@@ -4,7 +4,7 @@ against non-finite steps, and the state every learner saves."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,6 +77,10 @@ class StepGuard:
     extreme batch into a finite loss while its running variance overflows. Then it steps, or
     refuses (:attr:`reason` says why): gradients dropped, buffers restored, optimizer untouched.
 
+    ``reduce``, set by a group of workers (:mod:`stream_cl.group`), averages the gradients and buffers
+    over the group before the check and returns the loss summed over the group: every worker then
+    steps or refuses alike.
+
     A finite but extreme input (say 1e12) gives a finite loss and a gradient millions of times the
     usual one; one such step would throw the weights so far that every later batch overflows. So
     :meth:`screen` refuses, before the batch reaches the buffer or a training forward, a labelled row
@@ -92,6 +96,7 @@ class StepGuard:
         self.input_spike, self.warmup = input_spike, warmup
         self.reason: str | None = None
         self._input = _RunningLogMean()
+        self.reduce: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
         self._buffers: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
 
@@ -129,7 +134,10 @@ class StepGuard:
         With mixed precision, overflowing gradients are the scaler's to skip (it lowers its scale),
         so only the loss is checked.
         """
-        checks = [loss.detach().float().reshape(())]
+        checked = loss
+        if self.reduce is not None:
+            checked = self.reduce([p for group in optimizer.param_groups for p in group["params"]], loss)
+        checks = [checked.detach().float().reshape(())]
         scaled = scaler is not None and scaler.is_enabled()
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not scaled:
@@ -145,7 +153,7 @@ class StepGuard:
                 scaler.update()
             else:
                 optimizer.step()
-            return values[0]
+            return float(loss.detach()) if self.reduce is not None else values[0]
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for buffer, saved in zip(self._buffers, self._saved, strict=True):

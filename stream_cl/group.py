@@ -1,0 +1,323 @@
+"""Several workers learning one stream as one model: the collectives that keep their steps in lockstep.
+
+Each worker runs the ordinary loop on its own partitions (one Kafka consumer group) with the one
+shared replay buffer (Redis). ``torch.distributed`` keeps the model one; at every *group step*
+every worker makes the same collective calls, in this order, whether or not it polled records:
+
+1. :meth:`Group.agree`: an all-reduce of (polled records, ended, stopping). The group steps only
+   when some worker has records, and stops together: when every worker has ended (idle, exhausted
+   or at ``max_records``) or any is stopping (SIGTERM). No worker ever waits for one that has nothing.
+2. :meth:`Group.share_labels`: the label paths new to the tree, all-gathered and added in one sorted
+   order, so the tree and the heads grow identically on every worker even when only one saw a class.
+3. :meth:`Group.reduce`: gradients averaged over the workers that learned (synchronous all-reduce,
+   before the step guard, so a non-finite gradient anywhere refuses the step everywhere) and the
+   modules' buffers (batch-norm statistics) averaged likewise; then every worker takes the same
+   optimizer step. A worker with nothing to learn takes an *empty step* (zero gradients), which
+   keeps the optimizer state identical too.
+4. :class:`GroupCheckpointer`: every worker's next offsets and outcome counts, all-gathered, so
+   rank 0 writes checkpoints holding every partition's offset at the same step.
+
+Everything exchanged is tensors or JSON; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from consumers.record import LabelPath
+from consumers.source import Offsets
+from stream_cl.checkpointer import Checkpointer
+from stream_cl.errors import ConfigError
+from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, Prediction, RunState
+from stream_cl.summary import COUNTS, TOTALS, Summary
+
+log = logging.getLogger("stream_cl.group")
+
+LOCKSTEP_METHODS = ("er", "onpro")
+"""Methods that take at most one optimizer step per batch, the unit the group synchronises."""
+
+
+class Group:
+    """This worker's view of the group: its rank, the world size, and the collectives of a group step."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.device = device
+        """Where collective tensors live: CPU with gloo, the worker's GPU with NCCL."""
+        self.make_learner: LearnerFactory | None = None
+        self._shared = self._stepped = False
+
+    @classmethod
+    def current(cls) -> Group:
+        """The initialised default process group of this process."""
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def wrap(self, make_learner: LearnerFactory) -> LearnerFactory:
+        """The factory of learners that take part in group steps (the inner factory builds the method)."""
+
+        def make(shape: tuple[int, ...], dtype: np.dtype) -> Learner:
+            return GroupLearner(make_learner(shape, dtype), self, shape, dtype)
+
+        self.make_learner = make
+        return make
+
+    # -- 1. agreement ----------------------------------------------------------------------------
+    def agree(self, polled: int, ended: bool, stopping: bool) -> tuple[bool, bool]:
+        """``(stop, step)`` for the whole group, from this worker's polled count and local end and stop."""
+        flags = torch.tensor([int(polled > 0), int(ended), int(stopping)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags)
+        with_records, n_ended, n_stopping = flags.tolist()
+        self._shared = self._stepped = False
+        stop = n_stopping > 0 or (with_records == 0 and n_ended == self.world_size)
+        return stop, with_records > 0 and not stop
+
+    def finish_step(self, state: RunState) -> None:
+        """Make this worker's missing collectives of a group step: build the learner if the group has
+        one and this worker does not yet (its partitions had no record so far), share no labels, take
+        an empty step."""
+        if not self._shared:
+            shape = None if state.learner is None else [list(state.input_shape), str(state.input_dtype)]
+            gathered = self._share(state.learner, [], shape)
+            if state.learner is None:
+                known = next((g["shape"] for g in gathered if g["shape"] is not None), None)
+                if known is None:
+                    return  # no worker has a learner: every record of this step was screened out
+                state.input_shape, state.input_dtype = tuple(known[0]), np.dtype(known[1])
+                state.learner = self.make_learner(state.input_shape, state.input_dtype)
+            self._grow(state.learner, gathered)
+            self._align(state.learner)
+        if not self._stepped:
+            self.empty_step(state.learner)
+
+    # -- 2. labels -------------------------------------------------------------------------------
+    def share_labels(self, learner: GroupLearner, paths: Sequence[LabelPath | None]) -> None:
+        """All-gather the paths of ``paths`` new to the tree and add every worker's, in sorted order."""
+        shape = [list(learner.record_shape), str(learner.record_dtype)]
+        self._grow(learner, self._share(learner, paths, shape))
+        self._align(learner)
+
+    def _align(self, learner: GroupLearner) -> None:
+        """Give a learner new to the group, or with new heads, rank 0's parameters and buffers (every
+        worker builds its learner and grows its heads in the same group step, so this broadcast is a
+        collective they all make)."""
+        if learner.aligned:
+            return
+        tensors = list(learner.inner.model.state_dict().values())
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
+        dist.broadcast(flat, 0)
+        _unflatten(flat, tensors)
+        learner.aligned = True
+
+    def _share(self, learner: Learner | None, paths: Sequence[LabelPath | None], shape: list | None) -> list[dict]:
+        tree = None if learner is None else learner.labels
+        new = sorted({p for p in paths if p is not None and (tree is None or tree.lookup(p)[0] < 0)})
+        self._shared = True
+        return self.gather_json({"paths": [list(p) for p in new], "shape": shape})
+
+    def _grow(self, learner: GroupLearner, gathered: list[dict]) -> None:
+        inner = learner.inner
+        union = sorted({tuple(p) for g in gathered for p in g["paths"]}, key=lambda p: (len(p), p))
+        fresh = [p for p in union if inner.labels.lookup(p)[0] < 0]
+        accepted = [p for p, problem in zip(fresh, inner.labels.problems(fresh), strict=True) if problem is None]
+        if accepted:
+            inner.labels.encode(accepted)
+            inner.model.sync(inner.optimizer)
+            learner.aligned = False  # the new heads' rows were initialised by each worker's own RNG
+
+    # -- 3. gradients ----------------------------------------------------------------------------
+    def reduce(
+        self, params: list[torch.Tensor], modules: Sequence[torch.nn.Module], loss: torch.Tensor
+    ) -> torch.Tensor:
+        """Average gradients and buffers over the workers that learned this step; returns the loss
+        summed over the group (non-finite if any worker's is), for the step guard's check."""
+        learned = 0.0 if self._empty else 1.0
+        self._stepped = True
+        head = torch.stack([torch.tensor(learned, device=loss.device), loss.detach().float().reshape(())])
+        head = head.to(self.device)
+        dist.all_reduce(head)
+        n_learned, loss_sum = head.tolist()
+        # Every worker's tensors, in one flat all-reduce; a worker that did not learn contributes zeros.
+        weight = 1.0 if n_learned == 0 else learned  # nobody learned: every worker's buffers count equally
+        divisor = self.world_size if n_learned == 0 else n_learned
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        buffers = [b for m in modules for b in m.buffers()]
+        tensors = [p.grad for p in params] + buffers
+        if tensors:
+            flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
+            flat[sum(p.numel() for p in params) :] *= weight
+            dist.all_reduce(flat)
+            _unflatten(flat / divisor, tensors)
+        return torch.tensor(loss_sum, device=loss.device)
+
+    def empty_step(self, learner: GroupLearner) -> None:
+        """This worker's part of a step it has nothing to learn in: zero gradients, the group's update."""
+        inner = learner.inner
+        inner.optimizer.zero_grad(set_to_none=True)
+        inner.guard.begin()
+        self._empty = True
+        try:
+            inner.guard.step(torch.zeros((), device=inner.model.device), inner.optimizer)
+        finally:
+            self._empty = False
+
+    _empty = False
+
+    # -- 4. checkpoints and summaries ------------------------------------------------------------
+    def gather_json(self, value: Any) -> list[Any]:
+        """Every worker's ``value`` (JSON-serialisable), in rank order."""
+        data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=self.device)
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = max(int(s) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        padded[: len(data)] = data
+        out = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded)
+        return [json.loads(bytes(o[: int(s)].cpu().tolist())) for o, s in zip(out, sizes, strict=True)]
+
+    def summarize(self, summary: Summary, learner: Learner | None) -> Summary:
+        """The group's summary (on every worker): counts and totals summed over workers, ``workers`` per rank.
+
+        Accuracies, classes and timings stay this worker's own.
+        """
+        mine = {
+            "rank": self.rank,
+            "learned": summary.learned,
+            "model_sha256": model_sha256(learner),
+            "counts": {name: summary.count(name) for name in COUNTS if name != "dead_letter"},
+            "dead_letter": summary.dead_letter,
+        }
+        gathered = self.gather_json(mine)
+        merged = merge_counts(summary, gathered)
+        # The history before this run (from the restored checkpoint) is the same on every worker.
+        merged.set_totals({total: getattr(summary, total) - summary.count(name) for name, total in TOTALS.items()})
+        merged.world_size = self.world_size
+        merged.workers = [{k: g[k] for k in ("rank", "learned", "model_sha256")} for g in gathered]
+        return merged
+
+
+class GroupLearner:
+    """A learner taking part in group steps: labels shared before it learns, gradients averaged by the group."""
+
+    def __init__(self, inner: Learner, group: Group, record_shape: tuple[int, ...], record_dtype: np.dtype) -> None:
+        if not hasattr(inner, "guard") or not hasattr(inner, "optimizer"):
+            raise ConfigError(f"method {inner.name} cannot learn in a group of workers")
+        self.inner, self.group = inner, group
+        modules = inner.guard.modules
+
+        def reduce(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+            return group.reduce(params, modules, loss)
+
+        inner.guard.reduce = reduce
+        self.record_shape, self.record_dtype = record_shape, record_dtype
+        self.aligned = False
+        """Whether it holds the group's parameters (rank 0's are broadcast at its first group step)."""
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def labels(self) -> Any:
+        return self.inner.labels
+
+    @property
+    def buffer(self) -> Any:
+        return self.inner.buffer
+
+    def observe(self, batch: Batch) -> Observation:
+        self.group.share_labels(self, batch.labels)
+        return self.inner.observe(batch)
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        return self.inner.predict(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:  # model, optimizer ... of the method, for exports and probes
+        return getattr(self.inner, name)
+
+
+class GroupCheckpointer:
+    """Checkpoints of a group: every worker's offsets and counts gathered at each step; rank 0 writes."""
+
+    def __init__(self, group: Group, inner: Checkpointer) -> None:
+        self.group, self.inner = group, inner
+        self._last: list[dict] = []
+
+    @property
+    def base_totals(self) -> dict[str, int]:
+        return self.inner.base_totals
+
+    @property
+    def version(self) -> int:
+        return self.inner.version
+
+    def step(self, state: RunState, offsets: Offsets, n_records: int, summary: Summary) -> None:
+        mine = {
+            "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
+            "records": n_records,
+            "counts": {name: summary.count(name) for name in COUNTS if name != "dead_letter"},
+            "dead_letter": summary.dead_letter,
+        }
+        self._last = self.group.gather_json(mine)
+        if self.group.rank == 0:
+            every = {(t, p): o for g in self._last for t, p, o in g["offsets"]}
+            total = sum(g["records"] for g in self._last)
+            self.inner.step(state, every, total, merge_counts(summary, self._last))
+
+    def finish(self, state: RunState, summary: Summary) -> Any:
+        if self.group.rank != 0:  # it never wrote: this only stops its writer thread
+            return self.inner.finish(state, summary)
+        return self.inner.finish(state, merge_counts(summary, self._last) if self._last else summary)
+
+
+def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` (float64) into ``tensors``, rounding for integer ones."""
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            part = flat[offset : offset + t.numel()].view_as(t)
+            t.copy_(part if t.is_floating_point() else part.round())
+            offset += t.numel()
+
+
+def merge_counts(summary: Summary, gathered: list[dict]) -> Summary:
+    """A copy of ``summary`` whose outcome counts are the sums of every worker's."""
+    merged = Summary(**vars(summary))
+    for name in COUNTS:
+        if name == "dead_letter":
+            merged.dead_letter = {}
+            for g in gathered:
+                for reason, n in g["dead_letter"].items():
+                    merged.dead_letter[reason] = merged.dead_letter.get(reason, 0) + n
+        else:
+            setattr(merged, name, sum(g["counts"][name] for g in gathered))
+    return merged
+
+
+def model_sha256(learner: Learner | None) -> str:
+    """SHA-256 over the model's tensors in state-dict order ("" without a learner)."""
+    if learner is None:
+        return ""
+    digest = hashlib.sha256()
+    for tensor in learner.model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

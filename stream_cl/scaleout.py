@@ -1,0 +1,142 @@
+"""Scale-out: ``serve --workers N`` starts N local workers through torch's elastic launcher, and
+``torchrun ... -m stream_cl serve`` runs the very same worker on several machines.
+
+The launcher does the coordination: rendezvous, the process group (gloo on CPU, NCCL on GPU), and
+restarting the whole group (up to ``--max-restarts`` times) when a worker dies; every worker then
+resumes from the newest checkpoint. Kafka's consumer group splits the partitions; the replay
+buffer is shared when it is Redis. What keeps the model one is in :mod:`stream_cl.group`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+from stream_cl.config import Config
+from stream_cl.errors import StreamClError
+from stream_cl.summary import Summary
+
+log = logging.getLogger("stream_cl.scaleout")
+
+
+class WorkersFailed(StreamClError):
+    """The group failed more often than ``--max-restarts`` allows."""
+
+    retriable = True
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a worker that ``torchrun`` started (it set the group's environment)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]:
+    """Run ``cfg.service.workers`` local workers as one group; rank 0's (the group's) summary, and
+    whether a worker was stopped by a signal."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from stream_cl.assemble import check_group
+
+    check_group(cfg, cfg.service.workers)  # a usage error is no reason to start (and restart) workers
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.service.workers,
+        run_id=f"stream-cl-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=cfg.service.max_restarts,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+    log.info("starting %d workers (restarts allowed: %d)", cfg.service.workers, cfg.service.max_restarts)
+    try:
+        results = elastic_launch(config, _spawned)(cfg, log_level, log_format)
+    except ChildFailedError as err:
+        message = err.get_first_failure()[1].message
+        message = message.get("message", message) if isinstance(message, dict) else message
+        raise WorkersFailed(f"the group of workers failed: {message}") from None
+    summary, received = json.loads(results[0])
+    return Summary(**summary), received
+
+
+def _spawned(cfg: Config, log_level: str, log_format: str) -> str:
+    """A worker process the launcher started: rank 0 returns the group's summary as JSON."""
+    from stream_cl.logs import configure
+
+    configure(log_level, log_format)
+    summary, received = run_worker(cfg)
+    return json.dumps([asdict(summary), received])
+
+
+def run_worker(cfg: Config) -> tuple[Summary, bool]:
+    """Join the group the launcher described in the environment, learn, and leave it."""
+    import torch
+    import torch.distributed as dist
+
+    from stream_cl.group import Group
+    from stream_cl.service import serve, stop_on_signals
+
+    nccl = torch.cuda.is_available() and cfg.learner.device != "cpu"
+    if nccl:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("nccl" if nccl else "gloo", store=_store(rank), rank=rank, world_size=world_size)
+    try:
+        group = Group.current()
+        log.info("worker %d of %d (%s), pid %d", group.rank, group.world_size, dist.get_backend(), os.getpid())
+        stop = threading.Event()
+        with stop_on_signals(stop, cfg.service.drain_timeout) as received:
+            summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)
+        return summary, bool(received)
+    finally:
+        dist.destroy_process_group()
+
+
+def _store(rank: int) -> object:
+    """The launcher's key-value store, under a prefix of this restart: a restarted group must not read
+    the addresses its dead predecessor left there (its workers would connect to ports nobody listens on)."""
+    import torch.distributed as dist
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=not agent_store and rank == 0,
+        timeout=timedelta(seconds=300),
+    )
+    return dist.PrefixStore(f"stream-cl/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def for_rank(cfg: Config, rank: int, world_size: int) -> Config:
+    """Worker ``rank``'s settings: its own metrics port (``--metrics-port`` + rank), its own
+    predictions file and dead-letter spool (``.rank`` inserted before the suffix; directories get ``-rank``)."""
+    if world_size == 1:
+        return cfg
+    values: dict[str, object] = {}
+    if cfg.metrics.port:
+        values["metrics_port"] = cfg.metrics.port + rank
+    url = cfg.predictions.url
+    if url is not None and "://" not in url:
+        path = Path(url)
+        values["predictions"] = str(path.with_name(f"{path.stem}.{rank}{path.suffix}"))
+    spool = cfg.source.dead_letter_spool
+    if spool is None and cfg.checkpoint.dir is not None:
+        spool = str(Path(cfg.checkpoint.dir) / "dead-letter-spool")
+    if spool is not None:
+        values["dead_letter_spool"] = f"{spool}-{rank}"
+    return cfg.with_values(**values) if values else cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,194 @@
+"""``stream-cl serve --workers N`` against the real broker (tansu) and redis-server: one model, every record once.
+
+Which records a worker learned is read from its predictions file (``--predictions-for all``; worker r
+writes ``NAME.r.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from prometheus_client import CollectorRegistry
+
+from consumers.recorded import RecordedSource, write_messages
+from monitoring.metrics import Metrics
+from stream_cl.build import build_learner
+from stream_cl.checkpoint import CheckpointStore
+from stream_cl.cli import main
+from stream_cl.group import Group, model_sha256
+from stream_cl.learner import RunState
+from stream_cl.run import RunOptions, RunParts, run_stream
+from tests.fixtures.procs import free_port
+from tests.fixtures.redis import RedisServer
+from tests.stream_cl.test_serve_kafka import BAD, assert_accounted, finish, produce, serve_args, wait_until
+from tests.streams import blob_arrays, messages
+
+GROUP = ("--workers", 2, "--until-idle", 6, "--kafka-session-timeout-ms", 2000)
+
+
+def shared_buffer(server: RedisServer, name: str) -> tuple[str, str]:
+    return "--buffer", f"{server.url}?name={name}"
+
+
+def start(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "stream_cl", *serve_args(bootstrap, topic, tmp, name, *args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMCL_TEST_THREADS": "1"}
+    with (tmp / f"{name}.log").open("wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int) -> dict:
+    with start(bootstrap, topic, tmp, name, *args) as proc:
+        try:
+            finish(proc, tmp / f"{name}.log", timeout_s=180)
+        finally:
+            proc.kill()  # a no-op once it exited; a hung group must not outlive the test
+    return json.loads((tmp / f"{name}.json").read_text())
+
+
+def learned_ids(tmp: Path, name: str, ranks: int) -> list[str]:
+    files = [tmp / f"{name}.{r}.jsonl" for r in range(ranks)] if ranks > 1 else [tmp / f"{name}.jsonl"]
+    return [p["id"] for f in files if f.exists() for p in map(json.loads, f.read_text().splitlines()) if p["learned"]]
+
+
+def test_two_workers_learn_a_4_partition_topic_once_as_one_model_and_restore_into_one_and_two(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 400)
+    buffer = shared_buffer(redis_server, f"scaleout-{topic}")
+    summary = run(kafka_bootstrap, topic, tmp_path, "first", *GROUP, *buffer)
+
+    assert summary["world_size"] == 2
+    workers = summary["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert all(w["learned"] > 0 for w in workers), workers  # both workers had partitions and learned
+    assert workers[0]["model_sha256"] == workers[1]["model_sha256"] != ""  # one model
+    ids = Counter(learned_ids(tmp_path, "first", 2))
+    assert set(ids) == set(where) and set(ids.values()) == {1}  # every record learned exactly once by the group
+    assert summary["learned_total"] == sum(w["learned"] for w in workers) == len(where)
+    assert_accounted(summary, len(where) + BAD)
+    _, checkpoint = CheckpointStore(tmp_path / "ckpt").latest()
+    ends = Counter(p for p, _ in where.values())  # labelled records per partition, plus the bad ones
+    offsets = {p: o for _, p, o in checkpoint["offsets"]}
+    assert sorted(offsets) == [0, 1, 2, 3]  # every partition of both workers, in rank 0's checkpoint
+    assert sum(offsets.values()) == len(where) + BAD and all(offsets[p] >= n for p, n in ends.items())
+
+    # The group's checkpoint restores into one worker: it resumes every partition where the group stopped.
+    more = produce(kafka_bootstrap, topic, 200, start=1000)
+    alone = run(kafka_bootstrap, topic, tmp_path, "alone", "--until-idle", 6, *buffer, "--group", f"alone-{topic}")
+    assert sorted(learned_ids(tmp_path, "alone", 1)) == sorted(more)
+    assert alone["learned_total"] == len(where) + len(more)
+
+    # ... and into two again.
+    last = produce(kafka_bootstrap, topic, 200, start=2000)
+    again = run(kafka_bootstrap, topic, tmp_path, "again", *GROUP, *buffer, "--group", f"again-{topic}")
+    assert sorted(learned_ids(tmp_path, "again", 2)) == sorted(last)
+    assert again["learned_total"] == len(where) + len(more) + len(last)
+    assert again["workers"][0]["model_sha256"] == again["workers"][1]["model_sha256"]
+    assert_accounted(again, len(where) + len(more) + len(last) + 3 * BAD)
+
+
+def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing_is_skipped_or_counted_twice(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 2000)
+    buffer = shared_buffer(redis_server, f"scaleout-{topic}")
+    proc = start(kafka_bootstrap, topic, tmp_path, "group", *GROUP, *buffer)
+    log = tmp_path / "group.log"
+
+    def worker_pid() -> int | None:
+        found = re.search(r"worker 1 of 2 \(gloo\), pid (\d+)", log.read_text())
+        return int(found.group(1)) if found else None
+
+    predictions = tmp_path / "group.1.jsonl"
+    with proc:
+        try:
+            wait_until(lambda: predictions.exists() and predictions.read_bytes().count(b"\n") >= 300, proc, log)
+            os.kill(worker_pid(), signal.SIGKILL)
+            finish(proc, log, timeout_s=240)
+        finally:
+            proc.kill()
+
+    # restarted (a restart can itself fail to form the group on a loaded machine; the launcher tries again)
+    assert len(re.findall(r"worker 1 of 2 \(gloo\)", log.read_text())) >= 2, "the group was restarted"
+    summary = json.loads((tmp_path / "group.json").read_text())
+    assert summary["learned_total"] == len(where)  # the restart resumed every partition at the checkpoint
+    assert_accounted(summary, len(where) + BAD)
+    assert set(learned_ids(tmp_path, "group", 2)) == set(where)  # relearned at most since the last checkpoint
+    assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
+
+
+class RecordingGroup(Group):
+    """A group worker that records the model's SHA-256 and label tree after every group step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[list] = []
+
+    def finish_step(self, state: RunState) -> None:
+        super().finish_step(state)
+        self.steps.append([model_sha256(state.learner), [list(n) for n in state.learner.labels.names]])
+
+
+def _lockstep_worker(rank: int, port: int, tmp: Path) -> None:
+    """Rank 0 streams classes c0-c2 (150 records), rank 1 only 40 records of c0 and c3: rank 1 runs dry
+    early (empty steps), c3 is a class only rank 1 sees, c1 and c2 only rank 0. The seeds differ, so
+    the learners start apart: the group starts from rank 0's parameters."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, y = blob_arrays(n_classes=4, per_class=50, shape=(8,))
+        keep = y < 3 if rank == 0 else np.isin(y, [0, 3]) & (np.arange(len(y)) % 50 < 20)
+        path = tmp / f"stream-{rank}.rec.gz"
+        write_messages(path, messages(x[keep], y[keep]))
+        group = RecordingGroup(rank, 2, torch.device("cpu"))
+        learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=rank, width=16, buffer_size=50)
+        with RecordedSource(path) as source:
+            summary, state = run_stream(
+                source,
+                group.wrap(learner),
+                Metrics(CollectorRegistry()),
+                RunOptions(batch_size=10, progress=False),
+                RunParts(lockstep=group),
+            )
+        summary = group.summarize(summary, state.learner)
+        (tmp / f"steps-{rank}.json").write_text(json.dumps({"steps": group.steps, "learned": summary.learned}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_hold_identical_parameters_and_label_trees_after_every_step(tmp_path: Path) -> None:
+    mp.spawn(_lockstep_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"steps-{r}.json").read_text()) for r in (0, 1))
+    assert len(zero["steps"]) == len(one["steps"]) == 15  # rank 0's 150 records in batches of 10
+    assert zero["steps"] == one["steps"]  # the same parameters and tree after every step ...
+    # ... and every step changed them, on both, but the second: with c0 alone the softmax has one class, no gradient
+    assert len({sha for sha, _ in zero["steps"]}) == 14 and zero["steps"][0][0] == zero["steps"][1][0]
+    trees = [tree for _, tree in zero["steps"]]
+    assert trees[0] == [["c0"]] and trees[2] == [["c0", "c3"]] and trees[-1] == [["c0", "c3", "c1", "c2"]]
+    assert zero["learned"] == one["learned"] == 150 + 40  # the group's summary, on both workers
+
+
+def test_workers_refuse_what_a_group_cannot_learn_before_starting_any(tmp_path: Path, capsys) -> None:
+    stream = tmp_path / "s.rec.gz"
+    write_messages(stream, messages(*blob_arrays(n_classes=2, per_class=5)))
+    assert main(["serve", "--workers", "2", "--source", str(stream), "--metrics-port", "0"]) == 2
+    assert "several workers need a Kafka source" in capsys.readouterr().err  # a file would be learned twice
+    kafka = ["serve", "--workers", "2", "--source", "kafka://127.0.0.1:1/t", "--metrics-port", "0"]
+    assert main([*kafka, "--method", "pl-fms"]) == 2
+    assert "cannot learn with several workers" in capsys.readouterr().err
