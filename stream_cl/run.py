@@ -203,7 +203,8 @@ class _Run:
         records = self._screen(poll)
         learn = self._hold_out(records)
         labelled = sum(r.label is not None for r in learn)
-        arrived = {id(r) for r in learn if r.label is None}  # before the overload policy may drop labels
+        # unlabelled on arrival, before the overload policy may drop labels: only delayed labels need to know
+        arrived = {id(r) for r in learn if r.label is None} if self.parts.labels is not None else set()
         skipped = 0
         if self.parts.overload is not None:
             learn = self.parts.overload.admit(learn)

@@ -8,6 +8,7 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from stream_cl import __version__
 from stream_cl.commands.settings import add_settings, config_from, print_config, setting_names
 from stream_cl.config import SECTIONS, Config, masked
 from stream_cl.errors import ConfigError
@@ -41,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     names = setting_names(tuple(SECTIONS))
     effective = masked({k: v for k, v in cfg.flat().items() if k in names and k in cfg.explicit})
-    log.info("stream-cl %s serving with %s", _version(), effective or "defaults")
+    log.info("stream-cl %s serving with %s", __version__, effective or "defaults")
     if cfg.checkpoint.dir is None:
         log.warning("no --checkpoint-dir: the model is lost when the service stops")
     if cfg.service.workers > 1 or launched_by_torchrun():
@@ -80,12 +81,3 @@ def _scale_out(cfg: Config, args: argparse.Namespace) -> tuple[Summary | None, b
         raise ConfigError("--workers starts local workers; under torchrun, give it --nproc-per-node instead")
     summary, received = run_worker(cfg)
     return (summary if int(os.environ["RANK"]) == 0 else None), received
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("stream-cl")
-    except PackageNotFoundError:
-        return "unknown"
