@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from consumers.label_wire import encode_label
@@ -102,9 +103,11 @@ def test_late_early_missing_and_unknown_labels_join_with_exact_counts(
     assert unmatched_ids == ["f0"] + [f"ghost{j}" for j in range(5)]
 
 
+@pytest.mark.parametrize("pending", ["memory", "redis"])
 def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
-    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, pending: str, request: pytest.FixtureRequest
 ) -> None:
+    """With either pending store: the memory one travels in the checkpoint, the Redis one is rolled back to it."""
     features, labels = make_topic(1), make_topic(1)
     n = 2000
     x, y = blob_arrays(n_classes=4, per_class=n // 4, seed=5)
@@ -119,6 +122,8 @@ def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
     )
     extra = ["--labels", f"kafka://{kafka_bootstrap}/{labels}", "--label-ttl-seconds", "100"]
     extra += ["--checkpoint-every-records", "100", "--predictions-for", "unlabelled"]
+    if pending == "redis":
+        extra += ["--pending", request.getfixturevalue("redis_server").url]
     first = serve(kafka_bootstrap, features, tmp_path, "first", *extra)
     wait_until(lambda: lines(tmp_path / "first.jsonl") >= 600, first, tmp_path / "first.log")
     first.kill()  # SIGKILL: no drain; both groups have committed past the last checkpoint
@@ -128,6 +133,7 @@ def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
     assert {t for t, _, _ in checkpoint["offsets"]} == {features, labels}
     shown = describe(checkpoint, Path("ckpt"))["pending"]
     assert shown["samples"] + shown["labels"] > 0, "the kill must fall mid-join"
+    assert (checkpoint["pending"].get("store") == "redis") == (pending == "redis")
 
     second = serve(kafka_bootstrap, features, tmp_path, "second", *extra, "--until-idle", 6)
     finish(second, tmp_path / "second.log")
