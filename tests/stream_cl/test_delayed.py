@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry
 from consumers.label_wire import decode_label, encode_label
 from consumers.record import DeadLetter, Message, Poll, Position, Record
 from monitoring.labeljoin import JoinMetrics
+from stream_cl.config import load
 from stream_cl.delayed import DelayedLabels
+from stream_cl.errors import ConfigError
 from stream_cl.pending import UNMATCHED, MemoryPending, PendingStore
 from stream_cl.pending_redis import RedisPending
 from tests.fixtures.redis import RedisServer
@@ -181,3 +183,15 @@ def test_the_metrics_follow_the_join(make_store: MakeStore) -> None:
     assert value("streamcl_pending_expired_total") == 1
     assert (value("streamcl_pending_samples"), value("streamcl_labels_waiting")) == (1, 1)
     assert (value("streamcl_label_delay_seconds_count"), value("streamcl_label_delay_seconds_sum")) == (1, 3)
+
+
+def test_pending_comes_from_the_flag_or_the_environment_and_must_be_memory_or_redis() -> None:
+    assert load({}, {}).labels.pending == "memory"
+    from_env = load({}, {"STREAMCL_PENDING": "redis://app:pw@redis:6379/2"})
+    assert from_env.labels.pending == "redis://app:pw@redis:6379/2"
+    assert load({"pending": "rediss://redis:6380/0"}, {}, sections=("labels", "source")).labels.pending.startswith(
+        "rediss"
+    )
+    with pytest.raises(ConfigError, match="must be 'memory' or a Redis URL") as error:
+        load({"pending": "postgres://app:pw@db/0"}, {})
+    assert "pw" not in str(error.value)

@@ -14,7 +14,8 @@ import pytest
 from consumers.label_wire import LabelRecord, decode_label, encode_label
 from consumers.record import Message, Position
 from stream_cl.pending import PendingStateError
-from stream_cl.pending_redis import RedisPending
+from stream_cl.pending_redis import RedisPending, open_redis_pending
+from tests.fixtures.procs import free_port
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_delayed import classes, feature
 
@@ -157,3 +158,11 @@ def test_without_checkpoints_a_restart_resumes_with_the_live_state(redis_server:
     assert contents(second) == (["a", "b"], ["w"]) and (second.feature_time, second.label_time) == (5, 3)
     settled = second.label([label("late", "cat", 12)])
     assert [r.id for r in settled.expired] == ["a"] and np.array_equal(settled.expired[0].x, feature("a", 0).x)
+
+
+def test_a_redis_that_cannot_be_reached_at_start_is_an_error_with_the_password_masked() -> None:
+    with pytest.raises(ConnectionError, match=r"cannot reach the Redis pending store at redis://app:\*\*\*@") as error:
+        open_redis_pending(
+            f"redis://app:hunter2@127.0.0.1:{free_port()}/0", group="g", ttl_s=1, max_pending=1, journal=True
+        )
+    assert "hunter2" not in str(error.value)
