@@ -18,7 +18,9 @@ from consumers.label_wire import encode_label
 from consumers.producer import new_producer
 from consumers.wire import encode_binary
 from stream_cl.checkpoint import CheckpointStore
+from stream_cl.cli import main
 from stream_cl.commands.checkpoint import describe
+from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_serve_kafka import finish, lines, serve, wait_until
 from tests.streams import blob_arrays
 
@@ -143,3 +145,25 @@ def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
     assert summary["labels_consumed_total"] == len(labelled) + 1 and summary["labels_unmatched_total"] == 0
     assert (summary["pending"], summary["labels_waiting"]) == (0, 1)
     assert summary["consumed_total"] == n == summary["learned_total"] + summary["predict_only_total"]
+
+
+def test_without_checkpoints_the_redis_pending_store_keeps_the_samples_for_the_next_run(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    features, labels = make_topic(1), make_topic(1)
+    x, y = blob_arrays(n_classes=2, per_class=25, seed=7)
+    produce_features(kafka_bootstrap, features, range(40), x)
+    args = ["run", "--source", f"kafka://{kafka_bootstrap}/{features}", "--group", f"g-{features}", "--no-progress"]
+    args += ["--model", "mlp", "--width", "8", "--probe-fraction", "0", "--no-drift", "--until-idle", "4"]
+    args += ["--metrics-port", "0"]
+    args += ["--labels", f"kafka://{kafka_bootstrap}/{labels}", "--pending", redis_server.url]
+    assert main([*args, "--summary-json", str(tmp_path / "first.json")]) == 0  # no labels yet: all 40 wait
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert (first["consumed"], first["pending"], first["learned"]) == (40, 40, 0)
+
+    produce_features(kafka_bootstrap, features, range(40, 50), x)
+    produce_labels(kafka_bootstrap, labels, [(i + 1, encode_label(f"f{i}", f"c{y[i]}")) for i in range(50)])
+    assert main([*args, "--summary-json", str(tmp_path / "second.json")]) == 0  # a new process, no checkpoint
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert (second["consumed"], second["labels_joined"], second["learned"]) == (10, 50, 50)
+    assert (second["pending"], second["labels_waiting"], second["labels_unmatched"]) == (0, 0, 0)
