@@ -7,6 +7,9 @@ order the service happens to read the two topics in.
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from consumers.wire import encode_binary
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.cli import main
 from stream_cl.commands.checkpoint import describe
+from tests.fixtures.procs import free_port
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_serve_kafka import finish, lines, serve, wait_until
 from tests.streams import blob_arrays
@@ -167,3 +171,39 @@ def test_without_checkpoints_the_redis_pending_store_keeps_the_samples_for_the_n
     second = json.loads((tmp_path / "second.json").read_text())
     assert (second["consumed"], second["labels_joined"], second["learned"]) == (10, 50, 50)
     assert (second["pending"], second["labels_waiting"], second["labels_unmatched"]) == (0, 0, 0)
+
+
+def readyz(port: int) -> int:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_redis_outage_pauses_consuming_reports_unready_and_loses_nothing(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, redis_aof: RedisServer
+) -> None:
+    features, labels = make_topic(1), make_topic(1)
+    n = 400
+    x, y = blob_arrays(n_classes=2, per_class=n // 2, seed=8)
+    produce_features(kafka_bootstrap, features, range(n // 2), x)
+    produce_labels(kafka_bootstrap, labels, [(i + 0.5, encode_label(f"f{i}", f"c{y[i]}")) for i in range(n)])
+    port = free_port()
+    extra = ["--labels", f"kafka://{kafka_bootstrap}/{labels}", "--pending", redis_aof.url, "--metrics-port", port]
+    service = serve(kafka_bootstrap, features, tmp_path, "run", *extra, "--until-idle", 6)
+    log = tmp_path / "run.log"
+    wait_until(lambda: lines(tmp_path / "run.jsonl") >= n // 2 and readyz(port) == 200, service, log)
+
+    redis_aof.kill()
+    produce_features(kafka_bootstrap, features, range(n // 2, n), x)  # their labels wait in the dead Redis
+    wait_until(lambda: readyz(port) == 503, service, log)
+    time.sleep(1)
+    stalled = lines(tmp_path / "run.jsonl")
+    assert stalled <= n // 2 + 10  # one batch predicted, then nothing consumed until Redis is back
+    redis_aof.start()
+    wait_until(lambda: readyz(port) == 200, service, log)
+    finish(service, log)
+
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert (summary["consumed"], summary["labels_consumed"], summary["labels_joined"], summary["learned"]) == (n,) * 4
+    assert (summary["pending"], summary["labels_waiting"], summary["labels_unmatched"]) == (0, 0, 0)
