@@ -9,7 +9,8 @@ last call's answer). An entry is raw bytes behind a JSON header (never pickle): 
 bytes with dtype and shape, its predicted classes, and the message it came in (value, key, headers,
 position, timestamp) so a dead letter still carries it byte for byte; a label's path and message.
 Every batch of feature records or label messages is one Lua script call: joins, replacements,
-evictions and expiries of the batch change together or not at all.
+evictions and expiries of the batch change together or not at all. The scripts name keys they
+compute from the prefix, so they need a single Redis server (or primary), not Redis Cluster.
 
 **Consistency with checkpoints.** A restart resumes both topics from the checkpoint's offsets, so
 Redis must hold exactly what it held when that checkpoint was taken; it must neither keep a join
@@ -182,8 +183,9 @@ return finish()
 ``j``'s a: the sample's entry, b: the label's index."""
 
 ROLLBACK = """
--- ARGV: prefix, generation G to go back to. Undoes every newer generation, newest change first.
-local p, g = ARGV[1], tonumber(ARGV[2])
+-- ARGV: prefix, generation G to go back to, changes read per LRANGE. Undoes every newer generation,
+-- newest change first, reading each journal from its end in chunks (a long journal is not copied at once).
+local p, g, chunk = ARGV[1], tonumber(ARGV[2]), 6 * tonumber(ARGV[3])
 local meta = p .. 'meta'
 local floor = tonumber(redis.call('HGET', meta, 'floor') or '0')
 local top = tonumber(redis.call('HGET', meta, 'top') or '0')
@@ -192,18 +194,23 @@ if g < floor then
 end
 for gen = top, g + 1, -1 do
   local undo = p .. 'undo:' .. gen
-  local log = redis.call('LRANGE', undo, 0, -1)
-  for i = #log - 5, 1, -6 do
-    local what, k, id = log[i], log[i + 1], log[i + 2]
-    if what == 'a' then
-      redis.call('ZREM', k .. 'order', id)
-      redis.call('HDEL', k .. 'data', id)
-      redis.call('HDEL', k .. 'ts', id)
-    else
-      redis.call('ZADD', k .. 'order', log[i + 3], id)
-      redis.call('HSET', k .. 'data', id, log[i + 5])
-      redis.call('HSET', k .. 'ts', id, log[i + 4])
+  local stop = redis.call('LLEN', undo) - 1
+  while stop >= 0 do
+    local start = math.max(0, stop - chunk + 1)
+    local log = redis.call('LRANGE', undo, start, stop)
+    for i = #log - 5, 1, -6 do
+      local what, k, id = log[i], log[i + 1], log[i + 2]
+      if what == 'a' then
+        redis.call('ZREM', k .. 'order', id)
+        redis.call('HDEL', k .. 'data', id)
+        redis.call('HDEL', k .. 'ts', id)
+      else
+        redis.call('ZADD', k .. 'order', log[i + 3], id)
+        redis.call('HSET', k .. 'data', id, log[i + 5])
+        redis.call('HSET', k .. 'ts', id, log[i + 4])
+      end
     end
+    stop = start - 1
   end
   redis.call('DEL', undo)
 end
@@ -247,12 +254,14 @@ class RedisPending:
         journal: bool,
         retry_min_s: float = 0.1,
         retry_max_s: float = 5.0,
+        rollback_chunk: int = 1000,
     ) -> None:
         if ttl_s <= 0 or max_pending <= 0:
             raise ValueError(f"ttl_s and max_pending must be > 0, got {ttl_s} and {max_pending}")
         self.client, self.ttl_s, self.max_pending, self.journal = client, ttl_s, max_pending, journal
         self.prefix = f"streamcl:pending:{{{group}}}:"
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
+        self.rollback_chunk = rollback_chunk  # journal changes read per LRANGE during a restore
         self.healthy = True
         self.gen = 1 if journal else 0
         self.feature_time = self.label_time = float("-inf")
@@ -347,7 +356,7 @@ class RedisPending:
         gen = 0 if state is None else int(state["generation"])
         expected = (0, 0) if state is None else (int(state["samples"]), int(state["labels"]))
         try:
-            found = tuple(int(n) for n in self._rollback(args=[self.prefix, gen]))
+            found = tuple(int(n) for n in self._rollback(args=[self.prefix, gen, self.rollback_chunk]))
         except redis.ResponseError as error:
             raise PendingStateError(
                 f"the Redis pending store {self.prefix}* cannot go back to the checkpoint: {error}"

@@ -57,7 +57,7 @@ def test_a_restore_undoes_every_change_after_the_checkpoint_and_replaying_them_j
     assert after_the_checkpoint(first) == ["a", "-b@1", "-b@4"]
     assert contents(first) == (["c", "d", "e"], ["y", "x"])
 
-    second = store(redis_server, group)  # the restart
+    second = store(redis_server, group, rollback_chunk=2)  # the restart; its journal read 2 changes at a time
     second.restore(checkpoint)
     assert contents(second) == (["a", "b"], ["x"]) and second.sizes() == (2, 1)
     (b,) = [r for r, _, _ in second.label([label("b", "cat", 2.5)]).joined]
