@@ -70,7 +70,7 @@ local ftime, ltime = tonumber(ARGV[7]), tonumber(ARGV[8])
 local meta = p .. 'meta'
 local last = redis.call('HGET', meta, 'op') or '0'
 if last == op then  -- a retry of a call that ran: its reply, not a second run
-  return cmsgpack.unpack(redis.call('GET', p .. 'reply'))
+  return redis.call('LRANGE', p .. 'reply', 0, -1)
 end
 if last ~= prev then
   return redis.error_reply('STATELOST pending store at operation ' .. last .. ', expected ' .. prev)
@@ -124,7 +124,10 @@ local function finish()
   table.insert(out, 1, redis.call('ZCARD', S .. 'order'))
   redis.call('HSET', meta, 'op', op, 'ft', ARGV[9], 'lt', ARGV[10])
   if gen > 0 then redis.call('HSET', meta, 'top', gen) end
-  redis.call('SET', p .. 'reply', cmsgpack.pack(out))
+  redis.call('DEL', p .. 'reply')
+  for i = 1, #out, 3000 do  -- in slices: Lua's unpack takes a bounded number of values
+    redis.call('RPUSH', p .. 'reply', unpack(out, i, math.min(i + 2999, #out)))
+  end
   return out
 end
 """
