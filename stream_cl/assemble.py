@@ -45,6 +45,8 @@ from stream_cl.group import LOCKSTEP_METHODS, Group, GroupCheckpointer
 from stream_cl.learner import LearnerFactory, RunState
 from stream_cl.methods import method_class
 from stream_cl.overload import OverloadPolicy
+from stream_cl.pending import MemoryPending, PendingStore
+from stream_cl.pending_redis import open_redis_pending
 from stream_cl.predictions import Predictions, open_sink
 from stream_cl.run import RUN_REASONS, CountOnly, RunOptions, RunParts
 
@@ -102,7 +104,8 @@ def assemble(
 
         def is_ready() -> bool:
             assigned = not isinstance(source, Instrumented) or bool(source.assignment())
-            return ready.is_set() and assigned and parts.dead_letters.healthy
+            labels_ok = parts.labels is None or parts.labels.healthy  # the Redis pending store is reachable
+            return ready.is_set() and assigned and parts.dead_letters.healthy and labels_ok
 
         exporter = _serve_metrics(cfg, metrics, is_ready)
         if exporter is not None:
@@ -271,7 +274,8 @@ def _delayed_labels(
     cfg: Config, stack: ExitStack, metrics: Metrics, restored: Restored | None, require_topic: bool
 ) -> DelayedLabels | None:
     """The label topic's source (group ``GROUP-labels``, resuming at the checkpoint's offsets), its dead-letter
-    sink (``TOPIC.dlq`` through a spool of its own) and the pending stores the checkpoint held."""
+    sink (``TOPIC.dlq`` through a spool of its own) and the pending store (``--pending``) as the checkpoint
+    left it."""
     url = cfg.labels.url
     if url is None:
         return None
@@ -293,16 +297,26 @@ def _delayed_labels(
         client_options=cfg.kafka.client_options(),
         spool_dir=None if spool is None else spool.with_name(spool.name + "-labels"),
     )
-    labels = DelayedLabels(
-        source,
-        stack.enter_context(sink),
-        ttl_s=cfg.labels.ttl_seconds,
-        max_pending=cfg.labels.pending_max,
-        metrics=JoinMetrics(metrics.registry),
-    )
-    if restored is not None and restored.pending is not None:
-        labels.load_state_dict(restored.pending)
+    store = open_pending(cfg, journal=cfg.checkpoint.dir is not None)
+    stack.callback(store.close)
+    labels = DelayedLabels(source, stack.enter_context(sink), store=store, metrics=JoinMetrics(metrics.registry))
+    labels.restore(restored.pending if restored is not None else None)
     return labels
+
+
+def open_pending(cfg: Config, *, journal: bool) -> PendingStore:
+    """The pending store ``--pending`` names, keyed under the consumer group (``journal``: the run checkpoints,
+    so a Redis store keeps what a restore needs)."""
+    labels = cfg.labels
+    if labels.pending == "memory":
+        return MemoryPending(ttl_s=labels.ttl_seconds, max_pending=labels.pending_max)
+    return open_redis_pending(
+        labels.pending,
+        group=cfg.source.group,
+        ttl_s=labels.ttl_seconds,
+        max_pending=labels.pending_max,
+        journal=journal,
+    )
 
 
 def _overload(cfg: Config, source: Source, metrics: Metrics) -> OverloadPolicy | None:

@@ -64,8 +64,9 @@ class Checkpointer:
     probe
         The run's probe set, checkpointed too, so accuracy and forgetting continue across restarts.
     pending
-        The delayed-label stores (anything with ``state_dict``), checkpointed with the learner and both
-        topics' offsets, so a restart neither loses a waiting sample nor learns one twice.
+        The delayed-label stores (``state_dict``; ``saved`` once a checkpoint holding it is written),
+        checkpointed with the learner and both topics' offsets, so a restart neither loses a waiting
+        sample nor learns one twice.
     """
 
     def __init__(
@@ -148,7 +149,13 @@ class Checkpointer:
             log.exception("checkpoint write failed; the next one will be attempted")
         self._since, self._last = 0, time.monotonic()
         self._pending_unsaved, self._unsaved_since = self._unsaved_since, None
-        self._pending = self._pool.submit(self.store.write, payload)
+        self._pending = self._pool.submit(self._write, payload)
+
+    def _write(self, payload: dict[str, Any]) -> CheckpointInfo:
+        info = self.store.write(payload)
+        if payload["pending"] is not None:  # the delayed-label store may drop what only older checkpoints needed
+            self.pending.saved(payload["pending"])
+        return info
 
     def _wait(self) -> CheckpointInfo | None:
         pending, self._pending = self._pending, None

@@ -339,6 +339,12 @@ class ServiceConfig:
     )
 
 
+def _pending_spec(value: str) -> str | None:
+    if value == "memory" or value.startswith(("redis://", "rediss://")):
+        return None
+    return f"must be 'memory' or a Redis URL redis[s]://HOST:PORT/DB, got {mask_url(value)!r}"
+
+
 @dataclass(frozen=True)
 class LabelsConfig:
     """Delayed labels: features predicted on arrival, learned when their label arrives on a topic of its own."""
@@ -360,6 +366,13 @@ class LabelsConfig:
         "most samples waiting for a label (and most labels waiting for a sample); the oldest leaves first",
         flat="pending_max",
         check=positive,
+    )
+    pending: str = setting(
+        "memory",
+        "where samples and labels wait: 'memory' (kept by checkpoints) or 'redis[s]://[user:pass@]HOST:PORT/DB' "
+        "(survives restarts; keys under streamcl:pending:{GROUP}:)",
+        flat="pending",
+        check=_pending_spec,
     )
 
 

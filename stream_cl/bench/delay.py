@@ -26,6 +26,7 @@ from stream_cl.assemble import default_stream, learner_factory, make_metrics
 from stream_cl.bench.accuracy_report import machine
 from stream_cl.config import Config
 from stream_cl.delayed import DelayedLabels
+from stream_cl.pending import MemoryPending
 from stream_cl.run import CountOnly, RunOptions, RunParts, run_stream
 from stream_cl.summary import Summary
 
@@ -104,7 +105,9 @@ def measure(delay: int | None, cfg: Config, stream: str) -> Summary:
             feed = LabelFeed(delay)
             source = Unlabelled(inner, feed)
             join = JoinMetrics(metrics.registry)
-            parts.labels = DelayedLabels(feed, CountOnly(), ttl_s=1e12, max_pending=10**9, metrics=join)
+            parts.labels = DelayedLabels(
+                feed, CountOnly(), store=MemoryPending(ttl_s=1e12, max_pending=10**9), metrics=join
+            )
         summary, _ = run_stream(source, learner_factory(cfg, device), metrics, options, parts)
     return summary
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stream_cl.pending import pending_counts
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("checkpoint", help="list, show or restore service checkpoints")
@@ -96,5 +98,5 @@ def describe(payload: dict[str, Any], path: Path) -> dict[str, Any]:
         "classes_per_level": [len(names) for names in labels.get("names", [])],
         "parameters": int(sum(t.numel() for t in model.values() if hasattr(t, "numel"))),
         "buffer_size": int(learner["buffer"]["size"]) if "size" in learner.get("buffer", {}) else None,
-        "pending": None if pending is None else {"samples": len(pending["pending"]), "labels": len(pending["waiting"])},
+        "pending": None if pending is None else dict(zip(("samples", "labels"), pending_counts(pending), strict=True)),
     }

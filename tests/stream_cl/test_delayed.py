@@ -1,18 +1,29 @@
-"""The delayed-label join on its own: event-time expiry in both orders, a full store, checkpoint round trip,
-and the label message decoder."""
+"""The delayed-label join on its own, over both pending stores (memory, and a real redis-server): event-time
+expiry in both orders, a full store, checkpoint round trip, and the label message decoder."""
 
 from __future__ import annotations
 
 import io
+import itertools
+from collections.abc import Callable
 
 import numpy as np
+import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
 from consumers.label_wire import decode_label, encode_label
 from consumers.record import DeadLetter, Message, Poll, Position, Record
 from monitoring.labeljoin import JoinMetrics
-from stream_cl.delayed import UNMATCHED, DelayedLabels
+from stream_cl.config import load
+from stream_cl.delayed import DelayedLabels
+from stream_cl.errors import ConfigError
+from stream_cl.pending import UNMATCHED, MemoryPending, PendingStore
+from stream_cl.pending_redis import RedisPending
+from tests.fixtures.redis import RedisServer
+
+MakeStore = Callable[..., PendingStore]
+_groups = itertools.count()
 
 
 class Labels:
@@ -51,21 +62,36 @@ def feature(sample_id: str, at_s: float) -> Record:
     return Record(sample_id, np.full(3, at_s, dtype=np.float32), None, message.position, at_s, message)
 
 
-def join(ttl_s: float = 10, max_pending: int = 100) -> tuple[DelayedLabels, Labels, Sink]:
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request: pytest.FixtureRequest) -> MakeStore:
+    """Pending stores of one kind; Redis ones on the session's redis-server, a fresh group (key prefix) each."""
+    group = f"test-delayed-{next(_groups)}"
+
+    def make(ttl_s: float = 10, max_pending: int = 100, *, journal: bool = True) -> PendingStore:
+        if request.param == "memory":
+            return MemoryPending(ttl_s=ttl_s, max_pending=max_pending)
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = RedisPending(server.client(), group=group, ttl_s=ttl_s, max_pending=max_pending, journal=journal)
+        request.addfinalizer(store.close)
+        return store
+
+    return make
+
+
+def join(make_store: MakeStore, ttl_s: float = 10, max_pending: int = 100) -> tuple[DelayedLabels, Labels, Sink]:
     labels, sink = Labels(), Sink()
-    return (
-        DelayedLabels(labels, sink, ttl_s=ttl_s, max_pending=max_pending, metrics=JoinMetrics(CollectorRegistry())),
-        labels,
-        sink,
-    )
+    store = make_store(ttl_s, max_pending)
+    delayed = DelayedLabels(labels, sink, store=store, metrics=JoinMetrics(CollectorRegistry()))
+    delayed.restore(None)
+    return delayed, labels, sink
 
 
 def classes(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64).reshape(n, 1)
 
 
-def test_a_sample_joins_its_label_in_either_order_and_keeps_its_arrival_prediction() -> None:
-    delayed, labels, _ = join()
+def test_a_sample_joins_its_label_in_either_order_and_keeps_its_arrival_prediction(make_store: MakeStore) -> None:
+    delayed, labels, _ = join(make_store)
     assert not delayed.arrive([feature("a", 0)], classes(1)).joined
     labels.send("a", "cat", 4)
     labels.send("b", "dog", 5)  # before its features
@@ -74,49 +100,56 @@ def test_a_sample_joins_its_label_in_either_order_and_keeps_its_arrival_predicti
     assert (offsets, n) == ({("labels", 0): 2}, 2)
     step = delayed.arrive([feature("x", 1), feature("b", 2)], classes(2))
     assert [(j.record.id, j.record.label, int(j.predicted[0])) for j in step.joined] == [("b", ("dog",), 1)]
-    assert list(delayed.pending) == ["x"] and list(delayed.delays) == [4.0, 3.0]
+    assert delayed.store.pending_ids() == ["x"] and list(delayed.delays) == [4.0, 3.0]
 
 
-def test_expiry_follows_event_time_of_the_other_topic() -> None:
-    delayed, labels, sink = join(ttl_s=10)
+def test_expiry_follows_event_time_of_the_other_topic(make_store: MakeStore) -> None:
+    delayed, labels, sink = join(make_store, ttl_s=10)
     delayed.arrive([feature("a", 0), feature("b", 5)], classes(2))
     labels.send("ghost", "cat", 6)
     labels.send("late", "cat", 12)  # label time 12 > 0 + 10: a's label can no longer come in time
     step, _, _ = delayed.poll(100)
-    assert [r.id for r in step.expired] == ["a"] and list(delayed.pending) == ["b"]
-    assert list(delayed.waiting) == ["ghost", "late"] and not sink.sent
+    assert [r.id for r in step.expired] == ["a"] and delayed.store.pending_ids() == ["b"]
+    assert delayed.store.waiting_ids() == ["ghost", "late"] and not sink.sent
     delayed.arrive([feature("c", 17)], classes(1))  # feature time 17 > 6 + 10: ghost's features never came
-    assert list(delayed.waiting) == ["late"] and [d.reason for d in sink.sent] == [UNMATCHED]
+    assert delayed.store.waiting_ids() == ["late"] and [d.reason for d in sink.sent] == [UNMATCHED]
     assert (delayed.expired, delayed.unmatched, delayed.joined) == (1, 1, 0)
 
 
-def test_a_full_store_gives_up_its_oldest_entry_and_a_bad_label_message_is_a_dead_letter() -> None:
-    delayed, labels, sink = join(max_pending=2)
+def test_a_full_store_gives_up_its_oldest_entry_and_a_bad_label_message_is_a_dead_letter(make_store: MakeStore) -> None:
+    delayed, labels, sink = join(make_store, max_pending=2)
     step = delayed.arrive([feature("a", 0), feature("b", 1), feature("c", 2)], classes(3))
-    assert [r.id for r in step.expired] == ["a"] and list(delayed.pending) == ["b", "c"]
+    assert [r.id for r in step.expired] == ["a"] and delayed.store.pending_ids() == ["b", "c"]
     for sample_id in ("p", "q", "r"):
         labels.send(sample_id, "cat", 3)
     labels.queued.append(Message(Position("labels", 0, 3), 3, None, b'{"id": "s"}'))
     delayed.poll(100)
-    assert list(delayed.waiting) == ["q", "r"]
+    assert delayed.store.waiting_ids() == ["q", "r"]
     assert [(d.reason, d.message.value) for d in sink.sent] == [
         ("missing_field", b'{"id": "s"}'),
         (UNMATCHED, encode_label("p", "cat")),
     ]
 
 
-def test_the_stores_survive_a_checkpoint_round_trip_byte_for_byte() -> None:
-    delayed, labels, _ = join()
+def test_the_stores_survive_a_checkpoint_round_trip_byte_for_byte(make_store: MakeStore) -> None:
+    delayed, labels, _ = join(make_store)
     delayed.arrive([feature("a", 0)], classes(1))
     labels.send("b", "dog", 1)
     delayed.poll(100)
     buffer = io.BytesIO()
     torch.save(delayed.state_dict(), buffer)
-    restored, _, _ = join()
-    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
-    (kept,) = restored.pending.values()
+    delayed.arrive([feature("c", 2)], classes(1))  # after the checkpoint: a restart from it has no c
+    labels.send("a", "cat", 2)
+    delayed.poll(100)  # nor a join of a
+
+    again = Labels()
+    restored = DelayedLabels(again, Sink(), store=make_store(), metrics=JoinMetrics(CollectorRegistry()))
+    restored.restore(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert (restored.store.pending_ids(), restored.store.waiting_ids()) == (["a"], ["b"])
+    again.send("a", "cat", 3)
+    (kept,) = restored.poll(100)[0].joined
     assert kept.record.message == feature("a", 0).message and np.array_equal(kept.record.x, feature("a", 0).x)
-    assert restored.waiting["b"].message == delayed.waiting["b"].message
+    assert (kept.record.label, int(kept.predicted[0])) == (("cat",), 0)
     step = restored.arrive([feature("b", 0.5)], classes(1))
     assert [j.record.label for j in step.joined] == [("dog",)]
 
@@ -135,8 +168,8 @@ def test_label_messages_decode_or_say_why_not() -> None:
     assert decoded(b" " * 70_000) == "oversized"
 
 
-def test_the_metrics_follow_the_join() -> None:
-    delayed, labels, _ = join(ttl_s=10)
+def test_the_metrics_follow_the_join(make_store: MakeStore) -> None:
+    delayed, labels, _ = join(make_store, ttl_s=10)
     delayed.arrive([feature("a", 0), feature("b", 1)], classes(2))
     labels.send("a", "cat", 3)
     labels.send("ghost", "cat", 4)
@@ -150,3 +183,15 @@ def test_the_metrics_follow_the_join() -> None:
     assert value("streamcl_pending_expired_total") == 1
     assert (value("streamcl_pending_samples"), value("streamcl_labels_waiting")) == (1, 1)
     assert (value("streamcl_label_delay_seconds_count"), value("streamcl_label_delay_seconds_sum")) == (1, 3)
+
+
+def test_pending_comes_from_the_flag_or_the_environment_and_must_be_memory_or_redis() -> None:
+    assert load({}, {}).labels.pending == "memory"
+    from_env = load({}, {"STREAMCL_PENDING": "redis://app:pw@redis:6379/2"})
+    assert from_env.labels.pending == "redis://app:pw@redis:6379/2"
+    assert load({"pending": "rediss://redis:6380/0"}, {}, sections=("labels", "source")).labels.pending.startswith(
+        "rediss"
+    )
+    with pytest.raises(ConfigError, match="must be 'memory' or a Redis URL") as error:
+        load({"pending": "postgres://app:pw@db/0"}, {})
+    assert "pw" not in str(error.value)

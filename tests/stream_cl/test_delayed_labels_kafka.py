@@ -7,17 +7,24 @@ order the service happens to read the two topics in.
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from consumers.label_wire import encode_label
 from consumers.producer import new_producer
 from consumers.wire import encode_binary
 from stream_cl.checkpoint import CheckpointStore
+from stream_cl.cli import main
 from stream_cl.commands.checkpoint import describe
+from tests.fixtures.procs import free_port
+from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_serve_kafka import finish, lines, serve, wait_until
 from tests.streams import blob_arrays
 
@@ -102,9 +109,11 @@ def test_late_early_missing_and_unknown_labels_join_with_exact_counts(
     assert unmatched_ids == ["f0"] + [f"ghost{j}" for j in range(5)]
 
 
+@pytest.mark.parametrize("pending", ["memory", "redis"])
 def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
-    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, pending: str, request: pytest.FixtureRequest
 ) -> None:
+    """With either pending store: the memory one travels in the checkpoint, the Redis one is rolled back to it."""
     features, labels = make_topic(1), make_topic(1)
     n = 2000
     x, y = blob_arrays(n_classes=4, per_class=n // 4, seed=5)
@@ -119,6 +128,8 @@ def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
     )
     extra = ["--labels", f"kafka://{kafka_bootstrap}/{labels}", "--label-ttl-seconds", "100"]
     extra += ["--checkpoint-every-records", "100", "--predictions-for", "unlabelled"]
+    if pending == "redis":
+        extra += ["--pending", request.getfixturevalue("redis_server").url]
     first = serve(kafka_bootstrap, features, tmp_path, "first", *extra)
     wait_until(lambda: lines(tmp_path / "first.jsonl") >= 600, first, tmp_path / "first.log")
     first.kill()  # SIGKILL: no drain; both groups have committed past the last checkpoint
@@ -128,6 +139,7 @@ def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
     assert {t for t, _, _ in checkpoint["offsets"]} == {features, labels}
     shown = describe(checkpoint, Path("ckpt"))["pending"]
     assert shown["samples"] + shown["labels"] > 0, "the kill must fall mid-join"
+    assert (checkpoint["pending"].get("store") == "redis") == (pending == "redis")
 
     second = serve(kafka_bootstrap, features, tmp_path, "second", *extra, "--until-idle", 6)
     finish(second, tmp_path / "second.log")
@@ -137,3 +149,61 @@ def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
     assert summary["labels_consumed_total"] == len(labelled) + 1 and summary["labels_unmatched_total"] == 0
     assert (summary["pending"], summary["labels_waiting"]) == (0, 1)
     assert summary["consumed_total"] == n == summary["learned_total"] + summary["predict_only_total"]
+
+
+def test_without_checkpoints_the_redis_pending_store_keeps_the_samples_for_the_next_run(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    features, labels = make_topic(1), make_topic(1)
+    x, y = blob_arrays(n_classes=2, per_class=25, seed=7)
+    produce_features(kafka_bootstrap, features, range(40), x)
+    args = ["run", "--source", f"kafka://{kafka_bootstrap}/{features}", "--group", f"g-{features}", "--no-progress"]
+    args += ["--model", "mlp", "--width", "8", "--probe-fraction", "0", "--no-drift", "--until-idle", "4"]
+    args += ["--metrics-port", "0"]
+    args += ["--labels", f"kafka://{kafka_bootstrap}/{labels}", "--pending", redis_server.url]
+    assert main([*args, "--summary-json", str(tmp_path / "first.json")]) == 0  # no labels yet: all 40 wait
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert (first["consumed"], first["pending"], first["learned"]) == (40, 40, 0)
+
+    produce_features(kafka_bootstrap, features, range(40, 50), x)
+    produce_labels(kafka_bootstrap, labels, [(i + 1, encode_label(f"f{i}", f"c{y[i]}")) for i in range(50)])
+    assert main([*args, "--summary-json", str(tmp_path / "second.json")]) == 0  # a new process, no checkpoint
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert (second["consumed"], second["labels_joined"], second["learned"]) == (10, 50, 50)
+    assert (second["pending"], second["labels_waiting"], second["labels_unmatched"]) == (0, 0, 0)
+
+
+def readyz(port: int) -> int:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_redis_outage_pauses_consuming_reports_unready_and_loses_nothing(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, redis_aof: RedisServer
+) -> None:
+    features, labels = make_topic(1), make_topic(1)
+    n = 400
+    x, y = blob_arrays(n_classes=2, per_class=n // 2, seed=8)
+    produce_features(kafka_bootstrap, features, range(n // 2), x)
+    produce_labels(kafka_bootstrap, labels, [(i + 0.5, encode_label(f"f{i}", f"c{y[i]}")) for i in range(n)])
+    port = free_port()
+    extra = ["--labels", f"kafka://{kafka_bootstrap}/{labels}", "--pending", redis_aof.url, "--metrics-port", port]
+    service = serve(kafka_bootstrap, features, tmp_path, "run", *extra, "--until-idle", 6)
+    log = tmp_path / "run.log"
+    wait_until(lambda: lines(tmp_path / "run.jsonl") >= n // 2 and readyz(port) == 200, service, log)
+
+    redis_aof.kill()
+    produce_features(kafka_bootstrap, features, range(n // 2, n), x)  # their labels wait in the dead Redis
+    wait_until(lambda: readyz(port) == 503, service, log)
+    time.sleep(1)
+    stalled = lines(tmp_path / "run.jsonl")
+    assert stalled <= n // 2 + 10  # one batch predicted, then nothing consumed until Redis is back
+    redis_aof.start()
+    wait_until(lambda: readyz(port) == 200, service, log)
+    finish(service, log)
+
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert (summary["consumed"], summary["labels_consumed"], summary["labels_joined"], summary["learned"]) == (n,) * 4
+    assert (summary["pending"], summary["labels_waiting"], summary["labels_unmatched"]) == (0, 0, 0)

@@ -1,0 +1,236 @@
+"""The pending stores of delayed labels: predicted samples waiting for their label, and labels waiting
+for their sample, both keyed by id (:class:`PendingStore`), in process memory (:class:`MemoryPending`)
+or in Redis (:class:`stream_cl.pending_redis.RedisPending`).
+
+Both stores settle a whole batch per call with the same rules, so they join, expire and evict alike
+(the same tests run against both). Time is event time: a pending sample expires once the label
+topic's newest timestamp is more than the TTL past it, a waiting label once the feature topic's is; a
+store holding more than ``max_pending`` entries of a kind gives up its oldest; a repeated id replaces
+the entry that waited (the older sample expires, the older label is unmatched).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from consumers.label_wire import LabelRecord
+from consumers.record import DeadLetter, Message, Position, Record
+from stream_cl.errors import StreamClError
+
+UNMATCHED = "label_unmatched"
+"""Dead-letter reason of a label that joined no sample (unknown id, already joined, expired, or evicted)."""
+
+REPLACED = "a newer label for the same id arrived"
+EVICTED = "evicted: too many labels waiting"
+
+
+def no_features(label_id: str) -> str:
+    """Why a waiting label expired."""
+    return f"no features for id {label_id!r:.80} within the TTL"
+
+
+class PendingStateError(StreamClError):
+    """A pending store cannot resume from the checkpoint: it was written with another store, or the Redis
+    store lost its state or holds another run's."""
+
+
+@dataclass(slots=True)
+class Settled:
+    """What one call settled, in the order it happened: joins (sample, its classes predicted on arrival,
+    its label), samples given up (expired or evicted), and labels that joined nothing."""
+
+    joined: list[tuple[Record, np.ndarray, LabelRecord]] = field(default_factory=list)
+    expired: list[Record] = field(default_factory=list)
+    unmatched: list[DeadLetter] = field(default_factory=list)
+
+
+class PendingStore(Protocol):
+    """Where samples and labels wait for each other.
+
+    ``healthy`` is False while the store cannot be reached (calls then wait until it can);
+    ``state_dict`` is what a checkpoint keeps of the store (taken at the batch boundary of the
+    checkpoint's offsets) and ``restore`` brings the store back to it (None: to a run with no
+    checkpoint); ``saved`` says that the checkpoint holding ``state`` is written.
+    """
+
+    healthy: bool
+
+    def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled: ...
+
+    def label(self, labels: list[LabelRecord]) -> Settled: ...
+
+    def sizes(self) -> tuple[int, int]: ...
+
+    def pending_ids(self) -> list[str]: ...
+
+    def waiting_ids(self) -> list[str]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def restore(self, state: dict[str, Any] | None) -> None: ...
+
+    def saved(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def pending_counts(state: dict[str, Any]) -> tuple[int, int]:
+    """Samples and labels waiting in a checkpoint's pending state, whichever store wrote it."""
+    if state.get("store") == "redis":
+        return int(state["samples"]), int(state["labels"])
+    return len(state["pending"]), len(state["waiting"])
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: Record
+    predicted: np.ndarray
+
+
+class MemoryPending:
+    """Both stores as ordered dicts in this process; checkpoints carry their whole contents."""
+
+    healthy = True
+
+    def __init__(self, *, ttl_s: float, max_pending: int) -> None:
+        if ttl_s <= 0 or max_pending <= 0:
+            raise ValueError(f"ttl_s and max_pending must be > 0, got {ttl_s} and {max_pending}")
+        self.ttl_s, self.max_pending = ttl_s, max_pending
+        self.pending: OrderedDict[str, _Pending] = OrderedDict()
+        self.waiting: OrderedDict[str, LabelRecord] = OrderedDict()
+        self.feature_time = self.label_time = float("-inf")  # newest event time seen on each topic
+
+    def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled:
+        settled = Settled()
+        for record, classes in zip(records, predicted, strict=True):
+            label = self.waiting.pop(record.id, None)
+            if label is not None:
+                settled.joined.append((record, classes, label))
+            else:
+                old = self.pending.pop(record.id, None)
+                if old is not None:
+                    settled.expired.append(old.record)
+                self.pending[record.id] = _Pending(record, classes)
+                if len(self.pending) > self.max_pending:
+                    settled.expired.append(self.pending.popitem(last=False)[1].record)
+            self.feature_time = max(self.feature_time, record.timestamp)
+            self._expire_labels(settled)
+            self._expire_pending(settled)
+        return settled
+
+    def label(self, labels: list[LabelRecord]) -> Settled:
+        settled = Settled()
+        for label in labels:
+            found = self.pending.pop(label.id, None)
+            if found is not None:
+                settled.joined.append((found.record, found.predicted, label))
+            else:
+                older = self.waiting.pop(label.id, None)
+                if older is not None:
+                    settled.unmatched.append(DeadLetter(older.message, UNMATCHED, REPLACED))
+                self.waiting[label.id] = label
+                if len(self.waiting) > self.max_pending:
+                    evicted = self.waiting.popitem(last=False)[1]
+                    settled.unmatched.append(DeadLetter(evicted.message, UNMATCHED, EVICTED))
+            self.label_time = max(self.label_time, label.timestamp)
+            self._expire_pending(settled)
+        return settled
+
+    def sizes(self) -> tuple[int, int]:
+        return len(self.pending), len(self.waiting)
+
+    def pending_ids(self) -> list[str]:
+        return list(self.pending)
+
+    def waiting_ids(self) -> list[str]:
+        return list(self.waiting)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both stores and event times, as tensors and plain containers (checkpoints load ``weights_only``)."""
+        return {
+            "feature_time": self.feature_time,
+            "label_time": self.label_time,
+            "pending": [
+                {
+                    "id": p.record.id,
+                    "x": torch.from_numpy(p.record.x.copy()),
+                    "predicted": torch.from_numpy(p.predicted.copy()),
+                    "message": message_state(p.record.message),
+                }
+                for p in self.pending.values()
+            ],
+            "waiting": [
+                {"id": w.id, "label": list(w.label), "message": message_state(w.message)} for w in self.waiting.values()
+            ],
+        }
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        self.pending.clear()
+        self.waiting.clear()
+        self.feature_time = self.label_time = float("-inf")
+        if state is None:
+            return
+        if state.get("store") == "redis":
+            raise PendingStateError(
+                "the checkpoint's pending samples are in Redis; resume with --pending and the Redis URL it was "
+                "written with"
+            )
+        self.feature_time, self.label_time = float(state["feature_time"]), float(state["label_time"])
+        for entry in state["pending"]:
+            message = message_from_state(entry["message"])
+            record = Record(entry["id"], entry["x"].numpy(), None, message.position, message.timestamp, message)
+            self.pending[record.id] = _Pending(record, entry["predicted"].numpy())
+        for entry in state["waiting"]:
+            message = message_from_state(entry["message"])
+            label = LabelRecord(entry["id"], tuple(entry["label"]), message.position, message.timestamp, message)
+            self.waiting[label.id] = label
+
+    def saved(self, state: dict[str, Any]) -> None:
+        pass  # the checkpoint itself holds the stores
+
+    def close(self) -> None:
+        pass
+
+    def _expire_pending(self, settled: Settled) -> None:
+        while self.pending:
+            oldest = next(iter(self.pending.values()))
+            if oldest.record.timestamp + self.ttl_s >= self.label_time:
+                return
+            settled.expired.append(self.pending.popitem(last=False)[1].record)
+
+    def _expire_labels(self, settled: Settled) -> None:
+        while self.waiting:
+            oldest = next(iter(self.waiting.values()))
+            if oldest.timestamp + self.ttl_s >= self.feature_time:
+                return
+            self.waiting.popitem(last=False)
+            settled.unmatched.append(DeadLetter(oldest.message, UNMATCHED, no_features(oldest.id)))
+
+
+def message_state(message: Message) -> dict[str, Any]:
+    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them."""
+    p = message.position
+    return {
+        "position": [p.stream, p.partition, p.offset],
+        "timestamp": message.timestamp,
+        "key": None if message.key is None else _tensor(message.key),
+        "value": _tensor(message.value),
+        "headers": [[name, _tensor(value)] for name, value in message.headers],
+    }
+
+
+def message_from_state(state: dict[str, Any]) -> Message:
+    stream, partition, offset = state["position"]
+    key = None if state["key"] is None else state["key"].numpy().tobytes()
+    headers = tuple((name, value.numpy().tobytes()) for name, value in state["headers"])
+    position = Position(stream, int(partition), int(offset))
+    return Message(position, float(state["timestamp"]), key, state["value"].numpy().tobytes(), headers)
+
+
+def _tensor(data: bytes) -> torch.Tensor:
+    return torch.tensor(np.frombuffer(data, dtype=np.uint8).copy())

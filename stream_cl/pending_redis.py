@@ -1,0 +1,520 @@
+"""The delayed-label pending store in Redis: it survives restarts of the service, and stays consistent
+with the checkpoints.
+
+Keys live under ``streamcl:pending:{GROUP}:`` (one prefix per consumer group, so two services never
+share entries): for samples (``s:``) and labels (``l:``) each, ``order`` (a sorted set, id -> insertion
+number: oldest first), ``data`` (id -> entry) and ``ts`` (id -> event time); ``meta`` (counters, the
+journal's generations, the event-time clocks); ``undo:G`` (the journal of generation G); ``reply`` (the
+last call's answer). An entry is raw bytes behind a JSON header (never pickle): a sample's tensor
+bytes with dtype and shape, its predicted classes, and the message it came in (value, key, headers,
+position, timestamp) so a dead letter still carries it byte for byte; a label's path and message.
+Every batch of feature records or label messages is one Lua script call: joins, replacements,
+evictions and expiries of the batch change together or not at all. The scripts name keys they
+compute from the prefix, so they need a single Redis server (or primary), not Redis Cluster.
+
+**Consistency with checkpoints.** A restart resumes both topics from the checkpoint's offsets, so
+Redis must hold exactly what it held when that checkpoint was taken; it must neither keep a join
+made after it (the re-read label would be unmatched, its sample never learned) nor miss an entry
+added after it (the re-read record would replace it and count an expiry). So every change is
+journaled under a *generation*: each checkpoint seals the current generation G (the checkpoint
+records G and both stores' sizes) and later changes go to G + 1. A change's undo record (for an
+added entry: its id; for a removed one: the whole entry) goes to ``undo:G`` in the same script call
+as the change. A restart from the checkpoint of generation G replays ``undo:`` of every newer
+generation backwards, newest first, in one script call, then checks both stores' sizes against the
+checkpoint's. Once a checkpoint of G is written, the journals up to G - 1 are dropped (the one of G
+stays, so the previous checkpoint can still be restored if the newest one turns out unreadable).
+A restart with a checkpoint directory but no checkpoint rolls back to generation 0 (empty). A store
+that cannot be brought back to a checkpoint (its journal already dropped, or Redis lost its data:
+run Redis with ``appendonly yes`` and ``appendfsync always``) is an error at start, never a silent
+loss.
+
+**Without checkpoints** nothing is journaled: Redis holds the live state, and a restart resumes with
+what was waiting when the service stopped (the source resumes from its group's committed offsets;
+after a kill -9 the last batch may be read again, and a re-read feature record replaces its copy).
+
+**Outages.** A call that fails because Redis cannot be reached is retried with back-off (0.1 s
+doubling to 5 s) until it succeeds; meanwhile the loop consumes nothing and ``healthy`` is False
+(``/readyz`` answers 503). Each call carries an operation number, and the script stores its reply,
+so a retry of a call that did run (its reply was lost) returns that reply instead of running twice.
+A Redis that comes back without the state it had (restarted without persistence) is an error, not
+an empty store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from typing import Any
+
+import numpy as np
+import redis
+
+from buffers.open import redis_client
+from buffers.redis import UNAVAILABLE
+from consumers.label_wire import LabelRecord
+from consumers.record import DeadLetter, Message, Position, Record
+from consumers.urls import mask_url
+from stream_cl.pending import EVICTED, REPLACED, UNMATCHED, PendingStateError, Settled, no_features
+
+log = logging.getLogger("stream_cl.pending")
+
+NO_TIME = "-1e308"
+"""A clock that has seen nothing yet, for Lua (which has no infinities in ``tonumber``)."""
+
+_COMMON = """
+local p, op, prev, gen = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ttl, max = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ftime, ltime = tonumber(ARGV[7]), tonumber(ARGV[8])
+local meta = p .. 'meta'
+local last = redis.call('HGET', meta, 'op') or '0'
+if last == op then  -- a retry of a call that ran: its reply, not a second run
+  return redis.call('LRANGE', p .. 'reply', 0, -1)
+end
+if last ~= prev then
+  return redis.error_reply('STATELOST pending store at operation ' .. last .. ', expected ' .. prev)
+end
+local S, L = p .. 's:', p .. 'l:'
+local undo = p .. 'undo:' .. gen
+local out = {}
+local function emit(kind, a, b) out[#out + 1] = kind; out[#out + 1] = a; out[#out + 1] = b end
+local function add(k, id, ts, blob)
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  redis.call('ZADD', k .. 'order', seq, id)
+  redis.call('HSET', k .. 'data', id, blob)
+  redis.call('HSET', k .. 'ts', id, ts)
+  if gen > 0 then redis.call('RPUSH', undo, 'a', k, id, '', '', '') end
+end
+local function remove(k, id)
+  local blob = redis.call('HGET', k .. 'data', id)
+  if not blob then return false end
+  local seq, ts = redis.call('ZSCORE', k .. 'order', id), redis.call('HGET', k .. 'ts', id)
+  redis.call('ZREM', k .. 'order', id)
+  redis.call('HDEL', k .. 'data', id)
+  redis.call('HDEL', k .. 'ts', id)
+  if gen > 0 then redis.call('RPUSH', undo, 'r', k, id, seq, ts, blob) end
+  return blob
+end
+local function oldest(k)
+  local first = redis.call('ZRANGE', k .. 'order', 0, 0)
+  if #first == 0 then return nil, nil end
+  return first[1], tonumber(redis.call('HGET', k .. 'ts', first[1]))
+end
+local function evict(k)
+  if redis.call('ZCARD', k .. 'order') <= max then return false end
+  return remove(k, (oldest(k)))
+end
+local function expire_pending()
+  while true do
+    local id, ts = oldest(S)
+    if id == nil or ts + ttl >= ltime then return end
+    emit('e', remove(S, id), '')
+  end
+end
+local function expire_labels()
+  while true do
+    local id, ts = oldest(L)
+    if id == nil or ts + ttl >= ftime then return end
+    emit('u', remove(L, id), 'ttl')
+  end
+end
+local function finish()
+  table.insert(out, 1, redis.call('ZCARD', L .. 'order'))
+  table.insert(out, 1, redis.call('ZCARD', S .. 'order'))
+  redis.call('HSET', meta, 'op', op, 'ft', ARGV[9], 'lt', ARGV[10])
+  if gen > 0 then redis.call('HSET', meta, 'top', gen) end
+  redis.call('DEL', p .. 'reply')
+  for i = 1, #out, 3000 do  -- in slices: Lua's unpack takes a bounded number of values
+    redis.call('RPUSH', p .. 'reply', unpack(out, i, math.min(i + 2999, #out)))
+  end
+  return out
+end
+"""
+
+ARRIVE = (
+    _COMMON
+    + """
+-- ARGV[11..]: id, event time, entry of each predicted sample, in arrival order
+for i = 11, #ARGV, 3 do
+  local id, ts = ARGV[i], ARGV[i + 1]
+  local label = remove(L, id)
+  if label then
+    emit('j', (i - 11) / 3, label)
+  else
+    local older = remove(S, id)
+    if older then emit('e', older, '') end
+    add(S, id, ts, ARGV[i + 2])
+    local evicted = evict(S)
+    if evicted then emit('e', evicted, '') end
+  end
+  ftime = math.max(ftime, tonumber(ts))
+  expire_labels()
+  expire_pending()
+end
+return finish()
+"""
+)
+"""Samples just predicted: each joins its waiting label or waits (replacing an older entry, evicting the
+oldest of a full store); then waiting labels and pending samples the clocks have passed expire.
+Returns {samples, labels, then per event: kind, a, b}: ``j`` (a: the sample's index, b: the label's
+entry), ``e`` (a: an expired sample's entry), ``u`` (a: an unmatched label's entry, b: why)."""
+
+LABEL = (
+    _COMMON
+    + """
+-- ARGV[11..]: id, event time, entry of each label, in arrival order
+for i = 11, #ARGV, 3 do
+  local id, ts = ARGV[i], ARGV[i + 1]
+  local sample = remove(S, id)
+  if sample then
+    emit('j', sample, (i - 11) / 3)
+  else
+    local older = remove(L, id)
+    if older then emit('u', older, 'replaced') end
+    add(L, id, ts, ARGV[i + 2])
+    local evicted = evict(L)
+    if evicted then emit('u', evicted, 'evicted') end
+  end
+  ltime = math.max(ltime, tonumber(ts))
+  expire_pending()
+end
+return finish()
+"""
+)
+"""Labels just read: each joins its pending sample or waits (as :data:`ARRIVE`). Events as there, with
+``j``'s a: the sample's entry, b: the label's index."""
+
+ROLLBACK = """
+-- ARGV: prefix, generation G to go back to, changes read per LRANGE. Undoes every newer generation,
+-- newest change first, reading each journal from its end in chunks (a long journal is not copied at once).
+local p, g, chunk = ARGV[1], tonumber(ARGV[2]), 6 * tonumber(ARGV[3])
+local meta = p .. 'meta'
+local floor = tonumber(redis.call('HGET', meta, 'floor') or '0')
+local top = tonumber(redis.call('HGET', meta, 'top') or '0')
+if g < floor then
+  return redis.error_reply('JOURNALGONE generation ' .. g .. ' is older than the journal kept (' .. floor .. ')')
+end
+for gen = top, g + 1, -1 do
+  local undo = p .. 'undo:' .. gen
+  local stop = redis.call('LLEN', undo) - 1
+  while stop >= 0 do
+    local start = math.max(0, stop - chunk + 1)
+    local log = redis.call('LRANGE', undo, start, stop)
+    for i = #log - 5, 1, -6 do
+      local what, k, id = log[i], log[i + 1], log[i + 2]
+      if what == 'a' then
+        redis.call('ZREM', k .. 'order', id)
+        redis.call('HDEL', k .. 'data', id)
+        redis.call('HDEL', k .. 'ts', id)
+      else
+        redis.call('ZADD', k .. 'order', log[i + 3], id)
+        redis.call('HSET', k .. 'data', id, log[i + 5])
+        redis.call('HSET', k .. 'ts', id, log[i + 4])
+      end
+    end
+    stop = start - 1
+  end
+  redis.call('DEL', undo)
+end
+redis.call('HSET', meta, 'top', g)
+return {redis.call('ZCARD', p .. 's:order'), redis.call('ZCARD', p .. 'l:order')}
+"""
+
+FORGET = """
+-- ARGV: prefix, generation G. Drops the journals of generations up to G (no restore can need them).
+local p, g = ARGV[1], tonumber(ARGV[2])
+local meta = p .. 'meta'
+local floor = tonumber(redis.call('HGET', meta, 'floor') or '0')
+for gen = floor + 1, g do redis.call('DEL', p .. 'undo:' .. gen) end
+if g > floor then redis.call('HSET', meta, 'floor', g) end
+return g
+"""
+
+
+class RedisPending:
+    """Samples and labels waiting for each other in Redis (see the module docstring).
+
+    Parameters
+    ----------
+    client
+        A ``redis.Redis`` with ``decode_responses=False``.
+    group
+        The consumer group: the keys live under ``streamcl:pending:{GROUP}:``.
+    ttl_s, max_pending
+        As for :class:`stream_cl.pending.MemoryPending`.
+    journal
+        Keep the journal a restore from a checkpoint needs (the run checkpoints).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        group: str,
+        ttl_s: float,
+        max_pending: int,
+        journal: bool,
+        retry_min_s: float = 0.1,
+        retry_max_s: float = 5.0,
+        rollback_chunk: int = 1000,
+    ) -> None:
+        if ttl_s <= 0 or max_pending <= 0:
+            raise ValueError(f"ttl_s and max_pending must be > 0, got {ttl_s} and {max_pending}")
+        self.client, self.ttl_s, self.max_pending, self.journal = client, ttl_s, max_pending, journal
+        self.prefix = f"streamcl:pending:{{{group}}}:"
+        self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
+        self.rollback_chunk = rollback_chunk  # journal changes read per LRANGE during a restore
+        self.healthy = True
+        self.gen = 1 if journal else 0
+        self.feature_time = self.label_time = float("-inf")
+        self._arrive, self._label = client.register_script(ARRIVE), client.register_script(LABEL)
+        self._rollback, self._forget = client.register_script(ROLLBACK), client.register_script(FORGET)
+        self.op = 0
+        self._sizes = (0, 0)
+
+    def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled:
+        if not records:
+            return Settled()
+        args = []
+        for record, classes in zip(records, predicted, strict=True):
+            args += [record.id, repr(float(record.timestamp)), _sample_entry(record, classes)]
+        clock = max(self.feature_time, max(r.timestamp for r in records))
+        reply = self._call(self._arrive, args, feature_time=clock, label_time=self.label_time)
+        self.feature_time = clock
+        settled = Settled()
+        for kind, a, b in _events(reply):
+            if kind == b"j":
+                label = _label(b)
+                settled.joined.append((records[int(a)], predicted[int(a)], label))
+            else:
+                self._settle_other(kind, a, b, settled)
+        return settled
+
+    def label(self, labels: list[LabelRecord]) -> Settled:
+        if not labels:
+            return Settled()
+        args = []
+        for label in labels:
+            args += [label.id, repr(float(label.timestamp)), _label_entry(label)]
+        clock = max(self.label_time, max(label.timestamp for label in labels))
+        reply = self._call(self._label, args, feature_time=self.feature_time, label_time=clock)
+        self.label_time = clock
+        settled = Settled()
+        for kind, a, b in _events(reply):
+            if kind == b"j":
+                settled.joined.append((*_sample(a), labels[int(b)]))
+            else:
+                self._settle_other(kind, a, b, settled)
+        return settled
+
+    def sizes(self) -> tuple[int, int]:
+        return self._sizes
+
+    def pending_ids(self) -> list[str]:
+        return [i.decode() for i in self.client.zrange(self.prefix + "s:order", 0, -1)]
+
+    def waiting_ids(self) -> list[str]:
+        return [i.decode() for i in self.client.zrange(self.prefix + "l:order", 0, -1)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the generation it seals (later changes go to the next) and the sizes."""
+        samples, labels = self._sizes
+        state = {
+            "store": "redis",
+            "prefix": self.prefix,
+            "generation": self.gen,
+            "samples": samples,
+            "labels": labels,
+            "feature_time": self.feature_time,
+            "label_time": self.label_time,
+        }
+        if self.journal:
+            self.gen += 1
+        return state
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Bring Redis back to the checkpoint's ``state`` (None: no checkpoint, so nothing waits) or, without
+        a journal, take it as it is (the last run's live state)."""
+        meta = self.prefix + "meta"
+        last = self.client.hget(meta, "op")
+        self.op = int(last or 0)
+        if not self.journal:
+            top = int(self.client.hget(meta, "top") or 0)
+            self._forget(args=[self.prefix, top])  # journals of an earlier checkpointed run are of no use now
+            ft, lt = self.client.hmget(meta, ["ft", "lt"])
+            self.feature_time = float(ft) if ft else float("-inf")
+            self.label_time = float(lt) if lt else float("-inf")
+            self._sizes = (self.client.zcard(self.prefix + "s:order"), self.client.zcard(self.prefix + "l:order"))
+            return
+        if state is not None and state.get("store") != "redis":
+            raise PendingStateError(
+                "the checkpoint holds its pending samples in memory; resume it with --pending memory"
+            )
+        if state is not None and state["prefix"] != self.prefix:
+            raise PendingStateError(
+                f"the checkpoint's pending samples are under {state['prefix']}*, not {self.prefix}*: "
+                "resume with the consumer group it was written with"
+            )
+        gen = 0 if state is None else int(state["generation"])
+        expected = (0, 0) if state is None else (int(state["samples"]), int(state["labels"]))
+        try:
+            found = tuple(int(n) for n in self._rollback(args=[self.prefix, gen, self.rollback_chunk]))
+        except redis.ResponseError as error:
+            raise PendingStateError(
+                f"the Redis pending store {self.prefix}* cannot go back to the checkpoint: {error}"
+            ) from None
+        if found != expected:
+            what = "no checkpoint" if state is None else f"the checkpoint (generation {gen})"
+            raise PendingStateError(
+                f"the Redis pending store {self.prefix}* holds {found[0]} samples and {found[1]} labels, but "
+                f"{what} expects {expected[0]} and {expected[1]}: Redis lost writes (run it with appendonly yes, "
+                f"appendfsync always) or the keys belong to another run (delete {self.prefix}* or use another --group)"
+            )
+        self._sizes = expected
+        self.gen = gen + 1
+        if state is not None:
+            self.feature_time, self.label_time = float(state["feature_time"]), float(state["label_time"])
+
+    def saved(self, state: dict[str, Any]) -> None:
+        """The checkpoint of ``state``'s generation is written: drop the journals no restore needs now."""
+        if not self.journal:
+            return
+        try:
+            self._forget(args=[self.prefix, int(state["generation"]) - 1])
+        except redis.RedisError as error:  # the next checkpoint drops them instead
+            log.warning("could not drop the pending store's old journal: %s", error)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _call(self, script: Any, args: list, *, feature_time: float, label_time: float) -> list:
+        """One script call, retried with back-off while Redis cannot be reached (the same operation number:
+        a call that ran returns its stored reply)."""
+        op = self.op + 1
+        head = [self.prefix, op, self.op, self.gen, repr(self.ttl_s), self.max_pending]
+        head += [_clock(self.feature_time), _clock(self.label_time), _clock(feature_time), _clock(label_time)]
+        wait = self.retry_min_s
+        while True:
+            try:
+                reply = script(args=head + args)
+                break
+            except UNAVAILABLE as error:
+                if self.healthy:
+                    log.warning("the Redis pending store is unreachable (%s); consuming waits for it", error)
+                self.healthy = False
+                time.sleep(wait)
+                wait = min(wait * 2, self.retry_max_s)
+            except redis.ResponseError as error:
+                if "STATELOST" in str(error):
+                    raise PendingStateError(
+                        f"the Redis pending store {self.prefix}* lost its state ({error}): Redis restarted without "
+                        "persistence; restart the service to resume from its checkpoint"
+                    ) from None
+                raise
+        if not self.healthy:
+            log.warning("the Redis pending store is reachable again")
+        self.healthy = True
+        self.op = op
+        self._sizes = (int(reply[0]), int(reply[1]))
+        return reply
+
+    def _settle_other(self, kind: bytes, a: bytes, b: bytes, settled: Settled) -> None:
+        if kind == b"e":
+            settled.expired.append(_sample(a)[0])
+            return
+        label = _label(a)
+        detail = {b"ttl": no_features(label.id), b"replaced": REPLACED, b"evicted": EVICTED}[b]
+        settled.unmatched.append(DeadLetter(label.message, UNMATCHED, detail))
+
+
+def open_redis_pending(url: str, *, group: str, ttl_s: float, max_pending: int, journal: bool) -> RedisPending:
+    """A :class:`RedisPending` at ``url`` (``redis[s]://[user:pass@]HOST:PORT/DB``); a Redis that cannot be
+    reached or refuses the credentials is a ``ConnectionError`` naming the URL with its password masked."""
+    client = redis_client(url)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        client.close()
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConnectionError(f"cannot reach the Redis pending store at {mask_url(url)}: {reason}") from None
+    return RedisPending(client, group=group, ttl_s=ttl_s, max_pending=max_pending, journal=journal)
+
+
+def _clock(t: float) -> str:
+    return NO_TIME if t == float("-inf") else repr(float(t))
+
+
+def _events(reply: list) -> list[tuple[bytes, bytes, bytes]]:
+    flat = reply[2:]
+    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+
+def _pack(header: dict[str, Any], chunks: list[bytes]) -> bytes:
+    """An entry: a 4-byte header length, the JSON header (with each chunk's size), the chunks."""
+    head = json.dumps({**header, "sizes": [len(c) for c in chunks]}).encode()
+    return struct.pack(">I", len(head)) + head + b"".join(chunks)
+
+
+def _unpack(entry: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    (n,) = struct.unpack_from(">I", entry)
+    header = json.loads(entry[4 : 4 + n])
+    chunks, at = [], 4 + n
+    for size in header["sizes"]:
+        chunks.append(entry[at : at + size])
+        at += size
+    return header, chunks
+
+
+def _message_parts(message: Message) -> tuple[dict[str, Any], list[bytes]]:
+    p = message.position
+    header = {
+        "position": [p.stream, p.partition, p.offset],
+        "timestamp": message.timestamp,
+        "has_key": message.key is not None,
+        "headers": [name for name, _ in message.headers],
+    }
+    chunks = [message.value, *([message.key] if message.key is not None else []), *(v for _, v in message.headers)]
+    return header, chunks
+
+
+def _message(header: dict[str, Any], chunks: list[bytes]) -> Message:
+    stream, partition, offset = header["position"]
+    value, rest = chunks[0], chunks[1:]
+    key = rest.pop(0) if header["has_key"] else None
+    headers = tuple(zip(header["headers"], rest, strict=True))
+    return Message(Position(stream, int(partition), int(offset)), float(header["timestamp"]), key, value, headers)
+
+
+def _sample_entry(record: Record, predicted: np.ndarray) -> bytes:
+    header, chunks = _message_parts(record.message)
+    x, classes = np.ascontiguousarray(record.x), np.ascontiguousarray(predicted)
+    header.update(
+        id=record.id,
+        at=record.timestamp,
+        dtype=x.dtype.str,
+        shape=list(x.shape),
+        predicted_dtype=classes.dtype.str,
+        predicted_shape=list(classes.shape),
+    )
+    return _pack(header, [x.tobytes(), classes.tobytes(), *chunks])
+
+
+def _sample(entry: bytes) -> tuple[Record, np.ndarray]:
+    header, chunks = _unpack(entry)
+    x = np.frombuffer(chunks[0], dtype=np.dtype(header["dtype"])).reshape(header["shape"]).copy()  # writable
+    predicted = np.frombuffer(chunks[1], dtype=np.dtype(header["predicted_dtype"])).reshape(header["predicted_shape"])
+    message = _message(header, chunks[2:])
+    return Record(header["id"], x, None, message.position, float(header["at"]), message), predicted
+
+
+def _label_entry(label: LabelRecord) -> bytes:
+    header, chunks = _message_parts(label.message)
+    header.update(id=label.id, at=label.timestamp, label=list(label.label))
+    return _pack(header, chunks)
+
+
+def _label(entry: bytes) -> LabelRecord:
+    header, chunks = _unpack(entry)
+    message = _message(header, chunks)
+    return LabelRecord(header["id"], tuple(header["label"]), message.position, float(header["at"]), message)
