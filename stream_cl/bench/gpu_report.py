@@ -35,8 +35,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "## Throughput",
             "",
-            "Samples/s after the first tenth of each run's steps (cuDNN autotuning, graph captures), median over "
-            f"{results['sizes']['reps']} interleaved repetition(s); step latency pooled over them.",
+            "Samples/s after the first fifth of each run's steps (autotuning, head growth, graph captures), median "
+            f"over {results['sizes']['reps']} interleaved repetition(s); step latency pooled over them.",
             "",
             "| case | run | samples/s | step p50 ms | p95 ms | records |",
             "|---|---|---:|---:|---:|---:|",
@@ -64,14 +64,20 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "## ER's learning step alone (static batch, no prediction or buffer around it)",
             "",
-            "| case | rows | eager ms | graphed ms | graphed / eager |",
-            "|---|---:|---:|---:|---:|",
+            "| case | rows | eager ms | graphed ms | graphed / eager | graphed step = eager step |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for row in results["static_step"]:
             graphed = row.get("graphed", {}).get("step_ms")
+            check = row.get("graphed_matches_eager")
+            same = (
+                "–"
+                if check is None
+                else f"{'yes' if check['ok'] else 'NO'} (max |Δw| {check['max_abs_param_diff']:.1e})"
+            )
             lines.append(
                 f"| {row['case']} | {row['rows']} | {_f(row['eager']['step_ms'], 3)} | {_f(graphed, 3)} "
-                f"| {_f(row.get('graphed / eager'), 1)} |"
+                f"| {_f(row.get('graphed / eager'), 1)} | {same} |"
             )
         lines.append("")
     if "onpro_flops" in results:

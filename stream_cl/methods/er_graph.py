@@ -22,7 +22,10 @@ fixed shape:
   before and restored after them, so warming up learns nothing), then ``torch.cuda.graph``; each
   graph keeps its own memory pool (graphs of different shapes replay in any order). A head that
   grows (a new class), a learning rate that changes or a load that replaces parameters changes the
-  parameter set: the graphs are dropped and the next step captures afresh.
+  parameter set: the graphs are dropped, and the step runs eagerly until the parameters have stayed
+  the same for ``settle`` steps (while new classes keep arriving, one capture per step would cost
+  more than it saves), then captures afresh. Capture errors are thread-local, so a prefetch or
+  fetch thread touching CUDA meanwhile does not invalidate it.
 
 On CPU, or with graphs off, the same static step runs eagerly: it is what the CPU tests compare
 with the dynamic step of :class:`~stream_cl.methods.er.ER`.
@@ -40,6 +43,7 @@ from stream_cl.methods.common import NON_FINITE_LOSS, StepGuard
 from stream_cl.models import mode_matters
 
 WARMUP_STEPS = 3  # the recipe's side-stream iterations: cuBLAS/cuDNN workspaces and autograd set up before capture
+MAX_GRAPHS = 4  # graphs kept at once (one per batch shape, each with its activations); other shapes run eagerly
 
 
 @dataclass
@@ -69,10 +73,19 @@ class StaticReplayStep:
         The replay batch size ``R``.
     graphs
         Capture and replay CUDA graphs (only on a CUDA model; otherwise the step runs eagerly).
+    settle
+        Steps with unchanged parameters before a capture.
     """
 
     def __init__(
-        self, model: Classifier, optimizer: torch.optim.Optimizer, guard: StepGuard, replay_rows: int, *, graphs: bool
+        self,
+        model: Classifier,
+        optimizer: torch.optim.Optimizer,
+        guard: StepGuard,
+        replay_rows: int,
+        *,
+        graphs: bool,
+        settle: int = 3,
     ) -> None:
         plain = isinstance(optimizer, torch.optim.SGD) and all(
             not g["momentum"] and not g["weight_decay"] and not g["nesterov"] and not g["maximize"]
@@ -87,6 +100,7 @@ class StaticReplayStep:
         self.stream_rows = 0
         self._slots: dict[tuple[int, int], _Slots] = {}
         self._signature: tuple = ()
+        self.settle, self._unchanged = settle, 0
 
     def __call__(
         self, inputs: torch.Tensor, targets: torch.Tensor, levels: torch.Tensor, n_replay: int
@@ -96,11 +110,13 @@ class StaticReplayStep:
         signature = self._parameter_signature()
         if signature != self._signature:  # new heads or learning rates: the recorded step is stale
             self._slots.clear()
-            self._signature = signature
+            self._signature, self._unchanged = signature, 0
         slots = self._fill(inputs, targets, levels, n_stream, n_replay)
-        if self.graphs:
-            if slots.graph is None:
-                self._capture(slots)
+        captured = sum(s.graph is not None for s in self._slots.values())
+        if self.graphs and slots.graph is None and self._unchanged >= self.settle and captured < MAX_GRAPHS:
+            self._capture(slots)
+        self._unchanged += 1
+        if slots.graph is not None:
             slots.graph.replay()
         else:
             slots.loss, slots.ok = self._step(slots)
@@ -188,7 +204,7 @@ class StaticReplayStep:
             for tensor, before in zip((*self.model.parameters(), *self.model.buffers()), state, strict=True):
                 tensor.copy_(before)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             slots.loss, slots.ok = self._step(slots)
         slots.graph = graph
 
