@@ -130,11 +130,15 @@ def run(args: argparse.Namespace) -> int:
     ]
     for part, key, measure in steps:
         if part in parts:
-            results[key] = measure()
+            try:
+                results[key] = measure()
+            except Exception as error:  # one part failing must not cost the others' numbers
+                log.exception("part %s failed", part)
+                results.setdefault("failed_parts", {})[part] = f"{type(error).__name__}: {error}"
             results["wall_s"] = time.perf_counter() - started
             write_report(results, args.out)  # after each part: a run cut short keeps what it measured
     print(f"wrote gpu.json and gpu.md under {args.out} in {results['wall_s']:.0f} s")
-    return 0
+    return 1 if "failed_parts" in results else 0
 
 
 def machine(device: torch.device) -> dict[str, Any]:

@@ -29,6 +29,7 @@ def markdown(results: dict[str, Any]) -> str:
         + (" (tiny sizes: a smoke run, not a measurement)." if results["sizes"]["tiny"] else "."),
         "",
         *[f"- {note}" for note in results["notes"]],
+        *[f"- **Part {part} failed**: {error}" for part, error in results.get("failed_parts", {}).items()],
         "",
     ]
     if "throughput" in results:

@@ -11,6 +11,8 @@ from stream_cl.learner import Batch
 from stream_cl.methods.common import NON_FINITE_LOSS
 from stream_cl.methods.er import ER
 from stream_cl.methods.er_graph import StaticReplayStep
+from tests import contracts
+from tests.stream_cl.test_learners import CHECKS
 
 RAGGED = [10, 7, 10, 3, 10, 1, 10, 10, 6, 10]
 
@@ -100,3 +102,19 @@ def test_the_static_step_needs_plain_sgd() -> None:
     momentum = torch.optim.SGD(learner.model.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="plain SGD"):
         StaticReplayStep(learner.model, momentum, learner.guard, 8, graphs=True)
+
+
+def _graphed(seed: int = 0) -> ER:
+    return build_learner(
+        "er", "resnet18-reduced", contracts.SHAPE, np.dtype(np.uint8), device=torch.device("cpu"),
+        seed=seed, buffer_size=20, width=4, hparams={"cuda_graphs": True},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_er_with_the_static_step_passes_the_learner_contract(check) -> None:
+    check(_graphed())
+
+
+def test_er_with_the_static_step_resumes_from_its_state() -> None:
+    contracts.check_state_round_trip(_graphed(), _graphed(seed=5))
