@@ -45,7 +45,7 @@ from stream_cl.device import pick_device
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Learner
 from stream_cl.methods import METHODS
-from stream_cl.methods.er_graph import StaticReplayStep
+from stream_cl.methods.er_graph import StaticPrediction, StaticReplayStep
 
 log = logging.getLogger("stream_cl.bench.gpu")
 
@@ -346,6 +346,14 @@ def static_step(case: Case, sizes: Sizes, device: torch.device) -> dict:
     if "graphed" in after:  # the check that the captured step learns what the eager one does
         diff = max(float((a - b).abs().max()) for a, b in zip(after["eager"], after["graphed"], strict=True))
         out["graphed_matches_eager"] = {"max_abs_param_diff": diff, "ok": diff <= 1e-4}
+        stream_x = inputs[: case.batch_size]
+        eager = model.predict_prepared(stream_x)
+        graphed = StaticPrediction(model, graphs=True, settle=0).predict_prepared(stream_x)
+        confidence_diff = float((eager.confidence - graphed.confidence).abs().max())
+        out["graphed_prediction_matches_eager"] = {
+            "same_classes": bool(torch.equal(eager.classes, graphed.classes)),
+            "max_abs_confidence_diff": confidence_diff,
+        }
     if "graphed" in out:
         out["graphed / eager"] = out["eager"]["step_ms"] / out["graphed"]["step_ms"]
     return out

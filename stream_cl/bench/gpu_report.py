@@ -72,10 +72,12 @@ def markdown(results: dict[str, Any]) -> str:
             graphed = row.get("graphed", {}).get("step_ms")
             check = row.get("graphed_matches_eager")
             same = (
-                "–"
-                if check is None
-                else f"{'yes' if check['ok'] else 'NO'} (max |Δw| {check['max_abs_param_diff']:.1e})"
+                "–" if check is None else f"{'yes' if check['ok'] else 'NO'} (max Δw {check['max_abs_param_diff']:.1e})"
             )
+            predicted = row.get("graphed_prediction_matches_eager")
+            if predicted is not None:
+                same += "; prediction " + ("same classes" if predicted["same_classes"] else "OTHER CLASSES")
+                same += f" (max Δp {predicted['max_abs_confidence_diff']:.1e})"
             lines.append(
                 f"| {row['case']} | {row['rows']} | {_f(row['eager']['step_ms'], 3)} | {_f(graphed, 3)} "
                 f"| {_f(row.get('graphed / eager'), 1)} | {same} |"

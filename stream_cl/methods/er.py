@@ -19,7 +19,7 @@ from stream_cl.methods.common import (
     load_core_state,
     refused,
 )
-from stream_cl.methods.er_graph import StaticReplayStep
+from stream_cl.methods.er_graph import StaticPrediction, StaticReplayStep
 
 
 class ER:
@@ -42,8 +42,8 @@ class ER:
     replay_batch_size
         Replayed samples per step (>= 0).
     cuda_graphs
-        Learn through :class:`~stream_cl.methods.er_graph.StaticReplayStep`: padded static batches,
-        replayed as CUDA graphs on a CUDA model (run eagerly on CPU). Not with a group of workers.
+        Predict and learn through :mod:`~stream_cl.methods.er_graph`: padded static batches, replayed
+        as CUDA graphs on a CUDA model (run eagerly on CPU). Learning is not graphed in a group of workers.
     """
 
     name = "er"
@@ -71,11 +71,12 @@ class ER:
         self.static_step = (
             StaticReplayStep(model, self.optimizer, self.guard, replay_batch_size, graphs=True) if cuda_graphs else None
         )
+        self.predictor = StaticPrediction(model, graphs=True) if cuda_graphs else model
 
     def observe(self, batch: Batch) -> Observation:
         x_raw = batch.x.to(self.model.device, non_blocking=True)
         x = to_model_input(x_raw)
-        prediction = self.model.predict_prepared(x)
+        prediction = self.predictor.predict_prepared(x)
         n_learn = len(batch.labels) - batch.labels.count(None)  # no tensor reduction and sync
         reason = self.guard.screen(x, prediction, batch.labels) if n_learn else None
         if reason is not None:

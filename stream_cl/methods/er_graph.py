@@ -1,4 +1,4 @@
-"""ER's learning step on fixed storage, replayed as one CUDA graph (``--hparam cuda_graphs=True``).
+"""ER's prediction and learning step on fixed storage, replayed as CUDA graphs (``--hparam cuda_graphs=True``).
 
 At stream batch 10 a GPU step is launch-bound: the kernels of one forward, backward and SGD update
 take less time than the Python that launches them. A CUDA graph records those launches once and
@@ -27,8 +27,9 @@ fixed shape:
   more than it saves), then captures afresh. Capture errors are thread-local, so a prefetch or
   fetch thread touching CUDA meanwhile does not invalidate it.
 
-On CPU, or with graphs off, the same static step runs eagerly: it is what the CPU tests compare
-with the dynamic step of :class:`~stream_cl.methods.er.ER`.
+The prediction before learning (:class:`StaticPrediction`) is graphed the same way, padded to the
+largest stream batch seen. On CPU, or with graphs off, the same static steps run eagerly: they are
+what the CPU tests compare with the dynamic ones of :class:`~stream_cl.methods.er.ER`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from stream_cl.classifier import Classifier
+from stream_cl.learner import Prediction
 from stream_cl.methods.common import NON_FINITE_LOSS, StepGuard
 from stream_cl.models import mode_matters
 
@@ -213,3 +215,60 @@ class StaticReplayStep:
         params = tuple((p.data_ptr(), tuple(p.shape)) for g in self.optimizer.param_groups for p in g["params"])
         buffers = tuple(b.data_ptr() for b in self.model.buffers())
         return params, buffers, tuple(g["lr"] for g in self.optimizer.param_groups)
+
+
+class StaticPrediction:
+    """:meth:`Classifier.predict_prepared` on a fixed batch of ``S`` rows, replayed as a CUDA graph.
+
+    Prediction runs in eval mode, where no layer mixes rows (batch-norm uses its running statistics),
+    so padding rows never change a real row's prediction, for any model. The graph is recaptured when
+    the heads change, after ``settle`` unchanged calls, like :class:`StaticReplayStep`; on CPU (or
+    with graphs off) the same padded prediction runs eagerly. Results are copied out of the static
+    outputs, so a caller may keep them while the next batch is predicted.
+    """
+
+    def __init__(self, model: Classifier, *, graphs: bool, settle: int = 3) -> None:
+        self.model = model
+        self.graphs = graphs and model.device.type == "cuda"
+        self.settle, self._unchanged = settle, 0
+        self._signature: tuple = ()
+        self._x: torch.Tensor | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._out: Prediction | None = None
+
+    def predict_prepared(self, x: torch.Tensor) -> Prediction:
+        n = len(x)
+        signature = (
+            tuple((p.data_ptr(), tuple(p.shape)) for p in self.model.heads.parameters()),
+            self.model.tree.depth,
+        )
+        if self._x is None or n > len(self._x) or x.shape[1:] != self._x.shape[1:] or x.dtype != self._x.dtype:
+            self._x = torch.zeros(
+                (max(n, 0 if self._x is None else len(self._x)), *x.shape[1:]), dtype=x.dtype, device=x.device
+            )
+            self._graph, self._unchanged = None, 0  # new storage: a recorded prediction reads the old one
+        if signature != self._signature:
+            self._graph, self._signature, self._unchanged = None, signature, 0
+        self._x[:n] = x
+        self._x[n:] = 0
+        if self.graphs and self._graph is None and self._unchanged >= self.settle:
+            self._capture()
+        self._unchanged += 1
+        if self._graph is not None:
+            self._graph.replay()
+            out = self._out
+        else:
+            out = self.model.predict_prepared(self._x)
+        return Prediction(out.classes[:n].clone(), out.confidence[:n].clone())
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # eval-mode and no-grad: warming up changes nothing
+            for _ in range(WARMUP_STEPS):
+                self.model.predict_prepared(self._x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._out = self.model.predict_prepared(self._x)
+        self._graph = graph

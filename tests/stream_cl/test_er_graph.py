@@ -62,14 +62,17 @@ def test_static_step_learns_what_the_dynamic_step_learns(
         learner = _learner(model, shape, dtype, **hparams)  # built just before its run: heads draw from torch's RNG
         trace = []
         for batch in _stream(shape, dtype, hierarchical):
-            stats = learner.observe(batch).stats
-            trace.append((stats, {k: v.clone() for k, v in learner.model.state_dict().items()}))
+            observation = learner.observe(batch)
+            state = {k: v.clone() for k, v in learner.model.state_dict().items()}
+            trace.append((observation.stats, observation.prediction, state))
         return learner, trace
 
     _, dynamic = run()
     static, trace = run(cuda_graphs=True)
     assert static.static_step is not None and not static.static_step.graphs  # CPU: eager
-    for (a, want), (b, got) in zip(dynamic, trace, strict=True):
+    for (a, predicted, want), (b, static_predicted, got) in zip(dynamic, trace, strict=True):
+        assert torch.equal(static_predicted.classes, predicted.classes)  # padded prediction, same classes
+        torch.testing.assert_close(static_predicted.confidence, predicted.confidence)
         assert b.n_learned == a.n_learned and b.n_replayed == a.n_replayed
         assert b.loss == pytest.approx(a.loss, rel=1e-5, abs=1e-6)
         assert got.keys() == want.keys()
