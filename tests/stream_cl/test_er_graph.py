@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from stream_cl.build import build_learner
+from stream_cl.cli import main
 from stream_cl.learner import Batch
 from stream_cl.methods.common import NON_FINITE_LOSS
 from stream_cl.methods.er import ER
 from stream_cl.methods.er_graph import StaticReplayStep
 from tests import contracts
 from tests.stream_cl.test_learners import CHECKS
+from tests.streams import write_stream
 
 RAGGED = [10, 7, 10, 3, 10, 1, 10, 10, 6, 10]
 
@@ -121,3 +126,12 @@ def test_er_with_the_static_step_passes_the_learner_contract(check) -> None:
 
 def test_er_with_the_static_step_resumes_from_its_state() -> None:
     contracts.check_state_round_trip(_graphed(), _graphed(seed=5))
+
+
+def test_run_command_takes_the_cuda_graphs_switch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stream = write_stream(tmp_path / "s.rec.gz", n_classes=3, per_class=20, shape=(6,))
+    args = ["run", "--source", str(stream), "--method", "er", "--model", "mlp", "--metrics-port", "0"]
+    args += ["--no-progress", "--probe-fraction", "0", "--hparam", "cuda_graphs=True"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"records learned\s+60\b", out), out
