@@ -23,6 +23,7 @@ import inspect
 import logging
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,7 +89,9 @@ TINY_SIZES = Sizes(30, 100, 20, 20, 1, 3, 6, 2, 1, 30.0, tiny=True)  # 6: OnPro'
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "gpu", help="the GPU run: every method, AMP, CUDA graphs, OnPro's FLOP rate", description=__doc__
+        "gpu",
+        help="the GPU run: every method, AMP, CUDA graphs, OnPro's FLOP rate",
+        description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/gpu/results"), help="report folder")
     p.add_argument("--device", default="cuda", help="cuda (default), cpu, auto")
@@ -108,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         sizes = replace(sizes, reps=args.reps)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - set(PARTS):
-        print(f"stream-cl bench gpu: error: --parts takes a comma-separated subset of {', '.join(PARTS)}")
+        print(
+            f"stream-cl bench gpu: error: --parts takes a comma-separated subset of {', '.join(PARTS)}", file=sys.stderr
+        )
         return 2
     threads = args.threads or (1 if args.tiny else None)
     if threads:
