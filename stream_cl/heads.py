@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stream_cl.precision import full_precision
+
 
 class LevelHeads(nn.Module):
     """Linear heads ``features → classes of level l``; ``grow`` adds outputs and levels.
@@ -48,17 +50,19 @@ class LevelHeads(nn.Module):
 def hierarchical_ce(
     logits: list[torch.Tensor], y: torch.Tensor, level: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Cross-entropy of each sample under its own level's head, averaged over the batch."""
-    if len(logits) == 1 and len(y):  # flat streams: every sample is at level 0, no masking needed
-        losses = F.cross_entropy(logits[0], y, reduction="none")
-        return (losses if weight is None else losses * weight).mean()
-    total = logits[0].new_zeros(())
-    for lvl, out in enumerate(logits):
-        mask = level == lvl
-        if mask.any():
-            losses = F.cross_entropy(out[mask], y[mask], reduction="none")
-            total = total + (losses if weight is None else losses * weight[mask]).sum()
-    return total / max(len(y), 1)
+    """Cross-entropy of each sample under its own level's head, averaged over the batch, in float32
+    (log-softmax of reduced-precision logits loses digits; ``.float()`` is free on float32 ones)."""
+    with full_precision(*logits):
+        if len(logits) == 1 and len(y):  # flat streams: every sample is at level 0, no masking needed
+            losses = F.cross_entropy(logits[0].float(), y, reduction="none")
+            return (losses if weight is None else losses * weight).mean()
+        total = logits[0].new_zeros((), dtype=torch.float32)
+        for lvl, out in enumerate(logits):
+            mask = level == lvl
+            if mask.any():
+                losses = F.cross_entropy(out[mask].float(), y[mask], reduction="none")
+                total = total + (losses if weight is None else losses * weight[mask]).sum()
+        return total / max(len(y), 1)
 
 
 def _grown(old: nn.Linear, size: int, optimizer: torch.optim.Optimizer | None) -> nn.Linear:

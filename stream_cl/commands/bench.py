@@ -14,6 +14,7 @@ import sys
 
 BENCHMARKS = {
     "accuracy": "OnPro paper protocol: accuracy matrix, final accuracy, forgetting",
+    "gpu": "the GPU run: every method, AMP, CUDA graphs, OnPro's step time and FLOP rate",
     "buffer": "inserts/s, samples/s, round trips and bytes per sample of the replay stores",
     "hle": "HLE setups: per-level anytime accuracy of PL-FMS / ER / OnPro",
     "throughput": "samples/s and step latency of stream-cl against a plain PyTorch loop",

@@ -19,6 +19,7 @@ from stream_cl.methods.common import (
     load_core_state,
     refused,
 )
+from stream_cl.methods.er_graph import StaticPrediction, StaticReplayStep
 
 
 class ER:
@@ -40,12 +41,21 @@ class ER:
         SGD learning rate (> 0).
     replay_batch_size
         Replayed samples per step (>= 0).
+    cuda_graphs
+        Predict and learn through :mod:`~stream_cl.methods.er_graph`: padded static batches, replayed
+        as CUDA graphs on a CUDA model (run eagerly on CPU). Learning is not graphed in a group of workers.
     """
 
     name = "er"
 
     def __init__(
-        self, model: Classifier, buffer: ReplayStore, *, lr: float = 0.05, replay_batch_size: int = 10
+        self,
+        model: Classifier,
+        buffer: ReplayStore,
+        *,
+        lr: float = 0.05,
+        replay_batch_size: int = 10,
+        cuda_graphs: bool = False,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -58,11 +68,15 @@ class ER:
         self.replay_batch_size = replay_batch_size
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         self.guard = StepGuard(model)
+        self.static_step = (
+            StaticReplayStep(model, self.optimizer, self.guard, replay_batch_size, graphs=True) if cuda_graphs else None
+        )
+        self.predictor = StaticPrediction(model, graphs=True) if cuda_graphs else model
 
     def observe(self, batch: Batch) -> Observation:
         x_raw = batch.x.to(self.model.device, non_blocking=True)
         x = to_model_input(x_raw)
-        prediction = self.model.predict_prepared(x)
+        prediction = self.predictor.predict_prepared(x)
         n_learn = len(batch.labels) - batch.labels.count(None)  # no tensor reduction and sync
         reason = self.guard.screen(x, prediction, batch.labels) if n_learn else None
         if reason is not None:
@@ -82,11 +96,14 @@ class ER:
             levels = torch.cat([levels, replay.level.to(self.model.device)])
         if not self.model.training:
             self.model.train()
-        self.guard.begin()
-        loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        value = self.guard.step(loss, self.optimizer)
+        if self.static_step is not None and self.guard.reduce is None:  # a group averages gradients between steps
+            value = self.static_step(inputs, targets, levels, len(replay))
+        else:
+            self.guard.begin()
+            loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            value = self.guard.step(loss, self.optimizer)
         if value is None:
             return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=self.guard.reason), new)
         return Observation(prediction, level, y, StepStats(value, n_learn, len(replay)), new)

@@ -64,7 +64,9 @@ class OnPro:
     task_grace
         Steps after a task start during which new classes join that task.
     amp
-        Mixed precision; only takes effect on CUDA.
+        Mixed precision; only takes effect on CUDA (CPU steps run in float32).
+    amp_dtype
+        ``"float16"`` (with a gradient scaler) or ``"bfloat16"`` (no scaler needed: float32's range).
     seed
         Seed of the method's generator (None: drawn from torch's global RNG).
     """
@@ -92,6 +94,7 @@ class OnPro:
         proj_dim: int | None = None,
         task_grace: int = 5,
         amp: bool = True,
+        amp_dtype: str = "float16",
         seed: int | None = None,
     ) -> None:
         feature_dim = model.backbone.out_dim
@@ -112,6 +115,7 @@ class OnPro:
             "apf_pool": (apf_pool is None or apf_pool >= 1, "None or >= 1"),
             "proj_dim": (1 <= proj_dim <= feature_dim, f"in [1, {feature_dim}] (the backbone's feature size)"),
             "task_grace": (task_grace >= 0, ">= 0"),
+            "amp_dtype": (amp_dtype in ("float16", "bfloat16"), "float16 or bfloat16"),
         }
         for field, (ok, allowed) in checks.items():
             if not ok:
@@ -123,10 +127,11 @@ class OnPro:
         self.mixup_lambda_max, self.replay_cap, self.replay_per_class = mixup_lambda_max, replay_cap, replay_per_class
         self.apf_pool, self.proj_dim, self.task_grace = apf_pool, proj_dim, task_grace
         self.amp = amp and model.device.type == "cuda"
+        self.amp_dtype = getattr(torch, amp_dtype)
         self.projector = nn.Linear(feature_dim, proj_dim).to(model.device)
         params = [*model.parameters(), *self.projector.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.guard = StepGuard(model, self.projector)
         self.seed = int(torch.randint(2**62, (1,)).item()) if seed is None else seed
         self.gen = torch.Generator().manual_seed(self.seed)
@@ -237,7 +242,7 @@ class OnPro:
         )  # fmt: skip
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from stream_cl.heads import hierarchical_ce
+from stream_cl.precision import full_precision, masked_min
 
 KEY_STRIDE = 1 << 32
 EPS = 1e-8  # as in the OCM/OnPro code: inside the log and the normaliser
@@ -40,9 +41,10 @@ def contrast_groups(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, n_views
 
 
 def ins_similarity(z: torch.Tensor, h: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
-    """OCM similarity ``scale · (z h[:, s:s+d]ᵀ + z zᵀ)`` of normalised projections z and features h."""
-    z = z.float()
-    return scale * (z @ h.float()[:, offset : offset + z.shape[1]].T + z @ z.T)
+    """OCM similarity ``scale · (z h[:, s:s+d]ᵀ + z zᵀ)`` of normalised projections z and features h, in float32."""
+    with full_precision(z):
+        z = z.float()
+        return scale * (z @ h.float()[:, offset : offset + z.shape[1]].T + z @ z.T)
 
 
 def ins_loss(sim: torch.Tensor, groups: torch.Tensor, *, temperature: float, stream: bool) -> torch.Tensor:
@@ -52,17 +54,19 @@ def ins_loss(sim: torch.Tensor, groups: torch.Tensor, *, temperature: float, str
     explicit view-pair term); ``False`` is the replay "_uni" variant. ``groups`` labels all N rows.
     """
     n = sim.shape[0]
-    logits = (sim - sim.max(dim=1, keepdim=True).values.detach()) / temperature
-    p = logits.exp()
-    if stream:
-        p = p.masked_fill(torch.eye(n, dtype=torch.bool, device=sim.device), 0.0)
-    nll = -torch.log(p / (p.sum(dim=1, keepdim=True) + EPS) + EPS)
-    same = (groups[:, None] == groups[None, :]).float()
-    supervised = (same / (same.sum(dim=1, keepdim=True) + EPS) * nll).sum() / n
-    if not stream:
-        return supervised
-    rows = torch.arange(n, device=sim.device)
-    return nll[rows, (rows + n // 2) % n].sum() / n + 2 * supervised
+    with full_precision(sim):  # EPS and exp(-2/τ) underflow in float16: 0 · log(0) would make the loss NaN
+        sim = sim.float()
+        logits = (sim - sim.max(dim=1, keepdim=True).values.detach()) / temperature
+        p = logits.exp()
+        if stream:
+            p = p.masked_fill(torch.eye(n, dtype=torch.bool, device=sim.device), 0.0)
+        nll = -torch.log(p / (p.sum(dim=1, keepdim=True) + EPS) + EPS)
+        same = (groups[:, None] == groups[None, :]).float()
+        supervised = (same / (same.sum(dim=1, keepdim=True) + EPS) * nll).sum() / n
+        if not stream:
+            return supervised
+        rows = torch.arange(n, device=sim.device)
+        return nll[rows, (rows + n // 2) % n].sum() / n + 2 * supervised
 
 
 def proto_loss(
@@ -71,18 +75,21 @@ def proto_loss(
     """OPE: NT-Xent over the class-mean prototypes of two views; also APF's class means.
 
     Returns ``(loss, class keys present, μ)`` with μ = (mean z1 + mean z2) / 2 per class
-    (means of normalised projections, not re-normalised, detached). One class gives loss 0.
+    (means of normalised projections, not re-normalised, detached), all in float32. One class gives loss 0.
     """
     present, inverse = torch.unique(keys, return_inverse=True)
     k = present.shape[0]
-    counts = torch.bincount(inverse, minlength=k).to(torch.float32)[:, None]
-    z1, z2 = z1.float(), z2.float()
-    mean1 = z1.new_zeros(k, z1.shape[1]).index_add_(0, inverse, z1) / counts
-    mean2 = z2.new_zeros(k, z2.shape[1]).index_add_(0, inverse, z2) / counts
-    protos = F.normalize(torch.cat([mean1, mean2]), dim=1)
-    sim = (protos @ protos.T / temperature).masked_fill(torch.eye(2 * k, dtype=torch.bool, device=z1.device), -1e9)
-    target = (torch.arange(2 * k, device=z1.device) + k) % (2 * k)
-    return F.cross_entropy(sim, target), present, ((mean1 + mean2) / 2).detach()
+    with full_precision(z1):  # under autocast the matmul would return float16, which cannot hold the mask
+        counts = torch.bincount(inverse, minlength=k).to(torch.float32)[:, None]
+        z1, z2 = z1.float(), z2.float()
+        mean1 = z1.new_zeros(k, z1.shape[1]).index_add_(0, inverse, z1) / counts
+        mean2 = z2.new_zeros(k, z2.shape[1]).index_add_(0, inverse, z2) / counts
+        protos = F.normalize(torch.cat([mean1, mean2]), dim=1)
+        self_pairs = torch.eye(2 * k, dtype=torch.bool, device=z1.device)
+        sim = protos @ protos.T / temperature
+        sim = sim.masked_fill(self_pairs, masked_min(sim.dtype))
+        target = (torch.arange(2 * k, device=z1.device) + k) % (2 * k)
+        return F.cross_entropy(sim, target), present, ((mean1 + mean2) / 2).detach()
 
 
 def mixup_ce(logits: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

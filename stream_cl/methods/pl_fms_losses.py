@@ -12,30 +12,33 @@ from buffers.balanced import LargestClassPolicy
 from buffers.memory import MemoryStore
 from buffers.store import ReplayStore
 from stream_cl.methods.pl_fms_parts import ImportanceScores
+from stream_cl.precision import full_precision
 
 
 def per_sample_ce(logits: list[torch.Tensor], y: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each sample under its own level's head (0 for samples of no level)."""
-    out = logits[0].new_zeros(len(y))
-    for lvl, out_l in enumerate(logits):
-        mask = level == lvl
-        if mask.any():
-            out[mask] = F.cross_entropy(out_l[mask].float(), y[mask], reduction="none")
+    """Cross-entropy of each sample under its own level's head (0 for samples of no level), in float32."""
+    out = logits[0].new_zeros(len(y), dtype=torch.float32)
+    with full_precision(*logits):
+        for lvl, out_l in enumerate(logits):
+            mask = level == lvl
+            if mask.any():
+                out[mask] = F.cross_entropy(out_l[mask].float(), y[mask], reduction="none")
     return out
 
 
 def parent_pseudo_loss(logits: list[torch.Tensor], level: torch.Tensor, tau: float, lambda_u: float) -> torch.Tensor:
     """Per sample: ``lambda_u · CE(parent head, its argmax)`` for level-l samples (l >= 1) whose parent
-    head (l - 1) is confident (max softmax > ``tau``) and whose own head has > 1 output; else 0."""
-    out = logits[0].new_zeros(len(level))
-    for lvl in range(1, len(logits)):
-        mask = (level == lvl) & (logits[lvl].shape[1] > 1)
-        if not mask.any():
-            continue
-        parent = logits[lvl - 1][mask]
-        conf, target = parent.detach().float().softmax(dim=1).max(dim=1)
-        ce = F.cross_entropy(parent, target, reduction="none")
-        out[mask] = lambda_u * torch.where(conf > tau, ce, torch.zeros_like(ce))
+    head (l - 1) is confident (max softmax > ``tau``) and whose own head has > 1 output; else 0. In float32."""
+    out = logits[0].new_zeros(len(level), dtype=torch.float32)
+    with full_precision(*logits):
+        for lvl in range(1, len(logits)):
+            mask = (level == lvl) & (logits[lvl].shape[1] > 1)
+            if not mask.any():
+                continue
+            parent = logits[lvl - 1][mask].float()
+            conf, target = parent.detach().softmax(dim=1).max(dim=1)
+            ce = F.cross_entropy(parent, target, reduction="none")
+            out[mask] = lambda_u * torch.where(conf > tau, ce, torch.zeros_like(ce))
     return out
 
 
