@@ -32,11 +32,6 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-try:
-    import confluent_kafka
-except ImportError:  # the source says which extra brings it, when asked for
-    confluent_kafka = None
-
 log = logging.getLogger("consumers.kafka_librdkafka")
 
 
@@ -69,10 +64,17 @@ SETTINGS = {
 _METADATA_TIMEOUT_S = 10.0
 
 
-def require() -> None:
-    """Raise :class:`MissingExtraError` (naming the extra) when confluent-kafka is not installed."""
-    if confluent_kafka is None:
-        raise MissingExtraError
+def librdkafka():
+    """The ``confluent_kafka`` module, imported on first use: it is an extra, and importing it costs about 50 ms
+    that a run on kafka-python (or ``stream-cl --help``) should not pay.
+
+    Raises :class:`MissingExtraError`, naming the extra, when it is not installed.
+    """
+    try:
+        import confluent_kafka
+    except ImportError as err:
+        raise MissingExtraError from err
+    return confluent_kafka
 
 
 def librdkafka_settings(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def _kafka_errors(method):
     def wrapped(*args, **kwargs):
         try:
             return method(*args, **kwargs)
-        except confluent_kafka.KafkaException as err:
+        except librdkafka().KafkaException as err:
             raise KafkaError(str(err.args[0] if err.args else err)) from err
 
     return wrapped
@@ -119,10 +121,10 @@ class LibrdkafkaConsumer:
     """
 
     def __init__(self, **options: Any) -> None:
-        require()
+        self._confluent = librdkafka()
         try:  # librdkafka connects lazily: what fails here is a setting
-            self._consumer = confluent_kafka.Consumer(librdkafka_settings(options), logger=log)
-        except confluent_kafka.KafkaException as err:
+            self._consumer = self._confluent.Consumer(librdkafka_settings(options), logger=log)
+        except self._confluent.KafkaException as err:
             raise ValueError(f"librdkafka rejected the consumer settings: {err.args[0]}") from err
         self._paused: set[TopicPartition] = set()
         self._listener = None
@@ -143,8 +145,8 @@ class LibrdkafkaConsumer:
             starts = self._seeks
         finally:
             self._seeks = None
-        stored = confluent_kafka.OFFSET_STORED  # the group's committed offset, else auto_offset_reset
-        consumer.assign([confluent_kafka.TopicPartition(t.topic, t.partition, starts.get(t, stored)) for t in tps])
+        stored = self._confluent.OFFSET_STORED  # the group's committed offset, else auto_offset_reset
+        consumer.assign([self._confluent.TopicPartition(t.topic, t.partition, starts.get(t, stored)) for t in tps])
 
     def _on_revoke(self, consumer, partitions) -> None:
         revoked = {TopicPartition(p.topic, p.partition) for p in partitions}
@@ -174,7 +176,7 @@ class LibrdkafkaConsumer:
             error = message.error()
             if error is not None:  # an event, not a record: librdkafka retries transient ones itself
                 if error.fatal():
-                    raise confluent_kafka.KafkaException(error)
+                    raise self._confluent.KafkaException(error)
                 log.warning("Kafka client: %s", error)
                 continue
             record = _Record(message)
@@ -182,11 +184,11 @@ class LibrdkafkaConsumer:
         return {TopicPartition(*key): records for key, records in fetched.items()}
 
     def pause(self, *partitions: TopicPartition) -> None:
-        self._consumer.pause(_confluent(partitions))
+        self._consumer.pause(self._partitions(partitions))
         self._paused.update(partitions)
 
     def resume(self, *partitions: TopicPartition) -> None:
-        self._consumer.resume(_confluent(partitions))
+        self._consumer.resume(self._partitions(partitions))
         self._paused.difference_update(partitions)
 
     def paused(self) -> set[TopicPartition]:
@@ -196,18 +198,18 @@ class LibrdkafkaConsumer:
         if self._seeks is not None:  # inside the assignment callback: becomes the assigned start offset
             self._seeks[partition] = offset
             return
-        _kafka_errors(self._consumer.seek)(confluent_kafka.TopicPartition(partition.topic, partition.partition, offset))
+        _kafka_errors(self._consumer.seek)(self._confluent.TopicPartition(partition.topic, partition.partition, offset))
 
     def seek_to_beginning(self, *partitions: TopicPartition) -> None:
         for tp in partitions:
-            self.seek(tp, confluent_kafka.OFFSET_BEGINNING)
+            self.seek(tp, self._confluent.OFFSET_BEGINNING)
 
     # --- offsets ------------------------------------------------------------------------------------
 
     @_kafka_errors
     def commit(self, offsets: Mapping[TopicPartition, Any]) -> None:
         """Commit ``{partition: OffsetAndMetadata}`` and wait for the broker's answer."""
-        wanted = [confluent_kafka.TopicPartition(tp.topic, tp.partition, om.offset) for tp, om in offsets.items()]
+        wanted = [self._confluent.TopicPartition(tp.topic, tp.partition, om.offset) for tp, om in offsets.items()]
         failed = [tp for tp in self._consumer.commit(offsets=wanted, asynchronous=False) or () if tp.error]
         if failed:
             raise KafkaError(f"commit failed for {[(tp.topic, tp.partition, str(tp.error)) for tp in failed]}")
@@ -218,7 +220,7 @@ class LibrdkafkaConsumer:
 
     @_kafka_errors
     def committed(self, partition: TopicPartition) -> int | None:
-        tp = confluent_kafka.TopicPartition(partition.topic, partition.partition)
+        tp = self._confluent.TopicPartition(partition.topic, partition.partition)
         (answer,) = self._consumer.committed([tp], timeout=_METADATA_TIMEOUT_S)
         return answer.offset if answer.offset >= 0 else None
 
@@ -230,7 +232,7 @@ class LibrdkafkaConsumer:
 
     @_kafka_errors
     def _watermarks(self, partition: TopicPartition, timeout_ms: int) -> tuple[int, int]:
-        tp = confluent_kafka.TopicPartition(partition.topic, partition.partition)
+        tp = self._confluent.TopicPartition(partition.topic, partition.partition)
         answer = self._consumer.get_watermark_offsets(tp, timeout=timeout_ms / 1000, cached=False)
         if answer is None:
             raise KafkaError(f"no offsets for {partition} within {timeout_ms} ms")
@@ -238,22 +240,21 @@ class LibrdkafkaConsumer:
 
     def highwater(self, partition: TopicPartition) -> int | None:
         """The end offset the last fetch response carried (None before any)."""
-        tp = confluent_kafka.TopicPartition(partition.topic, partition.partition)
+        tp = self._confluent.TopicPartition(partition.topic, partition.partition)
         try:
             answer = self._consumer.get_watermark_offsets(tp, cached=True)
-        except confluent_kafka.KafkaException:
+        except self._confluent.KafkaException:
             return None
         return answer[1] if answer is not None and answer[1] >= 0 else None
 
     def position(self, partition: TopicPartition, timeout_ms: int | None = None) -> int | None:
         """Next offset this consumer hands out (None until it has fetched or been placed)."""
-        (answer,) = self._consumer.position([confluent_kafka.TopicPartition(partition.topic, partition.partition)])
+        (answer,) = self._consumer.position([self._confluent.TopicPartition(partition.topic, partition.partition)])
         return answer.offset if answer.offset >= 0 else None
 
     def close(self, autocommit: bool = False) -> None:
         """Leave the group. Nothing is committed here (auto-commit is off; the source commits first)."""
         self._consumer.close()
 
-
-def _confluent(partitions: Iterable[TopicPartition]) -> list:
-    return [confluent_kafka.TopicPartition(tp.topic, tp.partition) for tp in partitions]
+    def _partitions(self, partitions: Iterable[TopicPartition]) -> list:
+        return [self._confluent.TopicPartition(tp.topic, tp.partition) for tp in partitions]

@@ -5,6 +5,7 @@ letters, a missing topic -- plus the settings it translates and the error withou
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -17,7 +18,6 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
-import consumers.kafka_librdkafka
 from consumers.dlq import KafkaDeadLetterSink
 from consumers.kafka import KafkaSource, TopicNotFoundError
 from consumers.kafka_librdkafka import LibrdkafkaConsumer, MissingExtraError, librdkafka_settings
@@ -186,7 +186,7 @@ def test_settings_keep_kafka_python_names() -> None:
 
 
 def test_without_the_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(consumers.kafka_librdkafka, "confluent_kafka", None)
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # as if not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'stream-cl\[librdkafka\]'"):
         open_source("kafka://127.0.0.1:1/t", kafka_client="librdkafka")
     assert main(["run", "--source", "kafka://127.0.0.1:1/t", "--kafka-client", "librdkafka"]) == 2
