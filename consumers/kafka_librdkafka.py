@@ -158,6 +158,7 @@ class LibrdkafkaConsumer:
         self._paused -= lost
         asyncio.run(self._listener.on_partitions_lost(lost))
 
+    @_kafka_errors
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(p.topic, p.partition) for p in self._consumer.assignment()}
 
@@ -183,10 +184,12 @@ class LibrdkafkaConsumer:
             fetched.setdefault((record.topic, record.partition), []).append(record)
         return {TopicPartition(*key): records for key, records in fetched.items()}
 
+    @_kafka_errors
     def pause(self, *partitions: TopicPartition) -> None:
         self._consumer.pause(self._partitions(partitions))
         self._paused.update(partitions)
 
+    @_kafka_errors
     def resume(self, *partitions: TopicPartition) -> None:
         self._consumer.resume(self._partitions(partitions))
         self._paused.difference_update(partitions)
@@ -247,6 +250,7 @@ class LibrdkafkaConsumer:
             return None
         return answer[1] if answer is not None and answer[1] >= 0 else None
 
+    @_kafka_errors
     def position(self, partition: TopicPartition, timeout_ms: int | None = None) -> int | None:
         """Next offset this consumer hands out (None until it has fetched or been placed)."""
         (answer,) = self._consumer.position([self._confluent.TopicPartition(partition.topic, partition.partition)])
