@@ -111,6 +111,9 @@ class KafkaSource:
         :func:`consumers.label_wire.decode_label` for a topic of label messages.
     client_options
         Further kafka-python client settings (``security_protocol``, ``sasl_*``, ``ssl_*``, ...).
+    consumer_class
+        The client: kafka-python's ``KafkaConsumer``, or a class with the same interface and keyword settings
+        (:class:`consumers.kafka_librdkafka.LibrdkafkaConsumer`, librdkafka underneath).
 
     Notes
     -----
@@ -146,6 +149,7 @@ class KafkaSource:
         client_id: str = "stream-cl",
         client_options: Mapping[str, Any] | None = None,
         decoder: Callable[[Message, int], Any] | None = None,
+        consumer_class: Callable[..., Any] = KafkaConsumer,
     ) -> None:
         for name, value in (("prefetch", prefetch), ("max_poll_records", max_poll_records), ("max_bytes", max_bytes)):
             if value < 1:
@@ -183,7 +187,7 @@ class KafkaSource:
         self._flush_on_close = True
         self._closed = False
         try:
-            self._consumer = KafkaConsumer(
+            self._consumer = consumer_class(
                 bootstrap_servers=bootstrap,
                 group_id=group,
                 client_id=client_id,

@@ -2,7 +2,8 @@
 
 Sources are registered by URL scheme in :data:`SOURCES`:
 
-* ``kafka://HOST:PORT/TOPIC``: a :class:`~consumers.kafka.KafkaSource` in a consumer group;
+* ``kafka://HOST:PORT/TOPIC``: a :class:`~consumers.kafka.KafkaSource` in a consumer group, through the
+  Kafka client named in :data:`KAFKA_CLIENTS`;
 * ``file://PATH`` or a plain path: a :class:`~consumers.recorded.RecordedSource` over a recorded-stream file;
 * ``synthetic://?records=N&classes=K&dim=D&seed=S``: a :class:`~consumers.synthetic.SyntheticSource`
   (see :class:`~consumers.urls.SyntheticUrl`).
@@ -18,14 +19,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from kafka import KafkaConsumer
+
 from consumers.dlq import FileDeadLetterSink, KafkaDeadLetterSink
 from consumers.kafka import KafkaSource
+from consumers.kafka_librdkafka import LibrdkafkaConsumer
 from consumers.label_wire import decode_label
 from consumers.recorded import RecordedSource
 from consumers.source import Offsets, Source
 from consumers.synthetic import SyntheticSource
 from consumers.urls import KafkaUrl, SyntheticUrl, is_kafka_url
 from consumers.wire import decode
+
+KAFKA_CLIENTS: dict[str, Callable[..., Any]] = {"kafka-python": KafkaConsumer, "librdkafka": LibrdkafkaConsumer}
+"""Kafka client name -> consumer class under :class:`~consumers.kafka.KafkaSource` (librdkafka: an extra)."""
 
 _GROUP_TIMINGS = ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms")
 
@@ -41,10 +48,13 @@ class SourceRequest:
     require_topic: bool = False
     kafka_options: Mapping[str, Any] = field(default_factory=dict)
     labels: bool = False
+    kafka_client: str = "kafka-python"
 
 
 def _open_kafka(request: SourceRequest) -> Source:
     url = KafkaUrl.parse(request.url)
+    if request.kafka_client not in KAFKA_CLIENTS:
+        raise ValueError(f"unknown Kafka client {request.kafka_client!r}; use one of {', '.join(KAFKA_CLIENTS)}")
     options = dict(request.kafka_options)
     timings = {name: options.pop(name) for name in _GROUP_TIMINGS if name in options}
     timings.setdefault("session_timeout_ms", 10000)
@@ -58,6 +68,7 @@ def _open_kafka(request: SourceRequest) -> Source:
         require_topic=request.require_topic,
         client_options=options,
         decoder=decode_label if request.labels else decode,
+        consumer_class=KAFKA_CLIENTS[request.kafka_client],
         **timings,
     )
 
@@ -114,6 +125,7 @@ def open_source(
     require_topic: bool = False,
     kafka_options: Mapping[str, Any] | None = None,
     labels: bool = False,
+    kafka_client: str = "kafka-python",
 ) -> Source:
     """The source named by ``url``, starting at ``start_offsets`` where given.
 
@@ -123,7 +135,8 @@ def open_source(
     makes a missing Kafka topic an error at once instead of a wait. ``kafka_options`` are kafka-python client
     settings (``security_protocol``, ``sasl_*``, ``ssl_*``, ``session_timeout_ms``, ``heartbeat_interval_ms``;
     heartbeats default to a quarter of the session timeout, which defaults to 10 s). ``labels`` reads label
-    messages (:mod:`consumers.label_wire`) instead of feature records.
+    messages (:mod:`consumers.label_wire`) instead of feature records. ``kafka_client`` names the client in
+    :data:`KAFKA_CLIENTS` (``librdkafka`` needs the ``librdkafka`` extra; the settings keep kafka-python's names).
 
     Raises
     ------
@@ -147,6 +160,7 @@ def open_source(
         require_topic=require_topic,
         kafka_options=dict(kafka_options or {}),
         labels=labels,
+        kafka_client=kafka_client,
     )
     return SOURCES[scheme](request)
 

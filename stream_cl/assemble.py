@@ -117,6 +117,7 @@ def assemble(
             from_checkpoint=checkpointer is not None,
             require_topic=require_topic,
             kafka_options=cfg.kafka.consumer_options(),
+            kafka_client=cfg.kafka.client,
         )
         if cfg.source.prefetch and not source.fetches_ahead:
             source = Prefetcher(
@@ -288,6 +289,7 @@ def _delayed_labels(
         from_checkpoint=cfg.checkpoint.dir is not None,
         require_topic=require_topic,
         kafka_options=cfg.kafka.consumer_options(),
+        kafka_client=cfg.kafka.client,
         labels=True,
     )
     stack.enter_context(source)

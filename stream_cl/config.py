@@ -62,6 +62,12 @@ def _models() -> Iterable[str]:
     return MODELS
 
 
+def _kafka_clients() -> Iterable[str]:
+    from consumers.open import KAFKA_CLIENTS
+
+    return KAFKA_CLIENTS
+
+
 def _buffer_policies() -> Iterable[str]:
     from buffers.open import POLICIES
 
@@ -193,7 +199,7 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class KafkaConfig:
-    """Kafka client security and group timing, passed through to kafka-python."""
+    """Kafka client security and group timing, passed through to kafka-python, and which client consumes."""
 
     security_protocol: str = setting(
         "PLAINTEXT",
@@ -210,6 +216,11 @@ class KafkaConfig:
     heartbeat_interval_ms: int | None = setting(
         None, "consumer group heartbeat (default: a quarter of the session timeout)", check=positive
     )
+    client: str = setting(
+        "kafka-python",
+        "client that consumes the source (librdkafka: confluent-kafka, pip install 'stream-cl[librdkafka]')",
+        choices=Choices(_kafka_clients),
+    )
 
     def __post_init__(self) -> None:
         sasl = self.security_protocol.startswith("SASL_")
@@ -222,7 +233,7 @@ class KafkaConfig:
         """Security keyword arguments for kafka-python's consumer, producer and admin clients."""
         out: dict[str, Any] = {"security_protocol": self.security_protocol}
         names = {"sasl_username": "sasl_plain_username", "sasl_password": "sasl_plain_password"}
-        for f in fields(self)[1:-2]:
+        for f in fields(self)[1:-3]:
             value = getattr(self, f.name)
             if value is not None:
                 out[names.get(f.name, f.name)] = value

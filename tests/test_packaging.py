@@ -23,6 +23,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("stream_cl", "consumers", "buffers", "monitoring")
 BENCHMARK_CODE = [*(ROOT / "stream_cl" / "bench").rglob("*.py"), ROOT / "stream_cl" / "commands" / "bench.py"]
+OPTIONAL_CLIENT = ROOT / "consumers" / "kafka_librdkafka.py"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
@@ -47,7 +48,7 @@ def imported_distributions(files: list[Path]) -> set[str]:
 
 
 def test_every_import_outside_the_benchmarks_is_a_dependency() -> None:
-    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p not in BENCHMARK_CODE]
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p not in [*BENCHMARK_CODE, OPTIONAL_CLIENT]]
     used = imported_distributions(files)
     assert "scipy" in used and "matplotlib" not in used
     assert used - declared(PYPROJECT["dependencies"]) == set()
@@ -59,6 +60,13 @@ def test_benchmark_imports_are_dependencies_or_the_bench_extra() -> None:
     assert "matplotlib" in used and "matplotlib" not in declared(PYPROJECT["dependencies"])
     assert {"matplotlib"} <= declared(extras["bench"]) & declared(extras["test"])
     assert used - declared(PYPROJECT["dependencies"] + extras["bench"]) == set()
+
+
+def test_the_librdkafka_client_needs_only_its_extra() -> None:
+    used = imported_distributions([OPTIONAL_CLIENT])
+    extras = PYPROJECT["optional-dependencies"]
+    assert "confluent-kafka" in used and "confluent-kafka" not in declared(PYPROJECT["dependencies"])
+    assert used - declared(PYPROJECT["dependencies"] + extras["librdkafka"]) == set()
 
 
 def test_kafka_python_floor_has_what_the_consumer_imports() -> None:

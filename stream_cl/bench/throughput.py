@@ -18,13 +18,14 @@ import statistics
 import tempfile
 from contextlib import ExitStack
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from stream_cl.bench.perf import avalanche, report
+from stream_cl.bench.perf import avalanche, kafka_clients, report
 from stream_cl.bench.perf.data import Case, Stream, make_stream, messages, write_recorded
 from stream_cl.bench.perf.memory import run_memory, summarise
 from stream_cl.bench.perf.paths import run_learner_only, run_recorded
@@ -59,6 +60,7 @@ METHOD_NOTES = [
     "(c) consumes a tansu broker (memory storage) and a redis-server the benchmark starts; one partition; a "
     "fresh consumer group per run; checkpoints every 2 s on a background thread; /metrics scraped every 1 s; "
     "the default drift detectors on.",
+    kafka_clients.NOTE,
 ]
 
 
@@ -197,7 +199,7 @@ def _run_case(
         topic = f"bench-{case.name}"
         produce(kafka.address, topic, messages(stream, topic))
 
-        def service() -> StepTimes:
+        def service(client: str) -> StepTimes:
             before = kafka.cpu_seconds() + redis.cpu_seconds()
             times, written = run_service(
                 case,
@@ -207,12 +209,14 @@ def _run_case(
                 n_records=len(stream),
                 device=device,
                 workdir=workdir,
+                kafka_client=client,
             )
             times.extra_cpu_s = kafka.cpu_seconds() + redis.cpu_seconds() - before
             checkpoints.append(written)
             return times
 
-        runners["c"] = service
+        for name, client in kafka_clients.client_paths().items():
+            runners[name] = partial(service, client)
     warm = _prefix(stream, case)
     for run in _runners(case, warm, write_recorded(warm, workdir / "warm.rec.gz"), device, with_avalanche).values():
         run()  # warm-up: imports, allocator, first-call costs
@@ -235,7 +239,7 @@ def _run_case(
         cpu = [t.samples_per_cpu_second() / b.samples_per_cpu_second() for t, b in pairs]
         ratios[key] = {"median": statistics.median(per_rep), "reps": per_rep, "cpu_median": statistics.median(cpu)}
         ratios[key]["cpu_reps"] = cpu
-        if name == "c":
+        if name in kafka_clients.PATHS:
             with_services = [_cpu_rate_with_services(t) / b.samples_per_cpu_second() for t, b in pairs]
             ratios[key]["cpu_with_services_median"] = statistics.median(with_services)
         goal = GOALS.get((case.name, key.replace("b+prefetch", "b")))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.open import SOURCES, open_source
+from consumers.open import KAFKA_CLIENTS, SOURCES, open_source
 from consumers.prefetch import Prefetcher
 from consumers.producer import produce_messages
 from consumers.recorded import write_messages
@@ -78,12 +78,16 @@ def _synthetic() -> Kind:
     )
 
 
-def _kafka(bootstrap: str, topic: str) -> Kind:
+def _kafka(bootstrap: str, topic: str, client: str) -> Kind:
     produce_messages(bootstrap, topic, good_messages(N))
     group = f"contract-{uuid.uuid4().hex[:8]}"
     return Kind(
         open=lambda start: open_source(
-            f"kafka://{bootstrap}/{topic}", group=group, start_offsets=start, kafka_options=FAST_GROUP
+            f"kafka://{bootstrap}/{topic}",
+            group=group,
+            start_offsets=start,
+            kafka_options=FAST_GROUP,
+            kafka_client=client,
         ),
         committed=lambda source: None,
         ids=[f"good-{i}" for i in range(N)],
@@ -95,8 +99,14 @@ def _kafka(bootstrap: str, topic: str) -> Kind:
     )
 
 
-KINDS = {"file": "file", "prefetched-file": "file", "synthetic": "synthetic", "kafka": "kafka"}
-"""Case -> the registry scheme it opens."""
+KINDS = {
+    "file": "file",
+    "prefetched-file": "file",
+    "synthetic": "synthetic",
+    "kafka": "kafka",
+    "kafka-librdkafka": "kafka",
+}
+"""Case -> the registry scheme it opens (the Kafka cases: one per client in KAFKA_CLIENTS)."""
 
 
 @pytest.fixture(params=list(KINDS))
@@ -108,11 +118,14 @@ def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Kind:
     if request.param == "synthetic":
         return _synthetic()
     make_topic = request.getfixturevalue("make_topic")
-    return _kafka(request.getfixturevalue("kafka_bootstrap"), make_topic(1))
+    client = request.param.removeprefix("kafka").removeprefix("-") or "kafka-python"
+    return _kafka(request.getfixturevalue("kafka_bootstrap"), make_topic(1), client)
 
 
 def test_every_registered_scheme_is_covered() -> None:
     assert set(KINDS.values()) == set(SOURCES), "a new source kind needs a case in this suite"
+    kafka_cases = {k.removeprefix("kafka").removeprefix("-") or "kafka-python" for k in KINDS if k.startswith("kafka")}
+    assert kafka_cases == set(KAFKA_CLIENTS), "a new Kafka client needs a case in this suite"
 
 
 def _take(source: Source, n: int, timeout_s: float = 30.0) -> list[str]:

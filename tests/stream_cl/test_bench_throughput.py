@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis
 import torch
 
@@ -39,22 +40,28 @@ def test_quick_run_writes_json_markdown_and_plots(tmp_path) -> None:
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_service_path_learns_every_record_from_kafka_into_redis(kafka_bootstrap, redis_server, tmp_path) -> None:
+@pytest.mark.parametrize("client", ["kafka-python", "librdkafka"])
+def test_service_path_learns_every_record_from_kafka_into_redis(
+    kafka_bootstrap, redis_server, tmp_path, client: str
+) -> None:
     case = Case("tiny", "er", "mlp", "features", n_records=60, n_classes=3, dim=4, buffer_size=20)
     stream = make_stream(case, None)
-    assert produce(kafka_bootstrap, "bench-tiny", messages(stream, "bench-tiny")) == 60
+    topic = f"bench-tiny-{client}"
+    assert produce(kafka_bootstrap, topic, messages(stream, topic)) == 60
+    store = redis.Redis.from_url(redis_server.url)
+    earlier = set(store.keys("*bench-*"))  # the server is shared by the session
     times, checkpoints = run_service(
         case,
         bootstrap=kafka_bootstrap,
-        topic="bench-tiny",
+        topic=topic,
         redis_url=redis_server.url,
         n_records=60,
         device=torch.device("cpu"),
         workdir=tmp_path,
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
+        kafka_client=client,
     )
     assert sum(times.sizes) == 60
     assert checkpoints >= 1  # the final checkpoint is always written
-    keys = redis.Redis.from_url(redis_server.url).keys("*bench-*")
-    assert keys  # the replay buffer lived in Redis
+    assert set(store.keys("*bench-*")) - earlier  # the replay buffer lived in Redis

@@ -18,6 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import StrMethodFormatter
 
+from stream_cl.bench.perf import kafka_clients
 from stream_cl.bench.provenance import provenance
 
 PATH_LABELS = {
@@ -26,6 +27,7 @@ PATH_LABELS = {
     "b": "(b) recorded file → run loop",
     "b+prefetch": "(b) + prefetch thread",
     "c": "(c) Kafka → run loop, Redis buffer, metrics, drift, checkpoints",
+    **kafka_clients.LABELS,
     "d": "(d) Avalanche OnlineNaive + ReplayPlugin",
 }
 

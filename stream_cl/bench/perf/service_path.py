@@ -50,11 +50,12 @@ def run_service(
     heartbeat_interval_ms: int = 2000,
     drift: bool = True,
     checkpoint_every_s: float | None = CHECKPOINT_EVERY_S,
+    kafka_client: str = "kafka-python",
 ) -> tuple[StepTimes, int]:
     """Learn ``n_records`` of ``topic`` through the service's parts; returns step times and checkpoints written.
 
     ``redis_url`` ``memory`` keeps the buffer in process; ``drift`` and ``checkpoint_every_s`` (None: only
-    the final checkpoint) switch parts off, to see what each costs.
+    the final checkpoint) switch parts off, to see what each costs. ``kafka_client`` is ``--kafka-client``.
     """
     times = StepTimes()
     run_id = uuid.uuid4().hex[:8]
@@ -66,6 +67,7 @@ def run_service(
             "group": f"bench-{run_id}",
             "kafka_session_timeout_ms": session_timeout_ms,
             "kafka_heartbeat_interval_ms": heartbeat_interval_ms,
+            "kafka_client": kafka_client,
             "method": case.method,
             "model": case.model,
             "width": case.width,
