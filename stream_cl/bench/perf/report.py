@@ -26,6 +26,8 @@ PATH_LABELS = {
     "b": "(b) recorded file → run loop",
     "b+prefetch": "(b) + prefetch thread",
     "c": "(c) Kafka → run loop, Redis buffer, metrics, drift, checkpoints",
+    "c-batched10": "(c) with 10 samples per Kafka message (wire format 2)",
+    "c-batched100": "(c) with 100 samples per Kafka message (wire format 2)",
     "d": "(d) Avalanche OnlineNaive + ReplayPlugin",
 }
 
