@@ -171,7 +171,7 @@ class KafkaSource:
         self._fetch_timeout_s, self._revoke_timeout_s, self._max_bytes = fetch_timeout_s, revoke_timeout_s, max_bytes
         self._commit_interval_s = commit_interval_s
         self._decoder = decoder if decoder is not None else decode_samples
-        self._start_within = within_of(self._start)
+        self._start_within = within_of(start_offsets or {})
         # (offset, samples) per partition: the first samples of the message at that offset not to hand over again
         self._skip: dict[Key, tuple[int, int]] = {}
         self._partial: dict[Key, tuple[int, int]] = {}  # the same for a message handed over in part
@@ -521,15 +521,15 @@ class KafkaSource:
             first = key not in self._placed
             self._placed.add(key)
             offset = self._start.pop(key, None)
-            skip = (offset, self._start_within.pop(key, 0))
+            skip = self._start_within.pop(key, 0)
             if offset is None:
                 offset, skip = rewind.get(key, (None, 0))
             if offset is not None:
                 self._consumer.seek(tp, offset)
                 with self._cond:
                     self._skip.pop(key, None)
-                    if skip[1]:
-                        self._skip[key] = skip
+                    if skip:
+                        self._skip[key] = (offset, skip)
             elif first and self._from_checkpoint:
                 self._consumer.seek_to_beginning(tp)
             if first and self._from_checkpoint:
