@@ -325,8 +325,8 @@ def sample_message(message: Message) -> Message:
     sample); what comes back holds only the sample's ``x`` bytes or values, id and label, exactly as they
     were sent (bad ones too), with ``shape`` ``[1, ...]``, the other headers unchanged, and the same
     position, so decoding it again finds the sample's own fault (a repeated id is a fault of the batch
-    alone). A single-sample message comes back unchanged. Never raises (on a failure the whole message
-    comes back).
+    alone). A message of one sample (this function's own output too) comes back unchanged. Never raises
+    (on a failure the whole message comes back).
     """
     position = message.position
     if position.count == 1:
@@ -334,10 +334,14 @@ def sample_message(message: Message) -> Message:
     try:
         headers = dict(message.headers)
         if headers.get("content-type", JSON_TYPE) == BINARY_TYPE:
+            ids = json.loads(headers["ids"])
             value, replaced = _binary_sample(message.value, headers, position.index, position.count)
         else:
+            ids = json.loads(message.value)["ids"]
             value, replaced = _json_sample(message.value, position.index, position.count)
     except Exception:  # the dead letter must still be written: the whole message says everything
+        return message
+    if len(ids) == 1:  # the sample alone already
         return message
     kept = [(k, v) for k, v in message.headers if k not in replaced]
     return Message(position, message.timestamp, message.key, value, (*kept, *replaced.items()))

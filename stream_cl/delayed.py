@@ -26,6 +26,7 @@ import torch
 from consumers.label_wire import LabelRecord
 from consumers.record import DeadLetter, Message, Position, Record
 from consumers.source import Source, next_offsets
+from consumers.wire import sample_message
 from monitoring.labeljoin import JoinMetrics
 from stream_cl.summary import Summary
 
@@ -226,10 +227,14 @@ class DelayedLabels:
 
 
 def _message_state(message: Message) -> dict[str, Any]:
-    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them."""
+    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them.
+
+    A sample of a message of several keeps only its own part (not the whole message once per sample).
+    """
+    message = sample_message(message)
     p = message.position
     return {
-        "position": [p.stream, p.partition, p.offset],
+        "position": [p.stream, p.partition, p.offset, p.index, p.count],
         "timestamp": message.timestamp,
         "key": None if message.key is None else _tensor(message.key),
         "value": _tensor(message.value),
@@ -238,10 +243,10 @@ def _message_state(message: Message) -> dict[str, Any]:
 
 
 def _message(state: dict[str, Any]) -> Message:
-    stream, partition, offset = state["position"]
+    stream, partition, offset, *sample = state["position"]  # older checkpoints: no index and count
     key = None if state["key"] is None else state["key"].numpy().tobytes()
     headers = tuple((name, value.numpy().tobytes()) for name, value in state["headers"])
-    position = Position(stream, int(partition), int(offset))
+    position = Position(stream, int(partition), int(offset), *map(int, sample))
     return Message(position, float(state["timestamp"]), key, state["value"].numpy().tobytes(), headers)
 
 

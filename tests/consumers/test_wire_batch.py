@@ -178,6 +178,9 @@ def test_a_dead_sample_is_stored_alone_and_decodes_to_its_own_fault() -> None:
     assert named["shape"] == b"[1, 3]" and named["reason"] == b"non_finite"
     assert (named["source-offset"], named["source-sample"], named["source-samples"]) == (b"40", b"2", b"4")
     assert verdicts(decode_samples(stored)) == ["non_finite"]
+    alone = sample_message(dead.message)
+    assert sample_message(alone) is alone  # kept alone (a delayed-label checkpoint does), it stays alone
+    assert dead_letter_message(DeadLetter(alone, dead.reason, dead.detail)).headers == stored.headers
 
     body = {"ids": ["a", "b"], "x": [[1, 2], [3, 300]], "shape": [2, 2], "dtype": "uint8", "ys": ["p", "q"]}
     stored = dead_letter_message(decode_samples(json_message(body))[1])
