@@ -3,8 +3,10 @@
 A dead letter keeps the original key, value and headers byte for byte and adds headers
 ``reason`` (one of :data:`consumers.wire.REASONS` or the run loop's reasons), ``detail`` (the reason's
 explanation, cut to :data:`MAX_DETAIL_CHARS` characters) and ``source-topic`` / ``source-partition`` /
-``source-offset`` (where it was read). Delivery is at-least-once: a dead letter sent twice (after a crash)
-carries the same source position both times, which is how a reader of the topic recognises the duplicate.
+``source-offset`` (where it was read). A bad sample of a message of several (wire format 2) is that sample
+alone, with headers ``source-sample`` and ``source-samples`` too. Delivery is at-least-once: a dead letter
+sent twice (after a crash) carries the same source position both times, which is how a reader of the topic
+recognises the duplicate.
 
 Both sinks implement the run loop's ``DeadLetterSink`` protocol (``send(dead)``) plus ``backpressure`` (the
 caller must not poll more records while it is True), ``healthy`` (False while dead letters cannot be
@@ -40,6 +42,7 @@ from consumers.producer import new_producer
 from consumers.record import DeadLetter, Message
 from consumers.recorded import RecordedStreamError, RecordedWriter
 from consumers.spool import Entry, Spool
+from consumers.wire import sample_message
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +64,29 @@ def dead_letter_headers(dead: DeadLetter) -> tuple[tuple[str, bytes], ...]:
     >>> [k for k, _ in dead_letter_headers(DeadLetter(m, "bad_json", "Expecting value"))]
     ['content-type', 'reason', 'detail', 'source-topic', 'source-partition', 'source-offset']
     """
-    pos = dead.message.position
-    return (
-        *dead.message.headers,
+    return dead_letter_message(dead).headers
+
+
+def dead_letter_message(dead: DeadLetter) -> Message:
+    """The message a dead letter is stored and sent as: the original with the dead-letter headers.
+
+    A dead letter of one sample of a message of several (wire format 2) holds that sample alone
+    (:func:`consumers.wire.sample_message`) and adds headers ``source-sample`` (its index in the message)
+    and ``source-samples`` (how many the message had).
+    """
+    m = sample_message(dead.message)
+    pos = m.position
+    headers = (
+        *m.headers,
         ("reason", dead.reason.encode()),
         ("detail", dead.detail[:MAX_DETAIL_CHARS].encode()),
         ("source-topic", pos.stream.encode()),
         ("source-partition", str(pos.partition).encode()),
         ("source-offset", str(pos.offset).encode()),
     )
-
-
-def dead_letter_message(dead: DeadLetter) -> Message:
-    """The message a dead letter is stored and sent as: the original with the dead-letter headers."""
-    m = dead.message
-    return Message(m.position, m.timestamp, m.key, m.value, dead_letter_headers(dead))
+    if pos.count > 1:
+        headers += (("source-sample", str(pos.index).encode()), ("source-samples", str(pos.count).encode()))
+    return Message(pos, m.timestamp, m.key, m.value, headers)
 
 
 class KafkaDeadLetterSink:

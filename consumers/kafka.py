@@ -5,8 +5,8 @@ Threading (why it looks like this)
 kafka-python's ``KafkaConsumer`` is not thread-safe, and in 3.x its rebalance callbacks run on its
 own IO thread, where a blocking consumer call (``commit``) raises. So:
 
-* one background *fetch thread* owns every consumer call: it polls, decodes each message
-  (:func:`consumers.wire.decode`) and appends the results to a bounded buffer;
+* one background *fetch thread* owns every consumer call: it polls, decodes each message into its samples
+  (:func:`consumers.wire.decode_samples`) and appends the results to a bounded buffer;
 * the learner thread's :meth:`KafkaSource.poll` only takes from that buffer, so the learner never waits on the
   network while data is there, and :meth:`KafkaSource.commit` only hands offsets to the fetch thread, which
   commits them (the learner never waits on a broker round trip);
@@ -33,6 +33,11 @@ high watermark at all; neither ever overstates the end.
 The fetch thread survives bad input and transient errors: a record whose decoding raises becomes an ``internal``
 dead letter, and any other error is logged and retried after a short back-off.
 
+Messages of several samples (wire format 2): the learner's commit of a message's offset comes only once all its
+samples are processed (:func:`consumers.source.next_offsets`); ``start_offsets`` given as
+:class:`~consumers.source.NextOffsets` (a checkpoint's) skip the samples of a partly learned message that its
+``within`` counts, once, at the seek.
+
 Rebalances: on revoke, records fetched but not yet handed to the learner are dropped (the next owner reads
 them from the committed offset), the listener waits (at most ``revoke_timeout_s``) until the learner has
 committed what it holds, then commits it; on lost, everything for those partitions is dropped, uncommitted.
@@ -53,8 +58,8 @@ from kafka.errors import IllegalStateError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from consumers.record import DeadLetter, Message, Poll, Position, Record
-from consumers.source import Offsets
-from consumers.wire import MAX_PAYLOAD_BYTES, decode
+from consumers.source import Offsets, within_of
+from consumers.wire import MAX_PAYLOAD_BYTES, decode_samples
 
 log = logging.getLogger("consumers.kafka")
 
@@ -107,8 +112,9 @@ class KafkaSource:
     max_bytes
         Messages larger than this become ``oversized`` dead letters.
     decoder
-        Turns a message into a record or a dead letter, never raising: the wire format (None),
-        :func:`consumers.label_wire.decode_label` for a topic of label messages.
+        Turns a message into a record or a dead letter (or a list of them, one per sample), never raising:
+        the wire format (None, :func:`consumers.wire.decode_samples`), :func:`consumers.label_wire.decode_label`
+        for a topic of label messages.
     client_options
         Further kafka-python client settings (``security_protocol``, ``sasl_*``, ``ssl_*``, ...).
     consumer_class
@@ -168,7 +174,11 @@ class KafkaSource:
         self._prefetch, self._max_poll_records = prefetch, max_poll_records
         self._fetch_timeout_s, self._revoke_timeout_s, self._max_bytes = fetch_timeout_s, revoke_timeout_s, max_bytes
         self._commit_interval_s = commit_interval_s
-        self._decoder = decoder if decoder is not None else decode
+        self._decoder = decoder if decoder is not None else decode_samples
+        self._start_within = within_of(start_offsets or {})
+        # (offset, samples) per partition: the first samples of the message at that offset not to hand over again
+        self._skip: dict[Key, tuple[int, int]] = {}
+        self._partial: dict[Key, tuple[int, int]] = {}  # the same for a message handed over in part
         self._commit_due = 0.0  # monotonic time from which the fetch thread may send pending offsets
         self._revoking = 0  # rebalance listeners waiting for the learner's commit
         self._cond = threading.Condition()
@@ -179,7 +189,7 @@ class KafkaSource:
         self._pending: dict[Key, int] = {}
         self._ends: dict[Key, int] = {}  # broker end offset per partition, refreshed by the fetch thread
         self._positions: dict[Key, int] = {}  # next offset the fetch thread will fetch
-        self._rewind: dict[Key, int] = {}
+        self._rewind: dict[Key, tuple[int, int]] = {}  # where to seek on reassignment, and samples to skip there
         self._decode_seconds: deque[float] = deque(maxlen=10000)
         self._lag_due = 0.0  # monotonic time of the next end-offset refresh
         self._full = False  # the buffer reached ``prefetch``: fetching paused until it is half empty
@@ -216,8 +226,13 @@ class KafkaSource:
             for entry in taken:
                 pos = _position(entry)
                 key = (pos.stream, pos.partition)
-                self._buffered[key] -= 1
-                self._delivered[key] = pos.offset + 1
+                if pos.ends_message:
+                    self._buffered[key] -= 1
+                    self._delivered[key] = pos.offset + 1
+                    self._partial.pop(key, None)
+                else:
+                    self._delivered[key] = pos.offset
+                    self._partial[key] = (pos.offset, pos.index + 1)
             if len(self._buffer) <= self._prefetch // 2:  # else a paused fetch thread stays asleep
                 self._cond.notify_all()
         poll = Poll()
@@ -361,14 +376,17 @@ class KafkaSource:
     def _append(self, fetched: dict) -> None:
         started = time.perf_counter()
         entries = [
-            _decode(self._decoder, message_from_record(r), self._max_bytes)
+            entry
             for records in fetched.values()
             for r in records
+            for entry in _decode(self._decoder, message_from_record(r), self._max_bytes)
         ]
         elapsed = time.perf_counter() - started
         highs = {tp: self._consumer.highwater(tp) for tp in fetched}
         with self._cond:  # nothing below raises: a failure above leaves the buffer untouched (see _take_in)
             self._decode_seconds.append(elapsed)
+            if self._skip:
+                entries = self._skipped(entries)
             self._buffer.extend(entries)
             for tp, records in fetched.items():
                 key = (tp.topic, tp.partition)
@@ -380,6 +398,20 @@ class KafkaSource:
             if revoked:  # revoked while this batch was decoded
                 self._drop(revoked)
             self._cond.notify_all()
+
+    def _skipped(self, entries: list[Record | DeadLetter]) -> list[Record | DeadLetter]:
+        """``entries`` without the samples already learned of a message partly learned before a seek back to it."""
+        kept = []
+        for entry in entries:
+            pos = _position(entry)
+            key = (pos.stream, pos.partition)
+            skip = self._skip.get(key)
+            if skip is not None and pos.offset >= skip[0]:
+                if pos.offset == skip[0] and pos.index < skip[1]:
+                    continue
+                del self._skip[key]  # past those samples: nothing more to skip in this partition
+            kept.append(entry)
+        return kept
 
     def _commit_start_offsets(self) -> None:
         """Commit where newly assigned partitions start (``from_checkpoint``), so the group agrees with the model."""
@@ -478,7 +510,7 @@ class KafkaSource:
             self._drop(keys)
             for key in keys:
                 self._assigned.discard(key)
-                for table in (self._delivered, self._pending, self._ends, self._positions, self._buffered):
+                for table in (self._delivered, self._pending, self._ends, self._positions, self._buffered, self._skip):
                     table.pop(key, None)
 
     def _assign(self, partitions: Iterable[TopicPartition]) -> None:
@@ -493,10 +525,15 @@ class KafkaSource:
             first = key not in self._placed
             self._placed.add(key)
             offset = self._start.pop(key, None)
+            skip = self._start_within.pop(key, 0)
             if offset is None:
-                offset = rewind.get(key)
+                offset, skip = rewind.get(key, (None, 0))
             if offset is not None:
                 self._consumer.seek(tp, offset)
+                with self._cond:
+                    self._skip.pop(key, None)
+                    if skip:
+                        self._skip[key] = (offset, skip)
             elif first and self._from_checkpoint:
                 self._consumer.seek_to_beginning(tp)
             if first and self._from_checkpoint:
@@ -508,19 +545,22 @@ class KafkaSource:
 
         kafka-python keeps its fetch position for a partition that is assigned again after an eager rebalance,
         so without a seek back to the first dropped record (done on the next assignment) those records would
-        be skipped.
+        be skipped. A message handed over in part is read again from its start, skipping what was handed over.
         """
         kept: deque[Record | DeadLetter] = deque()
         for entry in self._buffer:
             pos = _position(entry)
             key = (pos.stream, pos.partition)
             if key in keys:
-                self._rewind[key] = min(self._rewind.get(key, pos.offset), pos.offset)
+                if key not in self._rewind or pos.offset < self._rewind[key][0]:
+                    partial = self._partial.get(key, (-1, 0))
+                    self._rewind[key] = (pos.offset, partial[1] if partial[0] == pos.offset else 0)
             else:
                 kept.append(entry)
         self._buffer = kept
         for key in keys:
             self._buffered.pop(key, None)
+            self._partial.pop(key, None)
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
@@ -555,13 +595,14 @@ def _kafka_offsets(offsets: dict[Key, int]) -> dict[TopicPartition, OffsetAndMet
     return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
 
 
-def _decode(decoder: Callable[[Message, int], Any], message: Message, max_bytes: int) -> Any:
-    """``decoder`` (by default :func:`consumers.wire.decode`), with a message whose decoding raises turned into an
-    ``internal`` dead letter."""
+def _decode(decoder: Callable[[Message, int], Any], message: Message, max_bytes: int) -> list:
+    """``decoder`` (by default :func:`consumers.wire.decode_samples`) as a list, with a message whose decoding
+    raises turned into an ``internal`` dead letter."""
     try:
-        return decoder(message, max_bytes)
+        decoded = decoder(message, max_bytes)
     except Exception as err:  # a decoder bug must cost one record, not the fetch thread
-        return DeadLetter(message, "internal", f"{type(err).__name__}: {err}")
+        return [DeadLetter(message, "internal", f"{type(err).__name__}: {err}")]
+    return decoded if isinstance(decoded, list) else [decoded]
 
 
 def _guarded(method, partitions: Iterable[TopicPartition]) -> None:

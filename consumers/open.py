@@ -26,10 +26,10 @@ from consumers.kafka import KafkaSource
 from consumers.kafka_librdkafka import LibrdkafkaConsumer
 from consumers.label_wire import decode_label
 from consumers.recorded import RecordedSource
-from consumers.source import Offsets, Source
+from consumers.source import NextOffsets, Offsets, Source
 from consumers.synthetic import SyntheticSource
 from consumers.urls import KafkaUrl, SyntheticUrl, is_kafka_url
-from consumers.wire import decode
+from consumers.wire import decode_samples
 
 KAFKA_CLIENTS: dict[str, Callable[..., Any]] = {"kafka-python": KafkaConsumer, "librdkafka": LibrdkafkaConsumer}
 """Kafka client name -> consumer class under :class:`~consumers.kafka.KafkaSource` (librdkafka: an extra)."""
@@ -67,7 +67,7 @@ def _open_kafka(request: SourceRequest) -> Source:
         from_checkpoint=request.from_checkpoint,
         require_topic=request.require_topic,
         client_options=options,
-        decoder=decode_label if request.labels else decode,
+        decoder=decode_label if request.labels else decode_samples,
         consumer_class=KAFKA_CLIENTS[request.kafka_client],
         **timings,
     )
@@ -155,7 +155,7 @@ def open_source(
     request = SourceRequest(
         url,
         group=group,
-        start_offsets=dict(start_offsets or {}),
+        start_offsets=NextOffsets(start_offsets),  # keeps a checkpoint's samples within a message
         from_checkpoint=from_checkpoint,
         require_topic=require_topic,
         kafka_options=dict(kafka_options or {}),

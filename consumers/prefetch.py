@@ -192,7 +192,7 @@ def _split(poll: Poll, n: int) -> tuple[Poll, Poll | None]:
     if len(poll) <= n:
         return poll, None
     items = [(r.position, True, r) for r in poll.records] + [(d.message.position, False, d) for d in poll.dead_letters]
-    items.sort(key=lambda item: (item[0].stream, item[0].partition, item[0].offset))
+    items.sort(key=lambda item: (item[0].stream, item[0].partition, item[0].offset, item[0].index))
     head, rest = Poll(), Poll()
     for i, (_, good, item) in enumerate(items):
         target = head if i < n else rest

@@ -13,11 +13,19 @@ LabelPath = tuple[str, ...]
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a message sits in its stream: Kafka topic/partition/offset, or file/0/index."""
+    """Where a sample sits in its stream: Kafka topic/partition/offset, or file/0/index, and, for a message
+    carrying several samples (wire format 2), the sample's ``index`` among the message's ``count``."""
 
     stream: str
     partition: int
     offset: int
+    index: int = 0
+    count: int = 1
+
+    @property
+    def ends_message(self) -> bool:
+        """Whether this is the message's last sample: once it is processed, the message's offset is done."""
+        return self.index == self.count - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +46,8 @@ class Record:
     ``x`` is an image as uint8 HWC, a float32 CHW image, or a float32 feature vector.
     ``label`` is ``None`` for a record that must be predicted, never learned. ``message`` is
     the raw message it came from, kept so a record rejected later still reaches the dead-letter
-    topic byte for byte (``x`` usually shares its buffer, so this costs no copy).
+    topic byte for byte (``x`` usually shares its buffer, so this costs no copy); for a sample of a
+    batched message its position is the sample's, so the dead letter can name the sample.
     """
 
     id: str

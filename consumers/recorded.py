@@ -23,13 +23,14 @@ import functools
 import gzip
 import json
 import struct
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from consumers.record import Message, Poll, Position, Record
-from consumers.source import Offsets
-from consumers.wire import MAX_PAYLOAD_BYTES, decode
+from consumers.record import DeadLetter, Message, Poll, Position, Record
+from consumers.source import Offsets, within_of
+from consumers.wire import MAX_PAYLOAD_BYTES, decode_samples
 
 MAGIC = b"SCLREC\x00\x01"
 _U32 = struct.Struct("<I")
@@ -103,7 +104,10 @@ class RecordedSource:
     """A :class:`~consumers.source.Source` over a recorded-stream file (file → learner, no Kafka).
 
     Positions are those stored in the file. ``commit`` remembers how far the consumer got;
-    ``start_offsets`` skips what an earlier run already committed, so resuming works as with Kafka.
+    ``start_offsets`` skips what an earlier run already committed, so resuming works as with Kafka
+    (as :class:`~consumers.source.NextOffsets`, also the samples already learned of a partly learned
+    message). A message of several samples may be handed over across polls: each poll returns at most
+    ``max_records`` samples.
     """
 
     poll_timeout_s = 0.0  # the data is on disk: never wait for more
@@ -120,6 +124,8 @@ class RecordedSource:
         if not self.path.is_file():
             raise FileNotFoundError(f"recorded stream not found: {self.path}")
         self._start = dict(start_offsets or {})
+        self._within = within_of(start_offsets or {})
+        self._held: deque[Record | DeadLetter] = deque()  # samples of a message that did not fit the last poll
         self._max_bytes = max_bytes
         self._size = max(self.path.stat().st_size, 1)
         self._raw: BinaryIO | None = None
@@ -133,6 +139,8 @@ class RecordedSource:
         if self._error is not None:
             raise self._error
         poll = Poll()
+        while self._held and len(poll) < max_records:
+            _add(poll, self._held.popleft())
         while len(poll) < max_records:
             try:
                 message = next(self._messages, None)
@@ -145,13 +153,17 @@ class RecordedSource:
                 self.exhausted = True
                 break
             pos = message.position
-            if pos.offset < self._start.get((pos.stream, pos.partition), 0):
+            key = (pos.stream, pos.partition)
+            start = self._start.get(key, 0)
+            if pos.offset < start:
                 continue
-            decoded = decode(message, self._max_bytes)
-            if isinstance(decoded, Record):
-                poll.records.append(decoded)
-            else:
-                poll.dead_letters.append(decoded)
+            decoded = decode_samples(message, self._max_bytes)
+            if pos.offset == start and key in self._within:  # samples an earlier run learned already
+                decoded = decoded[self._within.pop(key) :]
+            room = max_records - len(poll)
+            for entry in decoded[:room]:
+                _add(poll, entry)
+            self._held.extend(decoded[room:])
         return poll
 
     def _read(self) -> Iterator[Message]:
@@ -177,6 +189,10 @@ class RecordedSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _add(poll: Poll, entry: Record | DeadLetter) -> None:
+    (poll.records if isinstance(entry, Record) else poll.dead_letters).append(entry)
 
 
 def _write_frame(out: BinaryIO, message: Message) -> None:

@@ -80,14 +80,55 @@ class Instrumented(Protocol):
         ...
 
 
-def next_offsets(positions: Iterable[Position]) -> dict[tuple[str, int], int]:
-    """Offsets to commit after processing ``positions``: highest offset + 1 per partition.
+class NextOffsets(dict[tuple[str, int], int]):
+    """Next offsets per (stream, partition), as :func:`next_offsets` gives them, and, in ``within``, how many
+    samples of the message at that offset are already processed, for a partition whose last processed
+    message (wire format 2, several samples) is only partly done.
+
+    The offsets alone are what Kafka commits: a message counts as consumed once all its samples are. A
+    checkpoint keeps ``within`` too, so a restart from it skips exactly the samples already learned.
+    """
+
+    def __init__(self, offsets: Offsets | None = None, within: Mapping[tuple[str, int], int] | None = None) -> None:
+        super().__init__(offsets or {})
+        self.within: dict[tuple[str, int], int] = dict(within_of(offsets or {}) if within is None else within)
+
+    def advance(self, offsets: Offsets) -> None:
+        """Move to ``offsets`` (newer ones, e.g. from the next batch): their ``within`` replaces the old one."""
+        self.update(offsets)
+        for key in offsets:
+            self.within.pop(key, None)
+        self.within.update(within_of(offsets))
+
+
+def within_of(offsets: Offsets) -> dict[tuple[str, int], int]:
+    """Samples already processed of the message at each partition's next offset (none: a plain mapping)."""
+    return dict(offsets.within) if isinstance(offsets, NextOffsets) else {}
+
+
+def next_offsets(positions: Iterable[Position]) -> NextOffsets:
+    """Offsets to commit after processing ``positions``: per partition, the offset after the last whole message.
+
+    A message of several samples (wire format 2) whose last sample is not among ``positions`` (nor before
+    them) is not done: its own offset is the next one, and ``within`` says how many of its samples are.
 
     >>> next_offsets([Position("t", 0, 4), Position("t", 0, 5), Position("t", 1, 0)])
     {('t', 0): 6, ('t', 1): 1}
+    >>> done = next_offsets([Position("t", 0, 7, 0, 3), Position("t", 0, 7, 1, 3)])
+    >>> done, done.within
+    ({('t', 0): 7}, {('t', 0): 2})
     """
-    out: dict[tuple[str, int], int] = {}
+    last: dict[tuple[str, int], Position] = {}
     for p in positions:
         key = (p.stream, p.partition)
-        out[key] = max(out.get(key, 0), p.offset + 1)
+        seen = last.get(key)
+        if seen is None or (p.offset, p.index) > (seen.offset, seen.index):
+            last[key] = p
+    out = NextOffsets()
+    for key, p in last.items():
+        if p.ends_message:
+            out[key] = p.offset + 1
+        else:
+            out[key] = p.offset
+            out.within[key] = p.index + 1
     return out

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from consumers.source import Offsets
+from consumers.source import NextOffsets, Offsets
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.checkpoint import CheckpointInfo, CheckpointStore
@@ -36,7 +36,8 @@ class Restored:
     totals (``consumed_total``, ``learned_total``, ...; see ``stream_cl.summary``) up to those offsets."""
 
     id: int
-    offsets: dict[tuple[str, int], int]
+    offsets: NextOffsets
+    """Next offsets, and in ``offsets.within`` the samples already learned of a message learned in part."""
     totals: dict[str, int]
     pending: dict[str, Any] | None = None
     """The delayed-label stores (``DelayedLabels.state_dict``), if the run had them."""
@@ -91,7 +92,7 @@ class Checkpointer:
         self.identity = dict(identity)
         self.every_records = every_records
         self.every_seconds = every_seconds
-        self.offsets: dict[tuple[str, int], int] = dict(restored.offsets) if restored else {}
+        self.offsets = NextOffsets(restored.offsets if restored else None)
         self.base_totals: dict[str, int] = dict(restored.totals) if restored else {}
         """Outcome totals of the model's history before this run (see ``Summary.totals``)."""
         self.version = restored.id if restored else 0
@@ -111,7 +112,7 @@ class Checkpointer:
 
     def step(self, state: RunState, offsets: Offsets, n_records: int, summary: Summary) -> None:
         """Record a committed batch (its next ``offsets``); checkpoint if one is due."""
-        self.offsets.update(offsets)
+        self.offsets.advance(offsets)
         self._since += n_records
         now = time.monotonic()
         if self._unsaved_since is None:
@@ -137,6 +138,8 @@ class Checkpointer:
             "input_shape": list(state.input_shape),
             "input_dtype": str(state.input_dtype),
             "offsets": [[topic, partition, offset] for (topic, partition), offset in sorted(self.offsets.items())],
+            # samples of the message at that offset already learned (wire format 2), where it was learned in part
+            "within": [[topic, partition, n] for (topic, partition), n in sorted(self.offsets.within.items())],
             "learned_total": totals["learned_total"],
             "totals": totals,
             "learner": _snapshot(state.learner.state_dict()),
@@ -201,7 +204,10 @@ def restore(
     learner.load_state_dict(payload["learner"])
     if probe is not None and payload.get("probe") is not None:
         probe.load_state_dict(payload["probe"])
-    offsets = {(topic, int(partition)): int(offset) for topic, partition, offset in payload["offsets"]}
+    offsets = NextOffsets(
+        {(topic, int(partition)): int(offset) for topic, partition, offset in payload["offsets"]},
+        within={(topic, int(partition)): int(n) for topic, partition, n in payload.get("within", [])},
+    )
     # Checkpoints written before the outcome totals existed carry learned_total alone.
     totals = {k: int(v) for k, v in (payload.get("totals") or {"learned_total": payload["learned_total"]}).items()}
     log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, totals["learned_total"], offsets)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from consumers.record import LabelPath
-from consumers.source import Offsets
+from consumers.source import NextOffsets, Offsets, within_of
 from stream_cl.checkpointer import Checkpointer
 from stream_cl.errors import ConfigError
 from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, Prediction, RunState
@@ -273,13 +273,17 @@ class GroupCheckpointer:
     def step(self, state: RunState, offsets: Offsets, n_records: int, summary: Summary) -> None:
         mine = {
             "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
+            "within": [[t, p, n] for (t, p), n in sorted(within_of(offsets).items())],
             "records": n_records,
             "counts": {name: summary.count(name) for name in COUNTS if name != "dead_letter"},
             "dead_letter": summary.dead_letter,
         }
         self._last = self.group.gather_json(mine)
         if self.group.rank == 0:
-            every = {(t, p): o for g in self._last for t, p, o in g["offsets"]}
+            every = NextOffsets(
+                {(t, p): o for g in self._last for t, p, o in g["offsets"]},
+                within={(t, p): n for g in self._last for t, p, n in g["within"]},
+            )
             total = sum(g["records"] for g in self._last)
             self.inner.step(state, every, total, merge_counts(summary, self._last))
 

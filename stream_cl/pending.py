@@ -20,6 +20,7 @@ import torch
 
 from consumers.label_wire import LabelRecord
 from consumers.record import DeadLetter, Message, Position, Record
+from consumers.wire import sample_message
 from stream_cl.errors import StreamClError
 
 UNMATCHED = "label_unmatched"
@@ -213,10 +214,14 @@ class MemoryPending:
 
 
 def message_state(message: Message) -> dict[str, Any]:
-    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them."""
+    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them.
+
+    A sample of a message of several keeps only its own part (not the whole message once per sample).
+    """
+    message = sample_message(message)
     p = message.position
     return {
-        "position": [p.stream, p.partition, p.offset],
+        "position": [p.stream, p.partition, p.offset, p.index, p.count],
         "timestamp": message.timestamp,
         "key": None if message.key is None else _tensor(message.key),
         "value": _tensor(message.value),
@@ -225,10 +230,10 @@ def message_state(message: Message) -> dict[str, Any]:
 
 
 def message_from_state(state: dict[str, Any]) -> Message:
-    stream, partition, offset = state["position"]
+    stream, partition, offset, *sample = state["position"]  # older checkpoints: no index and count
     key = None if state["key"] is None else state["key"].numpy().tobytes()
     headers = tuple((name, value.numpy().tobytes()) for name, value in state["headers"])
-    position = Position(stream, int(partition), int(offset))
+    position = Position(stream, int(partition), int(offset), *map(int, sample))
     return Message(position, float(state["timestamp"]), key, state["value"].numpy().tobytes(), headers)
 
 

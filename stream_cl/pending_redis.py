@@ -56,6 +56,7 @@ from buffers.redis import UNAVAILABLE
 from consumers.label_wire import LabelRecord
 from consumers.record import DeadLetter, Message, Position, Record
 from consumers.urls import mask_url
+from consumers.wire import sample_message
 from stream_cl.pending import EVICTED, REPLACED, UNMATCHED, PendingStateError, Settled, no_features
 
 log = logging.getLogger("stream_cl.pending")
@@ -467,9 +468,10 @@ def _unpack(entry: bytes) -> tuple[dict[str, Any], list[bytes]]:
 
 
 def _message_parts(message: Message) -> tuple[dict[str, Any], list[bytes]]:
+    message = sample_message(message)  # a sample of a batched message keeps only its own part
     p = message.position
     header = {
-        "position": [p.stream, p.partition, p.offset],
+        "position": [p.stream, p.partition, p.offset, p.index, p.count],
         "timestamp": message.timestamp,
         "has_key": message.key is not None,
         "headers": [name for name, _ in message.headers],
@@ -479,11 +481,12 @@ def _message_parts(message: Message) -> tuple[dict[str, Any], list[bytes]]:
 
 
 def _message(header: dict[str, Any], chunks: list[bytes]) -> Message:
-    stream, partition, offset = header["position"]
+    stream, partition, offset, index, count = header["position"]
     value, rest = chunks[0], chunks[1:]
     key = rest.pop(0) if header["has_key"] else None
     headers = tuple(zip(header["headers"], rest, strict=True))
-    return Message(Position(stream, int(partition), int(offset)), float(header["timestamp"]), key, value, headers)
+    position = Position(stream, int(partition), int(offset), int(index), int(count))
+    return Message(position, float(header["timestamp"]), key, value, headers)
 
 
 def _sample_entry(record: Record, predicted: np.ndarray) -> bytes:

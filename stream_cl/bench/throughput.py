@@ -3,7 +3,8 @@
 For each case (method, model, batch sizes, stream) it measures, in interleaved repetitions:
 (a) a plain in-memory PyTorch loop, the learner's ``observe`` alone, (b) a recorded file through
 ``run_stream`` (with and without the prefetch thread) and (c) the full service path (Kafka in,
-Redis buffer, metrics served and scraped, drift detectors, checkpoints) and, when Avalanche is installed
+Redis buffer, metrics served and scraped, drift detectors, checkpoints), also with the same stream batched
+several samples per Kafka message (wire format 2, ``c-batchedN``) and, when Avalanche is installed
 (``pip install '.[bench]'``), (d) Avalanche's OnlineNaive with a ReplayPlugin. Then a long run keeps a
 million small records going through the MLP learner and samples RSS. Writes
 ``throughput.json``, ``README.md`` and PNG plots under ``--out``.
@@ -12,21 +13,23 @@ million small records going through the MLP learner and samples RSS. Writes
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import re
 import statistics
 import tempfile
 from contextlib import ExitStack
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from consumers.wire import MAX_SAMPLES
 from stream_cl.bench.perf import avalanche, kafka_clients, report
-from stream_cl.bench.perf.data import Case, Stream, make_stream, messages, write_recorded
+from stream_cl.bench.perf.data import Case, Stream, batched_messages, make_stream, messages, write_recorded
 from stream_cl.bench.perf.memory import run_memory, summarise
 from stream_cl.bench.perf.paths import run_learner_only, run_recorded
 from stream_cl.bench.perf.plain import run_plain_er
@@ -61,6 +64,8 @@ METHOD_NOTES = [
     "fresh consumer group per run; checkpoints every 2 s on a background thread; /metrics scraped every 1 s; "
     "the default drift detectors on.",
     kafka_clients.NOTE,
+    "(c-batchedN) is (c) on the same stream produced N samples per Kafka message (wire format 2, binary): "
+    "the broker, the client and the decoder work per message, the run loop and the learner per sample.",
 ]
 
 
@@ -78,6 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--cases", default=None, help="comma-separated subset of er-resnet, er-mlp, onpro")
     p.add_argument("--service", action=argparse.BooleanOptionalAction, default=None, help="run path (c)")
+    p.add_argument(
+        "--samples-per-message",
+        default=None,
+        help="comma-separated batch sizes of path (c)'s batched variants (default: 10,100; 0: none)",
+    )
     p.add_argument("--memory-records", type=int, default=None, help="records of the long run (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
@@ -112,6 +122,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     if args.cases:
         wanted = set(args.cases.split(","))
         chosen = [c for c in chosen if c.name in wanted]
+    batched = _batch_sizes(args.samples_per_message)
     memory_records = args.memory_records if args.memory_records is not None else (2000 if args.quick else 1_000_000)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.breakdown:
@@ -142,7 +153,15 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         for case in chosen:
             result["cases"].append(
                 _run_case(
-                    case, args.data_dir, device, reps, workdir, endpoints, args.no_progress, why_no_avalanche is None
+                    case,
+                    args.data_dir,
+                    device,
+                    reps,
+                    workdir,
+                    endpoints,
+                    args.no_progress,
+                    why_no_avalanche is None,
+                    batched,
                 )
             )
     result["load_after"] = _load()
@@ -185,6 +204,7 @@ def _run_case(
     endpoints: tuple[Service, Service] | None,
     quiet: bool,
     with_avalanche: bool = False,
+    batched: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     stream = make_stream(case, data_dir)
     recorded = write_recorded(stream, workdir / f"{case.name}.rec.gz")
@@ -199,7 +219,7 @@ def _run_case(
         topic = f"bench-{case.name}"
         produce(kafka.address, topic, messages(stream, topic))
 
-        def service(client: str) -> StepTimes:
+        def service(topic: str, client: str = "kafka-python") -> StepTimes:
             before = kafka.cpu_seconds() + redis.cpu_seconds()
             times, written = run_service(
                 case,
@@ -216,7 +236,11 @@ def _run_case(
             return times
 
         for name, client in kafka_clients.client_paths().items():
-            runners[name] = partial(service, client)
+            runners[name] = functools.partial(service, topic, client)
+        for per_message in batched:
+            batched_topic = f"{topic}-x{per_message}"
+            produce(kafka.address, batched_topic, batched_messages(stream, batched_topic, per_message))
+            runners[f"c-batched{per_message}"] = functools.partial(service, batched_topic)
     warm = _prefix(stream, case)
     for run in _runners(case, warm, write_recorded(warm, workdir / "warm.rec.gz"), device, with_avalanche).values():
         run()  # warm-up: imports, allocator, first-call costs
@@ -239,10 +263,10 @@ def _run_case(
         cpu = [t.samples_per_cpu_second() / b.samples_per_cpu_second() for t, b in pairs]
         ratios[key] = {"median": statistics.median(per_rep), "reps": per_rep, "cpu_median": statistics.median(cpu)}
         ratios[key]["cpu_reps"] = cpu
-        if name in kafka_clients.PATHS:
+        if name in kafka_clients.PATHS or name.startswith("c-batched"):
             with_services = [_cpu_rate_with_services(t) / b.samples_per_cpu_second() for t, b in pairs]
             ratios[key]["cpu_with_services_median"] = statistics.median(with_services)
-        goal = GOALS.get((case.name, key.replace("b+prefetch", "b")))
+        goal = GOALS.get((case.name, re.sub(r"-batched\d+", "", key.replace("b+prefetch", "b"))))
         if goal is not None and "prefetch" not in name:
             ratios[key]["goal"] = f">= {goal}"
     notes = [f"checkpoints written per (c) run: {checkpoints}"] if checkpoints else []
@@ -256,6 +280,14 @@ def _run_case(
         "ratios": ratios,
         "notes": notes,
     }
+
+
+def _batch_sizes(text: str | None) -> tuple[int, ...]:
+    """Samples per message of path (c)'s batched variants: ``"10,100"`` by default, ``"0"`` for none."""
+    sizes = tuple(int(n) for n in (text or "10,100").split(",") if int(n) != 0)
+    if any(not 1 < n <= MAX_SAMPLES for n in sizes):
+        raise ValueError(f"--samples-per-message takes sizes in 2-{MAX_SAMPLES}, got {text!r}")
+    return sizes
 
 
 def _runners(case: Case, stream: Stream, recorded: Path, device: torch.device, with_avalanche: bool) -> dict[str, Any]:

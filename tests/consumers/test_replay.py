@@ -9,12 +9,13 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
 from consumers.produce import dataset_messages
 from consumers.recorded import RecordedSource, read_messages, write_messages
-from consumers.wire import REASONS, decode
+from consumers.wire import REASONS, decode, decode_samples
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
@@ -95,3 +96,35 @@ def test_cli_produce_then_run_twice_with_dead_letters(tmp_path: Path) -> None:
     assert first["dead_letter"] == dict(expected)
     assert first["learned"] + first["held_out"] == 50
     assert first == run("b")  # replaying the same file with the same seed gives the same run
+
+
+def test_batched_messages_carry_the_same_samples_in_the_same_order() -> None:
+    data = tiny_dataset(45)
+    for fmt in ("binary", "json"):
+        single = [decode(m) for m in dataset_messages(data, "d", fmt=fmt, order="shuffled", seed=2)]
+        batched = list(dataset_messages(data, "d", fmt=fmt, order="shuffled", seed=2, samples_per_message=8))
+        assert [m.position.offset for m in batched] == list(range(6))  # 5 of 8 samples, then one of 5
+        assert [m.timestamp for m in batched[:2]] == [0.0, 0.008]  # of the first sample: rate is per sample
+        samples = [r for m in batched for r in decode_samples(m)]
+        assert [(r.id, r.label) for r in samples] == [(r.id, r.label) for r in single]
+        for one, many in zip(single, samples, strict=True):
+            np.testing.assert_array_equal(one.x, many.x)
+
+
+def test_cli_produce_batched_then_run_learns_as_from_single_sample_messages(tmp_path: Path) -> None:
+    _write_fashion_mnist(tmp_path)
+    summaries = []
+    variants = (("1", "binary"), ("7", "binary"), ("7", "json"), ("7", "binary", "--prefetch", "2"))
+    for per_message, fmt, *more in variants:
+        stream = tmp_path / f"fm-{per_message}-{fmt}.rec.gz"
+        argv = ["produce", "fashion-mnist", "--data-dir", str(tmp_path), "--to", str(stream), "--format", fmt]
+        assert main([*argv, "--limit", "50", "--samples-per-message", per_message]) == 0
+        assert len(list(read_messages(stream))) == (50 if per_message == "1" else 8)
+        out = tmp_path / f"{per_message}-{fmt}-{len(more)}.json"
+        args = ["run", "--source", str(stream), "--metrics-port", "0", "--no-progress", "--width", "16"]
+        assert main([*args, *more, "--summary-json", str(out)]) == 0
+        summaries.append({k: v for k, v in json.loads(out.read_text()).items() if k not in TIMING})
+    assert summaries[0]["learned"] + summaries[0]["held_out"] == 50
+    assert all(s == summaries[0] for s in summaries[1:])  # same samples, same batches, same seed: same run
+    with pytest.raises(SystemExit, match="2"):
+        main(["produce", "fashion-mnist", "--data-dir", str(tmp_path), "--to", "x", "--samples-per-message", "0"])

@@ -8,7 +8,7 @@ import pytest
 import redis
 import torch
 
-from stream_cl.bench.perf.data import Case, make_stream, messages
+from stream_cl.bench.perf.data import Case, batched_messages, make_stream, messages
 from stream_cl.bench.perf.service_path import run_service
 from stream_cl.bench.perf.services import produce
 from stream_cl.bench.provenance import provenance
@@ -65,3 +65,23 @@ def test_service_path_learns_every_record_from_kafka_into_redis(
     assert sum(times.sizes) == 60
     assert checkpoints >= 1  # the final checkpoint is always written
     assert set(store.keys("*bench-*")) - earlier  # the replay buffer lived in Redis
+
+
+def test_service_path_learns_every_sample_of_batched_messages(kafka_bootstrap, redis_server, tmp_path) -> None:
+    case = Case("tiny", "er", "mlp", "features", n_records=60, n_classes=3, dim=4, buffer_size=20)
+    stream = make_stream(case, None)
+    assert produce(kafka_bootstrap, "bench-tiny-x7", batched_messages(stream, "bench-tiny-x7", 7)) == 9
+    times, _ = run_service(
+        case,
+        bootstrap=kafka_bootstrap,
+        topic="bench-tiny-x7",
+        redis_url="memory",
+        n_records=60,
+        device=torch.device("cpu"),
+        workdir=tmp_path,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+        drift=False,
+    )
+    assert sum(times.sizes) == 60
+    assert max(times.sizes) <= case.batch_size  # learner batches are cut mid-message, as configured

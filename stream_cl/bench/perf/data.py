@@ -12,7 +12,7 @@ import numpy as np
 from consumers.datasets import load_cifar100
 from consumers.record import Message, Position
 from consumers.recorded import write_messages
-from consumers.wire import encode_binary
+from consumers.wire import encode_batch_binary, encode_binary
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,16 @@ def messages(stream: Stream, topic: str = "bench") -> Iterator[Message]:
     for i in range(len(stream)):
         value, headers = encode_binary(f"s{i}", stream.x[i], stream.names[int(stream.y[i])])
         yield Message(Position(topic, 0, i), float(i), None, value, tuple(headers))
+
+
+def batched_messages(stream: Stream, topic: str, per_message: int) -> Iterator[Message]:
+    """The same stream as binary wire-format-2 messages of ``per_message`` samples (the last may hold fewer)."""
+    for offset, first in enumerate(range(0, len(stream), per_message)):
+        rows = slice(first, first + per_message)
+        ids = [f"s{i}" for i in range(first, min(first + per_message, len(stream)))]
+        labels = [stream.names[int(k)] for k in stream.y[rows]]
+        value, headers = encode_batch_binary(ids, stream.x[rows], labels)
+        yield Message(Position(topic, 0, offset), float(first), None, value, tuple(headers))
 
 
 def write_recorded(stream: Stream, path: Path) -> Path:

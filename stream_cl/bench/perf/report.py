@@ -28,6 +28,8 @@ PATH_LABELS = {
     "b+prefetch": "(b) + prefetch thread",
     "c": "(c) Kafka → run loop, Redis buffer, metrics, drift, checkpoints",
     **kafka_clients.LABELS,
+    "c-batched10": "(c) with 10 samples per Kafka message (wire format 2)",
+    "c-batched100": "(c) with 100 samples per Kafka message (wire format 2)",
     "d": "(d) Avalanche OnlineNaive + ReplayPlugin",
 }
 
