@@ -68,6 +68,9 @@ class LabelTree:
 
         Two new paths of one batch that give one class two parents are caught here: the first wins.
         """
+        known = self._known
+        if all(path is None or path in known for path in paths):  # the common case: every path learned before
+            return [None] * len(paths)
         claims: dict[tuple[int, str], str] = {}  # (level, class) -> parent claimed earlier in the batch
         out: list[str | None] = []
         for path in paths:
