@@ -13,6 +13,7 @@ from torch import nn
 from buffers.store import ReplayBatch, ReplayStore
 from consumers.record import LabelPath
 from stream_cl.classifier import Classifier
+from stream_cl.inputs import on_device
 from stream_cl.labels import LabelTree
 from stream_cl.learner import Observation, Prediction, StepStats
 
@@ -32,9 +33,10 @@ def encode_labels(
     level_np, y_np, new = model.tree.encode(paths)
     if new:
         model.sync(optimizer)
-    level = torch.from_numpy(level_np).to(model.device)
-    y = torch.from_numpy(y_np).to(model.device)
-    return level, y, new, y >= 0
+    level = on_device(torch.from_numpy(level_np), model.device)
+    y = on_device(torch.from_numpy(y_np), model.device)
+    learn = torch.from_numpy(y_np >= 0) if y.device.type == "cpu" else y >= 0  # numpy's compare is cheaper on CPU
+    return level, y, new, learn
 
 
 def draw_replay(
