@@ -146,13 +146,14 @@ class StepGuard:
         if self.reduce is not None:
             checked = self.reduce([p for group in optimizer.param_groups for p in group["params"]], loss)
         checks = [checked.detach().float().reshape(())]
+        device = checks[0].device
         scaled = scaler is not None and scaler.is_enabled()
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not scaled:
-            checks.append(_total_norm(grads).float().to(checks[0].device))
+            checks.append(on_device(_total_norm(grads).float(), device))
         statistics = [b for b in self._buffers or () if b.is_floating_point()]
         if statistics:
-            checks.append(_total_norm(statistics).float().to(checks[0].device))
+            checks.append(on_device(_total_norm(statistics).float(), device))
         values = torch.stack(checks).tolist()
         self.reason = None if all(math.isfinite(v) for v in values) else NON_FINITE_LOSS
         if self.reason is None:
