@@ -73,13 +73,17 @@ class MemoryStore:
         keep = np.flatnonzero(slots >= 0)
         if keep.size == 0:
             return slots
-        self._keys[slots[keep]] = keys[keep]
-        src = torch.from_numpy(keep).to(x.device)
-        dst = torch.from_numpy(slots[keep]).to(self.device)
-        self._x[dst] = x[src].to(self.device, non_blocking=True)
-        self._y[dst] = y[src].to(self.device)
-        self._level[dst] = level[src].to(self.device)
-        self._size = max(self._size, int(slots[keep].max()) + 1)  # policies fill slots 0, 1, ... in order
+        written = slots[keep]
+        self._keys[written] = keys[keep]
+        dst = _on(torch.from_numpy(written), self.device)
+        if keep.size < len(slots):
+            src = _on(torch.from_numpy(keep), x.device)
+            x, y, level = x.index_select(0, src), y.index_select(0, src), level.index_select(0, src)
+        # index_copy_ with distinct slots (the policy resolved repeats) writes what indexed assignment would, cheaper
+        self._x.index_copy_(0, dst, _on(x, self.device, non_blocking=True))
+        self._y.index_copy_(0, dst, _on(y, self.device))
+        self._level.index_copy_(0, dst, _on(level, self.device))
+        self._size = max(self._size, int(written.max()) + 1)  # policies fill slots 0, 1, ... in order
         return slots
 
     def sample(self, n: int) -> ReplayBatch:
@@ -88,8 +92,10 @@ class MemoryStore:
         if self._x is None or n == 0:
             return ReplayBatch.empty(self.device)
         # numpy draws n distinct slots in O(n) (torch.randperm would shuffle all of them)
-        idx = torch.from_numpy(self._rng.choice(self._size, n, replace=False)).to(self.device)
-        return ReplayBatch(self._x[idx], self._y[idx], self._level[idx], idx)
+        idx = _on(torch.from_numpy(self._rng.choice(self._size, n, replace=False)), self.device)
+        return ReplayBatch(
+            self._x.index_select(0, idx), self._y.index_select(0, idx), self._level.index_select(0, idx), idx
+        )
 
     def sample_then_add(self, n: int, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> ReplayBatch:
         """``sample(n)`` from the buffer as it is, then ``add`` the batch (the sample is a copy)."""
@@ -133,3 +139,8 @@ class MemoryStore:
         self._size = int(state["size"])
         self.policy.load_state_dict(state["policy"])
         self._rng.bit_generator.state = state["rng"]
+
+
+def _on(t: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+    """``t`` on ``device``; no ``.to`` dispatch when it is there already (a small batch pays per op)."""
+    return t if t.device == device else t.to(device, non_blocking=non_blocking)

@@ -32,7 +32,11 @@ class SlotPolicy(Protocol):
 def last_write_wins(slots: np.ndarray) -> np.ndarray:
     """Set to -1 every entry whose slot is written again later in the same batch."""
     kept = slots >= 0
-    if kept.sum() <= 1:
+    written = slots[kept]
+    if len(written) <= 1:
+        return slots
+    ordered = np.sort(written)
+    if (ordered[1:] != ordered[:-1]).all():  # no slot written twice: the common case, without np.unique
         return slots
     reversed_slots = slots[::-1]
     _, first_in_reversed = np.unique(reversed_slots, return_index=True)

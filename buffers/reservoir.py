@@ -47,10 +47,14 @@ class ReservoirPolicy:
         t = np.arange(self.seen + 1, self.seen + n + 1, dtype=np.int64)
         self.seen += n
         slots = t - 1
+        if n == 0 or t[-1] <= self.capacity:  # still filling: distinct slots in order, nothing to resolve
+            return slots
+        if t[0] > self.capacity:  # full: every item draws (the same draws as the masked form below)
+            j = self._rng.integers(0, t)
+            return last_write_wins(np.where(j < self.capacity, j, -1))
         full = t > self.capacity
-        if full.any():
-            j = self._rng.integers(0, t[full])
-            slots[full] = np.where(j < self.capacity, j, -1)
+        j = self._rng.integers(0, t[full])
+        slots[full] = np.where(j < self.capacity, j, -1)
         return last_write_wins(slots)
 
     def state_dict(self) -> dict[str, Any]:

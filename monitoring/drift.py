@@ -150,18 +150,29 @@ class _Watch:
     def update(self, values: np.ndarray, positions: np.ndarray) -> list[DriftEvent]:
         if self.feed == "mean":
             values, positions = values.mean(keepdims=True), positions[-1:]
-        events = []
-        for value, position in zip(values.tolist(), positions.tolist(), strict=True):
-            self.detector.update(value)
-            self.recent.append(value)
-            self.since_sum += value
-            self.since_n += 1
-            if self.detector.drift_detected:
-                recent = sum(self.recent) / len(self.recent)
-                if recent > self.since_sum / self.since_n or self.direction == "both":
-                    events.append(DriftEvent(self.spec.detector, self.spec.signal, int(position), recent))
-                self.since_sum, self.since_n = 0.0, 0
+        # The detector takes one value per update (its semantics); the bookkeeping for the direction filter
+        # is only read at a detection, so it is done per run of values between detections, not per value.
+        values_list, detector, hits = values.tolist(), self.detector, []
+        for i, value in enumerate(values_list):
+            detector.update(value)
+            if detector.drift_detected:
+                hits.append(i)
+        events, start = [], 0
+        for i in hits:
+            self._note(values_list[start : i + 1])
+            recent = sum(self.recent) / len(self.recent)
+            if recent > self.since_sum / self.since_n or self.direction == "both":
+                events.append(DriftEvent(self.spec.detector, self.spec.signal, int(positions[i]), recent))
+            self.since_sum, self.since_n, start = 0.0, 0, i + 1
+        self._note(values_list[start:])
         return events
+
+    def _note(self, values: list[float]) -> None:
+        self.recent.extend(values)
+        total = self.since_sum
+        for value in values:  # in order, as one value at a time would add them
+            total += value
+        self.since_sum, self.since_n = total, self.since_n + len(values)
 
 
 class DriftMonitor:

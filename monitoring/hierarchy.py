@@ -48,6 +48,8 @@ def level_correct(
     level = np.asarray(level, dtype=np.int64)
     y = np.asarray(y, dtype=np.int64)
     n, depth = predicted.shape if predicted.ndim == 2 else (len(level), 0)
+    if depth == 1:  # a flat stream: no parent rule, no row indexing (this runs every batch)
+        return (level == 0) & (predicted[:, 0] == y)
     rows = np.arange(n)
     inside = (level >= 0) & (level < depth)
     own = np.zeros(n, dtype=bool)

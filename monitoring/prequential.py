@@ -29,7 +29,7 @@ class PrequentialAccuracy:
     def update(self, level: np.ndarray, correct: np.ndarray) -> None:
         """Add a batch: ``level[i]`` of each scored sample and whether it was predicted right."""
         self.total += len(correct)
-        self.correct += int(correct.sum())
+        self.correct += int(np.count_nonzero(correct))
         if not len(level):
             return
         if (level == level[0]).all():  # the common case, one level per batch: no grouping needed
@@ -67,9 +67,11 @@ class _Window:
 
     def extend(self, values: np.ndarray) -> None:
         values = values[-len(self.ring) :]
-        idx = (self.head + np.arange(len(values))) % len(self.ring)
-        self.hits -= int(self.ring[idx].sum())  # the verdicts overwritten (unfilled slots hold False)
+        end = self.head + len(values)
+        # the verdicts overwritten (unfilled slots hold False): a slice unless the batch wraps around
+        idx = slice(self.head, end) if end <= len(self.ring) else np.arange(self.head, end) % len(self.ring)
+        self.hits -= int(np.count_nonzero(self.ring[idx]))
         self.ring[idx] = values
-        self.hits += int(values.sum())
-        self.head = (self.head + len(values)) % len(self.ring)
+        self.hits += int(np.count_nonzero(values))
+        self.head = end % len(self.ring)
         self.size = min(len(self.ring), self.size + len(values))

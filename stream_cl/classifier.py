@@ -54,6 +54,9 @@ class Classifier(nn.Module):
                 self.train()
         n, depth = x.shape[0], max(self.tree.depth, 1)
         levels = [out.float().softmax(dim=1).max(dim=1) for out in logits]
+        if depth == 1 and levels:  # flat: a view of one column instead of stacking one tensor
+            confidence, classes = levels[0]
+            return Prediction(classes.unsqueeze(1), confidence.unsqueeze(1))
         if levels and len(levels) == depth:  # every level has a head: no -1 padding needed
             confidence = torch.stack([conf for conf, _ in levels], dim=1)
             return Prediction(torch.stack([cls for _, cls in levels], dim=1), confidence)

@@ -10,6 +10,11 @@ PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
 
 
+def on_device(t: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    """``t`` on ``device``, without a ``.to`` dispatch when it is there already (small batches pay per op)."""
+    return t if t.device == device else t.to(device, non_blocking=non_blocking)
+
+
 def to_model_input(x: torch.Tensor) -> torch.Tensor:
     """Float model input from a stored batch: uint8 NHWC → normalised float NCHW.
 

@@ -68,6 +68,9 @@ class LabelTree:
 
         Two new paths of one batch that give one class two parents are caught here: the first wins.
         """
+        known = self._known
+        if all(path is None or path in known for path in paths):  # the common case: every path learned before
+            return [None] * len(paths)
         claims: dict[tuple[int, str], str] = {}  # (level, class) -> parent claimed earlier in the batch
         out: list[str | None] = []
         for path in paths:
@@ -97,7 +100,15 @@ class LabelTree:
         Returns ``(level, y, new)`` where ``new`` lists the ``(level, name)`` classes added.
         Paths must have passed :meth:`problem`.
         """
+        get = self._known.get
+        encoded = [(-1, -1) if path is None else get(path) for path in paths]
         new: list[tuple[int, str]] = []
+        if None in encoded:  # some path is new (or was never consistent): grow the tree
+            encoded = self._encode_growing(paths, new)
+        pairs = np.array(encoded, dtype=np.int64).reshape(-1, 2)
+        return pairs[:, 0].copy(), pairs[:, 1].copy(), new
+
+    def _encode_growing(self, paths: Sequence[LabelPath | None], new: list[tuple[int, str]]) -> list[tuple[int, int]]:
         encoded = []
         for path in paths:
             if path is None:
@@ -114,8 +125,7 @@ class LabelTree:
                 if consistent:  # only a path that matches the tree may skip problem() later
                     self._known[path] = known
             encoded.append(known)
-        pairs = np.array(encoded, dtype=np.int64).reshape(-1, 2)
-        return pairs[:, 0].copy(), pairs[:, 1].copy(), new
+        return encoded
 
     def path(self, level: int, index: int) -> LabelPath:
         """The full path of class ``index`` at ``level``."""

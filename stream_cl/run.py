@@ -190,6 +190,9 @@ class _Run:
         self.accuracy = PrequentialAccuracy(options.online_window)
         self.publisher = Publisher(metrics, parts.dead_letters)
         self.outcomes = metrics.samples
+        # the children counted every batch, looked up once (a labels() lookup takes a lock)
+        self.learned_total = metrics.samples.labels(outcome="learned")
+        self.predicted_total = metrics.samples.labels(outcome="predicted")
         self.parent_maps: list[np.ndarray] = []
         self.parent_sizes: list[int] = []  # the tree's class counts when parent_maps was built
         self.since_probe = 0
@@ -202,7 +205,7 @@ class _Run:
         self.publisher.count(len(poll))
         records = self._screen(poll)
         learn = self._hold_out(records)
-        labelled = sum(r.label is not None for r in learn)
+        labelled = len(learn) - [r.label for r in learn].count(None)
         # unlabelled on arrival, before the overload policy may drop labels: only delayed labels need to know
         arrived = {id(r) for r in learn if r.label is None} if self.parts.labels is not None else set()
         skipped = 0
@@ -230,7 +233,7 @@ class _Run:
             return
         n_learned = labelled - skipped
         self.summary.learned += n_learned
-        self.outcomes.labels(outcome="learned").inc(n_learned)
+        self.learned_total.inc(n_learned)
         correct = score(observation, self.accuracy, self._parent_maps(learner))
         if self.parts.drift is not None:
             self.summary.drift_events.extend(watch_drift(self.parts.drift, observation, correct, learn))
@@ -282,7 +285,7 @@ class _Run:
                 self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
             return
         self.summary.learned += len(learn)
-        self.outcomes.labels(outcome="learned").inc(len(learn))
+        self.learned_total.inc(len(learn))
         self.since_probe += len(learn)
         at_arrival = {id(j.record): j.predicted for j in joined}
         score(
@@ -330,20 +333,25 @@ class _Run:
     def _count_predicted(self, n: int) -> None:
         if n:
             self.summary.predicted += n
-            self.outcomes.labels(outcome="predicted").inc(n)
+            self.predicted_total.inc(n)
 
     def _screen(self, poll: Poll) -> list[Record]:
         """Records that can enter the learner; the others join ``poll.dead_letters``."""
-        state, fitting = self.state, []
-        for record in poll.records:
-            if state.learner is None:
-                state.input_shape, state.input_dtype = record.x.shape, record.x.dtype
-                state.learner = self.make_learner(record.x.shape, record.x.dtype)
-            if record.x.shape != state.input_shape or record.x.dtype != state.input_dtype:
-                detail = f"{record.x.dtype}{list(record.x.shape)} != {state.input_dtype}{list(state.input_shape)}"
-                poll.dead_letters.append(DeadLetter(record.message, "shape_mismatch", detail))
-            else:
-                fitting.append(record)
+        state = self.state
+        if state.learner is None and poll.records:
+            first = poll.records[0].x
+            state.input_shape, state.input_dtype = first.shape, first.dtype
+            state.learner = self.make_learner(first.shape, first.dtype)
+        shape, dtype = state.input_shape, state.input_dtype
+        fitting = poll.records
+        if not all(r.x.shape == shape and r.x.dtype == dtype for r in fitting):  # rare: sort out the misfits
+            fitting = []
+            for record in poll.records:
+                if record.x.shape != shape or record.x.dtype != dtype:
+                    detail = f"{record.x.dtype}{list(record.x.shape)} != {dtype}{list(shape)}"
+                    poll.dead_letters.append(DeadLetter(record.message, "shape_mismatch", detail))
+                else:
+                    fitting.append(record)
         if not fitting:
             return []
         tree, good = state.learner.labels, []
@@ -399,7 +407,7 @@ class _Run:
         log.debug("dead letter %s at %s: %s", dead.reason, dead.message.position, dead.detail)
 
     def _observe(self, learner: Learner, records: list[Record]) -> Observation:
-        x = torch.from_numpy(np.stack([r.x for r in records]))
+        x = torch.from_numpy(np.array([r.x for r in records]))  # shapes match (screened): np.stack checks each
         started = time.perf_counter()
         observation = learner.observe(Batch(x, [r.label for r in records]))
         self.metrics.learn_step.observe(time.perf_counter() - started)

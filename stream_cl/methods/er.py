@@ -9,7 +9,7 @@ import torch
 from buffers.store import ReplayStore
 from stream_cl.classifier import Classifier
 from stream_cl.heads import hierarchical_ce
-from stream_cl.inputs import to_model_input
+from stream_cl.inputs import on_device, to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
 from stream_cl.methods.common import (
     StepGuard,
@@ -74,7 +74,7 @@ class ER:
         self.predictor = StaticPrediction(model, graphs=True) if cuda_graphs else model
 
     def observe(self, batch: Batch) -> Observation:
-        x_raw = batch.x.to(self.model.device, non_blocking=True)
+        x_raw = on_device(batch.x, self.model.device, non_blocking=True)
         x = to_model_input(x_raw)
         prediction = self.predictor.predict_prepared(x)
         n_learn = len(batch.labels) - batch.labels.count(None)  # no tensor reduction and sync
@@ -91,9 +91,10 @@ class ER:
         # Draw the replay from the buffer as it was, then insert this batch: one round trip for Redis.
         replay = draw_replay(self.model, self.optimizer, self.buffer, self.replay_batch_size, raw_in, targets, levels)
         if len(replay):
-            inputs = torch.cat([inputs, to_model_input(replay.x.to(self.model.device))])
-            targets = torch.cat([targets, replay.y.to(self.model.device)])
-            levels = torch.cat([levels, replay.level.to(self.model.device)])
+            device = self.model.device
+            inputs = torch.cat([inputs, to_model_input(on_device(replay.x, device))])
+            targets = torch.cat([targets, on_device(replay.y, device)])
+            levels = torch.cat([levels, on_device(replay.level, device)])
         if not self.model.training:
             self.model.train()
         if self.static_step is not None and self.guard.reduce is None:  # a group averages gradients between steps

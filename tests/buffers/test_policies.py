@@ -157,3 +157,32 @@ def test_bad_hyper_parameters_are_refused():
         make_policy("fifo", 3)
     with pytest.raises(ValueError, match="capacity"):
         MemoryStore(5, policy=ReservoirPolicy(4))
+
+
+def _reservoir_reference(capacity: int, seed: int, batches: list[int]) -> list[list[int]]:
+    """Algorithm R for each batch in its masked form (every batch through one code path) and np.unique repeats."""
+    rng, seen, out = np.random.default_rng(seed), 0, []
+    for n in batches:
+        t = np.arange(seen + 1, seen + n + 1, dtype=np.int64)
+        seen += n
+        slots = t - 1
+        full = t > capacity
+        if full.any():
+            j = rng.integers(0, t[full])
+            slots[full] = np.where(j < capacity, j, -1)
+        _, first = np.unique(slots[::-1], return_index=True)
+        last = np.zeros(n, dtype=bool)
+        last[n - 1 - first] = True
+        out.append(np.where((slots >= 0) & last, slots, -1).tolist())
+    return out
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 50])
+def test_reservoir_slots_equal_the_masked_reference_for_any_batching(capacity):
+    """Filling, straddling and full batches (with repeated slots) decide what one masked code path decides."""
+    batches = [int(n) for n in np.random.default_rng(capacity).integers(0, 13, 60)]
+    policy = ReservoirPolicy(capacity, seed=7)
+    got = [policy.slots(np.zeros(n, dtype=np.int64)).tolist() for n in batches]
+    assert got == _reservoir_reference(capacity, 7, batches)
+    if capacity == 50:  # the case covers full batches that keep several samples (no repeat: no np.unique)
+        assert any(len(s) - s.count(-1) > 1 for s in got[len(got) // 2 :])

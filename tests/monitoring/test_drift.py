@@ -155,3 +155,22 @@ def test_spec_parsing() -> None:
         "kswin", "uncertainty", {"alpha": 0.001, "window_size": 50}
     )
     assert parse_drift("") == []
+
+
+def test_events_do_not_depend_on_how_values_are_batched() -> None:
+    """A detector takes one value per update whatever the batch; the direction filter must agree too."""
+    rng = np.random.default_rng(3)
+    signal = np.r_[rng.random(800) < 0.1, rng.random(800) < 0.6, rng.random(800) < 0.05].astype(float)
+    positions = np.arange(len(signal))
+
+    def events(batch: int, direction: str) -> list[tuple[int, float]]:
+        monitor = DriftMonitor(parse_drift(f"adwin:error:direction={direction}"))
+        found = []
+        for start in range(0, len(signal), batch):
+            found += monitor.update("error", signal[start : start + batch], positions[start : start + batch])
+        return [(e.position, e.value) for e in found]
+
+    for direction in ("up", "both"):
+        one_by_one = events(1, direction)
+        assert one_by_one and events(10, direction) == one_by_one == events(64, direction)
+    assert len(events(1, "up")) < len(events(1, "both"))  # the falling error at the end is filtered out
