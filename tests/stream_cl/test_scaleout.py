@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -28,9 +29,12 @@ from monitoring.metrics import Metrics
 from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.cli import main
+from stream_cl.config import load
 from stream_cl.group import Group, model_sha256
 from stream_cl.learner import RunState
 from stream_cl.run import RunOptions, RunParts, run_stream
+from stream_cl.scaleout import for_rank
+from stream_cl.service import serve
 from tests.fixtures.procs import free_port
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_serve_kafka import BAD, assert_accounted, finish, produce, serve_args, wait_until
@@ -138,14 +142,14 @@ class RecordingGroup(Group):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.steps: list[list] = []
+        self.record: list[list] = []
 
     def finish_step(self, state: RunState) -> None:
         super().finish_step(state)
-        self.steps.append([model_sha256(state.learner), [list(n) for n in state.learner.labels.names]])
+        self.record.append([model_sha256(state.learner), [list(n) for n in state.learner.labels.names]])
 
 
-def _lockstep_worker(rank: int, port: int, tmp: Path) -> None:
+def _lockstep_worker(rank: int, port: int, tmp: Path, sync: str = "allreduce", every: int = 1) -> None:
     """Rank 0 streams classes c0-c2 (150 records), rank 1 only 40 records of c0 and c3: rank 1 runs dry
     early (empty steps), c3 is a class only rank 1 sees, c1 and c2 only rank 0. The seeds differ, so
     the learners start apart: the group starts from rank 0's parameters."""
@@ -156,7 +160,7 @@ def _lockstep_worker(rank: int, port: int, tmp: Path) -> None:
         keep = y < 3 if rank == 0 else np.isin(y, [0, 3]) & (np.arange(len(y)) % 50 < 20)
         path = tmp / f"stream-{rank}.rec.gz"
         write_messages(path, messages(x[keep], y[keep]))
-        group = RecordingGroup(rank, 2, torch.device("cpu"))
+        group = RecordingGroup(rank, 2, torch.device("cpu"), sync=sync, average_every=every)
         learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=rank, width=16, buffer_size=50)
         with RecordedSource(path) as source:
             summary, state = run_stream(
@@ -167,7 +171,8 @@ def _lockstep_worker(rank: int, port: int, tmp: Path) -> None:
                 RunParts(lockstep=group),
             )
         summary = group.summarize(summary, state.learner)
-        (tmp / f"steps-{rank}.json").write_text(json.dumps({"steps": group.steps, "learned": summary.learned}))
+        result = {"steps": group.record, "learned": summary.learned, "end": model_sha256(state.learner)}
+        (tmp / f"steps-{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
@@ -182,6 +187,83 @@ def test_workers_hold_identical_parameters_and_label_trees_after_every_step(tmp_
     trees = [tree for _, tree in zero["steps"]]
     assert trees[0] == [["c0"]] and trees[2] == [["c0", "c3"]] and trees[-1] == [["c0", "c3", "c1", "c2"]]
     assert zero["learned"] == one["learned"] == 150 + 40  # the group's summary, on both workers
+
+
+def test_averaging_workers_step_apart_and_hold_identical_parameters_after_every_average(tmp_path: Path) -> None:
+    """``--sync average --average-every 4`` on the stream above: each worker steps its own optimizer."""
+    mp.spawn(_lockstep_worker, args=(free_port(), tmp_path, "average", 4), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"steps-{r}.json").read_text()) for r in (0, 1))
+    assert len(zero["steps"]) == len(one["steps"]) == 15
+    for step, (mine, theirs) in enumerate(zip(zero["steps"], one["steps"], strict=True), start=1):
+        assert mine[1] == theirs[1]  # the label trees agree after every step
+        if step % 4 == 0:
+            assert mine[0] == theirs[0], step  # one model after each average
+    # between averages, while both learn (rank 1 has 40 records: steps 1-4), their models differ
+    assert zero["steps"][2][0] != one["steps"][2][0]
+    # rank 1 has run dry after step 4: at step 5 it takes no step and keeps the average while rank 0 learns
+    # (at step 6 rank 0 brings class c1: new heads, which the workers average before learning)
+    assert one["steps"][3][0] == one["steps"][4][0] != zero["steps"][4][0]
+    # the run ends with an average: of rank 0 alone, the only worker that stepped since step 12
+    assert zero["end"] == one["end"] == zero["steps"][-1][0] != one["steps"][-1][0]
+    assert zero["learned"] == one["learned"] == 150 + 40
+
+
+def _serving_worker(rank: int, port: int, settings: dict, tmp: Path) -> None:
+    """One worker of a group serving the real broker and Redis, recording its model after every group step."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = for_rank(load(settings, {}), rank, 2)
+        group = RecordingGroup(rank, 2, torch.device("cpu"), sync="average", average_every=cfg.service.average_every)
+        summary = serve(cfg, group=group)
+        (tmp / f"served-{rank}.json").write_text(json.dumps({"steps": group.record, "summary": asdict(summary)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_averaging_workers_learn_a_4_partition_topic_once_and_are_one_model_after_every_average(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 400)
+    settings = {
+        "source": f"kafka://{kafka_bootstrap}/{topic}",
+        "group": f"g-{topic}",
+        "kafka_session_timeout_ms": 2000,
+        "kafka_heartbeat_interval_ms": 500,
+        "until_idle": 6,
+        "no_progress": True,
+        "no_drift": True,
+        "model": "mlp",
+        "width": 16,
+        "probe_fraction": 0.0,
+        "buffer": f"{redis_server.url}?name=average-{topic}",
+        "buffer_size": 100,
+        "metrics_port": 0,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "checkpoint_every_records": 100,
+        "predictions": str(tmp_path / "avg.jsonl"),
+        "predictions_for": "all",
+        "sync": "average",
+        "average_every": 3,
+    }
+    mp.spawn(_serving_worker, args=(free_port(), settings, tmp_path), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"served-{r}.json").read_text()) for r in (0, 1))
+    assert len(zero["steps"]) == len(one["steps"]) >= 400 // 10 // 2  # both workers made every group step
+    averages = [(mine[0], theirs[0]) for mine, theirs in zip(zero["steps"], one["steps"], strict=True)][2::3]
+    assert averages and all(mine == theirs for mine, theirs in averages)  # one model after each average
+    assert any(mine[0] != theirs[0] for mine, theirs in zip(zero["steps"], one["steps"], strict=True))
+    summary = zero["summary"]
+    workers = summary["workers"]
+    assert all(w["learned"] > 0 for w in workers), workers
+    assert workers[0]["model_sha256"] == workers[1]["model_sha256"] != ""  # one model at the end
+    ids = Counter(learned_ids(tmp_path, "avg", 2))
+    assert set(ids) == set(where) and set(ids.values()) == {1}  # every record learned exactly once
+    assert summary["learned_total"] == len(where)
+    assert_accounted(summary, len(where) + BAD)
+    _, checkpoint = CheckpointStore(tmp_path / "ckpt").latest()
+    offsets = {p: o for _, p, o in checkpoint["offsets"]}
+    assert sorted(offsets) == [0, 1, 2, 3] and sum(offsets.values()) == len(where) + BAD
 
 
 def test_workers_refuse_what_a_group_cannot_learn_before_starting_any(tmp_path: Path, capsys) -> None:
