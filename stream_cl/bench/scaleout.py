@@ -3,7 +3,7 @@
 For each model, the shipped class-incremental Fashion-MNIST stream (every ``--stride``-th record;
 each tenth of those held out) is split between the workers as a consumer group splits a topic's
 partitions (record *i* to worker *i* mod N), and every configuration learns it once with ER and one
-Redis buffer shared by the group: one worker (the reference), then N workers with the per-step
+Redis buffer shared by the group: one worker (the reference: the plain loop, no group), then N workers with the per-step
 gradient all-reduce and with parameter averaging every K group steps. Each worker runs the real run
 loop and group step (:mod:`stream_cl.group`) in its own process with one intra-op thread; the group
 is formed by ``torch.distributed`` (gloo on CPU, NCCL with ``--device cuda``).
@@ -207,33 +207,37 @@ def _worker(rank: int, setup: Setup, port: int, device: str, options: dict[str, 
     backend = "nccl" if nccl else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=setup.workers)
     try:
-        group = TimedGroup(
-            rank,
-            setup.workers,
-            torch.device(device if not nccl else f"cuda:{rank}"),
-            sync=setup.sync,
-            average_every=setup.average_every,
-        )
+        where = torch.device(f"cuda:{rank}" if nccl else device)
+        # one worker is the plain service loop (no group, no collectives): what a single `serve` does
+        group = None
+        if setup.workers > 1:
+            group = TimedGroup(rank, setup.workers, where, sync=setup.sync, average_every=setup.average_every)
         make = partial(
             build_learner,
             "er",
             options["model"],
-            device=torch.device(device if not nccl else f"cuda:{rank}"),
+            device=where,
             seed=0,
             buffer_spec=options["buffer"],
             buffer_size=options["buffer_size"],
         )
+        # online accuracy over every record (not a window); no periodic probe (the held-out set is scored at the end)
         run_options = RunOptions(
             batch_size=options["batch_size"], progress=False, probe_every=10**12, online_window=10**9
         )
         dist.barrier()
         started = time.perf_counter()
         with RecordedSource(workdir / f"part-{rank}.rec.gz") as source:
-            summary, state = run_stream(
-                source, group.wrap(make), Metrics(CollectorRegistry()), run_options, RunParts(lockstep=group)
-            )
-        online = group.gather_json([summary.online_accuracy, summary.learned])
-        summary = group.summarize(summary, state.learner)  # ends with one model (an average, with --sync average)
+            factory = make if group is None else group.wrap(make)
+            metrics = Metrics(CollectorRegistry())
+            summary, state = run_stream(source, factory, metrics, run_options, RunParts(lockstep=group))
+        online = [[summary.online_accuracy, summary.learned]]
+        steps, sync_s, other_s, models = -(-summary.consumed // options["batch_size"]), [0.0], [0.0], 1
+        if group is not None:
+            online = group.gather_json(online[0])
+            summary = group.summarize(summary, state.learner)  # ends with one model (an average, with --sync average)
+            steps, sync_s, other_s = group.steps, group.sync_s, group.other_s
+            models = len({w["model_sha256"] for w in summary.workers})
         dist.barrier()
         elapsed = time.perf_counter() - started
         if rank == 0:
@@ -242,19 +246,18 @@ def _worker(rank: int, setup: Setup, port: int, device: str, options: dict[str, 
             for x, y in zip(held["x"], held["y"], strict=True):
                 probe.add(x.numpy(), tuple(y))
             final = evaluate(probe, state.learner)
-            sync = np.array(group.sync_s)
             result = {
                 "records": summary.learned,
                 "seconds": round(elapsed, 2),
                 "records_per_s": round(summary.learned / elapsed, 1),
-                "group_steps": group.steps,
-                "sync_ms_per_step": round(1000 * float(sync.sum()) / max(group.steps, 1), 3),
-                "sync_share_of_time": round(float(sync.sum()) / elapsed, 3),
-                "other_collectives_ms_per_step": round(1000 * sum(group.other_s) / max(group.steps, 1), 3),
+                "group_steps": steps,
+                "sync_ms_per_step": round(1000 * sum(sync_s) / max(steps, 1), 3),
+                "sync_share_of_time": round(sum(sync_s) / elapsed, 3),
+                "other_collectives_ms_per_step": round(1000 * sum(other_s) / max(steps, 1), 3),
                 "online_accuracy": round(sum(a * n for a, n in online) / max(sum(n for _, n in online), 1), 4),
                 "final_accuracy": round(final.accuracy, 4),
                 "held_out": len(held["y"]),
-                "same_model": len({w["model_sha256"] for w in summary.workers}) == 1,
+                "same_model": models == 1,
                 "load_average_1m": round(os.getloadavg()[0], 2),
             }
             (workdir / "result.json").write_text(json.dumps(result))
