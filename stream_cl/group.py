@@ -129,7 +129,10 @@ class Group:
 
     # -- 2. labels -------------------------------------------------------------------------------
     def share_labels(self, learner: GroupLearner, paths: Sequence[LabelPath | None]) -> None:
-        """All-gather the paths of ``paths`` new to the tree and add every worker's, in sorted order."""
+        """All-gather the paths of ``paths`` new to the tree and add every worker's, in sorted order
+        (once a step: the run loop's screening shares them, before ``observe`` would)."""
+        if self._shared:
+            return
         shape = [list(learner.record_shape), str(learner.record_dtype)]
         self._grow(learner, self._share(learner, paths, shape))
         self._align(learner)
@@ -296,7 +299,7 @@ class GroupLearner:
 
     @property
     def labels(self) -> Any:
-        return self.inner.labels
+        return SharedLabels(self)
 
     @property
     def buffer(self) -> Any:
@@ -320,6 +323,26 @@ class GroupLearner:
 
     def __getattr__(self, name: str) -> Any:  # model, optimizer ... of the method, for exports and probes
         return getattr(self.inner, name)
+
+
+class SharedLabels:
+    """A group learner's label tree as the run loop screens a batch with it: :meth:`problems` first shares
+    the batch's new paths with the group, so every path is judged against the tree all workers grew alike.
+
+    Two workers that bring one class with two parents in one step: the group adds the path first in
+    sorted order (on every worker), and the other is a ``label_conflict`` dead letter on its worker,
+    as two such paths in one batch are for a single learner. Everything else is the tree's own.
+    """
+
+    def __init__(self, learner: GroupLearner) -> None:
+        self._learner = learner
+
+    def problems(self, paths: Sequence[LabelPath | None]) -> list[str | None]:
+        self._learner.group.share_labels(self._learner, paths)
+        return self._learner.inner.labels.problems(paths)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._learner.inner.labels, name)
 
 
 class GroupCheckpointer:

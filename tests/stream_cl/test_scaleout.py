@@ -208,6 +208,44 @@ def test_averaging_workers_step_apart_and_hold_identical_parameters_after_every_
     assert zero["learned"] == one["learned"] == 150 + 40
 
 
+def _conflict_worker(rank: int, port: int, tmp: Path) -> None:
+    """Both workers bring class x in the first step, rank 0 under a, rank 1 under b; then both bring b/y."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, y = blob_arrays(n_classes=2, per_class=20, shape=(8,))
+        path = tmp / f"conflict-{rank}.rec.gz"
+        write_messages(path, messages(x, y, paths={0: ["ab"[rank], "x"], 1: ["b", "y"]}))
+        group = RecordingGroup(rank, 2, torch.device("cpu"))
+        learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=rank, width=16, buffer_size=50)
+        with RecordedSource(path) as source:
+            summary, state = run_stream(
+                source,
+                group.wrap(learner),
+                Metrics(CollectorRegistry()),
+                RunOptions(batch_size=10, progress=False),
+                RunParts(lockstep=group),
+            )
+        summary = group.summarize(summary, state.learner)
+        result = {"steps": group.record, "summary": asdict(summary), "mine": summary.workers[rank]["learned"]}
+        (tmp / f"conflict-{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_class_two_workers_bring_with_two_parents_in_one_step_is_dead_lettered_on_one_not_failing_the_group(
+    tmp_path: Path,
+) -> None:
+    mp.spawn(_conflict_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"conflict-{r}.json").read_text()) for r in (0, 1))
+    assert zero["steps"] == one["steps"]  # the same tree and parameters after every step
+    assert zero["steps"][-1][1] == [["a", "b"], ["x", "y"]]  # a/x came first in sorted order: it won
+    summary = zero["summary"]
+    assert summary["dead_letter"] == {"label_conflict": 20}  # rank 1's b/x records, with the reason
+    assert (zero["mine"], one["mine"]) == (40, 20) and summary["learned"] == 60
+    assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
+
+
 def _serving_worker(rank: int, port: int, settings: dict, tmp: Path) -> None:
     """One worker of a group serving the real broker and Redis, recording its model after every group step."""
     torch.set_num_threads(1)
