@@ -86,7 +86,17 @@ def markdown(meta: dict[str, Any], settings: dict[str, Any], rows: list[dict[str
             f"| {r['online_accuracy']:.3f} | {r['final_accuracy']:.3f} "
             f"| {'yes' if r['same_model'] else 'no'} |"
         )
-    lines += ["", "![records/s and accuracy per setup](scaleout.png)", ""]
+    lines += [
+        "",
+        "![records/s and accuracy per setup](scaleout.png)",
+        "",
+        "On a machine with several GPUs, the same comparison with one GPU per worker (NCCL):",
+        "",
+        "```bash",
+        "stream-cl bench scaleout --device cuda --workers 2 4 --average-every 1 10 --repeats 3",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
