@@ -266,8 +266,12 @@ def _worker(rank: int, setup: Setup, port: int, device: str, options: dict[str, 
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median throughput (its other figures come with it)."""
-    return sorted(runs, key=lambda r: r["records_per_s"])[len(runs) // 2]
+    """The run with the median throughput, with every run's throughput and accuracies beside it: with a
+    shared buffer the workers' inserts and draws interleave differently from run to run, and so does accuracy."""
+    row = dict(sorted(runs, key=lambda r: r["records_per_s"])[len(runs) // 2])
+    for key in ("records_per_s", "online_accuracy", "final_accuracy"):
+        row[f"{key}_runs"] = [r[key] for r in runs]
+    return row
 
 
 def _line(row: dict[str, Any]) -> str:

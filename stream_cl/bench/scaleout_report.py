@@ -58,7 +58,9 @@ def markdown(meta: dict[str, Any], settings: dict[str, Any], rows: list[dict[str
         f"Machine: {meta['machine']}; Python {meta['python']}, torch {meta['torch']}, backend {meta['backend']}. "
         "Every worker is a process with one intra-op thread; the Redis server and other jobs share the cores "
         f"(1-minute load average {meta['load_average_1m_at_end']} at the end of the run), so throughput varies "
-        f"between runs. Each row is the median of {settings['repeats']} run(s) by records/s.",
+        f"between runs. Records/s and the synchronisation times are those of the run with the median records/s "
+        f"of {settings['repeats']}; accuracies are the mean over the runs (range in brackets): with one shared "
+        "buffer the workers' inserts and draws interleave differently in every run, and so does what they learn.",
         "",
         "Stream: the shipped class-incremental Fashion-MNIST slice (10 classes in order, two-level labels, 1×28×28 "
         "uint8), every STRIDE-th record; each tenth of those is held out. Record *i* goes to worker *i* mod N "
@@ -83,7 +85,7 @@ def markdown(meta: dict[str, Any], settings: dict[str, Any], rows: list[dict[str
             f"| {MODEL_NAMES.get(r['model'], r['model'])} (stride {r['stride']}) | {r['setup']} | {r['records']:,} "
             f"| {r['group_steps']:,} | {r['records_per_s']:,.0f} | {r['sync_ms_per_step']:.2f} ms "
             f"| {100 * r['sync_share_of_time']:.0f} % | {r['other_collectives_ms_per_step']:.2f} ms "
-            f"| {r['online_accuracy']:.3f} | {r['final_accuracy']:.3f} "
+            f"| {_spread(r, 'online_accuracy')} | {_spread(r, 'final_accuracy')} "
             f"| {'yes' if r['same_model'] else 'no'} |"
         )
     lines += [
@@ -100,6 +102,13 @@ def markdown(meta: dict[str, Any], settings: dict[str, Any], rows: list[dict[str
     return "\n".join(lines)
 
 
+def _spread(row: dict[str, Any], key: str) -> str:
+    """Mean over the runs, and their range when there were several."""
+    runs = row.get(f"{key}_runs") or [row[key]]
+    mean = sum(runs) / len(runs)
+    return f"{mean:.3f}" if len(runs) == 1 else f"{mean:.3f} ({min(runs):.3f}–{max(runs):.3f})"
+
+
 def figure(rows: list[dict[str, Any]]) -> Figure:
     """Per model: records/s (bars) and final accuracy (markers, right axis) per setup."""
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -112,8 +121,11 @@ def figure(rows: list[dict[str, Any]]) -> Figure:
         ax.set_ylabel("records/s", color="tab:blue")
         ax.set_title(MODEL_NAMES.get(model, model))
         acc = ax.twinx()
-        acc.plot(range(len(mine)), [r["final_accuracy"] for r in mine], "o", color="tab:red", label="final")
-        acc.plot(range(len(mine)), [r["online_accuracy"] for r in mine], "s", color="tab:orange", label="online")
+        series = (("final_accuracy", "o", "tab:red", "final"), ("online_accuracy", "s", "tab:orange", "online"))
+        for key, marker, color, label in series:
+            for i, r in enumerate(mine):
+                runs = r.get(f"{key}_runs") or [r[key]]
+                acc.plot([i] * len(runs), runs, marker, color=color, alpha=0.6, label=label if i == 0 else None)
         acc.set_ylim(0, 1)
         acc.set_ylabel("accuracy", color="tab:red")
         acc.legend(fontsize=8, loc="lower right")
