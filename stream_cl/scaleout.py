@@ -92,7 +92,8 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
     dist.init_process_group("nccl" if nccl else "gloo", store=_store(rank), rank=rank, world_size=world_size)
     try:
         group = Group.current(sync=cfg.service.sync, average_every=cfg.service.average_every)
-        log.info("worker %d of %d (%s), pid %d", group.rank, group.world_size, dist.get_backend(), os.getpid())
+        how = "all-reduce" if group.sync == "allreduce" else f"average every {group.average_every}"
+        log.info("worker %d of %d (%s), %s, pid %d", group.rank, group.world_size, dist.get_backend(), how, os.getpid())
         stop = threading.Event()
         with stop_on_signals(stop, cfg.service.drain_timeout) as received:
             summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)

@@ -97,9 +97,11 @@ def test_two_workers_learn_a_4_partition_topic_once_as_one_model_and_restore_int
     assert sorted(learned_ids(tmp_path, "alone", 1)) == sorted(more)
     assert alone["learned_total"] == len(where) + len(more)
 
-    # ... and into two again.
+    # ... and into two again, averaging parameters every 3 steps.
     last = produce(kafka_bootstrap, topic, 200, start=2000)
-    again = run(kafka_bootstrap, topic, tmp_path, "again", *GROUP, *buffer, "--group", f"again-{topic}")
+    average = ("--sync", "average", "--average-every", 3)
+    again = run(kafka_bootstrap, topic, tmp_path, "again", *GROUP, *average, *buffer, "--group", f"again-{topic}")
+    assert len(re.findall(r"worker \d of 2 \(gloo\), average every 3,", (tmp_path / "again.log").read_text())) == 2
     assert sorted(learned_ids(tmp_path, "again", 2)) == sorted(last)
     assert again["learned_total"] == len(where) + len(more) + len(last)
     assert again["workers"][0]["model_sha256"] == again["workers"][1]["model_sha256"]
@@ -116,7 +118,7 @@ def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing
     log = tmp_path / "group.log"
 
     def worker_pid() -> int | None:
-        found = re.search(r"worker 1 of 2 \(gloo\), pid (\d+)", log.read_text())
+        found = re.search(r"worker 1 of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text())
         return int(found.group(1)) if found else None
 
     predictions = tmp_path / "group.1.jsonl"
