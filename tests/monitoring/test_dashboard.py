@@ -117,6 +117,9 @@ def test_group_panels_add_up_the_workers_of_a_job_scraped_as_the_prometheus_conf
         group = group_panels()
         learned = group["records learned per second"]
         assert prometheus.wait_for(f"{learned['A']} > 0")
+        # each worker's target is scraped on its own: wait until both have two samples that differ
+        assert prometheus.wait_for(f"count({learned['B']} > 0) == 2")
+        assert prometheus.wait_for("count(rate(streamcl_learn_step_seconds_count[1m]) > 0) == 2")
         per_worker = prometheus.series(learned["B"])
         assert sorted(s["metric"]["instance"] for s in per_worker) == sorted(f"127.0.0.1:{p}" for p in ports)
         assert {s["metric"]["worker"] for s in prometheus.series("streamcl_samples_total")} == {"0", "1"}
