@@ -348,6 +348,15 @@ class ServiceConfig:
         flat="max_restarts",
         check=non_negative,
     )
+    sync: str = setting(
+        "allreduce",
+        "how workers keep one model: all-reduce gradients every step, or average parameters every K steps",
+        flat="sync",
+        choices=("allreduce", "average"),
+    )
+    average_every: int = setting(
+        10, "group steps between parameter averages (--sync average)", flat="average_every", check=positive
+    )
 
 
 def _pending_spec(value: str) -> str | None:

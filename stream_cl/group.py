@@ -9,13 +9,21 @@ every worker makes the same collective calls, in this order, whether or not it p
    or at ``max_records``) or any is stopping (SIGTERM). No worker ever waits for one that has nothing.
 2. :meth:`Group.share_labels`: the label paths new to the tree, all-gathered and added in one sorted
    order, so the tree and the heads grow identically on every worker even when only one saw a class.
-3. :meth:`Group.reduce`: gradients averaged over the workers that learned (synchronous all-reduce,
-   before the step guard, so a non-finite gradient anywhere refuses the step everywhere) and the
-   modules' buffers (batch-norm statistics) averaged likewise; then every worker takes the same
-   optimizer step. A worker with nothing to learn takes an *empty step* (zero gradients), which
-   keeps the optimizer state identical too.
+3. The synchronisation, one of :data:`SYNC_MODES`:
+
+   ``allreduce`` (:meth:`Group.reduce`): gradients averaged over the workers that learned
+   (synchronous all-reduce, before the step guard, so a non-finite gradient anywhere refuses the
+   step everywhere) and the modules' buffers (batch-norm statistics) averaged likewise; then every
+   worker takes the same optimizer step. A worker with nothing to learn takes an *empty step* (zero
+   gradients), which keeps the optimizer state identical too.
+
+   ``average`` (:meth:`Group.average`): every worker steps its own optimizer on its own records;
+   every ``average_every`` group steps the parameters and buffers are averaged over the workers
+   that stepped since the last average (all-reduce), so they are identical after it. A worker with
+   nothing to learn takes no step and only joins the average. Optimizer state stays per worker.
 4. :class:`GroupCheckpointer`: every worker's next offsets and outcome counts, all-gathered, so
-   rank 0 writes checkpoints holding every partition's offset at the same step.
+   rank 0 writes checkpoints holding every partition's offset at the same step (with ``average``,
+   only at a step that ended with an average, so a checkpoint is one model).
 
 Everything exchanged is tensors or JSON; nothing is unpickled.
 """
@@ -44,23 +52,38 @@ log = logging.getLogger("stream_cl.group")
 LOCKSTEP_METHODS = ("er", "onpro")
 """Methods that take at most one optimizer step per batch, the unit the group synchronises."""
 
+SYNC_MODES = ("allreduce", "average")
+"""How a group keeps its model one: gradients all-reduced every step, or parameters averaged every K steps."""
+
 
 class Group:
     """This worker's view of the group: its rank, the world size, and the collectives of a group step."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(
+        self, rank: int, world_size: int, device: torch.device, *, sync: str = "allreduce", average_every: int = 1
+    ) -> None:
+        if sync not in SYNC_MODES:
+            raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+        if average_every < 1:
+            raise ConfigError(f"average_every must be >= 1, got {average_every}")
         self.rank, self.world_size = rank, world_size
         self.device = device
         """Where collective tensors live: CPU with gloo, the worker's GPU with NCCL."""
+        self.sync, self.average_every = sync, average_every
         self.make_learner: LearnerFactory | None = None
         self._shared = self._stepped = False
+        self.steps = 0
+        """Group steps taken in this run (the same count on every worker)."""
+        self.averaged = sync == "allreduce"
+        """Whether the workers hold one model after the last group step (always, with ``allreduce``)."""
+        self._moved = False  # this worker stepped its optimizer since the last average
 
     @classmethod
-    def current(cls) -> Group:
+    def current(cls, *, sync: str = "allreduce", average_every: int = 1) -> Group:
         """The initialised default process group of this process."""
         backend = dist.get_backend()
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(dist.get_rank(), dist.get_world_size(), device, sync=sync, average_every=average_every)
 
     def wrap(self, make_learner: LearnerFactory) -> LearnerFactory:
         """The factory of learners that take part in group steps (the inner factory builds the method)."""
@@ -96,12 +119,20 @@ class Group:
                 state.learner = self.make_learner(state.input_shape, state.input_dtype)
             self._grow(state.learner, gathered)
             self._align(state.learner)
-        if not self._stepped:
+        self.steps += 1
+        if self.sync == "average":
+            self.averaged = self.steps % self.average_every == 0
+            if self.averaged:
+                self.average(state.learner)
+        elif not self._stepped:
             self.empty_step(state.learner)
 
     # -- 2. labels -------------------------------------------------------------------------------
     def share_labels(self, learner: GroupLearner, paths: Sequence[LabelPath | None]) -> None:
-        """All-gather the paths of ``paths`` new to the tree and add every worker's, in sorted order."""
+        """All-gather the paths of ``paths`` new to the tree and add every worker's, in sorted order
+        (once a step: the run loop's screening shares them, before ``observe`` would)."""
+        if self._shared:
+            return
         shape = [list(learner.record_shape), str(learner.record_dtype)]
         self._grow(learner, self._share(learner, paths, shape))
         self._align(learner)
@@ -109,8 +140,12 @@ class Group:
     def _align(self, learner: GroupLearner) -> None:
         """Give a learner new to the group, or with new heads, rank 0's parameters and buffers (every
         worker builds its learner and grows its heads in the same group step, so this broadcast is a
-        collective they all make)."""
+        collective they all make). With ``average``, the workers' parameters are averaged instead, so
+        the steps they took since the last average are kept (a new learner has taken none: rank 0's)."""
         if learner.aligned:
+            return
+        if self.sync == "average":
+            self.average(learner)
             return
         tensors = list(learner.inner.model.state_dict().values())
         flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
@@ -174,6 +209,36 @@ class Group:
 
     _empty = False
 
+    def average(self, learner: GroupLearner | None) -> None:
+        """Average parameters and buffers over the workers that stepped since the last average (rank 0's
+        when none did and the learner is new or has new heads), so every worker holds the same model.
+        A collective; ``learner`` is None on every worker or on none (learners are built in one step)."""
+        if learner is None:
+            return
+        counted = torch.tensor([float(self._moved)], device=self.device)
+        dist.all_reduce(counted)
+        n_moved = counted.item()
+        if n_moved == 0 and learner.aligned:
+            return  # nobody stepped since the last average: the workers hold one model already
+        weight, divisor = (float(self._moved), n_moved) if n_moved else (float(self.rank == 0), 1.0)
+        tensors = _model_tensors(learner.inner)
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors]) * weight
+        dist.all_reduce(flat)
+        _unflatten(flat / divisor, tensors)
+        self._moved = False
+        learner.aligned = True
+
+    def moved(self) -> None:
+        """This worker stepped its optimizer (in ``average`` mode, its parameters left the group's)."""
+        self._moved = True
+
+    def settle(self, learner: Learner | None) -> None:
+        """Average once more if any worker stepped since the last average (``average`` mode), so the run
+        ends with one model; a collective every worker makes at its end. Nothing with ``allreduce``."""
+        if self.sync == "average" and not self.averaged:
+            self.average(learner)
+            self.averaged = True
+
     # -- 4. checkpoints and summaries ------------------------------------------------------------
     def gather_json(self, value: Any) -> list[Any]:
         """Every worker's ``value`` (JSON-serialisable), in rank order."""
@@ -193,6 +258,7 @@ class Group:
 
         Accuracies, classes and timings stay this worker's own.
         """
+        self.settle(learner)
         mine = {
             "rank": self.rank,
             "learned": summary.learned,
@@ -221,7 +287,8 @@ class GroupLearner:
         def reduce(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
             return group.reduce(params, modules, loss)
 
-        inner.guard.reduce = reduce
+        if group.sync == "allreduce":
+            inner.guard.reduce = reduce
         self.record_shape, self.record_dtype = record_shape, record_dtype
         self.aligned = False
         """Whether it holds the group's parameters (rank 0's are broadcast at its first group step)."""
@@ -232,7 +299,7 @@ class GroupLearner:
 
     @property
     def labels(self) -> Any:
-        return self.inner.labels
+        return SharedLabels(self)
 
     @property
     def buffer(self) -> Any:
@@ -240,7 +307,10 @@ class GroupLearner:
 
     def observe(self, batch: Batch) -> Observation:
         self.group.share_labels(self, batch.labels)
-        return self.inner.observe(batch)
+        observation = self.inner.observe(batch)
+        if observation.stats.loss is not None:  # it stepped its optimizer (``average`` weighs by this)
+            self.group.moved()
+        return observation
 
     def predict(self, x: torch.Tensor) -> Prediction:
         return self.inner.predict(x)
@@ -255,12 +325,36 @@ class GroupLearner:
         return getattr(self.inner, name)
 
 
+class SharedLabels:
+    """A group learner's label tree as the run loop screens a batch with it: :meth:`problems` first shares
+    the batch's new paths with the group, so every path is judged against the tree all workers grew alike.
+
+    Two workers that bring one class with two parents in one step: the group adds the path first in
+    sorted order (on every worker), and the other is a ``label_conflict`` dead letter on its worker,
+    as two such paths in one batch are for a single learner. Everything else is the tree's own.
+    """
+
+    def __init__(self, learner: GroupLearner) -> None:
+        self._learner = learner
+
+    def problems(self, paths: Sequence[LabelPath | None]) -> list[str | None]:
+        self._learner.group.share_labels(self._learner, paths)
+        return self._learner.inner.labels.problems(paths)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._learner.inner.labels, name)
+
+
 class GroupCheckpointer:
-    """Checkpoints of a group: every worker's offsets and counts gathered at each step; rank 0 writes."""
+    """Checkpoints of a group: every worker's offsets and counts gathered at each step where the workers
+    hold one model (every step with ``allreduce``, each averaging step with ``average``); rank 0 writes."""
 
     def __init__(self, group: Group, inner: Checkpointer) -> None:
         self.group, self.inner = group, inner
         self._last: list[dict] = []
+        self._offsets: Offsets = {}  # this worker's, since the last gather
+        self._within: dict[tuple[str, int], int] = {}  # samples done of the message at each next offset
+        self._records = 0
 
     @property
     def base_totals(self) -> dict[str, int]:
@@ -271,13 +365,21 @@ class GroupCheckpointer:
         return self.inner.version
 
     def step(self, state: RunState, offsets: Offsets, n_records: int, summary: Summary) -> None:
+        self._offsets.update(offsets)
+        for partition in offsets:  # a newer offset ends or replaces the partly done message of before
+            self._within.pop(partition, None)
+        self._within.update(within_of(offsets))
+        self._records += n_records
+        if not self.group.averaged:
+            return  # the workers' models differ until the next average: no checkpoint would be one model
         mine = {
-            "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
-            "within": [[t, p, n] for (t, p), n in sorted(within_of(offsets).items())],
-            "records": n_records,
+            "offsets": [[t, p, o] for (t, p), o in sorted(self._offsets.items())],
+            "within": [[t, p, n] for (t, p), n in sorted(self._within.items())],
+            "records": self._records,
             "counts": {name: summary.count(name) for name in COUNTS if name != "dead_letter"},
             "dead_letter": summary.dead_letter,
         }
+        self._offsets, self._within, self._records = {}, {}, 0
         self._last = self.group.gather_json(mine)
         if self.group.rank == 0:
             every = NextOffsets(
@@ -288,9 +390,22 @@ class GroupCheckpointer:
             self.inner.step(state, every, total, merge_counts(summary, self._last))
 
     def finish(self, state: RunState, summary: Summary) -> Any:
+        if self.group.sync == "average":  # one model at the end, and the offsets learned since the last average
+            self.group.settle(state.learner)
+            self.step(state, {}, 0, summary)
         if self.group.rank != 0:  # it never wrote: this only stops its writer thread
             return self.inner.finish(state, summary)
         return self.inner.finish(state, merge_counts(summary, self._last) if self._last else summary)
+
+
+def _model_tensors(learner: Any) -> list[torch.Tensor]:
+    """What makes a learner's model: the model's parameters and buffers, the optimizer's parameters and
+    the step guard's modules' buffers (a projector of OnPro), each once."""
+    tensors = list(learner.model.state_dict(keep_vars=True).values())
+    tensors += [p for group in learner.optimizer.param_groups for p in group["params"]]
+    tensors += [b for m in learner.guard.modules for b in m.buffers()]
+    unique = {id(t): t for t in tensors}
+    return [t.data for t in unique.values()]
 
 
 def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

@@ -91,8 +91,9 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("nccl" if nccl else "gloo", store=_store(rank), rank=rank, world_size=world_size)
     try:
-        group = Group.current()
-        log.info("worker %d of %d (%s), pid %d", group.rank, group.world_size, dist.get_backend(), os.getpid())
+        group = Group.current(sync=cfg.service.sync, average_every=cfg.service.average_every)
+        how = "all-reduce" if group.sync == "allreduce" else f"average every {group.average_every}"
+        log.info("worker %d of %d (%s), %s, pid %d", group.rank, group.world_size, dist.get_backend(), how, os.getpid())
         stop = threading.Event()
         with stop_on_signals(stop, cfg.service.drain_timeout) as received:
             summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)

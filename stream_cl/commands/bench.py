@@ -17,6 +17,7 @@ BENCHMARKS = {
     "gpu": "the GPU run: every method, AMP, CUDA graphs, OnPro's step time and FLOP rate",
     "buffer": "inserts/s, samples/s, round trips and bytes per sample of the replay stores",
     "hle": "HLE setups: per-level anytime accuracy of PL-FMS / ER / OnPro",
+    "scaleout": "records/s, sync cost and accuracy of one worker and groups of workers, by synchronisation",
     "throughput": "samples/s and step latency of stream-cl against a plain PyTorch loop",
 }
 """Benchmark name (module ``stream_cl.bench.<name>``) and its one-line description."""

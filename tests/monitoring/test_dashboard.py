@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -12,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.labeljoin import JoinMetrics
 from monitoring.metrics import Metrics
-from tests.fixtures.procs import require_binary
-from tests.fixtures.prometheus import PrometheusServer
+from tests.fixtures.procs import free_port, require_binary
+from tests.fixtures.prometheus import PrometheusServer, running_prometheus
 from tests.monitoring.promql import (
     DASHBOARD,
     MONITORING,
@@ -75,6 +76,66 @@ def test_dashboard_structure() -> None:
     titles = {p["title"] for p in data_panels}
     assert {"Buffer errors", "Dead-letter spool", "Dead-letter sink up", "Process memory"} <= titles
     assert {"Waiting for a label", "Labels joined, unmatched, expired", "Label delay"} <= titles
+    assert {"Group: records learned per second", "Group: consumer lag", "Group: workers up"} <= titles
+
+
+def group_panels() -> dict[str, dict[str, str]]:
+    """The group row's panels: title → refId → expr, variables as Grafana sets them for every job and worker."""
+    values = {"$job": "stream-cl", "$instance": ".+", "$__rate_interval": "1m"}
+    found = {}
+    for p in panels(load_dashboard()["panels"]):
+        if p["title"].startswith("Group: "):
+            exprs = {}
+            for t in p["targets"]:
+                expr = t["expr"]
+                for name, value in values.items():
+                    expr = expr.replace(name, value)
+                exprs[t["refId"]] = expr
+            found[p["title"].removeprefix("Group: ")] = exprs
+    return found
+
+
+def test_group_panels_add_up_the_workers_of_a_job_scraped_as_the_prometheus_config_says(tmp_path: Path) -> None:
+    """Two workers' endpoints (serve --workers 2 serves worker r on --metrics-port + r), scraped by a real
+    Prometheus with the project's stream-cl job and its ``worker`` target labels: the group panels sum the
+    workers' rates and lags, take the most behind partition and the slowest worker, and count the workers."""
+    (job,) = yaml.safe_load((MONITORING / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    ports = [free_port(), free_port()]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{p}"], "labels": {"worker": str(r)}} for r, p in enumerate(ports)]
+    workers = [Metrics(CollectorRegistry()) for _ in ports]
+    for rank, metrics in enumerate(workers):
+        metrics.consumer_lag.labels(topic="samples", partition=str(rank)).set(3 + 4 * rank)  # 3 and 7
+        metrics.consumer_lag.labels(topic="samples", partition=str(rank + 2)).set(1)
+    with running_prometheus(tmp_path, [job], ports[0]) as prometheus, ExitStack() as serving:
+        for metrics, port in zip(workers, ports, strict=True):
+            serving.enter_context(metrics.serve(port))
+        for step in range(3):  # rates need scrapes that differ; the second worker learns 3x as fast, the slowest
+            for rank, metrics in enumerate(workers):
+                metrics.samples.labels(outcome="learned").inc(10 * (1 + 2 * rank) * (step + 1))
+                metrics.learn_step.observe(0.01 * (1 + 9 * rank))
+            assert prometheus.wait_for(f'count(streamcl_samples_total{{worker="1"}} >= {30 * (step + 1)}) > 0')
+        group = group_panels()
+        learned = group["records learned per second"]
+        assert prometheus.wait_for(f"{learned['A']} > 0")
+        # each worker's target is scraped on its own: wait until both have two samples that differ
+        assert prometheus.wait_for(f"count({learned['B']} > 0) == 2")
+        assert prometheus.wait_for("count(rate(streamcl_learn_step_seconds_count[1m]) > 0) == 2")
+        per_worker = prometheus.series(learned["B"])
+        assert sorted(s["metric"]["instance"] for s in per_worker) == sorted(f"127.0.0.1:{p}" for p in ports)
+        assert {s["metric"]["worker"] for s in prometheus.series("streamcl_samples_total")} == {"0", "1"}
+        # the group's rate is the sum of the workers' (one query: one evaluation time)
+        (diff,) = prometheus.series(f"{learned['A']} - on (job) sum by (job) ({learned['B']})")
+        (total,) = prometheus.series(learned["A"])
+        assert float(total["value"][1]) > 0 and abs(float(diff["value"][1])) < 1e-9
+        lag = group["consumer lag"]
+        assert [float(s["value"][1]) for s in prometheus.series(lag["A"])] == [3 + 7 + 1 + 1]
+        assert [float(s["value"][1]) for s in prometheus.series(lag["B"])] == [7]
+        up = group["workers up"]
+        assert [float(s["value"][1]) for s in prometheus.series(up["A"])] == [2]
+        assert [float(s["value"][1]) for s in prometheus.series(up["B"])] == [2]
+        step = group["slowest and fastest worker's step"]
+        (slowest,), (fastest,) = prometheus.series(step["A"]), prometheus.series(step["B"])
+        assert float(slowest["value"][1]) > float(fastest["value"][1])
 
 
 def test_datasource_and_job_are_template_variables() -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -28,9 +29,12 @@ from monitoring.metrics import Metrics
 from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.cli import main
+from stream_cl.config import load
 from stream_cl.group import Group, model_sha256
 from stream_cl.learner import RunState
 from stream_cl.run import RunOptions, RunParts, run_stream
+from stream_cl.scaleout import for_rank
+from stream_cl.service import serve
 from tests.fixtures.procs import free_port
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_serve_kafka import BAD, assert_accounted, finish, produce, serve_args, wait_until
@@ -93,9 +97,11 @@ def test_two_workers_learn_a_4_partition_topic_once_as_one_model_and_restore_int
     assert sorted(learned_ids(tmp_path, "alone", 1)) == sorted(more)
     assert alone["learned_total"] == len(where) + len(more)
 
-    # ... and into two again.
+    # ... and into two again, averaging parameters every 3 steps.
     last = produce(kafka_bootstrap, topic, 200, start=2000)
-    again = run(kafka_bootstrap, topic, tmp_path, "again", *GROUP, *buffer, "--group", f"again-{topic}")
+    average = ("--sync", "average", "--average-every", 3)
+    again = run(kafka_bootstrap, topic, tmp_path, "again", *GROUP, *average, *buffer, "--group", f"again-{topic}")
+    assert len(re.findall(r"worker \d of 2 \(gloo\), average every 3,", (tmp_path / "again.log").read_text())) == 2
     assert sorted(learned_ids(tmp_path, "again", 2)) == sorted(last)
     assert again["learned_total"] == len(where) + len(more) + len(last)
     assert again["workers"][0]["model_sha256"] == again["workers"][1]["model_sha256"]
@@ -112,7 +118,7 @@ def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing
     log = tmp_path / "group.log"
 
     def worker_pid() -> int | None:
-        found = re.search(r"worker 1 of 2 \(gloo\), pid (\d+)", log.read_text())
+        found = re.search(r"worker 1 of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text())
         return int(found.group(1)) if found else None
 
     predictions = tmp_path / "group.1.jsonl"
@@ -138,14 +144,14 @@ class RecordingGroup(Group):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.steps: list[list] = []
+        self.record: list[list] = []
 
     def finish_step(self, state: RunState) -> None:
         super().finish_step(state)
-        self.steps.append([model_sha256(state.learner), [list(n) for n in state.learner.labels.names]])
+        self.record.append([model_sha256(state.learner), [list(n) for n in state.learner.labels.names]])
 
 
-def _lockstep_worker(rank: int, port: int, tmp: Path) -> None:
+def _lockstep_worker(rank: int, port: int, tmp: Path, sync: str = "allreduce", every: int = 1) -> None:
     """Rank 0 streams classes c0-c2 (150 records), rank 1 only 40 records of c0 and c3: rank 1 runs dry
     early (empty steps), c3 is a class only rank 1 sees, c1 and c2 only rank 0. The seeds differ, so
     the learners start apart: the group starts from rank 0's parameters."""
@@ -156,7 +162,7 @@ def _lockstep_worker(rank: int, port: int, tmp: Path) -> None:
         keep = y < 3 if rank == 0 else np.isin(y, [0, 3]) & (np.arange(len(y)) % 50 < 20)
         path = tmp / f"stream-{rank}.rec.gz"
         write_messages(path, messages(x[keep], y[keep]))
-        group = RecordingGroup(rank, 2, torch.device("cpu"))
+        group = RecordingGroup(rank, 2, torch.device("cpu"), sync=sync, average_every=every)
         learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=rank, width=16, buffer_size=50)
         with RecordedSource(path) as source:
             summary, state = run_stream(
@@ -167,7 +173,8 @@ def _lockstep_worker(rank: int, port: int, tmp: Path) -> None:
                 RunParts(lockstep=group),
             )
         summary = group.summarize(summary, state.learner)
-        (tmp / f"steps-{rank}.json").write_text(json.dumps({"steps": group.steps, "learned": summary.learned}))
+        result = {"steps": group.record, "learned": summary.learned, "end": model_sha256(state.learner)}
+        (tmp / f"steps-{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
@@ -182,6 +189,121 @@ def test_workers_hold_identical_parameters_and_label_trees_after_every_step(tmp_
     trees = [tree for _, tree in zero["steps"]]
     assert trees[0] == [["c0"]] and trees[2] == [["c0", "c3"]] and trees[-1] == [["c0", "c3", "c1", "c2"]]
     assert zero["learned"] == one["learned"] == 150 + 40  # the group's summary, on both workers
+
+
+def test_averaging_workers_step_apart_and_hold_identical_parameters_after_every_average(tmp_path: Path) -> None:
+    """``--sync average --average-every 4`` on the stream above: each worker steps its own optimizer."""
+    mp.spawn(_lockstep_worker, args=(free_port(), tmp_path, "average", 4), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"steps-{r}.json").read_text()) for r in (0, 1))
+    assert len(zero["steps"]) == len(one["steps"]) == 15
+    for step, (mine, theirs) in enumerate(zip(zero["steps"], one["steps"], strict=True), start=1):
+        assert mine[1] == theirs[1]  # the label trees agree after every step
+        if step % 4 == 0:
+            assert mine[0] == theirs[0], step  # one model after each average
+    # between averages, while both learn (rank 1 has 40 records: steps 1-4), their models differ
+    assert zero["steps"][2][0] != one["steps"][2][0]
+    # rank 1 has run dry after step 4: at step 5 it takes no step and keeps the average while rank 0 learns
+    # (at step 6 rank 0 brings class c1: new heads, which the workers average before learning)
+    assert one["steps"][3][0] == one["steps"][4][0] != zero["steps"][4][0]
+    # the run ends with an average: of rank 0 alone, the only worker that stepped since step 12
+    assert zero["end"] == one["end"] == zero["steps"][-1][0] != one["steps"][-1][0]
+    assert zero["learned"] == one["learned"] == 150 + 40
+
+
+def _conflict_worker(rank: int, port: int, tmp: Path) -> None:
+    """Both workers bring class x in the first step, rank 0 under a, rank 1 under b; then both bring b/y."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, y = blob_arrays(n_classes=2, per_class=20, shape=(8,))
+        path = tmp / f"conflict-{rank}.rec.gz"
+        write_messages(path, messages(x, y, paths={0: ["ab"[rank], "x"], 1: ["b", "y"]}))
+        group = RecordingGroup(rank, 2, torch.device("cpu"))
+        learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=rank, width=16, buffer_size=50)
+        with RecordedSource(path) as source:
+            summary, state = run_stream(
+                source,
+                group.wrap(learner),
+                Metrics(CollectorRegistry()),
+                RunOptions(batch_size=10, progress=False),
+                RunParts(lockstep=group),
+            )
+        summary = group.summarize(summary, state.learner)
+        result = {"steps": group.record, "summary": asdict(summary), "mine": summary.workers[rank]["learned"]}
+        (tmp / f"conflict-{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_class_two_workers_bring_with_two_parents_in_one_step_is_dead_lettered_on_one_not_failing_the_group(
+    tmp_path: Path,
+) -> None:
+    mp.spawn(_conflict_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"conflict-{r}.json").read_text()) for r in (0, 1))
+    assert zero["steps"] == one["steps"]  # the same tree and parameters after every step
+    assert zero["steps"][-1][1] == [["a", "b"], ["x", "y"]]  # a/x came first in sorted order: it won
+    summary = zero["summary"]
+    assert summary["dead_letter"] == {"label_conflict": 20}  # rank 1's b/x records, with the reason
+    assert (zero["mine"], one["mine"]) == (40, 20) and summary["learned"] == 60
+    assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
+
+
+def _serving_worker(rank: int, port: int, settings: dict, tmp: Path) -> None:
+    """One worker of a group serving the real broker and Redis, recording its model after every group step."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = for_rank(load(settings, {}), rank, 2)
+        group = RecordingGroup(rank, 2, torch.device("cpu"), sync="average", average_every=cfg.service.average_every)
+        summary = serve(cfg, group=group)
+        (tmp / f"served-{rank}.json").write_text(json.dumps({"steps": group.record, "summary": asdict(summary)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_averaging_workers_learn_a_4_partition_topic_once_and_are_one_model_after_every_average(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 400)
+    settings = {
+        "source": f"kafka://{kafka_bootstrap}/{topic}",
+        "group": f"g-{topic}",
+        "kafka_session_timeout_ms": 2000,
+        "kafka_heartbeat_interval_ms": 500,
+        "until_idle": 6,
+        "no_progress": True,
+        "no_drift": True,
+        "model": "mlp",
+        "width": 16,
+        "probe_fraction": 0.0,
+        "buffer": f"{redis_server.url}?name=average-{topic}",
+        "buffer_size": 100,
+        "metrics_port": 0,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "checkpoint_every_records": 100,
+        "predictions": str(tmp_path / "avg.jsonl"),
+        "predictions_for": "all",
+        "sync": "average",
+        "average_every": 3,
+    }
+    mp.spawn(_serving_worker, args=(free_port(), settings, tmp_path), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"served-{r}.json").read_text()) for r in (0, 1))
+    assert len(zero["steps"]) == len(one["steps"]) >= 400 // 10 // 2  # both workers made every group step
+    averages = [(mine[0], theirs[0]) for mine, theirs in zip(zero["steps"], one["steps"], strict=True)][2::3]
+    assert averages and all(mine == theirs for mine, theirs in averages)  # one model after each average
+    assert any(mine[0] != theirs[0] for mine, theirs in zip(zero["steps"], one["steps"], strict=True))
+    summary = zero["summary"]
+    workers = summary["workers"]
+    assert all(w["learned"] > 0 for w in workers), workers
+    assert workers[0]["model_sha256"] == workers[1]["model_sha256"] != ""  # one model at the end
+    ids = Counter(learned_ids(tmp_path, "avg", 2))
+    assert set(ids) == set(where) and set(ids.values()) == {1}  # every record learned exactly once
+    assert summary["learned_total"] == len(where)
+    assert_accounted(summary, len(where) + BAD)
+    _, checkpoint = CheckpointStore(tmp_path / "ckpt").latest()
+    offsets = {p: o for _, p, o in checkpoint["offsets"]}
+    assert sorted(offsets) == [0, 1, 2, 3] and sum(offsets.values()) == len(where) + BAD
 
 
 def test_workers_refuse_what_a_group_cannot_learn_before_starting_any(tmp_path: Path, capsys) -> None:
