@@ -252,3 +252,17 @@ def test_official_schedule_and_autoaugment_resume_exactly() -> None:
     assert learner.lr_control.counts == twin.lr_control.counts > 0
     with pytest.raises(ValueError, match="uint8 RGB"):
         learner.observe(Batch(torch.zeros(2, 8, 8, 3), [("p0",), ("p1",)]))
+
+
+def test_losses_of_half_precision_logits_are_finite_float32_and_match_full_precision() -> None:
+    gen = torch.Generator().manual_seed(0)
+    coarse, fine = 30 * torch.randn(6, 3, generator=gen), 30 * torch.randn(6, 7, generator=gen)
+    y, level = torch.tensor([0, 2, 6, 1, 0, 5]), torch.tensor([0, 0, 1, 1, 1, 1])
+    full = per_sample_ce([coarse, fine], y, level), parent_pseudo_loss([coarse, fine], level, 0.5, 1.0)
+    half = (
+        per_sample_ce([coarse.half(), fine.half()], y, level),
+        parent_pseudo_loss([coarse.half(), fine.half()], level, 0.5, 1.0),
+    )
+    for want, got in zip(full, half, strict=True):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert torch.allclose(got, want, rtol=1e-2, atol=0.1)

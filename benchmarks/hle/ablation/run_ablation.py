@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="stream-cl bench")
     hle.register(parser.add_subparsers())
     args = parser.parse_args(["hle", *argv[split + 1 :]])
+    args.runs = len(mine.seeds)  # the report's protocol names how many seeds ran
     torch.set_num_threads(args.threads)
     train, test = load_cifar100(args.data_dir, "train"), load_cifar100(args.data_dir, "test")
     test_rows = hle._test_rows(test, args.test_per_class)
