@@ -293,7 +293,8 @@ class PLFMS:
 
         ``level_host`` is ``level`` on the host (CutMix's groups).
         """
-        self.model.train()
+        if not self.model.training:  # a full train() walks every module: ~90 calls per update
+            self.model.train()
         self.guard.begin()
         x = self._inputs(x_raw)
         partner, lam = None, 1.0
