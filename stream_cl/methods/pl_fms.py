@@ -6,9 +6,12 @@ at once (importance-based eviction from the most populated class, CLIB); it join
 batch, and every ``online_iter`` adds one update of credit. When the temporary batch holds
 ``batch_size / 2`` samples, ``floor(credit)`` updates run, each on: the temporary samples kept by
 FMS (probability ``min(1, (n - n_c)·|C_seen| / (fms_factor·N))``, not on the first batch) plus
-memory samples filling the batch to ``batch_size``; crop+flip augmentation; CutMix (p 0.5) per
-level group; per-level cross-entropy; Adam. Every ``imp_update_period`` updates the whole memory is
-re-scored (CLIB sample-wise importance) and the adaptive learning rate ticks.
+memory samples filling the batch to ``batch_size``; crop+flip augmentation (AutoAugment on top with
+``autoaugment``); CutMix (p 0.5) per level group; per-level cross-entropy; Adam (mixed precision on
+CUDA with ``amp``). Every ``imp_update_period`` updates the whole memory is re-scored (CLIB sample-wise
+importance, in batches of 512 with one host transfer). The adaptive learning rate ticks at every
+re-scoring (``adaptive_lr_schedule="every_rescore"``) or on the official code's schedule
+(``"official"``: :class:`~stream_cl.methods.pl_fms_parts.OfficialAdaptiveLR`).
 
 Choices where the spec (``algorithms.md`` §2) is UNVERIFIED or the paper and code differ, each a switch:
 
@@ -24,12 +27,17 @@ Choices where the spec (``algorithms.md`` §2) is UNVERIFIED or the paper and co
 * Guard: a batch with a non-finite input or prediction is refused before it is written to memory;
   an update whose loss or gradients are non-finite is not taken, and the observed batch is then
   reported refused, though its samples were written to memory on arrival (as CLIB does).
-* Augmentation is random crop (pad 4) + horizontal flip; the paper's AutoAugment and AMP are not
-  used (no torchvision here; CPU runs).
+* ``autoaugment`` (default off): AutoAugment's CIFAR-10 policy (:mod:`stream_cl.methods.autoaugment`,
+  drawn from the method's generator) after crop + flip, both then on raw pixels with black padding
+  (off: crop + flip on normalised inputs, padding with the mean). Needs uint8 images.
+* ``adaptive_lr_schedule`` (default ``every_rescore``): ``official`` counts once per temporary batch
+  whose last update re-scored the memory and measures the loss decrease over a whole window of
+  ``lr_period`` counts (:class:`~stream_cl.methods.pl_fms_parts.OfficialAdaptiveLR`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -37,9 +45,9 @@ import torch
 
 from buffers.store import ReplayStore, class_keys
 from stream_cl.classifier import Classifier
-from stream_cl.heads import hierarchical_ce
-from stream_cl.inputs import to_model_input
+from stream_cl.inputs import PIXEL_MEAN, PIXEL_STD, to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
+from stream_cl.methods.autoaugment import auto_augment
 from stream_cl.methods.common import (
     StepGuard,
     core_state,
@@ -54,7 +62,16 @@ from stream_cl.methods.pl_fms_losses import (
     parent_pseudo_loss,
     per_sample_ce,
 )
-from stream_cl.methods.pl_fms_parts import AdaptiveLR, ImportanceScores, augment, cutmix, fms_keep_probability
+from stream_cl.methods.pl_fms_parts import (
+    AdaptiveLR,
+    ImportanceScores,
+    OfficialAdaptiveLR,
+    augment,
+    cutmix,
+    fms_keep_probability,
+)
+
+LR_SCHEDULES = ("every_rescore", "official")
 
 
 class PLFMS:
@@ -78,12 +95,16 @@ class PLFMS:
         Use flexible memory sampling (off: keep every stream sample).
     pseudo_label, tau, lambda_u, pseudo_in_importance, train_ancestors
         Parent supervision of child-labelled samples (module doc).
-    augment, cutmix_prob
-        Crop+flip on every training batch; CutMix probability.
+    augment, autoaugment, cutmix_prob
+        Crop+flip on every training batch; AutoAugment (CIFAR-10 policy) after it; CutMix probability.
     imp_update_period, beta
         Updates between memory re-scorings; EMA ratio of the importance update.
-    adaptive_lr, lr_step, lr_period, lr_length, lr_warmup, significance
-        CLIB adaptive learning rate (off: constant ``lr``).
+    adaptive_lr, adaptive_lr_schedule, lr_step, lr_period, lr_length, lr_warmup, significance
+        CLIB adaptive learning rate (off: constant ``lr``), ticked at every re-scoring or on the
+        official schedule (module doc).
+    amp
+        Mixed precision (float16 autocast, gradient scaling) for training and re-scoring on CUDA;
+        ignored on other devices.
     seed
         Seed of the method's generator (FMS, augmentation, CutMix) and of the eviction ties.
     """
@@ -107,15 +128,18 @@ class PLFMS:
         pseudo_in_importance: bool = False,
         train_ancestors: bool = False,
         augment: bool = True,
+        autoaugment: bool = False,
         cutmix_prob: float = 0.5,
         imp_update_period: int = 5,
         beta: float = 0.9,
         adaptive_lr: bool = True,
+        adaptive_lr_schedule: str = "every_rescore",
         lr_step: float = 0.95,
         lr_period: int = 10,
         lr_length: int = 10,
         lr_warmup: int = 20,
         significance: float = 0.05,
+        amp: bool = True,
         seed: int = 0,
     ) -> None:
         if lr <= 0 or online_iter <= 0 or fms_factor <= 0 or lambda_u < 0:
@@ -128,23 +152,24 @@ class PLFMS:
             raise ValueError("tau must be in [0, 1) and cutmix_prob in [0, 1]")
         if imp_update_period <= 0:
             raise ValueError(f"imp_update_period must be > 0, got {imp_update_period}")
+        if adaptive_lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"adaptive_lr_schedule must be one of {LR_SCHEDULES}, got {adaptive_lr_schedule!r}")
         self.model, self.buffer, self.labels = model, buffer, model.tree
         self.online_iter, self.batch_size, self.total_stream_length = online_iter, batch_size, total_stream_length
         self.fms, self.fms_factor = fms, fms_factor
         self.pseudo_label, self.tau, self.lambda_u = pseudo_label and not train_ancestors, tau, lambda_u
         self.pseudo_in_importance, self.train_ancestors = pseudo_in_importance, train_ancestors
-        self.augment, self.cutmix_prob, self.imp_update_period = augment, cutmix_prob, imp_update_period
+        self.augment, self.autoaugment = augment, autoaugment
+        self.cutmix_prob, self.imp_update_period = cutmix_prob, imp_update_period
         self.scores = ImportanceScores(buffer.capacity, beta=beta)
         attach_importance_policy(buffer, self.scores, seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.guard = StepGuard(model)
-        self.lr_control = (
-            AdaptiveLR(
-                lr, step=lr_step, period=lr_period, length=lr_length, warmup=lr_warmup, significance=significance
-            )
-            if adaptive_lr
-            else None
-        )
+        self.amp = amp and model.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        schedule = OfficialAdaptiveLR if adaptive_lr_schedule == "official" else AdaptiveLR
+        lr_knobs = {"step": lr_step, "period": lr_period, "length": lr_length, "warmup": lr_warmup}
+        self.lr_control = schedule(lr, **lr_knobs, significance=significance) if adaptive_lr else None
         self.gen = torch.Generator().manual_seed(seed)
         self.n = 0
         self.first_seen: dict[int, int] = {}
@@ -154,6 +179,9 @@ class PLFMS:
         self._tmp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def observe(self, batch: Batch) -> Observation:
+        if self.autoaugment and (batch.x.dtype != torch.uint8 or batch.x.dim() != 4 or batch.x.shape[-1] != 3):
+            got = f"{batch.x.dtype}{list(batch.x.shape)}"
+            raise ValueError(f"autoaugment needs uint8 RGB images (N, H, W, 3), got {got}")
         x_raw = batch.x.to(self.model.device, non_blocking=True)
         x = to_model_input(x_raw)
         prediction = self.model.predict_prepared(x)
@@ -204,24 +232,28 @@ class PLFMS:
         iters = int(self.credit)
         self.credit -= iters
         losses, replayed, refusal = [], 0, None
-        keys = class_keys(y_s.cpu().numpy(), level_s.cpu().numpy())
+        level_s_host = level_s.cpu()  # CutMix groups by level on the host: one transfer per temporary batch
+        keep_p = None
+        if self.fms and self.trained_once:
+            keys = class_keys(y_s.cpu().numpy(), level_s_host.numpy())
+            first = np.array([self.first_seen[k] for k in keys.tolist()])
+            p = fms_keep_probability(self.n, first, sum(self.labels.sizes), self.total_stream_length, self.fms_factor)
+            keep_p = torch.from_numpy(p)
         for _ in range(iters):
             keep = torch.ones(len(y_s), dtype=torch.bool)
-            if self.fms and self.trained_once:
-                first = np.array([self.first_seen[k] for k in keys.tolist()])
-                p = fms_keep_probability(
-                    self.n, first, sum(self.labels.sizes), self.total_stream_length, self.fms_factor
-                )
-                keep = torch.rand(len(p), generator=self.gen) < torch.from_numpy(p)
-            keep = keep.to(y_s.device)
+            if keep_p is not None:
+                keep = torch.rand(len(keep_p), generator=self.gen) < keep_p
             memory = draw_replay(self.model, self.optimizer, self.buffer, self.batch_size - int(keep.sum()))
-            self.scores.note_used(memory.slot.cpu().numpy())
+            slots = memory.slot.cpu()
+            self.scores.note_used(slots.numpy())
             replayed += len(memory)
-            x = torch.cat([x_s[keep], memory.x.to(x_s.device)]) if len(memory) else x_s[keep]
-            y = torch.cat([y_s[keep], memory.y.to(y_s.device)])
-            level = torch.cat([level_s[keep], memory.level.to(y_s.device)])
+            kept = keep.to(y_s.device)
+            x = torch.cat([x_s[kept], memory.x.to(x_s.device)]) if len(memory) else x_s[kept]
+            y = torch.cat([y_s[kept], memory.y.to(y_s.device)])
+            level = torch.cat([level_s[kept], memory.level.to(y_s.device)])
             if len(y):
-                loss = self._step(to_model_input(x), y, level)
+                level_host = torch.cat([level_s_host[keep], memory.level.cpu()])
+                loss = self._step(x, y, level, level_host)
                 if loss is None:
                     refusal = refusal or self.guard.reason
                 else:
@@ -229,56 +261,87 @@ class PLFMS:
             self.iterations += 1
             if self.iterations % self.imp_update_period == 0:
                 decrease = self._rescore()
-                if self.lr_control is not None:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = self.lr_control.tick(decrease)
+                if isinstance(self.lr_control, AdaptiveLR):
+                    self._set_lr(self.lr_control.tick(decrease))
+        if isinstance(self.lr_control, OfficialAdaptiveLR) and self.iterations % self.imp_update_period == 0:
+            size = len(self.buffer)
+            self._set_lr(self.lr_control.count(self.scores.prev_loss[:size], self.scores.writes[:size]))
         self.trained_once = True
         return (float(np.mean(losses)) if losses else None), replayed, refusal
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, level: torch.Tensor) -> float | None:
-        """One update; its loss, or None when the guard refused it (loss or gradients non-finite)."""
-        self.model.train()
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+
+    def _inputs(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Augmented model inputs of a stored batch."""
+        if self.autoaugment:  # crop, flip and AutoAugment on raw pixels, as the official transform does
+            pixels = x_raw.permute(0, 3, 1, 2).float()
+            if self.augment:
+                pixels = augment(pixels, self.gen)
+            return auto_augment(pixels, self.gen).div_(255.0).sub_(PIXEL_MEAN).div_(PIXEL_STD)
+        x = to_model_input(x_raw)
+        return augment(x, self.gen) if self.augment and x.dim() == 4 else x
+
+    def _step(
+        self, x_raw: torch.Tensor, y: torch.Tensor, level: torch.Tensor, level_host: torch.Tensor
+    ) -> float | None:
+        """One update; its loss, or None when the guard refused it (loss or gradients non-finite).
+
+        ``level_host`` is ``level`` on the host (CutMix's groups).
+        """
+        if not self.model.training:  # a full train() walks every module: ~90 calls per update
+            self.model.train()
         self.guard.begin()
-        if self.augment and x.dim() == 4:
-            x = augment(x, self.gen)
+        x = self._inputs(x_raw)
         partner, lam = None, 1.0
         if x.dim() == 4 and float(torch.rand((), generator=self.gen)) < self.cutmix_prob:
-            x, partner, lam = cutmix(x, level, self.gen)
-        logits = self.model.logits(self.model(x))
-        loss = hierarchical_ce(logits, y, level)
-        if partner is not None:
-            loss = lam * loss + (1.0 - lam) * hierarchical_ce(logits, y[partner], level)
-        if self.train_ancestors:
-            for anc_level, anc_y in ancestor_targets(self.labels.parent_maps(), y, level):
-                loss = loss + hierarchical_ce(logits, anc_y, anc_level)
-        if self.pseudo_label:
-            loss = loss + parent_pseudo_loss(logits, level, self.tau, self.lambda_u).sum() / len(y)
+            x, partner, lam = cutmix(x, level_host, self.gen)
+        n = len(y)
+        with self._autocast():
+            logits = self.model.logits(self.model(x))
+            loss = per_sample_ce(logits, y, level).sum() / n
+            if partner is not None:
+                loss = lam * loss + (1.0 - lam) * per_sample_ce(logits, y[partner], level).sum() / n
+            if self.train_ancestors:
+                for anc_level, anc_y in ancestor_targets(self.labels.parent_maps(), y, level):
+                    loss = loss + per_sample_ce(logits, anc_y, anc_level).sum() / n
+            if self.pseudo_label:
+                loss = loss + parent_pseudo_loss(logits, level, self.tau, self.lambda_u).sum() / n
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return self.guard.step(loss, self.optimizer)
+        self.scaler.scale(loss).backward()
+        return self.guard.step(loss, self.optimizer, self.scaler)
 
-    @torch.no_grad()
-    def _rescore(self, chunk: int = 256) -> float | None:
-        """Loss of every stored sample under its own head (eval mode), fed to the importance update."""
+    @torch.inference_mode()
+    def _rescore(self, chunk: int = 512) -> float | None:
+        """Loss of every stored sample under its own head (eval mode), fed to the importance update.
+
+        Chunks of ``chunk`` samples; the losses stay on the device until one transfer at the end.
+        """
         size = len(self.buffer)
         if size == 0:
             return None
         stored = draw_replay(self.model, self.optimizer, self.buffer, size)
         self.model.eval()
         try:
-            loss = torch.empty(size)
+            parts = []
             for i in range(0, size, chunk):
                 x = to_model_input(stored.x[i : i + chunk].to(self.model.device))
                 y, level = stored.y[i : i + chunk].to(x.device), stored.level[i : i + chunk].to(x.device)
-                logits = self.model.logits(self.model(x))
+                with self._autocast():
+                    logits = self.model.logits(self.model(x))
                 part = per_sample_ce(logits, y, level)
                 if self.pseudo_in_importance:
                     part = part + parent_pseudo_loss(logits, level, self.tau, self.lambda_u)
-                loss[i : i + chunk] = part.cpu()
+                parts.append(part.float())
+            loss = torch.cat(parts).cpu().numpy()
         finally:
             self.model.train()
         by_slot = np.empty(size)
-        by_slot[stored.slot.cpu().numpy()] = loss.numpy()
+        by_slot[stored.slot.cpu().numpy()] = loss
         return self.scores.update_importance(by_slot)
 
     def state_dict(self) -> dict[str, Any]:
@@ -300,6 +363,8 @@ class PLFMS:
         load_core_state(state, self.model, self.optimizer, self.buffer, self.guard)
         self.scores.load_state_dict(state["scores"])
         if self.lr_control is not None and state["lr_control"] is not None:
+            if set(state["lr_control"]) != set(self.lr_control.state_dict()):
+                raise ValueError("the checkpoint was written with another adaptive_lr_schedule")
             self.lr_control.load_state_dict(state["lr_control"])
         self.gen.set_state(state["gen"])
         self.n, self.credit, self.iterations = int(state["n"]), float(state["credit"]), int(state["iterations"])

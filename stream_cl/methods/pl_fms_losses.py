@@ -16,29 +16,33 @@ from stream_cl.precision import full_precision
 
 
 def per_sample_ce(logits: list[torch.Tensor], y: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each sample under its own level's head (0 for samples of no level), in float32."""
-    out = logits[0].new_zeros(len(y), dtype=torch.float32)
+    """Cross-entropy (float32) of each sample under its own level's head (0 for samples of no level).
+
+    Every head scores every row and a ``where`` keeps each row's own level: no boolean indexing, so no
+    host sync per level (rows of other levels get class 0 as a stand-in target, then are dropped).
+    """
+    out = torch.zeros(len(y), device=y.device)
     with full_precision(*logits):
         for lvl, out_l in enumerate(logits):
-            mask = level == lvl
-            if mask.any():
-                out[mask] = F.cross_entropy(out_l[mask].float(), y[mask], reduction="none")
+            own = level == lvl
+            ce = F.cross_entropy(out_l.float(), torch.where(own, y, 0), reduction="none")
+            out = torch.where(own, ce, out)
     return out
 
 
 def parent_pseudo_loss(logits: list[torch.Tensor], level: torch.Tensor, tau: float, lambda_u: float) -> torch.Tensor:
     """Per sample: ``lambda_u · CE(parent head, its argmax)`` for level-l samples (l >= 1) whose parent
-    head (l - 1) is confident (max softmax > ``tau``) and whose own head has > 1 output; else 0. In float32."""
-    out = logits[0].new_zeros(len(level), dtype=torch.float32)
+    head (l - 1) is confident (max softmax > ``tau``) and whose own head has > 1 output; else 0 (float32,
+    computed for every row and selected with ``where``: no host sync)."""
+    out = torch.zeros(len(level), device=level.device)
     with full_precision(*logits):
         for lvl in range(1, len(logits)):
-            mask = (level == lvl) & (logits[lvl].shape[1] > 1)
-            if not mask.any():
+            if logits[lvl].shape[1] <= 1:
                 continue
-            parent = logits[lvl - 1][mask].float()
+            parent = logits[lvl - 1].float()
             conf, target = parent.detach().softmax(dim=1).max(dim=1)
             ce = F.cross_entropy(parent, target, reduction="none")
-            out[mask] = lambda_u * torch.where(conf > tau, ce, torch.zeros_like(ce))
+            out = torch.where((level == lvl) & (conf > tau), lambda_u * ce, out)
     return out
 
 

@@ -5,8 +5,9 @@
   the victim hook of :class:`buffers.balanced.LargestClassPolicy`: memory written on arrival;
   when full, the sample of lowest importance of the most populated class (counting the incoming
   sample) is replaced.
-* :class:`AdaptiveLR`: CLIB's adaptive learning rate (alternate two rates, Welch t-test on the
-  memory-loss decrease obtained under each).
+* :class:`AdaptiveLR` and :class:`OfficialAdaptiveLR`: CLIB's adaptive learning rate (alternate two
+  rates, Welch t-test on the memory-loss decrease obtained under each), ticked at every memory
+  re-scoring or on the official code's schedule.
 * :func:`augment` (random crop with 4-pixel padding + horizontal flip) and :func:`cutmix`.
 """
 
@@ -56,6 +57,7 @@ class ImportanceScores:
         self.keys = np.full(capacity, -1, dtype=np.int64)
         self.score = np.zeros(capacity, dtype=np.float64)
         self.prev_loss = np.full(capacity, np.nan, dtype=np.float64)
+        self.writes = np.zeros(capacity, dtype=np.int64)  # samples written to each slot so far
         self.used: list[int] = []
 
     def victim(self, candidates: np.ndarray) -> int:
@@ -77,6 +79,7 @@ class ImportanceScores:
             else:
                 init = self.score[filled].mean() if self.keys[slot] >= 0 and filled.any() else 0.0
             self.keys[slot], self.score[slot], self.prev_loss[slot] = key, init, np.nan
+            self.writes[slot] += 1
 
     def note_used(self, slots: np.ndarray) -> None:
         """Remember memory slots used in a training batch (a multiset, until the next update)."""
@@ -106,6 +109,7 @@ class ImportanceScores:
             "keys": torch.from_numpy(self.keys.copy()),
             "score": torch.from_numpy(self.score.copy()),
             "prev_loss": torch.from_numpy(self.prev_loss.copy()),
+            "writes": torch.from_numpy(self.writes.copy()),
             "used": list(self.used),
         }
 
@@ -113,6 +117,8 @@ class ImportanceScores:
         self.keys = state["keys"].numpy().copy()
         self.score = state["score"].numpy().copy()
         self.prev_loss = state["prev_loss"].numpy().copy()
+        # Checkpoints written before the counter existed: the first official window then compares all slots.
+        self.writes = state["writes"].numpy().copy() if "writes" in state else np.zeros_like(self.writes)
         self.used = [int(u) for u in state["used"]]
 
 
@@ -186,6 +192,91 @@ class AdaptiveLR:
             setattr(self, key, list(value) if isinstance(value, list) else value)
 
 
+class OfficialAdaptiveLR:
+    """CLIB's adaptive learning rate on the schedule of the official HLE code.
+
+    It counts once per temporary batch, and only when that batch's last update ended on a memory
+    re-scoring (``updates % imp_update_period == 0``): with the CIFAR settings (24 updates per batch,
+    re-scoring every 5) once every 5 batches, 24 times less often than :class:`AdaptiveLR`. Every
+    ``period`` counts it switches between the high and the low rate; at a switch after ``warmup``
+    counts, the rate just ending is credited with the memory-loss decrease over its whole window:
+    the mean, over slots whose sample was not replaced during the window, of (loss at the window's
+    start - loss now). With ``length`` values of both, a one-sided Welch t-test (low > high) below
+    ``significance`` lowers both rates, above ``1 - significance`` raises both; either way the lists
+    restart and the rate in use flips once more, as in the official code.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        *,
+        step: float = 0.95,
+        period: int = 10,
+        length: int = 10,
+        warmup: int = 20,
+        significance: float = 0.05,
+    ) -> None:
+        if not 0.0 < step < 1.0:
+            raise ValueError(f"step must be in (0, 1), got {step}")
+        if period <= 0 or length < 2 or warmup < 0:
+            raise ValueError("period must be > 0, length >= 2 and warmup >= 0")
+        if not 0.0 < significance < 0.5:
+            raise ValueError(f"significance must be in (0, 0.5), got {significance}")
+        self.high, self.low = lr, lr * step
+        self.step, self.period, self.length, self.warmup, self.significance = step, period, length, warmup, significance
+        self.is_high = True
+        self.counts = 0
+        self.start_loss: np.ndarray | None = None
+        self.start_writes: np.ndarray | None = None
+        self.high_gains: list[float] = []
+        self.low_gains: list[float] = []
+
+    @property
+    def lr(self) -> float:
+        return self.high if self.is_high else self.low
+
+    def count(self, loss: np.ndarray, writes: np.ndarray) -> float:
+        """One count with the latest loss of every stored sample (NaN: not scored since written) and
+        each slot's write counter; returns the rate to use now."""
+        self.counts += 1
+        if self.counts % self.period:
+            return self.lr
+        if self.start_loss is not None and self.counts > self.warmup:
+            n = min(len(self.start_loss), len(loss))
+            before, now = self.start_loss[:n], np.asarray(loss, dtype=np.float64)[:n]
+            kept = (writes[:n] == self.start_writes[:n]) & ~np.isnan(before) & ~np.isnan(now)
+            if kept.any():
+                gains = self.high_gains if self.is_high else self.low_gains
+                gains.append(float(np.mean(before[kept] - now[kept])))
+                del gains[: -self.length]
+        self.start_loss = np.array(loss, dtype=np.float64)
+        self.start_writes = np.array(writes, dtype=np.int64)
+        self.is_high = not self.is_high
+        if len(self.high_gains) == len(self.low_gains) >= self.length:
+            p = float(ttest_ind(self.low_gains, self.high_gains, equal_var=False, alternative="greater").pvalue)
+            if p < self.significance or p > 1.0 - self.significance:
+                if p < self.significance:
+                    self.high, self.low = self.low, self.low * self.step
+                else:
+                    self.high, self.low = self.high / self.step, self.high
+                self.high_gains, self.low_gains = [], []
+                self.is_high = not self.is_high
+        return self.lr
+
+    def state_dict(self) -> dict[str, Any]:
+        arrays = {
+            k: None if getattr(self, k) is None else torch.from_numpy(getattr(self, k).copy())
+            for k in ("start_loss", "start_writes")
+        }
+        return arrays | {k: getattr(self, k) for k in ("high", "low", "is_high", "counts", "high_gains", "low_gains")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                value = value.numpy().copy()
+            setattr(self, key, list(value) if isinstance(value, list) else value)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop (zero padding ``pad``) and horizontal flip of a float NCHW batch, per sample."""
     n, _, h, w = x.shape
@@ -210,9 +301,10 @@ def cutmix(x: torch.Tensor, level: torch.Tensor, gen: torch.Generator) -> tuple[
     partner = torch.arange(n, device=x.device)
     out = x.clone()
     lams, counts = [], []
+    level = level.cpu()  # the groups are host bookkeeping (callers pass a host copy: no device sync)
     for lvl in torch.unique(level).tolist():
-        idx = torch.nonzero(level == lvl).flatten()
-        perm = idx[torch.randperm(len(idx), generator=gen).to(x.device)]
+        group = torch.nonzero(level == lvl).flatten()
+        idx, perm = group.to(x.device), group[torch.randperm(len(group), generator=gen)].to(x.device)
         ratio = float(torch.rand((), generator=gen).sqrt())  # sqrt(1 - λ), λ ~ U(0, 1) = Beta(1, 1)
         ch, cw = int(h * ratio), int(w * ratio)
         cy, cx = int(torch.randint(0, h, (), generator=gen)), int(torch.randint(0, w, (), generator=gen))

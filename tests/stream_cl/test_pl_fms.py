@@ -1,4 +1,5 @@
-"""PL-FMS: FMS probabilities, importance eviction, importance update, adaptive LR, pseudo-labels, state."""
+"""PL-FMS: FMS probabilities, importance eviction and update, re-scoring, both adaptive-LR schedules,
+pseudo-labels, AutoAugment switch, state."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ import torch
 from buffers.memory import MemoryStore
 from buffers.store import class_keys
 from stream_cl.build import build_learner
+from stream_cl.inputs import to_model_input
 from stream_cl.labels import LabelTree
 from stream_cl.learner import Batch
 from stream_cl.methods.pl_fms import PLFMS
-from stream_cl.methods.pl_fms_losses import ancestor_targets, parent_pseudo_loss
-from stream_cl.methods.pl_fms_parts import AdaptiveLR, ImportanceScores, augment, cutmix, fms_keep_probability
+from stream_cl.methods.pl_fms_losses import ancestor_targets, parent_pseudo_loss, per_sample_ce
+from stream_cl.methods.pl_fms_parts import (
+    AdaptiveLR,
+    ImportanceScores,
+    OfficialAdaptiveLR,
+    augment,
+    cutmix,
+    fms_keep_probability,
+)
 
 
 def test_fms_keep_probability_on_hand_made_cases() -> None:
@@ -157,3 +166,103 @@ def test_switches_train_ancestors_and_pseudo_labels_in_importance_run() -> None:
         obs = learner.observe(Batch(_images(8), paths))
         assert np.isfinite(obs.stats.loss) and learner.pseudo_label == ("train_ancestors" not in kw)
         assert learner.scores.score[: len(learner.buffer)].any()  # importance was updated
+
+
+def test_batched_rescoring_equals_scoring_each_stored_sample_alone() -> None:
+    learner = _learner(capacity=7, imp_update_period=100)
+    paths = [("p0",), ("p1",), ("p0", "c0"), ("p1", "c1"), ("p0", "c2"), ("p1", "c3"), ("p0", "c0"), ("p1",)]
+    learner.observe(Batch(_images(8), paths))
+    seen = []
+    learner.scores.update_importance = seen.append  # capture the losses by slot
+    learner._rescore(chunk=3)  # chunks of 3 over 7 stored samples: a partial last chunk
+    model, store = learner.model, learner.buffer
+    model.eval()
+    with torch.no_grad():
+        y, level = store.labels()
+        alone = [
+            torch.nn.functional.cross_entropy(
+                model.logits(model(to_model_input(store._x[k : k + 1])))[int(level[k])], y[k : k + 1]
+            ).item()
+            for k in range(len(store))
+        ]
+    assert seen[0].tolist() == pytest.approx(alone, rel=1e-5, abs=1e-6)
+
+
+def test_per_sample_ce_scores_each_row_under_its_own_head_only() -> None:
+    coarse, fine = torch.randn(4, 2), torch.randn(4, 5)
+    y, level = torch.tensor([1, 4, 0, 3]), torch.tensor([0, 1, 0, -1])
+    got = per_sample_ce([coarse, fine], y, level)
+    ce = torch.nn.functional.cross_entropy
+    expected = [ce(coarse[0:1], y[0:1]), ce(fine[1:2], y[1:2]), ce(coarse[2:3], y[2:3]), torch.tensor(0.0)]
+    assert got.tolist() == pytest.approx([e.item() for e in expected])
+
+
+def test_official_lr_schedule_credits_whole_windows_of_unreplaced_samples() -> None:
+    control = OfficialAdaptiveLR(1.0, step=0.5, period=2, length=2, warmup=0)
+    writes = np.zeros(3, dtype=np.int64)
+    assert control.count(np.array([5.0, 5.0, 5.0]), writes) == 1.0  # count 1: inside the first window
+    assert control.count(np.array([4.0, 4.0, 4.0]), writes) == 0.5  # count 2: switch to low, nothing to credit yet
+    control.count(np.array([3.0, 3.0, 3.0]), writes)
+    replaced = np.array([0, 1, 0])  # slot 1 got a new sample during the window: left out
+    assert control.count(np.array([2.0, 9.0, 3.0]), replaced) == 1.0  # low credited (4 - 2 + 4 - 3) / 2
+    assert control.low_gains == [1.5] and control.high_gains == []
+    # Two more windows under each rate, the low rate always doing better: both rates go down,
+    # the lists restart and the rate in use flips once more.
+    loss = np.array([2.0, 9.0, 3.0])
+    for gain in (0.1, 1.6, 0.2):  # high, low, high: low gains [1.5, 1.6], high [0.1, 0.2]
+        control.count(loss, replaced)
+        loss = loss - gain
+        control.count(loss, replaced)
+    assert (control.high, control.low) == (0.5, 0.25)
+    assert control.high_gains == [] and control.low_gains == []
+    assert control.lr == 0.5  # the last switch went to low; the extra flip returns to high, now 0.5
+    with pytest.raises(ValueError, match="step"):
+        OfficialAdaptiveLR(1.0, step=0.0)
+
+
+def test_official_schedule_counts_once_per_batch_that_ends_on_a_rescoring() -> None:
+    paths = [("p0",), ("p1",), ("p0",), ("p1",), ("p0", "c0"), ("p1", "c1"), ("p0", "c2"), ("p1", "c3")]
+    # B = 4: the stream arrives 2 at a time, 3 updates per sample: 6 updates per temporary batch,
+    # 24 for 8 samples; re-scoring every 4 updates: 6 re-scorings, 2 batch ends on one (12, 24).
+    every = _learner(capacity=6, online_iter=3.0, imp_update_period=4, lr_warmup=0)
+    official = _learner(capacity=6, online_iter=3.0, imp_update_period=4, adaptive_lr_schedule="official")
+    for learner in (every, official):
+        learner.observe(Batch(_images(8), paths))
+    assert every.lr_control.ticks == 6 and official.lr_control.counts == 2
+    with pytest.raises(ValueError, match="adaptive_lr_schedule"):
+        _learner(adaptive_lr_schedule="sometimes")
+    with pytest.raises(ValueError, match="adaptive_lr_schedule"):
+        official.load_state_dict(every.state_dict())
+
+
+def test_official_schedule_and_autoaugment_resume_exactly() -> None:
+    kw = {"capacity": 6, "imp_update_period": 1, "adaptive_lr_schedule": "official", "lr_period": 1, "lr_warmup": 0}
+    learner = _learner(**kw, autoaugment=True)
+    paths = [("p0",), ("p1",), ("p0",), ("p1",), ("p0", "c0"), ("p1", "c1"), ("p0", "c2"), ("p1", "c3")]
+    learner.observe(Batch(_images(8), paths))
+    buf = io.BytesIO()
+    torch.save(learner.state_dict(), buf)
+    batch, x = Batch(_images(4, 3), [("p1", "c1"), ("p0", "c3"), ("p1",), ("p0", "c0")]), _images(5, 4)
+    learner.observe(batch)
+    twin = _learner(**kw, autoaugment=True)
+    twin.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    twin.observe(batch)
+    assert torch.equal(learner.predict(x).confidence, twin.predict(x).confidence)
+    assert learner.lr_control.state_dict().keys() == twin.lr_control.state_dict().keys()
+    assert learner.lr_control.counts == twin.lr_control.counts > 0
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        learner.observe(Batch(torch.zeros(2, 8, 8, 3), [("p0",), ("p1",)]))
+
+
+def test_losses_of_half_precision_logits_are_finite_float32_and_match_full_precision() -> None:
+    gen = torch.Generator().manual_seed(0)
+    coarse, fine = 30 * torch.randn(6, 3, generator=gen), 30 * torch.randn(6, 7, generator=gen)
+    y, level = torch.tensor([0, 2, 6, 1, 0, 5]), torch.tensor([0, 0, 1, 1, 1, 1])
+    full = per_sample_ce([coarse, fine], y, level), parent_pseudo_loss([coarse, fine], level, 0.5, 1.0)
+    half = (
+        per_sample_ce([coarse.half(), fine.half()], y, level),
+        parent_pseudo_loss([coarse.half(), fine.half()], level, 0.5, 1.0),
+    )
+    for want, got in zip(full, half, strict=True):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert torch.allclose(got, want, rtol=1e-2, atol=0.1)
