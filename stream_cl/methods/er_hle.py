@@ -128,7 +128,7 @@ class ERHLE:
         for _ in range(iters):
             memory = draw_replay(self.model, self.optimizer, self.buffer, self.batch_size - self.batch_size // 2)
             replayed += len(memory)
-            x = torch.cat([x_s, memory.x.to(x_s.device)])
+            x = torch.cat([x_s, memory.x.to(x_s.device)]) if len(memory) else x_s  # keep the stored dtype
             y = torch.cat([y_s, memory.y.to(y_s.device)])
             level = torch.cat([level_s, memory.level.to(y_s.device)])
             loss = self._step(to_model_input(x), y, level)
