@@ -221,7 +221,7 @@ def run_once(
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 1),
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
-        "learn_cpu_seconds": round(compute.cpu_seconds, 1),
+        "learn_cpu_seconds": round(compute.cpu_seconds, 3),
         "steps": compute.steps,
         "matrix": matrix.round(2).tolist(),
         **run_metrics(matrix),
