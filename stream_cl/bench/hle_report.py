@@ -97,7 +97,8 @@ def _merged(path: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) ->
     if not path.is_file():
         return runs
     old = json.loads(path.read_text())
-    same = all(old["protocol"].get(k) == protocol.get(k) for k in _PROTOCOL_KEYS)
+    known = {"protocol": "paper"} | old["protocol"]  # reports written before presets existed ran the paper's
+    same = all(known.get(k) == protocol.get(k) for k in _PROTOCOL_KEYS)
     methods = {r["method"] for r in runs}
     return [r for r in old["runs"] if same and r["method"] not in methods] + runs
 
