@@ -155,6 +155,8 @@ def check_group(cfg: Config, world_size: int) -> None:
     """Raise ConfigError if ``cfg`` cannot run as a group of ``world_size`` workers."""
     if cfg.learner.method not in LOCKSTEP_METHODS:
         raise ConfigError(f"--method {cfg.learner.method} cannot learn with several workers yet")
+    if dict(cfg.learner.hparam).get("iterations", 1) != 1:  # the group agrees on one step per batch
+        raise ConfigError("--hparam iterations must be 1 with several workers")
     if world_size > 1 and not (cfg.source.url or "").startswith("kafka://"):
         # only a consumer group splits a stream: every worker would learn all of a file
         raise ConfigError("several workers need a Kafka source (kafka://HOST:PORT/TOPIC)")

@@ -3,7 +3,11 @@
 CIFAR-100 classes in natural order are split into ``tasks`` equal tasks; each task's training
 images are shuffled and fed once in batches of 10 (``observe`` on raw uint8 tensors); after each
 task the learner is evaluated on the test images of every task seen so far, giving an accuracy
-matrix per run, then final average accuracy and forgetting (spec §3), mean ± std over runs.
+matrix per run, then final average accuracy and forgetting (spec §3), mean ± sample std over runs, and
+each run's compute (optimizer steps, CPU-seconds of learning) next to it.
+
+A method may be benchmarked under several settings: ``--method er er:x10 --hparam er:x10.iterations=10``
+reports ER and ER with ten steps per batch (the compute of a costlier method) as two rows.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from consumers.datasets import LabelledArrays, load_cifar100
 from stream_cl.assemble import check_hparams
 from stream_cl.bench import cl_metrics
 from stream_cl.bench.accuracy_report import machine, write_report
+from stream_cl.bench.compute import Compute
 from stream_cl.build import build_learner
 from stream_cl.config import parse_hparam
 from stream_cl.device import pick_device
@@ -47,7 +52,14 @@ class Protocol:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("accuracy", help="OnPro paper protocol: accuracy matrix, final accuracy, forgetting")
-    p.add_argument("--method", nargs="+", default=["onpro"], choices=sorted(METHODS), help="one or more methods")
+    p.add_argument(
+        "--method",
+        nargs="+",
+        default=["onpro"],
+        type=method_label,
+        metavar="METHOD[:TAG]",
+        help=f"one or more of {', '.join(sorted(METHODS))}; a :TAG names a variant with its own --hparam",
+    )
     p.add_argument("--dataset", default="cifar100", choices=["cifar100"])
     p.add_argument("--data-dir", type=Path, required=True, help="folder with the CIFAR-100 npz files")
     p.add_argument("--memory", type=int, default=1000, help="replay buffer size M (default: 1000)")
@@ -75,13 +87,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_accuracy)
 
 
+def method_label(text: str) -> str:
+    """A ``--method`` entry: a method name, optionally ``:TAG`` (no dots, which separate ``--hparam`` keys)."""
+    if method_of(text) not in METHODS or "." in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METHOD[:TAG] with METHOD one of {', '.join(METHODS)}")
+    return text
+
+
+def method_of(label: str) -> str:
+    """The method of a ``--method`` entry: ``er:x10`` → ``er``."""
+    return label.partition(":")[0]
+
+
 def method_hparams(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Per-method keywords from ``--rotations``/``--replay-cap`` (OnPro) and ``--hparam``."""
     out: dict[str, dict[str, Any]] = {m: {} for m in args.method}
-    if "onpro" in out:
+    for label in (m for m in out if method_of(m) == "onpro"):
         for key in ("rotations", "replay_cap"):
             if getattr(args, key) is not None:
-                out["onpro"][key] = getattr(args, key)
+                out[label][key] = getattr(args, key)
     for key, value in args.hparam:
         method, _, name = key.rpartition(".")
         for m in [method] if method else args.method:
@@ -89,7 +113,7 @@ def method_hparams(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"--hparam {key}: method {m!r} is not benchmarked")
             out[m][name] = value
     for m, kw in out.items():
-        check_hparams(m, kw)
+        check_hparams(method_of(m), kw)
     return out
 
 
@@ -164,9 +188,10 @@ def run_once(
     seed: int,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """One run: a fresh learner trained task by task; the accuracy matrix and its metrics."""
+    """One run of ``method`` (a ``--method`` entry): a fresh learner trained task by task; the accuracy
+    matrix, its metrics and the compute spent learning."""
     learner = build_learner(
-        method,
+        method_of(method),
         protocol.model,
         train.x.shape[1:],
         train.x.dtype,
@@ -180,12 +205,14 @@ def run_once(
     tasks = task_classes(protocol.classes, protocol.tasks)
     order = [task_indices(train.y, cls, protocol.train_per_class, rng) for cls in tasks]
     matrix = np.zeros((len(tasks), len(tasks)))
+    compute = Compute(learner)
     started, cpu_started = time.perf_counter(), time.process_time()
     bar = tqdm(total=sum(map(len, order)), desc=f"{method} seed {seed}", disable=not progress, unit="img")
     for t, idx in enumerate(order):
         for start in range(0, len(idx), protocol.batch_size):
             part = idx[start : start + protocol.batch_size]
-            learner.observe(Batch(torch.from_numpy(train.x[part]), [(train.fine_names[c],) for c in train.y[part]]))
+            with compute.learning():
+                learner.observe(Batch(torch.from_numpy(train.x[part]), [(train.fine_names[c],) for c in train.y[part]]))
             bar.update(len(part))
         matrix[t, : t + 1] = evaluate(learner, test, tasks[: t + 1])
         bar.set_postfix(task=t, acc=f"{np.mean(matrix[t, : t + 1]):.1f}")
@@ -194,6 +221,8 @@ def run_once(
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 1),
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "learn_cpu_seconds": round(compute.cpu_seconds, 3),
+        "steps": compute.steps,
         "matrix": matrix.round(2).tolist(),
         **run_metrics(matrix),
     }
@@ -210,7 +239,8 @@ def run_metrics(matrix: np.ndarray) -> dict[str, float | None]:
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("final_accuracy", "forgetting", "forgetting_code", "average_incremental_accuracy", "seconds", "cpu_seconds")
-    out: dict[str, Any] = {k: cl_metrics.summarise([r[k] for r in runs]) for k in keys}
+    keys += ("learn_cpu_seconds", "steps")
+    out: dict[str, Any] = {k: cl_metrics.summarise([r.get(k) for r in runs]) for k in keys}
     matrices = np.array([r["matrix"] for r in runs])
     out["matrix_mean"] = matrices.mean(axis=0).round(2).tolist()
     out["matrix_std"] = (matrices.std(axis=0, ddof=1) if len(runs) > 1 else 0 * matrices[0]).round(2).tolist()

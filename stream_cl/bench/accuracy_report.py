@@ -17,6 +17,7 @@ from matplotlib import pyplot as plt  # after choosing the Agg backend
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from stream_cl.bench.compute import ratio, times
 from stream_cl.bench.provenance import provenance
 
 
@@ -65,6 +66,7 @@ def markdown(report: dict[str, Any], stem: str) -> str:
             f"| {name} | {_pm(s['final_accuracy'])} | {_pm(s['forgetting'])} | {_pm(s['forgetting_code'])} "
             f"| {_pm(s['average_incremental_accuracy'])} | {_pm(s['seconds'], 0)} | {_pm(s['cpu_seconds'], 0)} |"
         )
+    lines += ["", *compute_table(report["methods"])]
     lines += ["", "Mean ± sample std (ddof = 1) over runs. Accuracy matrices (row: after task i; column: task j):"]
     for name, res in report["methods"].items():
         mean, std = np.array(res["summary"]["matrix_mean"]), np.array(res["summary"]["matrix_std"])
@@ -76,6 +78,28 @@ def markdown(report: dict[str, Any], stem: str) -> str:
             lines.append(f"| {i} | " + " | ".join(cells) + " |")
     lines += ["", f"![accuracy matrix]({stem}_matrix.png)", "", f"![accuracy after each task]({stem}_tasks.png)", ""]
     return "\n".join(lines)
+
+
+def compute_table(methods: dict[str, Any]) -> list[str]:
+    """Markdown lines: each method's compute per run, absolute and relative to ``er``'s (means over runs)."""
+    ref = methods.get("er", {}).get("summary", {})
+    lines = [
+        "Compute per run (×ER: relative to `er`'s mean). Learning CPU-s is the process CPU time inside `observe` "
+        "(evaluation excluded); steps are optimizer steps taken.",
+        "",
+        "| method | optimizer steps | ×ER steps | learning CPU-s | ×ER CPU |",
+        "|---|---|---|---|---|",
+    ]
+    for name, res in methods.items():
+        s = res["summary"]
+        steps, cpu = s.get("steps", _NONE), s.get("learn_cpu_seconds", _NONE)
+        step_ratio = ratio(steps["mean"], ref.get("steps", _NONE)["mean"])
+        cpu_ratio = ratio(cpu["mean"], ref.get("learn_cpu_seconds", _NONE)["mean"])
+        lines.append(f"| {name} | {_pm(steps, 0)} | {times(step_ratio)} | {_pm(cpu, 0)} | {times(cpu_ratio)} |")
+    return lines
+
+
+_NONE = {"mean": None, "std": None}
 
 
 def plot_matrices(report: dict[str, Any], path: Path) -> None:

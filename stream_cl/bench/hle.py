@@ -5,13 +5,21 @@ Each run builds the seeded stream (:mod:`consumers.hle`), feeds it in micro-batc
 end) predicts the test images and scores each level on the test images whose class at that level
 has been seen (anytime evaluation), with the paper's parent rule on single-depth setups
 (:func:`monitoring.hierarchy.level_correct`). Per level it reports A_auc, A_last and class-wise
-F_last, mean ± std over ``--runs`` seeds; the report is written by :mod:`stream_cl.bench.hle_report`.
+F_last, mean ± sample std over ``--runs`` seeds, and each run's compute (optimizer steps, CPU-seconds
+of learning); the report is written by :mod:`stream_cl.bench.hle_report`.
+
+``--protocol`` names a preset of the protocol knobs (:data:`PROTOCOLS`); a flag given explicitly
+overrides its value. ``--jobs N`` learns N (method, seed) runs at once, each in its own process.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ from tqdm import tqdm
 from consumers.datasets import LabelledArrays, load_cifar100
 from consumers.hle import CIFAR100_TAXONOMY, SETUPS, build, full_path
 from monitoring.hierarchy import anytime_accuracy, class_accuracy, final_forgetting, level_correct
+from stream_cl.bench.compute import Compute
 from stream_cl.bench.hle_report import write_report
 from stream_cl.build import build_learner
 from stream_cl.device import pick_device
@@ -29,49 +38,88 @@ from stream_cl.learner import Batch, Learner
 from stream_cl.methods import METHODS
 from stream_cl.models import MODELS
 
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "runs": 3, "per_class": None, "test_per_class": None, "model": "resnet18", "width": None,
+        "buffer_size": 2000, "batch_size": 16, "online_iter": 3.0, "imp_update_period": 5, "eval_period": 1000,
+    },
+    "whole-tree": {
+        "runs": 3, "per_class": 200, "test_per_class": None, "model": "resnet18-reduced", "width": 20,
+        "buffer_size": 2000, "batch_size": 16, "online_iter": 1.0, "imp_update_period": 20, "eval_period": 2000,
+    },
+}  # fmt: skip
+"""Protocol presets. ``paper``: the HLE code's CIFAR-100 settings (a GPU's work; the paper's ResNet-34 is not
+in :mod:`stream_cl.models`). ``whole-tree``: a CPU protocol over the whole label tree -- all 100 fine
+classes under the 20 coarse ones, 200 training images per fine class (a 20,000-sample single-label
+stream), the reduced ResNet-18 (nf 20), memory 2,000, the whole test split, one update per sample and a
+memory re-scoring every 20 updates (the paper: 3 and 5) to fit a few CPU-hours per seed."""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hle", help="HLE setups: per-level anytime accuracy of PL-FMS / ER / OnPro")
+    keep = argparse.SUPPRESS  # preset knobs: absent unless given, then filled from --protocol
+    p.add_argument("--protocol", choices=PROTOCOLS, default="paper", help="preset of the knobs below (default paper)")
     p.add_argument("--setup", choices=SETUPS, default="single")
     p.add_argument("--method", nargs="+", default=["pl-fms", "er"], choices=sorted(METHODS))
-    p.add_argument("--runs", type=int, default=3, help="seeds 0..runs-1 (class and sample order, init)")
+    p.add_argument("--runs", type=int, default=keep, help="seeds 0..runs-1 (class and sample order, init)")
     p.add_argument("--data-dir", required=True, help="folder with the CIFAR-100 files")
-    p.add_argument("--per-class", type=int, default=None, help="train images per fine class (default all 500)")
-    p.add_argument("--test-per-class", type=int, default=None, help="test images per fine class (default all 100)")
-    p.add_argument("--model", choices=MODELS, default="resnet18")
-    p.add_argument("--width", type=int, default=None, help="ResNet nf override")
-    p.add_argument("--buffer-size", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=16, help="PL-FMS batch B; the stream arrives B/2 at a time")
-    p.add_argument("--online-iter", type=float, default=3.0, help="PL-FMS updates per stream sample")
-    p.add_argument("--imp-update-period", type=int, default=5, help="PL-FMS updates between memory re-scorings")
+    p.add_argument("--per-class", type=int, default=keep, help="train images per fine class (paper: all 500)")
+    p.add_argument("--test-per-class", type=int, default=keep, help="test images per fine class (default all 100)")
+    p.add_argument("--model", choices=MODELS, default=keep)
+    p.add_argument("--width", type=int, default=keep, help="ResNet nf override")
+    p.add_argument("--buffer-size", type=int, default=keep)
+    p.add_argument("--batch-size", type=int, default=keep, help="PL-FMS batch B; the stream arrives B/2 at a time")
+    p.add_argument("--online-iter", type=float, default=keep, help="PL-FMS / ER-HLE updates per stream sample")
+    p.add_argument("--imp-update-period", type=int, default=keep, help="PL-FMS updates between memory re-scorings")
     p.add_argument("--onpro-rotations", type=int, default=None, help="OnPro rotation views (default: its own)")
     p.add_argument("--onpro-replay-cap", type=int, default=None, help="OnPro replay batch cap (default: its own)")
-    p.add_argument("--eval-period", type=int, default=1000, help="stream samples between evaluations")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--eval-period", type=int, default=keep, help="stream samples between evaluations")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs learned at once, each in its own process")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="benchmarks/hle", help="report folder")
+    p.add_argument("--out", default="benchmarks/hle", help="folder of the report folders")
+    p.add_argument("--name", default=None, help="report folder under --out (default: SETUP, or SETUP-PROTOCOL)")
     p.set_defaults(handler=cmd_hle)
 
 
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every preset knob not given on the command line taken from ``--protocol``."""
+    preset = PROTOCOLS[args.protocol]
+    return argparse.Namespace(**(preset | vars(args)))
+
+
 def cmd_hle(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    train, test = load_cifar100(args.data_dir, "train"), load_cifar100(args.data_dir, "test")
-    test_rows = _test_rows(test, args.test_per_class)
+    args = resolve(args)
     device = pick_device(args.device)
-    runs = []
-    for method in args.method:
-        for seed in range(args.runs):
-            runs.append(run_one(method, seed, args, train, test, test_rows, device))
-    out = Path(args.out)
-    write_report(
-        out / args.setup, vars(args) | {"device": str(device), "stream_length": runs[0]["stream_length"]}, runs
-    )
-    print(f"report written to {out / args.setup}")
+    todo = [(method, seed) for method in args.method for seed in range(args.runs)]
+    if args.jobs > 1:
+        spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
+            futures = [pool.submit(_run_in_process, m, s, args, str(device)) for m, s in todo]
+            runs = [f.result() for f in futures]
+    else:
+        runs = [_run_in_process(m, s, args, str(device)) for m, s in todo]
+    out = Path(args.out) / (args.name or (args.setup if args.protocol == "paper" else f"{args.setup}-{args.protocol}"))
+    write_report(out, vars(args) | {"device": str(device), "stream_length": runs[0]["stream_length"]}, runs)
+    print(f"report written to {out}")
     return 0
+
+
+@functools.cache
+def _data(data_dir: str) -> tuple[LabelledArrays, LabelledArrays]:
+    return load_cifar100(data_dir, "train"), load_cifar100(data_dir, "test")
+
+
+def _run_in_process(method: str, seed: int, args: argparse.Namespace, device: str) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    train, test = _data(args.data_dir)
+    return run_one(method, seed, args, train, test, _test_rows(test, args.test_per_class), torch.device(device))
 
 
 def hparams(method: str, args: argparse.Namespace, stream_length: int, feature_dim: int, seed: int) -> dict[str, Any]:
     """Method settings of the protocol; the rest are each method's defaults."""
+    if method == "er-hle":
+        return {"online_iter": args.online_iter, "batch_size": args.batch_size, "seed": seed}
     if method == "pl-fms":
         return {
             "online_iter": args.online_iter,
@@ -106,11 +154,14 @@ def run_one(
     curves: dict[int, list[tuple[int, float]]] = {}
     head_only: dict[int, float] = {}
     history: dict[int, dict[int, list[float]]] = {}
-    started = time.perf_counter()
+    compute = Compute(learner)
+    load_before = os.getloadavg()[0]
+    started, cpu_started = time.perf_counter(), time.process_time()
     bar = tqdm(total=len(stream), desc=f"{method} seed {seed}", unit="rec", dynamic_ncols=True)
     for i in range(0, len(stream), step):
         rows = stream.rows[i : i + step]
-        learner.observe(Batch(torch.from_numpy(train.x[rows]), list(stream.paths[i : i + step])))
+        with compute.learning():
+            learner.observe(Batch(torch.from_numpy(train.x[rows]), list(stream.paths[i : i + step])))
         since += len(rows)
         bar.update(len(rows))
         if since >= args.eval_period or i + step >= len(stream):
@@ -122,7 +173,7 @@ def run_one(
                 for key, value in per_class.items():
                     history.setdefault(lvl, {}).setdefault(key, []).append(value)
     bar.close()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     summary = {}
     for lvl in sorted(curves):
         a_auc, a_last = anytime_accuracy([acc for _, acc in curves[lvl]])
@@ -133,7 +184,17 @@ def run_one(
             "A_last_head_only": head_only[lvl],
             "curve": curves[lvl],
         }
-    return {"method": method, "seed": seed, "seconds": seconds, "stream_length": len(stream), "levels": summary}
+    return {
+        "method": method,
+        "seed": seed,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "learn_cpu_seconds": compute.cpu_seconds,
+        "steps": compute.steps,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "stream_length": len(stream),
+        "levels": summary,
+    }
 
 
 def evaluate(

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
+from stream_cl.bench.compute import ratio, times
 from stream_cl.bench.provenance import provenance
 
 PAPER = {
@@ -29,8 +30,9 @@ PAPER = {
 }
 """Paper Table 1/2, CIFAR-100, final-task accuracy (%) per level (ResNet-34, 3 updates/sample, GPU)."""
 
-_PROTOCOL_KEYS = ("setup", "runs", "per_class", "test_per_class", "model", "width", "buffer_size", "batch_size",
-                  "online_iter", "imp_update_period", "eval_period", "onpro_rotations", "onpro_replay_cap")  # fmt: skip
+_PROTOCOL_KEYS = ("protocol", "setup", "runs", "per_class", "test_per_class", "model", "width", "buffer_size",
+                  "batch_size", "online_iter", "imp_update_period", "eval_period", "onpro_rotations",
+                  "onpro_replay_cap")  # fmt: skip
 
 
 def machine() -> str:
@@ -47,8 +49,12 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {gpu}"
 
 
+_COMPUTE_KEYS = ("seconds", "cpu_seconds", "learn_cpu_seconds", "steps")
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """Per method and level: [mean, std] over seeds of A_auc, A_last, F_last, head-only A_last; seconds."""
+    """Per method and level: [mean, sample std] over seeds of A_auc, A_last, F_last, head-only A_last; per
+    method the same of the compute (wall and CPU seconds, CPU-seconds of learning, optimizer steps)."""
     out: dict[str, dict[str, Any]] = {}
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
@@ -60,7 +66,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[
             }
             for lvl in levels
         }
-        out[method]["seconds"] = _mean_std([r["seconds"] for r in mine])
+        for key in _COMPUTE_KEYS:
+            values = [r[key] for r in mine if key in r]  # reports written before compute was counted lack some
+            if values:
+                out[method][key] = _mean_std(values)
     return out
 
 
@@ -88,13 +97,17 @@ def _merged(path: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) ->
     if not path.is_file():
         return runs
     old = json.loads(path.read_text())
-    same = all(old["protocol"].get(k) == protocol.get(k) for k in _PROTOCOL_KEYS)
+    known = {"protocol": "paper"} | old["protocol"]  # reports written before presets existed ran the paper's
+    same = all(known.get(k) == protocol.get(k) for k in _PROTOCOL_KEYS)
     methods = {r["method"] for r in runs}
     return [r for r in old["runs"] if same and r["method"] not in methods] + runs
 
 
 def _mean_std(values: list[float]) -> list[float]:
-    return [float(np.mean(values)), float(np.std(values))] if values else [0.0, 0.0]
+    """[mean, sample std (ddof = 1; 0 for one value)], as the accuracy report."""
+    if not values:
+        return [0.0, 0.0]
+    return [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
 
 
 def _pct(pair: list[float]) -> str:
@@ -103,7 +116,7 @@ def _pct(pair: list[float]) -> str:
 
 def _markdown(doc: dict[str, Any]) -> str:
     p, summary = doc["protocol"], doc["summary"]
-    levels = sorted({lvl for s in summary.values() for lvl in s if lvl != "seconds"}, key=int)
+    levels = sorted({lvl for s in summary.values() for lvl in s if lvl.isdigit()}, key=int)
     lines = [
         f"# HLE benchmark: {p['setup']} setup",
         "",
@@ -114,12 +127,12 @@ def _markdown(doc: dict[str, Any]) -> str:
         f"{p['batch_size'] // 2} at a time), PL-FMS online_iter {p['online_iter']}, importance re-scoring every "
         f"{p['imp_update_period']} updates, OnPro rotation views {p['onpro_rotations'] or 'default'} and replay cap "
         f"{p['onpro_replay_cap'] or 'default'}, evaluation every "
-        f"{p['eval_period']} samples; seeds 0..{p['runs'] - 1}.",
-        "Accuracy per level (%, mean ± std over seeds) on test images of seen classes"
+        f"{p['eval_period']} samples; seeds {_seeds(doc['runs'])} (preset `{p.get('protocol', 'paper')}`).",
+        "Accuracy per level (%, mean ± sample std over seeds) on test images of seen classes"
         + (", parent rule on level 0." if p["setup"] != "multi" else ", each level's own head."),
         "",
-        "| method | level | A_last | A_auc | F_last | A_last (own head only) | seconds/run |",
-        "|---|---|---|---|---|---|---|",
+        "| method | level | A_last | A_auc | F_last | A_last (own head only) |",
+        "|---|---|---|---|---|---|",
     ]
     for method, s in summary.items():
         for lvl in levels:
@@ -127,8 +140,9 @@ def _markdown(doc: dict[str, Any]) -> str:
                 row = s[lvl]
                 lines.append(
                     f"| {method} | {lvl} | {_pct(row['A_last'])} | {_pct(row['A_auc'])} | {_pct(row['F_last'])} "
-                    f"| {_pct(row['A_last_head_only'])} | {s['seconds'][0]:.0f} |"
+                    f"| {_pct(row['A_last_head_only'])} |"
                 )
+    lines += ["", *compute_table(summary)]
     paper = PAPER.get(p["setup"], {})
     if paper:
         lines += [
@@ -143,7 +157,8 @@ def _markdown(doc: dict[str, Any]) -> str:
         "",
         "Notes: level k is the paper's H(k+1) (level 0 = coarsest). Every method gets the stream "
         f"{p['batch_size'] // 2} samples at a time; ER takes one SGD step (lr 0.05) on them plus 10 replayed "
-        "samples, OnPro one step per batch with its own replay, PL-FMS `online_iter` Adam updates per sample on "
+        "samples, OnPro one step per batch with its own replay, PL-FMS and ER-HLE (PL-FMS's loop without FMS, "
+        "pseudo-labels, importance and adaptive LR; reservoir memory) `online_iter` Adam updates per sample on "
         "batches of B. The paper's figures come from the full data, ResNet-34 and a GPU: compare the ordering "
         "of methods, not the values.",
         "",
@@ -151,6 +166,35 @@ def _markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def compute_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: each method's compute per run, absolute and relative to ER's (mean over seeds)."""
+    ref = summary.get("er", {})
+    lines = [
+        "Compute per run (mean ± sample std over seeds; ×ER: relative to `er`'s mean). Learning CPU-s is the "
+        "process CPU time inside `observe` (evaluation excluded); steps are optimizer steps taken.",
+        "",
+        "| method | optimizer steps | ×ER steps | learning CPU-s | ×ER CPU | wall s (with evaluation) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, s in summary.items():
+        steps, cpu = s.get("steps"), s.get("learn_cpu_seconds")
+        step_ratio = ratio(steps and steps[0], ref.get("steps", [None])[0])
+        cpu_ratio = ratio(cpu and cpu[0], ref.get("learn_cpu_seconds", [None])[0])
+        lines.append(
+            f"| {method} | {_num(steps)} | {times(step_ratio)} | {_num(cpu)} | {times(cpu_ratio)} "
+            f"| {_num(s.get('seconds'))} |"
+        )
+    return lines
+
+
+def _num(pair: list[float] | None) -> str:
+    return "–" if pair is None else f"{pair[0]:.0f} ± {pair[1]:.0f}"
+
+
+def _seeds(runs: list[dict[str, Any]]) -> str:
+    return ", ".join(str(s) for s in sorted({r["seed"] for r in runs}))
 
 
 def accuracy_figure(runs: list[dict[str, Any]], setup: str) -> Figure:

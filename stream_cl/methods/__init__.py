@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from stream_cl.methods.er import ER
+from stream_cl.methods.er_hle import ERHLE
 from stream_cl.methods.onpro import OnPro
 from stream_cl.methods.pl_fms import PLFMS
 
-METHODS: dict[str, type] = {"er": ER, "onpro": OnPro, "pl-fms": PLFMS}
+METHODS: dict[str, type] = {"er": ER, "er-hle": ERHLE, "onpro": OnPro, "pl-fms": PLFMS}
 """Method name → class. Each class takes ``(model, buffer, **hyper_parameters)``."""
 
 
@@ -24,4 +25,4 @@ def method_class(name: str) -> type:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["ER", "METHODS", "PLFMS", "OnPro", "method_class"]
+__all__ = ["ER", "ERHLE", "METHODS", "PLFMS", "OnPro", "method_class"]

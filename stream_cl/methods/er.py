@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from buffers.store import ReplayStore
+from buffers.store import ReplayBatch, ReplayStore
 from stream_cl.classifier import Classifier
 from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import on_device, to_model_input
@@ -44,6 +44,9 @@ class ER:
     cuda_graphs
         Predict and learn through :mod:`~stream_cl.methods.er_graph`: padded static batches, replayed
         as CUDA graphs on a CUDA model (run eagerly on CPU). Learning is not graphed in a group of workers.
+    iterations
+        Optimizer steps per incoming batch (>= 1), each with its own replay draw: ER given the
+        compute of a costlier method.
     """
 
     name = "er"
@@ -56,16 +59,20 @@ class ER:
         lr: float = 0.05,
         replay_batch_size: int = 10,
         cuda_graphs: bool = False,
+        iterations: int = 1,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if replay_batch_size < 0:
             raise ValueError(f"replay_batch_size must be >= 0, got {replay_batch_size}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
         self.model = model
         self.buffer = buffer
         self.labels = model.tree
         self.lr = lr
         self.replay_batch_size = replay_batch_size
+        self.iterations = iterations
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         self.guard = StepGuard(model)
         self.static_step = (
@@ -90,24 +97,36 @@ class ER:
 
         # Draw the replay from the buffer as it was, then insert this batch: one round trip for Redis.
         replay = draw_replay(self.model, self.optimizer, self.buffer, self.replay_batch_size, raw_in, targets, levels)
+        if not self.model.training:
+            self.model.train()
+        values, replayed = [], 0
+        for it in range(self.iterations):
+            if it:  # compute-matched runs: each further step replays a fresh draw
+                replay = draw_replay(self.model, self.optimizer, self.buffer, self.replay_batch_size)
+            value = self._step(inputs, targets, levels, replay)
+            if value is None and not values:
+                return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=self.guard.reason), new)
+            if value is None:  # a later step refused: the batch is learned by the steps before it
+                break
+            values.append(value)
+            replayed += len(replay)
+        return Observation(prediction, level, y, StepStats(sum(values) / len(values), n_learn, replayed), new)
+
+    def _step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, levels: torch.Tensor, replay: ReplayBatch
+    ) -> float | None:
         if len(replay):
             device = self.model.device
             inputs = torch.cat([inputs, to_model_input(on_device(replay.x, device))])
             targets = torch.cat([targets, on_device(replay.y, device)])
             levels = torch.cat([levels, on_device(replay.level, device)])
-        if not self.model.training:
-            self.model.train()
         if self.static_step is not None and self.guard.reduce is None:  # a group averages gradients between steps
-            value = self.static_step(inputs, targets, levels, len(replay))
-        else:
-            self.guard.begin()
-            loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            value = self.guard.step(loss, self.optimizer)
-        if value is None:
-            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=self.guard.reason), new)
-        return Observation(prediction, level, y, StepStats(value, n_learn, len(replay)), new)
+            return self.static_step(inputs, targets, levels, len(replay))
+        self.guard.begin()
+        loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return self.guard.step(loss, self.optimizer)
 
     def predict(self, x: torch.Tensor) -> Prediction:
         return self.model.predict(x)

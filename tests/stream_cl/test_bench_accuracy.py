@@ -83,3 +83,23 @@ def test_bench_accuracy_rejects_an_unknown_hparam(tmp_path: Path, capsys: pytest
     args = ["bench", "accuracy", "--method", "er", "--data-dir", str(tmp_path), "--hparam", "rotations=4"]
     assert main(args) == 2
     assert "rotations" in capsys.readouterr().err
+
+
+def test_a_tagged_variant_is_its_own_row_with_compute_relative_to_er(tmp_path: Path) -> None:
+    data = fake_cifar(tmp_path / "data")
+    args = ["bench", "accuracy", "--method", "er", "er:x3", "--hparam", "er:x3.iterations=3", "--data-dir", str(data)]
+    args += ["--classes", "4", "--tasks", "2", "--memory", "20", "--runs", "2", "--model", "mlp", "--device", "cpu"]
+    args += ["--out", str(tmp_path / "r"), "--name", "tagged", "--no-progress"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r" / "tagged.json").read_text())
+    assert report["protocol"]["hparams"] == {"er": {}, "er:x3": {"iterations": 3}}
+    steps = {m: [r["steps"] for r in res["runs"]] for m, res in report["methods"].items()}
+    assert steps == {"er": [8, 8], "er:x3": [24, 24]}  # 80 images in batches of 10, one or three steps each
+    assert report["methods"]["er:x3"]["summary"]["learn_cpu_seconds"]["mean"] > 0
+    assert "| er:x3 | 24 ± 0 | 3.0× |" in (tmp_path / "r" / "tagged.md").read_text()
+
+
+def test_bench_accuracy_rejects_an_unknown_method(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "accuracy", "--method", "gem:x2", "--data-dir", "."])
+    assert "expected METHOD[:TAG]" in capsys.readouterr().err

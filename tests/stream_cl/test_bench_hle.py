@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from stream_cl.bench.provenance import provenance
 from stream_cl.cli import main
@@ -35,8 +36,11 @@ def test_bench_hle_writes_per_level_reports_and_merges_methods(tmp_path) -> None
     common += ["--buffer-size", "20", "--batch-size", "4", "--online-iter", "0.5", "--eval-period", "20"]
     common += ["--threads", "1", "--device", "cpu", "--out", str(out)]
     assert main([*common, "--method", "er"]) == 0
-    assert main([*common, "--method", "pl-fms"]) == 0
     report = out / "single"
+    written = json.loads((report / "results.json").read_text())
+    del written["protocol"]["protocol"]  # as reports written before presets: they ran the paper preset's knobs
+    (report / "results.json").write_text(json.dumps(written))
+    assert main([*common, "--method", "pl-fms"]) == 0
     doc = json.loads((report / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in doc["runs"]] == [("er", 0), ("er", 1), ("pl-fms", 0), ("pl-fms", 1)]
     for run in doc["runs"]:
@@ -48,3 +52,29 @@ def test_bench_hle_writes_per_level_reports_and_merges_methods(tmp_path) -> None
     text = (report / "README.md").read_text()
     assert "| pl-fms | 1 |" in text and "43.7" in text
     assert (report / "accuracy.png").stat().st_size > 1000
+
+
+def test_whole_tree_preset_fills_the_knobs_not_given_and_parallel_runs_equal_sequential_ones(tmp_path) -> None:
+    _write_cifar_like(tmp_path)
+    common = ["bench", "hle", "--protocol", "whole-tree", "--runs", "2", "--data-dir", str(tmp_path), "--model", "mlp"]
+    common += ["--per-class", "4", "--buffer-size", "12", "--batch-size", "4", "--eval-period", "20", "--threads", "1"]
+    common += ["--device", "cpu", "--method", "er", "er-hle"]
+    assert main([*common, "--out", str(tmp_path / "seq")]) == 0
+    assert main([*common, "--out", str(tmp_path / "par"), "--jobs", "2", "--name", "parallel"]) == 0
+    seq = json.loads((tmp_path / "seq" / "single-whole-tree" / "results.json").read_text())
+    par = json.loads((tmp_path / "par" / "parallel" / "results.json").read_text())
+    protocol = seq["protocol"]
+    assert protocol["protocol"] == "whole-tree" and protocol["per_class"] == 4 and protocol["buffer_size"] == 12
+    assert protocol["online_iter"] == 1.0 and protocol["imp_update_period"] == 20  # from the preset
+    assert protocol["test_per_class"] is None and protocol["width"] == 20
+    for a, b in zip(seq["runs"], par["runs"], strict=True):  # same seeds, other processes: the same learning
+        assert (a["method"], a["seed"], a["steps"]) == (b["method"], b["seed"], b["steps"])
+        assert a["levels"] == b["levels"]
+    steps = {r["method"]: r["steps"] for r in seq["runs"]}
+    assert steps == {"er": 40 // 2, "er-hle": 40}  # ER: one step per 2-sample batch; ER-HLE: one per sample
+    er, er_hle = seq["summary"]["er"], seq["summary"]["er-hle"]
+    assert er["steps"] == [20.0, 0.0] and er_hle["learn_cpu_seconds"][0] > 0.0
+    a_last = [r["levels"]["0"]["A_last"] for r in seq["runs"] if r["method"] == "er"]
+    assert er["0"]["A_last"][1] == pytest.approx(float(np.std(a_last, ddof=1)))  # sample std, as bench accuracy
+    text = (tmp_path / "seq" / "single-whole-tree" / "README.md").read_text()
+    assert "| er-hle | 40 ± 0 | 2.0× |" in text and "seeds 0, 1 (preset `whole-tree`)" in text

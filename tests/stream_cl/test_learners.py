@@ -14,6 +14,7 @@ from tests import contracts
 TINY_HPARAMS: dict[str, dict] = {
     "onpro": {"rotations": 4, "replay_cap": 16},
     "pl-fms": {"online_iter": 1, "total_stream_length": 60},
+    "er-hle": {"online_iter": 1},
 }
 
 

@@ -314,3 +314,5 @@ def test_workers_refuse_what_a_group_cannot_learn_before_starting_any(tmp_path: 
     kafka = ["serve", "--workers", "2", "--source", "kafka://127.0.0.1:1/t", "--metrics-port", "0"]
     assert main([*kafka, "--method", "pl-fms"]) == 2
     assert "cannot learn with several workers" in capsys.readouterr().err
+    assert main([*kafka, "--hparam", "iterations=2"]) == 2  # ER's compute-matched steps: several per batch
+    assert "iterations must be 1 with several workers" in capsys.readouterr().err
