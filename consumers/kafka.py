@@ -486,13 +486,18 @@ class KafkaSource:
     def _revoke(self, keys: set[Key]) -> dict[Key, int]:
         """Drop undelivered records of ``keys``, wait for the learner's commit, return what to commit."""
         with self._cond:
-            self._drop(keys)
+            self._drop(keys, finishing=True)
             if self._stop.is_set() and not self._flush_on_close:
                 return {}
             held = {k for k in keys if k in self._delivered}
 
             def settled() -> bool:
-                done = (max(self._pending.get(k, -1), self.committed.get(k, -1)) >= self._delivered[k] for k in held)
+                # a message handed over in part is not done until its last sample is: Kafka commits whole messages
+                done = (
+                    k not in self._partial
+                    and max(self._pending.get(k, -1), self.committed.get(k, -1)) >= self._delivered[k]
+                    for k in held
+                )
                 return self._stop.is_set() or all(done)
 
             self._revoking += 1
@@ -540,18 +545,22 @@ class KafkaSource:
                 with self._cond:
                     self._start_commits[key] = offset
 
-    def _drop(self, keys: set[Key]) -> None:
+    def _drop(self, keys: set[Key], *, finishing: bool = False) -> None:
         """Forget undelivered records of ``keys`` and remember where they began.
 
         kafka-python keeps its fetch position for a partition that is assigned again after an eager rebalance,
         so without a seek back to the first dropped record (done on the next assignment) those records would
         be skipped. A message handed over in part is read again from its start, skipping what was handed over.
+        ``finishing`` (a revoke) keeps the rest of a message handed over in part, for the learner to finish
+        before the revoke commits it: the next owner would read that message from its first sample.
         """
         kept: deque[Record | DeadLetter] = deque()
         for entry in self._buffer:
             pos = _position(entry)
             key = (pos.stream, pos.partition)
-            if key in keys:
+            if finishing and key in keys and self._partial.get(key, (-1, 0))[0] == pos.offset:
+                kept.append(entry)
+            elif key in keys:
                 if key not in self._rewind or pos.offset < self._rewind[key][0]:
                     partial = self._partial.get(key, (-1, 0))
                     self._rewind[key] = (pos.offset, partial[1] if partial[0] == pos.offset else 0)
@@ -559,6 +568,9 @@ class KafkaSource:
                 kept.append(entry)
         self._buffer = kept
         for key in keys:
+            if finishing and key in self._partial:
+                self._buffered[key] = 1  # the message being finished
+                continue
             self._buffered.pop(key, None)
             self._partial.pop(key, None)
 
