@@ -105,7 +105,10 @@ class KafkaSource:
         Group-membership timings, passed to kafka-python. tansu holds a group's first join for
         ``session_timeout_ms / 2``, so tests use small values (e.g. 2000/500).
     revoke_timeout_s
-        Longest wait, on revoke, for the learner to finish and commit the batch it holds.
+        Longest wait, on revoke, for the learner to finish and commit the batch it holds (None: as long as the
+        group waits for a member to rejoin, ``max_poll_interval_ms``). The learner learns what it holds either
+        way and the next owner reads anything uncommitted again, so a shorter wait turns a slow step during a
+        rebalance into records learned twice.
     commit_interval_s
         Least time between two commits sent to the broker (0: every learner commit, on the fetch thread's
         next turn); pending offsets are always sent on ``close()`` and on revoke.
@@ -148,7 +151,7 @@ class KafkaSource:
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         max_poll_interval_ms: int = 300000,
-        revoke_timeout_s: float = 5.0,
+        revoke_timeout_s: float | None = None,
         commit_interval_s: float = 0.5,
         auto_offset_reset: str = "earliest",
         max_bytes: int = MAX_PAYLOAD_BYTES,
@@ -160,6 +163,8 @@ class KafkaSource:
         for name, value in (("prefetch", prefetch), ("max_poll_records", max_poll_records), ("max_bytes", max_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if revoke_timeout_s is None:
+            revoke_timeout_s = max_poll_interval_ms / 1000
         if fetch_timeout_s <= 0 or revoke_timeout_s < 0 or commit_interval_s < 0:
             raise ValueError("fetch_timeout_s must be > 0, revoke_timeout_s and commit_interval_s >= 0")
         if not 0 < heartbeat_interval_ms < session_timeout_ms:
