@@ -7,8 +7,11 @@ import time
 from collections import Counter
 
 import numpy as np
+import pytest
+from kafka import KafkaConsumer
 
 from consumers.kafka import KafkaSource
+from consumers.kafka_librdkafka import LibrdkafkaConsumer
 from consumers.producer import produce_messages
 from consumers.record import Message, Position
 from consumers.recorded import RecordedSource, write_messages
@@ -100,7 +103,10 @@ def test_kafka_commits_a_message_only_when_all_its_samples_are_done_and_a_checkp
     assert ids_of(again) == [f"s{i}" for i in range(21, N_SAMPLES)]
 
 
-def test_a_rebalance_lets_the_owner_finish_a_message_it_handed_over_in_part(kafka_bootstrap, make_topic) -> None:
+@pytest.mark.parametrize("client", [KafkaConsumer, LibrdkafkaConsumer], ids=["kafka-python", "librdkafka"])
+def test_a_rebalance_lets_the_owner_finish_a_message_it_handed_over_in_part(
+    kafka_bootstrap, make_topic, client
+) -> None:
     """Polls of 5 samples split messages of 7: when B joins, A is mid-message on some partition. Kafka can only
     commit whole messages, so A must finish that message before the revoke commits, or B learns its first
     samples again."""
@@ -117,11 +123,11 @@ def test_a_rebalance_lets_the_owner_finish_a_message_it_handed_over_in_part(kafk
     stop_a, stop_b = threading.Event(), threading.Event()
     seen_a: list[str] = []
     seen_b: list[str] = []
-    with KafkaSource(kafka_bootstrap, topic, "split-batched", **STABLE_GROUP) as a:
+    with KafkaSource(kafka_bootstrap, topic, f"split-{topic}", consumer_class=client, **STABLE_GROUP) as a:
         thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a, 0.1))
         thread_a.start()
         _wait(lambda: len(seen_a) >= 12)
-        with KafkaSource(kafka_bootstrap, topic, "split-batched", **STABLE_GROUP) as b:
+        with KafkaSource(kafka_bootstrap, topic, f"split-{topic}", consumer_class=client, **STABLE_GROUP) as b:
             thread_b = threading.Thread(target=_learn, args=(b, seen_b, stop_b, 0.1))
             thread_b.start()
             _wait(lambda: a.assignment() and b.assignment() and not a.assignment() & b.assignment())
