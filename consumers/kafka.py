@@ -105,7 +105,10 @@ class KafkaSource:
         Group-membership timings, passed to kafka-python. tansu holds a group's first join for
         ``session_timeout_ms / 2``, so tests use small values (e.g. 2000/500).
     revoke_timeout_s
-        Longest wait, on revoke, for the learner to finish and commit the batch it holds.
+        Longest wait, on revoke, for the learner to finish and commit the batch it holds (None: as long as the
+        group waits for a member to rejoin, ``max_poll_interval_ms``). The learner learns what it holds either
+        way and the next owner reads anything uncommitted again, so a shorter wait turns a slow step during a
+        rebalance into records learned twice.
     commit_interval_s
         Least time between two commits sent to the broker (0: every learner commit, on the fetch thread's
         next turn); pending offsets are always sent on ``close()`` and on revoke.
@@ -148,7 +151,7 @@ class KafkaSource:
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         max_poll_interval_ms: int = 300000,
-        revoke_timeout_s: float = 5.0,
+        revoke_timeout_s: float | None = None,
         commit_interval_s: float = 0.5,
         auto_offset_reset: str = "earliest",
         max_bytes: int = MAX_PAYLOAD_BYTES,
@@ -160,6 +163,8 @@ class KafkaSource:
         for name, value in (("prefetch", prefetch), ("max_poll_records", max_poll_records), ("max_bytes", max_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if revoke_timeout_s is None:
+            revoke_timeout_s = max_poll_interval_ms / 1000
         if fetch_timeout_s <= 0 or revoke_timeout_s < 0 or commit_interval_s < 0:
             raise ValueError("fetch_timeout_s must be > 0, revoke_timeout_s and commit_interval_s >= 0")
         if not 0 < heartbeat_interval_ms < session_timeout_ms:
@@ -486,13 +491,18 @@ class KafkaSource:
     def _revoke(self, keys: set[Key]) -> dict[Key, int]:
         """Drop undelivered records of ``keys``, wait for the learner's commit, return what to commit."""
         with self._cond:
-            self._drop(keys)
+            self._drop(keys, finishing=True)
             if self._stop.is_set() and not self._flush_on_close:
                 return {}
             held = {k for k in keys if k in self._delivered}
 
             def settled() -> bool:
-                done = (max(self._pending.get(k, -1), self.committed.get(k, -1)) >= self._delivered[k] for k in held)
+                # a message handed over in part is not done until its last sample is: Kafka commits whole messages
+                done = (
+                    k not in self._partial
+                    and max(self._pending.get(k, -1), self.committed.get(k, -1)) >= self._delivered[k]
+                    for k in held
+                )
                 return self._stop.is_set() or all(done)
 
             self._revoking += 1
@@ -540,18 +550,22 @@ class KafkaSource:
                 with self._cond:
                     self._start_commits[key] = offset
 
-    def _drop(self, keys: set[Key]) -> None:
+    def _drop(self, keys: set[Key], *, finishing: bool = False) -> None:
         """Forget undelivered records of ``keys`` and remember where they began.
 
         kafka-python keeps its fetch position for a partition that is assigned again after an eager rebalance,
         so without a seek back to the first dropped record (done on the next assignment) those records would
         be skipped. A message handed over in part is read again from its start, skipping what was handed over.
+        ``finishing`` (a revoke) keeps the rest of a message handed over in part, for the learner to finish
+        before the revoke commits it: the next owner would read that message from its first sample.
         """
         kept: deque[Record | DeadLetter] = deque()
         for entry in self._buffer:
             pos = _position(entry)
             key = (pos.stream, pos.partition)
-            if key in keys:
+            if finishing and key in keys and self._partial.get(key, (-1, 0))[0] == pos.offset:
+                kept.append(entry)
+            elif key in keys:
                 if key not in self._rewind or pos.offset < self._rewind[key][0]:
                     partial = self._partial.get(key, (-1, 0))
                     self._rewind[key] = (pos.offset, partial[1] if partial[0] == pos.offset else 0)
@@ -559,6 +573,9 @@ class KafkaSource:
                 kept.append(entry)
         self._buffer = kept
         for key in keys:
+            if finishing and key in self._partial:
+                self._buffered[key] = 1  # the message being finished
+                continue
             self._buffered.pop(key, None)
             self._partial.pop(key, None)
 

@@ -382,10 +382,7 @@ class GroupCheckpointer:
         self._offsets, self._within, self._records = {}, {}, 0
         self._last = self.group.gather_json(mine)
         if self.group.rank == 0:
-            every = NextOffsets(
-                {(t, p): o for g in self._last for t, p, o in g["offsets"]},
-                within={(t, p): n for g in self._last for t, p, n in g["within"]},
-            )
+            every = _furthest(self._last)
             total = sum(g["records"] for g in self._last)
             self.inner.step(state, every, total, merge_counts(summary, self._last))
 
@@ -416,6 +413,23 @@ def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
             part = flat[offset : offset + t.numel()].view_as(t)
             t.copy_(part if t.is_floating_point() else part.round())
             offset += t.numel()
+
+
+def _furthest(gathered: list[dict]) -> NextOffsets:
+    """Per partition, the furthest position any worker reported, with that worker's own ``within``: two workers
+    name one partition in a step when it changed owner, and a ``within`` paired with another worker's offset
+    would make a restart skip samples never learned."""
+    every = NextOffsets()
+    for g in gathered:
+        within = {(t, p): n for t, p, n in g["within"]}
+        for t, p, o in g["offsets"]:
+            key = (t, p)
+            if key not in every or (o, within.get(key, 0)) > (every[key], every.within.get(key, 0)):
+                every[key] = o
+                every.within.pop(key, None)
+                if key in within:
+                    every.within[key] = within[key]
+    return every
 
 
 def merge_counts(summary: Summary, gathered: list[dict]) -> Summary:

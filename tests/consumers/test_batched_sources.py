@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import Counter
+
 import numpy as np
+import pytest
+from kafka import KafkaConsumer
 
 from consumers.kafka import KafkaSource
+from consumers.kafka_librdkafka import LibrdkafkaConsumer
 from consumers.producer import produce_messages
 from consumers.record import Message, Position
 from consumers.recorded import RecordedSource, write_messages
@@ -94,3 +101,44 @@ def test_kafka_commits_a_message_only_when_all_its_samples_are_done_and_a_checkp
     with KafkaSource(kafka_bootstrap, topic, "batched-group", start_offsets={(topic, 0): 3}, **FAST_GROUP) as third:
         again = take(third, N_SAMPLES - 21)
     assert ids_of(again) == [f"s{i}" for i in range(21, N_SAMPLES)]
+
+
+@pytest.mark.parametrize("client", [KafkaConsumer, LibrdkafkaConsumer], ids=["kafka-python", "librdkafka"])
+def test_a_rebalance_lets_the_owner_finish_a_message_it_handed_over_in_part(
+    kafka_bootstrap, make_topic, client
+) -> None:
+    """Polls of 5 samples split messages of 7: when B joins, A is mid-message on some partition. Kafka can only
+    commit whole messages, so A must finish that message before the revoke commits, or B learns its first
+    samples again."""
+    from tests.consumers.test_kafka import STABLE_GROUP, _learn, _wait
+
+    topic = make_topic(4)
+    x = np.zeros((PER_MESSAGE, 3), dtype=np.float32)
+    messages = []
+    for offset in range(40):
+        ids = [f"m{offset}s{i}" for i in range(PER_MESSAGE)]
+        value, headers = encode_batch_binary(ids, x, ["c"] * PER_MESSAGE)
+        messages.append(Message(Position(topic, offset % 4, offset // 4), 0.0, None, value, tuple(headers)))
+    produce_messages(kafka_bootstrap, topic, messages[:20], keep_partitions=True)
+    stop_a, stop_b = threading.Event(), threading.Event()
+    seen_a: list[str] = []
+    seen_b: list[str] = []
+    with KafkaSource(kafka_bootstrap, topic, f"split-{topic}", consumer_class=client, **STABLE_GROUP) as a:
+        thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a, 0.1))
+        thread_a.start()
+        _wait(lambda: len(seen_a) >= 12)
+        with KafkaSource(kafka_bootstrap, topic, f"split-{topic}", consumer_class=client, **STABLE_GROUP) as b:
+            thread_b = threading.Thread(target=_learn, args=(b, seen_b, stop_b, 0.1))
+            thread_b.start()
+            _wait(lambda: a.assignment() and b.assignment() and not a.assignment() & b.assignment())
+            assert len(seen_a) < 20 * PER_MESSAGE  # the revoke really interrupted A
+            produce_messages(kafka_bootstrap, topic, messages[20:], keep_partitions=True)
+            _wait(lambda: len(set(seen_a) | set(seen_b)) == 40 * PER_MESSAGE)
+            time.sleep(0.5)  # anything delivered twice would show up now
+            stop_a.set()
+            stop_b.set()
+            thread_a.join()
+            thread_b.join()
+    both = Counter(seen_a) + Counter(seen_b)
+    assert len(both) == 40 * PER_MESSAGE
+    assert max(both.values()) == 1, sorted(k for k, n in both.items() if n > 1)

@@ -264,3 +264,36 @@ def test_rate_and_lag_gauges_tell_the_truth_once_the_stream_is_idle(kafka_bootst
         for p in (0, 1)
     ]
     assert lags == [0.0, 0.0]
+
+
+def test_a_learner_step_longer_than_the_revoke_wait_is_not_learned_twice(kafka_bootstrap, make_topic) -> None:
+    """A holds a batch for 7 s (a group's first step on a loaded machine) while B joins: the revoke must wait
+    for A's commit, since A learns what it holds either way and B would read it again from the last commit."""
+    topic = make_topic(4)
+    messages = good_messages(120)
+    produce_messages(kafka_bootstrap, topic, messages)
+    seen_a: list[str] = []
+    seen_b: list[str] = []
+    stop_a, stop_b = threading.Event(), threading.Event()
+    with KafkaSource(kafka_bootstrap, topic, "slow-step", **STABLE_GROUP) as a:
+        _wait(lambda: len(a.assignment()) == 4)
+        first = a.poll(5.0, 40)
+        assert len(first)
+        with KafkaSource(kafka_bootstrap, topic, "slow-step", **STABLE_GROUP) as b:
+            thread_b = threading.Thread(target=_learn, args=(b, seen_b, stop_b))
+            thread_b.start()
+            time.sleep(7.0)  # the slow step: B's join has A's partitions revoked meanwhile
+            seen_a.extend(r.id for r in first.records)
+            a.commit(next_offsets(first.positions()))
+            thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a))
+            thread_a.start()
+            _wait(lambda: len(set(seen_a) | set(seen_b)) == 120)
+            assert b.assignment()  # B did take partitions over
+            time.sleep(0.5)  # anything delivered twice would show up now
+            stop_a.set()
+            stop_b.set()
+            thread_a.join()
+            thread_b.join()
+    both = Counter(seen_a) + Counter(seen_b)
+    assert set(both) == {m.key.decode() for m in messages}
+    assert max(both.values()) == 1, sorted(k for k, n in both.items() if n > 1)

@@ -209,3 +209,26 @@ def test_next_offsets_commit_a_message_only_once_all_its_samples_are_done() -> N
     # dead letters of single samples count like records
     dead = DeadLetter(Message(Position("t", 0, 9, 4, 5), 0.0, None, b""), "bad_id")
     assert next_offsets([dead.message.position]) == {("t", 0): 10}
+
+
+@pytest.mark.parametrize("encode", [encode_batch_json, encode_batch_binary])
+def test_every_sample_of_a_message_dead_lettered_parses_the_message_once(encode, monkeypatch) -> None:
+    """Each dead sample is stored alone; cutting it out must not parse the whole message once per sample
+    (4,096 samples of a few MiB each would cost minutes of CPU for one message)."""
+    n = 50
+    x = np.full((n, 3), 1.0, dtype=np.float32)
+    value, headers = encode([f"s{i}" for i in range(n)], x, ["c"] * n)
+    if encode is encode_batch_json:
+        value = value.replace(b"1.0", b"1e39")  # every sample beyond float32
+    else:
+        headers = [(k, v.replace(b'"c"', b"7") if k == "ys" else v) for k, v in headers]  # every label bad
+    message = Message(Position("t", 0, 3), 0.0, None, value, tuple(headers))
+    dead = decode_samples(message)
+    assert len(dead) == n and all(isinstance(d, DeadLetter) for d in dead)
+    parts = {value, *(v for _, v in headers)}
+    parsed: list[bytes] = []
+    loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda s, *a, **k: parsed.append(s) or loads(s, *a, **k))
+    stored = [dead_letter_message(d) for d in dead]
+    assert len([s for s in parsed if s in parts]) <= 3  # each part of the message parsed once, not once per sample
+    assert [decode_samples(s)[0].reason for s in stored] == [d.reason for d in dead]  # each sample alone
