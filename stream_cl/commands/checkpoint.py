@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stream_cl.pending import pending_counts
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("checkpoint", help="list, show or restore service checkpoints")
@@ -82,6 +80,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def describe(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     """The human-relevant part of a checkpoint: identity, progress, offsets, label tree, sizes."""
+    from stream_cl.pending import pending_counts  # imports torch: not at start-up (a checkpoint is loaded already)
+
     learner = payload["learner"]
     labels = learner.get("labels", {})
     model = learner.get("model", {})

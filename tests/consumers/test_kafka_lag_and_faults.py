@@ -104,14 +104,14 @@ def test_a_decoder_that_raises_costs_one_record_as_an_internal_dead_letter(
 ) -> None:
     topic = make_topic(1)
     _produce_one_per_batch(kafka_bootstrap, topic, good_messages(10), 1)
-    real = consumers.kafka.decode
+    real = consumers.kafka.decode_samples
 
     def flaky(message: Message, max_bytes: int):
         if message.key == b"good-4":
             raise KeyError("decoder bug")
         return real(message, max_bytes)
 
-    monkeypatch.setattr(consumers.kafka, "decode", flaky)
+    monkeypatch.setattr(consumers.kafka, "decode_samples", flaky)
     with KafkaSource(kafka_bootstrap, topic, "internal", **FAST_GROUP) as s:
         got = _drain(s, 10)
         dead = [e for e in got if not hasattr(e, "position")]
