@@ -153,14 +153,17 @@ class RecordedSource:
         if self._error is not None:
             raise self._error
         poll = Poll()
-        while self._held and len(poll) < max_records:
-            _add(poll, self._held.popleft())
-        while len(poll) < max_records:
+        records, dead_letters, held = poll.records, poll.dead_letters, self._held
+        count = 0
+        while held and count < max_records:
+            _add(poll, held.popleft())
+            count += 1
+        while count < max_records:
             try:
                 message = next(self._messages, None)
             except RecordedStreamError as err:
                 self._error = err  # raised from now on; first by the next poll if this one has records
-                if not len(poll):
+                if not count:
                     raise
                 break
             if message is None:
@@ -174,10 +177,16 @@ class RecordedSource:
             decoded = decode_samples(message, self._max_bytes)
             if pos.offset == start and key in self._within:  # samples an earlier run learned already
                 decoded = decoded[self._within.pop(key) :]
-            room = max_records - len(poll)
+            if len(decoded) == 1:  # the common message of one sample
+                entry = decoded[0]
+                (records if type(entry) is Record else dead_letters).append(entry)
+                count += 1
+                continue
+            room = max_records - count
             for entry in decoded[:room]:
                 _add(poll, entry)
-            self._held.extend(decoded[room:])
+            count += min(room, len(decoded))
+            held.extend(decoded[room:])
         return poll
 
     def _read(self) -> Iterator[Message]:
