@@ -46,6 +46,7 @@ _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 _FIXED = struct.Struct("<IqdIIHHB")
 _INT_TIMESTAMP = 1
+_PAIR_BYTES = 6  # a header's "<HI" (name length, value length)
 _NULL = 0xFFFFFFFF
 _CHUNK = 1 << 16
 MAX_FIELD_BYTES = 64 * 1024 * 1024
@@ -309,10 +310,10 @@ def _read_frame_v2(frames: _Chunks) -> Message:
     end = at + size
     partition, offset, timestamp, key_len, value_len, stream_len, n_headers, flags = _FIXED.unpack_from(buf, at)
     at += _FIXED.size
-    lengths = _lengths(n_headers)
-    declared = at + lengths.size + stream_len + (0 if key_len == _NULL else key_len) + value_len
+    declared = at + _PAIR_BYTES * n_headers + stream_len + (0 if key_len == _NULL else key_len) + value_len
     if declared > end:  # checked before the header lengths are read: they may lie past the body
         raise _BadFrame(f"fields of {declared - at + _FIXED.size} bytes in a body of {size}")
+    lengths = _lengths(n_headers)
     if flags & _INT_TIMESTAMP:
         (timestamp,) = _I64.unpack_from(buf, at - _FIXED.size + 12)
     sizes = lengths.unpack_from(buf, at)

@@ -201,8 +201,11 @@ def test_a_damaged_version_1_frame_is_a_clear_error_after_the_frames_before_it(
     _damage_is_reported(damaged, before, says)
 
 
-def _v2_body(stream: bytes = b"src", headers: tuple = ((b"h", b"v"),), offset: int = 9, lie: int = 0) -> bytes:
-    fixed = struct.pack("<IqdIIHHB", 0, offset, 1.0, 0xFFFFFFFF, 1, len(stream), len(headers), 0)
+def _v2_body(
+    stream: bytes = b"src", headers: tuple = ((b"h", b"v"),), offset: int = 9, lie: int = 0, count: int | None = None
+) -> bytes:
+    n_headers = len(headers) if count is None else count
+    fixed = struct.pack("<IqdIIHHB", 0, offset, 1.0, 0xFFFFFFFF, 1, len(stream), n_headers, 0)
     lengths = b"".join(struct.pack("<HI", len(k), len(v)) for k, v in headers)
     body = fixed + lengths + stream + b"x" + b"".join(k + v for k, v in headers)
     return struct.pack("<I", len(body) + lie) + body
@@ -215,6 +218,7 @@ def _v2_body(stream: bytes = b"src", headers: tuple = ((b"h", b"v"),), offset: i
         (_v2_body(lie=1) + b"?", "fields of"),  # the body has a byte no field accounts for
         (_v2_body(headers=((b"h" * 40, b"v"),), lie=-45), "fields of"),  # the header table runs past the body
         (_v2_body(offset=-1), "fields of"),
+        (_v2_body(count=0xFFFF), "fields of"),  # a header count the body has no room for
         (_v2_body(stream=b"\xff\xfe"), "not UTF-8"),
         (_v2_body(headers=((b"\xc3", b""),)), "not UTF-8"),
         (struct.pack("<I", 7) + b"x" * 7, "body length"),
