@@ -3,22 +3,23 @@
 A file is gzip-compressed as a whole: an 8-byte header ``b"SCLREC\\x00"`` + format version byte, then one
 frame per message. Writers write version 2; readers read versions 1 and 2.
 
-* Version 2: ``<u32 body length><body>``, the body being the fixed fields ``<u32 partition><i64 offset><f64
-  timestamp><u32 key length><u32 value length><u16 stream length><u16 header count><u8 flags>``, one ``<u16
-  name length><u32 value length>`` pair per header, then the stream name (UTF-8), the key, the value and each
-  header's name (UTF-8) and value. Key length ``0xFFFFFFFF`` is a null key; flag bit 0 says the timestamp's 8
-  bytes are an i64 (an integer timestamp), not an f64. All binary, little-endian: a frame is parsed with two
-  ``struct`` unpacks and slices, no JSON or base64 (version 1 spent most of its read time there).
+* Version 2: ``<u32 body length><body>``, the body being the fixed fields ``<u32 partition><i64 offset>
+  <f64 timestamp><u32 key length><u32 value length><u32 stream length><u32 header count><u8 flags>``, one
+  ``<u32 name length><u32 value length>`` pair per header (u32 throughout: any message Kafka delivers
+  fits), then the stream name (UTF-8), the key, the value and each header's name (UTF-8) and value. Key
+  length ``0xFFFFFFFF`` is a null key; flag bit 0 says the timestamp's 8 bytes are an i64 (an integer
+  timestamp), not an f64. All binary, little-endian: a frame is parsed with two ``struct`` unpacks and
+  slices, no JSON or base64 (version 1 spent most of its read time there).
 * Version 1: ``<u32 meta length><meta JSON><u32 key length><key><u32 value length><value>``; the meta JSON
   holds ``stream``, ``partition``, ``offset``, ``timestamp`` and ``headers`` (a list of ``[name, base64
   value]``).
 
 Frames are parsed from 64 KiB chunks of the decompressed stream, so a file of any size streams in
-constant memory. A file cut short or damaged (a length over :data:`MAX_FIELD_BYTES`, lengths that do not add
-up, meta that is not the object above, headers that are not base64) yields its complete frames before the
-damage, then raises :class:`RecordedStreamError` naming the frame; nothing after it is trusted, since the
-framing is lost. The version byte is bumped on any change old readers cannot read; readers reject other
-magic/version bytes.
+constant memory. A file cut short or damaged (a length over :data:`MAX_FIELD_BYTES`, a version-2 frame
+over three times that, lengths that do not add up, meta that is not the object above, headers that are
+not base64) yields its complete frames before the damage, then raises :class:`RecordedStreamError`
+naming the frame; nothing after it is trusted, since the framing is lost. The version byte is bumped on
+any change old readers cannot read; readers reject other magic/version bytes.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ MAGIC_V1 = b"SCLREC\x00\x01"
 """The header of version-1 files (JSON frame meta), still read."""
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
-_FIXED = struct.Struct("<IqdIIHHB")
+_FIXED = struct.Struct("<IqdIIIIB")
 _INT_TIMESTAMP = 1
-_PAIR_BYTES = 6  # a header's "<HI" (name length, value length)
+_PAIR_BYTES = 8  # a header's "<II" (name length, value length)
 _NULL = 0xFFFFFFFF
 _CHUNK = 1 << 16
 MAX_FIELD_BYTES = 64 * 1024 * 1024
@@ -341,7 +342,7 @@ def _read_frame_v2(frames: _Chunks) -> Message:
 @functools.lru_cache(maxsize=64)
 def _lengths(n_headers: int) -> struct.Struct:
     """The (name length, value length) pairs of ``n_headers`` headers."""
-    return struct.Struct("<" + "HI" * n_headers)
+    return struct.Struct("<" + "II" * n_headers)
 
 
 @functools.lru_cache(maxsize=4096)

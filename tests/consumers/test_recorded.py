@@ -27,13 +27,14 @@ def _sample() -> list[Message]:
     return [
         Message(Position("a", 0, 0), 1.25, None, b"", ()),
         Message(Position("a", 3, 17), 2.5, b"key", b"\x00\xff" * 50, (("h", b"\x00\x01"), ("h", b""), ("u", b"v"))),
+        Message(Position("é/" * 40_000, 1, 2), 3.5, b"", b"v", (("n" * 70_000, b"long name"), ("ü", b"\xff"))),
         *good_messages(5),
     ]
 
 
 def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     path = tmp_path / "s.rec.gz"
-    assert write_messages(path, _sample()) == 7
+    assert write_messages(path, _sample()) == 8
     assert list(read_messages(path)) == _sample()
     with RecordedWriter(tmp_path / "w.rec.gz") as writer:
         for m in _sample():
@@ -104,7 +105,7 @@ def test_truncated_file_raises_after_the_complete_frames(tmp_path: Path) -> None
     cut.write_bytes(gzip.compress(raw[:-10]))
     messages = read_messages(cut)
     # streaming: the complete frames come out one by one before the damaged one is reached
-    assert [next(messages) for _ in range(6)] == _sample()[:6]
+    assert [next(messages) for _ in range(7)] == _sample()[:7]
     with pytest.raises(RecordedStreamError, match="truncated"):
         next(messages)
     half_gzip = tmp_path / "half.rec.gz"
@@ -205,8 +206,8 @@ def _v2_body(
     stream: bytes = b"src", headers: tuple = ((b"h", b"v"),), offset: int = 9, lie: int = 0, count: int | None = None
 ) -> bytes:
     n_headers = len(headers) if count is None else count
-    fixed = struct.pack("<IqdIIHHB", 0, offset, 1.0, 0xFFFFFFFF, 1, len(stream), n_headers, 0)
-    lengths = b"".join(struct.pack("<HI", len(k), len(v)) for k, v in headers)
+    fixed = struct.pack("<IqdIIIIB", 0, offset, 1.0, 0xFFFFFFFF, 1, len(stream), n_headers, 0)
+    lengths = b"".join(struct.pack("<II", len(k), len(v)) for k, v in headers)
     body = fixed + lengths + stream + b"x" + b"".join(k + v for k, v in headers)
     return struct.pack("<I", len(body) + lie) + body
 
@@ -216,9 +217,9 @@ def _v2_body(
     [
         (_v2_body(lie=-1), "fields of"),  # the declared lengths run past the body
         (_v2_body(lie=1) + b"?", "fields of"),  # the body has a byte no field accounts for
-        (_v2_body(headers=((b"h" * 40, b"v"),), lie=-45), "fields of"),  # the header table runs past the body
+        (_v2_body(headers=((b"h" * 40, b"v"),), lie=-47), "fields of"),  # the header table runs past the body
         (_v2_body(offset=-1), "fields of"),
-        (_v2_body(count=0xFFFF), "fields of"),  # a header count the body has no room for
+        (_v2_body(count=0xFFFFFFFF), "fields of"),  # a header count the body has no room for
         (_v2_body(stream=b"\xff\xfe"), "not UTF-8"),
         (_v2_body(headers=((b"\xc3", b""),)), "not UTF-8"),
         (struct.pack("<I", 7) + b"x" * 7, "body length"),
