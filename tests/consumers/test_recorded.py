@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import base64
 import gzip
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -9,7 +11,15 @@ import numpy as np
 import pytest
 
 from consumers.record import Message, Position, Record
-from consumers.recorded import MAGIC, RecordedSource, RecordedStreamError, RecordedWriter, read_messages, write_messages
+from consumers.recorded import (
+    MAGIC,
+    MAGIC_V1,
+    RecordedSource,
+    RecordedStreamError,
+    RecordedWriter,
+    read_messages,
+    write_messages,
+)
 from tests.consumers.streams import bad_messages, good_messages
 
 
@@ -17,18 +27,74 @@ def _sample() -> list[Message]:
     return [
         Message(Position("a", 0, 0), 1.25, None, b"", ()),
         Message(Position("a", 3, 17), 2.5, b"key", b"\x00\xff" * 50, (("h", b"\x00\x01"), ("h", b""), ("u", b"v"))),
+        Message(Position("é/" * 40_000, 1, 2), 3.5, b"", b"v", (("n" * 70_000, b"long name"), ("ü", b"\xff"))),
         *good_messages(5),
     ]
 
 
 def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     path = tmp_path / "s.rec.gz"
-    assert write_messages(path, _sample()) == 7
+    assert write_messages(path, _sample()) == 8
     assert list(read_messages(path)) == _sample()
     with RecordedWriter(tmp_path / "w.rec.gz") as writer:
         for m in _sample():
             writer.write(m)
     assert list(read_messages(tmp_path / "w.rec.gz")) == _sample()
+    assert gzip.decompress(path.read_bytes()).startswith(MAGIC) and MAGIC != MAGIC_V1
+
+
+def test_integer_and_float_timestamps_keep_their_type(tmp_path: Path) -> None:
+    path = tmp_path / "t.rec.gz"
+    stamps = [1_700_000_000_123, 2.5, 0, -3, 1e300]
+    write_messages(path, [Message(Position("a", 0, i), t, None, b"v") for i, t in enumerate(stamps)])
+    read = [m.timestamp for m in read_messages(path)]
+    assert read == stamps and [type(t) for t in read] == [type(t) for t in stamps]
+
+
+def _v1_frame(message: Message) -> bytes:
+    """A frame as version-1 writers wrote it (JSON meta, base64 header values)."""
+    meta = json.dumps(
+        {
+            "stream": message.position.stream,
+            "partition": message.position.partition,
+            "offset": message.position.offset,
+            "timestamp": message.timestamp,
+            "headers": [[k, base64.b64encode(v).decode()] for k, v in message.headers],
+        }
+    ).encode()
+    return _frame(meta, message.key, message.value)
+
+
+def _v1_file(path: Path, messages: list[Message], damage: bytes = b"", at: int = 0) -> Path:
+    frames = [_v1_frame(m) for m in messages]
+    path.write_bytes(gzip.compress(MAGIC_V1 + b"".join(frames[:at]) + damage + b"".join(frames[at:])))
+    return path
+
+
+def test_version_1_files_still_read(tmp_path: Path) -> None:
+    path = _v1_file(tmp_path / "v1.rec.gz", _sample())
+    assert list(read_messages(path)) == _sample()
+    with RecordedSource(path) as source:
+        assert [r.id for r in source.poll(0, 10).records] == [f"good-{i}" for i in range(5)]
+    shipped = Path(__file__).parents[2] / "consumers" / "data" / "fashion_mnist_ci.rec.gz"
+    with gzip.open(shipped) as raw:
+        assert raw.read(len(MAGIC_V1)) == MAGIC_V1  # the stream that ships with the package is a version-1 file
+    with RecordedSource(shipped) as source:
+        poll = source.poll(0, 50)
+        assert len(poll.records) == 50 and not poll.dead_letters
+
+
+def test_an_unknown_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "v9.rec.gz"
+    path.write_bytes(gzip.compress(MAGIC[:-1] + b"\x09" + gzip.decompress(_written(tmp_path, _sample()))[8:]))
+    with pytest.raises(RecordedStreamError, match="unknown version"):
+        list(read_messages(path))
+
+
+def _written(tmp_path: Path, messages: list[Message]) -> bytes:
+    path = tmp_path / "written.rec.gz"
+    write_messages(path, messages)
+    return path.read_bytes()
 
 
 def test_truncated_file_raises_after_the_complete_frames(tmp_path: Path) -> None:
@@ -39,7 +105,7 @@ def test_truncated_file_raises_after_the_complete_frames(tmp_path: Path) -> None
     cut.write_bytes(gzip.compress(raw[:-10]))
     messages = read_messages(cut)
     # streaming: the complete frames come out one by one before the damaged one is reached
-    assert [next(messages) for _ in range(6)] == _sample()[:6]
+    assert [next(messages) for _ in range(7)] == _sample()[:7]
     with pytest.raises(RecordedStreamError, match="truncated"):
         next(messages)
     half_gzip = tmp_path / "half.rec.gz"
@@ -60,17 +126,12 @@ def test_a_cut_gzip_still_yields_every_frame_it_can_decompress(tmp_path: Path) -
     cut.write_bytes(data[: len(data) * 3 // 10])  # a writer killed mid-file: no gzip trailer, a partial block
     readable = zlib.decompressobj(wbits=31).decompress(cut.read_bytes())
     complete, end = 0, len(MAGIC)  # frames wholly inside the decompressible prefix
-    while end < len(readable):
-        for _ in range(3):  # meta, key, value: each a u32 length (0xFFFFFFFF: a null key) then its bytes
-            if end + 4 > len(readable):
-                break
-            (length,) = struct.unpack_from("<I", readable, end)
-            end += 4 + (0 if length == 0xFFFFFFFF else length)
-        else:
-            if end <= len(readable):
-                complete += 1
-                continue
-        break
+    while end + 4 <= len(readable):  # each frame: a u32 body length, then the body
+        (length,) = struct.unpack_from("<I", readable, end)
+        end += 4 + length
+        if end > len(readable):
+            break
+        complete += 1
     got = []
     with pytest.raises(RecordedStreamError):
         for message in read_messages(cut):
@@ -132,6 +193,39 @@ _META = b'{"stream":"src","partition":0,"offset":9,"timestamp":1.0,"headers":[]}
         (struct.pack("<I", 0xFFFFFFFF) + b"x" * 20, "meta length"),
     ],
 )
+def test_a_damaged_version_1_frame_is_a_clear_error_after_the_frames_before_it(
+    tmp_path: Path, frame: bytes, says: str
+) -> None:
+    good = good_messages(5)
+    damaged = _v1_file(tmp_path / "damaged.rec.gz", good, frame, 3)
+    before = sum(len(_v1_frame(m)) for m in good[:3])
+    _damage_is_reported(damaged, before, says)
+
+
+def _v2_body(
+    stream: bytes = b"src", headers: tuple = ((b"h", b"v"),), offset: int = 9, lie: int = 0, count: int | None = None
+) -> bytes:
+    n_headers = len(headers) if count is None else count
+    fixed = struct.pack("<IqdIIIIB", 0, offset, 1.0, 0xFFFFFFFF, 1, len(stream), n_headers, 0)
+    lengths = b"".join(struct.pack("<II", len(k), len(v)) for k, v in headers)
+    body = fixed + lengths + stream + b"x" + b"".join(k + v for k, v in headers)
+    return struct.pack("<I", len(body) + lie) + body
+
+
+@pytest.mark.parametrize(
+    ("frame", "says"),
+    [
+        (_v2_body(lie=-1), "fields of"),  # the declared lengths run past the body
+        (_v2_body(lie=1) + b"?", "fields of"),  # the body has a byte no field accounts for
+        (_v2_body(headers=((b"h" * 40, b"v"),), lie=-47), "fields of"),  # the header table runs past the body
+        (_v2_body(offset=-1), "fields of"),
+        (_v2_body(count=0xFFFFFFFF), "fields of"),  # a header count the body has no room for
+        (_v2_body(stream=b"\xff\xfe"), "not UTF-8"),
+        (_v2_body(headers=((b"\xc3", b""),)), "not UTF-8"),
+        (struct.pack("<I", 7) + b"x" * 7, "body length"),
+        (struct.pack("<I", 0xFFFFFFF0) + b"x" * 20, "body length"),
+    ],
+)
 def test_a_damaged_frame_is_a_clear_error_after_the_frames_before_it(tmp_path: Path, frame: bytes, says: str) -> None:
     good = good_messages(5)
     path = tmp_path / "ok.rec.gz"
@@ -140,7 +234,17 @@ def test_a_damaged_frame_is_a_clear_error_after_the_frames_before_it(tmp_path: P
     ok = gzip.decompress(path.read_bytes())
     write_messages(path, good[3:])
     damaged.write_bytes(gzip.compress(ok + frame + gzip.decompress(path.read_bytes())[len(MAGIC) :]))
-    with pytest.raises(RecordedStreamError, match=rf"frame 3 \(byte {len(ok) - len(MAGIC)} unpacked\): .*{says}"):
+    _damage_is_reported(damaged, len(ok) - len(MAGIC), says)
+
+
+def test_a_good_hand_built_version_2_frame_reads(tmp_path: Path) -> None:
+    path = tmp_path / "one.rec.gz"
+    path.write_bytes(gzip.compress(MAGIC + _v2_body()))
+    assert list(read_messages(path)) == [Message(Position("src", 0, 9), 1.0, None, b"x", (("h", b"v"),))]
+
+
+def _damage_is_reported(damaged: Path, byte: int, says: str) -> None:
+    with pytest.raises(RecordedStreamError, match=rf"frame 3 \(byte {byte} unpacked\): .*{says}"):
         list(read_messages(damaged))
     with RecordedSource(damaged) as source:
         first = source.poll(0, 10)  # the frames before the damage are delivered (and learned) first

@@ -85,3 +85,14 @@ def test_one_level_loss_equals_the_masked_general_loss() -> None:
     manual = (F.cross_entropy(logits[level2 == 0], y2[level2 == 0], reduction="sum")
               + F.cross_entropy(fine[level2 == 1], y2[level2 == 1], reduction="sum")) / 6  # fmt: skip
     assert torch.allclose(hierarchical_ce([logits, fine], y2, level2), manual)
+
+
+def test_the_flat_loss_learns_exactly_as_the_mean_of_per_sample_losses() -> None:
+    """The fused mean changes no gradient bit (the loss value may differ in its last bit: summation order)."""
+    torch.manual_seed(1)
+    for n, classes in ((1, 2), (20, 10), (37, 100)):
+        logits = (torch.randn(n, classes) * 20).requires_grad_()
+        y, level = torch.randint(0, classes, (n,)), torch.zeros(n, dtype=torch.long)
+        (fused,) = torch.autograd.grad(hierarchical_ce([logits], y, level), logits)
+        (per_sample,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="none").mean(), logits)
+        assert torch.equal(fused, per_sample)
