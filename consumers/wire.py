@@ -351,8 +351,9 @@ def sample_message(message: Message) -> Message:
     """The message a dead letter of one sample is stored as: that sample alone, as a version-2 message of one.
 
     ``message`` is a sample's message from :func:`decode_samples` (the whole batch, positioned at the
-    sample); what comes back holds only the sample's ``x`` bytes or values, id and label, exactly as they
-    were sent (bad ones too), with ``shape`` ``[1, ...]``, the other headers unchanged, and the same
+    sample); what comes back holds only the sample's ``x`` (binary: its bytes; JSON: its values parsed and
+    written again, so a literal past float64's precision or range changes), id and label as they were
+    sent (bad ones too), with ``shape`` ``[1, ...]``, the other headers unchanged, and the same
     position, so decoding it again finds the sample's own fault (a repeated id is a fault of the batch
     alone). A message of one sample (this function's own output too) comes back unchanged. Never raises
     (on a failure the whole message comes back).

@@ -223,6 +223,14 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
     lines += ["## Plots", "", "![throughput](throughput.png)", "", "![latency](latency.png)", ""]
     if result.get("avalanche"):
         lines += ["## Avalanche", "", result["avalanche"], ""]
+    lines += [
+        "## Several workers",
+        "",
+        "Records per second of one worker and of a group learning one model (`serve --workers`), with the",
+        "cost of the synchronisation per step: `stream-cl bench scaleout`, report in",
+        "[`../scaleout/`](../scaleout/README.md).",
+        "",
+    ]
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
