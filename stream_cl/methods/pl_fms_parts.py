@@ -122,14 +122,9 @@ class ImportanceScores:
         self.used = [int(u) for u in state["used"]]
 
 
-class AdaptiveLR:
-    """CLIB's adaptive learning rate, ticked once per memory re-scoring with that step's loss decrease.
-
-    Alternates a high rate and ``low = step · high`` every ``period`` ticks (after ``warmup``
-    ticks); records the mean loss decrease under each; with ``length`` values of both, a one-sided
-    Welch t-test (low > high) below ``significance`` lowers both rates, above ``1 - significance``
-    raises both.
-    """
+class _TwoRates:
+    """What both schedules of CLIB's adaptive learning rate share: a high rate and ``low = step · high``,
+    the gains credited to each, and the one-sided Welch t-test (low > high) that moves both rates."""
 
     def __init__(
         self,
@@ -150,14 +145,40 @@ class AdaptiveLR:
         self.high, self.low = lr, lr * step
         self.step, self.period, self.length, self.warmup, self.significance = step, period, length, warmup, significance
         self.is_high = True
-        self.ticks = 0
-        self.window: list[float] = []
         self.high_gains: list[float] = []
         self.low_gains: list[float] = []
 
     @property
     def lr(self) -> float:
         return self.high if self.is_high else self.low
+
+    def _judge(self) -> bool:
+        """The t-test on the gains: below ``significance`` lowers both rates, above ``1 - significance``
+        raises both, and the gains restart; returns whether it decided."""
+        p = float(ttest_ind(self.low_gains, self.high_gains, equal_var=False, alternative="greater").pvalue)
+        if p < self.significance:
+            self.high, self.low = self.low, self.low * self.step
+        elif p > 1.0 - self.significance:
+            self.high, self.low = self.high / self.step, self.high
+        else:
+            return False
+        self.high_gains, self.low_gains = [], []
+        return True
+
+
+class AdaptiveLR(_TwoRates):
+    """CLIB's adaptive learning rate, ticked once per memory re-scoring with that step's loss decrease.
+
+    Alternates a high rate and ``low = step · high`` every ``period`` ticks (after ``warmup``
+    ticks); records the mean loss decrease under each; with ``length`` values of both, a one-sided
+    Welch t-test (low > high) below ``significance`` lowers both rates, above ``1 - significance``
+    raises both.
+    """
+
+    def __init__(self, lr: float, **schedule: Any) -> None:
+        super().__init__(lr, **schedule)
+        self.ticks = 0
+        self.window: list[float] = []
 
     def tick(self, decrease: float | None) -> float:
         """Account one re-scoring's mean memory-loss decrease; returns the rate to use now."""
@@ -175,13 +196,7 @@ class AdaptiveLR:
         self.window = []
         self.is_high = not self.is_high
         if len(self.high_gains) >= self.length and len(self.low_gains) >= self.length:
-            p = float(ttest_ind(self.low_gains, self.high_gains, equal_var=False, alternative="greater").pvalue)
-            if p < self.significance:
-                self.high, self.low = self.low, self.low * self.step
-            elif p > 1.0 - self.significance:
-                self.high, self.low = self.high / self.step, self.high
-            if p < self.significance or p > 1.0 - self.significance:
-                self.high_gains, self.low_gains = [], []
+            self._judge()
         return self.lr
 
     def state_dict(self) -> dict[str, Any]:
@@ -192,7 +207,7 @@ class AdaptiveLR:
             setattr(self, key, list(value) if isinstance(value, list) else value)
 
 
-class OfficialAdaptiveLR:
+class OfficialAdaptiveLR(_TwoRates):
     """CLIB's adaptive learning rate on the schedule of the official HLE code.
 
     It counts once per temporary batch, and only when that batch's last update ended on a memory
@@ -206,34 +221,11 @@ class OfficialAdaptiveLR:
     restart and the rate in use flips once more, as in the official code.
     """
 
-    def __init__(
-        self,
-        lr: float,
-        *,
-        step: float = 0.95,
-        period: int = 10,
-        length: int = 10,
-        warmup: int = 20,
-        significance: float = 0.05,
-    ) -> None:
-        if not 0.0 < step < 1.0:
-            raise ValueError(f"step must be in (0, 1), got {step}")
-        if period <= 0 or length < 2 or warmup < 0:
-            raise ValueError("period must be > 0, length >= 2 and warmup >= 0")
-        if not 0.0 < significance < 0.5:
-            raise ValueError(f"significance must be in (0, 0.5), got {significance}")
-        self.high, self.low = lr, lr * step
-        self.step, self.period, self.length, self.warmup, self.significance = step, period, length, warmup, significance
-        self.is_high = True
+    def __init__(self, lr: float, **schedule: Any) -> None:
+        super().__init__(lr, **schedule)
         self.counts = 0
         self.start_loss: np.ndarray | None = None
         self.start_writes: np.ndarray | None = None
-        self.high_gains: list[float] = []
-        self.low_gains: list[float] = []
-
-    @property
-    def lr(self) -> float:
-        return self.high if self.is_high else self.low
 
     def count(self, loss: np.ndarray, writes: np.ndarray) -> float:
         """One count with the latest loss of every stored sample (NaN: not scored since written) and
@@ -252,15 +244,8 @@ class OfficialAdaptiveLR:
         self.start_loss = np.array(loss, dtype=np.float64)
         self.start_writes = np.array(writes, dtype=np.int64)
         self.is_high = not self.is_high
-        if len(self.high_gains) == len(self.low_gains) >= self.length:
-            p = float(ttest_ind(self.low_gains, self.high_gains, equal_var=False, alternative="greater").pvalue)
-            if p < self.significance or p > 1.0 - self.significance:
-                if p < self.significance:
-                    self.high, self.low = self.low, self.low * self.step
-                else:
-                    self.high, self.low = self.high / self.step, self.high
-                self.high_gains, self.low_gains = [], []
-                self.is_high = not self.is_high
+        if len(self.high_gains) == len(self.low_gains) >= self.length and self._judge():
+            self.is_high = not self.is_high
         return self.lr
 
     def state_dict(self) -> dict[str, Any]:
