@@ -17,6 +17,7 @@ class _Gathered:
     """Rank 0 of a group whose all-gather returns what each worker reported (here: ``reports``, in rank order)."""
 
     rank = 0
+    averaged = True  # every step holds one model (synchronous all-reduce)
 
     def __init__(self, reports: list) -> None:
         self.reports = reports
