@@ -15,7 +15,7 @@ Differences it bridges:
 * librdkafka cannot seek a partition during its assignment callback; the seeks the listener asks for
   there become the start offsets of the ``assign()`` call that ends the callback.
 * Errors (``KafkaException``) are raised as kafka-python's ``KafkaError``, which the source handles.
-* Commit metadata travels in confluent's ``TopicPartition.metadata`` ("" is sent as none, as kafka-python does).
+* Commit metadata travels in confluent's ``TopicPartition.metadata`` (a string; "" for none).
 * Settings are kafka-python's names (``session_timeout_ms``, ``sasl_plain_username``, ...), translated to
   librdkafka's; a name it has no translation for is a ``ValueError``.
 
@@ -215,7 +215,7 @@ class LibrdkafkaConsumer:
     def commit(self, offsets: Mapping[TopicPartition, Any]) -> None:
         """Commit ``{partition: OffsetAndMetadata}`` and wait for the broker's answer."""
         wanted = [
-            self._confluent.TopicPartition(tp.topic, tp.partition, om.offset, om.metadata or None)
+            self._confluent.TopicPartition(tp.topic, tp.partition, om.offset, om.metadata or "")
             for tp, om in offsets.items()
         ]
         failed = [tp for tp in self._consumer.commit(offsets=wanted, asynchronous=False) or () if tp.error]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -97,10 +98,11 @@ def test_a_consumer_of_the_group_resumes_a_partly_learned_message_at_the_sample(
     store: dict = {}
     options = {"consumer_class": keeping_metadata(client, store), "commit_interval_s": 0, **FAST_GROUP}
     polls = learn_part(kafka_bootstrap, topic, options)
-    assert store[("g", topic, 0)] == (1, "streamcl:within=3")
     with KafkaSource(kafka_bootstrap, topic, "g", **options) as second:
         rest = take(second, N_SAMPLES - PER_MESSAGE - 3)
+        second.commit(next_offsets(p for poll in rest for p in poll.positions()))
     assert ids_of(polls) + ids_of(rest) == [f"s{i}" for i in range(N_SAMPLES)]  # each once, in order
+    assert store[("g", topic, 0)] == (N_SAMPLES // PER_MESSAGE + 1, "")  # nothing partly learned any more
 
 
 @CLIENTS
@@ -148,7 +150,8 @@ def test_a_partition_moving_before_a_restored_message_is_finished_keeps_every_sa
             ]
             for thread in threads:
                 thread.start()
-            _wait(lambda: len(set(seen_a) | set(seen_b)) == 2 * (N_SAMPLES - 24))
+            _wait(lambda: len(set(seen_a) | set(seen_b)) >= 2 * (N_SAMPLES - 24))
+            time.sleep(0.5)  # anything delivered twice would show up now
             stop.set()
             for thread in threads:
                 thread.join()
