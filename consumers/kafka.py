@@ -36,7 +36,9 @@ dead letter, and any other error is logged and retried after a short back-off.
 Messages of several samples (wire format 2): the learner's commit of a message's offset comes only once all its
 samples are processed (:func:`consumers.source.next_offsets`); ``start_offsets`` given as
 :class:`~consumers.source.NextOffsets` (a checkpoint's) skip the samples of a partly learned message that its
-``within`` counts, once, at the seek.
+``within`` counts, once, at the seek. The group's committed offset carries that count too, in the commit's
+metadata (:func:`within_metadata`, ``"streamcl:within=N"``), so a partition that a rebalance or a restart hands to
+a consumer without a checkpoint also resumes at the sample; metadata in any other form counts as 0.
 
 Rebalances: on revoke, records fetched but not yet handed to the learner are dropped (the next owner reads
 them from the committed offset), the listener waits (at most ``revoke_timeout_s``) until the learner has
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections import Counter, deque
@@ -59,7 +62,7 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers.record import DeadLetter, Message, Poll, Position, Record
 from consumers.source import Offsets, within_of
-from consumers.wire import MAX_PAYLOAD_BYTES, decode_samples
+from consumers.wire import MAX_PAYLOAD_BYTES, MAX_SAMPLES, decode_samples
 
 log = logging.getLogger("consumers.kafka")
 
@@ -67,6 +70,31 @@ Key = tuple[str, int]
 _LAG_EVERY_S = 1.0
 _OFFSETS_TIMEOUT_MS = 500  # a ListOffsets lookup for the lag must not stall fetching for long
 _BACKOFF_S = (0.1, 5.0)  # first and longest wait before the fetch thread retries after an error
+_WITHIN_PREFIX = "streamcl:within="
+_WITHIN = re.compile(re.escape(_WITHIN_PREFIX) + r"([1-9][0-9]{0,3})")
+
+
+def within_metadata(within: int) -> str:
+    """Commit metadata saying ``within`` samples of the message at the committed offset are done ("" for none).
+
+    >>> within_metadata(3), within_metadata(0)
+    ('streamcl:within=3', '')
+    """
+    return f"{_WITHIN_PREFIX}{within}" if within > 0 else ""
+
+
+def within_from_metadata(metadata: object) -> int | None:
+    """The count :func:`within_metadata` wrote; 0 for no metadata, None for metadata in any other form.
+
+    >>> within_from_metadata("streamcl:within=3"), within_from_metadata(None), within_from_metadata("x=1")
+    (3, 0, None)
+    """
+    if metadata is None or metadata == "":
+        return 0
+    match = _WITHIN.fullmatch(metadata) if isinstance(metadata, str) else None
+    if match is None or int(match[1]) >= MAX_SAMPLES:  # a message never holds more samples than that
+        return None
+    return int(match[1])
 
 
 class TopicNotFoundError(ValueError):
@@ -175,7 +203,8 @@ class KafkaSource:
         self._start = dict(start_offsets or {})
         self._from_checkpoint = from_checkpoint
         self._placed: set[Key] = set()  # partitions whose start has been decided (first assignment)
-        self._start_commits: dict[Key, int | None] = {}  # None: the partition's earliest offset
+        # (offset, within) to commit per newly placed partition; offset None: the partition's earliest offset
+        self._start_commits: dict[Key, tuple[int | None, int]] = {}
         self._prefetch, self._max_poll_records = prefetch, max_poll_records
         self._fetch_timeout_s, self._revoke_timeout_s, self._max_bytes = fetch_timeout_s, revoke_timeout_s, max_bytes
         self._commit_interval_s = commit_interval_s
@@ -192,6 +221,10 @@ class KafkaSource:
         self._assigned: set[Key] = set()
         self._delivered: dict[Key, int] = {}
         self._pending: dict[Key, int] = {}
+        self._pending_within: dict[Key, int] = {}  # samples done of the message at the pending offset (if any)
+        self._committed_within: dict[Key, int] = {}
+        self._group_within: set[Key] = set()  # assigned at the group's offset: its commit metadata still to read
+        self._bad_metadata_logged = False
         self._ends: dict[Key, int] = {}  # broker end offset per partition, refreshed by the fetch thread
         self._positions: dict[Key, int] = {}  # next offset the fetch thread will fetch
         self._rewind: dict[Key, tuple[int, int]] = {}  # where to seek on reassignment, and samples to skip there
@@ -251,12 +284,21 @@ class KafkaSource:
         Offsets of partitions this consumer no longer owns are ignored: their next owner re-reads from the last
         committed offset (at-least-once).
         """
+        within = within_of(offsets)
         with self._cond:
             for key, offset in offsets.items():
-                if key in self._assigned and offset > max(self._pending.get(key, -1), self.committed.get(key, -1)):
+                if key in self._assigned and (offset, within.get(key, 0)) > self._learned(key):
                     self._pending[key] = offset
+                    self._pending_within[key] = within.get(key, 0)
             if self._revoking or time.monotonic() >= self._commit_due:  # a wake-up per batch costs CPU
                 self._cond.notify_all()
+
+    def _learned(self, key: Key) -> tuple[int, int]:
+        """(offset, within) of the newest commit pending or done for ``key`` ((-1, 0): none)."""
+        return max(
+            (self._pending.get(key, -1), self._pending_within.get(key, 0)),
+            (self.committed.get(key, -1), self._committed_within.get(key, 0)),
+        )
 
     def lag(self) -> dict[Key, int]:
         """Records not yet handed to the learner, per assigned partition: end offset - next offset it will get.
@@ -336,6 +378,7 @@ class KafkaSource:
     def _fetch_once(self) -> None:
         """One turn: commit what is due, refresh the lag, then fetch (or, while the buffer is full, keep alive)."""
         consumer = self._consumer
+        self._read_group_within()
         self._commit_start_offsets()
         if time.monotonic() >= self._commit_due:
             self._commit_pending()
@@ -379,6 +422,7 @@ class KafkaSource:
             raise
 
     def _append(self, fetched: dict) -> None:
+        self._read_group_within()  # a partition assigned by this very poll: its skip must be known first
         started = time.perf_counter()
         entries = [
             entry
@@ -418,6 +462,29 @@ class KafkaSource:
             kept.append(entry)
         return kept
 
+    def _read_group_within(self) -> None:
+        """For partitions that start at the group's offset, skip the samples its commit metadata says are done."""
+        with self._cond:
+            keys, self._group_within = self._group_within, set()
+        for key in keys:
+            try:
+                answer = self._consumer.committed(TopicPartition(*key), metadata=True)
+            except KafkaError as err:
+                log.warning("committed offset of %s unavailable (%s); its message starts at sample 0", key, err)
+                continue
+            if answer is None or answer.offset is None or answer.offset < 0:
+                continue
+            within = within_from_metadata(answer.metadata)
+            if within is None:
+                if not self._bad_metadata_logged:
+                    self._bad_metadata_logged = True
+                    log.warning("ignoring commit metadata %.80r of %s not written by stream-cl", answer.metadata, key)
+                continue
+            if within:
+                with self._cond:
+                    if key in self._assigned:
+                        self._skip[key] = (answer.offset, within)
+
     def _commit_start_offsets(self) -> None:
         """Commit where newly assigned partitions start (``from_checkpoint``), so the group agrees with the model."""
         with self._cond:
@@ -426,7 +493,7 @@ class KafkaSource:
             return
         # A partition the group holds no offset for agrees with the model already; one it holds a stale
         # offset for (an older run's) is moved back to where the model starts.
-        earliest = [TopicPartition(*key) for key, offset in starts.items() if offset is None]
+        earliest = [TopicPartition(*key) for key, (offset, _) in starts.items() if offset is None]
         if earliest:
             try:
                 earliest = [tp for tp in earliest if self._consumer.committed(tp) is not None]
@@ -436,29 +503,34 @@ class KafkaSource:
                 with self._cond:
                     self._start_commits = {**starts, **self._start_commits}
                 return
-            starts.update({(tp.topic, tp.partition): offset for tp, offset in first.items()})
+            starts.update({(tp.topic, tp.partition): (offset, 0) for tp, offset in first.items()})
         with self._cond:
-            for key, offset in starts.items():
-                learned = max(self._pending.get(key, -1), self.committed.get(key, -1))
-                if key in self._assigned and offset is not None and offset > learned:
+            for key, (offset, within) in starts.items():
+                if key in self._assigned and offset is not None and (offset, within) > self._learned(key):
                     self._pending[key] = offset
+                    self._pending_within[key] = within
         self._commit_pending()
 
     def _commit_pending(self) -> None:
         with self._cond:
             offsets, self._pending = self._pending, {}
+            within, self._pending_within = self._pending_within, {}
             if offsets:
                 self._commit_due = time.monotonic() + self._commit_interval_s
         if not offsets:
             return
         try:
-            self._consumer.commit(_kafka_offsets(offsets))
+            self._consumer.commit(_kafka_offsets(offsets, within))
         except KafkaError as err:
             log.warning("commit of %s failed (%s); those records will be delivered again", offsets, err)
             return
         with self._cond:
-            self.committed.update(offsets)
+            self._record_committed(offsets, within)
             self._cond.notify_all()
+
+    def _record_committed(self, offsets: dict[Key, int], within: dict[Key, int]) -> None:
+        self.committed.update(offsets)
+        self._committed_within.update({key: within.get(key, 0) for key in offsets})
 
     def _update_lag(self) -> None:
         """Ask the broker for the end offset and learn the position of every assigned partition."""
@@ -488,12 +560,13 @@ class KafkaSource:
 
     # --- rebalance listener (kafka-python's IO thread) ------------------------------------------------
 
-    def _revoke(self, keys: set[Key]) -> dict[Key, int]:
-        """Drop undelivered records of ``keys``, wait for the learner's commit, return what to commit."""
+    def _revoke(self, keys: set[Key]) -> tuple[dict[Key, int], dict[Key, int]]:
+        """Drop undelivered records of ``keys``, wait for the learner's commit, return what to commit (offsets and
+        their ``within``)."""
         with self._cond:
             self._drop(keys, finishing=True)
             if self._stop.is_set() and not self._flush_on_close:
-                return {}
+                return {}, {}
             held = {k for k in keys if k in self._delivered}
 
             def settled() -> bool:
@@ -512,15 +585,18 @@ class KafkaSource:
                 self._revoking -= 1
             if not waited:
                 log.warning("revoked %s before the learner committed them; records will be delivered again", held)
-            return {k: self._pending.pop(k) for k in list(self._pending) if k in keys}
+            within = {k: self._pending_within.pop(k, 0) for k in keys if k in self._pending}
+            return {k: self._pending.pop(k) for k in list(self._pending) if k in keys}, within
 
-    def _forget(self, keys: set[Key], offsets: dict[Key, int]) -> None:
+    def _forget(self, keys: set[Key], offsets: dict[Key, int], within: dict[Key, int]) -> None:
         with self._cond:
-            self.committed.update(offsets)
+            self._record_committed(offsets, within)
             self._drop(keys)
+            self._group_within -= keys
             for key in keys:
                 self._assigned.discard(key)
-                for table in (self._delivered, self._pending, self._ends, self._positions, self._buffered, self._skip):
+                tables = (self._delivered, self._pending, self._pending_within, self._ends, self._positions)
+                for table in (*tables, self._buffered, self._skip):
                     table.pop(key, None)
 
     def _assign(self, partitions: Iterable[TopicPartition]) -> None:
@@ -538,6 +614,9 @@ class KafkaSource:
             skip = self._start_within.pop(key, 0)
             if offset is None:
                 offset, skip = rewind.get(key, (None, 0))
+            if offset is None and not (first and self._from_checkpoint):
+                with self._cond:  # starts at the group's offset: read its metadata before taking records in
+                    self._group_within.add(key)
             if offset is not None:
                 self._consumer.seek(tp, offset)
                 with self._cond:
@@ -548,14 +627,14 @@ class KafkaSource:
                 self._consumer.seek_to_beginning(tp)
             if first and self._from_checkpoint:
                 with self._cond:
-                    self._start_commits[key] = offset
+                    self._start_commits[key] = (offset, skip if offset is not None else 0)
 
     def _drop(self, keys: set[Key], *, finishing: bool = False) -> None:
         """Forget undelivered records of ``keys`` and remember where they began.
 
         kafka-python keeps its fetch position for a partition that is assigned again after an eager rebalance,
         so without a seek back to the first dropped record (done on the next assignment) those records would
-        be skipped. A message handed over in part is read again from its start, skipping what was handed over.
+        be skipped. A message handed over or skipped in part is read again from its start, skipping that part.
         ``finishing`` (a revoke) keeps the rest of a message handed over in part, for the learner to finish
         before the revoke commits it: the next owner would read that message from its first sample.
         """
@@ -567,8 +646,8 @@ class KafkaSource:
                 kept.append(entry)
             elif key in keys:
                 if key not in self._rewind or pos.offset < self._rewind[key][0]:
-                    partial = self._partial.get(key, (-1, 0))
-                    self._rewind[key] = (pos.offset, partial[1] if partial[0] == pos.offset else 0)
+                    # samples before the first dropped one were handed over or skipped already
+                    self._rewind[key] = (pos.offset, pos.index)
             else:
                 kept.append(entry)
         self._buffer = kept
@@ -588,28 +667,31 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         keys = _keys(revoked)
-        offsets = self._source._revoke(keys)
+        offsets, within = self._source._revoke(keys)
         if offsets:
             try:
-                await self._source._consumer.commit_async(_kafka_offsets(offsets))
+                await self._source._consumer.commit_async(_kafka_offsets(offsets, within))
             except KafkaError as err:
                 log.warning("commit on revoke failed (%s); records will be delivered again", err)
                 offsets = {}
-        self._source._forget(keys, offsets)
+        self._source._forget(keys, offsets, within)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._source._assign(assigned)
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
-        self._source._forget(_keys(lost), {})
+        self._source._forget(_keys(lost), {}, {})
 
 
 def _keys(partitions: Iterable[TopicPartition]) -> set[Key]:
     return {(tp.topic, tp.partition) for tp in partitions}
 
 
-def _kafka_offsets(offsets: dict[Key, int]) -> dict[TopicPartition, OffsetAndMetadata]:
-    return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+def _kafka_offsets(offsets: dict[Key, int], within: Mapping[Key, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    return {
+        TopicPartition(*key): OffsetAndMetadata(offset, within_metadata(within.get(key, 0)), -1)
+        for key, offset in offsets.items()
+    }
 
 
 def _decode(decoder: Callable[[Message, int], Any], message: Message, max_bytes: int) -> list:

@@ -15,6 +15,7 @@ Differences it bridges:
 * librdkafka cannot seek a partition during its assignment callback; the seeks the listener asks for
   there become the start offsets of the ``assign()`` call that ends the callback.
 * Errors (``KafkaException``) are raised as kafka-python's ``KafkaError``, which the source handles.
+* Commit metadata travels in confluent's ``TopicPartition.metadata`` (a string; "" for none).
 * Settings are kafka-python's names (``session_timeout_ms``, ``sasl_plain_username``, ...), translated to
   librdkafka's; a name it has no translation for is a ``ValueError``.
 
@@ -31,6 +32,7 @@ from typing import Any
 
 from kafka import TopicPartition
 from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
 log = logging.getLogger("consumers.kafka_librdkafka")
 
@@ -212,7 +214,10 @@ class LibrdkafkaConsumer:
     @_kafka_errors
     def commit(self, offsets: Mapping[TopicPartition, Any]) -> None:
         """Commit ``{partition: OffsetAndMetadata}`` and wait for the broker's answer."""
-        wanted = [self._confluent.TopicPartition(tp.topic, tp.partition, om.offset) for tp, om in offsets.items()]
+        wanted = [
+            self._confluent.TopicPartition(tp.topic, tp.partition, om.offset, om.metadata or "")
+            for tp, om in offsets.items()
+        ]
         failed = [tp for tp in self._consumer.commit(offsets=wanted, asynchronous=False) or () if tp.error]
         if failed:
             raise KafkaError(f"commit failed for {[(tp.topic, tp.partition, str(tp.error)) for tp in failed]}")
@@ -222,10 +227,13 @@ class LibrdkafkaConsumer:
         self.commit(offsets)
 
     @_kafka_errors
-    def committed(self, partition: TopicPartition) -> int | None:
+    def committed(self, partition: TopicPartition, metadata: bool = False) -> int | OffsetAndMetadata | None:
+        """The group's committed offset (with ``metadata``: as an ``OffsetAndMetadata``, its metadata too)."""
         tp = self._confluent.TopicPartition(partition.topic, partition.partition)
         (answer,) = self._consumer.committed([tp], timeout=_METADATA_TIMEOUT_S)
-        return answer.offset if answer.offset >= 0 else None
+        if answer.offset < 0:
+            return None
+        return OffsetAndMetadata(answer.offset, answer.metadata, -1) if metadata else answer.offset
 
     def beginning_offsets(self, partitions: Iterable[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int]:
         return {tp: self._watermarks(tp, timeout_ms)[0] for tp in partitions}
