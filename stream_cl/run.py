@@ -133,7 +133,8 @@ def run_stream(
     """Learn ``source`` until it ends, goes idle, hits ``max_records`` or ``stop`` is set."""
     run = _Run(source, make_learner, metrics, options, parts or RunParts(), state or RunState())
     stop = stop or threading.Event()
-    idle = _IdleClock(source, options.until_idle_s)
+    labels = run.parts.labels
+    idle = _IdleClock([source] if labels is None else [source, labels.source], options.until_idle_s)
     bar = tqdm(total=options.max_records, unit="rec", disable=not options.progress, dynamic_ncols=True)
     lockstep = run.parts.lockstep
     while lockstep is not None or not stop.is_set():  # a group stops only when its workers agree
@@ -424,12 +425,13 @@ def _advance(bar: tqdm, records: int, source: Source, estimate_total: bool) -> N
 
 
 class _IdleClock:
-    """When an unbounded source counts as idle: ``until_idle_s`` without a record, counted from the last
-    record or, for a Kafka source, from its first partition assignment (a restarted consumer may wait
-    for the group to reassign partitions for longer than the idle bound)."""
+    """When unbounded sources count as idle: ``until_idle_s`` without a record, counted from the last
+    record or, for Kafka sources, from the latest first partition assignment among them (a restarted
+    consumer may wait for the group to reassign partitions for longer than the idle bound, and a label
+    topic's consumer may join its group after the features' one)."""
 
-    def __init__(self, source: Source, until_idle_s: float | None) -> None:
-        self.source = source
+    def __init__(self, sources: list[Source], until_idle_s: float | None) -> None:
+        self.sources = [s for s in sources if isinstance(s, Instrumented)]
         self.until_idle_s = until_idle_s
         self.started = self.last_record = time.monotonic()
 
@@ -440,11 +442,11 @@ class _IdleClock:
         if self.until_idle_s is None:
             return False
         since = self.last_record
-        if isinstance(self.source, Instrumented):
-            if self.source.assigned_at is None:
+        for source in self.sources:
+            if source.assigned_at is None:
                 if now - self.started < self.until_idle_s + ASSIGNMENT_GRACE_S:
                     return False
                 log.warning("no partitions were assigned within %.0f s; stopping", now - self.started)
                 return True
-            since = max(since, self.source.assigned_at)
+            since = max(since, source.assigned_at)
         return now - since >= self.until_idle_s
