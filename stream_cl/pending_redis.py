@@ -106,18 +106,12 @@ local function evict(k)
   if redis.call('ZCARD', k .. 'order') <= max then return false end
   return remove(k, (oldest(k)))
 end
-local function expire_pending()
+-- gives up the entries of store k older than the other topic's clock by more than the TTL
+local function expire(k, clock, kind, reason)
   while true do
-    local id, ts = oldest(S)
-    if id == nil or ts + ttl >= ltime then return end
-    emit('e', remove(S, id), '')
-  end
-end
-local function expire_labels()
-  while true do
-    local id, ts = oldest(L)
-    if id == nil or ts + ttl >= ftime then return end
-    emit('u', remove(L, id), 'ttl')
+    local id, ts = oldest(k)
+    if id == nil or ts + ttl >= clock then return end
+    emit(kind, remove(k, id), reason)
   end
 end
 local function finish()
@@ -150,8 +144,8 @@ for i = 11, #ARGV, 3 do
     if evicted then emit('e', evicted, '') end
   end
   ftime = math.max(ftime, tonumber(ts))
-  expire_labels()
-  expire_pending()
+  expire(L, ftime, 'u', 'ttl')
+  expire(S, ltime, 'e', '')
 end
 return finish()
 """
@@ -178,7 +172,7 @@ for i = 11, #ARGV, 3 do
     if evicted then emit('u', evicted, 'evicted') end
   end
   ltime = math.max(ltime, tonumber(ts))
-  expire_pending()
+  expire(S, ltime, 'e', '')
 end
 return finish()
 """
