@@ -118,7 +118,10 @@ def split_hparams(methods: list[str], given: dict[str, Any]) -> dict[str, dict[s
     known = {method: set(hyper_parameters(method)) for method in methods}
     unknown = sorted(key for key in given if not any(key in names for names in known.values()))
     if unknown:
-        raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)} for methods {', '.join(methods)}")
+        names = ", ".join(sorted(set().union(*known.values())))
+        raise ValueError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for methods {', '.join(methods)}; known: {names}"
+        )
     return {method: {k: v for k, v in given.items() if k in known[method]} for method in methods}
 
 
