@@ -25,7 +25,7 @@ from stream_cl.inputs import PIXEL_MEAN, PIXEL_STD, to_model_input
 from stream_cl.learner import Batch, Observation, StepStats
 from stream_cl.methods.autoaugment import auto_augment
 from stream_cl.methods.common import StepGuard, draw_replay, encode_labels, refused
-from stream_cl.methods.pl_fms_parts import augment, cutmix
+from stream_cl.methods.hle_augment import augment, cutmix
 
 Samples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """Stored inputs, class indices and levels of some samples."""
