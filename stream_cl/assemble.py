@@ -9,7 +9,6 @@ a record.
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import sys
 import threading
@@ -43,7 +42,7 @@ from stream_cl.device import pick_device
 from stream_cl.errors import ConfigError
 from stream_cl.group import LOCKSTEP_METHODS, Group, GroupCheckpointer
 from stream_cl.learner import LearnerFactory, RunState
-from stream_cl.methods import method_class
+from stream_cl.methods import hyper_parameters
 from stream_cl.overload import OverloadPolicy
 from stream_cl.pending import MemoryPending, PendingStore
 from stream_cl.pending_redis import open_redis_pending
@@ -167,8 +166,7 @@ def check_group(cfg: Config, world_size: int) -> None:
 
 def check_hparams(method: str, hparams: dict) -> None:
     """Raise ConfigError for keys ``method``'s constructor does not take."""
-    params = inspect.signature(method_class(method)).parameters
-    known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    known = hyper_parameters(method)
     unknown = sorted(set(hparams) - set(known))
     if unknown:
         raise ConfigError(

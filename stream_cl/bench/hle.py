@@ -9,7 +9,9 @@ F_last, mean ± sample std over ``--runs`` seeds, and each run's compute (optimi
 of learning); the report is written by :mod:`stream_cl.bench.hle_report`.
 
 ``--protocol`` names a preset of the protocol knobs (:data:`PROTOCOLS`); a flag given explicitly
-overrides its value. ``--jobs N`` learns N (method, seed) runs at once, each in its own process.
+overrides its value. ``--hparam KEY=VALUE`` (repeatable) sets a hyper-parameter of every chosen method
+that takes it, on top of the protocol's settings. ``--jobs N`` learns N (method, seed) runs at once, each
+in its own process.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from monitoring.hierarchy import anytime_accuracy, class_accuracy, final_forgett
 from stream_cl.bench.compute import Compute
 from stream_cl.bench.hle_report import write_report
 from stream_cl.build import build_learner
+from stream_cl.config import parse_hparam
 from stream_cl.device import pick_device
 from stream_cl.learner import Batch, Learner
-from stream_cl.methods import METHODS
+from stream_cl.methods import METHODS, hyper_parameters
 from stream_cl.models import MODELS
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -74,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onpro-rotations", type=int, default=None, help="OnPro rotation views (default: its own)")
     p.add_argument("--onpro-replay-cap", type=int, default=None, help="OnPro replay batch cap (default: its own)")
     p.add_argument("--eval-period", type=int, default=keep, help="stream samples between evaluations")
+    p.add_argument(
+        "--hparam", action="append", default=[], type=parse_hparam, metavar="KEY=VALUE",
+        help="hyper-parameter of every chosen method that takes it, repeatable (e.g. --hparam pseudo_label=false)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs learned at once, each in its own process")
     p.add_argument("--device", default="auto")
@@ -82,10 +89,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_hle)
 
 
+_SET_BY_FLAGS = {
+    "seed": "--runs", "online_iter": "--online-iter", "batch_size": "--batch-size",
+    "imp_update_period": "--imp-update-period", "rotations": "--onpro-rotations", "replay_cap": "--onpro-replay-cap",
+}  # fmt: skip
+"""Hyper-parameters the bench sets from its own flags (the report's protocol line names those)."""
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with every preset knob not given on the command line taken from ``--protocol``."""
+    """``args`` with every preset knob not given on the command line taken from ``--protocol``, and the
+    ``--hparam`` pairs as ``hparams`` (a dict) and ``method_hparams`` (each method's share)."""
     preset = PROTOCOLS[args.protocol]
-    return argparse.Namespace(**(preset | vars(args)))
+    given = dict(args.hparam)
+    return argparse.Namespace(**(preset | vars(args)), hparams=given, method_hparams=split_hparams(args.method, given))
+
+
+def split_hparams(methods: list[str], given: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's share of ``given``: the keys its constructor takes.
+
+    Raises
+    ------
+    ValueError
+        For a key the bench sets from one of its flags, or that none of ``methods`` takes.
+    """
+    for key in given:
+        if key in _SET_BY_FLAGS:
+            raise ValueError(f"--hparam {key}: the bench sets it from {_SET_BY_FLAGS[key]}")
+    known = {method: set(hyper_parameters(method)) for method in methods}
+    unknown = sorted(key for key in given if not any(key in names for names in known.values()))
+    if unknown:
+        names = ", ".join(sorted(set().union(*known.values())))
+        raise ValueError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for methods {', '.join(methods)}; known: {names}"
+        )
+    return {method: {k: v for k, v in given.items() if k in known[method]} for method in methods}
 
 
 def cmd_hle(args: argparse.Namespace) -> int:
@@ -193,6 +230,7 @@ def run_one(
         "steps": compute.steps,
         "load_average": [load_before, os.getloadavg()[0]],
         "stream_length": len(stream),
+        "hparams": args.method_hparams[method],
         "levels": summary,
     }
 
@@ -234,7 +272,7 @@ def _learner(
 ) -> Learner:
     width = args.width
     feature_dim = 8 * (width or (64 if args.model == "resnet18" else 20))
-    params = hparams(method, args, stream_length, feature_dim, seed)
+    params = hparams(method, args, stream_length, feature_dim, seed) | args.method_hparams[method]
     return build_learner(
         method,
         args.model,

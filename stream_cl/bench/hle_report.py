@@ -32,7 +32,7 @@ PAPER = {
 
 _PROTOCOL_KEYS = ("protocol", "setup", "runs", "per_class", "test_per_class", "model", "width", "buffer_size",
                   "batch_size", "online_iter", "imp_update_period", "eval_period", "onpro_rotations",
-                  "onpro_replay_cap")  # fmt: skip
+                  "onpro_replay_cap", "hparams")  # fmt: skip
 
 
 def machine() -> str:
@@ -97,7 +97,8 @@ def _merged(path: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) ->
     if not path.is_file():
         return runs
     old = json.loads(path.read_text())
-    known = {"protocol": "paper"} | old["protocol"]  # reports written before presets existed ran the paper's
+    # reports written before presets and --hparam existed ran the paper's preset with each method's defaults
+    known = {"protocol": "paper", "hparams": {}} | old["protocol"]
     same = all(known.get(k) == protocol.get(k) for k in _PROTOCOL_KEYS)
     methods = {r["method"] for r in runs}
     return [r for r in old["runs"] if same and r["method"] not in methods] + runs
@@ -127,7 +128,8 @@ def _markdown(doc: dict[str, Any]) -> str:
         f"{p['batch_size'] // 2} at a time), PL-FMS online_iter {p['online_iter']}, importance re-scoring every "
         f"{p['imp_update_period']} updates, OnPro rotation views {p['onpro_rotations'] or 'default'} and replay cap "
         f"{p['onpro_replay_cap'] or 'default'}, evaluation every "
-        f"{p['eval_period']} samples; seeds {_seeds(doc['runs'])} (preset `{p.get('protocol', 'paper')}`).",
+        f"{p['eval_period']} samples; seeds {_seeds(doc['runs'])} (preset `{p.get('protocol', 'paper')}`); "
+        f"{_hparams(p.get('hparams', {}), doc['runs'])}.",
         "Accuracy per level (%, mean ± sample std over seeds) on test images of seen classes"
         + (", parent rule on level 0." if p["setup"] != "multi" else ", each level's own head."),
         "",
@@ -191,6 +193,20 @@ def compute_table(summary: dict[str, dict[str, Any]]) -> list[str]:
 
 def _num(pair: list[float] | None) -> str:
     return "–" if pair is None else f"{pair[0]:.0f} ± {pair[1]:.0f}"
+
+
+def _hparams(given: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The ``--hparam`` pairs in words, each with the methods that took it."""
+    if not given:
+        return "other hyper-parameters: each method's defaults"
+    parts = []
+    for key, value in given.items():
+        takers = sorted({r["method"] for r in runs if key in r.get("hparams", {})})
+        shown = (
+            str(value).lower() if value is None or isinstance(value, bool) else value
+        )  # as typed on the command line
+        parts.append(f"`{key}={shown}` ({', '.join(takers)})")
+    return "hyper-parameters set by `--hparam`: " + ", ".join(parts)
 
 
 def _seeds(runs: list[dict[str, Any]]) -> str:

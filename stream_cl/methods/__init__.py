@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from stream_cl.methods.er import ER
 from stream_cl.methods.er_hle import ERHLE
 from stream_cl.methods.onpro import OnPro
@@ -25,4 +27,10 @@ def method_class(name: str) -> type:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["ER", "ERHLE", "METHODS", "PLFMS", "OnPro", "method_class"]
+def hyper_parameters(name: str) -> list[str]:
+    """The hyper-parameters method ``name`` takes: its constructor's keyword-only parameters."""
+    params = inspect.signature(method_class(name)).parameters
+    return [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+__all__ = ["ER", "ERHLE", "METHODS", "PLFMS", "OnPro", "hyper_parameters", "method_class"]

@@ -78,3 +78,48 @@ def test_whole_tree_preset_fills_the_knobs_not_given_and_parallel_runs_equal_seq
     assert er["0"]["A_last"][1] == pytest.approx(float(np.std(a_last, ddof=1)))  # sample std, as bench accuracy
     text = (tmp_path / "seq" / "single-whole-tree" / "README.md").read_text()
     assert "| er-hle | 40 ± 0 | 2.0× |" in text and "seeds 0, 1 (preset `whole-tree`)" in text
+
+
+def test_hparam_reaches_every_method_that_takes_it_and_the_report_says_so(tmp_path) -> None:
+    _write_cifar_like(tmp_path)
+    common = ["bench", "hle", "--protocol", "whole-tree", "--runs", "1", "--data-dir", str(tmp_path), "--model", "mlp"]
+    common += ["--per-class", "4", "--buffer-size", "12", "--batch-size", "4", "--eval-period", "20", "--threads", "1"]
+    common += ["--device", "cpu", "--method", "er", "er-hle", "--out", str(tmp_path / "out")]
+    # iterations: ER's only (3 steps per batch); lr_decay: ER-HLE's only; cutmix_prob=0 later wins over 1
+    given = ["--hparam", "iterations=3", "--hparam", "lr_decay=0.5", "--hparam", "cutmix_prob=1", "--hparam"]
+    assert main([*common, *given, "cutmix_prob=0"]) == 0
+    doc = json.loads((tmp_path / "out" / "single-whole-tree" / "results.json").read_text())
+    assert doc["protocol"]["hparams"] == {"iterations": 3, "lr_decay": 0.5, "cutmix_prob": 0}
+    runs = {r["method"]: r for r in doc["runs"]}
+    assert runs["er"]["hparams"] == {"iterations": 3} and runs["er"]["steps"] == 3 * 40 // 2
+    assert runs["er-hle"]["hparams"] == {"lr_decay": 0.5, "cutmix_prob": 0} and runs["er-hle"]["steps"] == 40
+    text = (tmp_path / "out" / "single-whole-tree" / "README.md").read_text()
+    assert "set by `--hparam`: `iterations=3` (er), `lr_decay=0.5` (er-hle), `cutmix_prob=0` (er-hle)." in text
+    # a run with other hyper-parameters replaces, not joins, the earlier runs of the report
+    assert main([*common[:-5], "--method", "er-hle", "--out", str(tmp_path / "out")]) == 0
+    doc = json.loads((tmp_path / "out" / "single-whole-tree" / "results.json").read_text())
+    assert [r["method"] for r in doc["runs"]] == ["er-hle"] and doc["protocol"]["hparams"] == {}
+    assert (
+        "other hyper-parameters: each method's defaults"
+        in (tmp_path / "out" / "single-whole-tree" / "README.md").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("no_such_knob=1", "unknown hyper-parameter(s) no_such_knob for methods er, er-hle"),
+        ("online_iter=2", "--hparam online_iter: the bench sets it from --online-iter"),
+        ("seed=4", "--hparam seed: the bench sets it from --runs"),
+        ("pseudo_label", "invalid parse_hparam value"),
+    ],
+)
+def test_hparam_that_no_chosen_method_takes_is_a_usage_error(tmp_path, capsys, flag: str, message: str) -> None:
+    _write_cifar_like(tmp_path)
+    argv = ["bench", "hle", "--data-dir", str(tmp_path), "--method", "er", "er-hle", "--out", str(tmp_path / "out")]
+    try:
+        code = main([*argv, "--hparam", flag])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran

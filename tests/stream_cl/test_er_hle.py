@@ -35,12 +35,12 @@ def test_updates_per_temporary_batch_follow_the_credit_and_memory_is_written_aft
     obs = learner.observe(_batch(3, [("a",), ("b",)]))
     assert compute.steps == 3 and obs.stats.n_learned == 3
     assert obs.stats.n_replayed == 0, "the first pair's updates see an empty memory: it is written after them"
-    assert len(learner.buffer) == 2 and learner._tmp_len() == 1  # the third sample waits for a partner
+    assert len(learner.buffer) == 2 and learner.loop.n_waiting() == 1  # the third sample waits for a partner
     obs = learner.observe(_batch(3, [("a",), ("b",)], seed=1))
     # the waiting sample and the first new one make pair 2, the other two pair 3: 2 × 3 more updates,
     # each filling the batch with B/2 = 2 memory samples.
     assert compute.steps == 9 and obs.stats.n_replayed == 6 * 2
-    assert len(learner.buffer) == 6 and learner._tmp_len() == 0
+    assert len(learner.buffer) == 6 and learner.loop.n_waiting() == 0
 
 
 def test_reservoir_keeps_the_memory_bounded_and_a_resumed_learner_continues_exactly() -> None:

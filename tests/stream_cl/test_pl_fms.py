@@ -15,14 +15,13 @@ from stream_cl.build import build_learner
 from stream_cl.inputs import to_model_input
 from stream_cl.labels import LabelTree
 from stream_cl.learner import Batch
+from stream_cl.methods.hle_augment import augment, cutmix
 from stream_cl.methods.pl_fms import PLFMS
 from stream_cl.methods.pl_fms_losses import ancestor_targets, parent_pseudo_loss, per_sample_ce
 from stream_cl.methods.pl_fms_parts import (
     AdaptiveLR,
     ImportanceScores,
     OfficialAdaptiveLR,
-    augment,
-    cutmix,
     fms_keep_probability,
 )
 
