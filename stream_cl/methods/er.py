@@ -13,6 +13,7 @@ from stream_cl.inputs import on_device, to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
 from stream_cl.methods.common import (
     StepGuard,
+    clear_grads,
     core_state,
     draw_replay,
     encode_labels,
@@ -123,8 +124,8 @@ class ER:
         if self.static_step is not None and self.guard.reduce is None:  # a group averages gradients between steps
             return self.static_step(inputs, targets, levels, len(replay))
         self.guard.begin()
-        loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = hierarchical_ce(self.model.level_logits(inputs), targets, levels)
+        clear_grads(self.optimizer)
         loss.backward()
         return self.guard.step(loss, self.optimizer)
 
