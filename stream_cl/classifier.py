@@ -25,6 +25,7 @@ class Classifier(nn.Module):
         self.heads = LevelHeads(backbone.out_dim, self.device)
         self.tree = tree
         self.switch_mode = mode_matters(self.backbone)
+        self._synced_version = -1  # the tree's version the heads were last grown to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of prepared (float) inputs."""
@@ -39,8 +40,12 @@ class Classifier(nn.Module):
         return self.logits(self.backbone(x))
 
     def sync(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Grow heads to the label tree; returns whether they changed."""
-        return self.heads.grow(self.tree.sizes, optimizer)
+        """Grow heads to the label tree; returns whether they changed. Free when the tree has not changed since."""
+        if self.tree.version == self._synced_version:
+            return False
+        changed = self.heads.grow(self.tree.sizes, optimizer)
+        self._synced_version = self.tree.version
+        return changed
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> Prediction:

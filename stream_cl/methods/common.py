@@ -36,10 +36,11 @@ def encode_labels(
     level_np, y_np, new = model.tree.encode(paths)
     if new:
         model.sync(optimizer)
-    level = on_device(torch.from_numpy(level_np), model.device)
-    y = on_device(torch.from_numpy(y_np), model.device)
-    learn = torch.from_numpy(y_np >= 0) if y.device.type == "cpu" else y >= 0  # numpy's compare is cheaper on CPU
-    return level, y, new, learn
+    level, y = torch.from_numpy(level_np), torch.from_numpy(y_np)
+    if model.device.type == "cpu":  # numpy's compare is cheaper on CPU
+        return level, y, new, torch.from_numpy(y_np >= 0)
+    level, y = level.to(model.device), y.to(model.device)
+    return level, y, new, y >= 0
 
 
 def draw_replay(
