@@ -33,14 +33,21 @@ def encode_labels(
 
     Returns ``(level, y, new_labels, learn_mask)``; unlabelled samples have level = y = -1.
     """
+    level, y, new = encode_targets(model, optimizer, paths)
+    return level, y, new, y >= 0
+
+
+def encode_targets(
+    model: Classifier, optimizer: torch.optim.Optimizer, paths: Sequence[LabelPath | None]
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """:func:`encode_labels` without the learn mask, for a method that needs it only when some label is missing."""
     level_np, y_np, new = model.tree.encode(paths)
     if new:
         model.sync(optimizer)
     level, y = torch.from_numpy(level_np), torch.from_numpy(y_np)
-    if model.device.type == "cpu":  # numpy's compare is cheaper on CPU
-        return level, y, new, torch.from_numpy(y_np >= 0)
-    level, y = level.to(model.device), y.to(model.device)
-    return level, y, new, y >= 0
+    if model.device.type != "cpu":
+        level, y = level.to(model.device), y.to(model.device)
+    return level, y, new
 
 
 def draw_replay(

@@ -16,7 +16,7 @@ from stream_cl.methods.common import (
     clear_grads,
     core_state,
     draw_replay,
-    encode_labels,
+    encode_targets,
     load_core_state,
     refused,
 )
@@ -89,11 +89,12 @@ class ER:
         reason = self.guard.screen(x, prediction, batch.labels) if n_learn else None
         if reason is not None:
             return refused(prediction, self.labels, batch.labels, reason)
-        level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
+        level, y, new = encode_targets(self.model, self.optimizer, batch.labels)
         if not n_learn:
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
         raw_in, inputs, targets, levels = x_raw, x, y, level
-        if n_learn < len(learn):  # unlabelled records are only predicted
+        if n_learn < len(y):  # unlabelled records are only predicted
+            learn = y >= 0
             raw_in, inputs, targets, levels = x_raw[learn], x[learn], y[learn], level[learn]
 
         # Draw the replay from the buffer as it was, then insert this batch: one round trip for Redis.
