@@ -230,8 +230,8 @@ def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
             and not g["weight_decay"]
             and not g["nesterov"]
             and not g["maximize"]
-            and not g["differentiable"]
-            and not g["fused"]
+            and not g.get("differentiable")
+            and not g.get("fused")
             and type(g["lr"]) is float
             and not any(p.grad is not None and p.grad.is_sparse for p in g["params"])
             for g in optimizer.param_groups
