@@ -83,7 +83,8 @@ class MemoryStore:
         self._x.index_copy_(0, dst, _on(x, self.device, non_blocking=True))
         self._y.index_copy_(0, dst, _on(y, self.device))
         self._level.index_copy_(0, dst, _on(level, self.device))
-        self._size = max(self._size, int(written.max()) + 1)  # policies fill slots 0, 1, ... in order
+        if self._size < self.capacity:  # policies fill slots 0, 1, ... in order
+            self._size = max(self._size, int(written.max()) + 1)
         return slots
 
     def sample(self, n: int) -> ReplayBatch:

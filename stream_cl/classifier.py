@@ -25,17 +25,27 @@ class Classifier(nn.Module):
         self.heads = LevelHeads(backbone.out_dim, self.device)
         self.tree = tree
         self.switch_mode = mode_matters(self.backbone)
+        self._synced_version = -1  # the tree's version the heads were last grown to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of prepared (float) inputs."""
         return self.backbone(x)
 
     def logits(self, features: torch.Tensor) -> list[torch.Tensor]:
-        return self.heads(features)
+        return [head(features) for head in self.heads.heads]  # the heads' own call: one module dispatch fewer a step
+
+    def level_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``logits(self(x))`` without this module's ``__call__`` (no hooks are set on it), which a small model pays
+        per step."""
+        return self.logits(self.backbone(x))
 
     def sync(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Grow heads to the label tree; returns whether they changed."""
-        return self.heads.grow(self.tree.sizes, optimizer)
+        """Grow heads to the label tree; returns whether they changed. Free when the tree has not changed since."""
+        if self.tree.version == self._synced_version:
+            return False
+        changed = self.heads.grow(self.tree.sizes, optimizer)
+        self._synced_version = self.tree.version
+        return changed
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> Prediction:
@@ -48,20 +58,20 @@ class Classifier(nn.Module):
         if was_training:
             self.eval()
         try:
-            logits = self.logits(self(x)) if len(self.heads.heads) else []
+            logits = self.level_logits(x) if len(self.heads.heads) else []
         finally:
             if was_training:
                 self.train()
         n, depth = x.shape[0], max(self.tree.depth, 1)
-        levels = [out.float().softmax(dim=1).max(dim=1) for out in logits]
-        if depth == 1 and levels:  # flat: a view of one column instead of stacking one tensor
+        levels = [out.float().softmax(dim=1).max(dim=1, keepdim=True) for out in logits]  # (n, 1) columns
+        if depth == 1 and levels:  # flat: the one column is the prediction
             confidence, classes = levels[0]
-            return Prediction(classes.unsqueeze(1), confidence.unsqueeze(1))
+            return Prediction(classes, confidence)
         if levels and len(levels) == depth:  # every level has a head: no -1 padding needed
-            confidence = torch.stack([conf for conf, _ in levels], dim=1)
-            return Prediction(torch.stack([cls for _, cls in levels], dim=1), confidence)
+            classes = torch.cat([cls for _, cls in levels], dim=1)
+            return Prediction(classes, torch.cat([conf for conf, _ in levels], dim=1))
         classes = torch.full((n, depth), -1, dtype=torch.long, device=x.device)
         confidence = torch.zeros((n, depth), device=x.device)
         for level, (conf, cls) in enumerate(levels):
-            classes[:, level], confidence[:, level] = cls, conf
+            classes[:, level : level + 1], confidence[:, level : level + 1] = cls, conf
         return Prediction(classes, confidence)

@@ -39,6 +39,8 @@ class LabelTree:
         self.parents: list[list[int]] = []
         self._index: list[dict[str, int]] = []
         self._known: dict[LabelPath, tuple[int, int]] = {}  # path -> (level, index): one lookup per record
+        self.version = 0
+        """Changes whenever a class is added or the tree is loaded: what grew heads to it need not look again."""
 
     @property
     def sizes(self) -> list[int]:
@@ -105,8 +107,10 @@ class LabelTree:
         new: list[tuple[int, str]] = []
         if None in encoded:  # some path is new (or was never consistent): grow the tree
             encoded = self._encode_growing(paths, new)
-        pairs = np.array(encoded, dtype=np.int64).reshape(-1, 2)
-        return pairs[:, 0].copy(), pairs[:, 1].copy(), new
+        if not encoded:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), new
+        level, y = zip(*encoded, strict=True)  # two flat lists: cheaper for numpy than one list of pairs
+        return np.array(level, dtype=np.int64), np.array(y, dtype=np.int64), new
 
     def _encode_growing(self, paths: Sequence[LabelPath | None], new: list[tuple[int, str]]) -> list[tuple[int, int]]:
         encoded = []
@@ -160,6 +164,7 @@ class LabelTree:
         self.parents = [list(p) for p in state["parents"]]
         self._index = [{name: i for i, name in enumerate(level)} for level in self.names]
         self._known = {}
+        self.version += 1
 
     def _add(self, depth: int, name: str, parent: int, new: list[tuple[int, str]]) -> int:
         if depth == self.depth:
@@ -173,4 +178,5 @@ class LabelTree:
             self.names[depth].append(name)
             self.parents[depth].append(parent)
             new.append((depth, name))
+            self.version += 1
         return idx

@@ -57,8 +57,13 @@ METHOD_NOTES = [
     "(a) is ER written by hand: same backbone, SGD, stream/replay batch sizes, eval-mode prediction (the "
     "train/eval switch is skipped, in (a) as in stream-cl, for models without batch-norm or dropout), uniform "
     "replay from a preallocated tensor buffer, vectorised reservoir insert; one fixed-size head (stream-cl "
-    "grows its heads as classes appear). Methods without a hand-written loop (OnPro) use `learner.observe` "
-    "on preloaded tensors as their (a).",
+    "grows its heads as classes appear). (a) calls `optimizer.zero_grad()` and `optimizer.step()` as a "
+    "hand-written loop does; stream-cl's ER steps plain SGD (no momentum, weight decay or hooks) with the same "
+    "per-parameter `p -= lr * grad` and sets the gradients to None directly, without those calls' profiling and "
+    "compile-guard wrappers (about as costly as the update itself on the MLP): the same weights bit for bit, but "
+    "a saving (a) does not make, so the learner alone can come out above (a). Its own extra work per step (the "
+    "finite-loss, gradient-norm and input-norm checks, label encoding, the growing heads) is still in its time. "
+    "Methods without a hand-written loop (OnPro) use `learner.observe` on preloaded tensors as their (a).",
     "(b) and (c) hold out no probe samples (probe fraction 0) and never evaluate the probe, as (a) has none.",
     "(c) consumes a tansu broker (memory storage) and a redis-server the benchmark starts; one partition; a "
     "fresh consumer group per run; checkpoints every 2 s on a background thread; /metrics scraped every 1 s; "

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import optimizer as optimizer_module
 
 from buffers.store import ReplayBatch, ReplayStore
 from consumers.record import LabelPath
@@ -19,6 +20,8 @@ from stream_cl.learner import Observation, Prediction, StepStats
 
 NON_FINITE_LOSS = "non_finite_loss"
 """``StepStats.rejected`` of a batch refused because learning it would make the loss or gradients non-finite."""
+FLOAT32_MAX = torch.finfo(torch.float32).max
+"""Largest finite float32: a sum the host takes in float64 above it would have overflowed on the device."""
 EXTREME_INPUT = "extreme_input"
 """``StepStats.rejected`` of a batch with a labelled input far larger than the usual ones (see :class:`StepGuard`)."""
 
@@ -30,13 +33,21 @@ def encode_labels(
 
     Returns ``(level, y, new_labels, learn_mask)``; unlabelled samples have level = y = -1.
     """
+    level, y, new = encode_targets(model, optimizer, paths)
+    return level, y, new, y >= 0
+
+
+def encode_targets(
+    model: Classifier, optimizer: torch.optim.Optimizer, paths: Sequence[LabelPath | None]
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """:func:`encode_labels` without the learn mask, for a method that needs it only when some label is missing."""
     level_np, y_np, new = model.tree.encode(paths)
     if new:
         model.sync(optimizer)
-    level = on_device(torch.from_numpy(level_np), model.device)
-    y = on_device(torch.from_numpy(y_np), model.device)
-    learn = torch.from_numpy(y_np >= 0) if y.device.type == "cpu" else y >= 0  # numpy's compare is cheaper on CPU
-    return level, y, new, learn
+    level, y = torch.from_numpy(level_np), torch.from_numpy(y_np)
+    if model.device.type != "cpu":
+        level, y = level.to(model.device), y.to(model.device)
+    return level, y, new
 
 
 def draw_replay(
@@ -105,25 +116,30 @@ class StepGuard:
     def screen(self, x: torch.Tensor, prediction: Prediction, labels: Sequence[LabelPath | None]) -> str | None:
         """Why the batch must be refused before anything changes, or None. One host sync.
 
-        Only labelled rows count (the others are only predicted): a non-finite float32 squared input norm
+        Only labelled rows count (the others are only predicted): a non-finite float32 input norm
         (any value above ~1.8e19 in magnitude) or prediction is :data:`NON_FINITE_LOSS`; an input norm
         far above the usual is :data:`EXTREME_INPUT`.
         """
         n_learn = len(labels) - labels.count(None)
         if not n_learn:
             return None
-        squared = x.flatten(1).float().square().sum(dim=1)
-        sums = squared + prediction.confidence.float().sum(dim=1)
+        norms = torch.linalg.vector_norm(x.flatten(1).float(), dim=1)  # float32: inf where the squares overflow
+        n = len(labels)
         learn = None
-        if n_learn < len(labels):  # a mask only where some rows are unlabelled: building it costs more than the sums
+        if n_learn == n:  # every row counts: the squared norms and the confidences are summed on the host
+            checked = prediction.confidence.reshape(-1)
+        else:  # a mask only where some rows are unlabelled: building it costs more than the sums
             learn = [path is not None for path in labels]
-            sums = torch.where(torch.tensor(learn, device=x.device), sums, 0.0)
-        *squared_norms, total = torch.cat([squared, sums.sum(0, keepdim=True)]).tolist()  # the one host sync
-        if not math.isfinite(total):
+            rows = norms.square() + prediction.confidence.float().sum(dim=1)
+            checked = torch.where(torch.tensor(learn, device=x.device), rows, 0.0)
+        values = torch.cat([norms, checked]).tolist()  # the one host sync
+        input_norms = values[:n]
+        total = sum(values[n:]) + (sum(v * v for v in input_norms) if learn is None else 0.0)
+        if not total <= FLOAT32_MAX:  # as a float32 sum would overflow; NaN fails the comparison too
             return NON_FINITE_LOSS
         if learn is not None:
-            squared_norms = [v for v, keep in zip(squared_norms, learn, strict=True) if keep]
-        largest = math.sqrt(max(squared_norms))
+            input_norms = [v for v, keep in zip(input_norms, learn, strict=True) if keep]
+        largest = max(input_norms)
         if self._input.count >= self.warmup and not self._input.within(largest, self.input_spike):
             return EXTREME_INPUT
         self._input.add(largest)
@@ -148,20 +164,21 @@ class StepGuard:
         checks = [checked.detach().float().reshape(())]
         device = checks[0].device
         scaled = scaler is not None and scaler.is_enabled()
+        groups = []  # per group of tensors (gradients, floating-point buffers), how many norms follow the loss
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not scaled:
-            checks.append(on_device(_total_norm(grads).float(), device))
-        statistics = [b for b in self._buffers or () if b.is_floating_point()]
-        if statistics:
-            checks.append(on_device(_total_norm(statistics).float(), device))
-        values = torch.stack(checks).tolist()
-        self.reason = None if all(math.isfinite(v) for v in values) else NON_FINITE_LOSS
+        for tensors in (grads if not scaled else [], [b for b in self._buffers or () if b.is_floating_point()]):
+            if tensors:
+                norms = _norms(tensors, device)
+                checks.extend(norms)
+                groups.append(len(norms))
+        values = torch.stack(checks).tolist()  # the one host sync
+        self.reason = None if _finite(values, groups) else NON_FINITE_LOSS
         if self.reason is None:
             if scaled:
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                optimizer.step()
+                optimizer_step(optimizer)
             return float(loss.detach()) if self.reduce is not None else values[0]
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -176,16 +193,74 @@ class StepGuard:
         self._input.load(state["input"])
 
 
-def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all ``tensors`` together, as ``torch.nn.utils.get_total_norm`` computes it, without its
-    grouping by device and dtype (half the cost of a small model's check) when they share one."""
-    first = tensors[0]
-    device, dtype = first.device, first.dtype
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, with plain SGD updated directly: the same ``p -= lr * grad`` per parameter.
+
+    ``SGD.step``'s wrappers (profiling range, compile guards, hook and grad-mode switches) cost a small model
+    as much as the update itself. Plain means: exactly ``torch.optim.SGD``, no momentum, weight decay, Nesterov,
+    maximize, differentiable or fused update, a float learning rate, no step hooks, dense gradients. Anything
+    else goes through ``optimizer.step()``.
+    """
+    if not _plain_sgd(optimizer):
+        optimizer.step()
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:  # SGD's own foreach form: per tensor, the add_ its single-tensor form runs
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-group["lr"])
+
+
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)`` without its per-call profiling range and compile guard."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    return (
+        type(optimizer) is torch.optim.SGD
+        and not optimizer._optimizer_step_pre_hooks
+        and not optimizer._optimizer_step_post_hooks
+        and not optimizer_module._global_optimizer_pre_hooks
+        and not optimizer_module._global_optimizer_post_hooks
+        and all(
+            not g["momentum"]
+            and not g["weight_decay"]
+            and not g["nesterov"]
+            and not g["maximize"]
+            and not g.get("differentiable")
+            and not g.get("fused")
+            and type(g["lr"]) is float
+            and not any(p.grad is not None and p.grad.is_sparse for p in g["params"])
+            for g in optimizer.param_groups
+        )
+    )
+
+
+def _norms(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Float32 L2 norms on ``device`` whose squares sum to the squared norm of all ``tensors`` together: one per
+    tensor (one ``_foreach_norm``, no grouping by device and dtype) when they share the device and float32,
+    else the one total of ``torch.nn.utils.get_total_norm``."""
     if device.type in ("cpu", "cuda") and all(
-        type(t) is torch.Tensor and t.device == device and t.dtype == dtype for t in tensors
+        type(t) is torch.Tensor and t.device == device and t.dtype == torch.float32 for t in tensors
     ):
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-    return torch.nn.utils.get_total_norm(tensors)
+        return list(torch._foreach_norm(tensors))
+    return [on_device(torch.nn.utils.get_total_norm(tensors).float(), device)]
+
+
+def _finite(values: list[float], groups: list[int]) -> bool:
+    """Whether the loss ``values[0]`` is finite and so is the float32 L2 norm of each group of norms after it
+    (its sum of squares within float32's range, as ``get_total_norm`` would compute it)."""
+    if not math.isfinite(values[0]):
+        return False
+    start = 1
+    for count in groups:
+        if not sum(v * v for v in values[start : start + count]) <= FLOAT32_MAX:  # NaN fails the comparison
+            return False
+        start += count
+    return True
 
 
 class _RunningLogMean:

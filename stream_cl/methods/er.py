@@ -13,9 +13,10 @@ from stream_cl.inputs import on_device, to_model_input
 from stream_cl.learner import Batch, Observation, Prediction, StepStats
 from stream_cl.methods.common import (
     StepGuard,
+    clear_grads,
     core_state,
     draw_replay,
-    encode_labels,
+    encode_targets,
     load_core_state,
     refused,
 )
@@ -88,11 +89,12 @@ class ER:
         reason = self.guard.screen(x, prediction, batch.labels) if n_learn else None
         if reason is not None:
             return refused(prediction, self.labels, batch.labels, reason)
-        level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
+        level, y, new = encode_targets(self.model, self.optimizer, batch.labels)
         if not n_learn:
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
         raw_in, inputs, targets, levels = x_raw, x, y, level
-        if n_learn < len(learn):  # unlabelled records are only predicted
+        if n_learn < len(y):  # unlabelled records are only predicted
+            learn = y >= 0
             raw_in, inputs, targets, levels = x_raw[learn], x[learn], y[learn], level[learn]
 
         # Draw the replay from the buffer as it was, then insert this batch: one round trip for Redis.
@@ -123,8 +125,8 @@ class ER:
         if self.static_step is not None and self.guard.reduce is None:  # a group averages gradients between steps
             return self.static_step(inputs, targets, levels, len(replay))
         self.guard.begin()
-        loss = hierarchical_ce(self.model.logits(self.model(inputs)), targets, levels)
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = hierarchical_ce(self.model.level_logits(inputs), targets, levels)
+        clear_grads(self.optimizer)
         loss.backward()
         return self.guard.step(loss, self.optimizer)
 

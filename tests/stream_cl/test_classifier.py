@@ -51,3 +51,20 @@ def test_unknown_layers_count_as_mode_dependent() -> None:
     assert not mode_matters(MLP(6, hidden=4))
     assert mode_matters(nn.Sequential(nn.Linear(4, 4), nn.RReLU()))  # random slopes in training only
     assert mode_matters(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))
+
+
+def test_heads_follow_the_tree_through_new_classes_and_loads_and_skip_unchanged_ones() -> None:
+    classifier = _classifier("mlp", (6,))
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
+    assert classifier.heads.sizes == [2, 1]
+    classifier.tree.encode([("a",), ("a", "x")])  # known classes grow nothing
+    assert not classifier.sync(optimizer)
+    classifier.tree.encode([("c",)])
+    assert classifier.sync(optimizer) and classifier.heads.sizes == [3, 1]
+    assert not classifier.sync(optimizer), "nothing new since the last sync"
+    bigger = LabelTree()
+    bigger.encode([("a",), ("b",), ("c",), ("d", "z"), ("a", "x"), ("d", "w")])
+    classifier.tree.load_state_dict(bigger.state_dict())
+    assert classifier.sync(optimizer) and classifier.heads.sizes == [4, 3], "a loaded tree grows the heads too"
+    weight = classifier.heads.heads[0].weight
+    assert any(p is weight for g in optimizer.param_groups for p in g["params"]), "the optimizer trains the grown head"
