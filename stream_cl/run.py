@@ -94,10 +94,14 @@ class RunOptions:
     ``max_records`` counts every polled message (good or bad); ``until_idle_s`` stops once no
     message arrived for that long, counted from a Kafka source's first partition assignment;
     ``probe_every`` is the number of learned records between probe evaluations;
-    ``max_classes`` bounds the classes (all levels) a stream may bring.
+    ``max_classes`` bounds the classes (all levels) a stream may bring. ``poll_batches`` stream batches
+    are polled at once and learned one after the other; counting, committing and the checkpointer's
+    step are done once per poll, so their cost is spread over that many batches (a group in lockstep
+    polls one batch a step: its workers agree on every step).
     """
 
     batch_size: int = 10
+    poll_batches: int = 10
     max_records: int | None = None
     until_idle_s: float | None = None
     probe_every: int = 500
@@ -137,8 +141,9 @@ def run_stream(
     idle = _IdleClock([source] if labels is None else [source, labels.source], options.until_idle_s)
     bar = tqdm(total=options.max_records, unit="rec", disable=not options.progress, dynamic_ncols=True)
     lockstep = run.parts.lockstep
+    per_poll = options.batch_size * (1 if lockstep is not None else options.poll_batches)
     while lockstep is not None or not stop.is_set():  # a group stops only when its workers agree
-        limit = options.batch_size
+        limit = per_poll
         if options.max_records is not None:
             limit = min(limit, options.max_records - run.summary.consumed)
         now = time.monotonic()
@@ -200,13 +205,19 @@ class _Run:
         self.started = time.monotonic()
 
     def process(self, poll: Poll) -> None:
-        """One polled batch: every record ends learned, held out, predicted, skipped or dead-lettered."""
+        """One poll: every record ends learned, held out, predicted, skipped or dead-lettered.
+
+        Screening, hold-out, the overload policy and the counts work on the whole poll; the records to
+        learn are stacked into one array once, then learned ``batch_size`` at a time, each batch
+        predicted before it is learned.
+        """
         now = time.monotonic()
         self.summary.consumed += len(poll)
         self.publisher.count(len(poll))
         records = self._screen(poll)
         learn = self._hold_out(records)
-        labelled = len(learn) - [r.label for r in learn].count(None)
+        unlabelled = [r.label is None for r in learn]  # before the overload policy: its skips are counted apart
+        labelled = len(learn) - sum(unlabelled)
         # unlabelled on arrival, before the overload policy may drop labels: only delayed labels need to know
         arrived = {id(r) for r in learn if r.label is None} if self.parts.labels is not None else set()
         skipped = 0
@@ -220,26 +231,35 @@ class _Run:
             self._dead_letter(dead)
         if not learn:
             return
+        xs = _stack(learn)
+        size, learned = self.options.batch_size, 0
+        for start in range(0, len(learn), size):
+            rows = slice(start, start + size)
+            learned += self._learn(learn[rows], xs[rows], sum(unlabelled[rows]), arrived, now)
+        self.summary.learned += learned
+        self.learned_total.inc(learned)
+        self.since_probe += learned
+
+    def _learn(self, batch: list[Record], x: torch.Tensor, unlabelled: int, arrived: set[int], now: float) -> int:
+        """Predict, then learn, one batch of a poll (``unlabelled`` of its records came without a label);
+        returns how many of its records were learned."""
         learner = self.state.learner
-        observation = self._observe(learner, learn)
+        observation = self._observe(learner, x, batch)
         if observation.stats.rejected is not None:  # the learner refused the batch: its labelled records are dead
-            for record in learn:
+            for record in batch:
                 if record.label is not None:
                     self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
-            self._predicted(learn, arrived, observation, len(learn) - labelled)
-            learn = [dataclasses.replace(r, label=None) for r in learn]  # their predictions say "not learned"
+            self._predicted(batch, arrived, observation, unlabelled)
+            batch = [dataclasses.replace(r, label=None) for r in batch]  # their predictions say "not learned"
         if self.parts.predictions is not None:
-            self.parts.predictions.publish(learn, observation.prediction, learner.labels, now)
+            self.parts.predictions.publish(batch, observation.prediction, learner.labels, now)
         if observation.stats.rejected is not None:
-            return
-        n_learned = labelled - skipped
-        self.summary.learned += n_learned
-        self.learned_total.inc(n_learned)
+            return 0
         correct = score(observation, self.accuracy, self._parent_maps(learner))
         if self.parts.drift is not None:
-            self.summary.drift_events.extend(watch_drift(self.parts.drift, observation, correct, learn))
-        self.since_probe += n_learned
-        self._predicted(learn, arrived, observation, len(learn) - labelled)
+            self.summary.drift_events.extend(watch_drift(self.parts.drift, observation, correct, batch))
+        self._predicted(batch, arrived, observation, unlabelled)
+        return len(batch) - [r.label for r in batch].count(None)
 
     def join_labels(self) -> int:
         """Read waiting label messages, learn the samples they join; returns how many messages were read."""
@@ -280,7 +300,7 @@ class _Run:
         if not learn:
             return
         learner = self.state.learner
-        observation = self._observe(learner, learn)
+        observation = self._observe(learner, _stack(learn), learn)
         if observation.stats.rejected is not None:
             for record in learn:
                 self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
@@ -407,12 +427,16 @@ class _Run:
         self.outcomes.labels(outcome="dead_letter").inc()
         log.debug("dead letter %s at %s: %s", dead.reason, dead.message.position, dead.detail)
 
-    def _observe(self, learner: Learner, records: list[Record]) -> Observation:
-        x = torch.from_numpy(np.array([r.x for r in records]))  # shapes match (screened): np.stack checks each
+    def _observe(self, learner: Learner, x: torch.Tensor, records: list[Record]) -> Observation:
         started = time.perf_counter()
         observation = learner.observe(Batch(x, [r.label for r in records]))
         self.metrics.learn_step.observe(time.perf_counter() - started)
         return observation
+
+
+def _stack(records: list[Record]) -> torch.Tensor:
+    """The records' inputs as one tensor; their shapes match (screened), so no per-record check as np.stack's."""
+    return torch.from_numpy(np.array([r.x for r in records]))
 
 
 def _advance(bar: tqdm, records: int, source: Source, estimate_total: bool) -> None:
