@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Protocol
 
 import numpy as np
@@ -29,7 +30,7 @@ from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, RunSt
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions
 from stream_cl.publishing import Publisher, evaluate
-from stream_cl.scoring import arrival_scored, score, watch_drift
+from stream_cl.scoring import PollScores, arrival_scored, score
 from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.run")
@@ -141,9 +142,8 @@ def run_stream(
     idle = _IdleClock([source] if labels is None else [source, labels.source], options.until_idle_s)
     bar = tqdm(total=options.max_records, unit="rec", disable=not options.progress, dynamic_ncols=True)
     lockstep = run.parts.lockstep
-    per_poll = options.batch_size * (1 if lockstep is not None else options.poll_batches)
     while lockstep is not None or not stop.is_set():  # a group stops only when its workers agree
-        limit = per_poll
+        limit = options.batch_size if lockstep is not None else run.poll_limit()
         if options.max_records is not None:
             limit = min(limit, options.max_records - run.summary.consumed)
         now = time.monotonic()
@@ -194,6 +194,7 @@ class _Run:
         self.options, self.parts, self.state = options, parts, state
         self.summary = Summary()
         self.accuracy = PrequentialAccuracy(options.online_window)
+        self.scores = PollScores()
         self.publisher = Publisher(metrics, parts.dead_letters)
         self.outcomes = metrics.samples
         # the children counted every batch, looked up once (a labels() lookup takes a lock)
@@ -203,6 +204,17 @@ class _Run:
         self.parent_sizes: list[int] = []  # the tree's class counts when parent_maps was built
         self.since_probe = 0
         self.started = time.monotonic()
+
+    def poll_limit(self) -> int:
+        """Records to poll: ``poll_batches`` batches, but no more than a due probe evaluation or checkpoint by
+        count needs, rounded up to whole batches, so those come after the same batches as with one batch a poll."""
+        size, limit = self.options.batch_size, self.options.batch_size * self.options.poll_batches
+        if self.state.learner is not None:
+            limit = min(limit, max(self.options.probe_every - self.since_probe, 1))
+        due = self.parts.checkpointer.records_until_due() if self.parts.checkpointer is not None else None
+        if due is not None:
+            limit = min(limit, due)
+        return -(-limit // size) * size
 
     def process(self, poll: Poll) -> None:
         """One poll: every record ends learned, held out, predicted, skipped or dead-lettered.
@@ -214,8 +226,10 @@ class _Run:
         now = time.monotonic()
         self.summary.consumed += len(poll)
         self.publisher.count(len(poll))
+        from_source = len(poll.dead_letters)  # screening adds its own after these
         records = self._screen(poll)
         learn = self._hold_out(records)
+        batches = _batches(poll.records, poll.dead_letters[:from_source], learn, self.options.batch_size)
         unlabelled = [r.label is None for r in learn]  # before the overload policy: its skips are counted apart
         labelled = len(learn) - sum(unlabelled)
         # unlabelled on arrival, before the overload policy may drop labels: only delayed labels need to know
@@ -232,17 +246,21 @@ class _Run:
         if not learn:
             return
         xs = _stack(learn)
-        size, learned = self.options.batch_size, 0
-        for start in range(0, len(learn), size):
-            rows = slice(start, start + size)
-            learned += self._learn(learn[rows], xs[rows], sum(unlabelled[rows]), arrived, now)
+        offsets = np.fromiter((r.position.offset for r in learn), dtype=np.int64, count=len(learn))
+        learned = 0
+        for rows in batches:
+            learned += self._learn(learn[rows], xs[rows], offsets[rows], sum(unlabelled[rows]), arrived, now)
+        drift_events = self.scores.flush(self.accuracy, self._parent_maps(self.state.learner), self.parts.drift)
+        self.summary.drift_events.extend(drift_events)
         self.summary.learned += learned
         self.learned_total.inc(learned)
         self.since_probe += learned
 
-    def _learn(self, batch: list[Record], x: torch.Tensor, unlabelled: int, arrived: set[int], now: float) -> int:
-        """Predict, then learn, one batch of a poll (``unlabelled`` of its records came without a label);
-        returns how many of its records were learned."""
+    def _learn(
+        self, batch: list[Record], x: torch.Tensor, offsets: np.ndarray, unlabelled: int, arrived: set[int], now: float
+    ) -> int:
+        """Predict, then learn, one batch of a poll (``unlabelled`` of its records came without a label); it is
+        scored with the poll's other batches; returns how many of its records were learned."""
         learner = self.state.learner
         observation = self._observe(learner, x, batch)
         if observation.stats.rejected is not None:  # the learner refused the batch: its labelled records are dead
@@ -255,9 +273,7 @@ class _Run:
             self.parts.predictions.publish(batch, observation.prediction, learner.labels, now)
         if observation.stats.rejected is not None:
             return 0
-        correct = score(observation, self.accuracy, self._parent_maps(learner))
-        if self.parts.drift is not None:
-            self.summary.drift_events.extend(watch_drift(self.parts.drift, observation, correct, batch))
+        self.scores.add(observation, offsets)
         self._predicted(batch, arrived, observation, unlabelled)
         return len(batch) - [r.label for r in batch].count(None)
 
@@ -432,6 +448,23 @@ class _Run:
         observation = learner.observe(Batch(x, [r.label for r in records]))
         self.metrics.learn_step.observe(time.perf_counter() - started)
         return observation
+
+
+def _batches(records: list[Record], dead: list[DeadLetter], screened: list[Record], size: int) -> list[slice]:
+    """The rows of ``screened`` (the polled ``records`` left to learn, in order) in each stream batch: the records
+    of each ``size`` polled messages (``dead``: the source's dead letters), as one poll per batch would have
+    learned them, so where a run stops and resumes does not change the batches."""
+    if len(screened) == len(records) and not dead:  # the common case: nothing set aside
+        return [slice(start, start + size) for start in range(0, len(screened), size)]
+    if dead:  # the source's dead letters take their places too: stream order is position order
+        entries = [(r.position, id(r)) for r in records] + [(d.message.position, 0) for d in dead]
+        entries.sort(key=lambda e: (e[0].stream, e[0].partition, e[0].offset, e[0].index))
+        place = {key: i for i, (_, key) in enumerate(entries)}
+    else:
+        place = {id(r): i for i, r in enumerate(records)}
+    window = np.fromiter((place[id(r)] // size for r in screened), dtype=np.int64, count=len(screened))
+    bounds = [0, *(np.flatnonzero(np.diff(window)) + 1).tolist(), len(screened)]
+    return [slice(a, b) for a, b in pairwise(bounds)]
 
 
 def _stack(records: list[Record]) -> torch.Tensor:
