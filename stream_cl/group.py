@@ -33,7 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,22 @@ LOCKSTEP_METHODS = ("er", "onpro")
 
 SYNC_MODES = ("allreduce", "average")
 """How a group keeps its model one: gradients all-reduced every step, or parameters averaged every K steps."""
+
+
+@contextmanager
+def process_group(backend: str, **init: Any) -> Iterator[None]:
+    """The default process group (``torch.distributed.init_process_group(backend, **init)``) for the body.
+
+    On a normal way out every worker first waits for the others (a barrier), so none tears its
+    connections down while a peer still completes the last collective; after an error there is no
+    barrier (the peers may be gone), only the teardown.
+    """
+    dist.init_process_group(backend, **init)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 class Group:

@@ -82,15 +82,14 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
     import torch
     import torch.distributed as dist
 
-    from stream_cl.group import Group
+    from stream_cl.group import Group, process_group
     from stream_cl.service import serve, stop_on_signals
 
     nccl = torch.cuda.is_available() and cfg.learner.device != "cpu"
     if nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("nccl" if nccl else "gloo", store=_store(rank), rank=rank, world_size=world_size)
-    try:
+    with process_group("nccl" if nccl else "gloo", store=_store(rank), rank=rank, world_size=world_size):
         group = Group.current(sync=cfg.service.sync, average_every=cfg.service.average_every)
         how = "all-reduce" if group.sync == "allreduce" else f"average every {group.average_every}"
         log.info("worker %d of %d (%s), %s, pid %d", group.rank, group.world_size, dist.get_backend(), how, os.getpid())
@@ -98,8 +97,6 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
         with stop_on_signals(stop, cfg.service.drain_timeout) as received:
             summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)
         return summary, bool(received)
-    finally:
-        dist.destroy_process_group()
 
 
 def _store(rank: int) -> object:

@@ -32,7 +32,7 @@ from consumers.open import open_source
 from consumers.record import Message, Position
 from consumers.recorded import write_messages
 from consumers.wire import encode_binary
-from stream_cl.group import Group
+from stream_cl.group import Group, process_group
 
 MODELS = ("mlp", "resnet18-reduced")
 
@@ -205,8 +205,7 @@ def _worker(rank: int, setup: Setup, port: int, device: str, options: dict[str, 
     if nccl:
         torch.cuda.set_device(rank)
     backend = "nccl" if nccl else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=setup.workers)
-    try:
+    with process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=setup.workers):
         where = torch.device(f"cuda:{rank}" if nccl else device)
         # one worker is the plain service loop (no group, no collectives): what a single `serve` does
         group = None
@@ -261,8 +260,6 @@ def _worker(rank: int, setup: Setup, port: int, device: str, options: dict[str, 
                 "load_average_1m": round(os.getloadavg()[0], 2),
             }
             (workdir / "result.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from prometheus_client import CollectorRegistry
 
@@ -30,7 +29,7 @@ from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.cli import main
 from stream_cl.config import load
-from stream_cl.group import Group, model_sha256
+from stream_cl.group import Group, model_sha256, process_group
 from stream_cl.learner import RunState
 from stream_cl.run import RunOptions, RunParts, run_stream
 from stream_cl.scaleout import for_rank
@@ -156,8 +155,7 @@ def _lockstep_worker(rank: int, port: int, tmp: Path, sync: str = "allreduce", e
     early (empty steps), c3 is a class only rank 1 sees, c1 and c2 only rank 0. The seeds differ, so
     the learners start apart: the group starts from rank 0's parameters."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2):
         x, y = blob_arrays(n_classes=4, per_class=50, shape=(8,))
         keep = y < 3 if rank == 0 else np.isin(y, [0, 3]) & (np.arange(len(y)) % 50 < 20)
         path = tmp / f"stream-{rank}.rec.gz"
@@ -175,8 +173,6 @@ def _lockstep_worker(rank: int, port: int, tmp: Path, sync: str = "allreduce", e
         summary = group.summarize(summary, state.learner)
         result = {"steps": group.record, "learned": summary.learned, "end": model_sha256(state.learner)}
         (tmp / f"steps-{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_workers_hold_identical_parameters_and_label_trees_after_every_step(tmp_path: Path) -> None:
@@ -213,8 +209,7 @@ def test_averaging_workers_step_apart_and_hold_identical_parameters_after_every_
 def _conflict_worker(rank: int, port: int, tmp: Path) -> None:
     """Both workers bring class x in the first step, rank 0 under a, rank 1 under b; then both bring b/y."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2):
         x, y = blob_arrays(n_classes=2, per_class=20, shape=(8,))
         path = tmp / f"conflict-{rank}.rec.gz"
         write_messages(path, messages(x, y, paths={0: ["ab"[rank], "x"], 1: ["b", "y"]}))
@@ -231,8 +226,6 @@ def _conflict_worker(rank: int, port: int, tmp: Path) -> None:
         summary = group.summarize(summary, state.learner)
         result = {"steps": group.record, "summary": asdict(summary), "mine": summary.workers[rank]["learned"]}
         (tmp / f"conflict-{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_class_two_workers_bring_with_two_parents_in_one_step_is_dead_lettered_on_one_not_failing_the_group(
@@ -251,14 +244,11 @@ def test_a_class_two_workers_bring_with_two_parents_in_one_step_is_dead_lettered
 def _serving_worker(rank: int, port: int, settings: dict, tmp: Path) -> None:
     """One worker of a group serving the real broker and Redis, recording its model after every group step."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2):
         cfg = for_rank(load(settings, {}), rank, 2)
         group = RecordingGroup(rank, 2, torch.device("cpu"), sync="average", average_every=cfg.service.average_every)
         summary = serve(cfg, group=group)
         (tmp / f"served-{rank}.json").write_text(json.dumps({"steps": group.record, "summary": asdict(summary)}))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_averaging_workers_learn_a_4_partition_topic_once_and_are_one_model_after_every_average(
