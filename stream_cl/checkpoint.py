@@ -88,7 +88,10 @@ class CheckpointStore:
         for path in self.directory.iterdir():
             match = _NAME.match(path.name)
             if match:
-                stat = path.stat()
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # pruned by a writer since the listing: a reader may run beside it
+                    continue
                 out.append(CheckpointInfo(int(match[1]), path, match[2], stat.st_size, stat.st_mtime))
         return sorted(out, key=lambda c: c.id)
 

@@ -34,6 +34,21 @@ def test_ids_grow_and_old_ones_are_pruned(tmp_path: Path) -> None:
     assert int(torch.load(info.path, weights_only=True)["i"]) == 3
 
 
+def test_a_reader_beside_a_writer_skips_a_checkpoint_pruned_after_the_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path, keep=3)
+    for i in range(2):
+        store.write({"i": torch.tensor(i)})
+    first, second = store.list()
+    listed = [first.path, second.path]
+    monkeypatch.setattr(type(tmp_path), "iterdir", lambda self: iter(listed))
+    first.path.unlink()  # the writer prunes it between the reader's listing and its stat
+    assert [c.id for c in store.list()] == [second.id]
+    info, payload = store.latest()
+    assert (info.id, int(payload["i"])) == (second.id, 1)
+
+
 def test_truncated_or_corrupted_newest_falls_back_to_previous(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, keep=3)
     for i in range(3):

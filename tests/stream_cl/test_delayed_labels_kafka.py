@@ -139,9 +139,11 @@ def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
         latest = CheckpointStore(tmp_path / "ckpt").latest()
         return latest is not None and {t for t, _, _ in latest[1]["offsets"]} == {features, labels}
 
-    wait_until(joining_and_checkpointed, first, tmp_path / "first.log")
-    first.kill()  # SIGKILL: no drain; both groups have committed past the last checkpoint
-    first.wait()
+    try:
+        wait_until(joining_and_checkpointed, first, tmp_path / "first.log")
+    finally:
+        first.kill()  # SIGKILL: no drain; both groups have committed past the last checkpoint
+        first.wait()
     assert lines(tmp_path / "first.jsonl") < n, "the stream must still be flowing when the service dies"
     _, checkpoint = CheckpointStore(tmp_path / "ckpt").latest()
     shown = describe(checkpoint, Path("ckpt"))["pending"]
