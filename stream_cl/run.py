@@ -98,7 +98,7 @@ class RunOptions:
     ``max_classes`` bounds the classes (all levels) a stream may bring. ``poll_batches`` stream batches
     are polled at once and learned one after the other; counting, committing and the checkpointer's
     step are done once per poll, so their cost is spread over that many batches (a group in lockstep
-    polls one batch a step: its workers agree on every step; so does a run with delayed labels).
+    polls one batch a step: its workers agree on every step).
     """
 
     batch_size: int = 10
@@ -207,11 +207,8 @@ class _Run:
 
     def poll_limit(self) -> int:
         """Records to poll: ``poll_batches`` batches, but no more than a due probe evaluation or checkpoint by
-        count needs, rounded up to whole batches, so those come after the same batches as with one batch a poll;
-        one batch with delayed labels, so labels that join between batches are learned before the next one."""
+        count needs, rounded up to whole batches, so those come after the same batches as with one batch a poll."""
         size, limit = self.options.batch_size, self.options.batch_size * self.options.poll_batches
-        if self.parts.labels is not None:
-            return size  # a batch's labels may join before the next batch arrives: it is predicted after learning them
         if self.state.learner is not None:
             limit = min(limit, max(self.options.probe_every - self.since_probe, 1))
         due = self.parts.checkpointer.records_until_due() if self.parts.checkpointer is not None else None
