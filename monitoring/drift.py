@@ -147,10 +147,9 @@ class _Watch:
         if self.statistic is not None:
             self.statistic.set(batch_mean)
 
-    def update(self, values: np.ndarray, positions: np.ndarray, starts: np.ndarray) -> list[DriftEvent]:
-        if self.feed == "mean":  # one mean per batch, at the batch's last position
-            counts = np.diff(starts, append=len(values))
-            values, positions = np.add.reduceat(values, starts) / counts, positions[starts + counts - 1]
+    def update(self, values: np.ndarray, positions: np.ndarray) -> list[DriftEvent]:
+        if self.feed == "mean":
+            values, positions = values.mean(keepdims=True), positions[-1:]
         # The detector takes one value per update (its semantics); the bookkeeping for the direction filter
         # is only read at a detection, so it is done per run of values between detections, not per value.
         values_list, detector, hits = values.tolist(), self.detector, []
@@ -216,15 +215,8 @@ class DriftMonitor:
         self.hook = hook
         self.events: list[DriftEvent] = []
 
-    def update(
-        self, signal: str, values: np.ndarray, positions: np.ndarray, starts: np.ndarray | None = None
-    ) -> list[DriftEvent]:
-        """Feed one batch of ``signal`` (values aligned with stream positions); return new detections.
-
-        Several batches may come in one call, ``starts`` being the index where each begins (empty batches
-        repeat the next one's start): every detector sees the same values in the same order as with one
-        call per batch, ``feed=mean`` ones one mean per batch, and the statistic is the last batch's mean.
-        """
+    def update(self, signal: str, values: np.ndarray, positions: np.ndarray) -> list[DriftEvent]:
+        """Feed one batch of ``signal`` (values aligned with stream positions); return new detections."""
         if signal not in SIGNALS:
             raise ValueError(f"unknown drift signal {signal!r}")
         values = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -234,15 +226,12 @@ class DriftMonitor:
         events: list[DriftEvent] = []
         if not len(values):
             return events
-        starts = np.zeros(1, dtype=np.int64) if starts is None else np.unique(starts[starts < len(values)])
-        if len(starts) == 0 or starts[0] != 0:
-            raise ValueError(f"batch starts {starts.tolist()} must begin at 0")
         for watch in self.watches:
             if watch.spec.signal != signal:
                 continue
-            found = watch.update(values, positions, starts)
+            found = watch.update(values, positions)
             events.extend(found)
-            watch.publish(float(values[starts[-1] :].mean()))
+            watch.publish(float(values.mean()))
             if found and watch.detected is not None:
                 watch.detected.inc(len(found))
         for event in events:

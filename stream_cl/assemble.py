@@ -120,10 +120,7 @@ def assemble(
         )
         if cfg.source.prefetch and not source.fetches_ahead:
             source = Prefetcher(
-                source,
-                depth=cfg.source.prefetch,
-                batch_size=cfg.run.batch_size * cfg.run.poll_batches,
-                max_records=cfg.run.max_records,
+                source, depth=cfg.source.prefetch, batch_size=cfg.run.batch_size, max_records=cfg.run.max_records
             )
         stack.enter_context(source)
         sink = open_dead_letters(
@@ -214,7 +211,6 @@ def drift_monitor(cfg: Config, metrics: Metrics) -> DriftMonitor | None:
 def run_options(cfg: Config) -> RunOptions:
     return RunOptions(
         batch_size=cfg.run.batch_size,
-        poll_batches=cfg.run.poll_batches,
         max_records=cfg.run.max_records,
         until_idle_s=cfg.source.until_idle,
         probe_every=cfg.run.probe_every,

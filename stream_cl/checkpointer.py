@@ -110,11 +110,6 @@ class Checkpointer:
         """How long the oldest record learned but not yet in a written checkpoint has waited (0: none)."""
         return 0.0 if self._unsaved_since is None else time.monotonic() - self._unsaved_since
 
-    def records_until_due(self) -> int | None:
-        """Polled records until a checkpoint by ``every_records`` is due (None: no such cadence): the run
-        loop polls no more, so checkpoints by count fall where they fall with one poll per batch."""
-        return None if self.every_records is None else max(self.every_records - self._since, 1)
-
     def step(self, state: RunState, offsets: Offsets, n_records: int, summary: Summary) -> None:
         """Record a committed batch (its next ``offsets``); checkpoint if one is due."""
         self.offsets.advance(offsets)

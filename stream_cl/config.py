@@ -276,9 +276,6 @@ class RunConfig:
     """How the loop batches, measures and stops."""
 
     batch_size: int = setting(10, "stream micro-batch size", check=positive)
-    poll_batches: int = setting(
-        10, "stream batches polled at once (counts, commits and checkpoint steps once per poll)", check=positive
-    )
     max_records: int | None = setting(None, "stop after this many records", check=positive)
     probe_fraction: float = setting(
         0.05, "share of labelled records held out to measure accuracy and forgetting", check=fraction

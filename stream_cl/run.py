@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Protocol
 
 import numpy as np
@@ -30,7 +29,7 @@ from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, RunSt
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions
 from stream_cl.publishing import Publisher, evaluate
-from stream_cl.scoring import PollScores, arrival_scored, score
+from stream_cl.scoring import arrival_scored, score, watch_drift
 from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.run")
@@ -95,14 +94,10 @@ class RunOptions:
     ``max_records`` counts every polled message (good or bad); ``until_idle_s`` stops once no
     message arrived for that long, counted from a Kafka source's first partition assignment;
     ``probe_every`` is the number of learned records between probe evaluations;
-    ``max_classes`` bounds the classes (all levels) a stream may bring. ``poll_batches`` stream batches
-    are polled at once and learned one after the other; counting, committing and the checkpointer's
-    step are done once per poll, so their cost is spread over that many batches (a group in lockstep
-    polls one batch a step: its workers agree on every step).
+    ``max_classes`` bounds the classes (all levels) a stream may bring.
     """
 
     batch_size: int = 10
-    poll_batches: int = 10
     max_records: int | None = None
     until_idle_s: float | None = None
     probe_every: int = 500
@@ -143,7 +138,7 @@ def run_stream(
     bar = tqdm(total=options.max_records, unit="rec", disable=not options.progress, dynamic_ncols=True)
     lockstep = run.parts.lockstep
     while lockstep is not None or not stop.is_set():  # a group stops only when its workers agree
-        limit = options.batch_size if lockstep is not None else run.poll_limit()
+        limit = options.batch_size
         if options.max_records is not None:
             limit = min(limit, options.max_records - run.summary.consumed)
         now = time.monotonic()
@@ -194,7 +189,6 @@ class _Run:
         self.options, self.parts, self.state = options, parts, state
         self.summary = Summary()
         self.accuracy = PrequentialAccuracy(options.online_window)
-        self.scores = PollScores()
         self.publisher = Publisher(metrics, parts.dead_letters)
         self.outcomes = metrics.samples
         # the children counted every batch, looked up once (a labels() lookup takes a lock)
@@ -205,33 +199,14 @@ class _Run:
         self.since_probe = 0
         self.started = time.monotonic()
 
-    def poll_limit(self) -> int:
-        """Records to poll: ``poll_batches`` batches, but no more than a due probe evaluation or checkpoint by
-        count needs, rounded up to whole batches, so those come after the same batches as with one batch a poll."""
-        size, limit = self.options.batch_size, self.options.batch_size * self.options.poll_batches
-        if self.state.learner is not None:
-            limit = min(limit, max(self.options.probe_every - self.since_probe, 1))
-        due = self.parts.checkpointer.records_until_due() if self.parts.checkpointer is not None else None
-        if due is not None:
-            limit = min(limit, due)
-        return -(-limit // size) * size
-
     def process(self, poll: Poll) -> None:
-        """One poll: every record ends learned, held out, predicted, skipped or dead-lettered.
-
-        Screening, hold-out, the overload policy and the counts work on the whole poll; the records to
-        learn are stacked into one array once, then learned ``batch_size`` at a time, each batch
-        predicted before it is learned.
-        """
+        """One polled batch: every record ends learned, held out, predicted, skipped or dead-lettered."""
         now = time.monotonic()
         self.summary.consumed += len(poll)
         self.publisher.count(len(poll))
-        from_source = len(poll.dead_letters)  # screening adds its own after these
         records = self._screen(poll)
         learn = self._hold_out(records)
-        batches = _batches(poll.records, poll.dead_letters[:from_source], learn, self.options.batch_size)
-        unlabelled = [r.label is None for r in learn]  # before the overload policy: its skips are counted apart
-        labelled = len(learn) - sum(unlabelled)
+        labelled = len(learn) - [r.label for r in learn].count(None)
         # unlabelled on arrival, before the overload policy may drop labels: only delayed labels need to know
         arrived = {id(r) for r in learn if r.label is None} if self.parts.labels is not None else set()
         skipped = 0
@@ -245,37 +220,26 @@ class _Run:
             self._dead_letter(dead)
         if not learn:
             return
-        xs = _stack(learn)
-        offsets = np.fromiter((r.position.offset for r in learn), dtype=np.int64, count=len(learn))
-        learned = 0
-        for rows in batches:
-            learned += self._learn(learn[rows], xs[rows], offsets[rows], sum(unlabelled[rows]), arrived, now)
-        drift_events = self.scores.flush(self.accuracy, self._parent_maps(self.state.learner), self.parts.drift)
-        self.summary.drift_events.extend(drift_events)
-        self.summary.learned += learned
-        self.learned_total.inc(learned)
-        self.since_probe += learned
-
-    def _learn(
-        self, batch: list[Record], x: torch.Tensor, offsets: np.ndarray, unlabelled: int, arrived: set[int], now: float
-    ) -> int:
-        """Predict, then learn, one batch of a poll (``unlabelled`` of its records came without a label); it is
-        scored with the poll's other batches; returns how many of its records were learned."""
         learner = self.state.learner
-        observation = self._observe(learner, x, batch)
+        observation = self._observe(learner, learn)
         if observation.stats.rejected is not None:  # the learner refused the batch: its labelled records are dead
-            for record in batch:
+            for record in learn:
                 if record.label is not None:
                     self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
-            self._predicted(batch, arrived, observation, unlabelled)
-            batch = [dataclasses.replace(r, label=None) for r in batch]  # their predictions say "not learned"
+            self._predicted(learn, arrived, observation, len(learn) - labelled)
+            learn = [dataclasses.replace(r, label=None) for r in learn]  # their predictions say "not learned"
         if self.parts.predictions is not None:
-            self.parts.predictions.publish(batch, observation.prediction, learner.labels, now)
+            self.parts.predictions.publish(learn, observation.prediction, learner.labels, now)
         if observation.stats.rejected is not None:
-            return 0
-        self.scores.add(observation, offsets)
-        self._predicted(batch, arrived, observation, unlabelled)
-        return len(batch) - [r.label for r in batch].count(None)
+            return
+        n_learned = labelled - skipped
+        self.summary.learned += n_learned
+        self.learned_total.inc(n_learned)
+        correct = score(observation, self.accuracy, self._parent_maps(learner))
+        if self.parts.drift is not None:
+            self.summary.drift_events.extend(watch_drift(self.parts.drift, observation, correct, learn))
+        self.since_probe += n_learned
+        self._predicted(learn, arrived, observation, len(learn) - labelled)
 
     def join_labels(self) -> int:
         """Read waiting label messages, learn the samples they join; returns how many messages were read."""
@@ -316,7 +280,7 @@ class _Run:
         if not learn:
             return
         learner = self.state.learner
-        observation = self._observe(learner, _stack(learn), learn)
+        observation = self._observe(learner, learn)
         if observation.stats.rejected is not None:
             for record in learn:
                 self._dead_letter(DeadLetter(record.message, observation.stats.rejected, "step skipped"))
@@ -443,33 +407,12 @@ class _Run:
         self.outcomes.labels(outcome="dead_letter").inc()
         log.debug("dead letter %s at %s: %s", dead.reason, dead.message.position, dead.detail)
 
-    def _observe(self, learner: Learner, x: torch.Tensor, records: list[Record]) -> Observation:
+    def _observe(self, learner: Learner, records: list[Record]) -> Observation:
+        x = torch.from_numpy(np.array([r.x for r in records]))  # shapes match (screened): np.stack checks each
         started = time.perf_counter()
         observation = learner.observe(Batch(x, [r.label for r in records]))
         self.metrics.learn_step.observe(time.perf_counter() - started)
         return observation
-
-
-def _batches(records: list[Record], dead: list[DeadLetter], screened: list[Record], size: int) -> list[slice]:
-    """The rows of ``screened`` (the polled ``records`` left to learn, in order) in each stream batch: the records
-    of each ``size`` polled messages (``dead``: the source's dead letters), as one poll per batch would have
-    learned them, so where a run stops and resumes does not change the batches."""
-    if len(screened) == len(records) and not dead:  # the common case: nothing set aside
-        return [slice(start, start + size) for start in range(0, len(screened), size)]
-    if dead:  # the source's dead letters take their places too: stream order is position order
-        entries = [(r.position, id(r)) for r in records] + [(d.message.position, 0) for d in dead]
-        entries.sort(key=lambda e: (e[0].stream, e[0].partition, e[0].offset, e[0].index))
-        place = {key: i for i, (_, key) in enumerate(entries)}
-    else:
-        place = {id(r): i for i, r in enumerate(records)}
-    window = np.fromiter((place[id(r)] // size for r in screened), dtype=np.int64, count=len(screened))
-    bounds = [0, *(np.flatnonzero(np.diff(window)) + 1).tolist(), len(screened)]
-    return [slice(a, b) for a, b in pairwise(bounds)]
-
-
-def _stack(records: list[Record]) -> torch.Tensor:
-    """The records' inputs as one tensor; their shapes match (screened), so no per-record check as np.stack's."""
-    return torch.from_numpy(np.array([r.x for r in records]))
 
 
 def _advance(bar: tqdm, records: int, source: Source, estimate_total: bool) -> None:

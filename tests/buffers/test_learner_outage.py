@@ -55,8 +55,7 @@ def test_learner_survives_redis_dying_mid_stream(redis_aof, tmp_path):
     registry = CollectorRegistry()
     cpu = torch.device("cpu")
     make = partial(build_learner, "er", "mlp", device=cpu, buffer=store, hparams={"replay_batch_size": 5})
-    # one batch a poll: the outage source kills and restarts Redis between polls, at these record counts
-    options = RunOptions(batch_size=10, poll_batches=1, progress=False, probe_every=10**6)
+    options = RunOptions(batch_size=10, progress=False, probe_every=10**6)
     summary, _ = run_stream(source, make, Metrics(registry), options)
 
     assert summary.learned == 180, "every record was learned, Redis or not"
