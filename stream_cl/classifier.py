@@ -32,12 +32,14 @@ class Classifier(nn.Module):
         return self.backbone(x)
 
     def logits(self, features: torch.Tensor) -> list[torch.Tensor]:
+        if _has_hooks(self.heads):
+            return self.heads(features)
         return [head(features) for head in self.heads.heads]  # the heads' own call: one module dispatch fewer a step
 
     def level_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``logits(self(x))`` without this module's ``__call__`` (no hooks are set on it), which a small model pays
-        per step."""
-        return self.logits(self.backbone(x))
+        """``logits(self(x))``; without this module's ``__call__`` (which a small model pays per step) unless a hook
+        is registered on it, so hooks always run."""
+        return self.logits(self(x) if _has_hooks(self) else self.backbone(x))
 
     def sync(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Grow heads to the label tree; returns whether they changed. Free when the tree has not changed since."""
@@ -75,3 +77,17 @@ class Classifier(nn.Module):
         for level, (conf, cls) in enumerate(levels):
             classes[:, level : level + 1], confidence[:, level : level + 1] = cls, conf
         return Prediction(classes, confidence)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module.__call__`` would run hooks (its own or global ones): what ``Module._call_impl`` checks."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+        or nn.modules.module._global_backward_hooks
+        or nn.modules.module._global_backward_pre_hooks
+    )

@@ -68,3 +68,35 @@ def test_heads_follow_the_tree_through_new_classes_and_loads_and_skip_unchanged_
     assert classifier.sync(optimizer) and classifier.heads.sizes == [4, 3], "a loaded tree grows the heads too"
     weight = classifier.heads.heads[0].weight
     assert any(p is weight for g in optimizer.param_groups for p in g["params"]), "the optimizer trains the grown head"
+
+
+def test_hooks_on_the_classifier_and_its_heads_run_on_the_fast_path() -> None:
+    classifier = _classifier("mlp", (6,))
+    x = torch.randn(3, 6)
+    plain = classifier.level_logits(x)
+    seen: list[str] = []
+    handles = [
+        classifier.register_forward_pre_hook(lambda module, args: seen.append("classifier pre")),
+        classifier.register_forward_hook(lambda module, args, out: out * 2),  # features doubled
+        classifier.heads.register_forward_hook(lambda module, args, out: seen.append("heads") or None),
+    ]
+    hooked = classifier.level_logits(x)
+    assert seen == ["classifier pre", "heads"]
+    bias = [head.bias for head in classifier.heads.heads]
+    for level, (out, base) in enumerate(zip(hooked, plain, strict=True)):  # linear heads: 2 W f + b = 2 (W f + b) - b
+        assert torch.allclose(out, 2 * base - bias[level], atol=1e-6)
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    assert all(torch.equal(a, b) for a, b in zip(classifier.level_logits(x), plain, strict=True)) and not seen
+
+
+def test_global_module_hooks_reach_the_classifier_on_the_fast_path() -> None:
+    classifier = _classifier("mlp", (6,))
+    called: list[type] = []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: called.append(type(module)))
+    try:
+        classifier.level_logits(torch.randn(2, 6))
+    finally:
+        handle.remove()
+    assert Classifier in called
