@@ -24,13 +24,18 @@ def test_quick_run_writes_json_markdown_and_plots(tmp_path) -> None:
     assert [c["case"]["name"] for c in result["cases"]] == ["er-resnet", "er-mlp"]
     assert result["provenance"] == provenance()
     for case in result["cases"]:
-        assert set(case["paths"]) == {"a", "learner", "b", "b+prefetch"}
+        assert set(case["paths"]) == {"a", "learner", "b", "b+prefetch", "b-batched10", "b-batched100"}
         steps = case["case"]["n_records"] // case["case"]["batch_size"]
         for path in case["paths"].values():
             assert path["steps"] == steps  # every record went through one learner step, in every path
             assert path["samples_per_second"] > 0
             assert path["step_latency_ms"]["p50"] <= path["step_latency_ms"]["p99"]
-        assert set(case["ratios"]) == {"learner/a", "b/a", "b+prefetch/a"}
+        assert set(case["ratios"]) == {"learner/a", "b/a", "b+prefetch/a", "b-batched10/a", "b-batched100/a"}
+        assert (
+            case["ratios"]["b-batched10/a"]["goal"]
+            == case["ratios"]["b/a"]["goal"]
+            == ">= " + str({"er-resnet": 1.0, "er-mlp": 0.9}[case["case"]["name"]])
+        )
     memory = result["memory"]
     assert memory["records"] == 2000 and memory["rss_end_mib"] > 0
     assert len(memory["trace"]["records"]) == len(memory["trace"]["rss_mib"]) > 2

@@ -89,7 +89,7 @@ def batched_messages(stream: Stream, topic: str, per_message: int) -> Iterator[M
         yield Message(Position(topic, 0, offset), float(first), None, value, tuple(headers))
 
 
-def write_recorded(stream: Stream, path: Path) -> Path:
-    """Write the stream to a recorded-stream file (the input of path b)."""
-    write_messages(path, messages(stream))
+def write_recorded(stream: Stream, path: Path, per_message: int = 1) -> Path:
+    """Write the stream to a recorded-stream file (the input of path b), ``per_message`` samples per message."""
+    write_messages(path, messages(stream) if per_message == 1 else batched_messages(stream, "bench", per_message))
     return path

@@ -26,6 +26,8 @@ PATH_LABELS = {
     "learner": "learner.observe alone",
     "b": "(b) recorded file → run loop",
     "b+prefetch": "(b) + prefetch thread",
+    "b-batched10": "(b) with 10 samples per recorded message (wire format 2)",
+    "b-batched100": "(b) with 100 samples per recorded message (wire format 2)",
     "c": "(c) Kafka → run loop, Redis buffer, metrics, drift, checkpoints",
     **kafka_clients.LABELS,
     "c-batched10": "(c) with 10 samples per Kafka message (wire format 2)",
