@@ -5,13 +5,14 @@ Each run builds the seeded stream (:mod:`consumers.hle`), feeds it in micro-batc
 end) predicts the test images and scores each level on the test images whose class at that level
 has been seen (anytime evaluation), with the paper's parent rule on single-depth setups
 (:func:`monitoring.hierarchy.level_correct`). Per level it reports A_auc, A_last and class-wise
-F_last, mean ± sample std over ``--runs`` seeds, and each run's compute (optimizer steps, CPU-seconds
-of learning); the report is written by :mod:`stream_cl.bench.hle_report`.
+F_last, mean ± sample std over the seeds (``--runs`` or ``--seeds``), and each run's compute (optimizer
+steps, CPU-seconds of learning); the report is written by :mod:`stream_cl.bench.hle_report`.
 
 ``--protocol`` names a preset of the protocol knobs (:data:`PROTOCOLS`); a flag given explicitly
 overrides its value. ``--hparam KEY=VALUE`` (repeatable) sets a hyper-parameter of every chosen method
 that takes it, on top of the protocol's settings. ``--jobs N`` learns N (method, seed) runs at once, each
-in its own process.
+in its own process. A report keeps the runs of other (method, seed) pairs of the same protocol, so
+``--seeds`` can add seeds to it later.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--setup", choices=SETUPS, default="single")
     p.add_argument("--method", nargs="+", default=["pl-fms", "er"], choices=sorted(METHODS))
     p.add_argument("--runs", type=int, default=keep, help="seeds 0..runs-1 (class and sample order, init)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="these seeds instead of 0..runs-1: runs of other seeds already in the report are kept",
+    )
     p.add_argument("--data-dir", required=True, help="folder with the CIFAR-100 files")
     p.add_argument("--per-class", type=int, default=keep, help="train images per fine class (paper: all 500)")
     p.add_argument("--test-per-class", type=int, default=keep, help="test images per fine class (default all 100)")
@@ -128,7 +136,8 @@ def split_hparams(methods: list[str], given: dict[str, Any]) -> dict[str, dict[s
 def cmd_hle(args: argparse.Namespace) -> int:
     args = resolve(args)
     device = pick_device(args.device)
-    todo = [(method, seed) for method in args.method for seed in range(args.runs)]
+    seeds = sorted(set(args.seeds)) if args.seeds else list(range(args.runs))
+    todo = [(method, seed) for method in args.method for seed in seeds]
     if args.jobs > 1:
         spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:

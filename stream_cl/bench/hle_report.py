@@ -30,7 +30,7 @@ PAPER = {
 }
 """Paper Table 1/2, CIFAR-100, final-task accuracy (%) per level (ResNet-34, 3 updates/sample, GPU)."""
 
-_PROTOCOL_KEYS = ("protocol", "setup", "runs", "per_class", "test_per_class", "model", "width", "buffer_size",
+_PROTOCOL_KEYS = ("protocol", "setup", "per_class", "test_per_class", "model", "width", "buffer_size",
                   "batch_size", "online_iter", "imp_update_period", "eval_period", "onpro_rotations",
                   "onpro_replay_cap", "hparams")  # fmt: skip
 
@@ -100,8 +100,8 @@ def _merged(path: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) ->
     # reports written before presets and --hparam existed ran the paper's preset with each method's defaults
     known = {"protocol": "paper", "hparams": {}} | old["protocol"]
     same = all(known.get(k) == protocol.get(k) for k in _PROTOCOL_KEYS)
-    methods = {r["method"] for r in runs}
-    return [r for r in old["runs"] if same and r["method"] not in methods] + runs
+    done = {(r["method"], r["seed"]) for r in runs}  # a (method, seed) run again replaces the old run
+    return [r for r in old["runs"] if same and (r["method"], r["seed"]) not in done] + runs
 
 
 def _mean_std(values: list[float]) -> list[float]:

@@ -54,6 +54,24 @@ def test_bench_hle_writes_per_level_reports_and_merges_methods(tmp_path) -> None
     assert (report / "accuracy.png").stat().st_size > 1000
 
 
+def test_seeds_run_later_join_the_report_and_a_seed_run_again_replaces_its_run(tmp_path) -> None:
+    _write_cifar_like(tmp_path)
+    out = tmp_path / "out"
+    common = ["bench", "hle", "--setup", "single", "--data-dir", str(tmp_path), "--model", "mlp", "--method", "er"]
+    common += ["--buffer-size", "20", "--batch-size", "4", "--eval-period", "20", "--threads", "1", "--out", str(out)]
+    assert main([*common, "--runs", "1"]) == 0
+    first = json.loads((out / "single" / "results.json").read_text())["runs"]
+    assert main([*common, "--seeds", "2", "1"]) == 0
+    doc = json.loads((out / "single" / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in doc["runs"]] == [("er", 0), ("er", 1), ("er", 2)]
+    assert doc["runs"][0] == first[0]
+    assert "seeds 0, 1, 2" in (out / "single" / "README.md").read_text()
+    assert main([*common, "--seeds", "1"]) == 0  # seed 1 again: its run is replaced, the others kept
+    again = json.loads((out / "single" / "results.json").read_text())["runs"]
+    assert [(r["method"], r["seed"]) for r in again] == [("er", 0), ("er", 2), ("er", 1)]
+    assert again[2]["levels"] == doc["runs"][1]["levels"]  # the same seed learns the same
+
+
 def test_whole_tree_preset_fills_the_knobs_not_given_and_parallel_runs_equal_sequential_ones(tmp_path) -> None:
     _write_cifar_like(tmp_path)
     common = ["bench", "hle", "--protocol", "whole-tree", "--runs", "2", "--data-dir", str(tmp_path), "--model", "mlp"]
