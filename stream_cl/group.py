@@ -50,7 +50,7 @@ from stream_cl.summary import COUNTS, TOTALS, Summary
 
 log = logging.getLogger("stream_cl.group")
 
-LOCKSTEP_METHODS = ("er", "onpro")
+LOCKSTEP_METHODS = ("er", "onpro", "onpro-hle")
 """Methods that take at most one optimizer step per batch, the unit the group synchronises."""
 
 SYNC_MODES = ("allreduce", "average")

@@ -175,7 +175,7 @@ def hparams(method: str, args: argparse.Namespace, stream_length: int, feature_d
             "fms_factor": 2.0 if args.setup == "multi" else 1.0,
             "seed": seed,
         }
-    if method == "onpro":
+    if method in ("onpro", "onpro-hle"):
         knobs = {"rotations": args.onpro_rotations, "replay_cap": args.onpro_replay_cap}
         return {"proj_dim": min(128, feature_dim), "seed": seed} | {k: v for k, v in knobs.items() if v is not None}
     return {}

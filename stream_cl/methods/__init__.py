@@ -7,9 +7,10 @@ import inspect
 from stream_cl.methods.er import ER
 from stream_cl.methods.er_hle import ERHLE
 from stream_cl.methods.onpro import OnPro
+from stream_cl.methods.onpro_hle import OnProHLE
 from stream_cl.methods.pl_fms import PLFMS
 
-METHODS: dict[str, type] = {"er": ER, "er-hle": ERHLE, "onpro": OnPro, "pl-fms": PLFMS}
+METHODS: dict[str, type] = {"er": ER, "er-hle": ERHLE, "onpro": OnPro, "onpro-hle": OnProHLE, "pl-fms": PLFMS}
 """Method name → class. Each class takes ``(model, buffer, **hyper_parameters)``."""
 
 
@@ -33,4 +34,4 @@ def hyper_parameters(name: str) -> list[str]:
     return [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-__all__ = ["ER", "ERHLE", "METHODS", "PLFMS", "OnPro", "hyper_parameters", "method_class"]
+__all__ = ["ER", "ERHLE", "METHODS", "PLFMS", "OnPro", "OnProHLE", "hyper_parameters", "method_class"]

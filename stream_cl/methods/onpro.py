@@ -187,8 +187,8 @@ class OnPro:
             groups = contrast_groups(keys, keys, torch.zeros_like(keys, dtype=torch.float32), self.rotations)
             sim = ins_similarity(z[:n_stream], h[:n_stream], offset, scale)
             loss_ins = ins_loss(sim, groups.repeat(2), temperature=self.ins_temperature, stream=True)
-            half, tau = n_stream // 2, self.proto_temperature
-            loss_new, _, _ = proto_loss(z[: len(xs)], z[half : half + len(xs)], keys, temperature=tau)
+            half = n_stream // 2
+            loss_new, _, _ = self._ope(z[: len(xs)], z[half : half + len(xs)], keys)
             loss = loss_ins + loss_new
 
             if mixed is not None:
@@ -197,19 +197,15 @@ class OnPro:
                 sim = ins_similarity(z[n_stream:], h[n_stream:], offset, scale)
                 loss = loss + ins_loss(sim, groups.repeat(2), temperature=self.ins_temperature, stream=False)
                 logits = self.model.logits(self.model(random_view(mixed.x, self.gen)))
-                loss = loss + mixup_ce([lg.float() for lg in logits], mixed.a, mixed.b, mixed.lam)
+                loss = loss + self._ce(logits, mixed.a, mixed.b, mixed.lam)
             elif self.task == 0:
                 logits = self.model.logits(self.model(random_view(xs, self.gen)))
-                loss = loss + mixup_ce(
-                    [lg.float() for lg in logits], keys, keys, torch.zeros_like(keys, dtype=torch.float)
-                )
+                loss = loss + self._ce(logits, keys, keys, torch.zeros_like(keys, dtype=torch.float))
 
             # L_OPE(seen) on the raw replay batch; its class means steer the next step's APF.
             if rx is not None:
                 zr = F.normalize(self.projector(self.model(torch.cat([rx, random_view(rx, self.gen)]))).float(), dim=1)
-                loss_seen, self.mu_keys, self.mu = proto_loss(
-                    zr[: len(rx)], zr[len(rx) :], rkeys, temperature=self.proto_temperature
-                )
+                loss_seen, self.mu_keys, self.mu = self._ope(zr[: len(rx)], zr[len(rx) :], rkeys)
                 loss = loss + loss_seen
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -232,6 +228,16 @@ class OnPro:
             self.task, self.task_age = self.task + 1, 0
         self.steps, self.task_age = self.steps + 1, self.task_age + 1
         return opens
+
+    def _ope(
+        self, z1: torch.Tensor, z2: torch.Tensor, keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """L_OPE of two views' projections of samples with class ``keys``, and their class means (for APF)."""
+        return proto_loss(z1, z2, keys, temperature=self.proto_temperature)
+
+    def _ce(self, logits: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """L_CE of samples mixed as (1 − λ)·a + λ·b (unmixed: b = a, λ = 0)."""
+        return mixup_ce([lg.float() for lg in logits], a, b, lam)
 
     def _apf(self, rx: torch.Tensor, rkeys: torch.Tensor, pool: Any) -> Mixed:
         pool_x = to_model_input(pool.x.to(self.model.device))

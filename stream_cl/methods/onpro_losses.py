@@ -7,6 +7,9 @@ contrastive labels of hierarchical streams are per (level, class); flat streams 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -25,6 +28,25 @@ def class_keys(level: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def split_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`class_keys`: (level, y)."""
     return keys // KEY_STRIDE, keys % KEY_STRIDE
+
+
+def keys_by_level(keys: torch.Tensor, parent_maps: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """Per level k of the label tree, each row's class key at level k: its own class where it is labelled
+    at k, its ancestor at k where it is labelled deeper, -1 where it is labelled above k.
+
+    ``parent_maps[k][c]`` is the parent (at level k - 1) of class c at level k, as
+    :meth:`~stream_cl.labels.LabelTree.parent_maps` gives them. On a flat tree this is ``[keys]``.
+    """
+    level, y = split_keys(keys)
+    out = []
+    for k in range(len(parent_maps) - 1, -1, -1):
+        at = level == k
+        out.append(torch.where(at, class_keys(level, y), -1))
+        if k and len(parent_maps[k]):
+            parents = torch.as_tensor(parent_maps[k], device=keys.device)
+            y = torch.where(at, parents[torch.where(at, y, 0)], y)
+            level = torch.where(at, k - 1, level)
+    return out[::-1]
 
 
 def contrast_groups(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, n_views: int) -> torch.Tensor:
@@ -77,19 +99,28 @@ def proto_loss(
     Returns ``(loss, class keys present, μ)`` with μ = (mean z1 + mean z2) / 2 per class
     (means of normalised projections, not re-normalised, detached), all in float32. One class gives loss 0.
     """
-    present, inverse = torch.unique(keys, return_inverse=True)
+    present, mean1, mean2 = class_means(z1, z2, keys)
     k = present.shape[0]
     with full_precision(z1):  # under autocast the matmul would return float16, which cannot hold the mask
-        counts = torch.bincount(inverse, minlength=k).to(torch.float32)[:, None]
-        z1, z2 = z1.float(), z2.float()
-        mean1 = z1.new_zeros(k, z1.shape[1]).index_add_(0, inverse, z1) / counts
-        mean2 = z2.new_zeros(k, z2.shape[1]).index_add_(0, inverse, z2) / counts
         protos = F.normalize(torch.cat([mean1, mean2]), dim=1)
         self_pairs = torch.eye(2 * k, dtype=torch.bool, device=z1.device)
         sim = protos @ protos.T / temperature
         sim = sim.masked_fill(self_pairs, masked_min(sim.dtype))
         target = (torch.arange(2 * k, device=z1.device) + k) % (2 * k)
         return F.cross_entropy(sim, target), present, ((mean1 + mean2) / 2).detach()
+
+
+def class_means(
+    z1: torch.Tensor, z2: torch.Tensor, keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(class keys present, mean of z1, mean of z2)`` per class, in float32."""
+    present, inverse = torch.unique(keys, return_inverse=True)
+    with full_precision(z1):
+        counts = torch.bincount(inverse, minlength=present.shape[0]).to(torch.float32)[:, None]
+        z1, z2 = z1.float(), z2.float()
+        mean1 = z1.new_zeros(present.shape[0], z1.shape[1]).index_add_(0, inverse, z1) / counts
+        mean2 = z2.new_zeros(present.shape[0], z2.shape[1]).index_add_(0, inverse, z2) / counts
+    return present, mean1, mean2
 
 
 def mixup_ce(logits: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""OnPro over a label hierarchy (HLE streams): prototypes and cross-entropy at every level a label reaches."""
+
+from __future__ import annotations
+
+import torch
+
+from stream_cl.methods.onpro import OnPro
+from stream_cl.methods.onpro_losses import class_means, keys_by_level, mixup_ce, proto_loss
+
+
+class OnProHLE(OnPro):
+    """OnPro that uses the label tree: a sample labelled ``("vehicles_1", "pickup_truck")`` is a pickup
+    truck for the child level and, through its path, a ``vehicles_1`` for the parent level.
+
+    Plain OnPro keys every prototype and cross-entropy target by the sample's own (level, class), so a
+    child-labelled sample is a negative of its own parent's prototype, and the parent head learns only
+    from parent-labelled samples. Here, for each level k of the tree:
+
+    * **OPE per level**: L_OPE (stream and replay) is the sum over levels of OnPro's prototype loss
+      among the rows that have a class at k, their own or their ancestor's; a child's view and its
+      parent's prototype pull together at level k - 1 while siblings stay apart at level k.
+    * **CE per level**: every head is trained on every row that has a class at its level (own or
+      ancestor), with the row's APF mixing weights.
+
+    The instance-wise contrast (OCM) and APF's class means stay on each row's own class. On a flat
+    stream (one level) this is OnPro, step for step. Hyper-parameters: those of :class:`OnPro`.
+    """
+
+    name = "onpro-hle"
+
+    def _ope(
+        self, z1: torch.Tensor, z2: torch.Tensor, keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss = z1.new_zeros((), dtype=torch.float32)
+        for level_keys in keys_by_level(keys, self.labels.parent_maps()):
+            rows = level_keys >= 0
+            if bool(rows.all()):
+                loss = loss + proto_loss(z1, z2, level_keys, temperature=self.proto_temperature)[0]
+            elif bool(rows.any()):
+                loss = loss + proto_loss(z1[rows], z2[rows], level_keys[rows], temperature=self.proto_temperature)[0]
+        present, mean1, mean2 = class_means(z1, z2, keys)
+        return loss, present, ((mean1 + mean2) / 2).detach()
+
+    def _ce(self, logits: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        logits = [lg.float() for lg in logits]
+        maps = self.labels.parent_maps()
+        total = logits[0].new_zeros(())
+        for keys_a, keys_b in zip(keys_by_level(a, maps), keys_by_level(b, maps), strict=True):
+            total = total + mixup_ce(logits, keys_a, keys_b, lam)
+        return total

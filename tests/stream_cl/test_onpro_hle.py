@@ -1,0 +1,105 @@
+"""OnPro over a label hierarchy: keys per level, per-level OPE and CE, and plain OnPro on flat streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stream_cl.build import build_learner
+from stream_cl.learner import Batch
+from stream_cl.methods.onpro_losses import class_keys, keys_by_level, mixup_ce, proto_loss
+
+
+def make(method: str, seed: int = 0):
+    return build_learner(
+        method, "resnet18-reduced", (8, 8, 3), np.dtype(np.uint8), device=torch.device("cpu"),
+        seed=seed, buffer_size=30, width=4, hparams={"rotations": 4, "replay_cap": 8, "task_grace": 1},
+    )  # fmt: skip
+
+
+def batches(labels: list[list[tuple[str, ...]]], seed: int = 0) -> list[Batch]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for paths in labels:
+        x = torch.from_numpy(rng.integers(0, 255, size=(10, 8, 8, 3), dtype=np.uint8))
+        out.append(Batch(x, [paths[i % len(paths)] for i in range(10)]))
+    return out
+
+
+TREE = [("animal",), ("vehicle",), ("animal", "dog"), ("animal", "cat"), ("vehicle", "bus")]
+
+
+def keys(learner, paths: list[tuple[str, ...]]) -> torch.Tensor:
+    level, y, _ = learner.labels.encode(paths)
+    return class_keys(torch.from_numpy(level), torch.from_numpy(y))
+
+
+def test_keys_by_level_gives_each_row_its_ancestor_or_its_own_class() -> None:
+    learner = make("onpro-hle")
+    learner.labels.encode(TREE)
+    rows = keys(learner, [("animal", "cat"), ("vehicle",), ("vehicle", "bus"), ("animal",)])
+    parent, child = keys_by_level(rows, learner.labels.parent_maps())
+    assert parent.tolist() == keys(learner, [("animal",), ("vehicle",), ("vehicle",), ("animal",)]).tolist()
+    assert child.tolist() == [rows[0].item(), -1, rows[2].item(), -1]
+    assert [k.tolist() for k in keys_by_level(rows[[1, 3]], [np.array([-1, -1])])] == [rows[[1, 3]].tolist()]
+
+
+def test_a_child_label_trains_the_parent_head_only_with_the_hierarchy() -> None:
+    grads = {}
+    for method in ("onpro", "onpro-hle"):
+        learner = make(method)
+        learner.labels.encode(TREE)
+        rows = keys(learner, [("animal", "dog"), ("animal", "cat"), ("vehicle", "bus")])
+        logits = [torch.randn(3, 2, requires_grad=True), torch.randn(3, 3, requires_grad=True)]
+        learner._ce(logits, rows, rows, torch.zeros(3)).backward()
+        grads[method] = [0.0 if lg.grad is None else lg.grad.abs().sum().item() for lg in logits]
+    assert grads["onpro"][0] == 0 and grads["onpro"][1] > 0
+    assert grads["onpro-hle"][0] > 0 and grads["onpro-hle"][1] == grads["onpro"][1]
+
+
+def test_ope_sums_the_prototype_loss_of_every_level() -> None:
+    learner = make("onpro-hle")
+    learner.labels.encode(TREE)
+    paths = [("animal", "dog"), ("animal", "cat"), ("vehicle", "bus"), ("vehicle",)] * 2
+    rows = keys(learner, paths)
+    z1, z2 = torch.nn.functional.normalize(torch.randn(2, 8, 4), dim=2)
+    loss, present, mu = learner._ope(z1, z2, rows)
+    tau = learner.proto_temperature
+    parent = keys(learner, [p[:1] for p in paths])
+    child = rows[[i for i, p in enumerate(paths) if len(p) == 2]]
+    in_child = [i for i, p in enumerate(paths) if len(p) == 2]
+    expected = proto_loss(z1, z2, parent, temperature=tau)[0]
+    expected = expected + proto_loss(z1[in_child], z2[in_child], child, temperature=tau)[0]
+    assert torch.allclose(loss, expected)
+    own_loss, own_present, own_mu = proto_loss(z1, z2, rows, temperature=tau)
+    assert torch.equal(present, own_present) and torch.equal(mu, own_mu)  # APF keeps each row's own class
+    assert not torch.allclose(loss, own_loss)
+
+
+def test_on_a_flat_stream_it_is_onpro_step_for_step() -> None:
+    flat = [[("a",), ("b",)]] * 2 + [[("c",), ("d",)]] * 3
+    runs = {}
+    for method in ("onpro", "onpro-hle"):  # one after the other: new head rows are drawn from torch's global generator
+        learner = make(method)
+        runs[method] = ([learner.observe(b).stats.loss for b in batches(flat)], list(learner.model.parameters()))
+    (losses, params), (hle_losses, hle_params) = runs["onpro"], runs["onpro-hle"]
+    assert losses == hle_losses and len(set(losses)) == len(losses)
+    assert all(torch.equal(a, b) for a, b in zip(params, hle_params, strict=True))
+
+
+def test_it_learns_a_hierarchical_stream_and_mixes_replay_at_both_levels() -> None:
+    learner = make("onpro-hle")
+    stream = [[("animal",), ("vehicle",)]] * 2 + [[("animal", "dog"), ("animal", "cat")]] * 3
+    stream += [[("vehicle", "bus"), ("vehicle", "car")]] * 3
+    stats = [learner.observe(b).stats for b in batches(stream)]
+    assert all(s.rejected is None and np.isfinite(s.loss) for s in stats)
+    assert learner.task == 2 and learner.labels.sizes == [2, 4]
+    assert stats[-1].n_replayed > 0
+    logits = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, 3, requires_grad=True)]
+    a, b = keys(learner, [("animal", "dog"), ("vehicle", "bus")]), keys(learner, [("vehicle",), ("animal", "cat")])
+    lam = torch.tensor([0.25, 0.5])
+    total = learner._ce(logits, a, b, lam)
+    parent_a, parent_b = keys(learner, [("animal",), ("vehicle",)]), keys(learner, [("vehicle",), ("animal",)])
+    child_b = torch.tensor([-1, b[1].item()])
+    expected = mixup_ce(logits, parent_a, parent_b, lam) + mixup_ce(logits, a, child_b, lam)  # both members' ancestors
+    assert torch.allclose(total, expected)
