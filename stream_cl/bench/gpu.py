@@ -19,7 +19,6 @@ Three parts, sized to finish well within 8 minutes on one data-centre GPU:
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import platform
 import statistics
@@ -45,7 +44,7 @@ from stream_cl.bench.provenance import provenance
 from stream_cl.device import pick_device
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Learner
-from stream_cl.methods import METHODS
+from stream_cl.methods import hyper_parameters
 from stream_cl.methods.er_graph import StaticPrediction, StaticReplayStep
 
 log = logging.getLogger("stream_cl.bench.gpu")
@@ -189,7 +188,7 @@ def cases(sizes: Sizes) -> list[Case]:
 
 
 def _accepts(method: str, name: str) -> bool:
-    return name in inspect.signature(METHODS[method]).parameters
+    return name in hyper_parameters(method)
 
 
 def variants(case: Case) -> list[tuple[str, str, dict[str, Any]]]:

@@ -29,9 +29,17 @@ def method_class(name: str) -> type:
 
 
 def hyper_parameters(name: str) -> list[str]:
-    """The hyper-parameters method ``name`` takes: its constructor's keyword-only parameters."""
-    params = inspect.signature(method_class(name)).parameters
-    return [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    """The hyper-parameters method ``name`` takes: its constructor's keyword-only parameters, and those of the
+    base class's constructor where it passes ``**kwargs`` on."""
+    names: list[str] = []
+    for cls in method_class(name).__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(vars(cls)["__init__"]).parameters.values()
+        names += [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 __all__ = ["ER", "ERHLE", "METHODS", "PLFMS", "OnPro", "OnProHLE", "hyper_parameters", "method_class"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from buffers.store import ReplayStore
+from stream_cl.classifier import Classifier
 from stream_cl.methods.onpro import OnPro
 from stream_cl.methods.onpro_losses import class_means, keys_by_level, mixup_ce, proto_loss
 
@@ -23,14 +25,37 @@ class OnProHLE(OnPro):
       ancestor), with the row's APF mixing weights.
 
     The instance-wise contrast (OCM) and APF's class means stay on each row's own class. On a flat
-    stream (one level) this is OnPro, step for step. Hyper-parameters: those of :class:`OnPro`.
+    stream (one level) this is OnPro, step for step; so it is with both switches below off.
+
+    Parameters
+    ----------
+    level_prototypes
+        OPE per level (off: OnPro's OPE over each row's own class).
+    level_targets
+        CE per level (off: OnPro's CE, each row under its own level's head only).
+    onpro
+        The hyper-parameters of :class:`OnPro`.
     """
 
     name = "onpro-hle"
 
+    def __init__(
+        self,
+        model: Classifier,
+        buffer: ReplayStore,
+        *,
+        level_prototypes: bool = True,
+        level_targets: bool = True,
+        **onpro,
+    ) -> None:
+        super().__init__(model, buffer, **onpro)
+        self.level_prototypes, self.level_targets = level_prototypes, level_targets
+
     def _ope(
         self, z1: torch.Tensor, z2: torch.Tensor, keys: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.level_prototypes:
+            return super()._ope(z1, z2, keys)
         loss = z1.new_zeros((), dtype=torch.float32)
         for level_keys in keys_by_level(keys, self.labels.parent_maps()):
             rows = level_keys >= 0
@@ -42,6 +67,8 @@ class OnProHLE(OnPro):
         return loss, present, ((mean1 + mean2) / 2).detach()
 
     def _ce(self, logits: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        if not self.level_targets:
+            return super()._ce(logits, a, b, lam)
         logits = [lg.float() for lg in logits]
         maps = self.labels.parent_maps()
         total = logits[0].new_zeros(())

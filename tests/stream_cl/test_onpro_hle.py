@@ -7,13 +7,14 @@ import torch
 
 from stream_cl.build import build_learner
 from stream_cl.learner import Batch
+from stream_cl.methods import hyper_parameters
 from stream_cl.methods.onpro_losses import class_keys, keys_by_level, mixup_ce, proto_loss
 
 
-def make(method: str, seed: int = 0):
+def make(method: str, seed: int = 0, **switches):
     return build_learner(
-        method, "resnet18-reduced", (8, 8, 3), np.dtype(np.uint8), device=torch.device("cpu"),
-        seed=seed, buffer_size=30, width=4, hparams={"rotations": 4, "replay_cap": 8, "task_grace": 1},
+        method, "resnet18-reduced", (8, 8, 3), np.dtype(np.uint8), device=torch.device("cpu"), seed=seed,
+        buffer_size=30, width=4, hparams={"rotations": 4, "replay_cap": 8, "task_grace": 1, **switches},
     )  # fmt: skip
 
 
@@ -76,21 +77,35 @@ def test_ope_sums_the_prototype_loss_of_every_level() -> None:
     assert not torch.allclose(loss, own_loss)
 
 
-def test_on_a_flat_stream_it_is_onpro_step_for_step() -> None:
-    flat = [[("a",), ("b",)]] * 2 + [[("c",), ("d",)]] * 3
-    runs = {}
-    for method in ("onpro", "onpro-hle"):  # one after the other: new head rows are drawn from torch's global generator
-        learner = make(method)
-        runs[method] = ([learner.observe(b).stats.loss for b in batches(flat)], list(learner.model.parameters()))
-    (losses, params), (hle_losses, hle_params) = runs["onpro"], runs["onpro-hle"]
-    assert losses == hle_losses and len(set(losses)) == len(losses)
-    assert all(torch.equal(a, b) for a, b in zip(params, hle_params, strict=True))
+def losses_and_weights(learner, stream: list[list[tuple[str, ...]]]) -> tuple[list[float], list[torch.Tensor]]:
+    return [learner.observe(b).stats.loss for b in batches(stream)], list(learner.model.parameters())
+
+
+FLAT = [[("a",), ("b",)]] * 2 + [[("c",), ("d",)]] * 3
+HIERARCHICAL = [[("animal",), ("vehicle",)]] * 2 + [[("animal", "dog"), ("animal", "cat")]] * 3
+
+
+def test_on_a_flat_stream_or_with_both_switches_off_it_is_onpro_step_for_step() -> None:
+    # one learner after the other: new head rows are drawn from torch's global generator
+    for stream, switches in ((FLAT, {}), (HIERARCHICAL, {"level_prototypes": False, "level_targets": False})):
+        losses, weights = losses_and_weights(make("onpro"), stream)
+        hle_losses, hle_weights = losses_and_weights(make("onpro-hle", **switches), stream)
+        assert losses == hle_losses and len(set(losses)) == len(losses)
+        assert all(torch.equal(a, b) for a, b in zip(weights, hle_weights, strict=True))
+    losses, _ = losses_and_weights(make("onpro"), HIERARCHICAL)
+    for switch in ("level_prototypes", "level_targets"):  # each switch alone changes the steps with child labels
+        changed, _ = losses_and_weights(make("onpro-hle", **{switch: False}), HIERARCHICAL)
+        assert changed[:2] == losses[:2] and changed[2:] != losses[2:]
+
+
+def test_its_hyper_parameters_are_its_switches_and_onpros() -> None:
+    names = hyper_parameters("onpro-hle")
+    assert names[:2] == ["level_prototypes", "level_targets"] and set(names[2:]) == set(hyper_parameters("onpro"))
 
 
 def test_it_learns_a_hierarchical_stream_and_mixes_replay_at_both_levels() -> None:
     learner = make("onpro-hle")
-    stream = [[("animal",), ("vehicle",)]] * 2 + [[("animal", "dog"), ("animal", "cat")]] * 3
-    stream += [[("vehicle", "bus"), ("vehicle", "car")]] * 3
+    stream = HIERARCHICAL + [[("vehicle", "bus"), ("vehicle", "car")]] * 3
     stats = [learner.observe(b).stats for b in batches(stream)]
     assert all(s.rejected is None and np.isfinite(s.loss) for s in stats)
     assert learner.task == 2 and learner.labels.sizes == [2, 4]
