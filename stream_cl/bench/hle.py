@@ -21,6 +21,7 @@ import argparse
 import functools
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,7 +35,7 @@ from consumers.datasets import LabelledArrays, load_cifar100
 from consumers.hle import CIFAR100_TAXONOMY, SETUPS, build, full_path
 from monitoring.hierarchy import anytime_accuracy, class_accuracy, final_forgetting, level_correct
 from stream_cl.bench.compute import Compute
-from stream_cl.bench.hle_report import write_report
+from stream_cl.bench.hle_report import protocol_conflict, write_report
 from stream_cl.build import build_learner
 from stream_cl.config import parse_hparam
 from stream_cl.device import pick_device
@@ -138,6 +139,11 @@ def cmd_hle(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     seeds = sorted(set(args.seeds)) if args.seeds else list(range(args.runs))
     todo = [(method, seed) for method in args.method for seed in seeds]
+    out = Path(args.out) / (args.name or (args.setup if args.protocol == "paper" else f"{args.setup}-{args.protocol}"))
+    conflict = protocol_conflict(out, vars(args))
+    if conflict:  # found before hours of runs, not after
+        print(f"stream-cl bench hle: {conflict}; choose another --name or --out", file=sys.stderr)
+        return 2
     if args.jobs > 1:
         spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
@@ -145,8 +151,7 @@ def cmd_hle(args: argparse.Namespace) -> int:
             runs = [f.result() for f in futures]
     else:
         runs = [_run_in_process(m, s, args, str(device)) for m, s in todo]
-    out = Path(args.out) / (args.name or (args.setup if args.protocol == "paper" else f"{args.setup}-{args.protocol}"))
-    write_report(out, vars(args) | {"device": str(device), "stream_length": runs[0]["stream_length"]}, runs)
+    out = write_report(out, vars(args) | {"device": str(device), "stream_length": runs[0]["stream_length"]}, runs)
     print(f"report written to {out}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,17 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[
     return out
 
 
-def write_report(out: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(out: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) -> Path:
+    """Write the report of ``runs`` (with the runs of other (method, seed) pairs already in ``out``); returns
+    its folder. Should ``out`` hold a report of another protocol by now, the runs go to a new sibling folder
+    rather than replace it."""
     protocol = {k: v for k, v in protocol.items() if k in (*_PROTOCOL_KEYS, "device", "stream_length", "threads")}
-    runs = _merged(out / "results.json", protocol, runs)
+    conflict = protocol_conflict(out, protocol)
+    if conflict:
+        out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"{conflict}: this report goes to {out} instead")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = _merged(out / "results.json", runs)
     summary = summarise(runs)
     doc = {
         "machine": machine(),
@@ -91,17 +99,29 @@ def write_report(out: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]
     fig.savefig(out / "accuracy.png", dpi=80)
     plt.close(fig)
     (out / "README.md").write_text(_markdown(doc))
+    return out
 
 
-def _merged(path: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def protocol_conflict(out: Path, protocol: dict[str, Any]) -> str | None:
+    """Why runs of ``protocol`` cannot join the report in ``out`` (another protocol's), or None."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    # reports written before presets and --hparam existed ran the paper's preset with each method's defaults
+    known = {"protocol": "paper", "hparams": {}} | json.loads(path.read_text())["protocol"]
+    differ = [
+        f"{k} {known.get(k)!r} there, {protocol.get(k)!r} here"
+        for k in _PROTOCOL_KEYS
+        if known.get(k) != protocol.get(k)
+    ]
+    return f"the report in {out} has another protocol ({'; '.join(differ)})" if differ else None
+
+
+def _merged(path: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not path.is_file():
         return runs
-    old = json.loads(path.read_text())
-    # reports written before presets and --hparam existed ran the paper's preset with each method's defaults
-    known = {"protocol": "paper", "hparams": {}} | old["protocol"]
-    same = all(known.get(k) == protocol.get(k) for k in _PROTOCOL_KEYS)
     done = {(r["method"], r["seed"]) for r in runs}  # a (method, seed) run again replaces the old run
-    return [r for r in old["runs"] if same and (r["method"], r["seed"]) not in done] + runs
+    return [r for r in json.loads(path.read_text())["runs"] if (r["method"], r["seed"]) not in done] + runs
 
 
 def _mean_std(values: list[float]) -> list[float]:

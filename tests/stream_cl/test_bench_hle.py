@@ -54,7 +54,9 @@ def test_bench_hle_writes_per_level_reports_and_merges_methods(tmp_path) -> None
     assert (report / "accuracy.png").stat().st_size > 1000
 
 
-def test_seeds_run_later_join_the_report_and_a_seed_run_again_replaces_its_run(tmp_path) -> None:
+def test_seeds_run_later_join_the_report_a_seed_run_again_replaces_its_run_another_protocol_is_refused(
+    tmp_path, capsys
+) -> None:
     _write_cifar_like(tmp_path)
     out = tmp_path / "out"
     common = ["bench", "hle", "--setup", "single", "--data-dir", str(tmp_path), "--model", "mlp", "--method", "er"]
@@ -70,6 +72,10 @@ def test_seeds_run_later_join_the_report_and_a_seed_run_again_replaces_its_run(t
     again = json.loads((out / "single" / "results.json").read_text())["runs"]
     assert [(r["method"], r["seed"]) for r in again] == [("er", 0), ("er", 2), ("er", 1)]
     assert again[2]["levels"] == doc["runs"][1]["levels"]  # the same seed learns the same
+    before = (out / "single" / "results.json").read_text()
+    assert main([*common, "--seeds", "3", "--eval-period", "10"]) == 2  # another protocol: refused before any run
+    assert "eval_period 20 there, 10 here" in capsys.readouterr().err
+    assert (out / "single" / "results.json").read_text() == before
 
 
 def test_whole_tree_preset_fills_the_knobs_not_given_and_parallel_runs_equal_sequential_ones(tmp_path) -> None:
@@ -113,14 +119,14 @@ def test_hparam_reaches_every_method_that_takes_it_and_the_report_says_so(tmp_pa
     assert runs["er-hle"]["hparams"] == {"lr_decay": 0.5, "cutmix_prob": 0} and runs["er-hle"]["steps"] == 40
     text = (tmp_path / "out" / "single-whole-tree" / "README.md").read_text()
     assert "set by `--hparam`: `iterations=3` (er), `lr_decay=0.5` (er-hle), `cutmix_prob=0` (er-hle)." in text
-    # a run with other hyper-parameters replaces, not joins, the earlier runs of the report
-    assert main([*common[:-5], "--method", "er-hle", "--out", str(tmp_path / "out")]) == 0
-    doc = json.loads((tmp_path / "out" / "single-whole-tree" / "results.json").read_text())
+    # a run with other hyper-parameters cannot join the report: refused before it starts, the report kept
+    before = (tmp_path / "out" / "single-whole-tree" / "results.json").read_text()
+    assert main([*common[:-5], "--method", "er-hle", "--out", str(tmp_path / "out")]) == 2
+    assert (tmp_path / "out" / "single-whole-tree" / "results.json").read_text() == before
+    assert main([*common[:-5], "--method", "er-hle", "--out", str(tmp_path / "out"), "--name", "defaults"]) == 0
+    doc = json.loads((tmp_path / "out" / "defaults" / "results.json").read_text())
     assert [r["method"] for r in doc["runs"]] == ["er-hle"] and doc["protocol"]["hparams"] == {}
-    assert (
-        "other hyper-parameters: each method's defaults"
-        in (tmp_path / "out" / "single-whole-tree" / "README.md").read_text()
-    )
+    assert "other hyper-parameters: each method's defaults" in (tmp_path / "out" / "defaults" / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
