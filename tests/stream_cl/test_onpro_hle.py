@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from stream_cl.build import build_learner
-from stream_cl.learner import Batch
 from stream_cl.methods import hyper_parameters
 from stream_cl.methods.onpro_losses import class_keys, keys_by_level, mixup_ce, proto_loss
+from tests.stream_cl.test_onpro import batches
 
 
 def make(method: str, seed: int = 0, **switches):
@@ -16,15 +16,6 @@ def make(method: str, seed: int = 0, **switches):
         method, "resnet18-reduced", (8, 8, 3), np.dtype(np.uint8), device=torch.device("cpu"), seed=seed,
         buffer_size=30, width=4, hparams={"rotations": 4, "replay_cap": 8, "task_grace": 1, **switches},
     )  # fmt: skip
-
-
-def batches(labels: list[list[tuple[str, ...]]], seed: int = 0) -> list[Batch]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for paths in labels:
-        x = torch.from_numpy(rng.integers(0, 255, size=(10, 8, 8, 3), dtype=np.uint8))
-        out.append(Batch(x, [paths[i % len(paths)] for i in range(10)]))
-    return out
 
 
 TREE = [("animal",), ("vehicle",), ("animal", "dog"), ("animal", "cat"), ("vehicle", "bus")]
