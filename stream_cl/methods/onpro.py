@@ -67,6 +67,10 @@ class OnPro:
         Mixed precision; only takes effect on CUDA (CPU steps run in float32).
     amp_dtype
         ``"float16"`` (with a gradient scaler) or ``"bfloat16"`` (no scaler needed: float32's range).
+    iterations
+        Optimizer steps per incoming batch (>= 1), each with its own replay draw (and APF mix): OnPro
+        given the updates of a method that steps more often (the paper's OnPro: 1). The batch enters the
+        buffer after the last.
     seed
         Seed of the method's generator (None: drawn from torch's global RNG).
     """
@@ -95,6 +99,7 @@ class OnPro:
         task_grace: int = 5,
         amp: bool = True,
         amp_dtype: str = "float16",
+        iterations: int = 1,
         seed: int | None = None,
     ) -> None:
         feature_dim = model.backbone.out_dim
@@ -116,6 +121,7 @@ class OnPro:
             "proj_dim": (1 <= proj_dim <= feature_dim, f"in [1, {feature_dim}] (the backbone's feature size)"),
             "task_grace": (task_grace >= 0, ">= 0"),
             "amp_dtype": (amp_dtype in ("float16", "bfloat16"), "float16 or bfloat16"),
+            "iterations": (iterations >= 1, ">= 1"),
         }
         for field, (ok, allowed) in checks.items():
             if not ok:
@@ -125,7 +131,7 @@ class OnPro:
         self.ins_temperature, self.proto_temperature, self.sim_scale = ins_temperature, proto_temperature, sim_scale
         self.mixup_base_rate, self.mixup_p, self.mixup_alpha = mixup_base_rate, mixup_p, mixup_alpha
         self.mixup_lambda_max, self.replay_cap, self.replay_per_class = mixup_lambda_max, replay_cap, replay_per_class
-        self.apf_pool, self.proj_dim, self.task_grace = apf_pool, proj_dim, task_grace
+        self.apf_pool, self.proj_dim, self.task_grace, self.iterations = apf_pool, proj_dim, task_grace, iterations
         self.amp = amp and model.device.type == "cuda"
         self.amp_dtype = getattr(torch, amp_dtype)
         self.projector = nn.Linear(feature_dim, proj_dim).to(model.device)
@@ -151,12 +157,27 @@ class OnPro:
         level, y, new, learn = encode_labels(self.model, self.optimizer, batch.labels)
         if not learn.any():
             return Observation(prediction, level, y, StepStats(None, 0, 0), new)
-        before = self.task, self.task_age, self.steps, self.mu_keys, self.mu  # restored if the step is refused
+        before = self.task, self.task_age, self.steps  # restored if the batch is refused
         first_of_task = self._track_task(bool(new))
         xs, keys = x[learn], class_keys(level[learn], y[learn])
         seen = sum(self.labels.sizes)
         self.model.train()
+        values, replayed = [], 0
+        for it in range(self.iterations):  # compute-matched runs: each further step replays a fresh draw
+            value, n_replayed = self._step(xs, keys, first_of_task and it == 0, seen)
+            if value is None:  # a later step refused: the batch is learned by the steps before it
+                break
+            values.append(value)
+            replayed += n_replayed
+        if not values:
+            self.task, self.task_age, self.steps = before
+            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=self.guard.reason), new)
+        self.buffer.add(x_raw[learn], y[learn], level[learn])
+        return Observation(prediction, level, y, StepStats(sum(values) / len(values), int(learn.sum()), replayed), new)
 
+    def _step(self, xs: torch.Tensor, keys: torch.Tensor, first_of_task: bool, seen: int) -> tuple[float | None, int]:
+        """One optimizer step on the stream rows ``xs`` and a replay draw: (loss, replayed), loss None if refused."""
+        before = self.mu_keys, self.mu  # restored if the step is refused
         # Replay: task 0 replays up to replay_cap samples for L_seen only; later tasks draw
         # m = min(cap, per_class · seen) and (after a task's first step) mix them with APF.
         m = self.replay_cap if self.task == 0 else min(self.replay_cap, self.replay_per_class * seen)
@@ -212,11 +233,8 @@ class OnPro:
         self.scaler.scale(loss).backward()
         value = self.guard.step(loss, self.optimizer, self.scaler)
         if value is None:
-            self.task, self.task_age, self.steps, self.mu_keys, self.mu = before
-            return Observation(prediction, level, y, StepStats(None, 0, 0, rejected=self.guard.reason), new)
-        self.buffer.add(x_raw[learn], y[learn], level[learn])
-        n_replayed = 0 if rx is None else len(rx)
-        return Observation(prediction, level, y, StepStats(value, int(learn.sum()), n_replayed), new)
+            self.mu_keys, self.mu = before
+        return value, 0 if rx is None else len(rx)
 
     def predict(self, x: torch.Tensor) -> Prediction:
         return self.model.predict(x)

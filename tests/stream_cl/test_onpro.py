@@ -135,3 +135,14 @@ def test_run_command_with_onpro_hparams(tmp_path: Path, capsys: pytest.CaptureFi
     assert main([*common, "--hparam", "rotations=2", "--hparam", "replay_cap=8"]) == 0
     assert main([*common, "--hparam", "bogus=1"]) == 2
     assert "unknown hyper-parameter(s) bogus for method onpro" in capsys.readouterr().err
+
+
+def test_iterations_take_that_many_steps_per_batch_each_with_its_own_replay_draw() -> None:
+    once, thrice = make(task_grace=1, replay_per_class=1), make(task_grace=1, replay_per_class=1, iterations=3)
+    stats = [(once.observe(b).stats, thrice.observe(b).stats) for b in batches(FLAT)]
+    assert [s.n_replayed for _, s in stats] == [3 * s.n_replayed for s, _ in stats] == [0, 24, 24, 12, 12, 12, 12]
+    assert all(s.n_learned == t.n_learned == 10 for s, t in stats) and len(thrice.buffer) == len(once.buffer) == 30
+    assert (once.steps, once.task) == (thrice.steps, thrice.task) == (7, 1)  # task bookkeeping counts batches
+    assert not all(torch.equal(a, b) for a, b in zip(once.model.parameters(), thrice.model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        make(iterations=0)
