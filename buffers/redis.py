@@ -73,7 +73,8 @@ class RedisStore:
     classes
         The learner's class numbering (its ``LabelTree``; also settable as :attr:`classes`). With it,
         labels are stored by class path (a JSON array of names) and a draw maps them to this
-        learner's ``(level, y)``, adding classes only other learners have seen. Without it, labels
+        learner's ``(level, y)``, adding classes only other learners have seen (a numbering that does
+        not take a class maps it to -1: its samples are left out of the draw). Without it, labels
         are this process's ``"level:y"``: right for one learner, wrong for learners that number
         classes differently. Every store sharing ``name`` must do the same.
     """
@@ -292,6 +293,9 @@ class RedisStore:
         level, y = self._unpack_labels(reply[8], len(slots))
         x = np.frombuffer(data, dtype=array_dtype).reshape(len(slots), *dims)
         self._item_bytes = len(data) // len(slots)
+        taken = level >= 0
+        if not taken.all():  # classes the numbering does not take (see ClassNames) are left out of the draw
+            x, y, level, slots = x[taken], y[taken], level[taken], slots[taken]
         tensors = [torch.from_numpy(array) for array in (x.copy(), y, level, slots)]
         if self.device.type != "cpu":
             tensors = [t.to(self.device) for t in tensors]
@@ -332,6 +336,8 @@ class RedisStore:
         if self._classes is not None:
             level, y, _ = self._classes.encode([parsed])
             parsed = int(level[0]), int(y[0])
+            if parsed[0] < 0:  # not taken now, perhaps later: not cached
+                return struct.pack("<ii", -1, -1)
         self._decoded[label] = pair = struct.pack("<ii", *parsed)
         return pair
 

@@ -27,7 +27,9 @@ class ClassNames(Protocol):
     """A learner's class numbering: local ``(level, index)`` <-> label path (``stream_cl.labels.LabelTree``).
 
     A store shared by learners that number classes differently keeps labels by path and maps
-    them to each learner's own indices with this; ``encode`` adds the classes it has not seen.
+    them to each learner's own indices with this; ``encode`` adds the classes it has not seen, or
+    gives ``(-1, -1)`` for a class it does not take (a worker of a group takes only the classes the
+    group added: :class:`stream_cl.group.KnownClasses`), whose samples a draw then leaves out.
     """
 
     def path(self, level: int, index: int) -> tuple[str, ...]: ...

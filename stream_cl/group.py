@@ -45,6 +45,7 @@ from consumers.record import LabelPath
 from consumers.source import NextOffsets, Offsets, within_of
 from stream_cl.checkpointer import Checkpointer
 from stream_cl.errors import ConfigError
+from stream_cl.labels import LabelTree
 from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, Prediction, RunState
 from stream_cl.summary import COUNTS, TOTALS, Summary
 
@@ -306,6 +307,8 @@ class GroupLearner:
 
         if group.sync == "allreduce":
             inner.guard.reduce = reduce
+        if getattr(inner.buffer, "classes", None) is not None:
+            inner.buffer.classes = KnownClasses(inner.labels)
         self.record_shape, self.record_dtype = record_shape, record_dtype
         self.aligned = False
         """Whether it holds the group's parameters (rank 0's are broadcast at its first group step)."""
@@ -360,6 +363,29 @@ class SharedLabels:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._learner.inner.labels, name)
+
+
+class KnownClasses:
+    """A group worker's class numbering as its shared (Redis) replay buffer sees it: only the classes its
+    tree has. A draw may hold a class the group has not added (another learner's, or one learned after
+    the checkpoint a restarted group resumed from); added to this worker's tree alone it would give the
+    worker other heads than its peers', and the group's next gradient all-reduce would not match. Such
+    samples are left out of the draw instead; once the group adds the class, draws include them again.
+    """
+
+    def __init__(self, tree: LabelTree) -> None:
+        self._tree = tree
+
+    def path(self, level: int, index: int) -> LabelPath:
+        return self._tree.path(level, index)
+
+    def lookup(self, path: LabelPath) -> tuple[int, int]:
+        return self._tree.lookup(path)
+
+    def encode(self, paths: Sequence[LabelPath | None]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        known = [(-1, -1) if path is None else self._tree.lookup(path) for path in paths]
+        level, y = np.array(known, dtype=np.int64).reshape(-1, 2).T
+        return level.copy(), y.copy(), []
 
 
 class GroupCheckpointer:

@@ -38,11 +38,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class TqdmHandler(logging.StreamHandler):
-    """Writes through ``tqdm.write`` so a progress bar on the same terminal is redrawn below the line."""
+    """Writes through ``tqdm.write`` so a progress bar on the same terminal is redrawn below the line.
+
+    A record and its newline go out in one write (``tqdm.write`` would make two): the workers of
+    ``serve --workers N`` share stderr, and a line split between writes could be interleaved with
+    another worker's, breaking both (a JSON log line among them).
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(self.format(record) + "\n", file=sys.stderr, end="")
         except Exception:  # logging must never take the service down
             self.handleError(record)
 

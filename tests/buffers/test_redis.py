@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from scipy.stats import chisquare
 from buffers.open import open_store, redis_client
 from buffers.redis import RedisStore
 from stream_cl.bench.buffer import CountingConnection
+from stream_cl.build import build_learner
+from stream_cl.group import GroupLearner, KnownClasses
 from stream_cl.labels import LabelTree
 from tests.fixtures.procs import free_port
 from tests.fixtures.redis import RedisServer
@@ -250,6 +253,36 @@ def test_stores_with_their_own_class_numbering_share_classes_by_name(redis_serve
         assert list(zip(replay.level.tolist(), replay.y.tolist(), strict=True)) == want
         counts = store.stats(classes=True).class_counts
         assert set(counts) == {tree.lookup(path) for path in paths} and sum(counts.values()) == 30
+
+
+def test_a_group_worker_draws_only_the_classes_its_group_added(redis_server):
+    """A class in the shared buffer that the group has not added is left out of the draw, not added to
+    one worker's tree; once the group adds it, draws include it again (the miss was not cached)."""
+    url = f"{redis_server.url}?name=group-known"
+    everything, group_tree = three_classes(), LabelTree()
+    writer = open_store(url, 30, seed=1, classes=everything)
+    writer.clear()
+    paths = [everything.path(*everything.lookup(p)) for p in (("a b", 'c:"d"'), ("naïve 0:1",), ("[x]", "y z"))]
+    pos = torch.arange(30)
+    level, y, _ = everything.encode([paths[i] for i in (pos % 3).tolist()])
+    writer.add(pos.view(-1, 1), torch.from_numpy(y), torch.from_numpy(level))
+    group_tree.encode([paths[1]])
+    worker = open_store(url, 30, seed=2, classes=KnownClasses(group_tree))
+    replay = worker.sample(30)
+    assert len(replay) == 10 and (replay.x[:, 0] % 3 == 1).all() and (replay.level == 0).all()
+    assert group_tree.sizes == [1] and len(replay.slot) == len(replay.y) == 10
+    group_tree.encode([paths[0]])  # the group adds a class: its samples are drawn from now on
+    replay = worker.sample(30)
+    assert sorted(set((replay.x[:, 0] % 3).tolist())) == [0, 1] and len(replay) == 20
+    assert group_tree.sizes == [2, 1]
+
+
+def test_a_group_learner_reads_its_shared_buffer_through_the_groups_classes(redis_server):
+    learner = build_learner(
+        "er", "mlp", (4,), np.dtype(np.float32), device=torch.device("cpu"), buffer_spec=f"{redis_server.url}?name=gl"
+    )
+    grouped = GroupLearner(learner, SimpleNamespace(sync="average"), (4,), np.dtype(np.float32))
+    assert isinstance(grouped.inner.buffer.classes, KnownClasses)
 
 
 def test_a_store_refuses_labels_of_the_other_kind(redis_server):
