@@ -10,7 +10,7 @@ Random numbers come in ARGV from the client's seeded generator: the script is de
 needs no server-side RNG.
 
 Arrays travel packed (little-endian doubles and int32, labels each after its '<i4' byte length,
-cut and built with Redis' ``struct`` library), so a call has ten arguments and a reply nine values
+cut and built with Redis' ``struct`` library), so a call has ten arguments and a reply ten values
 whatever the batch sizes: the client's cost per call stays flat instead of growing with one
 parsed value per sample.
 """
@@ -25,7 +25,9 @@ STEP = """
 -- samples' bytes back to back. Draws m distinct stored samples, then inserts the n.
 -- Returns {dtype, shape, drawn slots (m '<i4', one string), drawn samples' bytes, seen, size, each inserted
 -- sample's slot ('<i4', -1: not kept), counts as {label, count, ...} (m = n = 0 only; else {}), drawn labels
--- (their m '<i4' byte lengths, then the labels back to back; one string)}.
+-- (their m '<i4' byte lengths, then the labels back to back; one string), the drawn samples' m '<i4' byte
+-- lengths}. A drawn slot whose label or bytes are missing (a field deleted, the key evicted) reads as '':
+-- the client, which knows the sample size the meta's dtype and shape give, leaves out what it cannot read.
 local cap, policy, size, m, n = tonumber(ARGV[1]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local cbrs = policy == 'class-balanced'
 local meta = redis.call('HMGET', KEYS[1], 'capacity', 'dtype', 'shape', 'policy')
@@ -53,7 +55,7 @@ end
 local stored = redis.call('HLEN', KEYS[4])
 local requested = m  -- the insert's uniforms follow all m requested ones, however many are drawn
 m = math.min(m, stored)
-local drawn, data, lengths, drawn_labels = {}, '', {}, {}
+local drawn, samples, sizes, lengths, drawn_labels = {}, {}, {}, {}, {}
 if m > 0 then
   local chosen, order = {}, {}
   for k = 1, m do
@@ -63,12 +65,13 @@ if m > 0 then
     chosen[t] = true
     order[k] = t
   end
-  local labels = hmget(KEYS[4], order)
+  local labels, xs = hmget(KEYS[4], order), hmget(KEYS[3], order)
   for k = 1, m do
+    local label, x = labels[k] or '', xs[k] or ''  -- HMGET gives false for a missing field
     drawn[k] = struct.pack('<i4', order[k])
-    lengths[k], drawn_labels[k] = struct.pack('<i4', #labels[k]), labels[k]
+    lengths[k], drawn_labels[k] = struct.pack('<i4', #label), label
+    sizes[k], samples[k] = struct.pack('<i4', #x), x
   end
-  data = table.concat(hmget(KEYS[3], order))
 end
 
 -- Insert. reservoir: exact Algorithm R over the global counter (sample t -> slot t-1 while t <= M, else
@@ -98,7 +101,9 @@ local function balanced(label, u1, u2)  -- the CBRS decision once the buffer is 
     if c > best then best, largest = c, {flat[i]} elseif c == best then largest[#largest + 1] = flat[i] end
   end
   table.sort(largest)  -- hash order differs between servers; sorted keeps runs reproducible
-  redis.call('SADD', KEYS[7], unpack(largest))
+  for first = 1, #largest, 1000 do  -- in chunks, as hmget: every class may be tied
+    redis.call('SADD', KEYS[7], unpack(largest, first, math.min(first + 999, #largest)))
+  end
   if redis.call('SISMEMBER', KEYS[7], label) == 0 then
     return pick(largest[math.min(math.floor(u1 * #largest) + 1, #largest)], best, u2)
   end
@@ -135,6 +140,6 @@ for k = n, 1, -1 do  -- a slot written twice in the batch keeps the later sample
 end
 local counts = {}  -- only when asked (a call that neither draws nor inserts): its size grows with the classes
 if tonumber(ARGV[6]) == 0 and n == 0 then counts = redis.call('HGETALL', KEYS[5]) end
-return {meta[2] or '', meta[3] or '', table.concat(drawn), data, seen, redis.call('HLEN', KEYS[4]),
-  table.concat(packed), counts, table.concat(lengths) .. table.concat(drawn_labels)}
+return {meta[2] or '', meta[3] or '', table.concat(drawn), table.concat(samples), seen, redis.call('HLEN', KEYS[4]),
+  table.concat(packed), counts, table.concat(lengths) .. table.concat(drawn_labels), table.concat(sizes)}
 """

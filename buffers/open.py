@@ -43,6 +43,7 @@ def open_store(
     fallback_capacity: int = 200,
     socket_timeout_s: float = 2.0,
     classes: ClassNames | None = None,
+    max_classes: int | None = None,
 ) -> ReplayStore:
     """A replay store for ``spec``.
 
@@ -53,6 +54,7 @@ def open_store(
     ``?name=`` (default ``replay``). Learners using the same URL and name share one buffer.
     ``classes`` (the learner's label tree) makes a Redis store keep labels by class path, so
     learners that number classes differently share them by name; the memory store ignores it.
+    ``max_classes`` bounds the classes a Redis draw may add to that tree (other learners' classes).
 
     A Redis server that cannot be reached or refuses the credentials at open is a
     ``ConnectionError`` (the URL in its message has the password masked): a learner does not
@@ -81,6 +83,7 @@ def open_store(
         device=device,
         fallback_capacity=fallback_capacity,
         classes=classes,
+        max_classes=max_classes,
     )
     try:
         client.ping()  # connects and, with credentials in the URL, authenticates

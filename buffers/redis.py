@@ -8,6 +8,8 @@ learner step, with every array packed into one argument or reply value (see :mod
 Samples are stored as raw tensor bytes; dtype and shape are kept once per buffer (never pickle).
 Labels are stored by class path when the store has the learner's :class:`~buffers.store.ClassNames`
 (learners number classes in their own order of first appearance), else as ``"level:y"``.
+What a draw reads is another writer's data: a sample whose bytes, label or layout cannot be read is
+left out of the draw and counted (``BufferStats.corrupt``), never raised to the learner.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import threading
 import time
 from collections.abc import Callable
 from itertools import accumulate, pairwise
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import redis
@@ -31,7 +34,7 @@ from buffers import lua
 from buffers.balanced import ClassBalancedPolicy
 from buffers.memory import MemoryStore
 from buffers.reservoir import ReservoirPolicy
-from buffers.store import BufferStats, ClassNames, ReplayBatch
+from buffers.store import BufferStats, ClassNames, GrowingClassNames, ReplayBatch
 
 log = logging.getLogger("buffers.redis")
 
@@ -40,6 +43,44 @@ POLICIES = {"reservoir": ReservoirPolicy, "class-balanced": ClassBalancedPolicy}
 
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 """Errors meaning "Redis is not there right now" (BusyLoadingError, during an AOF load, is one)."""
+
+CORRUPT_LOG_INTERVAL_S = 60.0
+"""Least time between two warnings about unreadable buffer entries (every sample left out is counted)."""
+
+NUMERIC_KINDS = "biuf"
+"""numpy kinds a stored sample may have: bool, signed and unsigned integers, floats."""
+
+_NOT_TAKEN = struct.pack("<ii", -1, -1)  # a class the numbering does not take now (perhaps later): left out
+_UNREADABLE_LEVEL = -2
+_UNREADABLE = struct.pack("<ii", _UNREADABLE_LEVEL, _UNREADABLE_LEVEL)  # left out and counted as corrupt
+
+
+class Layout(NamedTuple):
+    """One stored sample as the buffer's meta describes it."""
+
+    dtype: np.dtype
+    dims: tuple[int, ...]
+    nbytes: int
+    packed: bytes
+    """``nbytes`` as the script's '<i4' lengths write it."""
+
+
+def sample_layout(dtype: bytes, shape: bytes) -> Layout | None:
+    """The layout a buffer's meta names; None unless a numeric dtype torch takes and positive sizes.
+
+    The meta is any writer's data: numpy parses the dtype string (nothing is unpickled), and object,
+    string, structured or foreign byte-order dtypes are refused.
+    """
+    try:
+        array_dtype = np.dtype(dtype.decode("ascii"))
+        dims = tuple(int(d) for d in shape.split(b",") if d)
+        torch.from_numpy(np.empty((0, *dims), dtype=array_dtype))  # byte order and dimensions torch takes
+    except Exception:  # numpy's parser of untrusted text raises TypeError, ValueError, SyntaxError, ...
+        return None
+    nbytes = array_dtype.itemsize * math.prod(dims)
+    if array_dtype.kind not in NUMERIC_KINDS or min(dims, default=1) <= 0 or not 0 < nbytes < 2**31:
+        return None
+    return Layout(array_dtype, dims, nbytes, struct.pack("<i", nbytes))
 
 
 class RedisStore:
@@ -77,6 +118,10 @@ class RedisStore:
         not take a class maps it to -1: its samples are left out of the draw). Without it, labels
         are this process's ``"level:y"``: right for one learner, wrong for learners that number
         classes differently. Every store sharing ``name`` must do the same.
+    max_classes
+        Most classes (all levels) a draw may grow a :class:`~buffers.store.GrowingClassNames` to, as
+        ``--max-classes`` bounds a stream's (None: no limit). A drawn sample of a class past it, or of
+        a path the tree's ``problem`` refuses, is left out and counted as corrupt.
     """
 
     def __init__(
@@ -93,6 +138,7 @@ class RedisStore:
         retry_max_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         classes: ClassNames | None = None,
+        max_classes: int | None = None,
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
@@ -116,13 +162,16 @@ class RedisStore:
         self._rng = np.random.default_rng(seed)
         self._clock = clock
         self._sha = hashlib.sha1(lua.STEP.encode()).hexdigest()
-        self._errors = 0
+        self._errors = self._corrupt = 0
+        self._why = ""  # why the last sample counted as corrupt was left out, for the warning
+        self._warn_at = -math.inf
         self._retry_at, self._backoff = 0.0, retry_min_s
         self._seen = self._size = self._item_bytes = 0
         self._counts: list[bytes] = []  # [label, count, ...] as last read
         self._conn: redis.Connection | None = None  # taken from the client's pool on first use
         self._pid, self._lock = os.getpid(), threading.Lock()
-        self._layouts: dict[tuple[bytes, bytes], tuple[np.dtype, tuple[int, ...]]] = {}
+        self._layouts: dict[tuple[bytes, bytes], Layout | None] = {}
+        self.max_classes = max_classes
         self.classes = classes
 
     @property
@@ -133,6 +182,7 @@ class RedisStore:
     @classes.setter
     def classes(self, classes: ClassNames | None) -> None:
         self._classes = classes
+        self._growing = classes if isinstance(classes, GrowingClassNames) else None
         self._forget_labels()
 
     # -- the ReplayStore API -------------------------------------------------------------------
@@ -175,24 +225,29 @@ class RedisStore:
         return self._seen
 
     def stats(self, *, classes: bool = False) -> BufferStats:
-        """Size as of the last reply, payload bytes (Redis' own per-entry overhead comes on top) and
-        the Redis operations that failed since this store was made.
+        """Size as of the last reply, payload bytes (Redis' own per-entry overhead comes on top), the
+        Redis operations that failed and the drawn samples left out as corrupt since this store was made.
 
         ``classes`` re-reads the class counts from Redis (the last counts read if it is unreachable):
         one round trip, made when asked (at probe time) rather than on every learner step, since the
         counts grow with the number of classes while the steps' replies stay the same size. With
         :attr:`classes`, classes this learner has not seen yet are left out (counting them would add
-        them to its tree outside a learning step).
+        them to its tree outside a learning step), as are labels it cannot read.
         """
         counts: dict[tuple[int, int], int] = {}
         if classes:
             self.refresh()
             for label, count in zip(self._counts[0::2], self._counts[1::2], strict=True):
-                parsed = self._parse(label)
+                try:
+                    parsed = self._parse(label)
+                except ValueError as error:
+                    self._warn(f"{error}; left out of the class counts")
+                    continue
                 key = parsed if self._classes is None else self._classes.lookup(parsed)
-                if key != (-1, -1):
+                if key != (-1, -1) and count.isdigit():
                     counts[key] = counts.get(key, 0) + int(count)
-        return BufferStats(self._size, self.capacity, self._size * (self._item_bytes + 8), self._errors, counts)
+        nbytes = self._size * (self._item_bytes + 8)
+        return BufferStats(self._size, self.capacity, nbytes, self._errors, counts, self._corrupt)
 
     def refresh(self) -> bool:
         """Re-read seen, size and class counts from Redis; False when Redis is unreachable."""
@@ -286,20 +341,63 @@ class RedisStore:
         dtype, shape, drawn, data = reply[:4]
         if not drawn:
             return ReplayBatch.empty(self.device)
-        if (dtype, shape) not in self._layouts:
-            self._layouts[dtype, shape] = np.dtype(dtype.decode()), tuple(int(d) for d in shape.split(b",") if d)
-        array_dtype, dims = self._layouts[dtype, shape]
+        m = len(drawn) // 4
+        layout = self._layout(dtype, shape)
+        if layout is None:
+            self._dropped(
+                m, f"Redis buffer {self.name!r} holds samples of unreadable dtype {dtype[:40]!r}[{shape[:80]!r}]"
+            )
+            return ReplayBatch.empty(self.device)
         slots = np.frombuffer(drawn, dtype="<i4").astype(np.int64)
-        level, y = self._unpack_labels(reply[8], len(slots))
-        x = np.frombuffer(data, dtype=array_dtype).reshape(len(slots), *dims)
-        self._item_bytes = len(data) // len(slots)
+        level, y = self._unpack_labels(reply[8], m)
+        if reply[9] != layout.packed * m:  # some sample's bytes are missing or of another size
+            data = self._cut(data, reply[9], layout.nbytes, slots, level)
+        x = np.frombuffer(data, dtype=layout.dtype).reshape(m, *layout.dims)
+        self._item_bytes = layout.nbytes
         taken = level >= 0
-        if not taken.all():  # classes the numbering does not take (see ClassNames) are left out of the draw
+        if not taken.all():  # classes the numbering does not take (see ClassNames) and corrupt samples are left out
+            corrupt = int(np.count_nonzero(level == _UNREADABLE_LEVEL))
+            if corrupt:
+                self._dropped(corrupt, self._why)
             x, y, level, slots = x[taken], y[taken], level[taken], slots[taken]
         tensors = [torch.from_numpy(array) for array in (x.copy(), y, level, slots)]
         if self.device.type != "cpu":
             tensors = [t.to(self.device) for t in tensors]
         return ReplayBatch(*tensors)
+
+    def _layout(self, dtype: bytes, shape: bytes) -> Layout | None:
+        if (dtype, shape) not in self._layouts:
+            self._layouts[dtype, shape] = sample_layout(dtype, shape)
+        return self._layouts[dtype, shape]
+
+    def _cut(self, data: bytes, sizes: bytes, nbytes: int, slots: np.ndarray, level: np.ndarray) -> bytes:
+        """The drawn bytes, one sample every ``nbytes``: a sample of another size is zeros, its level unreadable."""
+        lengths = np.frombuffer(sizes, dtype="<i4")
+        fits = lengths == nbytes
+        bad = int(np.flatnonzero(~fits)[0])
+        self._why = (
+            f"Redis buffer {self.name!r} slot {slots[bad]} holds {lengths[bad]} bytes, not one sample's {nbytes}"
+        )
+        level[~fits] = _UNREADABLE_LEVEL
+        starts = (np.cumsum(lengths) - lengths).tolist()
+        blank = bytes(nbytes)
+        return b"".join([data[s : s + nbytes] if ok else blank for s, ok in zip(starts, fits.tolist(), strict=True)])
+
+    def _dropped(self, n: int, why: str) -> None:
+        self._corrupt += n
+        self._warn(f"{why}; {n} drawn sample(s) left out")
+
+    def _warn(self, message: str) -> None:
+        """Log a damaged or foreign buffer entry: at once, then at most once per interval (each is counted)."""
+        now = self._clock()
+        if now >= self._warn_at:
+            self._warn_at = now + CORRUPT_LOG_INTERVAL_S
+            log.warning(
+                "%s (%d corrupt samples left out of draws so far; next warning in %.0f s at the earliest)",
+                message,
+                self._corrupt,
+                CORRUPT_LOG_INTERVAL_S,
+            )
 
     # -- labels: one opaque string per class in Redis, cached both ways on the client ------------
 
@@ -331,27 +429,56 @@ class RedisStore:
         return level, y
 
     def _decode(self, label: bytes) -> bytes:
-        """A stored label's (level, y) in this learner's numbering (with :attr:`classes`, adding its class)."""
-        parsed = self._parse(label)
+        """A stored label's (level, y) in this learner's numbering (with :attr:`classes`, adding its class).
+
+        A label that cannot be read, or whose class the learner's tree refuses, is unreadable: left out of
+        the draw, counted, and not cached (a bad entry is rare; caching it would let junk fill the cache).
+        """
+        try:
+            parsed = self._parse(label)
+        except ValueError as error:
+            return self._unreadable(str(error))
         if self._classes is not None:
+            problem = self._problem(parsed)
+            if problem is not None:
+                return self._unreadable(f"Redis buffer {self.name!r} holds label {label[:80]!r}, refused: {problem}")
             level, y, _ = self._classes.encode([parsed])
             parsed = int(level[0]), int(y[0])
             if parsed[0] < 0:  # not taken now, perhaps later: not cached
-                return struct.pack("<ii", -1, -1)
+                return _NOT_TAKEN
         self._decoded[label] = pair = struct.pack("<ii", *parsed)
         return pair
 
+    def _unreadable(self, why: str) -> bytes:
+        self._why = why
+        return _UNREADABLE
+
+    def _problem(self, path: tuple[str, ...]) -> str | None:
+        """Why a draw must not add ``path`` to the learner's tree, as the run loop refuses a stream's label
+        (too deep, a known class under another parent, past ``max_classes``); None if it may."""
+        tree = self._growing
+        if tree is None:  # a numbering that adds no classes (KnownClasses) maps only the ones it has
+            return None
+        problem = tree.problem(path)
+        if problem is None and self.max_classes is not None:
+            new = sum(tree.lookup(path[: depth + 1])[0] < 0 for depth in range(len(path)))
+            if new and sum(tree.sizes) + new > self.max_classes:
+                problem = f"more than {self.max_classes} classes (max_classes)"
+        return problem
+
     def _parse(self, label: bytes) -> Any:
-        """A stored label as a class path (with :attr:`classes`) or ``(level, y)``; ValueError if of the other kind."""
+        """A stored label as a class path (with :attr:`classes`) or ``(level, y)``; ValueError if it is not one."""
         try:
             if self._classes is None:
                 level, y = map(int, label.split(b":"))
+                if not (0 <= level < 2**31 and 0 <= y < 2**31):
+                    raise ValueError("not a level and index")
                 return level, y
             path = tuple(json.loads(label)) if label.startswith(b"[") else ()
             if not path or not all(isinstance(name, str) and name for name in path):
                 raise ValueError("not a class path")
             return path
-        except ValueError:
+        except (ValueError, RecursionError):  # json raises RecursionError for arrays nested too deep
             kind = "by class path" if self._classes is not None else 'as "level:y"'
             raise ValueError(
                 f"Redis buffer {self.name!r} holds label {label[:80]!r}, but this store reads labels {kind}: "

@@ -41,6 +41,20 @@ class ClassNames(Protocol):
     ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]: ...
 
 
+@runtime_checkable
+class GrowingClassNames(ClassNames, Protocol):
+    """A numbering whose ``encode`` adds the classes it has not seen (``LabelTree``), with the checks a path
+    must pass first: ``problem`` (why it cannot be learned: too deep, or a known class under another parent;
+    None if it can) and ``sizes`` (classes per level, for a class limit). A store adds a class drawn from a
+    shared buffer only if it passes them, as the run loop screens a stream's labels.
+    """
+
+    @property
+    def sizes(self) -> list[int]: ...
+
+    def problem(self, path: tuple[str, ...]) -> str | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ReplayBatch:
     """Samples drawn from a buffer. Every field is always present (empty tensors when n = 0).
@@ -70,6 +84,8 @@ class BufferStats:
     ``nbytes``: sample and label payload bytes. ``errors``: failed operations since the store was
     opened, cumulative (always 0 in memory; a Prometheus counter adds the difference between two
     reads). ``class_counts``: stored samples per class ``(level, y)``, filled only when asked for.
+    ``corrupt``: drawn samples left out because their stored entry could not be read (bytes of the
+    wrong size, an unreadable label or one the learner's tree refuses), cumulative (0 in memory).
     """
 
     size: int
@@ -77,6 +93,7 @@ class BufferStats:
     nbytes: int
     errors: int
     class_counts: dict[tuple[int, int], int] = field(default_factory=dict)
+    corrupt: int = 0
 
 
 @runtime_checkable

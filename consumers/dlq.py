@@ -10,7 +10,7 @@ recognises the duplicate.
 
 Both sinks implement the run loop's ``DeadLetterSink`` protocol (``send(dead)``) plus ``backpressure`` (the
 caller must not poll more records while it is True), ``healthy`` (False while dead letters cannot be
-delivered) and the counters ``spooled`` and ``delivered``.
+delivered) and the counters ``spooled``, ``delivered`` and ``rejected``.
 
 :class:`KafkaDeadLetterSink` never makes the learner wait for the broker. ``send`` writes the dead letter to
 a local :class:`~consumers.spool.Spool` (one uncompressed file; no network I/O) and returns. Its cost grows
@@ -101,8 +101,8 @@ class KafkaDeadLetterSink:
     ``spool_dir`` defaults to a new temporary directory, which a restarted process does not know about:
     pass a fixed directory so that dead letters spooled before a crash are delivered after it. A dead letter
     the broker rejects for itself (too large, invalid topic name) stays in the spool directory as a
-    ``*.rejected`` file, is logged and counted in :attr:`rejected`; everything else is retried until
-    delivered.
+    ``*.rejected`` file, is logged and counted in :attr:`rejected` (``streamcl_dead_letter_rejected_total``);
+    everything else is retried until delivered.
 
     Raises
     ------
@@ -310,12 +310,13 @@ class FileDeadLetterSink:
     """Write dead letters to a recorded-stream file (original positions, added headers as above).
 
     A local file never pushes back and is always writable: :attr:`backpressure` is always False,
-    :attr:`healthy` always True, nothing is ever :attr:`spooled`.
+    :attr:`healthy` always True, nothing is ever :attr:`spooled` or :attr:`rejected`.
     """
 
     backpressure = False
     healthy = True
     spooled = 0
+    rejected = 0
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -33,6 +33,16 @@ high watermark at all; neither ever overstates the end.
 The fetch thread survives bad input and transient errors: a record whose decoding raises becomes an ``internal``
 dead letter, and any other error is logged and retried after a short back-off.
 
+A record kafka-python cannot read (its record reader raises: ``CorruptRecordError`` for a batch failing its CRC, a
+header key that is not UTF-8 or broken framing; any other error there too, such as a compression codec that is not
+installed) becomes an ``undecodable`` dead letter at its offset (key and value empty: they were never read), and
+the partition is moved past it with a seek. Without the seek, kafka-python would ask its dead reader for records
+forever: a fetch thread at 100 % CPU, no fetches, commits or lag, again after every restart. kafka-python reads a
+batch from its start and cannot get past a bad record in it, so in a batch that passed its CRC check every offset
+from the first not handed over to the batch's last is dead-lettered at once (at most ``max_poll_records`` per
+fetch; in a compacted partition some of them may no longer exist). A batch that failed its CRC check says nothing
+trustworthy about where it ends: its offsets are dead-lettered one per fetch until the broker's answers move past it.
+
 Messages of several samples (wire format 2): the learner's commit of a message's offset comes only once all its
 samples are processed (:func:`consumers.source.next_offsets`); ``start_offsets`` given as
 :class:`~consumers.source.NextOffsets` (a checkpoint's) skip the samples of a partly learned message that its
@@ -54,10 +64,13 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from types import FrameType
+from typing import Any, NamedTuple
 
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import Fetcher
 from kafka.errors import IllegalStateError, KafkaError
+from kafka.record.default_records import DefaultRecordBatch
 from kafka.structs import OffsetAndMetadata
 
 from consumers.record import DeadLetter, Message, Poll, Position, Record
@@ -95,6 +108,20 @@ def within_from_metadata(metadata: object) -> int | None:
     if match is None or int(match[1]) >= MAX_SAMPLES:  # a message never holds more samples than that
         return None
     return int(match[1])
+
+
+class UnreadableRecord(NamedTuple):
+    """A record the Kafka client cannot hand over whole, with the fields :func:`message_from_record` reads:
+    :class:`KafkaSource` makes it an ``undecodable`` dead letter at its offset, saying ``detail``."""
+
+    topic: str
+    partition: int
+    offset: int
+    detail: str
+    timestamp: int = -1  # milliseconds; Kafka's "none" where the client could not read it
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: tuple = ()
 
 
 class TopicNotFoundError(ValueError):
@@ -391,7 +418,7 @@ class KafkaSource:
             _guarded(consumer.pause, consumer.assignment())
             # keeps group membership and rebalances going; a partition assigned since the pause may still
             # return records, whose positions kafka-python has advanced, so they are kept
-            fetched = consumer.poll(timeout_ms=10, max_records=self._max_poll_records)
+            fetched = self._poll(10, self._max_poll_records)
             if fetched:
                 self._take_in(fetched)
             with self._cond:
@@ -400,11 +427,26 @@ class KafkaSource:
             return
         if consumer.paused():
             _guarded(consumer.resume, consumer.paused())
-        fetched = consumer.poll(
-            timeout_ms=int(self._fetch_timeout_s * 1000), max_records=min(space, self._max_poll_records)
-        )
+        fetched = self._poll(int(self._fetch_timeout_s * 1000), min(space, self._max_poll_records))
         if fetched:
             self._take_in(fetched)
+
+    def _poll(self, timeout_ms: int, max_records: int) -> dict:
+        """``consumer.poll``; records kafka-python cannot read come back as :class:`UnreadableRecord`, and their
+        partition is moved past them (see the module docstring)."""
+        try:
+            return self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except Exception as err:
+            found = unreadable_records(err, self._max_poll_records)
+            if found is None:  # not raised by kafka-python's record reader: logged and retried
+                raise
+            tp, records = found
+            if tp not in self._consumer.assignment():  # revoked meanwhile: the next owner meets it
+                return {}
+            first, last = records[0].offset, records[-1].offset
+            log.warning("%s: offsets %d-%d cannot be read (%s); they become dead letters", tp, first, last, err)
+            self._consumer.seek(tp, last + 1)  # also drops the dead reader
+            return {tp: records}
 
     def _fetch_wanted(self) -> bool:
         """While paused: wake when the buffer is down to its low watermark, a commit is due, or on close."""
@@ -428,7 +470,7 @@ class KafkaSource:
             entry
             for records in fetched.values()
             for r in records
-            for entry in _decode(self._decoder, message_from_record(r), self._max_bytes)
+            for entry in _decode(self._decoder, r, self._max_bytes)
         ]
         elapsed = time.perf_counter() - started
         highs = {tp: self._consumer.highwater(tp) for tp in fetched}
@@ -694,9 +736,12 @@ def _kafka_offsets(offsets: dict[Key, int], within: Mapping[Key, int]) -> dict[T
     }
 
 
-def _decode(decoder: Callable[[Message, int], Any], message: Message, max_bytes: int) -> list:
-    """``decoder`` (by default :func:`consumers.wire.decode_samples`) as a list, with a message whose decoding
-    raises turned into an ``internal`` dead letter."""
+def _decode(decoder: Callable[[Message, int], Any], record, max_bytes: int) -> list:
+    """A client's record through ``decoder`` (by default :func:`consumers.wire.decode_samples`) as a list, with an
+    :class:`UnreadableRecord` an ``undecodable`` dead letter and a message whose decoding raises an ``internal`` one."""
+    message = message_from_record(record)
+    if type(record) is UnreadableRecord:
+        return [DeadLetter(message, "undecodable", record.detail)]
     try:
         decoded = decoder(message, max_bytes)
     except Exception as err:  # a decoder bug must cost one record, not the fetch thread
@@ -718,3 +763,37 @@ def message_from_record(r) -> Message:
     """A kafka-python ``ConsumerRecord`` as a :class:`Message` (timestamp in seconds; a null value as b"")."""
     headers = tuple((k, v if v is not None else b"") for k, v in (r.headers or ()))
     return Message(Position(r.topic, r.partition, r.offset), r.timestamp / 1000.0, r.key, r.value or b"", headers)
+
+
+def unreadable_records(err: Exception, most: int) -> tuple[TopicPartition, list[UnreadableRecord]] | None:
+    """The partition and the records (at most ``most``) that kafka-python's record reader stopped at with ``err``;
+    None if ``err`` was not raised by that reader.
+
+    The reader (``Fetcher.PartitionRecords._unpack_records``, a generator) is found among the frames ``err`` was
+    raised through, also when kafka-python raises it again on a later poll: its locals say which partition, the
+    first offset not handed over and the batch it was reading (the error names no offset for a header it cannot
+    decode). The batch's end is trusted only if the batch passed its CRC check, i.e. the error came from reading
+    its records, not from the reader's own CRC checks.
+    """
+    tb = err.__traceback__
+    while tb is not None and not _is_record_reader(tb.tb_frame):
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    reader, batch = tb.tb_frame.f_locals["self"], tb.tb_frame.f_locals.get("batch")
+    first = last = max(reader.fetch_offset, reader.next_fetch_offset)
+    checked = reader.check_crcs and tb.tb_next is not None
+    if checked and isinstance(batch, DefaultRecordBatch) and batch.last_offset >= first:  # else: a batch before it
+        first, last = max(first, batch.base_offset), batch.last_offset
+        detail = f"the Kafka client cannot read offsets {first}-{last}, the rest of their record batch: {err}"
+    else:
+        detail = f"the Kafka client cannot read offset {first}: {err}"
+    tp = reader.topic_partition
+    offsets = range(first, min(last, first + most - 1) + 1)
+    return tp, [UnreadableRecord(tp.topic, tp.partition, offset, detail) for offset in offsets]
+
+
+def _is_record_reader(frame: FrameType) -> bool:
+    return frame.f_code.co_name == "_unpack_records" and isinstance(
+        frame.f_locals.get("self"), Fetcher.PartitionRecords
+    )

@@ -16,6 +16,9 @@ Differences it bridges:
   there become the start offsets of the ``assign()`` call that ends the callback.
 * Errors (``KafkaException``) are raised as kafka-python's ``KafkaError``, which the source handles.
 * Commit metadata travels in confluent's ``TopicPartition.metadata`` (a string; "" for none).
+* A message whose headers confluent-kafka cannot convert (a key that is not UTF-8) is handed over as an
+  :class:`~consumers.kafka.UnreadableRecord`, which the source makes an ``undecodable`` dead letter: ``consume()``
+  has moved the position past it and the messages fetched with it already, so raising would lose them all.
 * Settings are kafka-python's names (``session_timeout_ms``, ``sasl_plain_username``, ...), translated to
   librdkafka's; a name it has no translation for is a ``ValueError``.
 
@@ -33,6 +36,8 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
+
+from consumers.kafka import UnreadableRecord
 
 log = logging.getLogger("consumers.kafka_librdkafka")
 
@@ -115,6 +120,15 @@ class _Record:
         self.key, self.value, self.headers = message.key(), message.value(), message.headers()
 
 
+def _unreadable(message, err: Exception) -> UnreadableRecord:
+    """A message whose headers confluent-kafka cannot convert (it raises SystemError for a key that is not UTF-8),
+    with its key and value, for an ``undecodable`` dead letter."""
+    cause = err.__cause__ or err
+    detail = f"the Kafka client cannot convert the record's headers: {type(cause).__name__}: {cause}"
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    return UnreadableRecord(topic, partition, offset, detail, message.timestamp()[1], message.key(), message.value())
+
+
 class LibrdkafkaConsumer:
     """A ``confluent_kafka.Consumer`` with the kafka-python ``KafkaConsumer`` methods KafkaSource calls.
 
@@ -182,7 +196,10 @@ class LibrdkafkaConsumer:
                     raise self._confluent.KafkaException(error)
                 log.warning("Kafka client: %s", error)
                 continue
-            record = _Record(message)
+            try:  # the consumer's position is past this message already: a failure here must not lose the rest
+                record = _Record(message)
+            except Exception as err:
+                record = _unreadable(message, err)
             fetched.setdefault((record.topic, record.partition), []).append(record)
         return {TopicPartition(*key): records for key, records in fetched.items()}
 

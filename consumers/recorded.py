@@ -17,7 +17,8 @@ frame per message. Writers write version 2; readers read versions 1 and 2.
 Frames are parsed from 64 KiB chunks of the decompressed stream, so a file of any size streams in
 constant memory. A file cut short or damaged (a length over :data:`MAX_FIELD_BYTES`, a version-2 frame
 over three times that, lengths that do not add up, meta that is not the object above, headers that are
-not base64) yields its complete frames before the damage, then raises :class:`RecordedStreamError`
+not base64, a partition or offset beyond Kafka's int32/int64, a stream or header name that is not UTF-8)
+yields its complete frames before the damage, then raises :class:`RecordedStreamError`
 naming the frame; nothing after it is trusted, since the framing is lost. The version byte is bumped on
 any change old readers cannot read; readers reject other magic/version bytes.
 """
@@ -53,6 +54,11 @@ _CHUNK = 1 << 16
 MAX_FIELD_BYTES = 64 * 1024 * 1024
 """Longest meta, key or value a frame may declare: a longer one is damage, not data (Kafka's own limit is lower)."""
 _MAX_BODY_BYTES = 3 * MAX_FIELD_BYTES
+_PARTITIONS = 2**31  # Kafka's partitions are int32: a larger one is damage, and no dead letter could name it
+_OFFSETS = 2**63  # offsets (and integer timestamps) are int64, as the writer packs them
+_CACHED_BYTES = 256
+"""Longest stream or header name (and version-1 header value) remembered: the names that repeat are short, and a
+cache of 4,096 long ones would hold gigabytes."""
 
 
 class RecordedStreamError(ValueError):
@@ -320,6 +326,8 @@ def _read_frame_v2(frames: _Chunks) -> Message:
     sizes = lengths.unpack_from(buf, at)
     if declared + sum(sizes) != end or offset < 0:
         raise _BadFrame(f"fields of {declared + sum(sizes) - at + _FIXED.size} bytes in a body of {size}")
+    if partition >= _PARTITIONS:
+        raise _BadFrame(f"partition {partition} is not an int32")
     at += lengths.size
     try:
         stream = _utf8(buf[at : at + stream_len])
@@ -345,9 +353,13 @@ def _lengths(n_headers: int) -> struct.Struct:
     return struct.Struct("<" + "II" * n_headers)
 
 
-@functools.lru_cache(maxsize=4096)
 def _utf8(raw: bytes) -> str:
-    """Stream and header names repeat from frame to frame: decode each once."""
+    """Stream and header names repeat from frame to frame: decode each short one once."""
+    return _cached_utf8(raw) if len(raw) <= _CACHED_BYTES else raw.decode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_utf8(raw: bytes) -> str:
     return raw.decode()
 
 
@@ -366,18 +378,36 @@ def _read_frame_v1(frames: _Chunks) -> Message:
         raise _BadFrame(f"meta is not a frame's meta ({type(err).__name__}: {str(err)[:100]})") from err
     if not (
         isinstance(position.stream, str)
-        and all(type(n) is int and n >= 0 for n in (position.partition, position.offset))
-        and type(timestamp) in (int, float)
+        and type(position.partition) is int
+        and type(position.offset) is int
+        and 0 <= position.partition < _PARTITIONS
+        and 0 <= position.offset < _OFFSETS
+        and (type(timestamp) is float or (type(timestamp) is int and -_OFFSETS <= timestamp < _OFFSETS))
         and all(isinstance(k, str) for k, _ in headers)
     ):
-        raise _BadFrame(f"meta has fields of the wrong types: {str(meta)[:100]}")
+        raise _BadFrame(f"meta has fields of the wrong types or out of range: {str(meta)[:100]}")
+    # JSON escapes can spell lone surrogates, which no dead letter or version-2 frame can carry
+    if not all(map(_encodable, (position.stream, *(k for k, _ in headers)))):
+        raise _BadFrame("a stream or header name is not encodable as UTF-8 (lone surrogate)")
     return Message(position, timestamp, key, value, headers)  # type: ignore[arg-type]
 
 
-@functools.lru_cache(maxsize=4096)
 def _header_value(encoded: str) -> bytes:
-    """Header values repeat from frame to frame (dtype, shape, labels; not ids): decode each once."""
+    """Header values repeat from frame to frame (dtype, shape, labels; not ids): decode each short one once."""
+    return _cached_header_value(encoded) if len(encoded) <= _CACHED_BYTES else base64.b64decode(encoded, validate=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_header_value(encoded: str) -> bytes:
     return base64.b64decode(encoded, validate=True)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _READERS = {MAGIC: _read_frame_v2, MAGIC_V1: _read_frame_v1}

@@ -67,7 +67,7 @@ _YS_HEADER_DEPTH = 3  # a list of label paths
 _FLOAT32_LIMIT = 2.0**128 - 2.0**103
 
 REASONS = (
-    "undecodable",  # bytes that are not valid UTF-8 / unknown content type
+    "undecodable",  # bytes that are not valid UTF-8 / unknown content type / a record the Kafka client cannot read
     "bad_json",  # not JSON, not the expected object, or nested deeper than MAX_JSON_DEPTH
     "missing_field",
     "bad_dtype",  # unknown dtype, or uint8 values that are not integers in 0..255
@@ -251,11 +251,23 @@ def _json_batch(message: Message, body: dict, has_booleans: bool) -> list[Record
     shape = _parse_batch_shape(body.get("shape"))
     ys = _batch_list(body["ys"], "ys") if "ys" in body else [None] * len(ids)
     _agree(len(ids), len(ys), shape)
+    _fits_json(shape, len(message.value))
     # quotes delimit the keys, the dtype, the ids and the label parts; any other string may sit in x
     strings = len(body) + 1 + sum(type(i) is str for i in ids) + sum(map(_label_strings, ys))
     unexplained = body.keys() - _BATCH_FIELDS or message.value.count(b'"') != 2 * strings
     x, bad = _json_rows(body.get("x"), dtype, shape, has_booleans or bool(unexplained))
     return _samples(message, ids, ys, x, bad)
+
+
+def _fits_json(shape: tuple[int, ...], value_bytes: int) -> None:
+    """Refuse a shape of more values than ``value_bytes`` of JSON can spell (a digit and a comma each).
+
+    Checked before anything is allocated for the shape: a message of a hundred bytes must not declare
+    gigabytes of rows (a sample nested as a list of its own is laid out in rows of the declared size).
+    """
+    count = math.prod(shape)
+    if 2 * count - 1 > value_bytes:
+        raise BadRecord("bad_shape", f"shape {list(shape)} of {count} values cannot fit in {value_bytes} bytes")
 
 
 def _label_strings(label: object) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,6 +26,10 @@ from prometheus_client import (
 from monitoring.exporter import Check, Exporter
 
 OUTCOMES = ("learned", "predicted", "held_out", "dead_letter")
+PREDICTION_FAILURES = ("send_failed", "backing_off", "delivery_failed")
+"""Why a prediction record did not reach the predictions output: the output raised when it was handed over (a
+Kafka producer without the topic's metadata or buffer space after ``max_block_ms``, a file write error), it was
+dropped untried while the output backs off after such an error, or the broker did not acknowledge it."""
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -53,7 +58,7 @@ class Metrics:
         GCCollector(registry=registry)
         self.max_class_series = max_class_series
         self._class_series: set[tuple[str, str]] = set()
-        self._lazy: dict[str, Gauge] = {}
+        self._lazy: dict[str, Gauge | Counter] = {}
         self._lazy_lock = threading.Lock()
         r = registry
         self.samples = Counter("streamcl_samples", "Records processed, by outcome.", ["outcome"], registry=r)
@@ -109,10 +114,18 @@ class Metrics:
         self.buffer_size = Gauge("streamcl_buffer_size", "Samples in the replay buffer.", registry=r)
         self.buffer_bytes = Gauge("streamcl_buffer_bytes", "Bytes held by the replay buffer.", registry=r)
         self.buffer_class_count = Gauge(
-            "streamcl_buffer_class_samples", "Replay-buffer samples per class (capped series).", ["class"], registry=r
+            "streamcl_buffer_class_samples",
+            "Replay-buffer samples per class (capped series; 0 once a class is evicted).",
+            ["level", "class"],  # a name may be a class at two levels of a label hierarchy
+            registry=r,
         )
         self.buffer_errors = Counter(
             "streamcl_buffer_errors", "Replay-buffer operations that failed (e.g. Redis down).", registry=r
+        )
+        self.buffer_corrupt = Counter(
+            "streamcl_buffer_corrupt_samples",
+            "Drawn replay samples left out because their stored entry could not be read or was refused.",
+            registry=r,
         )
         self.consumer_lag = Gauge(
             "streamcl_consumer_lag",
@@ -135,7 +148,15 @@ class Metrics:
         )
         self.overloaded = Gauge("streamcl_overloaded", "1 while the consumer lag is above --max-lag.", registry=r)
         self.predictions = Counter(
-            "streamcl_predictions", "Prediction records published to the predictions output.", registry=r
+            "streamcl_predictions",
+            "Prediction records the predictions output took: acknowledged by the Kafka broker, or written to the file.",
+            registry=r,
+        )
+        self.predictions_failed = Counter(
+            "streamcl_predictions_failed",
+            "Prediction records that did not reach the predictions output, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.model_info = Info("streamcl_model", "Method, model and device of this learner.", registry=r)
         self.build_info = Gauge(
@@ -148,6 +169,8 @@ class Metrics:
             self.samples.labels(outcome=outcome)
         for reason in dead_letter_reasons:
             self.dead_letters.labels(reason=reason)
+        for reason in PREDICTION_FAILURES:
+            self.predictions_failed.labels(reason=reason)
 
     def describe(self, *, method: str, model: str, device: str) -> None:
         """Publish what this learner runs: ``streamcl_model_info`` and ``streamcl_build_info``."""
@@ -180,10 +203,20 @@ class Metrics:
             "streamcl_dead_letter_sink_up", "1 while the dead-letter sink accepts records, 0 while it fails."
         )
 
-    def _on_first_use(self, name: str, documentation: str) -> Gauge:
+    @property
+    def dead_letter_rejected(self) -> Counter:
+        """``streamcl_dead_letter_rejected_total``, registered on first use (by the dead-letter sink, if any)."""
+        return self._on_first_use(
+            "streamcl_dead_letter_rejected",
+            "Dead letters the broker refused for themselves (too large, invalid topic): not on the dead-letter "
+            "topic, kept as *.rejected files in the spool directory.",
+            Counter,
+        )
+
+    def _on_first_use(self, name: str, documentation: str, kind: type[Gauge | Counter] = Gauge) -> Any:
         with self._lazy_lock:  # a sink thread and the run loop may both ask first
             if name not in self._lazy:
-                self._lazy[name] = Gauge(name, documentation, registry=self.registry)
+                self._lazy[name] = kind(name, documentation, registry=self.registry)
             return self._lazy[name]
 
     def class_series_allowed(self, level: int, name: str) -> bool:

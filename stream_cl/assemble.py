@@ -19,6 +19,7 @@ from functools import partial
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -33,7 +34,7 @@ from monitoring.exporter import Exporter
 from monitoring.labeljoin import JoinMetrics
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
-from stream_cl.build import build_learner
+from stream_cl.build import build_learner, model_input_shape
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.checkpointer import Checkpointer, Restored, restore
 from stream_cl.config import DEFAULT_METRICS_PORT, Config
@@ -41,8 +42,9 @@ from stream_cl.delayed import DelayedLabels
 from stream_cl.device import pick_device
 from stream_cl.errors import ConfigError
 from stream_cl.group import LOCKSTEP_METHODS, Group, GroupCheckpointer
-from stream_cl.learner import LearnerFactory, RunState
+from stream_cl.learner import Learner, LearnerFactory, RunState
 from stream_cl.methods import hyper_parameters
+from stream_cl.models import UnsupportedInput, check_size
 from stream_cl.overload import OverloadPolicy
 from stream_cl.pending import MemoryPending, PendingStore
 from stream_cl.pending_redis import open_redis_pending
@@ -184,19 +186,28 @@ def make_metrics(cfg: Config, device: torch.device) -> Metrics:
 
 
 def learner_factory(cfg: Config, device: torch.device) -> LearnerFactory:
-    """Builds the configured learner once the first record shows the input shape and dtype."""
-    return partial(
+    """Builds the configured learner once the first record shows the input shape and dtype; for an input
+    whose backbone would pass ``max_parameters`` it raises :class:`~stream_cl.models.UnsupportedInput`."""
+    learner = cfg.learner
+    build = partial(
         build_learner,
-        cfg.learner.method,
-        cfg.learner.model,
+        learner.method,
+        learner.model,
         device=device,
-        seed=cfg.learner.seed,
+        seed=learner.seed,
         buffer_size=cfg.buffer.size,
         buffer_spec=cfg.buffer.spec,
         buffer_policy=cfg.buffer.policy,
-        width=cfg.learner.width,
-        hparams=dict(cfg.learner.hparam),
+        width=learner.width,
+        hparams=dict(learner.hparam),
+        max_classes=learner.max_classes,
     )
+
+    def make(shape: tuple[int, ...], dtype: np.dtype) -> Learner:
+        check_size(learner.model, model_input_shape(shape, dtype), learner.max_parameters, width=learner.width)
+        return build(shape, dtype)
+
+    return make
 
 
 def drift_monitor(cfg: Config, metrics: Metrics) -> DriftMonitor | None:
@@ -231,7 +242,12 @@ def _restore(
     if cfg.checkpoint.dir is None:
         return RunState(), None, None
     store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, sweep=writer)
-    state, restored = restore(store, make_learner, identity(cfg), probe)
+    try:
+        state, restored = restore(store, make_learner, identity(cfg), probe)
+    except UnsupportedInput as err:  # --max-parameters was lowered below the checkpoint's model
+        raise ConfigError(
+            f"the checkpoint in {cfg.checkpoint.dir} cannot be restored: {err} (--max-parameters)"
+        ) from err
     checkpointer = Checkpointer(
         store,
         identity=identity(cfg),

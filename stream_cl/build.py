@@ -36,6 +36,7 @@ def build_learner(
     buffer_policy: str = "reservoir",
     width: int | None = None,
     hparams: dict[str, Any] | None = None,
+    max_classes: int | None = None,
 ) -> Learner:
     """A ready learner; the seed fixes weight init, buffer and every method RNG.
 
@@ -43,7 +44,8 @@ def build_learner(
     (``memory``, ``redis://...``) and ``buffer_policy`` open one of ``buffer_size`` samples
     (:func:`buffers.open.open_store`).
     An opened store gets the learner's label tree, so a Redis buffer shared by learners keeps
-    labels by class path rather than by this learner's class indices.
+    labels by class path rather than by this learner's class indices; ``max_classes`` bounds the
+    classes its draws may add to the tree (the run loop bounds those the stream brings).
     """
     torch.manual_seed(seed)
     backbone = build_backbone(model, model_input_shape(record_shape, record_dtype), width=width)
@@ -51,6 +53,12 @@ def build_learner(
     store = buffer
     if store is None:
         store = open_store(
-            buffer_spec, buffer_size, device=device, seed=seed, policy=buffer_policy, classes=classifier.tree
+            buffer_spec,
+            buffer_size,
+            device=device,
+            seed=seed,
+            policy=buffer_policy,
+            classes=classifier.tree,
+            max_classes=max_classes,
         )
     return method_class(method)(classifier, store, **(hparams or {}))

@@ -139,6 +139,11 @@ class LearnerConfig:
     max_classes: int = setting(
         1000, "most classes (all levels) a stream may bring; more are dead letters", check=positive
     )
+    max_parameters: int = setting(
+        100_000_000,
+        "most backbone parameters an input may need; records of larger inputs are dead letters",
+        check=positive,
+    )
 
     def __post_init__(self) -> None:
         kind = self.device.split(":", 1)[0]

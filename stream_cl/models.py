@@ -11,6 +11,10 @@ from torch.nn import functional as F
 MODELS = ("mlp", "resnet18-reduced", "resnet18")
 
 
+class UnsupportedInput(ValueError):
+    """The configured model cannot be built for an input: a record of it is a dead letter, not a crash."""
+
+
 class MLP(nn.Module):
     """Two hidden ReLU layers over the flattened input; ``out_dim`` features."""
 
@@ -87,7 +91,17 @@ def build_backbone(name: str, input_shape: tuple[int, ...], *, width: int | None
         return MLP(math.prod(input_shape), hidden=width or 256)
     if name in ("resnet18", "resnet18-reduced"):
         if len(input_shape) != 3:
-            raise ValueError(f"{name} needs image inputs (C, H, W), got shape {input_shape}")
+            raise UnsupportedInput(f"{name} needs image inputs (C, H, W), got shape {input_shape}")
         nf = width or (64 if name == "resnet18" else 20)
         return ResNet18(in_channels=input_shape[0], nf=nf)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def check_size(name: str, input_shape: tuple[int, ...], max_parameters: int, *, width: int | None = None) -> None:
+    """Raise :class:`UnsupportedInput` if backbone ``name`` would have more than ``max_parameters`` for
+    ``input_shape``. The first layer grows with the input, so one huge first record would otherwise fix a
+    model every later record misfits; the count is taken on the meta device, allocating nothing."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_backbone(name, input_shape, width=width).parameters())
+    if n > max_parameters:
+        raise UnsupportedInput(f"{name} for inputs {input_shape} would have {n:,} parameters, over {max_parameters:,}")

@@ -5,12 +5,19 @@ A prediction record is ``{"id", "predicted": [class per level], "confidence": [p
 "topic", "partition", "offset"}``. ``predicted`` is the label path from the coarsest level to the
 finest level that has classes; ``model_version`` is the id of the newest checkpoint written (or
 restored) when the prediction was made, 0 before the first one.
+
+An output that fails never stops the learner: a record the output refuses or never acknowledges is lost
+and counted in ``streamcl_predictions_failed_total{reason}``; ``streamcl_predictions_total`` counts only
+the records the output took (acknowledged by the broker, or written to the file).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -21,13 +28,30 @@ from stream_cl.errors import ConfigError
 from stream_cl.labels import LabelTree
 from stream_cl.learner import Prediction
 
+log = logging.getLogger(__name__)
+
 WHICH = ("unlabelled", "all")
+RETRY_S = 10.0
+"""After the output raised on a send, records are dropped untried for this long: a Kafka producer without
+the topic's metadata blocks ``max_block_ms`` on every send, which would stall the learner for each record."""
+LOG_EVERY_S = 60.0
+"""Lost predictions are logged at most once per this interval (with how many were lost since)."""
+MAX_BLOCK_MS = 1000
+"""Longest a Kafka ``send`` blocks the learner for topic metadata or buffer space (kafka-python's default: 60 s)."""
+CLOSE_TIMEOUT_S = 5.0
+"""Longest closing the Kafka output waits for unacknowledged records (a drain must end within ``--drain-timeout``)."""
 
 
 class Sink(Protocol):
-    """Where encoded prediction records go, keyed by record id."""
+    """Where encoded prediction records go, keyed by record id.
 
-    def send(self, key: bytes, value: bytes) -> None: ...
+    ``send`` raises if the record cannot be handed over; otherwise it calls ``acknowledged()`` once the record
+    is out or ``lost(error)`` if it never will be, perhaps later and on another thread.
+    """
+
+    def send(
+        self, key: bytes, value: bytes, acknowledged: Callable[..., None], lost: Callable[[BaseException], None]
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -44,11 +68,19 @@ class Predictions:
     version
         Returns the current model version (checkpoint id).
     metrics
-        Receives ``streamcl_predictions_total``.
+        Receives ``streamcl_predictions_total`` and ``streamcl_predictions_failed_total``.
+    retry_s
+        After a failed send, records are dropped untried (``backing_off``) for this long.
     """
 
     def __init__(
-        self, sink: Sink, *, which: str = "unlabelled", version: Callable[[], int], metrics: Metrics | None = None
+        self,
+        sink: Sink,
+        *,
+        which: str = "unlabelled",
+        version: Callable[[], int],
+        metrics: Metrics | None = None,
+        retry_s: float = RETRY_S,
     ) -> None:
         if which not in WHICH:
             raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
@@ -56,6 +88,11 @@ class Predictions:
         self.which = which
         self.version = version
         self.metrics = metrics
+        self.retry_s = retry_s
+        self._retry_at = 0.0
+        self._lost_lock = threading.Lock()  # losses are reported by the learner and by the Kafka I/O thread
+        self._unlogged: Counter[str] = Counter()
+        self._log_at = 0.0
 
     def publish(self, records: list[Record], prediction: Prediction, tree: LabelTree, polled_at: float) -> None:
         """Publish the predictions made for ``records`` (in order) from a batch polled at ``polled_at``."""
@@ -78,12 +115,40 @@ class Predictions:
                 "partition": record.position.partition,
                 "offset": record.position.offset,
             }
-            self.sink.send(record.id.encode(), json.dumps(body, separators=(",", ":")).encode())
-        if self.metrics is not None:
-            self.metrics.predictions.inc(len(chosen))
+            self._send(record.id.encode(), json.dumps(body, separators=(",", ":")).encode())
 
     def close(self) -> None:
         self.sink.close()
+
+    def _send(self, key: bytes, value: bytes) -> None:
+        """Hand one record to the output; never raises: a failure is counted, logged and backed off from."""
+        if time.monotonic() < self._retry_at:
+            self._count_loss("backing_off", None)
+            return
+        try:
+            self.sink.send(key, value, self._acknowledged, self._lost)
+        except Exception as err:  # the learner must outlive any output failure
+            self._retry_at = time.monotonic() + self.retry_s  # from the end of the failed send (it may have blocked)
+            self._count_loss("send_failed", err)
+
+    def _acknowledged(self, _metadata: object = None) -> None:
+        if self.metrics is not None:
+            self.metrics.predictions.inc()
+
+    def _lost(self, error: BaseException) -> None:
+        self._count_loss("delivery_failed", error)
+
+    def _count_loss(self, reason: str, error: BaseException | None) -> None:
+        if self.metrics is not None:
+            self.metrics.predictions_failed.labels(reason=reason).inc()
+        now = time.monotonic()
+        with self._lost_lock:
+            self._unlogged[reason] += 1
+            if error is None or now < self._log_at:
+                return
+            self._log_at = now + LOG_EVERY_S
+            lost, self._unlogged = dict(self._unlogged), Counter()
+        log.warning("predictions are lost (%s since the last such message): %s", _counts(lost), error)
 
 
 class FileSink:
@@ -96,28 +161,49 @@ class FileSink:
     def __init__(self, path: str | Path) -> None:
         self._file = Path(path).open("ab", buffering=0)  # noqa: SIM115 - closed by close()
 
-    def send(self, key: bytes, value: bytes) -> None:
+    def send(
+        self, key: bytes, value: bytes, acknowledged: Callable[..., None], lost: Callable[[BaseException], None]
+    ) -> None:
         self._file.write(value + b"\n")
+        acknowledged()
 
     def close(self) -> None:
         self._file.close()
 
 
 class KafkaSink:
-    """Produces prediction records to a Kafka topic (value: JSON, key: record id)."""
+    """Produces prediction records to a Kafka topic (value: JSON, key: record id).
 
-    def __init__(self, bootstrap: str, topic: str, **client: object) -> None:
+    ``send`` runs on the learner's thread: it blocks at most ``max_block_ms`` (no metadata for the topic yet,
+    or the producer's buffer full) and then raises. ``close`` waits at most ``close_timeout_s`` for records
+    not yet acknowledged.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        max_block_ms: int = MAX_BLOCK_MS,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+        **client: object,
+    ) -> None:
         from consumers.producer import new_producer  # imported here: file outputs need no Kafka client
 
         self.topic = topic
-        self._producer = new_producer(bootstrap, **client)
+        self.close_timeout_s = close_timeout_s
+        self._producer = new_producer(bootstrap, max_block_ms=max_block_ms, **client)
 
-    def send(self, key: bytes, value: bytes) -> None:
-        self._producer.send(self.topic, key=key, value=value)
+    def send(
+        self, key: bytes, value: bytes, acknowledged: Callable[..., None], lost: Callable[[BaseException], None]
+    ) -> None:
+        self._producer.send(self.topic, key=key, value=value).add_callback(acknowledged).add_errback(lost)
 
     def close(self) -> None:
-        self._producer.flush()
-        self._producer.close()
+        try:
+            self._producer.close(timeout=self.close_timeout_s)
+        except Exception as err:  # KafkaTimeoutError: records the broker has not acknowledged are left behind
+            log.warning("predictions to %s not all delivered at close: %s", self.topic, err)
 
 
 def open_sink(url: str, **kafka_client: object) -> Sink:
@@ -128,3 +214,8 @@ def open_sink(url: str, **kafka_client: object) -> Sink:
             raise ConfigError(f"predictions URL must be kafka://HOST:PORT/TOPIC, got {url!r}")
         return KafkaSink(host, topic, **kafka_client)
     return FileSink(url.removeprefix("file:"))
+
+
+def _counts(lost: dict[str, int]) -> str:
+    """``{"send_failed": 1, "backing_off": 40}`` → ``1 send_failed, 40 backing_off``."""
+    return ", ".join(f"{n} {reason}" for reason, n in lost.items())

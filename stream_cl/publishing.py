@@ -24,9 +24,13 @@ class Publisher:
     def __init__(self, metrics: Metrics, dead_letters: object = None) -> None:
         self.metrics = metrics
         self.dead_letters = dead_letters if hasattr(dead_letters, "spooled") else None  # a sink that can spool
+        self._dead_letters_rejected = 0
+        if self.dead_letters is not None:  # at 0 from the start, so the first rejection is an increase
+            metrics.dead_letter_rejected.inc(0)
         self._last = time.monotonic()
         self._records = 0
-        self._buffer_errors = 0
+        self._buffer_errors = self._buffer_corrupt = 0
+        self._buffer_classes: set[tuple[str, str]] = set()  # (level, class) series published so far
 
     def count(self, records: int) -> None:
         self._records += records
@@ -37,7 +41,8 @@ class Publisher:
             self.gauges(now, learner, accuracy, source)
 
     def gauges(self, now: float, learner: Learner | None, accuracy: PrequentialAccuracy, source: Source) -> None:
-        """Records per second, windowed online accuracy, classes seen, buffer size, source lag, dead-letter spool."""
+        """Records per second, windowed online accuracy, classes seen, buffer size, source lag, dead-letter spool,
+        sink and rejections."""
         m = self.metrics
         m.samples_per_second.set(self._records / max(now - self._last, 1e-9))
         self._last, self._records = now, 0
@@ -50,6 +55,10 @@ class Publisher:
         if self.dead_letters is not None:
             m.dead_letter_spool.set(self.dead_letters.spooled)
             m.dead_letter_sink_up.set(int(self.dead_letters.healthy))
+            rejected = self.dead_letters.rejected
+            if rejected > self._dead_letters_rejected:
+                m.dead_letter_rejected.inc(rejected - self._dead_letters_rejected)
+                self._dead_letters_rejected = rejected
         if isinstance(source, Instrumented):
             m.consumer_lag.clear()  # series of partitions no longer owned are dropped
             for (topic, partition), lag in source.lag().items():
@@ -58,7 +67,7 @@ class Publisher:
                 m.decode_seconds.observe(seconds)
 
     def buffer(self, learner: Learner) -> int:
-        """Buffer bytes, errors and composition per class (a Redis store answers with a round trip).
+        """Buffer bytes, errors, corrupt samples and composition per class (a Redis store answers with a round trip).
 
         Returns the buffer's failed operations so far.
         """
@@ -68,14 +77,27 @@ class Publisher:
         if stats.errors > self._buffer_errors:
             m.buffer_errors.inc(stats.errors - self._buffer_errors)
             self._buffer_errors = stats.errors
-        names = learner.labels.names
-        for (level, index), count in stats.class_counts.items():
+        if stats.corrupt > self._buffer_corrupt:
+            m.buffer_corrupt.inc(stats.corrupt - self._buffer_corrupt)
+            self._buffer_corrupt = stats.corrupt
+        self._class_counts(learner.labels.names, stats.class_counts)
+        return stats.errors
+
+    def _class_counts(self, names: list[list[str]], counts: dict[tuple[int, int], int]) -> None:
+        """Buffer samples per class; a class published before and since evicted reads 0, not its last count."""
+        m = self.metrics
+        now: dict[tuple[str, str], int] = {}
+        for (level, index), count in counts.items():
             if level >= len(names) or index >= len(names[level]):
                 continue  # stored by another learner sharing the Redis buffer, under a class this one has not seen
             name = names[level][index]
             if m.class_series_allowed(level, name):
-                m.buffer_class_count.labels(**{"class": name}).set(count)
-        return stats.errors
+                now[(str(level), name)] = count
+        for key in self._buffer_classes - now.keys():
+            now[key] = 0
+        for (level, name), count in now.items():
+            m.buffer_class_count.labels(level=level, **{"class": name}).set(count)
+        self._buffer_classes |= now.keys()
 
     def probe(self, result: ProbeResult) -> None:
         m = self.metrics

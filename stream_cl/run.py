@@ -26,10 +26,11 @@ from monitoring.probe import ProbeSet
 from stream_cl.checkpointer import Checkpointer
 from stream_cl.delayed import DelayedLabels, Joined, JoinStep
 from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, RunState
+from stream_cl.models import UnsupportedInput
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions
 from stream_cl.publishing import Publisher, evaluate
-from stream_cl.scoring import arrival_scored, score, watch_drift
+from stream_cl.scoring import JOINED_SIGNALS, arrival_scored, score, watch_drift
 from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.run")
@@ -40,6 +41,7 @@ RUN_REASONS = (
     "too_many_classes",
     "non_finite_loss",
     "extreme_input",
+    "unsupported_input",
 )
 """Dead-letter reasons found after decoding (the decoder's own are in ``consumers.wire.REASONS``)."""
 
@@ -289,9 +291,11 @@ class _Run:
         self.learned_total.inc(len(learn))
         self.since_probe += len(learn)
         at_arrival = {id(j.record): j.predicted for j in joined}
-        score(
-            arrival_scored(observation, [at_arrival[id(r)] for r in learn]), self.accuracy, self._parent_maps(learner)
-        )
+        scored = arrival_scored(observation, [at_arrival[id(r)] for r in learn])
+        correct = score(scored, self.accuracy, self._parent_maps(learner))
+        if self.parts.drift is not None:
+            events = watch_drift(self.parts.drift, scored, correct, learn, signals=JOINED_SIGNALS)
+            self.summary.drift_events.extend(events)
 
     def _parent_maps(self, learner: Learner) -> list[np.ndarray]:
         sizes = learner.labels.sizes  # the tree grows with new labels, and with replay from a shared buffer
@@ -339,15 +343,11 @@ class _Run:
     def _screen(self, poll: Poll) -> list[Record]:
         """Records that can enter the learner; the others join ``poll.dead_letters``."""
         state = self.state
-        if state.learner is None and poll.records:
-            first = poll.records[0].x
-            state.input_shape, state.input_dtype = first.shape, first.dtype
-            state.learner = self.make_learner(first.shape, first.dtype)
+        fitting = poll.records if state.learner is not None else self._build_learner(poll)
         shape, dtype = state.input_shape, state.input_dtype
-        fitting = poll.records
         if not all(r.x.shape == shape and r.x.dtype == dtype for r in fitting):  # rare: sort out the misfits
-            fitting = []
-            for record in poll.records:
+            records, fitting = fitting, []
+            for record in records:
                 if record.x.shape != shape or record.x.dtype != dtype:
                     detail = f"{record.x.dtype}{list(record.x.shape)} != {dtype}{list(shape)}"
                     poll.dead_letters.append(DeadLetter(record.message, "shape_mismatch", detail))
@@ -362,6 +362,20 @@ class _Run:
             else:
                 poll.dead_letters.append(DeadLetter(record.message, "label_conflict", problem))
         return self._within_class_limit(good, poll)
+
+    def _build_learner(self, poll: Poll) -> list[Record]:
+        """Build the learner for the first record of ``poll`` the model can take, and return the records from
+        it on; those before it are ``unsupported_input`` dead letters (restarts must not fail on them again)."""
+        state = self.state
+        for i, record in enumerate(poll.records):
+            try:
+                state.learner = self.make_learner(record.x.shape, record.x.dtype)
+            except UnsupportedInput as err:
+                poll.dead_letters.append(DeadLetter(record.message, "unsupported_input", str(err)))
+                continue
+            state.input_shape, state.input_dtype = record.x.shape, record.x.dtype
+            return poll.records[i:]
+        return []
 
     def _within_class_limit(self, records: list[Record], poll: Poll) -> list[Record]:
         """Records whose new classes still fit ``max_classes``; records that would pass it are dead letters."""

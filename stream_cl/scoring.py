@@ -8,10 +8,13 @@ import numpy as np
 import torch
 
 from consumers.record import Record
-from monitoring.drift import DriftMonitor
+from monitoring.drift import SIGNALS, DriftMonitor
 from monitoring.hierarchy import level_correct
 from monitoring.prequential import PrequentialAccuracy
 from stream_cl.learner import Observation, Prediction
+
+JOINED_SIGNALS = ("error", "loss")
+"""The signals of a batch learned when its delayed labels joined: its uncertainty was fed when it arrived."""
 
 
 def score(obs: Observation, accuracy: PrequentialAccuracy, parent_maps: list[np.ndarray]) -> np.ndarray:
@@ -47,19 +50,26 @@ def arrival_scored(obs: Observation, at_arrival: list[np.ndarray]) -> Observatio
     return replace(obs, prediction=prediction)
 
 
-def watch_drift(drift: DriftMonitor, obs: Observation, correct: np.ndarray, records: list[Record]) -> list[dict]:
-    """Feed the batch's error (as scored by :func:`score`), loss and uncertainty signals at the records' offsets.
+def watch_drift(
+    drift: DriftMonitor,
+    obs: Observation,
+    correct: np.ndarray,
+    records: list[Record],
+    signals: tuple[str, ...] = SIGNALS,
+) -> list[dict]:
+    """Feed the batch's error (as scored by :func:`score`), loss and uncertainty signals at the records' offsets,
+    those of ``signals`` only (see :data:`JOINED_SIGNALS`).
 
     Returns the drift events found, as dicts in stream order.
     """
     positions = np.fromiter((r.position.offset for r in records), dtype=np.int64, count=len(records))
     labelled = host(obs.y) >= 0
     events = []
-    if "error" in drift.signals and labelled.any():
+    if "error" in drift.signals and "error" in signals and labelled.any():
         events += drift.update("error", ~correct, positions[labelled])
-    if "loss" in drift.signals and obs.stats.loss is not None:
+    if "loss" in drift.signals and "loss" in signals and obs.stats.loss is not None:
         events += drift.update("loss", np.array([obs.stats.loss]), positions[labelled][-1:])
-    if "uncertainty" in drift.signals:
+    if "uncertainty" in drift.signals and "uncertainty" in signals:
         known = host(obs.prediction.classes) >= 0
         rows = known.any(axis=1)
         if rows.any():

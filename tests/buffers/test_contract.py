@@ -103,6 +103,8 @@ def test_stats_cover_the_stored_samples(make_store):
     assert 4 * int(np.prod(SHAPE)) <= stats.nbytes < 10 * int(np.prod(SHAPE))
     feed(store, 20)
     assert store.stats().nbytes >= 10 * int(np.prod(SHAPE))
+    store.sample(10)
+    assert store.stats().corrupt == 0, "nothing damaged: no sample left out"
 
 
 def test_same_seed_same_decisions(make_store):

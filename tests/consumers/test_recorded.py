@@ -4,13 +4,15 @@ import base64
 import gzip
 import json
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from consumers.record import Message, Position, Record
+from consumers.dlq import dead_letter_message
+from consumers.record import DeadLetter, Message, Position, Record
 from consumers.recorded import (
     MAGIC,
     MAGIC_V1,
@@ -20,6 +22,7 @@ from consumers.recorded import (
     read_messages,
     write_messages,
 )
+from consumers.spool import Spool
 from tests.consumers.streams import bad_messages, good_messages
 
 
@@ -189,6 +192,13 @@ _META = b'{"stream":"src","partition":0,"offset":9,"timestamp":1.0,"headers":[]}
         (_frame(_META.replace(b'"headers":[]', b'"headers":[["id","@@"]]')), "Error"),
         (_frame(_META.replace(b'"headers":[]', b'"headers":[[1,"AA=="]]')), "wrong types"),
         (_frame(_META.replace(b'"headers":[]', b'"headers":[["a"]]')), "ValueError"),
+        # beyond what Kafka, a dead letter or a version-2 frame can hold (an int32 partition, int64 offsets)
+        (_frame(_META.replace(b'"partition":0', b'"partition":2147483648')), "out of range"),
+        (_frame(_META.replace(b'"partition":0', b'"partition":4294967296')), "out of range"),
+        (_frame(_META.replace(b'"offset":9', b'"offset":9223372036854775808')), "out of range"),
+        (_frame(_META.replace(b'"timestamp":1.0', b'"timestamp":9223372036854775808')), "out of range"),
+        (_frame(_META.replace(b'"stream":"src"', b'"stream":"\\ud800"')), "lone surrogate"),
+        (_frame(_META.replace(b'"headers":[]', b'"headers":[["\\udfff","AA=="]]')), "lone surrogate"),
         (_frame(_META, value=b"", value_len=0xFFFFFFF0), "value length"),
         (struct.pack("<I", 0xFFFFFFFF) + b"x" * 20, "meta length"),
     ],
@@ -203,10 +213,15 @@ def test_a_damaged_version_1_frame_is_a_clear_error_after_the_frames_before_it(
 
 
 def _v2_body(
-    stream: bytes = b"src", headers: tuple = ((b"h", b"v"),), offset: int = 9, lie: int = 0, count: int | None = None
+    stream: bytes = b"src",
+    headers: tuple = ((b"h", b"v"),),
+    offset: int = 9,
+    lie: int = 0,
+    count: int | None = None,
+    partition: int = 0,
 ) -> bytes:
     n_headers = len(headers) if count is None else count
-    fixed = struct.pack("<IqdIIIIB", 0, offset, 1.0, 0xFFFFFFFF, 1, len(stream), n_headers, 0)
+    fixed = struct.pack("<IqdIIIIB", partition, offset, 1.0, 0xFFFFFFFF, 1, len(stream), n_headers, 0)
     lengths = b"".join(struct.pack("<II", len(k), len(v)) for k, v in headers)
     body = fixed + lengths + stream + b"x" + b"".join(k + v for k, v in headers)
     return struct.pack("<I", len(body) + lie) + body
@@ -222,6 +237,9 @@ def _v2_body(
         (_v2_body(count=0xFFFFFFFF), "fields of"),  # a header count the body has no room for
         (_v2_body(stream=b"\xff\xfe"), "not UTF-8"),
         (_v2_body(headers=((b"\xc3", b""),)), "not UTF-8"),
+        (_v2_body(headers=((b"\xed\xa0\x80", b""),)), "not UTF-8"),  # a surrogate spelled in UTF-8
+        (_v2_body(partition=2**31), "not an int32"),
+        (_v2_body(partition=2**32 - 1), "not an int32"),
         (struct.pack("<I", 7) + b"x" * 7, "body length"),
         (struct.pack("<I", 0xFFFFFFF0) + b"x" * 20, "body length"),
     ],
@@ -257,3 +275,39 @@ def _damage_is_reported(damaged: Path, byte: int, says: str) -> None:
         for _ in range(2):
             with pytest.raises(RecordedStreamError, match="frame 3"):
                 resumed.poll(0, 10)
+
+
+def test_the_largest_partition_and_offset_read_and_their_dead_letters_spool(tmp_path: Path) -> None:
+    edge = Message(Position("src", 2**31 - 1, 2**63 - 1), 2**63 - 1, None, b"{", (("h", b"v"),))
+    v1 = _v1_file(tmp_path / "v1.rec.gz", [edge])
+    v2 = tmp_path / "v2.rec.gz"
+    write_messages(v2, [edge])
+    assert list(read_messages(v1)) == list(read_messages(v2)) == [edge]
+    with Spool(tmp_path / "spool", 1 << 20) as spool:
+        spool.put(dead_letter_message(DeadLetter(edge, "bad_json")))
+        [(_, stored)] = spool.oldest(1)
+    assert stored is not None and stored.position == edge.position
+
+
+def _peak_while_reading(path: Path) -> int:
+    """Peak bytes allocated while reading every frame of ``path`` (one frame held at a time)."""
+    tracemalloc.start()
+    try:
+        for message in read_messages(path):
+            del message
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_long_names_and_header_values_are_not_cached(tmp_path: Path) -> None:
+    """30 frames of distinct 2 MiB header names (stream names; version-1 header values) once stayed in the
+    decoding caches: 120 MiB and more, 4,096 of them hundreds of GiB."""
+    big = 2 * 1024 * 1024
+    names = [Message(Position("src", 0, i), 0.0, None, b"", ((f"{i:02}" + "n" * big, b"v"),)) for i in range(30)]
+    streams = [Message(Position(f"{i:02}" + "s" * big, 0, i), 0.0, None, b"") for i in range(30)]
+    values = [Message(Position("src", 0, i), 0.0, None, b"", (("h", b"%02d" % i + b"v" * big),)) for i in range(30)]
+    for name, messages in (("names", names), ("streams", streams)):
+        write_messages(tmp_path / f"{name}.rec.gz", messages, compresslevel=1)
+        assert _peak_while_reading(tmp_path / f"{name}.rec.gz") < 24 * big, name
+    assert _peak_while_reading(_v1_file(tmp_path / "values.rec.gz", values)) < 24 * big

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -232,3 +233,22 @@ def test_every_sample_of_a_message_dead_lettered_parses_the_message_once(encode,
     stored = [dead_letter_message(d) for d in dead]
     assert len([s for s in parsed if s in parts]) <= 3  # each part of the message parsed once, not once per sample
     assert [decode_samples(s)[0].reason for s in stored] == [d.reason for d in dead]  # each sample alone
+
+
+def test_a_shape_larger_than_the_message_could_spell_is_refused_before_any_allocation() -> None:
+    """Samples nested one list each are laid out in rows of the declared size: 132 bytes once declared 320 MB."""
+    body = {"ids": ["a", "b", "c", "d"], "shape": [4, 10_000_000], "x": [[], [], [], []], "dtype": "float32"}
+    small = message(json.dumps(body, separators=(",", ":")).encode())
+    assert len(small.value) < 100
+    tracemalloc.start()
+    try:
+        decoded = decode_samples(small)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024
+    [dead] = decoded
+    assert dead.reason == "bad_shape" and "40000000 values cannot fit in 82 bytes" in dead.detail
+    # the tightest message that spells its shape (a digit and a comma per value) still decodes
+    tight = {"ids": ["a", "b"], "shape": [2, 3], "x": [[0, 1, 2], [3, 4, 5]], "dtype": "uint8"}
+    assert verdicts(decode_samples(json_message(tight))) == ["ok", "ok"]

@@ -43,6 +43,7 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
     metrics.checkpoint_age.set(42)
     metrics.dead_letter_spool.set(0)
     metrics.dead_letter_sink_up.set(1)
+    metrics.dead_letter_rejected.inc(0)
     metrics.dead_letters.labels(reason="non_finite_loss")
     metrics.overload_records.labels(policy="skip-learning")
     join = JoinMetrics(metrics.registry)  # published when labels arrive on their own topic (--labels)
@@ -88,6 +89,7 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
             found = prometheus.wait_for(f'ALERTS{{alertname="{alert}", alertstate="{state}"}}', timeout_s=15)
             assert found, alert
         quiet = prometheus.series(
-            'ALERTS{alertname=~"StreamClCheckpointStale|StreamClLearnerDown|StreamClDeadLetterSinkDown|StreamClNonFiniteLoss"}'
+            'ALERTS{alertname=~"StreamClCheckpointStale|StreamClLearnerDown|StreamClDeadLetterSinkDown|StreamClNonFiniteLoss'
+            '|StreamClDeadLettersRejected"}'
         )
         assert quiet == []
