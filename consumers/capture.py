@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from consumers.kafka import TopicNotFoundError, message_from_record
+from consumers.kafka import TopicNotFoundError, message_from_record, unreadable_records
 from consumers.recorded import RecordedWriter
+
+log = logging.getLogger("consumers.capture")
 
 
 def record_topic(
@@ -28,7 +31,8 @@ def record_topic(
     Reads without a consumer group (nothing is committed). Stops once no message arrived for
     ``until_idle_s`` seconds; ``None`` records until interrupted (Ctrl-C still closes the file cleanly).
     Messages of different partitions interleave in arrival order; each partition's order is kept.
-    Returns the number of messages written.
+    Returns the number of messages written. Records the Kafka client cannot read (see
+    :mod:`consumers.kafka`) cannot be copied: they are left out, with a warning naming their offsets.
 
     Raises
     ------
@@ -52,7 +56,7 @@ def record_topic(
             last = time.monotonic()
             try:
                 while until_idle_s is None or time.monotonic() - last < until_idle_s:
-                    batch = consumer.poll(timeout_ms=200)
+                    batch = _poll(consumer)
                     if batch:
                         last = time.monotonic()
                     for tp in sorted(batch):
@@ -63,6 +67,22 @@ def record_topic(
             return writer.count
     finally:
         consumer.close(autocommit=False)
+
+
+def _poll(consumer: KafkaConsumer) -> dict:
+    """``consumer.poll``, moving a partition past records the client cannot read (without the seek, kafka-python
+    would spin on its dead record reader for good)."""
+    try:
+        return consumer.poll(timeout_ms=200)
+    except Exception as err:
+        found = unreadable_records(err, consumer.config["max_poll_records"])
+        if found is None:
+            raise
+        tp, records = found
+        first, last = records[0].offset, records[-1].offset
+        log.warning("%s: offsets %d-%d cannot be read and are not recorded: %s", tp, first, last, err)
+        consumer.seek(tp, records[-1].offset + 1)
+        return {}
 
 
 def _partitions(consumer: KafkaConsumer, bootstrap: str, topic: str, timeout_s: float) -> list[TopicPartition]:

@@ -12,9 +12,11 @@ from kafka.errors import CorruptRecordError
 from kafka.record import default_records
 from kafka.record.memory_records import MemoryRecords
 
+from consumers.capture import record_topic
 from consumers.kafka import KafkaSource, unreadable_records
 from consumers.kafka_librdkafka import LibrdkafkaConsumer
 from consumers.record import DeadLetter, Message, Position, Record
+from consumers.recorded import RecordedSource
 from consumers.source import next_offsets
 from tests.consumers.streams import good_messages
 from tests.consumers.test_kafka_lag_and_faults import _committed, _drain, _wait
@@ -152,3 +154,19 @@ def test_an_error_not_raised_by_the_record_reader_is_not_taken_for_one() -> None
         raise CorruptRecordError("the broker said so")
     except CorruptRecordError as err:
         assert unreadable_records(err, most=10) is None
+
+
+def test_recording_a_topic_leaves_unreadable_records_out_and_ends(
+    kafka_bootstrap, make_topic, monkeypatch, tmp_path, caplog
+) -> None:
+    """``stream-cl record`` polled the same kafka-python reader: it spun on the first unreadable record for good."""
+    topic = make_topic(1)
+    messages = _produce(kafka_bootstrap, topic, monkeypatch)
+    path = tmp_path / "t.rec.gz"
+    written = record_topic(kafka_bootstrap, topic, path, until_idle_s=1.0)
+    readable = [o for o in range(END) if o not in {BAD_KEY_AT, 3, 4, *CRC_BATCH}]
+    assert written == len(readable)
+    with RecordedSource(path) as source:
+        entries = _drain(source, written)
+    assert [e.message.value for e in entries] == [messages[o].value for o in readable]
+    assert any("offsets 2-4 cannot be read and are not recorded" in r.getMessage() for r in caplog.records)
