@@ -105,7 +105,8 @@ def assemble(
 
         def is_ready() -> bool:
             assigned = not isinstance(source, Instrumented) or bool(source.assignment())
-            labels_ok = parts.labels is None or parts.labels.healthy  # the Redis pending store is reachable
+            # the Redis pending store is reachable, and the label topic's dead letters have somewhere to go
+            labels_ok = parts.labels is None or (parts.labels.healthy and parts.labels.dead_letters.healthy)
             return ready.is_set() and assigned and parts.dead_letters.healthy and labels_ok
 
         exporter = _serve_metrics(cfg, metrics, is_ready)

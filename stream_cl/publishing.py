@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,11 +22,12 @@ class Publisher:
     """Publishes a run's gauges on a timer (also while the stream is idle, so rates fall to 0 and lag stays
     true) and its probe and buffer figures when asked."""
 
-    def __init__(self, metrics: Metrics, dead_letters: object = None) -> None:
+    def __init__(self, metrics: Metrics, dead_letters: Sequence[object] = ()) -> None:
         self.metrics = metrics
-        self.dead_letters = dead_letters if hasattr(dead_letters, "spooled") else None  # a sink that can spool
+        # sinks that can spool: the data topic's and, with delayed labels, the label topic's (published together)
+        self.dead_letters = [sink for sink in dead_letters if hasattr(sink, "spooled")]
         self._dead_letters_rejected = 0
-        if self.dead_letters is not None:  # at 0 from the start, so the first rejection is an increase
+        if self.dead_letters:  # at 0 from the start, so the first rejection is an increase
             metrics.dead_letter_rejected.inc(0)
         self._last = time.monotonic()
         self._records = 0
@@ -52,10 +54,10 @@ class Publisher:
             for level, size in enumerate(learner.labels.sizes):
                 m.classes_seen.labels(level=str(level)).set(size)
             m.buffer_size.set(len(learner.buffer))
-        if self.dead_letters is not None:
-            m.dead_letter_spool.set(self.dead_letters.spooled)
-            m.dead_letter_sink_up.set(int(self.dead_letters.healthy))
-            rejected = self.dead_letters.rejected
+        if self.dead_letters:
+            m.dead_letter_spool.set(sum(sink.spooled for sink in self.dead_letters))
+            m.dead_letter_sink_up.set(int(all(sink.healthy for sink in self.dead_letters)))
+            rejected = sum(sink.rejected for sink in self.dead_letters)
             if rejected > self._dead_letters_rejected:
                 m.dead_letter_rejected.inc(rejected - self._dead_letters_rejected)
                 self._dead_letters_rejected = rejected

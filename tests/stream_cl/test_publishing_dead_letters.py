@@ -1,4 +1,5 @@
-"""``streamcl_dead_letter_rejected_total``: dead letters the broker refuses are counted, not only logged."""
+"""``streamcl_dead_letter_rejected_total``: dead letters the broker refuses are counted, not only logged; the
+dead-letter gauges cover every sink (the data topic's and, with delayed labels, the label topic's)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def rejected(metrics: Metrics) -> float | None:
 def test_rejections_of_the_sink_are_a_counter_from_0() -> None:
     sink = SimpleNamespace(spooled=0, healthy=True, rejected=0)
     metrics = Metrics(CollectorRegistry())
-    publisher = Publisher(metrics, sink)
+    publisher = Publisher(metrics, [sink])
     assert rejected(metrics) == 0  # from the start, so the first rejection is an increase to Prometheus
     sink.rejected = 2
     publish(publisher)
@@ -40,12 +41,25 @@ def test_rejections_of_the_sink_are_a_counter_from_0() -> None:
     assert rejected(metrics) == 3
 
 
+def test_the_gauges_cover_the_label_topics_sink_too() -> None:
+    """With delayed labels a second sink takes the label topic's dead letters: its spool, health and rejections
+    were never published, so a backed-up label sink raised no alert."""
+    data, labels = (SimpleNamespace(spooled=0, healthy=True, rejected=0) for _ in range(2))
+    metrics = Metrics(CollectorRegistry())
+    publisher = Publisher(metrics, [data, labels])
+    labels.spooled, labels.healthy, labels.rejected = 7, False, 1
+    publish(publisher)
+    value = metrics.registry.get_sample_value
+    assert (value("streamcl_dead_letter_spool_records"), value("streamcl_dead_letter_sink_up")) == (7, 0)
+    assert rejected(metrics) == 1
+
+
 def test_no_spooling_sink_no_series(tmp_path: Path) -> None:
     metrics = Metrics(CollectorRegistry())
-    publish(Publisher(metrics, None))
+    publish(Publisher(metrics))
     assert rejected(metrics) is None
     with FileDeadLetterSink(tmp_path / "dead.rec.gz") as sink:  # it spools nothing, rejects nothing
-        publish(Publisher(metrics, sink))
+        publish(Publisher(metrics, [sink]))
     assert rejected(metrics) == 0
 
 
@@ -58,7 +72,7 @@ def test_a_dead_letter_too_large_for_the_broker_is_counted(kafka_bootstrap: str,
         kafka_bootstrap, spool_dir=spool, timeout_s=3.0, client_options={"max_request_size": 2000}
     )
     with sink:
-        publisher = Publisher(metrics, sink)
+        publisher = Publisher(metrics, [sink])
         for dead in (huge, small):
             sink.send(dead)
         deadline = time.monotonic() + 30
