@@ -213,6 +213,14 @@ class Metrics:
             Counter,
         )
 
+    @property
+    def assigned_partitions(self) -> Gauge:
+        """``streamcl_assigned_partitions``, registered on first use (by a consumer-group source): a file source
+        owns no partitions and must not look like a consumer left without any."""
+        return self._on_first_use(
+            "streamcl_assigned_partitions", "Partitions this learner's consumer owns in its group now."
+        )
+
     def _on_first_use(self, name: str, documentation: str, kind: type[Gauge | Counter] = Gauge) -> Any:
         with self._lazy_lock:  # a sink thread and the run loop may both ask first
             if name not in self._lazy:

@@ -62,6 +62,7 @@ class Publisher:
                 m.dead_letter_rejected.inc(rejected - self._dead_letters_rejected)
                 self._dead_letters_rejected = rejected
         if isinstance(source, Instrumented):
+            m.assigned_partitions.set(len(source.assignment()))
             m.consumer_lag.clear()  # series of partitions no longer owned are dropped
             for (topic, partition), lag in source.lag().items():
                 m.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)

@@ -19,7 +19,7 @@ from consumers.dlq import KafkaDeadLetterSink
 from consumers.kafka import KafkaSource
 from consumers.producer import produce_messages
 from consumers.record import Message
-from consumers.recorded import read_messages
+from consumers.recorded import RecordedSource, read_messages, write_messages
 from consumers.source import next_offsets
 from consumers.wire import REASONS
 from monitoring.metrics import Metrics
@@ -264,6 +264,18 @@ def test_rate_and_lag_gauges_tell_the_truth_once_the_stream_is_idle(kafka_bootst
         for p in (0, 1)
     ]
     assert lags == [0.0, 0.0]
+    assert metrics.registry.get_sample_value("streamcl_assigned_partitions") == 2
+
+
+def test_a_file_source_exports_no_partition_count(tmp_path) -> None:
+    """A file source owns no partitions: a 0 from it would look like a consumer left without any."""
+    path = tmp_path / "s.rec.gz"
+    write_messages(path, good_messages(20))
+    metrics = Metrics(CollectorRegistry(), dead_letter_reasons=REASONS + RUN_REASONS)
+    make_learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, buffer_size=50, width=16)
+    with RecordedSource(path) as source:
+        run_stream(source, make_learner, metrics, RunOptions(batch_size=8, progress=False))
+    assert metrics.registry.get_sample_value("streamcl_assigned_partitions") is None
 
 
 def test_a_learner_step_longer_than_the_revoke_wait_is_not_learned_twice(kafka_bootstrap, make_topic) -> None:

@@ -251,7 +251,8 @@ def test_exprs_use_only_contract_metrics() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     JoinMetrics(registry)
-    for on_first_use in (metrics.checkpoint_age, metrics.dead_letter_spool, metrics.dead_letter_sink_up):
+    lazy = (metrics.checkpoint_age, metrics.dead_letter_spool, metrics.dead_letter_sink_up, metrics.assigned_partitions)
+    for on_first_use in lazy:
         on_first_use.set(0)
     metrics.dead_letter_rejected.inc(0)
     suffixes = {"counter": ["_total"], "info": ["_info"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}

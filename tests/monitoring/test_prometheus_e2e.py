@@ -40,6 +40,7 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
     # model guard, which a recorded run has not: set here so their panels and alerts are proven against
     # the server too.
     metrics.consumer_lag.labels(topic="samples", partition="0").set(1500)
+    metrics.assigned_partitions.set(1)
     metrics.checkpoint_age.set(42)
     metrics.dead_letter_spool.set(0)
     metrics.dead_letter_sink_up.set(1)
@@ -90,6 +91,6 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
             assert found, alert
         quiet = prometheus.series(
             'ALERTS{alertname=~"StreamClCheckpointStale|StreamClLearnerDown|StreamClDeadLetterSinkDown|StreamClNonFiniteLoss'
-            '|StreamClDeadLettersRejected"}'
+            '|StreamClDeadLettersRejected|StreamClNoPartitions"}'
         )
         assert quiet == []
