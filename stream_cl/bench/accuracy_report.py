@@ -55,6 +55,7 @@ def markdown(report: dict[str, Any], stem: str) -> str:
         f"memory M = {p['memory']}, model {p['model']} (nf = {p['width'] or 'default'}); "
         f"{report['runs']} runs (seeds differ in init, shuffling, buffer and method RNG).",
         f"Hyper-parameters beyond the defaults: {json.dumps(p['hparams'])}.",
+        *([f"Note: {report['note']}."] if report.get("note") else []),  # e.g. how merged runs were made
         "",
         "| method | final accuracy (%) | forgetting (%, 1/(T−1)) | forgetting (%, OnPro code 1/T) "
         "| avg. incremental acc. (%) | wall s / run | CPU s / run |",

@@ -145,3 +145,12 @@ def test_task_plot_has_whole_task_ticks_and_the_report_records_provenance(tmp_pa
     paths = accuracy_report.write_report(tmp_path, "r", _accuracy_report(5))
     assert json.loads(paths[0].read_text())["provenance"] == provenance()
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths[2:])
+
+
+def test_an_accuracy_report_shows_how_merged_runs_were_made() -> None:
+    """A report merged from runs on two machines says so under its machine line, which names only one."""
+    report = _accuracy_report(5)
+    assert "Note:" not in accuracy_report.markdown(report, "r")
+    report["note"] = "er:x10 ran on another machine"
+    lines = accuracy_report.markdown(report, "r").splitlines()
+    assert "Note: er:x10 ran on another machine." in lines[:6]
