@@ -40,3 +40,32 @@ def write_stream(path: Path, **kwargs) -> Path:
     x, y = blob_arrays(**kwargs)
     write_messages(path, messages(x, y))
     return path
+
+
+class FaultAhead:
+    """A source that runs :meth:`before_poll` ahead of each poll of ``source``: faults injected mid-stream, with
+    ``polled`` counting the records polled so far."""
+
+    poll_timeout_s, fetches_ahead = 0.0, False
+
+    def __init__(self, source) -> None:
+        self.source, self.polled = source, 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.source.exhausted
+
+    def before_poll(self) -> None:
+        """What to break (or mend) now."""
+
+    def poll(self, timeout_s: float = 0.0, max_records: int = 10):
+        self.before_poll()
+        poll = self.source.poll(timeout_s, max_records)
+        self.polled += len(poll)
+        return poll
+
+    def commit(self, offsets) -> None:
+        self.source.commit(offsets)
+
+    def close(self) -> None:
+        self.source.close()

@@ -14,38 +14,24 @@ from consumers.recorded import RecordedSource
 from monitoring.metrics import Metrics
 from stream_cl.build import build_learner
 from stream_cl.run import RunOptions, run_stream
-from tests.streams import write_stream
+from tests.streams import FaultAhead, write_stream
 
 
-class Outage:
+class Outage(FaultAhead):
     """A source that kills Redis after ``kill_at`` polled records and starts it again at ``start_at``."""
 
-    poll_timeout_s, fetches_ahead = 0.0, False
-
     def __init__(self, source: RecordedSource, server, store: RedisStore, kill_at: int, start_at: int) -> None:
-        self.source, self.server, self.store = source, server, store
+        super().__init__(source)
+        self.server, self.store = server, store
         self.kill_at, self.start_at = kill_at, start_at
-        self.polled, self.seen_at_kill = 0, None
+        self.seen_at_kill = None
 
-    @property
-    def exhausted(self) -> bool:
-        return self.source.exhausted
-
-    def poll(self, timeout_s: float = 0.0, max_records: int = 10):
+    def before_poll(self) -> None:
         if self.polled >= self.kill_at and self.seen_at_kill is None:
             self.seen_at_kill = self.store.seen
             self.server.kill()
         if self.polled >= self.start_at and self.server.proc.poll() is not None:
             self.server.start()
-        poll = self.source.poll(timeout_s, max_records)
-        self.polled += len(poll)
-        return poll
-
-    def commit(self, offsets) -> None:
-        self.source.commit(offsets)
-
-    def close(self) -> None:
-        self.source.close()
 
 
 def test_learner_survives_redis_dying_mid_stream(redis_aof, tmp_path):

@@ -21,7 +21,7 @@ from stream_cl.config import Config
 from stream_cl.labels import LabelTree
 from stream_cl.run import RunOptions, run_stream
 from tests.buffers.test_redis import batch
-from tests.streams import write_stream
+from tests.streams import FaultAhead, write_stream
 
 PATHS = [("a",), ("b",), ("c",)]
 LEARNER = {"device": torch.device("cpu"), "buffer_size": 60, "hparams": {"replay_batch_size": 60}}
@@ -214,35 +214,21 @@ def test_class_balanced_insert_with_more_tied_classes_than_luas_stack(redis_serv
     assert redis_server.client().scard(store.keys[6]) == 9000
 
 
-class Corrupting:
+class Corrupting(FaultAhead):
     """A source that damages the shared buffer once ``at`` records were polled: one sample's bytes, one label
     nested too deep, one class path deeper than the learner's tree takes, one junk class count."""
 
-    poll_timeout_s, fetches_ahead = 0.0, False
-
     def __init__(self, source: RecordedSource, server, name: str, at: int) -> None:
-        self.source, self.client, self.at, self.polled = source, server.client(), at, 0
+        super().__init__(source)
+        self.client, self.at = server.client(), at
         self.keys = [f"streamcl:buffer:{{{name}}}:{k}" for k in ("meta", "seen", "x", "lab", "counts")]
 
-    @property
-    def exhausted(self) -> bool:
-        return self.source.exhausted
-
-    def poll(self, timeout_s: float = 0.0, max_records: int = 10):
+    def before_poll(self) -> None:
         if self.polled >= self.at and self.at >= 0:
             self.at = -1
             self.client.hset(self.keys[2], 0, b"abc")
             self.client.hset(self.keys[3], mapping={1: b"[" * 100_000, 2: json.dumps([f"l{i}" for i in range(12)])})
             self.client.hset(self.keys[4], b"junk", 1)
-        poll = self.source.poll(timeout_s, max_records)
-        self.polled += len(poll)
-        return poll
-
-    def commit(self, offsets) -> None:
-        self.source.commit(offsets)
-
-    def close(self) -> None:
-        self.source.close()
 
 
 def test_a_learner_keeps_learning_over_a_damaged_shared_buffer_and_publishes_the_count(redis_server, tmp_path):

@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from consumers.label_wire import decode_label, encode_label
-from consumers.record import DeadLetter, Message, Poll, Position
+from consumers.record import DeadLetter, Message, Position
 from consumers.recorded import RecordedSource, write_messages
 from consumers.wire import encode_binary
 from monitoring.drift import DEFAULT_DRIFT, DriftMonitor, parse_drift
@@ -23,30 +22,15 @@ from stream_cl.delayed import DelayedLabels
 from stream_cl.pending import MemoryPending
 from stream_cl.run import RunOptions, RunParts, run_stream
 from tests.monitoring.streams import blobs
+from tests.stream_cl.test_delayed import Labels
 
 CHANGE = 1500
 AFTER = 1000
 BOUND = 200  # as without delayed labels (tests/monitoring/test_drift.py): detected within this many records
 
 
-class LabelFeed:
+class LabelFeed(Labels):
     """A label topic holding every label message from the start: labels wait for their features, then join."""
-
-    exhausted, poll_timeout_s, fetches_ahead = False, 0.0, False
-
-    def __init__(self, labels: list[tuple[str, str, float]]) -> None:
-        self.queued = [
-            Message(Position("labels", 0, i), at_s, None, encode_label(sample_id, label))
-            for i, (sample_id, label, at_s) in enumerate(labels)
-        ]
-
-    def poll(self, timeout_s: float, max_records: int) -> Poll:
-        taken, self.queued = self.queued[:max_records], self.queued[max_records:]
-        poll = Poll()
-        for message in taken:
-            entry = decode_label(message)
-            (poll.dead_letters if isinstance(entry, DeadLetter) else poll.records).append(entry)
-        return poll
 
     def commit(self, offsets: dict) -> None:
         pass
@@ -70,7 +54,10 @@ def _abrupt_concept_change(path: Path) -> tuple[Path, LabelFeed]:
         value, headers = encode_binary(f"f{i}", x, None)
         messages.append(Message(Position("features", 0, i), float(i), None, value, tuple(headers)))
     write_messages(path, messages)
-    return path, LabelFeed([(f"f{i}", f"c{y}", i + 0.5) for i, y in enumerate(shown)])
+    feed = LabelFeed()
+    for i, y in enumerate(shown):
+        feed.send(f"f{i}", f"c{y}", i + 0.5)
+    return path, feed
 
 
 def test_error_and_loss_detectors_see_joined_samples_and_fire_after_the_change(tmp_path: Path) -> None:
