@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from prometheus_client import Counter
 
 from consumers.source import Instrumented, Source
 from monitoring.metrics import Metrics
@@ -26,12 +27,11 @@ class Publisher:
         self.metrics = metrics
         # sinks that can spool: the data topic's and, with delayed labels, the label topic's (published together)
         self.dead_letters = [sink for sink in dead_letters if hasattr(sink, "spooled")]
-        self._dead_letters_rejected = 0
+        self._counted: dict[Counter, int] = {}  # each counter's cumulative total as last published
         if self.dead_letters:  # at 0 from the start, so the first rejection is an increase
             metrics.dead_letter_rejected.inc(0)
         self._last = time.monotonic()
         self._records = 0
-        self._buffer_errors = self._buffer_corrupt = 0
         self._buffer_classes: set[tuple[str, str]] = set()  # (level, class) series published so far
 
     def count(self, records: int) -> None:
@@ -57,10 +57,7 @@ class Publisher:
         if self.dead_letters:
             m.dead_letter_spool.set(sum(sink.spooled for sink in self.dead_letters))
             m.dead_letter_sink_up.set(int(all(sink.healthy for sink in self.dead_letters)))
-            rejected = sum(sink.rejected for sink in self.dead_letters)
-            if rejected > self._dead_letters_rejected:
-                m.dead_letter_rejected.inc(rejected - self._dead_letters_rejected)
-                self._dead_letters_rejected = rejected
+            self._count_to(m.dead_letter_rejected, sum(sink.rejected for sink in self.dead_letters))
         if isinstance(source, Instrumented):
             m.assigned_partitions.set(len(source.assignment()))
             m.consumer_lag.clear()  # series of partitions no longer owned are dropped
@@ -77,14 +74,17 @@ class Publisher:
         stats = learner.buffer.stats(classes=True)
         m = self.metrics
         m.buffer_bytes.set(stats.nbytes)
-        if stats.errors > self._buffer_errors:
-            m.buffer_errors.inc(stats.errors - self._buffer_errors)
-            self._buffer_errors = stats.errors
-        if stats.corrupt > self._buffer_corrupt:
-            m.buffer_corrupt.inc(stats.corrupt - self._buffer_corrupt)
-            self._buffer_corrupt = stats.corrupt
+        self._count_to(m.buffer_errors, stats.errors)
+        self._count_to(m.buffer_corrupt, stats.corrupt)
         self._class_counts(learner.labels.names, stats.class_counts)
         return stats.errors
+
+    def _count_to(self, counter: Counter, total: int) -> None:
+        """Raise ``counter`` to a cumulative ``total`` its source keeps (a sink's or a store's), by the difference."""
+        done = self._counted.get(counter, 0)
+        if total > done:
+            counter.inc(total - done)
+            self._counted[counter] = total
 
     def _class_counts(self, names: list[list[str]], counts: dict[tuple[int, int], int]) -> None:
         """Buffer samples per class; a class published before and since evicted reads 0, not its last count."""
