@@ -13,9 +13,11 @@ own IO thread, where a blocking consumer call (``commit``) raises. So:
 * the rebalance listener (kafka-python's IO thread) only touches the buffer and the offset maps under a lock,
   and commits with ``await commit_async``.
 
-Backpressure: the buffer holds at most about ``prefetch`` records; when it is full the fetch thread pauses every
+Backpressure: the buffer holds at most about ``prefetch`` records and ``prefetch_bytes`` bytes (decoded arrays and
+the raw messages kept for dead letters; one fetch may go past it); when it is full the fetch thread pauses every
 assigned partition (it keeps polling, so heartbeats and rebalances go on) and resumes once the learner has
-taken half of them, so that fetches come in large chunks rather than one learner batch at a time.
+taken half of it, so that fetches come in large chunks rather than one learner batch at a time. The byte bound
+is what keeps a topic of large messages (up to ``max_bytes`` each) from taking gigabytes.
 
 Commits are coalesced: a learner that commits every batch would otherwise cost a broker round trip (and
 kafka-python's request machinery, heavy Python) per batch. The fetch thread sends the newest pending offsets
@@ -53,6 +55,12 @@ a consumer without a checkpoint also resumes at the sample; metadata in any othe
 Rebalances: on revoke, records fetched but not yet handed to the learner are dropped (the next owner reads
 them from the committed offset), the listener waits (at most ``revoke_timeout_s``) until the learner has
 committed what it holds, then commits it; on lost, everything for those partitions is dropped, uncommitted.
+
+Several consumers of one model (``serve --workers``) resume from one checkpoint, and each would seek a partition
+to the checkpoint's offset when it first gets it, even after another worker of the same run learned past that
+offset and a rebalance handed the partition over: those records would be learned twice. So such consumers share
+:class:`RunOffsets`: every acknowledged commit is put there, and a partition that another consumer of the run
+committed starts where it committed (the run's truth), the checkpoint's offset only for the run's first owner.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import Fetcher
@@ -73,7 +81,7 @@ from kafka.errors import IllegalStateError, KafkaError
 from kafka.record.default_records import DefaultRecordBatch
 from kafka.structs import OffsetAndMetadata
 
-from consumers.record import DeadLetter, Message, Poll, Position, Record
+from consumers.record import DeadLetter, Message, Poll, Position, Record, held_bytes
 from consumers.source import Offsets, within_of
 from consumers.wire import MAX_PAYLOAD_BYTES, MAX_SAMPLES, decode_samples
 
@@ -85,6 +93,23 @@ _OFFSETS_TIMEOUT_MS = 500  # a ListOffsets lookup for the lag must not stall fet
 _BACKOFF_S = (0.1, 5.0)  # first and longest wait before the fetch thread retries after an error
 _WITHIN_PREFIX = "streamcl:within="
 _WITHIN = re.compile(re.escape(_WITHIN_PREFIX) + r"([1-9][0-9]{0,3})")
+
+
+class RunOffsets(Protocol):
+    """Where the consumers of one run of a model (the workers of ``serve --workers``) committed each partition.
+
+    Shared among them, and new with every run (a restart resumes from the checkpoint, so it must not see the
+    offsets of the run before it).
+    """
+
+    def get(self, key: Key) -> tuple[int, int] | None:
+        """``(offset, within)`` last committed for partition ``key`` in this run, or None if none was."""
+
+    def put(self, key: Key, offset: int, within: int) -> None:
+        """Record a commit of partition ``key`` that the broker acknowledged."""
+
+
+DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
 
 
 def within_metadata(within: int) -> str:
@@ -150,8 +175,9 @@ class KafkaSource:
     require_topic
         Raise :class:`TopicNotFoundError` at once if the topic does not exist, instead of waiting for it (some
         brokers, tansu among them, create a subscribed topic on the fly, which hides a mistyped name).
-    prefetch
-        Decoded records held ahead of the learner before fetching pauses (bounded memory, backpressure).
+    prefetch, prefetch_bytes
+        Decoded records, and their bytes, held ahead of the learner before fetching pauses (bounded memory,
+        backpressure).
     max_poll_records
         Most records one background fetch returns.
     fetch_timeout_s
@@ -178,6 +204,9 @@ class KafkaSource:
     consumer_class
         The client: kafka-python's ``KafkaConsumer``, or a class with the same interface and keyword settings
         (:class:`consumers.kafka_librdkafka.LibrdkafkaConsumer`, librdkafka underneath).
+    run_offsets
+        Shared with the other consumers of this run of the model (see the module docstring): a partition first
+        assigned here that one of them committed starts where it committed, not at ``start_offsets``.
 
     Notes
     -----
@@ -201,6 +230,7 @@ class KafkaSource:
         from_checkpoint: bool = False,
         require_topic: bool = False,
         prefetch: int = 2000,
+        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
         max_poll_records: int = 500,
         fetch_timeout_s: float = 0.1,
         session_timeout_ms: int = 10000,
@@ -214,8 +244,10 @@ class KafkaSource:
         client_options: Mapping[str, Any] | None = None,
         decoder: Callable[[Message, int], Any] | None = None,
         consumer_class: Callable[..., Any] = KafkaConsumer,
+        run_offsets: RunOffsets | None = None,
     ) -> None:
-        for name, value in (("prefetch", prefetch), ("max_poll_records", max_poll_records), ("max_bytes", max_bytes)):
+        positive = {"prefetch": prefetch, "prefetch_bytes": prefetch_bytes, "max_poll_records": max_poll_records}
+        for name, value in {**positive, "max_bytes": max_bytes}.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if revoke_timeout_s is None:
@@ -229,10 +261,14 @@ class KafkaSource:
         self.assigned_at: float | None = None
         self._start = dict(start_offsets or {})
         self._from_checkpoint = from_checkpoint
+        self._run_offsets = run_offsets
         self._placed: set[Key] = set()  # partitions whose start has been decided (first assignment)
         # (offset, within) to commit per newly placed partition; offset None: the partition's earliest offset
         self._start_commits: dict[Key, tuple[int | None, int]] = {}
-        self._prefetch, self._max_poll_records = prefetch, max_poll_records
+        self._prefetch, self._prefetch_bytes, self._max_poll_records = prefetch, prefetch_bytes, max_poll_records
+        self.buffered_bytes = 0
+        """Bytes the records and dead letters fetched ahead of the learner hold (``consumers.record.held_bytes``)."""
+        self._message_bytes: int | None = None  # held bytes per message in the last fetch
         self._fetch_timeout_s, self._revoke_timeout_s, self._max_bytes = fetch_timeout_s, revoke_timeout_s, max_bytes
         self._commit_interval_s = commit_interval_s
         self._decoder = decoder if decoder is not None else decode_samples
@@ -288,6 +324,7 @@ class KafkaSource:
         with self._cond:
             self._cond.wait_for(lambda: self._buffer or self._stop.is_set(), timeout_s)
             taken = [self._buffer.popleft() for _ in range(min(max_records, len(self._buffer)))]
+            self.buffered_bytes -= sum(map(held_bytes, taken))
             for entry in taken:
                 pos = _position(entry)
                 key = (pos.stream, pos.partition)
@@ -298,7 +335,7 @@ class KafkaSource:
                 else:
                     self._delivered[key] = pos.offset
                     self._partial[key] = (pos.offset, pos.index + 1)
-            if len(self._buffer) <= self._prefetch // 2:  # else a paused fetch thread stays asleep
+            if self._low():  # else a paused fetch thread stays asleep
                 self._cond.notify_all()
         poll = Poll()
         for entry in taken:
@@ -413,7 +450,7 @@ class KafkaSource:
             self._lag_due = time.monotonic() + _LAG_EVERY_S
             self._update_lag()
         space = self._prefetch - len(self._buffer)
-        self._full = space <= 0 or (self._full and len(self._buffer) > self._prefetch // 2)
+        self._full = space <= 0 or self.buffered_bytes >= self._prefetch_bytes or (self._full and not self._low())
         if self._full:
             _guarded(consumer.pause, consumer.assignment())
             # keeps group membership and rebalances going; a partition assigned since the pause may still
@@ -427,7 +464,7 @@ class KafkaSource:
             return
         if consumer.paused():
             _guarded(consumer.resume, consumer.paused())
-        fetched = self._poll(int(self._fetch_timeout_s * 1000), min(space, self._max_poll_records))
+        fetched = self._poll(int(self._fetch_timeout_s * 1000), min(space, self._max_poll_records, self._bytes_room()))
         if fetched:
             self._take_in(fetched)
 
@@ -451,7 +488,17 @@ class KafkaSource:
     def _fetch_wanted(self) -> bool:
         """While paused: wake when the buffer is down to its low watermark, a commit is due, or on close."""
         commit_due = bool(self._pending) and time.monotonic() >= self._commit_due
-        return len(self._buffer) <= self._prefetch // 2 or commit_due or self._stop.is_set()
+        return self._low() or commit_due or self._stop.is_set()
+
+    def _bytes_room(self) -> int:
+        """Records the byte bound has room for, at the last fetch's bytes per message (one until that is known)."""
+        if self._message_bytes is None:
+            return 1
+        return max(1, (self._prefetch_bytes - self.buffered_bytes) // max(1, self._message_bytes))
+
+    def _low(self) -> bool:
+        """Whether the buffer is down to its low watermark (half of both bounds), where a paused fetch resumes."""
+        return len(self._buffer) <= self._prefetch // 2 and self.buffered_bytes <= self._prefetch_bytes // 2
 
     def _take_in(self, fetched: dict) -> None:
         """Buffer a fetch; if that fails, seek back to its first records so they are fetched again, not lost."""
@@ -479,6 +526,9 @@ class KafkaSource:
             if self._skip:
                 entries = self._skipped(entries)
             self._buffer.extend(entries)
+            added = sum(map(held_bytes, entries))
+            self.buffered_bytes += added
+            self._message_bytes = added // max(1, sum(map(len, fetched.values())))
             for tp, records in fetched.items():
                 key = (tp.topic, tp.partition)
                 self._buffered[key] += len(records)
@@ -564,11 +614,26 @@ class KafkaSource:
         try:
             self._consumer.commit(_kafka_offsets(offsets, within))
         except KafkaError as err:
-            log.warning("commit of %s failed (%s); those records will be delivered again", offsets, err)
+            log.warning("commit of %s failed (%s); retrying with the next commit or on revoke", offsets, err)
+            with self._cond:  # unless a newer commit superseded them; a lost partition's are dropped on loss
+                for key in offsets.keys() - self._pending.keys():
+                    if key in self._assigned:
+                        self._pending[key] = offsets[key]
+                        self._pending_within[key] = within.get(key, 0)
             return
+        self._share(offsets, within)  # before a revoke waiting for this commit lets the partition go
         with self._cond:
             self._record_committed(offsets, within)
             self._cond.notify_all()
+
+    def _share(self, offsets: dict[Key, int], within: dict[Key, int]) -> None:
+        if self._run_offsets is None:
+            return
+        for key, offset in offsets.items():
+            try:
+                self._run_offsets.put(key, offset, within.get(key, 0))
+            except Exception as err:  # the run's store is gone only when the run is: its restart rereads the checkpoint
+                log.warning("cannot share the commit of %s with this run's other workers: %s", key, err)
 
     def _record_committed(self, offsets: dict[Key, int], within: dict[Key, int]) -> None:
         self.committed.update(offsets)
@@ -654,7 +719,10 @@ class KafkaSource:
             self._placed.add(key)
             offset = self._start.pop(key, None)
             skip = self._start_within.pop(key, 0)
-            if offset is None:
+            handed = self._handed_over(key) if first else None
+            if handed is not None:  # another consumer of this run learned from it: go on where it committed
+                (offset, skip), first = handed, False
+            elif offset is None:
                 offset, skip = rewind.get(key, (None, 0))
             if offset is None and not (first and self._from_checkpoint):
                 with self._cond:  # starts at the group's offset: read its metadata before taking records in
@@ -670,6 +738,15 @@ class KafkaSource:
             if first and self._from_checkpoint:
                 with self._cond:
                     self._start_commits[key] = (offset, skip if offset is not None else 0)
+
+    def _handed_over(self, key: Key) -> tuple[int, int] | None:
+        if self._run_offsets is None:
+            return None
+        try:
+            return self._run_offsets.get(key)
+        except Exception as err:
+            log.warning("cannot read where this run's workers left %s (%s); starting as its first owner", key, err)
+            return None
 
     def _drop(self, keys: set[Key], *, finishing: bool = False) -> None:
         """Forget undelivered records of ``keys`` and remember where they began.
@@ -693,6 +770,7 @@ class KafkaSource:
             else:
                 kept.append(entry)
         self._buffer = kept
+        self.buffered_bytes = sum(map(held_bytes, kept))
         for key in keys:
             if finishing and key in self._partial:
                 self._buffered[key] = 1  # the message being finished
@@ -716,6 +794,7 @@ class _Rebalance(AsyncConsumerRebalanceListener):
             except KafkaError as err:
                 log.warning("commit on revoke failed (%s); records will be delivered again", err)
                 offsets = {}
+        self._source._share(offsets, within)
         self._source._forget(keys, offsets, within)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:

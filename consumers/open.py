@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from kafka import KafkaConsumer
 
 from consumers.dlq import FileDeadLetterSink, KafkaDeadLetterSink
-from consumers.kafka import KafkaSource
+from consumers.kafka import KafkaSource, RunOffsets
 from consumers.kafka_librdkafka import LibrdkafkaConsumer
 from consumers.label_wire import decode_label
 from consumers.recorded import RecordedSource
@@ -49,6 +49,7 @@ class SourceRequest:
     kafka_options: Mapping[str, Any] = field(default_factory=dict)
     labels: bool = False
     kafka_client: str = "kafka-python"
+    run_offsets: RunOffsets | None = None
 
 
 def _open_kafka(request: SourceRequest) -> Source:
@@ -69,6 +70,7 @@ def _open_kafka(request: SourceRequest) -> Source:
         client_options=options,
         decoder=decode_label if request.labels else decode_samples,
         consumer_class=KAFKA_CLIENTS[request.kafka_client],
+        run_offsets=request.run_offsets,
         **timings,
     )
 
@@ -126,6 +128,7 @@ def open_source(
     kafka_options: Mapping[str, Any] | None = None,
     labels: bool = False,
     kafka_client: str = "kafka-python",
+    run_offsets: RunOffsets | None = None,
 ) -> Source:
     """The source named by ``url``, starting at ``start_offsets`` where given.
 
@@ -137,6 +140,7 @@ def open_source(
     heartbeats default to a quarter of the session timeout, which defaults to 10 s). ``labels`` reads label
     messages (:mod:`consumers.label_wire`) instead of feature records. ``kafka_client`` names the client in
     :data:`KAFKA_CLIENTS` (``librdkafka`` needs the ``librdkafka`` extra; the settings keep kafka-python's names).
+    ``run_offsets`` are shared by the Kafka consumers of one run of a model (:class:`consumers.kafka.RunOffsets`).
 
     Raises
     ------
@@ -161,6 +165,7 @@ def open_source(
         kafka_options=dict(kafka_options or {}),
         labels=labels,
         kafka_client=kafka_client,
+        run_offsets=run_offsets,
     )
     return SOURCES[scheme](request)
 

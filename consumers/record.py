@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -106,3 +107,24 @@ def label_path(label: str | Sequence[str] | None) -> LabelPath | None:
     if not parts or not all(isinstance(p, str) and p for p in parts):
         raise ValueError(f"label must be a non-empty string or list of strings, got {label!r:.80}")
     return parts
+
+
+def held_bytes(entry: Record | DeadLetter | HasMessage) -> int:
+    """Memory an entry holds: its share of its message's bytes (the samples of a message share them), and a
+    record's array unless that is a view on those bytes (as the binary encoding's is)."""
+    message = entry.message
+    size = (len(message.value) + len(message.key or b"")) // max(1, message.position.count)
+    if isinstance(entry, Record):
+        base = entry.x
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if base is not message.value:
+            size += entry.x.nbytes
+    return size
+
+
+class HasMessage(Protocol):
+    """Anything decoded from one message that keeps it (a label record, say)."""
+
+    @property
+    def message(self) -> Message: ...

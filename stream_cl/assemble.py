@@ -120,6 +120,7 @@ def assemble(
             require_topic=require_topic,
             kafka_options=cfg.kafka.consumer_options(),
             kafka_client=cfg.kafka.client,
+            run_offsets=None if group is None else group.run_offsets,
         )
         if cfg.source.prefetch and not source.fetches_ahead:
             source = Prefetcher(
@@ -328,7 +329,8 @@ def open_pending(cfg: Config, *, journal: bool) -> PendingStore:
     so a Redis store keeps what a restore needs)."""
     labels = cfg.labels
     if labels.pending == "memory":
-        return MemoryPending(ttl_s=labels.ttl_seconds, max_pending=labels.pending_max)
+        max_bytes = labels.pending_max_mib * 1024 * 1024
+        return MemoryPending(ttl_s=labels.ttl_seconds, max_pending=labels.pending_max, max_bytes=max_bytes)
     return open_redis_pending(
         labels.pending,
         group=cfg.source.group,

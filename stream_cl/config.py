@@ -392,6 +392,14 @@ class LabelsConfig:
         flat="pending_max",
         check=positive,
     )
+    pending_max_mib: int = setting(
+        1024,
+        "most memory the samples waiting in the in-memory pending store hold (and the labels waiting), in MiB; "
+        "the oldest leaves first",
+        flat="pending_max_mib",
+        check=positive,
+        metavar="MIB",
+    )
     pending: str = setting(
         "memory",
         "where samples and labels wait: 'memory' (kept by checkpoints) or 'redis[s]://[user:pass@]HOST:PORT/DB' "

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from consumers.kafka import RunOffsets
 from consumers.record import LabelPath
 from consumers.source import NextOffsets, Offsets, within_of
 from stream_cl.checkpointer import Checkpointer
@@ -78,7 +79,14 @@ class Group:
     """This worker's view of the group: its rank, the world size, and the collectives of a group step."""
 
     def __init__(
-        self, rank: int, world_size: int, device: torch.device, *, sync: str = "allreduce", average_every: int = 1
+        self,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        *,
+        sync: str = "allreduce",
+        average_every: int = 1,
+        run_offsets: RunOffsets | None = None,
     ) -> None:
         if sync not in SYNC_MODES:
             raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
@@ -88,6 +96,8 @@ class Group:
         self.device = device
         """Where collective tensors live: CPU with gloo, the worker's GPU with NCCL."""
         self.sync, self.average_every = sync, average_every
+        self.run_offsets = run_offsets
+        """Where the workers' Kafka consumers committed in this run (a partition handed over goes on from there)."""
         self.make_learner: LearnerFactory | None = None
         self._shared = self._stepped = False
         self.steps = 0
@@ -97,11 +107,14 @@ class Group:
         self._moved = False  # this worker stepped its optimizer since the last average
 
     @classmethod
-    def current(cls, *, sync: str = "allreduce", average_every: int = 1) -> Group:
+    def current(
+        cls, *, sync: str = "allreduce", average_every: int = 1, run_offsets: RunOffsets | None = None
+    ) -> Group:
         """The initialised default process group of this process."""
         backend = dist.get_backend()
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        return cls(dist.get_rank(), dist.get_world_size(), device, sync=sync, average_every=average_every)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        return cls(rank, world_size, device, sync=sync, average_every=average_every, run_offsets=run_offsets)
 
     def wrap(self, make_learner: LearnerFactory) -> LearnerFactory:
         """The factory of learners that take part in group steps (the inner factory builds the method)."""

@@ -5,8 +5,10 @@ or in Redis (:class:`stream_cl.pending_redis.RedisPending`).
 Both stores settle a whole batch per call with the same rules, so they join, expire and evict alike
 (the same tests run against both). Time is event time: a pending sample expires once the label
 topic's newest timestamp is more than the TTL past it, a waiting label once the feature topic's is; a
-store holding more than ``max_pending`` entries of a kind gives up its oldest; a repeated id replaces
-the entry that waited (the older sample expires, the older label is unmatched).
+store holding more than ``max_pending`` entries of a kind gives up its oldest (the memory store also
+while its entries of a kind hold more than ``max_bytes``: large messages must not take the process's
+memory); a repeated id replaces the entry that waited (the older sample expires, the older label is
+unmatched).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from consumers.label_wire import LabelRecord
-from consumers.record import DeadLetter, Message, Position, Record
+from consumers.record import DeadLetter, Message, Position, Record, held_bytes
 from consumers.wire import sample_message
 from stream_cl.errors import StreamClError
 
@@ -94,31 +96,37 @@ class _Pending:
 
 
 class MemoryPending:
-    """Both stores as ordered dicts in this process; checkpoints carry their whole contents."""
+    """Both stores as ordered dicts in this process; checkpoints carry their whole contents.
+
+    ``max_bytes`` bounds the memory each store's entries hold (arrays and the raw messages kept for dead
+    letters, :func:`consumers.record.held_bytes`); None: only ``max_pending`` bounds them.
+    """
 
     healthy = True
 
-    def __init__(self, *, ttl_s: float, max_pending: int) -> None:
-        if ttl_s <= 0 or max_pending <= 0:
-            raise ValueError(f"ttl_s and max_pending must be > 0, got {ttl_s} and {max_pending}")
-        self.ttl_s, self.max_pending = ttl_s, max_pending
+    def __init__(self, *, ttl_s: float, max_pending: int, max_bytes: int | None = None) -> None:
+        if ttl_s <= 0 or max_pending <= 0 or (max_bytes is not None and max_bytes <= 0):
+            raise ValueError(f"ttl_s, max_pending and max_bytes must be > 0, got {ttl_s}, {max_pending}, {max_bytes}")
+        self.ttl_s, self.max_pending, self.max_bytes = ttl_s, max_pending, max_bytes
         self.pending: OrderedDict[str, _Pending] = OrderedDict()
         self.waiting: OrderedDict[str, LabelRecord] = OrderedDict()
+        self.pending_bytes = self.waiting_bytes = 0
         self.feature_time = self.label_time = float("-inf")  # newest event time seen on each topic
 
     def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled:
         settled = Settled()
         for record, classes in zip(records, predicted, strict=True):
-            label = self.waiting.pop(record.id, None)
+            label = self._take_waiting(record.id)
             if label is not None:
                 settled.joined.append((record, classes, label))
             else:
-                old = self.pending.pop(record.id, None)
+                old = self._take_pending(record.id)
                 if old is not None:
                     settled.expired.append(old.record)
                 self.pending[record.id] = _Pending(record, classes)
-                if len(self.pending) > self.max_pending:
-                    settled.expired.append(self.pending.popitem(last=False)[1].record)
+                self.pending_bytes += held_bytes(record)
+                while len(self.pending) > self.max_pending or self._over(self.pending_bytes):
+                    settled.expired.append(self._take_oldest_pending().record)
             self.feature_time = max(self.feature_time, record.timestamp)
             self._expire_labels(settled)
             self._expire_pending(settled)
@@ -127,20 +135,46 @@ class MemoryPending:
     def label(self, labels: list[LabelRecord]) -> Settled:
         settled = Settled()
         for label in labels:
-            found = self.pending.pop(label.id, None)
+            found = self._take_pending(label.id)
             if found is not None:
                 settled.joined.append((found.record, found.predicted, label))
             else:
-                older = self.waiting.pop(label.id, None)
+                older = self._take_waiting(label.id)
                 if older is not None:
                     settled.unmatched.append(DeadLetter(older.message, UNMATCHED, REPLACED))
                 self.waiting[label.id] = label
-                if len(self.waiting) > self.max_pending:
-                    evicted = self.waiting.popitem(last=False)[1]
+                self.waiting_bytes += held_bytes(label)
+                while len(self.waiting) > self.max_pending or self._over(self.waiting_bytes):
+                    evicted = self._take_oldest_waiting()
                     settled.unmatched.append(DeadLetter(evicted.message, UNMATCHED, EVICTED))
             self.label_time = max(self.label_time, label.timestamp)
             self._expire_pending(settled)
         return settled
+
+    def _over(self, held: int) -> bool:
+        return self.max_bytes is not None and held > self.max_bytes
+
+    def _take_pending(self, sample_id: str) -> _Pending | None:
+        found = self.pending.pop(sample_id, None)
+        if found is not None:
+            self.pending_bytes -= held_bytes(found.record)
+        return found
+
+    def _take_oldest_pending(self) -> _Pending:
+        oldest = self.pending.popitem(last=False)[1]
+        self.pending_bytes -= held_bytes(oldest.record)
+        return oldest
+
+    def _take_waiting(self, label_id: str) -> LabelRecord | None:
+        found = self.waiting.pop(label_id, None)
+        if found is not None:
+            self.waiting_bytes -= held_bytes(found)
+        return found
+
+    def _take_oldest_waiting(self) -> LabelRecord:
+        oldest = self.waiting.popitem(last=False)[1]
+        self.waiting_bytes -= held_bytes(oldest)
+        return oldest
 
     def sizes(self) -> tuple[int, int]:
         return len(self.pending), len(self.waiting)
@@ -173,6 +207,7 @@ class MemoryPending:
     def restore(self, state: dict[str, Any] | None) -> None:
         self.pending.clear()
         self.waiting.clear()
+        self.pending_bytes = self.waiting_bytes = 0
         self.feature_time = self.label_time = float("-inf")
         if state is None:
             return
@@ -186,10 +221,12 @@ class MemoryPending:
             message = message_from_state(entry["message"])
             record = Record(entry["id"], entry["x"].numpy(), None, message.position, message.timestamp, message)
             self.pending[record.id] = _Pending(record, entry["predicted"].numpy())
+            self.pending_bytes += held_bytes(record)
         for entry in state["waiting"]:
             message = message_from_state(entry["message"])
             label = LabelRecord(entry["id"], tuple(entry["label"]), message.position, message.timestamp, message)
             self.waiting[label.id] = label
+            self.waiting_bytes += held_bytes(label)
 
     def saved(self, state: dict[str, Any]) -> None:
         pass  # the checkpoint itself holds the stores
@@ -202,14 +239,14 @@ class MemoryPending:
             oldest = next(iter(self.pending.values()))
             if oldest.record.timestamp + self.ttl_s >= self.label_time:
                 return
-            settled.expired.append(self.pending.popitem(last=False)[1].record)
+            settled.expired.append(self._take_oldest_pending().record)
 
     def _expire_labels(self, settled: Settled) -> None:
         while self.waiting:
             oldest = next(iter(self.waiting.values()))
             if oldest.timestamp + self.ttl_s >= self.feature_time:
                 return
-            self.waiting.popitem(last=False)
+            self._take_oldest_waiting()
             settled.unmatched.append(DeadLetter(oldest.message, UNMATCHED, no_features(oldest.id)))
 
 

@@ -89,8 +89,10 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
     if nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    with process_group("nccl" if nccl else "gloo", store=_store(rank), rank=rank, world_size=world_size):
-        group = Group.current(sync=cfg.service.sync, average_every=cfg.service.average_every)
+    store = _store(rank)
+    with process_group("nccl" if nccl else "gloo", store=store, rank=rank, world_size=world_size):
+        offsets = StoreRunOffsets(store)
+        group = Group.current(sync=cfg.service.sync, average_every=cfg.service.average_every, run_offsets=offsets)
         how = "all-reduce" if group.sync == "allreduce" else f"average every {group.average_every}"
         log.info("worker %d of %d (%s), %s, pid %d", group.rank, group.world_size, dist.get_backend(), how, os.getpid())
         stop = threading.Event()
@@ -112,6 +114,33 @@ def _store(rank: int) -> object:
         timeout=timedelta(seconds=300),
     )
     return dist.PrefixStore(f"stream-cl/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+class StoreRunOffsets:
+    """The run's :class:`consumers.kafka.RunOffsets` in a ``torch.distributed`` key-value store (the
+    launcher's, under this restart's prefix: a restarted group starts from the checkpoint again)."""
+
+    def __init__(self, store: object) -> None:
+        import torch.distributed as dist
+
+        self._store = dist.PrefixStore("run-offsets", store)
+
+    def get(self, key: tuple[str, int]) -> tuple[int, int] | None:
+        name = _offset_name(key)
+        if not self._store.check([name]):
+            return None
+        offset, within = json.loads(self._store.get(name))
+        if not (isinstance(offset, int) and isinstance(within, int) and offset >= 0 and within >= 0):
+            raise ValueError(f"not an (offset, within) pair: {offset!r}, {within!r}")
+        return offset, within
+
+    def put(self, key: tuple[str, int], offset: int, within: int) -> None:
+        self._store.set(_offset_name(key), json.dumps([offset, within]))
+
+
+def _offset_name(key: tuple[str, int]) -> str:
+    topic, partition = key
+    return f"{topic}/{partition}"
 
 
 def for_rank(cfg: Config, rank: int, world_size: int) -> Config:

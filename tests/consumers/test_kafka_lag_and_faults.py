@@ -7,16 +7,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 
 import consumers.kafka
 from consumers.capture import record_topic
 from consumers.kafka import KafkaSource, TopicNotFoundError
 from consumers.open import open_source
-from consumers.record import Message
+from consumers.record import Message, Position
 from consumers.source import next_offsets
+from consumers.wire import encode_binary
 from tests.consumers.streams import good_messages
 from tests.fixtures.kafka import FAST_GROUP
 
@@ -161,3 +164,47 @@ def test_a_missing_topic_is_an_error_and_is_not_created(kafka_bootstrap, make_to
     existing = make_topic(1)
     with open_source(f"kafka://{kafka_bootstrap}/{existing}", require_topic=True, kafka_options=FAST_GROUP) as s:
         assert s.exhausted is False
+
+
+class _RefusesFirstCommit(KafkaConsumer):
+    """A client whose first commit the broker refuses, as it does while the group rebalances."""
+
+    refused = 0
+
+    def commit(self, offsets=None):
+        if not type(self).refused:
+            type(self).refused += 1
+            raise CommitFailedError("the group is rebalancing")
+        return super().commit(offsets)
+
+
+def test_a_refused_commit_is_sent_again_without_a_new_commit_from_the_learner(kafka_bootstrap, make_topic) -> None:
+    topic = make_topic(1)
+    _produce_one_per_batch(kafka_bootstrap, topic, good_messages(5), 1)
+    with KafkaSource(kafka_bootstrap, topic, "refused", consumer_class=_RefusesFirstCommit, **FAST_GROUP) as s:
+        s.commit(next_offsets(r.position for r in _drain(s, 5)))  # the learner's only commit
+        _wait(lambda: s.committed == {(topic, 0): 5})
+    assert _RefusesFirstCommit.refused == 1
+    assert _committed(kafka_bootstrap, topic, "refused", 1) == {0: 5}
+
+
+def test_large_messages_are_fetched_ahead_up_to_the_byte_bound_not_the_record_count(
+    kafka_bootstrap, make_topic
+) -> None:
+    """40 messages of 64 KiB: a record-count bound alone (2,000) would hold all 2.5 MiB ahead of the learner."""
+    topic = make_topic(1)
+    features = np.arange(16384, dtype=np.float32)
+    messages = []
+    for i in range(40):
+        value, headers = encode_binary(f"big-{i}", features, "a")
+        messages.append(Message(Position(topic, 0, i), 0.0, f"big-{i}".encode(), value, tuple(headers)))
+    _produce_one_per_batch(kafka_bootstrap, topic, messages, 1)
+    bound = 256 * 1024
+    fetch = {"max_partition_fetch_bytes": 128 * 1024}  # one fetch goes past the bound by at most this
+    with KafkaSource(kafka_bootstrap, topic, "big", prefetch_bytes=bound, client_options=fetch, **FAST_GROUP) as s:
+        _wait(lambda: s.buffered_bytes >= bound)
+        time.sleep(1.0)  # a fetch thread that ignored the bound would keep fetching meanwhile
+        assert bound <= s.buffered_bytes <= bound + 2 * 128 * 1024
+        got = _drain(s, 40)
+        assert [r.id for r in got] == [f"big-{i}" for i in range(40)]  # paused and resumed, nothing lost
+        assert s.buffered_bytes == 0

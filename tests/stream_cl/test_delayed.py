@@ -12,13 +12,13 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from consumers.label_wire import decode_label, encode_label
-from consumers.record import DeadLetter, Message, Poll, Position, Record
+from consumers.label_wire import LabelRecord, decode_label, encode_label
+from consumers.record import DeadLetter, Message, Poll, Position, Record, held_bytes
 from monitoring.labeljoin import JoinMetrics
 from stream_cl.config import load
 from stream_cl.delayed import DelayedLabels
 from stream_cl.errors import ConfigError
-from stream_cl.pending import UNMATCHED, MemoryPending, PendingStore
+from stream_cl.pending import EVICTED, UNMATCHED, MemoryPending, PendingStore
 from stream_cl.pending_redis import RedisPending
 from tests.fixtures.redis import RedisServer
 
@@ -129,6 +129,41 @@ def test_a_full_store_gives_up_its_oldest_entry_and_a_bad_label_message_is_a_dea
         ("missing_field", b'{"id": "s"}'),
         (UNMATCHED, encode_label("p", "cat")),
     ]
+
+
+def test_the_memory_store_gives_up_its_oldest_entries_past_its_byte_bound() -> None:
+    """Large messages: 1 MiB samples and 2 MiB labels against a 3 MiB bound, with room for 100 entries of each."""
+    mib = 1024 * 1024
+    store = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=3 * mib)
+    big = [
+        Record(r.id, np.zeros(mib // 4, np.float32), None, r.position, r.timestamp, r.message)
+        for r in map(feature, "abcde", range(5))
+    ]
+    settled = store.arrive(big, classes(5))
+    assert [r.id for r in settled.expired] == ["a", "b", "c"] and store.pending_ids() == ["d", "e"]
+    assert store.pending_bytes == sum(map(held_bytes, big[3:])) <= 3 * mib
+    labels = [
+        LabelRecord(
+            label_id,
+            ("x",),
+            Position("labels", 0, n),
+            1.0,
+            Message(Position("labels", 0, n), 1.0, None, b"x" * 2 * mib),
+        )
+        for n, label_id in enumerate("pq")
+    ]
+    settled = store.label(labels)
+    assert [(d.message.value, d.detail) for d in settled.unmatched] == [(labels[0].message.value, EVICTED)]
+    assert store.waiting_ids() == ["q"] and store.waiting_bytes == held_bytes(labels[1])
+    restored = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=3 * mib)
+    restored.restore(torch.load(io.BytesIO(_saved(store.state_dict())), weights_only=True))
+    assert (restored.pending_bytes, restored.waiting_bytes) == (store.pending_bytes, store.waiting_bytes)
+
+
+def _saved(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def test_the_stores_survive_a_checkpoint_round_trip_byte_for_byte(make_store: MakeStore) -> None:
