@@ -60,6 +60,15 @@ def check_state_round_trip(learner: Learner, fresh: Learner) -> None:
     assert fresh.labels.sizes == learner.labels.sizes
 
 
+def check_a_first_batch_of_one_record_is_learned(learner: Learner) -> None:
+    """A slow topic hands records over one at a time: the very first learning step may hold one sample (no
+    replay yet), whose 8×8 image is 1×1 deep in a ResNet."""
+    first = stream()[0]
+    obs = learner.observe(Batch(first.x[:1], first.labels[:1]))
+    assert obs.stats.n_learned == 1
+    assert learner.observe(Batch(first.x[1:2], first.labels[1:2])).stats.n_learned == 1
+
+
 def check_new_labels_mid_stream(learner: Learner) -> None:
     batches = stream()
     for batch in batches[:3]:

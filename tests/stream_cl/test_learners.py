@@ -38,6 +38,7 @@ CHECKS = [
     contracts.check_predict_is_pure,
     contracts.check_observe_predicts_before_learning,
     contracts.check_new_labels_mid_stream,
+    contracts.check_a_first_batch_of_one_record_is_learned,
     contracts.check_unlabelled_records_are_not_learned,
     contracts.check_mixed_batch_learns_only_the_labelled,
 ]
