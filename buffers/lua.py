@@ -9,6 +9,11 @@ its path, or ``"level:y"``), so a class is the same class for every learner shar
 Random numbers come in ARGV from the client's seeded generator: the script is deterministic and
 needs no server-side RNG.
 
+Keys of another type than the script's (a foreign writer's, or damage) are deleted, and counters that hold no
+count (``seen`` missing, junk, or below the samples stored; a ``counts`` or ``stream`` value that is no integer;
+a class's sorted set of another type) are rebuilt from the samples stored, each counted in the reply: a script
+error would look like an outage to every learner, for good.
+
 Arrays travel packed (little-endian doubles and int32, labels each after its '<i4' byte length,
 cut and built with Redis' ``struct`` library), so a call has ten arguments and a reply ten values
 whatever the batch sizes: the client's cost per call stays flat instead of growing with one
@@ -26,14 +31,64 @@ STEP = """
 -- Returns {dtype, shape, drawn slots (m '<i4', one string), drawn samples' bytes, seen, size, each inserted
 -- sample's slot ('<i4', -1: not kept), counts as {label, count, ...} (m = n = 0 only; else {}), drawn labels
 -- (their m '<i4' byte lengths, then the labels back to back; one string), the drawn samples' m '<i4' byte
--- lengths}. A drawn slot whose label or bytes are missing (a field deleted, the key evicted) reads as '':
--- the client, which knows the sample size the meta's dtype and shape give, leaves out what it cannot read.
+-- lengths, the counter keys repaired}. A drawn slot whose label or bytes are missing (a field deleted, the key
+-- evicted) reads as '': the client, which knows the sample size the meta's dtype and shape give, leaves out what
+-- it cannot read.
 local cap, policy, size, m, n = tonumber(ARGV[1]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local cbrs = policy == 'class-balanced'
+local repaired = 0
+
+local function rebuild_counts()  -- stored samples per class, from the labels stored
+  redis.call('DEL', KEYS[5])
+  local tally, flat = {}, redis.call('HGETALL', KEYS[4])
+  for i = 2, #flat, 2 do tally[flat[i]] = (tally[flat[i]] or 0) + 1 end
+  for label, count in pairs(tally) do redis.call('HSET', KEYS[5], label, count) end
+  repaired = repaired + 1
+end
+
+local kinds = {'hash', 'string', 'hash', 'hash', 'hash', 'hash', 'set'}
+for i = 1, 7 do
+  local kind = redis.call('TYPE', KEYS[i]).ok
+  if kind ~= 'none' and kind ~= kinds[i] then
+    redis.call('DEL', KEYS[i])
+    repaired = repaired + 1
+  end
+end
+if redis.call('EXISTS', KEYS[5]) == 0 and redis.call('EXISTS', KEYS[4]) == 1 then rebuild_counts() end
+if cbrs and redis.call('EXISTS', KEYS[6]) == 0 and redis.call('EXISTS', KEYS[5]) == 1 then
+  -- the stream counts of classes are lost: their stored counts are the closest lower bound
+  local flat = redis.call('HGETALL', KEYS[5])
+  for i = 1, #flat, 2 do redis.call('HSET', KEYS[6], flat[i], flat[i + 1]) end
+  repaired = repaired + 1
+end
+
+local function recount(updates)  -- {label, delta} pairs; on a counter that holds no integer, all rebuilt instead
+  for _, update in ipairs(updates) do
+    local count = redis.pcall('HINCRBY', KEYS[5], update[1], update[2])
+    if type(count) == 'table' then rebuild_counts() return end
+    if count <= 0 then redis.call('HDEL', KEYS[5], update[1]) end
+  end
+end
+
+local function class_slots(label, command, ...)  -- a command on class label's sorted set, rebuilt if another type
+  local answer = redis.pcall(command, KEYS[8] .. label, ...)
+  if type(answer) == 'table' and answer.err then
+    redis.call('DEL', KEYS[8] .. label)
+    local flat = redis.call('HGETALL', KEYS[4])
+    for i = 1, #flat, 2 do
+      if flat[i + 1] == label then redis.call('ZADD', KEYS[8] .. label, flat[i], flat[i]) end
+    end
+    repaired = repaired + 1
+    answer = redis.call(command, KEYS[8] .. label, ...)
+  end
+  return answer
+end
+
 local meta = redis.call('HMGET', KEYS[1], 'capacity', 'dtype', 'shape', 'policy')
 if n > 0 then
   if not meta[1] then
     redis.call('HSET', KEYS[1], 'capacity', cap, 'dtype', ARGV[2], 'shape', ARGV[3], 'policy', policy)
+    meta = {ARGV[1], ARGV[2], ARGV[3], policy}
   elseif tonumber(meta[1]) ~= cap or meta[2] ~= ARGV[2] or meta[3] ~= ARGV[3] or meta[4] ~= policy then
     return redis.error_reply('SHAPE buffer holds capacity ' .. meta[1] .. ' of ' .. meta[2] .. '[' .. meta[3] ..
       '] by ' .. meta[4])
@@ -78,24 +133,47 @@ end
 -- slot floor(u*t) when < M). class-balanced: CBRS (Chrysakis & Moens 2020), as buffers.balanced does it.
 local function write(slot, label, bytes)
   local old = redis.call('HGET', KEYS[4], slot)
-  if old then
-    if redis.call('HINCRBY', KEYS[5], old, -1) <= 0 then redis.call('HDEL', KEYS[5], old) end
-    if cbrs then redis.call('ZREM', KEYS[8] .. old, slot) end
-  end
   redis.call('HSET', KEYS[4], slot, label)
-  redis.call('HINCRBY', KEYS[5], label, 1)
-  if cbrs then redis.call('ZADD', KEYS[8] .. label, slot, slot) end
+  if old then
+    recount({{old, -1}, {label, 1}})
+    if cbrs then class_slots(old, 'ZREM', slot) end
+  else
+    recount({{label, 1}})
+  end
+  if cbrs then class_slots(label, 'ZADD', slot, slot) end
   redis.call('HSET', KEYS[3], slot, bytes)
 end
 
 local function pick(label, count, u)  -- a uniformly drawn slot of class label
   local rank = math.min(math.floor(u * count), count - 1)
-  return tonumber(redis.call('ZRANGE', KEYS[8] .. label, rank, rank)[1])
+  return tonumber(class_slots(label, 'ZRANGE', rank, rank)[1])
+end
+
+local function seen_of(label)  -- a class's stream count, one more; counts stored stand in for a junk one
+  local n_c = redis.pcall('HINCRBY', KEYS[6], label, 1)
+  if type(n_c) == 'table' then
+    redis.call('HSET', KEYS[6], label, redis.call('HGET', KEYS[5], label) or '0')
+    repaired = repaired + 1
+    n_c = redis.call('HINCRBY', KEYS[6], label, 1)
+  end
+  return n_c
+end
+
+local function all_counts()
+  local flat = redis.call('HGETALL', KEYS[5])
+  for i = 2, #flat, 2 do
+    local c = tonumber(flat[i])
+    if not c or c < 1 or c ~= math.floor(c) then
+      rebuild_counts()
+      return redis.call('HGETALL', KEYS[5])
+    end
+  end
+  return flat
 end
 
 local function balanced(label, u1, u2)  -- the CBRS decision once the buffer is full
-  local n_c = redis.call('HINCRBY', KEYS[6], label, 1)
-  local flat, best, largest = redis.call('HGETALL', KEYS[5]), -1, {}
+  local n_c = seen_of(label)
+  local flat, best, largest = all_counts(), -1, {}
   for i = 1, #flat, 2 do
     local c = tonumber(flat[i + 1])
     if c > best then best, largest = c, {flat[i]} elseif c == best then largest[#largest + 1] = flat[i] end
@@ -113,6 +191,11 @@ local function balanced(label, u1, u2)  -- the CBRS decision once the buffer is 
 end
 
 local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
+if not seen or seen < stored or seen ~= math.floor(seen) then  -- junk, evicted, or fewer than the samples stored
+  seen = stored
+  redis.call('SET', KEYS[2], seen)
+  repaired = repaired + 1
+end
 local slots, at = {}, 1
 for k = 1, n do
   seen = seen + 1
@@ -122,7 +205,7 @@ for k = 1, n do
   at = start + length
   local slot = seen - 1
   if seen <= cap then
-    if cbrs then redis.call('HINCRBY', KEYS[6], label, 1) end
+    if cbrs then seen_of(label) end
   elseif cbrs then
     slot = balanced(label, u1, u2)
   else
@@ -141,5 +224,5 @@ end
 local counts = {}  -- only when asked (a call that neither draws nor inserts): its size grows with the classes
 if tonumber(ARGV[6]) == 0 and n == 0 then counts = redis.call('HGETALL', KEYS[5]) end
 return {meta[2] or '', meta[3] or '', table.concat(drawn), table.concat(samples), seen, redis.call('HLEN', KEYS[4]),
-  table.concat(packed), counts, table.concat(lengths) .. table.concat(drawn_labels), table.concat(sizes)}
+  table.concat(packed), counts, table.concat(lengths) .. table.concat(drawn_labels), table.concat(sizes), repaired}
 """

@@ -9,7 +9,9 @@ Samples are stored as raw tensor bytes; dtype and shape are kept once per buffer
 Labels are stored by class path when the store has the learner's :class:`~buffers.store.ClassNames`
 (learners number classes in their own order of first appearance), else as ``"level:y"``.
 What a draw reads is another writer's data: a sample whose bytes, label or layout cannot be read is
-left out of the draw and counted (``BufferStats.corrupt``), never raised to the learner.
+left out of the draw and counted (``BufferStats.corrupt``), never raised to the learner; a counter it cannot
+read (``seen``, the class counts, a key of another type) is rebuilt from the samples stored and counted
+(``BufferStats.repairs``), not taken for an outage.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ class RedisStore:
         self._rng = np.random.default_rng(seed)
         self._clock = clock
         self._sha = hashlib.sha1(lua.STEP.encode()).hexdigest()
-        self._errors = self._corrupt = 0
+        self._errors = self._corrupt = self._repairs = 0
         self._why = ""  # why the last sample counted as corrupt was left out, for the warning
         self._warn_at = -math.inf
         self._retry_at, self._backoff = 0.0, retry_min_s
@@ -247,7 +249,7 @@ class RedisStore:
                 if key != (-1, -1) and count.isdigit():
                     counts[key] = counts.get(key, 0) + int(count)
         nbytes = self._size * (self._item_bytes + 8)
-        return BufferStats(self._size, self.capacity, nbytes, self._errors, counts, self._corrupt)
+        return BufferStats(self._size, self.capacity, nbytes, self._errors, counts, self._corrupt, self._repairs)
 
     def refresh(self) -> bool:
         """Re-read seen, size and class counts from Redis; False when Redis is unreachable."""
@@ -305,6 +307,9 @@ class RedisStore:
             return None
         self._backoff = self.retry_min_s
         self._seen, self._size = int(reply[4]), int(reply[5])
+        if reply[10]:
+            self._repairs += int(reply[10])
+            self._warn(f"buffer {self.name!r}: rebuilt {reply[10]} damaged or foreign key(s) from the samples stored")
         if not draw and x is None:  # counts come only with a call that neither draws nor inserts
             self._counts = reply[7]
         return reply

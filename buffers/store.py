@@ -86,6 +86,7 @@ class BufferStats:
     reads). ``class_counts``: stored samples per class ``(level, y)``, filled only when asked for.
     ``corrupt``: drawn samples left out because their stored entry could not be read (bytes of the
     wrong size, an unreadable label or one the learner's tree refuses), cumulative (0 in memory).
+    ``repairs``: counter keys found damaged or foreign and rebuilt from the samples stored, cumulative.
     """
 
     size: int
@@ -94,6 +95,7 @@ class BufferStats:
     errors: int
     class_counts: dict[tuple[int, int], int] = field(default_factory=dict)
     corrupt: int = 0
+    repairs: int = 0
 
 
 @runtime_checkable

@@ -127,6 +127,11 @@ class Metrics:
             "Drawn replay samples left out because their stored entry could not be read or was refused.",
             registry=r,
         )
+        self.buffer_repairs = Counter(
+            "streamcl_buffer_repairs",
+            "Counter keys of the shared replay buffer found damaged or foreign and rebuilt from the samples stored.",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "streamcl_consumer_lag",
             "Records behind the partition's high watermark.",

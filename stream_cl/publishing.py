@@ -76,6 +76,7 @@ class Publisher:
         m.buffer_bytes.set(stats.nbytes)
         self._count_to(m.buffer_errors, stats.errors)
         self._count_to(m.buffer_corrupt, stats.corrupt)
+        self._count_to(m.buffer_repairs, stats.repairs)
         self._class_counts(learner.labels.names, stats.class_counts)
         return stats.errors
 

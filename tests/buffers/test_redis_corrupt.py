@@ -257,3 +257,50 @@ def test_the_configured_learner_bounds_its_shared_buffer_draws_by_max_classes(re
     settings = {"buffer": f"{redis_server.url}?name=configured", "max_classes": 7, "metrics_port": 0}
     factory = learner_factory(Config.from_mapping(settings), torch.device("cpu"))
     assert factory((8,), np.dtype(np.float32)).buffer.max_classes == 7
+
+
+DAMAGE = {
+    "seen junk": lambda c, k: c.set(k["seen"], b"not a count"),
+    "seen of another type": lambda c, k: (c.delete(k["seen"]), c.rpush(k["seen"], b"1")),
+    "seen evicted": lambda c, k: c.delete(k["seen"]),
+    "seen below the samples": lambda c, k: c.set(k["seen"], 3),
+    "a count junk": lambda c, k: c.hset(k["counts"], "0:1", b"x"),
+    "counts of another type": lambda c, k: (c.delete(k["counts"]), c.set(k["counts"], b"{}")),
+    "a stream count junk": lambda c, k: c.hset(k["stream"], "0:1", b"1.5e"),
+    "a class set of another type": lambda c, k: (c.delete(k["cls:0:1"]), c.set(k["cls:0:1"], b"x")),
+    "meta of another type": lambda c, k: (c.delete(k["meta"]), c.sadd(k["meta"], b"x")),
+}
+
+
+CLASS_BALANCED_ONLY = ("a stream count junk", "a class set of another type")  # keys only that policy reads
+
+
+@pytest.mark.parametrize(
+    ("policy", "damage"),
+    [
+        (p, d)
+        for p in ("reservoir", "class-balanced")
+        for d in DAMAGE
+        if p == "class-balanced" or d not in CLASS_BALANCED_ONLY
+    ],
+)
+def test_a_damaged_or_foreign_counter_is_rebuilt_from_the_samples_not_an_outage(redis_server, caplog, policy, damage):
+    """Before, every call of the script raised: the learners took it for an outage, for good."""
+    store = by_index(redis_server, f"repair-{policy}-{damage}".replace(" ", "-"), policy=policy)
+    store.add(*batch(10, 20))  # full (20 of 30 kept), so inserts decide by the counters
+    client = redis_server.client()
+    keys = dict(zip(("meta", "seen", "x", "lab", "counts", "stream", "full"), store.keys, strict=False))
+    keys["cls:0:1"] = store.keys[-1] + "0:1"
+    DAMAGE[damage](client, keys)
+    with caplog.at_level(logging.WARNING, logger="buffers.redis"):
+        replay = store.sample_then_add(10, *batch(30))
+    assert len(replay) == 10 and store.stats().errors == 0, "the step drew and inserted on the shared buffer"
+    assert store.stats().repairs >= 1 and "damaged or foreign" in caplog.text
+    labels = client.hvals(keys["lab"])
+    assert store.seen >= len(labels) == store.stats().size
+    assert {k: int(v) for k, v in client.hgetall(keys["counts"]).items()} == {
+        label: labels.count(label) for label in set(labels)
+    }, "the class counts agree with the labels stored"
+    repairs = store.stats().repairs
+    store.sample_then_add(10, *batch(40))
+    assert (store.stats().repairs, store.stats().errors) == (repairs, 0), "repaired once, not at every step"
