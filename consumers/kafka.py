@@ -59,8 +59,10 @@ committed what it holds, then commits it; on lost, everything for those partitio
 Several consumers of one model (``serve --workers``) resume from one checkpoint, and each would seek a partition
 to the checkpoint's offset when it first gets it, even after another worker of the same run learned past that
 offset and a rebalance handed the partition over: those records would be learned twice. So such consumers share
-:class:`RunOffsets`: every acknowledged commit is put there, and a partition that another consumer of the run
-committed starts where it committed (the run's truth), the checkpoint's offset only for the run's first owner.
+:class:`RunOffsets`: every commit of the learner is put there before it is sent (the records are learned whatever
+the broker answers: a commit refused because a rebalance evicted the member does not make them unlearned), and a
+partition assigned to a consumer of the run starts where the run's learners got (the checkpoint's offset only
+for its first owner in the run; the group's committed offset only where the run holds nothing).
 """
 
 from __future__ import annotations
@@ -103,10 +105,10 @@ class RunOffsets(Protocol):
     """
 
     def get(self, key: Key) -> tuple[int, int] | None:
-        """``(offset, within)`` last committed for partition ``key`` in this run, or None if none was."""
+        """``(offset, within)`` the run's learners got to in partition ``key``, or None if it has none."""
 
     def put(self, key: Key, offset: int, within: int) -> None:
-        """Record a commit of partition ``key`` that the broker acknowledged."""
+        """Record that the learner learned partition ``key`` up to ``(offset, within)`` (the commit it asked for)."""
 
 
 DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
@@ -205,8 +207,9 @@ class KafkaSource:
         The client: kafka-python's ``KafkaConsumer``, or a class with the same interface and keyword settings
         (:class:`consumers.kafka_librdkafka.LibrdkafkaConsumer`, librdkafka underneath).
     run_offsets
-        Shared with the other consumers of this run of the model (see the module docstring): a partition first
-        assigned here that one of them committed starts where it committed, not at ``start_offsets``.
+        Shared with the other consumers of this run of the model (see the module docstring): a partition assigned
+        here that the run's learners learned from starts where they got, not at ``start_offsets`` or the group's
+        committed offset.
 
     Notes
     -----
@@ -262,6 +265,8 @@ class KafkaSource:
         self._start = dict(start_offsets or {})
         self._from_checkpoint = from_checkpoint
         self._run_offsets = run_offsets
+        self._shared: dict[Key, tuple[int, int]] = {}  # (offset, within) last put in run_offsets, per partition
+        self._share_lock = threading.Lock()
         self._placed: set[Key] = set()  # partitions whose start has been decided (first assignment)
         # (offset, within) to commit per newly placed partition; offset None: the partition's earliest offset
         self._start_commits: dict[Key, tuple[int | None, int]] = {}
@@ -611,6 +616,7 @@ class KafkaSource:
                 self._commit_due = time.monotonic() + self._commit_interval_s
         if not offsets:
             return
+        self._share(offsets, within)  # learned whatever the broker answers; before a revoke lets the partition go
         try:
             self._consumer.commit(_kafka_offsets(offsets, within))
         except KafkaError as err:
@@ -621,19 +627,26 @@ class KafkaSource:
                         self._pending[key] = offsets[key]
                         self._pending_within[key] = within.get(key, 0)
             return
-        self._share(offsets, within)  # before a revoke waiting for this commit lets the partition go
         with self._cond:
             self._record_committed(offsets, within)
             self._cond.notify_all()
 
     def _share(self, offsets: dict[Key, int], within: dict[Key, int]) -> None:
+        """Tell the run's other consumers how far the learner got: only ever forward (the fetch thread and a revoke
+        may share one partition's offsets in either order)."""
         if self._run_offsets is None:
             return
-        for key, offset in offsets.items():
-            try:
-                self._run_offsets.put(key, offset, within.get(key, 0))
-            except Exception as err:  # the run's store is gone only when the run is: its restart rereads the checkpoint
-                log.warning("cannot share the commit of %s with this run's other workers: %s", key, err)
+        with self._share_lock:
+            for key, offset in offsets.items():
+                done = (offset, within.get(key, 0))
+                if done <= self._shared.get(key, (-1, 0)):
+                    continue
+                try:
+                    self._run_offsets.put(key, *done)
+                except Exception as err:  # the store goes only with the run, whose restart rereads the checkpoint
+                    log.warning("cannot share the commit of %s with this run's other workers: %s", key, err)
+                    continue
+                self._shared[key] = done
 
     def _record_committed(self, offsets: dict[Key, int], within: dict[Key, int]) -> None:
         self.committed.update(offsets)
@@ -719,8 +732,8 @@ class KafkaSource:
             self._placed.add(key)
             offset = self._start.pop(key, None)
             skip = self._start_within.pop(key, 0)
-            handed = self._handed_over(key) if first else None
-            if handed is not None:  # another consumer of this run learned from it: go on where it committed
+            handed = None if key in rewind else self._handed_over(key)
+            if handed is not None:  # a consumer of this run learned from it: go on where its learner got
                 (offset, skip), first = handed, False
             elif offset is None:
                 offset, skip = rewind.get(key, (None, 0))
@@ -788,13 +801,13 @@ class _Rebalance(AsyncConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         keys = _keys(revoked)
         offsets, within = self._source._revoke(keys)
+        self._source._share(offsets, within)  # learned, even if the commit below fails
         if offsets:
             try:
                 await self._source._consumer.commit_async(_kafka_offsets(offsets, within))
             except KafkaError as err:
                 log.warning("commit on revoke failed (%s); records will be delivered again", err)
                 offsets = {}
-        self._source._share(offsets, within)
         self._source._forget(keys, offsets, within)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:

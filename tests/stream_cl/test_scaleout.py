@@ -241,6 +241,29 @@ def test_a_class_two_workers_bring_with_two_parents_in_one_step_is_dead_lettered
     assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
 
 
+def worker_settings(bootstrap: str, topic: str, tmp: Path, name: str, **extra: object) -> dict:
+    """Settings of a group's worker serving ``topic``: a consumer group of its own, short group timings, a small
+    MLP, checkpoints under ``tmp/ckpt``, and every record's prediction in ``tmp/NAME.r.jsonl``."""
+    return {
+        "source": f"kafka://{bootstrap}/{topic}",
+        "group": f"g-{topic}",
+        "kafka_session_timeout_ms": 2000,
+        "kafka_heartbeat_interval_ms": 500,
+        "until_idle": 6,
+        "no_progress": True,
+        "no_drift": True,
+        "model": "mlp",
+        "width": 16,
+        "probe_fraction": 0.0,
+        "buffer_size": 100,
+        "metrics_port": 0,
+        "checkpoint_dir": str(tmp / "ckpt"),
+        "predictions": str(tmp / f"{name}.jsonl"),
+        "predictions_for": "all",
+        **extra,
+    }
+
+
 def _serving_worker(rank: int, port: int, settings: dict, tmp: Path) -> None:
     """One worker of a group serving the real broker and Redis, recording its model after every group step."""
     torch.set_num_threads(1)
@@ -256,27 +279,11 @@ def test_averaging_workers_learn_a_4_partition_topic_once_and_are_one_model_afte
 ) -> None:
     topic = make_topic(4)
     where = produce(kafka_bootstrap, topic, 400)
-    settings = {
-        "source": f"kafka://{kafka_bootstrap}/{topic}",
-        "group": f"g-{topic}",
-        "kafka_session_timeout_ms": 2000,
-        "kafka_heartbeat_interval_ms": 500,
-        "until_idle": 6,
-        "no_progress": True,
-        "no_drift": True,
-        "model": "mlp",
-        "width": 16,
-        "probe_fraction": 0.0,
-        "buffer": f"{redis_server.url}?name=average-{topic}",
-        "buffer_size": 100,
-        "metrics_port": 0,
-        "checkpoint_dir": str(tmp_path / "ckpt"),
-        "checkpoint_every_records": 100,
-        "predictions": str(tmp_path / "avg.jsonl"),
-        "predictions_for": "all",
-        "sync": "average",
-        "average_every": 3,
-    }
+    buffer = f"{redis_server.url}?name=average-{topic}"
+    average = {"sync": "average", "average_every": 3}
+    settings = worker_settings(
+        kafka_bootstrap, topic, tmp_path, "avg", buffer=buffer, checkpoint_every_records=100, **average
+    )
     mp.spawn(_serving_worker, args=(free_port(), settings, tmp_path), nprocs=2, join=True)
     zero, one = (json.loads((tmp_path / f"served-{r}.json").read_text()) for r in (0, 1))
     assert len(zero["steps"]) == len(one["steps"]) >= 400 // 10 // 2  # both workers made every group step

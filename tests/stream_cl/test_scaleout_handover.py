@@ -27,7 +27,7 @@ from stream_cl.scaleout import StoreRunOffsets, run_worker
 from tests.consumers.streams import good_messages
 from tests.consumers.test_kafka import STABLE_GROUP, _wait
 from tests.fixtures.procs import free_port
-from tests.stream_cl.test_scaleout import learned_ids
+from tests.stream_cl.test_scaleout import learned_ids, worker_settings
 from tests.stream_cl.test_serve_kafka import produce
 
 CHECKPOINT_OFFSET = 5
@@ -116,23 +116,7 @@ def test_a_worker_joining_late_takes_partitions_over_where_the_group_left_them(
     checkpoint's offset (here none yet: the earliest), unless a worker of the same run has committed it."""
     topic = make_topic(4)
     where = produce(kafka_bootstrap, topic, 40)
-    settings = {
-        "source": f"kafka://{kafka_bootstrap}/{topic}",
-        "group": f"g-{topic}",
-        "kafka_session_timeout_ms": 2000,
-        "kafka_heartbeat_interval_ms": 500,
-        "until_idle": 6,
-        "no_progress": True,
-        "no_drift": True,
-        "model": "mlp",
-        "width": 16,
-        "probe_fraction": 0.0,
-        "buffer_size": 100,
-        "metrics_port": 0,
-        "checkpoint_dir": str(tmp_path / "ckpt"),
-        "predictions": str(tmp_path / "late.jsonl"),
-        "predictions_for": "all",
-    }
+    settings = worker_settings(kafka_bootstrap, topic, tmp_path, "late")
     mp.spawn(_late_worker, args=(free_port(), settings, tmp_path), nprocs=2, join=True)
     summary = json.loads((tmp_path / "late-0.json").read_text())
     ids = Counter(learned_ids(tmp_path, "late", 2))
