@@ -110,10 +110,11 @@ def label_path(label: str | Sequence[str] | None) -> LabelPath | None:
 
 
 def held_bytes(entry: Record | DeadLetter | HasMessage) -> int:
-    """Memory an entry holds: its share of its message's bytes (the samples of a message share them), and a
-    record's array unless that is a view on those bytes (as the binary encoding's is)."""
+    """Memory an entry holds: its share of its message's bytes (value, key and headers: the samples of a message
+    share them), and a record's array unless that is a view on those bytes (as the binary encoding's is)."""
     message = entry.message
-    size = (len(message.value) + len(message.key or b"")) // max(1, message.position.count)
+    raw = len(message.value) + len(message.key or b"") + sum(len(name) + len(value) for name, value in message.headers)
+    size = raw // max(1, message.position.count)
     if isinstance(entry, Record):
         base = entry.x
         while isinstance(base, np.ndarray):
