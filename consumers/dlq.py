@@ -21,7 +21,10 @@ kafka-python's asynchronous ``send``: that ``send`` itself blocks (up to ``max_b
 has no metadata, which is exactly the outage case, and the producer's in-memory buffer dies with the
 process. Because every dead letter is on
 disk before ``send`` returns, the run loop may commit past a bad record at once, and a spool left by a
-crashed process is delivered by the next sink opened on the same ``spool_dir``.
+crashed process is delivered by the next sink opened on the same ``spool_dir``. The one exception is a spool
+write that fails (disk full, file size limit): the dead letter is then held in memory, the sink reports
+``backpressure`` and is not ``healthy`` (so the caller polls no more), and the sender thread retries the
+write every ``retry_s``; a crash before it succeeds loses the held dead letters.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -98,6 +102,11 @@ class KafkaDeadLetterSink:
     ``spool_max_bytes`` or more, :attr:`backpressure` is True until delivery frees space. ``send`` never
     refuses a dead letter, so the bound is exceeded by what the caller had already polled.
 
+    When the spool cannot be written (its disk is full), ``send`` holds the dead letter in memory instead of
+    raising; while any is held, later ones join it in order, :attr:`backpressure` is True and :attr:`healthy`
+    False, so the memory held is bounded by what the caller had already polled. The sender thread retries
+    writing them every ``retry_s`` (and once more at close; what is still held then is lost, and logged).
+
     ``spool_dir`` defaults to a new temporary directory, which a restarted process does not know about:
     pass a fixed directory so that dead letters spooled before a crash are delivered after it. A dead letter
     the broker rejects for itself (too large, invalid topic name) stays in the spool directory as a
@@ -135,6 +144,9 @@ class KafkaDeadLetterSink:
         self.delivered = 0
         self.rejected = 0
         self._failing = False
+        self._held: deque[Message] = deque()
+        self._held_lock = threading.Lock()  # learner and sender both write held dead letters, oldest first
+        self._spool_error: OSError | None = None
         self._producer: KafkaProducer | None = None
         self._wake = threading.Condition()
         self._retry_at = 0.0
@@ -148,24 +160,28 @@ class KafkaDeadLetterSink:
 
     @property
     def spooled(self) -> int:
-        """Dead letters not yet acknowledged by the broker."""
-        return len(self._spool)
+        """Dead letters not yet acknowledged by the broker (in the spool, or held while it cannot be written)."""
+        return len(self._spool) + len(self._held)
 
     @property
     def backpressure(self) -> bool:
-        """True while the spool is full: the caller must not poll more records."""
-        return self._spool.full
+        """True while the spool is full or cannot be written: the caller must not poll more records."""
+        return self._spool.full or bool(self._held)
 
     @property
     def healthy(self) -> bool:
-        """False from a failed delivery attempt until an attempt succeeds again, and once the sender has stopped."""
-        return not self._failing and (self._sender.is_alive() or self._close_by is not None)
+        """False from a failed delivery attempt until an attempt succeeds again, while dead letters are held
+        because the spool cannot be written, and once the sender has stopped."""
+        return not self._failing and not self._held and (self._sender.is_alive() or self._close_by is not None)
 
     def send(self, dead: DeadLetter) -> None:
-        """Spool ``dead`` for delivery; returns without waiting for the broker."""
+        """Spool ``dead`` for delivery (or hold it, see the class docstring); returns without waiting for the broker."""
         if self._close_by is not None:
             raise RuntimeError("dead-letter sink is closed")
-        self._spool.put(dead_letter_message(dead))
+        with self._held_lock:
+            self._held.append(dead_letter_message(dead))
+            if len(self._held) == 1:  # else older ones wait for the disk (the sender retries): join them
+                self._write_held()
         self.sent += 1
         with self._wake:
             self._wake.notify()
@@ -174,8 +190,8 @@ class KafkaDeadLetterSink:
         """Deliver what can be delivered within ``timeout_s`` (default ``timeout_s`` of the sink), then stop.
 
         Delivery stops at the bound or at the first failed attempt (at once if the broker is already
-        unreachable). Dead letters still spooled stay in ``spool_dir`` and are delivered by the next sink
-        opened on it.
+        unreachable or the spool cannot be written). Dead letters still spooled stay in ``spool_dir`` and are
+        delivered by the next sink opened on it; held ones are written there if the disk takes them now.
         """
         bound = self.timeout_s if timeout_s is None else timeout_s
         with self._wake:
@@ -192,11 +208,32 @@ class KafkaDeadLetterSink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _write_held(self) -> None:
+        """Move held dead letters to the spool, oldest first, until its disk refuses one; the caller holds
+        ``_held_lock``. A refused one stays held, to be retried by the sender thread after ``retry_s``."""
+        while self._held:
+            try:
+                self._spool.put(self._held[0])
+            except OSError as err:  # disk full, file size limit, read-only: never the learner's crash
+                if self._spool_error is None:
+                    log.error("dead-letter spool %s cannot be written, holding dead letters: %s", self.spool_dir, err)
+                self._spool_error = err
+                self._retry_at = time.monotonic() + self.retry_s
+                return
+            self._held.popleft()
+        if self._spool_error is not None:
+            log.info("dead-letter spool %s can be written again", self.spool_dir)
+            self._spool_error = None
+
     def _deliver_until_closed(self) -> None:
         try:
             while self._wait_for_work():
                 try:
-                    self._deliver_batch()
+                    if self._held:
+                        with self._held_lock:
+                            self._write_held()
+                    if len(self._spool):
+                        self._deliver_batch()
                 except OSError as err:  # the spool's disk (full, read-only): retry, never end the sender
                     log.error("dead-letter spool %s failed: %s; retrying", self.spool_dir, err)
                     self._failing, self._retry_at = True, time.monotonic() + self.retry_s
@@ -205,6 +242,15 @@ class KafkaDeadLetterSink:
             self._release_spool()
 
     def _release_spool(self) -> None:
+        with self._held_lock:
+            self._write_held()  # a last try: what reaches the spool is delivered by the next start
+            if self._held:
+                log.error(
+                    "%d dead letters are lost: the spool %s could not be written (%s)",
+                    len(self._held),
+                    self.spool_dir,
+                    self._spool_error,
+                )
         left = len(self._spool)
         self._spool.close()
         if left and self._temporary_spool:
@@ -225,13 +271,16 @@ class KafkaDeadLetterSink:
             while True:
                 now = time.monotonic()
                 closing = self._close_by is not None
-                # closing stops at the first failure: the rest waits in the spool for the next start
-                if closing and (not len(self._spool) or now >= self._close_by or self._failing):
+                work = len(self._spool) > 0 or len(self._held) > 0
+                # closing stops at the first failure (the broker's or the disk's): the rest waits in the spool
+                # for the next start, held dead letters after a last try to write them there
+                failing = self._failing or self._spool_error is not None
+                if closing and (not work or now >= self._close_by or failing):
                     return False
-                if len(self._spool) and now >= self._retry_at:
+                if work and now >= self._retry_at:
                     return True
                 waits = [t - now for t in (self._retry_at, self._close_by) if t is not None and t > now]
-                self._wake.wait(min(waits) if len(self._spool) and waits else None)
+                self._wake.wait(min(waits) if work and waits else None)
 
     def _deliver_batch(self) -> None:
         batch = self._spool.oldest(_BATCH)

@@ -82,13 +82,24 @@ class Spool:
         return self.bytes >= self.max_bytes
 
     def put(self, message: Message) -> None:
-        """Append ``message``; it is on disk when this returns."""
+        """Append ``message``; it is on disk when this returns.
+
+        Raises
+        ------
+        OSError
+            If it cannot be written (disk full, file size limit, read-only); the spool is unchanged and no
+            temporary file is left behind.
+        """
         with self._mutex:
             seq, self._next = self._next, self._next + 1
         path = self.directory / f"{seq:012d}{_SUFFIX}"
         tmp = path.with_name(path.name + ".tmp")
-        write_messages(tmp, [message], compresslevel=0)  # stored, not compressed: the writer is the learner
-        os.replace(tmp, path)
+        try:
+            write_messages(tmp, [message], compresslevel=0)  # stored, not compressed: the writer is the learner
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: give back what the half-written file took
+            raise
         size = path.stat().st_size
         with self._mutex:
             self._entries.append(Entry(path, size))

@@ -2,13 +2,20 @@
 
 ``prometheus_client.start_http_server`` serves only metrics; a service also needs liveness and
 readiness on the same port (Kubernetes probes, compose health checks), so this is a small
-``http.server.ThreadingHTTPServer`` on a daemon thread that can be stopped.
+``http.server.ThreadingHTTPServer`` on a daemon thread that can be stopped. Its connections are
+bounded in number and in time (:class:`_BoundedServer`): a client that connects and sends nothing,
+or one byte at a time, must not hold threads and file descriptors the learner needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,6 +29,16 @@ TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 
 Check = Callable[[], bool]
 """A health or readiness probe: True means healthy/ready. An exception counts as False."""
+
+REQUEST_TIMEOUT_S = 10.0
+"""Longest one connection may take, all reads and writes together; a scrape or probe takes milliseconds."""
+
+MAX_CONNECTIONS = 16
+"""Connections served at once; more are closed at once. Scrapers and probes rarely hold more than a few."""
+
+ACCEPT_BACKOFF_S = 0.1
+"""Pause after a failed ``accept`` (no file descriptor left): the listening socket stays readable, so
+without a pause the server thread would spin on it."""
 
 
 def _always() -> bool:
@@ -62,6 +79,8 @@ class Exporter:
     ``healthy()`` / ``ready()`` return True and ``503`` otherwise.
     The service (``stream-cl serve``) passes e.g. ``ready=lambda: consumer_assigned`` and
     ``healthy=lambda: loop_alive``; the defaults always answer 200.
+    At most ``max_connections`` connections are served at once (more are closed on arrival), each
+    for at most ``timeout_s``.
 
     Parameters
     ----------
@@ -73,6 +92,10 @@ class Exporter:
         Bind address (``0.0.0.0`` inside a container).
     healthy, ready
         Liveness and readiness callables, called on every probe request (keep them cheap).
+    timeout_s
+        Longest one connection is served, all reads and writes together; then it is closed.
+    max_connections
+        Connections served at once.
 
     Examples
     --------
@@ -90,15 +113,18 @@ class Exporter:
         *,
         healthy: Check = _always,
         ready: Check = _always,
+        timeout_s: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if not 0 <= port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {port}")
+        if timeout_s <= 0 or max_connections < 1:
+            raise ValueError(f"need timeout_s > 0 and max_connections >= 1, got {timeout_s}, {max_connections}")
         self.registry = registry
         self._exposed = WithoutCreated(registry)
         self.healthy = healthy
         self.ready = ready
-        self._server = ThreadingHTTPServer((addr, port), _handler(self))
-        self._server.daemon_threads = True
+        self._server = _BoundedServer((addr, port), _handler(self, timeout_s), timeout_s, max_connections)
         self.addr, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-exporter", daemon=True)
         self._thread.start()
@@ -108,6 +134,7 @@ class Exporter:
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join()
+        self._server.cut()  # a slow client must not hold up the join of its thread in server_close
         self._server.server_close()
 
     def __enter__(self) -> Exporter:
@@ -115,6 +142,63 @@ class Exporter:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, for at most ``max_connections`` connections at once and ``timeout_s`` each.
+
+    The handler's socket timeout bounds each read and write; a deadline per connection, checked by the
+    serving thread at least every half second (``serve_forever``'s poll), bounds a client that keeps each
+    read just under the timeout.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], timeout_s: float, max_connections: int
+    ) -> None:
+        self.timeout_s, self.max_connections = timeout_s, max_connections
+        self._deadlines: dict[socket.socket, float] = {}  # connection being served → when it is cut
+        self._lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        try:
+            return super().get_request()
+        except OSError:  # e.g. EMFILE; socketserver skips the connection
+            time.sleep(ACCEPT_BACKOFF_S)
+            raise
+
+    def verify_request(self, request: socket.socket, client_address: object) -> bool:
+        """Take the connection if a slot is free; socketserver closes it at once otherwise."""
+        with self._lock:
+            if len(self._deadlines) >= self.max_connections:
+                log.debug("closing a connection from %s: %d connections open", client_address, len(self._deadlines))
+                return False
+            self._deadlines[request] = time.monotonic() + self.timeout_s
+            return True
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._lock:  # untracked before it is closed: cut() never touches a closed (reused) descriptor
+            self._deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        self.cut(time.monotonic())
+
+    def cut(self, now: float = math.inf) -> None:
+        """Shut down the connections whose deadline is past ``now`` (all by default); their threads then end."""
+        with self._lock:
+            for request, deadline in self._deadlines.items():
+                if deadline <= now:
+                    with contextlib.suppress(OSError):  # the client went away meanwhile
+                        request.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: socket.socket, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # a client gone, or cut at its deadline, mid-answer
+            log.debug("connection from %s ended early", client_address, exc_info=True)
+        else:
+            log.exception("error answering %s", client_address)
 
 
 def _probe(check: Check) -> bool:
@@ -125,8 +209,10 @@ def _probe(check: Check) -> bool:
         return False
 
 
-def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
+def _handler(exporter: Exporter, timeout_s: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = timeout_s  # per read and write of the connection's socket (socketserver sets it in setup)
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

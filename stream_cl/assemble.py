@@ -30,7 +30,7 @@ from consumers.source import Instrumented, Source
 from consumers.urls import is_kafka_url
 from consumers.wire import REASONS
 from monitoring.drift import DriftMonitor, parse_drift
-from monitoring.exporter import Exporter
+from monitoring.exporter import Check, Exporter
 from monitoring.labeljoin import JoinMetrics
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
@@ -49,6 +49,7 @@ from stream_cl.overload import OverloadPolicy
 from stream_cl.pending import MemoryPending, PendingStore
 from stream_cl.pending_redis import open_redis_pending
 from stream_cl.predictions import Predictions, open_sink
+from stream_cl.publishing import STALL_AFTER_S, heartbeat
 from stream_cl.run import RUN_REASONS, CountOnly, RunOptions, RunParts
 
 log = logging.getLogger("stream_cl")
@@ -80,7 +81,9 @@ def assemble(
     """Open the run ``cfg`` describes; everything opened is closed when the block exits.
 
     ``ready`` is set by the caller once the loop runs; ``/readyz`` answers 200 only while it is
-    set, the source has partitions (Kafka) and dead letters can be delivered. ``require_topic``
+    set, the source has partitions (Kafka) and dead letters can be delivered. ``/healthz`` answers
+    503 once the loop has not turned for :data:`~stream_cl.publishing.STALL_AFTER_S` (it is stuck),
+    and so does ``/readyz``. ``require_topic``
     makes a missing Kafka topic an error (a service may instead start before its producers).
     ``group`` makes this run one worker of a group learning one model (:mod:`stream_cl.group`).
     """
@@ -98,18 +101,25 @@ def assemble(
     url = cfg.source.url or str(default_stream())
     ready = ready or threading.Event()
     with ExitStack() as stack:
+        if checkpointer is not None:  # first in, last out: the lock covers the final checkpoint
+            stack.callback(checkpointer.store.close)
         source: Source | None = None
         parts = RunParts(probe=probe, checkpointer=checkpointer, lockstep=group)
         if group is not None and checkpointer is not None:
             parts.checkpointer = GroupCheckpointer(group, checkpointer)
 
+        beat = heartbeat(metrics)
+
+        def is_alive() -> bool:
+            return beat.alive(STALL_AFTER_S)
+
         def is_ready() -> bool:
             assigned = not isinstance(source, Instrumented) or bool(source.assignment())
             # the Redis pending store is reachable, and the label topic's dead letters have somewhere to go
             labels_ok = parts.labels is None or (parts.labels.healthy and parts.labels.dead_letters.healthy)
-            return ready.is_set() and assigned and parts.dead_letters.healthy and labels_ok
+            return ready.is_set() and is_alive() and assigned and parts.dead_letters.healthy and labels_ok
 
-        exporter = _serve_metrics(cfg, metrics, is_ready)
+        exporter = _serve_metrics(cfg, metrics, healthy=is_alive, ready=is_ready)
         if exporter is not None:
             stack.callback(exporter.stop)
         source = open_source(
@@ -247,9 +257,13 @@ def _restore(
     try:
         state, restored = restore(store, make_learner, identity(cfg), probe)
     except UnsupportedInput as err:  # --max-parameters was lowered below the checkpoint's model
+        store.close()
         raise ConfigError(
             f"the checkpoint in {cfg.checkpoint.dir} cannot be restored: {err} (--max-parameters)"
         ) from err
+    except BaseException:
+        store.close()
+        raise
     checkpointer = Checkpointer(
         store,
         identity=identity(cfg),
@@ -271,19 +285,19 @@ def _spool_dir(cfg: Config) -> Path | None:
     return None
 
 
-def _serve_metrics(cfg: Config, metrics: Metrics, ready: object) -> Exporter | None:
+def _serve_metrics(cfg: Config, metrics: Metrics, *, healthy: Check, ready: Check) -> Exporter | None:
     """``/metrics`` on the configured port; the default port moves to a free one when busy, a chosen one fails."""
     port, addr = cfg.metrics.port, cfg.metrics.addr
     if not port:
         return None
     try:
-        exporter = metrics.serve(port, addr, ready=ready)
+        exporter = metrics.serve(port, addr, healthy=healthy, ready=ready)
     except OSError as err:
         if err.errno != errno.EADDRINUSE:
             raise
         if port != DEFAULT_METRICS_PORT or "metrics_port" in cfg.explicit:
             raise ConfigError(f"--metrics-port {port}: the port is in use on {addr}; choose another port") from None
-        exporter = metrics.serve(0, addr, ready=ready)
+        exporter = metrics.serve(0, addr, healthy=healthy, ready=ready)
         log.warning("port %d is in use; serving metrics on port %d instead", port, exporter.port)
     log.info("serving /metrics, /healthz, /readyz on http://%s:%d", exporter.addr, exporter.port)
     return exporter

@@ -1,15 +1,19 @@
 """Checkpoint files: versioned, checksummed, written atomically, loadable with ``weights_only=True``.
 
-A checkpoint directory holds files named ``ckpt-<id:010d>-<sha256[:16]>.pt``. The id grows by one
-per checkpoint; the digest in the name is that of the file's bytes, so a truncated or corrupted
-file is recognised before ``torch.load`` even sees it. A file appears under its final name only
-after its bytes are on disk (temp file, fsync, rename, directory fsync), so a crash leaves either
-the old set or the old set plus one complete new file. The payload is a dict of tensors and plain
-containers (no pickled objects).
+A checkpoint directory holds files named ``ckpt-<id:010d>-<sha256[:16]>.pt`` (an id past 10 digits
+takes more). The id grows by one per checkpoint; the digest in the name is that of the file's bytes,
+so a truncated or corrupted file is recognised before ``torch.load`` even sees it. A file appears
+under its final name only after its bytes are on disk (temp file, fsync, rename, directory fsync), so
+a crash leaves either the old set or the old set plus one complete new file. The payload is a dict of
+tensors and plain containers (no pickled objects) whose top-level keys are checked on load, so a file
+that verifies but lacks what a restore reads is skipped like a corrupted one. One writer per directory:
+it holds an exclusive lock on ``DIR/.lock`` for as long as its store is open.
 """
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import hashlib
 import io
 import logging
@@ -17,7 +21,9 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +36,58 @@ log = logging.getLogger("stream_cl.checkpoint")
 FORMAT_VERSION = 1
 """Version of the payload layout; a checkpoint of another version is refused, never guessed at."""
 
-_NAME = re.compile(r"^ckpt-(\d{10})-([0-9a-f]{16})\.pt$")
+# ASCII digits only (``\d`` takes any script's); 10 of them, or more without a leading zero from id 10**10 on,
+# so one id has one name
+_NAME = re.compile(r"ckpt-(0[0-9]{9}|[1-9][0-9]{9,})-([0-9a-f]{16})\.pt")
+
+_LOCK = ".lock"
 
 
 class CheckpointError(StreamClError):
     """A checkpoint that cannot be used: missing, truncated, corrupted or of another format."""
+
+
+class CheckpointDirInUseError(CheckpointError):
+    """Another process (a running service, a ``checkpoint restore``) writes checkpoints to the directory."""
+
+
+Types = type | tuple[type, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Top-level keys a payload must (``required``) or may (``optional``) have, and the types of their values."""
+
+    required: Mapping[str, Types]
+    optional: Mapping[str, Types] = field(default_factory=dict)
+
+    def problem(self, payload: Mapping[str, Any]) -> str | None:
+        """What is wrong with ``payload``'s keys (None: nothing)."""
+        missing = sorted(self.required.keys() - payload.keys())
+        if missing:
+            return f"missing {', '.join(map(repr, missing))}"
+        for key, types in (*self.required.items(), *self.optional.items()):
+            if key in payload and not isinstance(payload[key], types):
+                return f"{key!r} is a {type(payload[key]).__name__}"
+        return None
+
+
+_STORE_KEYS = Layout({"format": int, "id": int, "created": (int, float)})
+"""What :meth:`CheckpointStore.write` adds to every payload."""
+
+RUN_LAYOUT = Layout(
+    required={
+        "identity": dict,
+        "input_shape": (list, tuple),
+        "input_dtype": str,
+        "offsets": (list, tuple),
+        "learned_total": int,
+        "learner": dict,
+    },
+    # absent from checkpoints written before they existed; read with defaults
+    optional={"within": (list, tuple), "totals": dict, "probe": (dict, type(None)), "pending": (dict, type(None))},
+)
+"""A run's checkpoint (``stream_cl.checkpointer``): what a restore, ``stream-cl checkpoint`` and an export read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,37 +109,63 @@ class CheckpointStore:
     directory
         Created if missing.
     keep
-        Newest checkpoints kept after each write (>= 1); older ones are deleted.
+        Newest checkpoints that load kept after each write (>= 1); see :meth:`prune`.
     sweep
-        Delete temp files a crash left mid-write. Only the process that writes checkpoints does (at its
-        start): anyone else opening the directory (``stream-cl checkpoint``, an export) could be deleting
-        the checkpoint a running service is writing.
+        This store is the directory's writer: lock the directory (``DIR/.lock``, until :meth:`close` or
+        the store is collected), then delete temp files a crash left mid-write. Only the process that
+        writes checkpoints does (at its start): anyone else opening the directory (``stream-cl
+        checkpoint ls``, an export) needs no lock, and must not sweep: that could delete the checkpoint
+        a running service is writing.
+    layout
+        The keys a payload must have to load (None: any dict).
+
+    Raises
+    ------
+    CheckpointDirInUseError
+        With ``sweep``, if another open store (in this or another process) holds the directory's lock.
 
     Examples
     --------
     >>> import tempfile
-    >>> store = CheckpointStore(tempfile.mkdtemp(), keep=2)
+    >>> store = CheckpointStore(tempfile.mkdtemp(), keep=2, layout=None)
     >>> [store.write({"n": torch.tensor(i)}).id for i in range(3)]
     [1, 2, 3]
     >>> [c.id for c in store.list()], int(store.latest()[1]["n"])
     ([2, 3], 2)
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, sweep: bool = False) -> None:
+    def __init__(
+        self, directory: str | Path, *, keep: int = 3, sweep: bool = False, layout: Layout | None = RUN_LAYOUT
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
+        self.layout = layout
+        self._valid: set[str] = set()  # names of files written or loaded here: files never change, so once is enough
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._unlock: Callable[[], object] = lambda: None
         if sweep:
+            # closing the descriptor releases the lock, also when the store is dropped without close()
+            self._unlock = weakref.finalize(self, os.close, _lock(self.directory))
             for stale in self.directory.glob(".ckpt-*.tmp"):
                 stale.unlink(missing_ok=True)  # left by a crash mid-write; never renamed, so never valid
+
+    def close(self) -> None:
+        """Release the directory's lock (if this store holds it); reading and writing still work."""
+        self._unlock()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def list(self) -> list[CheckpointInfo]:
         """Checkpoints in the directory, oldest first."""
         out = []
         for path in self.directory.iterdir():
-            match = _NAME.match(path.name)
+            match = _NAME.fullmatch(path.name)
             if match:
                 try:
                     stat = path.stat()
@@ -102,7 +181,16 @@ class CheckpointStore:
         raise CheckpointError(f"no checkpoint {checkpoint_id} in {self.directory}")
 
     def write(self, payload: dict[str, Any]) -> CheckpointInfo:
-        """Write ``payload`` (plus ``format``, ``id`` and ``created``) as the next checkpoint, then prune."""
+        """Write ``payload`` (plus ``format``, ``id`` and ``created``) as the next checkpoint, then prune.
+
+        Raises
+        ------
+        CheckpointError
+            If ``payload`` lacks what :attr:`layout` requires (it could never be loaded).
+        """
+        problem = self.layout.problem(payload) if self.layout is not None else None
+        if problem:
+            raise CheckpointError(f"not written: the checkpoint payload is {problem}")
         existing = self.list()
         checkpoint_id = existing[-1].id + 1 if existing else 1
         buffer = io.BytesIO()
@@ -120,7 +208,8 @@ class CheckpointStore:
         finally:
             Path(tmp).unlink(missing_ok=True)  # only still there if writing failed
         _fsync_dir(self.directory)
-        self.prune()
+        self._valid.add(path.name)
+        self.prune()  # best effort: the checkpoint is written whatever happens to older ones
         return CheckpointInfo(checkpoint_id, path, digest, len(data), time.time())
 
     def load(self, info: CheckpointInfo) -> dict[str, Any]:
@@ -129,7 +218,8 @@ class CheckpointStore:
         Raises
         ------
         CheckpointError
-            If the bytes do not match the digest, do not load, or have another format version.
+            If the bytes do not match the digest, do not load, have another format version, or lack a key
+            (or a key's type) that the store or :attr:`layout` requires.
         """
         try:
             data = info.path.read_bytes()
@@ -144,6 +234,11 @@ class CheckpointStore:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
             version = payload.get("format") if isinstance(payload, dict) else None
             raise CheckpointError(f"{info.path.name}: format {version!r}, expected {FORMAT_VERSION}")
+        for layout in (_STORE_KEYS, self.layout):
+            problem = layout.problem(payload) if layout is not None else None
+            if problem:
+                raise CheckpointError(f"{info.path.name}: unexpected layout: {problem}")
+        self._valid.add(info.path.name)
         return payload
 
     def latest(self) -> tuple[CheckpointInfo, dict[str, Any]] | None:
@@ -156,8 +251,58 @@ class CheckpointStore:
         return None
 
     def prune(self) -> None:
-        for info in self.list()[: -self.keep]:
-            info.path.unlink(missing_ok=True)
+        """Delete what a restart can do without: every checkpoint older than the newest ``keep`` that load,
+        and one that does not load once a newer one does (if none loads, nothing is deleted). Best effort:
+        a file that cannot be deleted is logged and left, and the others are still pruned."""
+        newer_valid = 0
+        for info in reversed(self.list()):
+            if newer_valid < self.keep and self._loads(info):
+                newer_valid += 1
+            elif newer_valid:
+                try:
+                    info.path.unlink(missing_ok=True)
+                except OSError as err:  # e.g. a directory named like a checkpoint
+                    log.warning("cannot delete old checkpoint %s: %s", info.path.name, err)
+                else:
+                    self._valid.discard(info.path.name)
+
+    def _loads(self, info: CheckpointInfo) -> bool:
+        if info.path.name in self._valid:
+            return True
+        try:
+            self.load(info)
+        except CheckpointError:
+            return False
+        return True
+
+
+def _lock(directory: Path) -> int:
+    """A descriptor holding ``directory``'s exclusive lock, which names the holder's pid."""
+    path = directory / _LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # no O_TRUNC: the holder's pid stays
+    try:
+        if not _try_lock(fd):
+            gc.collect()  # a store this process dropped without close() holds it until the cycle collector runs
+            if not _try_lock(fd):
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise CheckpointDirInUseError(
+                    f"checkpoint directory {directory} is locked by process {holder}, which writes checkpoints "
+                    "there (one service per checkpoint directory): stop it first, or use another --checkpoint-dir"
+                )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,8 +48,21 @@ class Restored:
         return self.totals.get("learned_total", 0)
 
 
+@dataclass(slots=True)
+class _Write:
+    """A checkpoint write in flight, and what the cadence goes back to if it fails."""
+
+    future: Future
+    records: int  # polled records it holds that no earlier checkpoint does
+    last: float  # the cadence's start before it
+    unsaved_since: float | None  # when the oldest learning it saves first began
+
+
 class Checkpointer:
     """Checkpoints a run every ``every_records`` polled records and every ``every_seconds`` seconds.
+
+    A write that fails leaves the cadence as if it had not been attempted, so the next batch tries again,
+    and ``streamcl_checkpoint_age_seconds`` keeps counting from the oldest learning not yet saved.
 
     Parameters
     ----------
@@ -97,18 +111,24 @@ class Checkpointer:
         """Outcome totals of the model's history before this run (see ``Summary.totals``)."""
         self.version = restored.id if restored else 0
         """Id of the newest checkpoint written (or restored): the model version predictions carry."""
-        self._since = 0
-        self._last = time.monotonic()  # of the last submitted write: the cadence
-        self._unsaved_since: float | None = None  # when the oldest learning no written checkpoint holds began
+        self._since = 0  # polled records no checkpoint written or in flight holds
+        self._last = time.monotonic()  # of the last submitted write that has not failed: the cadence
+        self._unsaved_since: float | None = None  # when the oldest learning no checkpoint written or in flight began
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending: Future | None = None
-        self._pending_unsaved: float | None = None
+        self._write_in_flight: _Write | None = None
+        self._lock = threading.Lock()  # the metric reads what is unsaved from the scrape thread
         if metrics is not None:  # computed at scrape time: it grows while writes fail, and is 0 when all is saved
             metrics.checkpoint_age.set_function(self.unsaved_seconds)
 
     def unsaved_seconds(self) -> float:
         """How long the oldest record learned but not yet in a written checkpoint has waited (0: none)."""
-        return 0.0 if self._unsaved_since is None else time.monotonic() - self._unsaved_since
+        with self._lock:
+            times = [self._unsaved_since]
+            write = self._write_in_flight
+            if write is not None and not _succeeded(write.future):  # failed or still writing: not saved yet
+                times.append(write.unsaved_since)
+        oldest = min((t for t in times if t is not None), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
     def step(self, state: RunState, offsets: Offsets, n_records: int, summary: Summary) -> None:
         """Record a committed batch (its next ``offsets``); checkpoint if one is due."""
@@ -117,6 +137,8 @@ class Checkpointer:
         now = time.monotonic()
         if self._unsaved_since is None:
             self._unsaved_since = now
+        if self._write_in_flight is not None and self._write_in_flight.future.done():
+            self._settle()  # a failed write puts the cadence back, so the check below retries it
         due = (self.every_records is not None and self._since >= self.every_records) or (
             self.every_seconds is not None and now - self._last >= self.every_seconds
         )
@@ -124,10 +146,14 @@ class Checkpointer:
             self._submit(state, summary)
 
     def finish(self, state: RunState, summary: Summary) -> CheckpointInfo | None:
-        """Write a final checkpoint if anything was processed since the last one; wait for it."""
+        """Write a final checkpoint if anything was processed since the last one written; wait for it.
+
+        Raises the final write's error (what an earlier failed write held is in the final one too).
+        """
+        info = self._settle()
         if state.learner is not None and self._since:
             self._submit(state, summary)
-        info = self._wait()
+            info = self._wait()
         self._pool.shutdown()
         return info
 
@@ -146,13 +172,11 @@ class Checkpointer:
             "probe": None if self.probe is None else _snapshot(self.probe.state_dict()),
             "pending": None if self.pending is None else _snapshot(self.pending.state_dict()),
         }
-        try:
-            self._wait()  # at most one write in flight: back-pressure instead of a growing queue
-        except Exception:
-            log.exception("checkpoint write failed; the next one will be attempted")
-        self._since, self._last = 0, time.monotonic()
-        self._pending_unsaved, self._unsaved_since = self._unsaved_since, None
-        self._pending = self._pool.submit(self._write, payload)
+        self._settle()  # at most one write in flight: back-pressure instead of a growing queue
+        future = self._pool.submit(self._write, payload)
+        with self._lock:
+            self._write_in_flight = _Write(future, self._since, self._last, self._unsaved_since)
+            self._since, self._last, self._unsaved_since = 0, time.monotonic(), None
 
     def _write(self, payload: dict[str, Any]) -> CheckpointInfo:
         info = self.store.write(payload)
@@ -160,17 +184,32 @@ class Checkpointer:
             self.pending.saved(payload["pending"])
         return info
 
+    def _settle(self) -> CheckpointInfo | None:
+        """:meth:`_wait`, logging a failed write instead of raising (the next due check retries it)."""
+        try:
+            return self._wait()
+        except Exception:
+            log.exception("checkpoint write failed; the next batch will try again")
+            return None
+
     def _wait(self) -> CheckpointInfo | None:
-        pending, self._pending = self._pending, None
-        if pending is None:
+        """The outcome of the write in flight, once it is done; a failed one raises, its records, time and
+        learning back in the cadence as if it had not been attempted."""
+        write = self._write_in_flight
+        if write is None:
             return None
         try:
-            info = pending.result()
+            info = write.future.result()
         except Exception:
-            # what that checkpoint would have saved is still unsaved, since its own time
-            waiting = [t for t in (self._pending_unsaved, self._unsaved_since) if t is not None]
-            self._unsaved_since = min(waiting, default=None)
+            with self._lock:
+                self._since += write.records
+                self._last = write.last
+                waiting = [t for t in (write.unsaved_since, self._unsaved_since) if t is not None]
+                self._unsaved_since = min(waiting, default=None)
+                self._write_in_flight = None
             raise
+        with self._lock:
+            self._write_in_flight = None
         self.version = info.id
         log.info("checkpoint %d written (%d bytes)", info.id, info.size)
         return info
@@ -212,6 +251,10 @@ def restore(
     totals = {k: int(v) for k, v in (payload.get("totals") or {"learned_total": payload["learned_total"]}).items()}
     log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, totals["learned_total"], offsets)
     return RunState(learner, shape, dtype), Restored(info.id, offsets, totals, payload.get("pending"))
+
+
+def _succeeded(future: Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _snapshot(value: Any) -> Any:

@@ -7,15 +7,22 @@ or groups it by section (``checkpoint: {dir: ...}``, ``learner: {seed: 1}``). :f
 environment < flags and coerces every value by its field's type, so a value means the same
 whichever layer gave it. Unknown names in a file and bad values fail at load time with
 :class:`ConfigError`, naming the layer; unknown ``STREAMCL_*`` variables are only warned about
-(orchestrators inject variables of their own into that namespace).
+(orchestrators inject variables of their own into that namespace). A string setting takes only a
+string (a file's ``off`` or list is an error, not ``'False'``); an empty string unsets an optional
+setting and is an error for a required one (``drift`` excepted: no detectors). Numbers must be
+finite, durations at most :data:`MAX_SECONDS`.
 
-This module imports neither torch nor the methods: ``stream-cl --help`` stays fast.
+This module imports neither torch nor the methods until a config names a device or a method to
+check: ``stream-cl --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import threading
 import tomllib
 import types
 import typing
@@ -82,9 +89,11 @@ def setting(
     check: Callable[[Any], str | None] | None = None,
     choices: Iterable[str] | Choices | None = None,
     metavar: str | None = None,
+    empty_ok: bool = False,
 ) -> Any:
-    """A config field: ``flat`` overrides the section's flat name, ``check`` returns a complaint or None."""
-    meta = {"help": help, "flat": flat, "check": check, "choices": choices, "metavar": metavar}
+    """A config field: ``flat`` overrides the section's flat name, ``check`` returns a complaint or None,
+    ``empty_ok`` lets a required string setting be empty (it means "none" there, not "unset")."""
+    meta = {"help": help, "flat": flat, "check": check, "choices": choices, "metavar": metavar, "empty_ok": empty_ok}
     if isinstance(default, list | dict):
         raise TypeError("use a tuple for a sequence default")
     return field(default=default, metadata=meta)
@@ -100,6 +109,36 @@ def non_negative(value: float | None) -> str | None:
 
 def fraction(value: float) -> str | None:
     return None if 0.0 <= value < 1.0 else f"must be in [0, 1), got {value}"
+
+
+def share(value: float) -> str | None:
+    return None if 0.0 < value <= 1.0 else f"must be in (0, 1], got {value}"
+
+
+MAX_SECONDS = min(10 * 365 * 86400, threading.TIMEOUT_MAX)
+"""Longest duration setting: ten years (less where the platform's thread timeout is shorter), since a drain
+timeout above ``threading.TIMEOUT_MAX`` makes the drain's watchdog raise instead of waiting."""
+
+
+def duration(value: float | None) -> str | None:
+    if value is None or 0 < value <= MAX_SECONDS:
+        return None
+    return f"must be > 0 and at most {MAX_SECONDS:.0f} seconds, got {value}"
+
+
+MAX_BUFFER_SIZE = 100_000_000
+"""Most replay samples: the memory buffer allocates every slot when the first record arrives (long after a
+service reported ready), so a mistyped size fails at start rather than as an allocation error then."""
+
+
+def buffer_size(value: int) -> str | None:
+    return None if 0 < value <= MAX_BUFFER_SIZE else f"must be > 0 and at most {MAX_BUFFER_SIZE:,}, got {value}"
+
+
+def finite_hparams(pairs: tuple[tuple[str, Any], ...]) -> str | None:
+    """No hyper-parameter takes NaN or an infinity; the methods check ranges when the learner is built."""
+    bad = [f"{key}={value}" for key, value in pairs if isinstance(value, float) and not math.isfinite(value)]
+    return f"must be finite numbers, got {', '.join(bad)}" if bad else None
 
 
 def parse_hparam(text: str) -> tuple[str, bool | int | float | str | None]:
@@ -132,7 +171,10 @@ class LearnerConfig:
     model: str = setting("mlp", "backbone", choices=Choices(_models))
     width: int | None = setting(None, "MLP hidden size or ResNet nf override", check=positive)
     hparam: tuple[tuple[str, Any], ...] = setting(
-        (), "method hyper-parameter KEY=VALUE, repeatable (e.g. --hparam rotations=4)", metavar="KEY=VALUE"
+        (),
+        "method hyper-parameter KEY=VALUE, repeatable (e.g. --hparam rotations=4)",
+        check=finite_hparams,
+        metavar="KEY=VALUE",
     )
     seed: int = setting(0, "random seed", check=non_negative)
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
@@ -149,6 +191,13 @@ class LearnerConfig:
         kind = self.device.split(":", 1)[0]
         if kind not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if kind != "auto":
+            import torch  # here, not at the top: a config with the default device does not load torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:  # "cpu:x", "cuda:abc", "cuda:-1"
+                raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}") from None
 
 
 @dataclass(frozen=True)
@@ -166,7 +215,9 @@ class BufferConfig:
         flat="buffer_policy",
         choices=Choices(_buffer_policies),
     )
-    size: int = setting(500, "replay buffer capacity", flat="buffer_size", check=positive)
+    size: int = setting(
+        500, f"replay buffer capacity (at most {MAX_BUFFER_SIZE:,})", flat="buffer_size", check=buffer_size
+    )
 
 
 @dataclass(frozen=True)
@@ -183,7 +234,7 @@ class SourceConfig:
         None,
         "stop once no record arrived for this long, counted from the first partition assignment "
         "(default: a Kafka source runs until stopped)",
-        check=positive,
+        check=duration,
         metavar="SECONDS",
     )
     prefetch: int = setting(
@@ -269,6 +320,7 @@ class MetricsConfig:
         DEFAULT_DRIFT,
         "drift detectors as detector:signal[:name=value...], comma-separated; detectors adwin, page-hinkley, "
         "kswin; signals error, loss, uncertainty",
+        empty_ok=True,  # no detectors, as --no-drift
     )
     no_drift: bool = setting(False, "run no drift detectors")
     max_class_series: int = setting(
@@ -296,7 +348,7 @@ class CheckpointConfig:
 
     dir: str | None = setting(None, "checkpoint directory (none: no checkpoints)")
     every_records: int | None = setting(None, "checkpoint every this many records", check=positive)
-    every_seconds: float | None = setting(60.0, "checkpoint every this many seconds", check=positive)
+    every_seconds: float | None = setting(60.0, "checkpoint every this many seconds", check=duration)
     keep: int = setting(3, "checkpoints kept", check=positive)
 
     def __post_init__(self) -> None:
@@ -326,7 +378,7 @@ class OverloadConfig:
         None, "lag at or below which the policy stops again (default: half of --max-lag)", check=non_negative
     )
     fraction: float = setting(
-        0.5, "share learned under --overload-policy subsample", flat="subsample_fraction", check=positive
+        0.5, "share learned under --overload-policy subsample", flat="subsample_fraction", check=share
     )
 
     def __post_init__(self) -> None:
@@ -340,7 +392,7 @@ class OverloadConfig:
 class ServiceConfig:
     """What only a long-running service needs besides checkpoints."""
 
-    drain_timeout: float = setting(30.0, "seconds a SIGTERM drain may take", flat="drain_timeout", check=positive)
+    drain_timeout: float = setting(30.0, "seconds a SIGTERM drain may take", flat="drain_timeout", check=duration)
     workers: int = setting(
         1,
         "local workers learning one model together (torch's elastic launcher)",
@@ -384,7 +436,7 @@ class LabelsConfig:
         86400.0,
         "longest event-time gap between a sample and its label, either order",
         flat="label_ttl_seconds",
-        check=positive,
+        check=duration,
     )
     pending_max: int = setting(
         100_000,
@@ -507,9 +559,11 @@ def coerce(f: Field, value: Any, where: str) -> Any:
             if isinstance(value, bool) or (kind is int and isinstance(value, float)):
                 raise ValueError(f"expected {kind.__name__}, got {value!r}")
             out = kind(value) if isinstance(value, int | float) else kind(str(value).strip())
+            if kind is float and not math.isfinite(out):
+                raise ValueError(f"must be a finite number, got {value!r}")
         else:
-            out = str(value)
-    except ValueError as err:
+            out = _string(value, empty_ok=f.metadata["empty_ok"])
+    except (ValueError, OverflowError) as err:  # OverflowError: a file's integer too large for a float
         raise ConfigError(f"{where}: {err}") from None
     choices = f.metadata["choices"]
     if choices is not None and out not in choices:
@@ -548,6 +602,20 @@ def _pairs(value: Any) -> tuple[tuple[str, Any], ...]:
         else:
             out.append(parse_hparam(str(item)))
     return tuple(out)
+
+
+def _string(value: Any, *, empty_ok: bool) -> str:
+    """A string setting takes only a string (or a path, from Python): ``str()`` would turn a file's ``off`` into a
+    directory named ``False`` and a list into its repr. Empty means unset where the setting is optional (handled
+    before this), and is refused where it is required unless ``empty_ok`` (an empty bind address would listen on
+    every interface, an empty consumer group is no group)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+    if not value.strip() and not empty_ok:
+        raise ValueError("must not be empty")
+    return value
 
 
 def _boolean(text: str) -> bool:

@@ -9,11 +9,21 @@ store holding more than ``max_pending`` entries of a kind gives up its oldest (t
 while its entries of a kind hold more than ``max_bytes``: large messages must not take the process's
 memory); a repeated id replaces the entry that waited (the older sample expires, the older label is
 unmatched).
+
+A clock is the newest timestamp of its topic no later than the wall clock plus ``max_clock_skew_s``: a
+later one (a producer's clock far ahead, a corrupt timestamp), NaN or infinity would otherwise expire
+everything that waits and every later arrival, for good (the clocks are checkpointed). Such an entry
+still waits and joins; it expires as if stamped with its topic's clock when it came, or the wall clock
+before the topic has one (not with the bound: expiry goes oldest entry first, so an entry stamped a day
+ahead would hold every later one back).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +40,9 @@ UNMATCHED = "label_unmatched"
 
 REPLACED = "a newer label for the same id arrived"
 EVICTED = "evicted: too many labels waiting"
+
+MAX_CLOCK_SKEW_S = 86_400.0
+"""How far past the wall clock a timestamp may be and still move a store's event-time clock, by default."""
 
 
 def no_features(label_id: str) -> str:
@@ -82,6 +95,36 @@ class PendingStore(Protocol):
     def close(self) -> None: ...
 
 
+def wall_clock(max_clock_skew_s: float) -> tuple[float, float]:
+    """The wall clock now, and the latest event time a clock may take now."""
+    now = time.time()
+    return now, now + max_clock_skew_s
+
+
+def expires_from(timestamp: float, clock: float, now: float, limit: float) -> float:
+    """The event time an entry's TTL counts from: its timestamp or, if that is past ``limit`` or NaN, its
+    topic's ``clock`` (``now`` if it has none yet)."""
+    if timestamp <= limit:
+        return timestamp
+    return clock if clock > float("-inf") else now
+
+
+def advanced(clock: float, timestamps: Iterable[float], limit: float) -> float:
+    """A topic's clock after ``timestamps``: the newest of them up to ``limit``; a later one, NaN or infinity
+    leaves it where it was."""
+    return max(clock, max((t for t in timestamps if t <= limit), default=clock))
+
+
+def restored_clock(clock: float, limit: float) -> float:
+    """A checkpointed clock, or none (-inf) if it is past ``limit`` (saved before clocks were bounded)."""
+    return clock if clock <= limit else float("-inf")
+
+
+def check_clock_skew(max_clock_skew_s: float) -> None:
+    if not (max_clock_skew_s > 0 and math.isfinite(max_clock_skew_s)):
+        raise ValueError(f"max_clock_skew_s must be a finite number > 0, got {max_clock_skew_s}")
+
+
 def pending_counts(state: dict[str, Any]) -> tuple[int, int]:
     """Samples and labels waiting in a checkpoint's pending state, whichever store wrote it."""
     if state.get("store") == "redis":
@@ -93,6 +136,13 @@ def pending_counts(state: dict[str, Any]) -> tuple[int, int]:
 class _Pending:
     record: Record
     predicted: np.ndarray
+    at: float  # the event time its TTL counts from (see expires_from)
+
+
+@dataclass(slots=True)
+class _Waiting:
+    label: LabelRecord
+    at: float
 
 
 class MemoryPending:
@@ -100,21 +150,32 @@ class MemoryPending:
 
     ``max_bytes`` bounds the memory each store's entries hold (arrays and the raw messages kept for dead
     letters, :func:`consumers.record.held_bytes`); None: only ``max_pending`` bounds them.
+    ``max_clock_skew_s``: how far past the wall clock a timestamp may move the clocks (see the module docstring).
     """
 
     healthy = True
 
-    def __init__(self, *, ttl_s: float, max_pending: int, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ttl_s: float,
+        max_pending: int,
+        max_bytes: int | None = None,
+        max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
+    ) -> None:
         if ttl_s <= 0 or max_pending <= 0 or (max_bytes is not None and max_bytes <= 0):
             raise ValueError(f"ttl_s, max_pending and max_bytes must be > 0, got {ttl_s}, {max_pending}, {max_bytes}")
+        check_clock_skew(max_clock_skew_s)
         self.ttl_s, self.max_pending, self.max_bytes = ttl_s, max_pending, max_bytes
+        self.max_clock_skew_s = max_clock_skew_s
         self.pending: OrderedDict[str, _Pending] = OrderedDict()
-        self.waiting: OrderedDict[str, LabelRecord] = OrderedDict()
+        self.waiting: OrderedDict[str, _Waiting] = OrderedDict()
         self.pending_bytes = self.waiting_bytes = 0
         self.feature_time = self.label_time = float("-inf")  # newest event time seen on each topic
 
     def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled:
         settled = Settled()
+        now, limit = wall_clock(self.max_clock_skew_s)
         for record, classes in zip(records, predicted, strict=True):
             label = self._take_waiting(record.id)
             if label is not None:
@@ -123,17 +184,20 @@ class MemoryPending:
                 old = self._take_pending(record.id)
                 if old is not None:
                     settled.expired.append(old.record)
-                self.pending[record.id] = _Pending(record, classes)
+                at = expires_from(record.timestamp, self.feature_time, now, limit)
+                self.pending[record.id] = _Pending(record, classes, at)
                 self.pending_bytes += held_bytes(record)
                 while len(self.pending) > self.max_pending or self._over(self.pending_bytes):
                     settled.expired.append(self._take_oldest_pending().record)
-            self.feature_time = max(self.feature_time, record.timestamp)
+            if record.timestamp <= limit:
+                self.feature_time = max(self.feature_time, record.timestamp)
             self._expire_labels(settled)
             self._expire_pending(settled)
         return settled
 
     def label(self, labels: list[LabelRecord]) -> Settled:
         settled = Settled()
+        now, limit = wall_clock(self.max_clock_skew_s)
         for label in labels:
             found = self._take_pending(label.id)
             if found is not None:
@@ -142,12 +206,14 @@ class MemoryPending:
                 older = self._take_waiting(label.id)
                 if older is not None:
                     settled.unmatched.append(DeadLetter(older.message, UNMATCHED, REPLACED))
-                self.waiting[label.id] = label
+                at = expires_from(label.timestamp, self.label_time, now, limit)
+                self.waiting[label.id] = _Waiting(label, at)
                 self.waiting_bytes += held_bytes(label)
                 while len(self.waiting) > self.max_pending or self._over(self.waiting_bytes):
                     evicted = self._take_oldest_waiting()
                     settled.unmatched.append(DeadLetter(evicted.message, UNMATCHED, EVICTED))
-            self.label_time = max(self.label_time, label.timestamp)
+            if label.timestamp <= limit:
+                self.label_time = max(self.label_time, label.timestamp)
             self._expire_pending(settled)
         return settled
 
@@ -167,12 +233,13 @@ class MemoryPending:
 
     def _take_waiting(self, label_id: str) -> LabelRecord | None:
         found = self.waiting.pop(label_id, None)
-        if found is not None:
-            self.waiting_bytes -= held_bytes(found)
-        return found
+        if found is None:
+            return None
+        self.waiting_bytes -= held_bytes(found.label)
+        return found.label
 
     def _take_oldest_waiting(self) -> LabelRecord:
-        oldest = self.waiting.popitem(last=False)[1]
+        oldest = self.waiting.popitem(last=False)[1].label
         self.waiting_bytes -= held_bytes(oldest)
         return oldest
 
@@ -200,7 +267,8 @@ class MemoryPending:
                 for p in self.pending.values()
             ],
             "waiting": [
-                {"id": w.id, "label": list(w.label), "message": message_state(w.message)} for w in self.waiting.values()
+                {"id": w.label.id, "label": list(w.label.label), "message": message_state(w.label.message)}
+                for w in self.waiting.values()
             ],
         }
 
@@ -216,16 +284,20 @@ class MemoryPending:
                 "the checkpoint's pending samples are in Redis; resume with --pending and the Redis URL it was "
                 "written with"
             )
-        self.feature_time, self.label_time = float(state["feature_time"]), float(state["label_time"])
+        now, limit = wall_clock(self.max_clock_skew_s)
+        self.feature_time = restored_clock(float(state["feature_time"]), limit)
+        self.label_time = restored_clock(float(state["label_time"]), limit)
         for entry in state["pending"]:
             message = message_from_state(entry["message"])
             record = Record(entry["id"], entry["x"].numpy(), None, message.position, message.timestamp, message)
-            self.pending[record.id] = _Pending(record, entry["predicted"].numpy())
+            predicted = entry["predicted"].numpy()
+            at = expires_from(record.timestamp, self.feature_time, now, limit)
+            self.pending[record.id] = _Pending(record, predicted, at)
             self.pending_bytes += held_bytes(record)
         for entry in state["waiting"]:
             message = message_from_state(entry["message"])
             label = LabelRecord(entry["id"], tuple(entry["label"]), message.position, message.timestamp, message)
-            self.waiting[label.id] = label
+            self.waiting[label.id] = _Waiting(label, expires_from(label.timestamp, self.label_time, now, limit))
             self.waiting_bytes += held_bytes(label)
 
     def saved(self, state: dict[str, Any]) -> None:
@@ -237,16 +309,15 @@ class MemoryPending:
     def _expire_pending(self, settled: Settled) -> None:
         while self.pending:
             oldest = next(iter(self.pending.values()))
-            if oldest.record.timestamp + self.ttl_s >= self.label_time:
+            if oldest.at + self.ttl_s >= self.label_time:
                 return
             settled.expired.append(self._take_oldest_pending().record)
 
     def _expire_labels(self, settled: Settled) -> None:
         while self.waiting:
-            oldest = next(iter(self.waiting.values()))
-            if oldest.timestamp + self.ttl_s >= self.feature_time:
+            if next(iter(self.waiting.values())).at + self.ttl_s >= self.feature_time:
                 return
-            self._take_oldest_waiting()
+            oldest = self._take_oldest_waiting()
             settled.unmatched.append(DeadLetter(oldest.message, UNMATCHED, no_features(oldest.id)))
 
 

@@ -3,11 +3,12 @@ with the checkpoints.
 
 Keys live under ``streamcl:pending:{GROUP}:`` (one prefix per consumer group, so two services never
 share entries): for samples (``s:``) and labels (``l:``) each, ``order`` (a sorted set, id -> insertion
-number: oldest first), ``data`` (id -> entry) and ``ts`` (id -> event time); ``meta`` (counters, the
-journal's generations, the event-time clocks); ``undo:G`` (the journal of generation G); ``reply`` (the
-last call's answer). An entry is raw bytes behind a JSON header (never pickle): a sample's tensor
-bytes with dtype and shape, its predicted classes, and the message it came in (value, key, headers,
-position, timestamp) so a dead letter still carries it byte for byte; a label's path and message.
+number: oldest first), ``data`` (id -> entry) and ``ts`` (id -> the event time its TTL counts from);
+``meta`` (counters, the journal's generations, the event-time clocks); ``undo:G`` (the journal of
+generation G); ``reply`` (the last call's answer). An entry is raw bytes behind a JSON header (never
+pickle): a sample's tensor bytes with dtype and shape, its predicted classes, and the message it came
+in (value, key, headers, position, timestamp) so a dead letter still carries it byte for byte; a
+label's path and message.
 Every batch of feature records or label messages is one Lua script call: joins, replacements,
 evictions and expiries of the batch change together or not at all. The scripts name keys they
 compute from the prefix, so they need a single Redis server (or primary), not Redis Cluster.
@@ -21,8 +22,9 @@ records G and both stores' sizes) and later changes go to G + 1. A change's undo
 added entry: its id; for a removed one: the whole entry) goes to ``undo:G`` in the same script call
 as the change. A restart from the checkpoint of generation G replays ``undo:`` of every newer
 generation backwards, newest first, in one script call, then checks both stores' sizes against the
-checkpoint's. Once a checkpoint of G is written, the journals up to G - 1 are dropped (the one of G
-stays, so the previous checkpoint can still be restored if the newest one turns out unreadable).
+checkpoint's. Once a checkpoint of G is written, the journals up to the generation of the previous
+checkpoint written are dropped (newer ones stay, so that checkpoint can still be restored if the newest
+one turns out unreadable; a checkpoint whose write failed does not count).
 A restart with a checkpoint directory but no checkpoint rolls back to generation 0 (empty). A store
 that cannot be brought back to a checkpoint (its journal already dropped, or Redis lost its data:
 run Redis with ``appendonly yes`` and ``appendfsync always``) is an error at start, never a silent
@@ -57,7 +59,19 @@ from consumers.label_wire import LabelRecord
 from consumers.record import DeadLetter, Message, Position, Record
 from consumers.urls import mask_url
 from consumers.wire import sample_message
-from stream_cl.pending import EVICTED, REPLACED, UNMATCHED, PendingStateError, Settled, no_features
+from stream_cl.pending import (
+    EVICTED,
+    MAX_CLOCK_SKEW_S,
+    REPLACED,
+    UNMATCHED,
+    PendingStateError,
+    Settled,
+    advanced,
+    check_clock_skew,
+    no_features,
+    restored_clock,
+    wall_clock,
+)
 
 log = logging.getLogger("stream_cl.pending")
 
@@ -68,6 +82,8 @@ _COMMON = """
 local p, op, prev, gen = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local ttl, max = tonumber(ARGV[5]), tonumber(ARGV[6])
 local ftime, ltime = tonumber(ARGV[7]), tonumber(ARGV[8])
+local ftext, ltext = ARGV[7], ARGV[8]  -- the clocks as sent: a Lua number turned into text loses digits
+local limit = tonumber(ARGV[11])  -- the latest event time a clock may take (ARGV[12]: the wall clock)
 local meta = p .. 'meta'
 local last = redis.call('HGET', meta, 'op') or '0'
 if last == op then  -- a retry of a call that ran: its reply, not a second run
@@ -96,6 +112,14 @@ local function remove(k, id)
   redis.call('HDEL', k .. 'ts', id)
   if gen > 0 then redis.call('RPUSH', undo, 'r', k, id, seq, ts, blob) end
   return blob
+end
+-- the event time the TTL of the entry stamped ARGV[i] counts from, as text: its timestamp or, if that is past
+-- the limit or NaN, its topic's clock (ARGV[12], the wall clock, if it has none yet); -inf waits for the other
+-- topic's first time, as in the memory store
+local function expires_from(i, clock, text)
+  local t = tonumber(ARGV[i])
+  if t <= limit then return t < -1e308 and '-1e308' or ARGV[i] end
+  return clock > -1e308 and text or ARGV[12]
 end
 local function oldest(k)
   local first = redis.call('ZRANGE', k .. 'order', 0, 0)
@@ -130,20 +154,20 @@ end
 ARRIVE = (
     _COMMON
     + """
--- ARGV[11..]: id, event time, entry of each predicted sample, in arrival order
-for i = 11, #ARGV, 3 do
-  local id, ts = ARGV[i], ARGV[i + 1]
+-- ARGV[13..]: id, event time, entry of each predicted sample, in arrival order
+for i = 13, #ARGV, 3 do
+  local id, ts = ARGV[i], tonumber(ARGV[i + 1])
   local label = remove(L, id)
   if label then
-    emit('j', (i - 11) / 3, label)
+    emit('j', (i - 13) / 3, label)
   else
     local older = remove(S, id)
     if older then emit('e', older, '') end
-    add(S, id, ts, ARGV[i + 2])
+    add(S, id, expires_from(i + 1, ftime, ftext), ARGV[i + 2])
     local evicted = evict(S)
     if evicted then emit('e', evicted, '') end
   end
-  ftime = math.max(ftime, tonumber(ts))
+  if ts <= limit and ts > ftime then ftime, ftext = ts, ARGV[i + 1] end
   expire(L, ftime, 'u', 'ttl')
   expire(S, ltime, 'e', '')
 end
@@ -158,20 +182,20 @@ entry), ``e`` (a: an expired sample's entry), ``u`` (a: an unmatched label's ent
 LABEL = (
     _COMMON
     + """
--- ARGV[11..]: id, event time, entry of each label, in arrival order
-for i = 11, #ARGV, 3 do
-  local id, ts = ARGV[i], ARGV[i + 1]
+-- ARGV[13..]: id, event time, entry of each label, in arrival order
+for i = 13, #ARGV, 3 do
+  local id, ts = ARGV[i], tonumber(ARGV[i + 1])
   local sample = remove(S, id)
   if sample then
-    emit('j', sample, (i - 11) / 3)
+    emit('j', sample, (i - 13) / 3)
   else
     local older = remove(L, id)
     if older then emit('u', older, 'replaced') end
-    add(L, id, ts, ARGV[i + 2])
+    add(L, id, expires_from(i + 1, ltime, ltext), ARGV[i + 2])
     local evicted = evict(L)
     if evicted then emit('u', evicted, 'evicted') end
   end
-  ltime = math.max(ltime, tonumber(ts))
+  if ts <= limit and ts > ltime then ltime, ltext = ts, ARGV[i + 1] end
   expire(S, ltime, 'e', '')
 end
 return finish()
@@ -236,7 +260,7 @@ class RedisPending:
         A ``redis.Redis`` with ``decode_responses=False``.
     group
         The consumer group: the keys live under ``streamcl:pending:{GROUP}:``.
-    ttl_s, max_pending
+    ttl_s, max_pending, max_clock_skew_s
         As for :class:`stream_cl.pending.MemoryPending`.
     journal
         Keep the journal a restore from a checkpoint needs (the run checkpoints).
@@ -250,18 +274,22 @@ class RedisPending:
         ttl_s: float,
         max_pending: int,
         journal: bool,
+        max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
         retry_min_s: float = 0.1,
         retry_max_s: float = 5.0,
         rollback_chunk: int = 1000,
     ) -> None:
         if ttl_s <= 0 or max_pending <= 0:
             raise ValueError(f"ttl_s and max_pending must be > 0, got {ttl_s} and {max_pending}")
+        check_clock_skew(max_clock_skew_s)
         self.client, self.ttl_s, self.max_pending, self.journal = client, ttl_s, max_pending, journal
+        self.max_clock_skew_s = max_clock_skew_s
         self.prefix = f"streamcl:pending:{{{group}}}:"
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
         self.rollback_chunk = rollback_chunk  # journal changes read per LRANGE during a restore
         self.healthy = True
         self.gen = 1 if journal else 0
+        self.saved_gen = 0  # of the newest checkpoint written (or restored): the one a restore falls back to
         self.feature_time = self.label_time = float("-inf")
         self._arrive, self._label = client.register_script(ARRIVE), client.register_script(LABEL)
         self._rollback, self._forget = client.register_script(ROLLBACK), client.register_script(FORGET)
@@ -274,8 +302,9 @@ class RedisPending:
         args = []
         for record, classes in zip(records, predicted, strict=True):
             args += [record.id, repr(float(record.timestamp)), _sample_entry(record, classes)]
-        clock = max(self.feature_time, max(r.timestamp for r in records))
-        reply = self._call(self._arrive, args, feature_time=clock, label_time=self.label_time)
+        now, limit = wall_clock(self.max_clock_skew_s)
+        clock = advanced(self.feature_time, (r.timestamp for r in records), limit)
+        reply = self._call(self._arrive, args, feature_time=clock, label_time=self.label_time, now=now, limit=limit)
         self.feature_time = clock
         settled = Settled()
         for kind, a, b in _events(reply):
@@ -292,8 +321,9 @@ class RedisPending:
         args = []
         for label in labels:
             args += [label.id, repr(float(label.timestamp)), _label_entry(label)]
-        clock = max(self.label_time, max(label.timestamp for label in labels))
-        reply = self._call(self._label, args, feature_time=self.feature_time, label_time=clock)
+        now, limit = wall_clock(self.max_clock_skew_s)
+        clock = advanced(self.label_time, (label.timestamp for label in labels), limit)
+        reply = self._call(self._label, args, feature_time=self.feature_time, label_time=clock, now=now, limit=limit)
         self.label_time = clock
         settled = Settled()
         for kind, a, b in _events(reply):
@@ -338,8 +368,9 @@ class RedisPending:
             top = int(self.client.hget(meta, "top") or 0)
             self._forget(args=[self.prefix, top])  # journals of an earlier checkpointed run are of no use now
             ft, lt = self.client.hmget(meta, ["ft", "lt"])
-            self.feature_time = float(ft) if ft else float("-inf")
-            self.label_time = float(lt) if lt else float("-inf")
+            _, limit = wall_clock(self.max_clock_skew_s)
+            self.feature_time = restored_clock(float(ft), limit) if ft else float("-inf")
+            self.label_time = restored_clock(float(lt), limit) if lt else float("-inf")
             self._sizes = (self.client.zcard(self.prefix + "s:order"), self.client.zcard(self.prefix + "l:order"))
             return
         if state is not None and state.get("store") != "redis":
@@ -367,28 +398,35 @@ class RedisPending:
                 f"appendfsync always) or the keys belong to another run (delete {self.prefix}* or use another --group)"
             )
         self._sizes = expected
-        self.gen = gen + 1
+        self.gen, self.saved_gen = gen + 1, gen
         if state is not None:
-            self.feature_time, self.label_time = float(state["feature_time"]), float(state["label_time"])
+            _, limit = wall_clock(self.max_clock_skew_s)
+            self.feature_time = restored_clock(float(state["feature_time"]), limit)
+            self.label_time = restored_clock(float(state["label_time"]), limit)
 
     def saved(self, state: dict[str, Any]) -> None:
-        """The checkpoint of ``state``'s generation is written: drop the journals no restore needs now."""
+        """The checkpoint of ``state``'s generation is written: drop the journals that neither it nor the previous
+        checkpoint written needs (generations in between belong to writes that failed)."""
         if not self.journal:
             return
+        previous, self.saved_gen = self.saved_gen, int(state["generation"])
         try:
-            self._forget(args=[self.prefix, int(state["generation"]) - 1])
+            self._forget(args=[self.prefix, previous])
         except redis.RedisError as error:  # the next checkpoint drops them instead
             log.warning("could not drop the pending store's old journal: %s", error)
 
     def close(self) -> None:
         self.client.close()
 
-    def _call(self, script: Any, args: list, *, feature_time: float, label_time: float) -> list:
+    def _call(
+        self, script: Any, args: list, *, feature_time: float, label_time: float, now: float, limit: float
+    ) -> list:
         """One script call, retried with back-off while Redis cannot be reached (the same operation number:
         a call that ran returns its stored reply)."""
         op = self.op + 1
         head = [self.prefix, op, self.op, self.gen, repr(self.ttl_s), self.max_pending]
         head += [_clock(self.feature_time), _clock(self.label_time), _clock(feature_time), _clock(label_time)]
+        head += [repr(limit), repr(now)]
         wait = self.retry_min_s
         while True:
             try:
@@ -423,7 +461,15 @@ class RedisPending:
         settled.unmatched.append(DeadLetter(label.message, UNMATCHED, detail))
 
 
-def open_redis_pending(url: str, *, group: str, ttl_s: float, max_pending: int, journal: bool) -> RedisPending:
+def open_redis_pending(
+    url: str,
+    *,
+    group: str,
+    ttl_s: float,
+    max_pending: int,
+    journal: bool,
+    max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
+) -> RedisPending:
     """A :class:`RedisPending` at ``url`` (``redis[s]://[user:pass@]HOST:PORT/DB``); a Redis that cannot be
     reached or refuses the credentials is a ``ConnectionError`` naming the URL with its password masked."""
     client = redis_client(url)
@@ -433,7 +479,9 @@ def open_redis_pending(url: str, *, group: str, ttl_s: float, max_pending: int, 
         client.close()
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ConnectionError(f"cannot reach the Redis pending store at {mask_url(url)}: {reason}") from None
-    return RedisPending(client, group=group, ttl_s=ttl_s, max_pending=max_pending, journal=journal)
+    return RedisPending(
+        client, group=group, ttl_s=ttl_s, max_pending=max_pending, journal=journal, max_clock_skew_s=max_clock_skew_s
+    )
 
 
 def _clock(t: float) -> str:

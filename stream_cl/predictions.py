@@ -3,7 +3,8 @@
 A prediction record is ``{"id", "predicted": [class per level], "confidence": [per level],
 "model_version": checkpoint id, "latency_ms": poll-to-publish time, "learned": bool,
 "topic", "partition", "offset"}``. ``predicted`` is the label path from the coarsest level to the
-finest level that has classes; ``model_version`` is the id of the newest checkpoint written (or
+finest level that has classes; a confidence that is not finite (a model that overflowed) is ``null``,
+since NaN and infinity are not JSON; ``model_version`` is the id of the newest checkpoint written (or
 restored) when the prediction was made, 0 before the first one.
 
 An output that fails never stops the learner: a record the output refuses or never acknowledges is lost
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import threading
 import time
 from collections import Counter
@@ -40,6 +43,8 @@ MAX_BLOCK_MS = 1000
 """Longest a Kafka ``send`` blocks the learner for topic metadata or buffer space (kafka-python's default: 60 s)."""
 CLOSE_TIMEOUT_S = 5.0
 """Longest closing the Kafka output waits for unacknowledged records (a drain must end within ``--drain-timeout``)."""
+CHECK_PATH_S = 1.0
+"""The file output checks at most this often whether its path still names the file it writes (rotation)."""
 
 
 class Sink(Protocol):
@@ -107,7 +112,7 @@ class Predictions:
             body = {
                 "id": record.id,
                 "predicted": [name for name, _ in paths[i]],
-                "confidence": [conf for _, conf in paths[i]],
+                "confidence": [conf if math.isfinite(conf) else None for _, conf in paths[i]],
                 "model_version": version,
                 "latency_ms": latency_ms,
                 "learned": record.label is not None,
@@ -115,7 +120,7 @@ class Predictions:
                 "partition": record.position.partition,
                 "offset": record.position.offset,
             }
-            self._send(record.id.encode(), json.dumps(body, separators=(",", ":")).encode())
+            self._send(record.id.encode(), json.dumps(body, separators=(",", ":"), allow_nan=False).encode())
 
     def close(self) -> None:
         self.sink.close()
@@ -155,20 +160,67 @@ class FileSink:
     """Appends one JSON line per prediction to a file.
 
     Unbuffered: each line is one ``write`` call, so a crash never leaves a published prediction in
-    a process buffer or half a line in the file.
+    a process buffer. A line is in the file whole or not at all: a write the disk takes only in part (full,
+    or past the file size limit) is cut back to the last whole line and raises, so the record counts as lost.
+    Like :class:`logging.handlers.WatchedFileHandler`, the sink checks at most every :data:`CHECK_PATH_S`
+    whether its path still names the file it writes, and opens a new file there when the old one was moved
+    away (rotated) or deleted.
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._file = Path(path).open("ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self.path = Path(path)
+        self._open()
 
     def send(
         self, key: bytes, value: bytes, acknowledged: Callable[..., None], lost: Callable[[BaseException], None]
     ) -> None:
-        self._file.write(value + b"\n")
+        if time.monotonic() >= self._check_at:  # a clock read per record, a stat per second
+            self._reopen_if_moved()
+        self._write(value + b"\n")
         acknowledged()
 
     def close(self) -> None:
         self._file.close()
+
+    def _open(self) -> None:
+        self._file = self.path.open("ab", buffering=0)
+        status = os.fstat(self._file.fileno())
+        self._identity = (status.st_dev, status.st_ino)
+        self._check_at = time.monotonic() + CHECK_PATH_S
+
+    def _reopen_if_moved(self) -> None:
+        self._check_at = time.monotonic() + CHECK_PATH_S
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            status = None
+        if status is not None and (status.st_dev, status.st_ino) == self._identity:
+            return
+        log.info("predictions file %s was moved or deleted; writing a new one there", self.path)
+        old = self._file
+        self._open()
+        old.close()
+
+    def _write(self, line: bytes) -> None:
+        """Write all of ``line``; on failure remove the part written, so the next line starts on a line of its own."""
+        written = 0
+        try:
+            while written < len(line):
+                n = self._file.write(memoryview(line)[written:])
+                if not n:
+                    raise OSError(f"predictions file {self.path}: short write, {written} of {len(line)} bytes")
+                written += n
+        except OSError:
+            if written:
+                self._cut_back(written)
+            raise
+
+    def _cut_back(self, written: int) -> None:
+        """Truncate the file by the ``written`` bytes of a line that could not be finished."""
+        try:
+            os.ftruncate(self._file.fileno(), os.fstat(self._file.fileno()).st_size - written)
+        except OSError as err:
+            log.error("predictions file %s keeps a partial line: %s", self.path, err)
 
 
 class KafkaSink:

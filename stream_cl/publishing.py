@@ -1,9 +1,11 @@
-"""What a run shows on ``/metrics`` besides per-batch counters: gauges once a second, probe results, buffer stats."""
+"""What a run shows on ``/metrics`` besides per-batch counters: gauges once a second, probe results, buffer stats,
+and the loop's heartbeat behind ``/healthz``."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -18,10 +20,42 @@ from stream_cl.learner import Learner
 GAUGE_INTERVAL_S = 1.0
 """Gauges change every batch but are scraped every few seconds: publishing them once a second is enough."""
 
+STALL_AFTER_S = 120.0
+"""How long the run loop may go without turning before ``/healthz`` calls it stuck.
+
+A turn of a healthy loop, idle or not, takes one poll (at most 0.5 s for Kafka) and one batch. The
+margin is for what a turn may legitimately block on: building the model at the first record (a cold
+GPU), a learner step on a large batch, a probe evaluation, a checkpoint snapshot, a group's collective
+waiting for a slow peer. A loop blocked longer (a predictions output nobody reads) needs a restart.
+"""
+
+
+class Heartbeat:
+    """When the run loop last turned: beaten by the loop's :class:`Publisher` on every turn, also while no
+    record arrives (an idle stream is healthy), read by ``/healthz`` on the exporter's thread."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()  # start-up counts as a turn: the probe is 200 until the loop is late
+
+    def beat(self, now: float) -> None:
+        self.last = now
+
+    def alive(self, stall_after_s: float) -> bool:
+        return time.monotonic() - self.last < stall_after_s
+
+
+_heartbeats: WeakKeyDictionary[Metrics, Heartbeat] = WeakKeyDictionary()
+
+
+def heartbeat(metrics: Metrics) -> Heartbeat:
+    """The heartbeat of the run that publishes to ``metrics``: the service wires ``/healthz`` to it before the
+    loop builds its publisher, and each run has its own ``Metrics``."""
+    return _heartbeats.setdefault(metrics, Heartbeat())
+
 
 class Publisher:
     """Publishes a run's gauges on a timer (also while the stream is idle, so rates fall to 0 and lag stays
-    true) and its probe and buffer figures when asked."""
+    true) and its probe and buffer figures when asked; beats the run's :func:`heartbeat` on every turn."""
 
     def __init__(self, metrics: Metrics, dead_letters: Sequence[object] = ()) -> None:
         self.metrics = metrics
@@ -30,15 +64,20 @@ class Publisher:
         self._counted: dict[Counter, int] = {}  # each counter's cumulative total as last published
         if self.dead_letters:  # at 0 from the start, so the first rejection is an increase
             metrics.dead_letter_rejected.inc(0)
+        self.heartbeat = heartbeat(metrics)
         self._last = time.monotonic()
         self._records = 0
+        self._rate = 0.0  # records per second over the last interval published
+        metrics.samples_per_second.set_function(self._samples_per_second)
         self._buffer_classes: set[tuple[str, str]] = set()  # (level, class) series published so far
 
     def count(self, records: int) -> None:
         self._records += records
 
     def tick(self, now: float, learner: Learner | None, accuracy: PrequentialAccuracy, source: Source) -> None:
-        """Publish the per-second gauges if a second has passed since the last time."""
+        """Beat the heartbeat (the loop calls this on every turn) and publish the per-second gauges if a second
+        has passed since the last time."""
+        self.heartbeat.beat(now)
         if now - self._last >= GAUGE_INTERVAL_S:
             self.gauges(now, learner, accuracy, source)
 
@@ -46,7 +85,7 @@ class Publisher:
         """Records per second, windowed online accuracy, classes seen, buffer size, source lag, dead-letter spool,
         sink and rejections."""
         m = self.metrics
-        m.samples_per_second.set(self._records / max(now - self._last, 1e-9))
+        self._rate = self._records / max(now - self._last, 1e-9)
         self._last, self._records = now, 0
         for level in accuracy.levels:
             m.online_accuracy.labels(level=str(level)).set(accuracy.windowed(level))
@@ -65,6 +104,12 @@ class Publisher:
                 m.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
             for seconds in source.take_decode_seconds():
                 m.decode_seconds.observe(seconds)
+
+    def _samples_per_second(self) -> float:
+        """``streamcl_samples_per_second`` at scrape time: the last interval's rate while the loop publishes, 0
+        once it is an interval late (stuck in one turn, or the run is over: no record was polled meanwhile), so a
+        stalled loop does not keep reporting the throughput it had."""
+        return self._rate if time.monotonic() - self._last < 2 * GAUGE_INTERVAL_S else 0.0
 
     def buffer(self, learner: Learner) -> int:
         """Buffer bytes, errors, corrupt samples and composition per class (a Redis store answers with a round trip).

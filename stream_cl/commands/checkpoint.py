@@ -70,10 +70,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
             payload = store.load(info)
         print(json.dumps(describe(payload, info.path), indent=2))
         return 0
-    info = store.get(args.id)
-    payload = store.load(info)
-    payload = {k: v for k, v in payload.items() if k not in ("format", "id", "created")}
-    new = store.write(payload)
+    # a restore writes: it takes the directory's lock (refused while a service runs there), ls and show need none
+    with CheckpointStore(args.dir, keep=1_000_000, sweep=True) as writer:
+        info = writer.get(args.id)
+        payload = writer.load(info)
+        payload = {k: v for k, v in payload.items() if k not in ("format", "id", "created")}
+        new = writer.write(payload)
     print(f"checkpoint {args.id} restored as {new.id} ({new.path.name}); the service resumes from it on start")
     return 0
 

@@ -4,6 +4,8 @@ against non-finite steps, and the state every learner saves."""
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +26,29 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 """Largest finite float32: a sum the host takes in float64 above it would have overflowed on the device."""
 EXTREME_INPUT = "extreme_input"
 """``StepStats.rejected`` of a batch with a labelled input far larger than the usual ones (see :class:`StepGuard`)."""
+
+
+_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+
+
+def require_number(name: str, value: Any, *, integer: bool = False, **bounds: float) -> None:
+    """Raise ValueError unless hyper-parameter ``name`` is a finite number (an int where ``integer``) within
+    ``bounds`` (``gt``, ``ge``, ``lt``, ``le``): a NaN passes a plain ``lr <= 0`` test and an infinity passes
+    ``lr > 0``, and either then turns every labelled record into a non-finite-loss dead letter.
+
+    >>> require_number("tau", 0.5, ge=0, lt=1)
+    >>> require_number("lr", float("nan"), gt=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: lr must be a finite number, got nan
+    """
+    kind = numbers.Integral if integer else numbers.Real  # NumPy scalars too
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'}, got {value!r}")
+    rules = [(_BOUNDS[op], bound) for op, bound in bounds.items()]
+    if not all(compare(value, bound) for (compare, _), bound in rules):
+        allowed = " and ".join(f"{symbol} {bound}" for (_, symbol), bound in rules)
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def encode_labels(

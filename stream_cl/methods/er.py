@@ -19,6 +19,7 @@ from stream_cl.methods.common import (
     encode_targets,
     load_core_state,
     refused,
+    require_number,
 )
 from stream_cl.methods.er_graph import StaticPrediction, StaticReplayStep
 
@@ -62,12 +63,9 @@ class ER:
         cuda_graphs: bool = False,
         iterations: int = 1,
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if replay_batch_size < 0:
-            raise ValueError(f"replay_batch_size must be >= 0, got {replay_batch_size}")
-        if iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        require_number("lr", lr, gt=0)
+        require_number("replay_batch_size", replay_batch_size, integer=True, ge=0)
+        require_number("iterations", iterations, integer=True, ge=1)
         self.model = model
         self.buffer = buffer
         self.labels = model.tree

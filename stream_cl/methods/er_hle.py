@@ -22,7 +22,7 @@ import torch
 from buffers.store import ReplayStore
 from stream_cl.classifier import Classifier
 from stream_cl.learner import Batch, Observation, Prediction
-from stream_cl.methods.common import StepGuard, core_state, load_core_state
+from stream_cl.methods.common import StepGuard, core_state, load_core_state, require_number
 from stream_cl.methods.hle_loop import LoopHooks, TemporaryBatchLoop
 
 
@@ -62,10 +62,8 @@ class ERHLE(LoopHooks):
         lr_decay: float = 1.0,
         seed: int = 0,
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0.0 < lr_decay <= 1.0:
-            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        require_number("lr", lr, gt=0)
+        require_number("lr_decay", lr_decay, gt=0, le=1)
         self.model, self.buffer, self.labels = model, buffer, model.tree
         self.lr, self.lr_decay = lr, lr_decay
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)

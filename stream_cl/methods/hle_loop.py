@@ -24,7 +24,7 @@ from stream_cl.heads import hierarchical_ce
 from stream_cl.inputs import PIXEL_MEAN, PIXEL_STD, to_model_input
 from stream_cl.learner import Batch, Observation, StepStats
 from stream_cl.methods.autoaugment import auto_augment
-from stream_cl.methods.common import StepGuard, draw_replay, encode_labels, refused
+from stream_cl.methods.common import StepGuard, draw_replay, encode_labels, refused, require_number
 from stream_cl.methods.hle_augment import augment, cutmix
 
 Samples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -102,12 +102,12 @@ class TemporaryBatchLoop:
         amp: bool,
         seed: int,
     ) -> None:
-        if online_iter <= 0:
-            raise ValueError(f"online_iter must be > 0, got {online_iter}")
-        if batch_size < 2 or batch_size % 2:
-            raise ValueError(f"batch_size must be even and >= 2, got {batch_size}")
-        if not 0.0 <= cutmix_prob <= 1.0:
-            raise ValueError(f"cutmix_prob must be in [0, 1], got {cutmix_prob}")
+        require_number("online_iter", online_iter, gt=0)
+        require_number("batch_size", batch_size, integer=True, ge=2)
+        if batch_size % 2:
+            raise ValueError(f"batch_size must be even, got {batch_size}")
+        require_number("cutmix_prob", cutmix_prob, ge=0, le=1)
+        require_number("seed", seed, integer=True)
         self.model, self.buffer, self.optimizer, self.guard, self.hooks = model, buffer, optimizer, guard, hooks
         self.online_iter, self.batch_size = online_iter, batch_size
         self.augment, self.autoaugment, self.cutmix_prob = augment, autoaugment, cutmix_prob

@@ -20,6 +20,7 @@ from stream_cl.methods.common import (
     encode_labels,
     load_core_state,
     refused,
+    require_number,
 )
 from stream_cl.methods.onpro_apf import Mixed, apf_batch, unmixed
 from stream_cl.methods.onpro_augment import VIEW_COUNTS, random_view, rotation_views
@@ -104,28 +105,29 @@ class OnPro:
     ) -> None:
         feature_dim = model.backbone.out_dim
         proj_dim = min(128, feature_dim) if proj_dim is None else proj_dim
-        checks = {
-            "lr": (lr > 0, "> 0"),
-            "weight_decay": (weight_decay >= 0, ">= 0"),
-            "rotations": (rotations in VIEW_COUNTS, f"one of {VIEW_COUNTS}"),
-            "ins_temperature": (ins_temperature > 0, "> 0"),
-            "proto_temperature": (proto_temperature > 0, "> 0"),
-            "sim_scale": (sim_scale > 0, "> 0"),
-            "mixup_base_rate": (0 <= mixup_base_rate <= 1, "in [0, 1]"),
-            "mixup_p": (0 <= mixup_p <= 1, "in [0, 1]"),
-            "mixup_alpha": (0 < mixup_alpha <= 1, "in (0, 1]"),
-            "mixup_lambda_max": (0 < mixup_lambda_max <= 1, "in (0, 1]"),
-            "replay_cap": (replay_cap >= 0, ">= 0"),
-            "replay_per_class": (replay_per_class >= 1, ">= 1"),
-            "apf_pool": (apf_pool is None or apf_pool >= 1, "None or >= 1"),
-            "proj_dim": (1 <= proj_dim <= feature_dim, f"in [1, {feature_dim}] (the backbone's feature size)"),
-            "task_grace": (task_grace >= 0, ">= 0"),
-            "amp_dtype": (amp_dtype in ("float16", "bfloat16"), "float16 or bfloat16"),
-            "iterations": (iterations >= 1, ">= 1"),
-        }
-        for field, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"{field} must be {allowed}, got {locals()[field]}")
+        require_number("lr", lr, gt=0)
+        require_number("ins_temperature", ins_temperature, gt=0)
+        require_number("proto_temperature", proto_temperature, gt=0)
+        require_number("sim_scale", sim_scale, gt=0)
+        require_number("weight_decay", weight_decay, ge=0)
+        require_number("mixup_base_rate", mixup_base_rate, ge=0, le=1)
+        require_number("mixup_p", mixup_p, ge=0, le=1)
+        require_number("mixup_alpha", mixup_alpha, gt=0, le=1)
+        require_number("mixup_lambda_max", mixup_lambda_max, gt=0, le=1)
+        require_number("replay_cap", replay_cap, integer=True, ge=0)
+        require_number("replay_per_class", replay_per_class, integer=True, ge=1)
+        if apf_pool is not None:
+            require_number("apf_pool", apf_pool, integer=True, ge=1)
+        require_number("proj_dim", proj_dim, integer=True, ge=1, le=feature_dim)  # at most the backbone's features
+        require_number("task_grace", task_grace, integer=True, ge=0)
+        require_number("iterations", iterations, integer=True, ge=1)
+        if seed is not None:
+            require_number("seed", seed, integer=True)
+        require_number("rotations", rotations, integer=True)
+        if rotations not in VIEW_COUNTS:
+            raise ValueError(f"rotations must be one of {VIEW_COUNTS}, got {rotations!r}")
+        if amp_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"amp_dtype must be float16 or bfloat16, got {amp_dtype!r}")
         self.model, self.buffer, self.labels = model, buffer, model.tree
         self.lr, self.weight_decay, self.rotations = lr, weight_decay, rotations
         self.ins_temperature, self.proto_temperature, self.sim_scale = ins_temperature, proto_temperature, sim_scale

@@ -48,7 +48,7 @@ from buffers.store import ReplayStore, class_keys
 from stream_cl.classifier import Classifier
 from stream_cl.inputs import to_model_input
 from stream_cl.learner import Batch, Observation, Prediction
-from stream_cl.methods.common import StepGuard, core_state, draw_replay, load_core_state
+from stream_cl.methods.common import StepGuard, core_state, draw_replay, load_core_state, require_number
 from stream_cl.methods.hle_loop import LoopHooks, TemporaryBatchLoop
 from stream_cl.methods.pl_fms_losses import (
     ancestor_targets,
@@ -129,14 +129,13 @@ class PLFMS(LoopHooks):
         amp: bool = True,
         seed: int = 0,
     ) -> None:
-        if lr <= 0 or fms_factor <= 0 or lambda_u < 0:
-            raise ValueError("lr and fms_factor must be > 0 and lambda_u >= 0")
-        if total_stream_length <= 0:
-            raise ValueError(f"total_stream_length must be > 0, got {total_stream_length}")
-        if not 0.0 <= tau < 1.0:
-            raise ValueError(f"tau must be in [0, 1), got {tau}")
-        if imp_update_period <= 0:
-            raise ValueError(f"imp_update_period must be > 0, got {imp_update_period}")
+        require_number("lr", lr, gt=0)
+        require_number("fms_factor", fms_factor, gt=0)
+        require_number("lambda_u", lambda_u, ge=0)
+        require_number("total_stream_length", total_stream_length, integer=True, gt=0)
+        require_number("tau", tau, ge=0, lt=1)
+        require_number("imp_update_period", imp_update_period, integer=True, gt=0)
+        require_number("seed", seed, integer=True)  # seeds the eviction ties before the loop checks it
         if adaptive_lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"adaptive_lr_schedule must be one of {LR_SCHEDULES}, got {adaptive_lr_schedule!r}")
         self.model, self.buffer, self.labels = model, buffer, model.tree

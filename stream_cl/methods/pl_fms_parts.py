@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy.stats import ttest_ind
 
+from stream_cl.methods.common import require_number
+
 
 def fms_keep_probability(
     n: int, first_seen: np.ndarray, n_classes_seen: int, total: int, factor: float = 1.0
@@ -49,8 +51,7 @@ class ImportanceScores:
     def __init__(self, capacity: int, *, beta: float = 0.9) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        require_number("beta", beta, ge=0, lt=1)
         self.capacity = capacity
         self.beta = beta
         self.keys = np.full(capacity, -1, dtype=np.int64)
@@ -135,12 +136,12 @@ class _TwoRates:
         warmup: int = 20,
         significance: float = 0.05,
     ) -> None:
-        if not 0.0 < step < 1.0:
-            raise ValueError(f"step must be in (0, 1), got {step}")
-        if period <= 0 or length < 2 or warmup < 0:
-            raise ValueError("period must be > 0, length >= 2 and warmup >= 0")
-        if not 0.0 < significance < 0.5:
-            raise ValueError(f"significance must be in (0, 0.5), got {significance}")
+        # named as PL-FMS's hyper-parameters, which is how they are set
+        require_number("lr_step", step, gt=0, lt=1)
+        require_number("lr_period", period, integer=True, gt=0)
+        require_number("lr_length", length, integer=True, ge=2)
+        require_number("lr_warmup", warmup, integer=True, ge=0)
+        require_number("significance", significance, gt=0, lt=0.5)
         self.high, self.low = lr, lr * step
         self.step, self.period, self.length, self.warmup, self.significance = step, period, length, warmup, significance
         self.is_high = True

@@ -24,7 +24,7 @@ IDENTITY = {"method": "er", "model": "mlp", "width": 32}
 
 
 def test_ids_grow_and_old_ones_are_pruned(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path, keep=2)
+    store = CheckpointStore(tmp_path, keep=2, layout=None)  # any payload: the store alone
     for i in range(4):
         store.write({"i": torch.tensor(i)})
     assert [c.id for c in store.list()] == [3, 4]
@@ -37,7 +37,7 @@ def test_ids_grow_and_old_ones_are_pruned(tmp_path: Path) -> None:
 def test_a_reader_beside_a_writer_skips_a_checkpoint_pruned_after_the_listing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = CheckpointStore(tmp_path, keep=3)
+    store = CheckpointStore(tmp_path, keep=3, layout=None)
     for i in range(2):
         store.write({"i": torch.tensor(i)})
     first, second = store.list()
@@ -50,7 +50,7 @@ def test_a_reader_beside_a_writer_skips_a_checkpoint_pruned_after_the_listing(
 
 
 def test_truncated_or_corrupted_newest_falls_back_to_previous(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path, keep=3)
+    store = CheckpointStore(tmp_path, keep=3, layout=None)
     for i in range(3):
         store.write({"i": torch.tensor(i)})
     newest, middle, _ = reversed(store.list())

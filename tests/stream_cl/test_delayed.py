@@ -3,8 +3,11 @@ expiry in both orders, a full store, checkpoint round trip, and the label messag
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
+import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -67,11 +70,12 @@ def make_store(request: pytest.FixtureRequest) -> MakeStore:
     """Pending stores of one kind; Redis ones on the session's redis-server, a fresh group (key prefix) each."""
     group = f"test-delayed-{next(_groups)}"
 
-    def make(ttl_s: float = 10, max_pending: int = 100, *, journal: bool = True) -> PendingStore:
+    def make(ttl_s: float = 10, max_pending: int = 100, *, journal: bool = True, **options: float) -> PendingStore:
         if request.param == "memory":
-            return MemoryPending(ttl_s=ttl_s, max_pending=max_pending)
+            return MemoryPending(ttl_s=ttl_s, max_pending=max_pending, **options)
         server: RedisServer = request.getfixturevalue("redis_server")
-        store = RedisPending(server.client(), group=group, ttl_s=ttl_s, max_pending=max_pending, journal=journal)
+        client = server.client()
+        store = RedisPending(client, group=group, ttl_s=ttl_s, max_pending=max_pending, journal=journal, **options)
         request.addfinalizer(store.close)
         return store
 
@@ -187,6 +191,61 @@ def test_the_stores_survive_a_checkpoint_round_trip_byte_for_byte(make_store: Ma
     assert (kept.record.label, int(kept.predicted[0])) == (("cat",), 0)
     step = restored.arrive([feature("b", 0.5)], classes(1))
     assert [j.record.label for j in step.joined] == [("dog",)]
+
+
+FAR_AHEAD = 9e12  # a producer's CreateTime of 9e15 ms: year 287,000
+
+
+def test_a_timestamp_far_ahead_of_the_wall_clock_or_not_a_number_does_not_move_the_clocks(
+    make_store: MakeStore,
+) -> None:
+    """Such an entry still waits and joins, but later arrivals are not expired as if from the far future."""
+    delayed, labels, sink = join(make_store, ttl_s=10)
+    for sample_id, at_s in [("bad-label", FAR_AHEAD), ("nan-label", math.nan), ("inf-label", math.inf)]:
+        labels.send(sample_id, "cat", at_s)
+    delayed.poll(100)
+    for i in range(5):  # each sample labelled 1 s after it arrived
+        assert not delayed.arrive([feature(f"s{i}", 100 + i)], classes(1)).expired
+        labels.send(f"s{i}", "dog", 101 + i)
+        assert [j.record.id for j in delayed.poll(100)[0].joined] == [f"s{i}"]
+    nan_feature = dataclasses.replace(feature("nan-feature", 109), timestamp=math.nan)
+    delayed.arrive([feature("bad-feature", FAR_AHEAD), nan_feature], classes(2))
+    labels.send("w", "cat", 110)  # its features come 1 s later
+    delayed.poll(100)
+    assert not delayed.arrive([feature("x", 110.5)], classes(1)).joined and "w" in delayed.store.waiting_ids()
+    step = delayed.arrive([feature("w", 111), feature("bad-label", 112)], classes(2))
+    assert [j.record.id for j in step.joined] == ["w", "bad-label"] and not sink.sent
+    labels.send("bad-feature", "cat", 113)
+    assert [j.record.id for j in delayed.poll(100)[0].joined] == ["bad-feature"]
+    assert (delayed.expired, delayed.unmatched) == (0, 0)
+
+    near = time.time() + 3600  # within the day tolerated: a clock may run that far ahead
+    labels.send("near", "cat", near)
+    assert [r.id for r in delayed.poll(100)[0].expired] == ["nan-feature", "x"]  # nan-feature as if at 104
+
+
+def test_the_skew_tolerated_is_a_setting_and_a_far_clock_of_an_older_checkpoint_is_dropped_on_restore(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(ttl_s=10, max_clock_skew_s=60)
+    store.restore(None)
+    now = time.time()
+    store.arrive([feature("a", now - 5), feature("far", FAR_AHEAD)], classes(2))  # far: as if at now - 5
+    assert not store.label([label_record("ahead", now + 120)]).expired  # more than 60 s ahead: the clock stays
+    assert [r.id for r in store.label([label_record("soon", now + 30)]).expired] == ["a", "far"]
+
+    checkpoint = store.state_dict()
+    store.saved(checkpoint)
+    checkpoint["label_time"] = FAR_AHEAD  # written before clocks were bounded
+    restored = make_store(ttl_s=10)
+    restored.restore(checkpoint)
+    assert not restored.arrive([feature("b", 20)], classes(1)).expired and restored.pending_ids() == ["b"]
+
+
+def label_record(label_id: str, at_s: float) -> LabelRecord:
+    entry = decode_label(Message(Position("labels", 0, 0), at_s, None, encode_label(label_id, "cat")))
+    assert isinstance(entry, LabelRecord)
+    return entry
 
 
 def test_label_messages_decode_or_say_why_not() -> None:

@@ -84,6 +84,25 @@ def test_journals_are_kept_for_the_previous_checkpoint_only(redis_server: RedisS
         store(redis_server, group).restore(states[0])
 
 
+def test_a_failed_checkpoint_write_does_not_drop_the_journal_of_the_previous_checkpoint_written(
+    redis_server: RedisServer,
+) -> None:
+    group = f"journal-failed-{next(_groups)}"
+    pending = store(redis_server, group)
+    pending.restore(None)
+    states = []
+    for i in range(3):
+        pending.arrive([feature(f"s{i}", i)], classes(1))
+        states.append(pending.state_dict())
+        if i != 1:  # the write of the second checkpoint failed: saved is never called for it
+            pending.saved(states[-1])
+    client = redis_server.client()
+    assert sorted(k.decode().rsplit(":", 1)[1] for k in client.keys(f"{pending.prefix}undo:*")) == ["2", "3"]
+    restarted = store(redis_server, group)
+    restarted.restore(states[0])  # the newest checkpoint unreadable: the one before it was the first
+    assert restarted.pending_ids() == ["s0"]
+
+
 def test_a_store_that_does_not_match_the_checkpoint_is_an_error(redis_server: RedisServer) -> None:
     group = f"mismatch-{next(_groups)}"
     live = store(redis_server, group, journal=False)  # a run without checkpoints left entries

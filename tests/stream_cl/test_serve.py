@@ -43,7 +43,7 @@ def test_truncated_newest_checkpoint_falls_back_and_nothing_is_skipped_or_relear
     ckpt, first, second = tmp_path / "ckpt", tmp_path / "p1.jsonl", tmp_path / "p2.jsonl"
     common = ("--source", stream, "--checkpoint-dir", ckpt, "--checkpoint-every-records", 100)
     assert serve(*common, "--max-records", 250, "--predictions", first, "--predictions-for", "all") == 0
-    names = sorted(p.name for p in ckpt.iterdir())
+    names = sorted(p.name for p in ckpt.glob("ckpt-*"))
     assert [n[:15] for n in names] == ["ckpt-0000000001", "ckpt-0000000002", "ckpt-0000000003"]
     newest = ckpt / names[-1]  # the final checkpoint, at 250 records
     newest.write_bytes(newest.read_bytes()[:1000])
