@@ -66,17 +66,29 @@ def test_a_restore_undoes_every_change_after_the_checkpoint_and_replaying_them_j
     assert after_the_checkpoint(second) == ["a", "-b@1", "-b@4"]  # the same outcome, a joined once
 
 
-def test_journals_are_kept_for_the_previous_checkpoint_only(redis_server: RedisServer) -> None:
-    group = f"journal-{next(_groups)}"
-    pending = store(redis_server, group)
+def three_checkpoints(pending: RedisPending, failed: int | None = None) -> list[dict]:
+    """The states of three checkpoints, one sample arriving before each; the write of checkpoint ``failed`` (0-2)
+    failed, so the store is never told it was saved."""
     pending.restore(None)
     states = []
     for i in range(3):
         pending.arrive([feature(f"s{i}", i)], classes(1))
         states.append(pending.state_dict())
-        pending.saved(states[-1])
-    client = redis_server.client()
-    assert sorted(k.decode().rsplit(":", 1)[1] for k in client.keys(f"{pending.prefix}undo:*")) == ["3"]
+        if i != failed:
+            pending.saved(states[-1])
+    return states
+
+
+def journals(redis_server: RedisServer, pending: RedisPending) -> list[str]:
+    """The generations whose undo journals the store keeps."""
+    return sorted(k.decode().rsplit(":", 1)[1] for k in redis_server.client().keys(f"{pending.prefix}undo:*"))
+
+
+def test_journals_are_kept_for_the_previous_checkpoint_only(redis_server: RedisServer) -> None:
+    group = f"journal-{next(_groups)}"
+    pending = store(redis_server, group)
+    states = three_checkpoints(pending)
+    assert journals(redis_server, pending) == ["3"]
     restarted = store(redis_server, group)
     restarted.restore(states[1])  # the newest checkpoint unreadable: the previous one still restores
     assert restarted.pending_ids() == ["s0", "s1"]
@@ -89,15 +101,8 @@ def test_a_failed_checkpoint_write_does_not_drop_the_journal_of_the_previous_che
 ) -> None:
     group = f"journal-failed-{next(_groups)}"
     pending = store(redis_server, group)
-    pending.restore(None)
-    states = []
-    for i in range(3):
-        pending.arrive([feature(f"s{i}", i)], classes(1))
-        states.append(pending.state_dict())
-        if i != 1:  # the write of the second checkpoint failed: saved is never called for it
-            pending.saved(states[-1])
-    client = redis_server.client()
-    assert sorted(k.decode().rsplit(":", 1)[1] for k in client.keys(f"{pending.prefix}undo:*")) == ["2", "3"]
+    states = three_checkpoints(pending, failed=1)  # the write of the second checkpoint failed: never saved
+    assert journals(redis_server, pending) == ["2", "3"]
     restarted = store(redis_server, group)
     restarted.restore(states[0])  # the newest checkpoint unreadable: the one before it was the first
     assert restarted.pending_ids() == ["s0"]
