@@ -49,7 +49,7 @@ from stream_cl.overload import OverloadPolicy
 from stream_cl.pending import MemoryPending, PendingStore
 from stream_cl.pending_redis import open_redis_pending
 from stream_cl.predictions import Predictions, open_sink
-from stream_cl.publishing import STALL_AFTER_S, heartbeat
+from stream_cl.publishing import heartbeat
 from stream_cl.run import RUN_REASONS, CountOnly, RunOptions, RunParts
 
 log = logging.getLogger("stream_cl")
@@ -82,7 +82,7 @@ def assemble(
 
     ``ready`` is set by the caller once the loop runs; ``/readyz`` answers 200 only while it is
     set, the source has partitions (Kafka) and dead letters can be delivered. ``/healthz`` answers
-    503 once the loop has not turned for :data:`~stream_cl.publishing.STALL_AFTER_S` (it is stuck),
+    503 once the loop has not turned for ``--stall-seconds`` (it is stuck),
     and so does ``/readyz``. ``require_topic``
     makes a missing Kafka topic an error (a service may instead start before its producers).
     ``group`` makes this run one worker of a group learning one model (:mod:`stream_cl.group`).
@@ -111,7 +111,10 @@ def assemble(
         beat = heartbeat(metrics)
 
         def is_alive() -> bool:
-            return beat.alive(STALL_AFTER_S)
+            # A turn of a healthy loop, idle or not, takes one poll (at most 0.5 s for Kafka) and one batch; the
+            # margin is for what a turn may legitimately block on: a first model build on a cold GPU, a large
+            # batch, a probe evaluation, a checkpoint snapshot, a group's collective waiting for a slow peer.
+            return beat.alive(cfg.metrics.stall_seconds)
 
         def is_ready() -> bool:
             assigned = not isinstance(source, Instrumented) or bool(source.assignment())

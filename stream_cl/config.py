@@ -326,6 +326,12 @@ class MetricsConfig:
     max_class_series: int = setting(
         100, "most per-class metric series (class accuracy, forgetting, buffer count) exported", check=positive
     )
+    stall_seconds: float = setting(
+        120.0,
+        "seconds the learning loop may go without turning before /healthz and /readyz answer 503 (allow for the "
+        "slowest step: a first model build on a cold GPU, a large batch, a checkpoint snapshot)",
+        check=duration,
+    )
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,6 @@ from stream_cl.learner import Learner
 GAUGE_INTERVAL_S = 1.0
 """Gauges change every batch but are scraped every few seconds: publishing them once a second is enough."""
 
-STALL_AFTER_S = 120.0
-"""How long the run loop may go without turning before ``/healthz`` calls it stuck.
-
-A turn of a healthy loop, idle or not, takes one poll (at most 0.5 s for Kafka) and one batch. The
-margin is for what a turn may legitimately block on: building the model at the first record (a cold
-GPU), a learner step on a large batch, a probe evaluation, a checkpoint snapshot, a group's collective
-waiting for a slow peer. A loop blocked longer (a predictions output nobody reads) needs a restart.
-"""
-
 
 class Heartbeat:
     """When the run loop last turned: beaten by the loop's :class:`Publisher` on every turn, also while no

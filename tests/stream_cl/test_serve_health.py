@@ -78,12 +78,13 @@ def test_a_stuck_loop_fails_the_probes_and_reports_no_throughput(
 ) -> None:
     sink = StuckSink(after=400, delay=0.004)  # ~1.6 s of learning first, so a rate has been published
     monkeypatch.setattr("stream_cl.assemble.open_sink", lambda url, **_: sink)
-    monkeypatch.setattr("stream_cl.assemble.STALL_AFTER_S", STALL_AFTER_S)
     port = free_port()
     flags = {"model": "mlp", "width": 16, "no_drift": True, "probe_fraction": 0.0, "no_progress": True}
     stream = write_stream(tmp_path / "s.rec.gz", n_classes=4, per_class=150)
     cfg = load(
-        {**flags, "source": str(stream), "metrics_port": port, "predictions": "stuck", "predictions_for": "all"}, {}
+        {**flags, "source": str(stream), "metrics_port": port, "predictions": "stuck", "predictions_for": "all"}
+        | {"stall_seconds": STALL_AFTER_S},
+        {},
     )
     stop = threading.Event()
     service = threading.Thread(target=serve, args=(cfg, stop), daemon=True)
