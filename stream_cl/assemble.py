@@ -49,7 +49,6 @@ from stream_cl.overload import OverloadPolicy
 from stream_cl.pending import MemoryPending, PendingStore
 from stream_cl.pending_redis import open_redis_pending
 from stream_cl.predictions import Predictions, open_sink
-from stream_cl.publishing import heartbeat
 from stream_cl.run import RUN_REASONS, CountOnly, RunOptions, RunParts
 
 log = logging.getLogger("stream_cl")
@@ -108,13 +107,11 @@ def assemble(
         if group is not None and checkpointer is not None:
             parts.checkpointer = GroupCheckpointer(group, checkpointer)
 
-        beat = heartbeat(metrics)
-
         def is_alive() -> bool:
             # A turn of a healthy loop, idle or not, takes one poll (at most 0.5 s for Kafka) and one batch; the
             # margin is for what a turn may legitimately block on: a first model build on a cold GPU, a large
             # batch, a probe evaluation, a checkpoint snapshot, a group's collective waiting for a slow peer.
-            return beat.alive(cfg.metrics.stall_seconds)
+            return parts.heartbeat.alive(cfg.metrics.stall_seconds)
 
         def is_ready() -> bool:
             assigned = not isinstance(source, Instrumented) or bool(source.assignment())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -23,7 +22,8 @@ GAUGE_INTERVAL_S = 1.0
 
 class Heartbeat:
     """When the run loop last turned: beaten by the loop's :class:`Publisher` on every turn, also while no
-    record arrives (an idle stream is healthy), read by ``/healthz`` on the exporter's thread."""
+    record arrives (an idle stream is healthy), read by ``/healthz`` on the exporter's thread (the service
+    hands the run's :class:`~stream_cl.run.RunParts` heartbeat to both)."""
 
     def __init__(self) -> None:
         self.last = time.monotonic()  # start-up counts as a turn: the probe is 200 until the loop is late
@@ -35,27 +35,20 @@ class Heartbeat:
         return time.monotonic() - self.last < stall_after_s
 
 
-_heartbeats: WeakKeyDictionary[Metrics, Heartbeat] = WeakKeyDictionary()
-
-
-def heartbeat(metrics: Metrics) -> Heartbeat:
-    """The heartbeat of the run that publishes to ``metrics``: the service wires ``/healthz`` to it before the
-    loop builds its publisher, and each run has its own ``Metrics``."""
-    return _heartbeats.setdefault(metrics, Heartbeat())
-
-
 class Publisher:
     """Publishes a run's gauges on a timer (also while the stream is idle, so rates fall to 0 and lag stays
-    true) and its probe and buffer figures when asked; beats the run's :func:`heartbeat` on every turn."""
+    true) and its probe and buffer figures when asked; beats ``heartbeat`` on every turn."""
 
-    def __init__(self, metrics: Metrics, dead_letters: Sequence[object] = ()) -> None:
+    def __init__(
+        self, metrics: Metrics, dead_letters: Sequence[object] = (), heartbeat: Heartbeat | None = None
+    ) -> None:
         self.metrics = metrics
         # sinks that can spool: the data topic's and, with delayed labels, the label topic's (published together)
         self.dead_letters = [sink for sink in dead_letters if hasattr(sink, "spooled")]
         self._counted: dict[Counter, int] = {}  # each counter's cumulative total as last published
         if self.dead_letters:  # at 0 from the start, so the first rejection is an increase
             metrics.dead_letter_rejected.inc(0)
-        self.heartbeat = heartbeat(metrics)
+        self.heartbeat = heartbeat or Heartbeat()
         self._last = time.monotonic()
         self._records = 0
         self._rate = 0.0  # records per second over the last interval published

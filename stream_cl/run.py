@@ -29,7 +29,7 @@ from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, RunSt
 from stream_cl.models import UnsupportedInput
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions
-from stream_cl.publishing import Publisher, evaluate
+from stream_cl.publishing import Heartbeat, Publisher, evaluate
 from stream_cl.scoring import JOINED_SIGNALS, arrival_scored, score, watch_drift
 from stream_cl.summary import Summary
 
@@ -120,6 +120,7 @@ class RunParts:
     predictions: Predictions | None = None
     labels: DelayedLabels | None = None
     lockstep: Lockstep | None = None
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
 
 
 def run_stream(
@@ -192,7 +193,7 @@ class _Run:
         self.summary = Summary()
         self.accuracy = PrequentialAccuracy(options.online_window)
         label_sinks = [parts.labels.dead_letters] if parts.labels is not None else []
-        self.publisher = Publisher(metrics, [parts.dead_letters, *label_sinks])
+        self.publisher = Publisher(metrics, [parts.dead_letters, *label_sinks], parts.heartbeat)
         self.outcomes = metrics.samples
         # the children counted every batch, looked up once (a labels() lookup takes a lock)
         self.learned_total = metrics.samples.labels(outcome="learned")

@@ -18,8 +18,7 @@ from prometheus_client import CollectorRegistry
 from consumers.record import Poll
 from monitoring.metrics import Metrics
 from stream_cl.config import load
-from stream_cl.publishing import heartbeat
-from stream_cl.run import RunOptions, run_stream
+from stream_cl.run import RunOptions, RunParts, run_stream
 from stream_cl.service import serve
 from tests.streams import write_stream
 
@@ -119,13 +118,14 @@ class Quiet:
 
 def test_an_idle_loop_keeps_beating() -> None:
     metrics = Metrics(CollectorRegistry())
-    beat, stop = heartbeat(metrics), threading.Event()
+    parts, stop = RunParts(), threading.Event()
+    beat = parts.heartbeat
 
     def never(*_: object) -> None:
         raise AssertionError("no record, no learner")
 
     options = RunOptions(progress=False)
-    loop = threading.Thread(target=run_stream, args=(Quiet(), never, metrics, options), kwargs={"stop": stop})
+    loop = threading.Thread(target=run_stream, args=(Quiet(), never, metrics, options, parts), kwargs={"stop": stop})
     loop.start()
     try:
         started = time.monotonic()
