@@ -65,20 +65,24 @@ end
 local function recount(updates)  -- {label, delta} pairs; on a counter that holds no integer, all rebuilt instead
   for _, update in ipairs(updates) do
     local count = redis.pcall('HINCRBY', KEYS[5], update[1], update[2])
-    if type(count) == 'table' then rebuild_counts() return end
+    if type(count) == 'table' or count < 0 then rebuild_counts() return end  -- no integer, or a field lost
     if count <= 0 then redis.call('HDEL', KEYS[5], update[1]) end
   end
+end
+
+local function rebuild_class(label)  -- class label's sorted set of slots, from the labels stored
+  redis.call('DEL', KEYS[8] .. label)
+  local flat = redis.call('HGETALL', KEYS[4])
+  for i = 1, #flat, 2 do
+    if flat[i + 1] == label then redis.call('ZADD', KEYS[8] .. label, flat[i], flat[i]) end
+  end
+  repaired = repaired + 1
 end
 
 local function class_slots(label, command, ...)  -- a command on class label's sorted set, rebuilt if another type
   local answer = redis.pcall(command, KEYS[8] .. label, ...)
   if type(answer) == 'table' and answer.err then
-    redis.call('DEL', KEYS[8] .. label)
-    local flat = redis.call('HGETALL', KEYS[4])
-    for i = 1, #flat, 2 do
-      if flat[i + 1] == label then redis.call('ZADD', KEYS[8] .. label, flat[i], flat[i]) end
-    end
-    repaired = repaired + 1
+    rebuild_class(label)
     answer = redis.call(command, KEYS[8] .. label, ...)
   end
   return answer
@@ -146,7 +150,12 @@ end
 
 local function pick(label, count, u)  -- a uniformly drawn slot of class label
   local rank = math.min(math.floor(u * count), count - 1)
-  return tonumber(class_slots(label, 'ZRANGE', rank, rank)[1])
+  local slot = class_slots(label, 'ZRANGE', rank, rank)[1]
+  if not slot then  -- the set lost slots (evicted): rebuilt; still none, and the sample is not kept
+    rebuild_class(label)
+    slot = redis.call('ZRANGE', KEYS[8] .. label, rank, rank)[1]
+  end
+  return tonumber(slot) or -1
 end
 
 local function seen_of(label)  -- a class's stream count, one more; counts stored stand in for a junk one
@@ -159,14 +168,19 @@ local function seen_of(label)  -- a class's stream count, one more; counts store
   return n_c
 end
 
-local function all_counts()
-  local flat = redis.call('HGETALL', KEYS[5])
+local function all_counts()  -- rebuilt if a count is no count or one is missing (they must add up to the samples)
+  local flat, total = redis.call('HGETALL', KEYS[5]), 0
   for i = 2, #flat, 2 do
     local c = tonumber(flat[i])
     if not c or c < 1 or c ~= math.floor(c) then
-      rebuild_counts()
-      return redis.call('HGETALL', KEYS[5])
+      total = -1
+      break
     end
+    total = total + c
+  end
+  if total ~= redis.call('HLEN', KEYS[4]) then
+    rebuild_counts()
+    return redis.call('HGETALL', KEYS[5])
   end
   return flat
 end
@@ -191,7 +205,8 @@ local function balanced(label, u1, u2)  -- the CBRS decision once the buffer is 
 end
 
 local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
-if not seen or seen < stored or seen ~= math.floor(seen) then  -- junk, evicted, or fewer than the samples stored
+-- junk (tonumber takes 'inf' too), evicted, or fewer than the samples stored
+if not seen or seen < stored or seen ~= math.floor(seen) or seen > 2 ^ 53 then
   seen = stored
   redis.call('SET', KEYS[2], seen)
   repaired = repaired + 1

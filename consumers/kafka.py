@@ -92,6 +92,7 @@ log = logging.getLogger("consumers.kafka")
 Key = tuple[str, int]
 _LAG_EVERY_S = 1.0
 _OFFSETS_TIMEOUT_MS = 500  # a ListOffsets lookup for the lag must not stall fetching for long
+_FIRST_FETCH_RECORDS = 16  # asked of the first fetch, before the size of a message is known
 _BACKOFF_S = (0.1, 5.0)  # first and longest wait before the fetch thread retries after an error
 _WITHIN_PREFIX = "streamcl:within="
 _WITHIN = re.compile(re.escape(_WITHIN_PREFIX) + r"([1-9][0-9]{0,3})")
@@ -496,9 +497,9 @@ class KafkaSource:
         return self._low() or commit_due or self._stop.is_set()
 
     def _bytes_room(self) -> int:
-        """Records the byte bound has room for, at the last fetch's bytes per message (one until that is known)."""
+        """Records the byte bound has room for, at the last fetch's bytes per message (a few until that is known)."""
         if self._message_bytes is None:
-            return 1
+            return _FIRST_FETCH_RECORDS
         return max(1, (self._prefetch_bytes - self.buffered_bytes) // max(1, self._message_bytes))
 
     def _low(self) -> bool:
@@ -533,7 +534,10 @@ class KafkaSource:
             self._buffer.extend(entries)
             added = sum(map(held_bytes, entries))
             self.buffered_bytes += added
-            self._message_bytes = added // max(1, sum(map(len, fetched.values())))
+            # halving the last estimate at most: a fetch of small or unreadable records must not let the next
+            # one ask for max_poll_records large ones
+            per_message = added // max(1, sum(map(len, fetched.values())))
+            self._message_bytes = max(per_message, (self._message_bytes or 0) // 2)
             for tp, records in fetched.items():
                 key = (tp.topic, tp.partition)
                 self._buffered[key] += len(records)
@@ -626,6 +630,7 @@ class KafkaSource:
                     if key in self._assigned:
                         self._pending[key] = offsets[key]
                         self._pending_within[key] = within.get(key, 0)
+                self._cond.notify_all()  # a revoke waiting for these offsets can take them now
             return
         with self._cond:
             self._record_committed(offsets, within)
@@ -732,9 +737,10 @@ class KafkaSource:
             self._placed.add(key)
             offset = self._start.pop(key, None)
             skip = self._start_within.pop(key, 0)
-            handed = None if key in rewind else self._handed_over(key)
+            handed = self._handed_over(key)
             if handed is not None:  # a consumer of this run learned from it: go on where its learner got
-                (offset, skip), first = handed, False
+                # (or where this one's own dropped records began, if that is further: its learner holds the rest)
+                (offset, skip), first = max(handed, rewind.get(key, handed)), False
             elif offset is None:
                 offset, skip = rewind.get(key, (None, 0))
             if offset is None and not (first and self._from_checkpoint):
@@ -751,6 +757,11 @@ class KafkaSource:
             if first and self._from_checkpoint:
                 with self._cond:
                     self._start_commits[key] = (offset, skip if offset is not None else 0)
+
+    def _pending_of(self, keys: set[Key]) -> tuple[dict[Key, int], dict[Key, int]]:
+        with self._cond:
+            offsets = {k: v for k, v in self._pending.items() if k in keys}
+            return offsets, {k: self._pending_within.get(k, 0) for k in offsets}
 
     def _handed_over(self, key: Key) -> tuple[int, int] | None:
         if self._run_offsets is None:
@@ -814,7 +825,9 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         self._source._assign(assigned)
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
-        self._source._forget(_keys(lost), {}, {})
+        keys = _keys(lost)
+        self._source._share(*self._source._pending_of(keys))  # learned, though no longer ours to commit
+        self._source._forget(keys, {}, {})
 
 
 def _keys(partitions: Iterable[TopicPartition]) -> set[Key]:

@@ -135,7 +135,14 @@ class StoreRunOffsets:
         return offset, within
 
     def put(self, key: tuple[str, int], offset: int, within: int) -> None:
-        self._store.set(_offset_name(key), json.dumps([offset, within]))
+        """Only ever forward: a worker evicted mid-step may commit after the partition's next owner got further."""
+        name, wanted = _offset_name(key), json.dumps([offset, within])
+        expected = ""  # compare_set sets a missing key when the expected value is empty
+        while True:
+            current = self._store.compare_set(name, expected, wanted).decode()
+            if current == wanted or tuple(json.loads(current)) >= (offset, within):
+                return
+            expected = current
 
 
 def _offset_name(key: tuple[str, int]) -> str:

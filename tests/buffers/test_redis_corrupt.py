@@ -264,15 +264,22 @@ DAMAGE = {
     "seen of another type": lambda c, k: (c.delete(k["seen"]), c.rpush(k["seen"], b"1")),
     "seen evicted": lambda c, k: c.delete(k["seen"]),
     "seen below the samples": lambda c, k: c.set(k["seen"], 3),
+    "seen infinite": lambda c, k: c.set(k["seen"], b"inf"),
+    "a count evicted": lambda c, k: c.hdel(k["counts"], "0:1"),
     "a count junk": lambda c, k: c.hset(k["counts"], "0:1", b"x"),
     "counts of another type": lambda c, k: (c.delete(k["counts"]), c.set(k["counts"], b"{}")),
     "a stream count junk": lambda c, k: c.hset(k["stream"], "0:1", b"1.5e"),
     "a class set of another type": lambda c, k: (c.delete(k["cls:0:1"]), c.set(k["cls:0:1"], b"x")),
+    "a class set evicted": lambda c, k: c.delete(k["cls:0:1"]),
     "meta of another type": lambda c, k: (c.delete(k["meta"]), c.sadd(k["meta"], b"x")),
 }
 
 
-CLASS_BALANCED_ONLY = ("a stream count junk", "a class set of another type")  # keys only that policy reads
+CLASS_BALANCED_ONLY = (
+    "a stream count junk",
+    "a class set of another type",
+    "a class set evicted",
+)  # keys only that policy reads
 
 
 @pytest.mark.parametrize(

@@ -191,20 +191,19 @@ def test_a_refused_commit_is_sent_again_without_a_new_commit_from_the_learner(ka
 def test_large_messages_are_fetched_ahead_up_to_the_byte_bound_not_the_record_count(
     kafka_bootstrap, make_topic
 ) -> None:
-    """40 messages of 64 KiB: a record-count bound alone (2,000) would hold all 2.5 MiB ahead of the learner."""
+    """80 messages of 64 KiB: a record-count bound alone (2,000) would hold all 5 MiB ahead of the learner."""
     topic = make_topic(1)
     features = np.arange(16384, dtype=np.float32)
     messages = []
-    for i in range(40):
+    for i in range(80):
         value, headers = encode_binary(f"big-{i}", features, "a")
         messages.append(Message(Position(topic, 0, i), 0.0, f"big-{i}".encode(), value, tuple(headers)))
     _produce_one_per_batch(kafka_bootstrap, topic, messages, 1)
-    bound = 256 * 1024
-    fetch = {"max_partition_fetch_bytes": 128 * 1024}  # one fetch goes past the bound by at most this
-    with KafkaSource(kafka_bootstrap, topic, "big", prefetch_bytes=bound, client_options=fetch, **FAST_GROUP) as s:
+    bound = 2 * 1024 * 1024
+    with KafkaSource(kafka_bootstrap, topic, "big", prefetch_bytes=bound, **FAST_GROUP) as s:
         _wait(lambda: s.buffered_bytes >= bound)
         time.sleep(1.0)  # a fetch thread that ignored the bound would keep fetching meanwhile
-        assert bound <= s.buffered_bytes <= bound + 2 * 128 * 1024
-        got = _drain(s, 40)
-        assert [r.id for r in got] == [f"big-{i}" for i in range(40)]  # paused and resumed, nothing lost
+        assert bound <= s.buffered_bytes <= bound + 16 * 70 * 1024  # one fetch past it at most (16 messages)
+        got = _drain(s, 80)
+        assert [r.id for r in got] == [f"big-{i}" for i in range(80)]  # paused and resumed, nothing lost
         assert s.buffered_bytes == 0

@@ -124,3 +124,17 @@ def test_a_worker_joining_late_takes_partitions_over_where_the_group_left_them(
     assert set(ids) == set(where) and summary["learned_total"] == len(where)  # ... or skipped
     mine = [w["learned"] for w in summary["workers"]]
     assert mine[0] > 0, summary["workers"]  # worker 0 learned before the handover
+
+
+def test_the_run_offsets_only_go_forward() -> None:
+    """A worker evicted mid-step may commit after the partition's next owner got further: its older offset must
+    not rewind the run's."""
+    store = dist.TCPStore("127.0.0.1", free_port(), world_size=1, is_master=True, wait_for_workers=False)
+    run_offsets = StoreRunOffsets(store)
+    key = ("t", 0)
+    assert run_offsets.get(key) is None
+    run_offsets.put(key, 200, 0)  # the next owner
+    run_offsets.put(key, 150, 3)  # the evicted one, late
+    assert run_offsets.get(key) == (200, 0)
+    run_offsets.put(key, 200, 2)
+    assert run_offsets.get(key) == (200, 2)
