@@ -189,8 +189,7 @@ class MemoryPending:
                 self.pending_bytes += held_bytes(record)
                 while len(self.pending) > self.max_pending or self._over(self.pending_bytes):
                     settled.expired.append(self._take_oldest_pending().record)
-            if record.timestamp <= limit:
-                self.feature_time = max(self.feature_time, record.timestamp)
+            self.feature_time = advanced(self.feature_time, (record.timestamp,), limit)
             self._expire_labels(settled)
             self._expire_pending(settled)
         return settled
@@ -212,8 +211,7 @@ class MemoryPending:
                 while len(self.waiting) > self.max_pending or self._over(self.waiting_bytes):
                     evicted = self._take_oldest_waiting()
                     settled.unmatched.append(DeadLetter(evicted.message, UNMATCHED, EVICTED))
-            if label.timestamp <= limit:
-                self.label_time = max(self.label_time, label.timestamp)
+            self.label_time = advanced(self.label_time, (label.timestamp,), limit)
             self._expire_pending(settled)
         return settled
 
