@@ -13,12 +13,19 @@ overrides its value. ``--hparam KEY=VALUE`` (repeatable) sets a hyper-parameter 
 that takes it, on top of the protocol's settings. ``--jobs N`` learns N (method, seed) runs at once, each
 in its own process. A report keeps the runs of other (method, seed) pairs of the same protocol, so
 ``--seeds`` can add seeds to it later.
+
+A run saves its progress at every evaluation (``OUT/.progress/METHOD-seedSEED.pt``: the learner's state,
+the curves so far and the compute spent) and a run of the same protocol, method, seed and code started
+again continues from there -- learning exactly what it would have learned without the interruption -- so a
+seed of several CPU-hours survives a stopped machine. The file is removed when the run is reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
 import multiprocessing
 import os
 import sys
@@ -35,7 +42,8 @@ from consumers.datasets import LabelledArrays, load_cifar100
 from consumers.hle import CIFAR100_TAXONOMY, SETUPS, build, full_path
 from monitoring.hierarchy import anytime_accuracy, class_accuracy, final_forgetting, level_correct
 from stream_cl.bench.compute import Compute
-from stream_cl.bench.hle_report import protocol_conflict, write_report
+from stream_cl.bench.hle_report import PROTOCOL_KEYS, protocol_conflict, write_report
+from stream_cl.bench.provenance import git_commit
 from stream_cl.build import build_learner
 from stream_cl.config import parse_hparam
 from stream_cl.device import pick_device
@@ -144,6 +152,7 @@ def cmd_hle(args: argparse.Namespace) -> int:
     if conflict:  # found before hours of runs, not after
         print(f"stream-cl bench hle: {conflict}; choose another --name or --out", file=sys.stderr)
         return 2
+    args.progress_dir = str(out / ".progress")
     if args.jobs > 1:
         spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
@@ -152,6 +161,7 @@ def cmd_hle(args: argparse.Namespace) -> int:
     else:
         runs = [_run_in_process(m, s, args, str(device)) for m, s in todo]
     out = write_report(out, vars(args) | {"device": str(device), "stream_length": runs[0]["stream_length"]}, runs)
+    _forget_progress(args, todo)
     print(f"report written to {out}")
     return 0
 
@@ -200,16 +210,28 @@ def run_one(
     taxonomy = CIFAR100_TAXONOMY if args.setup == "multi" else None
     test_paths = [full_path(test, int(r), taxonomy) for r in test_rows]
     shape, dtype = train.x.shape[1:], train.x.dtype
+    progress = _progress_path(args, method, seed)
+    key = _progress_key(args, method, seed, device)
+    done = _load_progress(progress, key) if progress else None
+    if done and "finished" in done:
+        return done["finished"]
     learner = _learner(method, seed, args, shape, dtype, device, len(stream))
-    step, since = args.batch_size // 2, 0
-    curves: dict[int, list[tuple[int, float]]] = {}
-    head_only: dict[int, float] = {}
-    history: dict[int, dict[int, list[float]]] = {}
     compute = Compute(learner)
+    if done:
+        learner.load_state_dict(done["learner"])
+        compute.steps, compute.cpu_seconds = done["steps"], done["learn_cpu_seconds"]
+        print(f"stream-cl bench hle: {method} seed {seed} continues from sample {done['position']}", file=sys.stderr)
+    step, since = args.batch_size // 2, 0
+    start = done["position"] if done else 0
+    curves: dict[int, list[tuple[int, float]]] = done["curves"] if done else {}
+    head_only: dict[int, float] = done["head_only"] if done else {}
+    history: dict[int, dict[int, list[float]]] = done["history"] if done else {}
+    resumed_at: list[int] = done["resumed_at"] + [start] if done else []
     load_before = os.getloadavg()[0]
-    started, cpu_started = time.perf_counter(), time.process_time()
-    bar = tqdm(total=len(stream), desc=f"{method} seed {seed}", unit="rec", dynamic_ncols=True)
-    for i in range(0, len(stream), step):
+    started = time.perf_counter() - (done["seconds"] if done else 0.0)
+    cpu_started = time.process_time() - (done["cpu_seconds"] if done else 0.0)
+    bar = tqdm(total=len(stream), initial=start, desc=f"{method} seed {seed}", unit="rec", dynamic_ncols=True)
+    for i in range(start, len(stream), step):
         rows = stream.rows[i : i + step]
         with compute.learning():
             learner.observe(Batch(torch.from_numpy(train.x[rows]), list(stream.paths[i : i + step])))
@@ -221,8 +243,15 @@ def run_one(
             for lvl, (acc, per_class, own_head) in levels.items():
                 curves.setdefault(lvl, []).append((min(i + step, len(stream)), acc))
                 head_only[lvl] = own_head
-                for key, value in per_class.items():
-                    history.setdefault(lvl, {}).setdefault(key, []).append(value)
+                for cls, value in per_class.items():
+                    history.setdefault(lvl, {}).setdefault(cls, []).append(value)
+            if progress and i + step < len(stream):
+                _save_progress(progress, {
+                    "key": key, "position": i + step, "curves": curves, "head_only": head_only, "history": history,
+                    "resumed_at": resumed_at, "steps": compute.steps, "learn_cpu_seconds": compute.cpu_seconds,
+                    "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+                    "learner": learner.state_dict(),
+                })  # fmt: skip
     bar.close()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     summary = {}
@@ -235,7 +264,7 @@ def run_one(
             "A_last_head_only": head_only[lvl],
             "curve": curves[lvl],
         }
-    return {
+    result = {
         "method": method,
         "seed": seed,
         "seconds": seconds,
@@ -246,7 +275,50 @@ def run_one(
         "stream_length": len(stream),
         "hparams": args.method_hparams[method],
         "levels": summary,
-    }
+    } | ({"resumed_at": resumed_at} if resumed_at else {})
+    if progress:  # kept until the report holds it: other runs of this command may still be learning
+        _save_progress(progress, {"key": key, "finished": result})
+    return result
+
+
+def _progress_path(args: argparse.Namespace, method: str, seed: int) -> Path | None:
+    folder = getattr(args, "progress_dir", None)
+    return Path(folder) / f"{method}-seed{seed}.pt" if folder else None
+
+
+def _progress_key(args: argparse.Namespace, method: str, seed: int, device: torch.device) -> str:
+    """What a saved run must share with this one to be continued: protocol, method, seed, device and code."""
+    knobs = {k: getattr(args, k, None) for k in PROTOCOL_KEYS}
+    return json.dumps([knobs, method, seed, device.type, git_commit()], sort_keys=True, default=str)
+
+
+def _save_progress(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a kill mid-write leaves the previous progress whole
+
+
+def _load_progress(path: Path, key: str) -> dict[str, Any] | None:
+    """The saved progress of this very run; None to start afresh."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file costs the progress, never the run
+        print(f"stream-cl bench hle: {path} unreadable ({exc}); starting afresh", file=sys.stderr)
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        print(f"stream-cl bench hle: {path} is another protocol's or code's run; starting afresh", file=sys.stderr)
+        return None
+    return state
+
+
+def _forget_progress(args: argparse.Namespace, todo: list[tuple[str, int]]) -> None:
+    for method, seed in todo:
+        _progress_path(args, method, seed).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other runs' progress may still be there
+        Path(args.progress_dir).rmdir()
 
 
 def evaluate(

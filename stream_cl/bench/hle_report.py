@@ -31,7 +31,7 @@ PAPER = {
 }
 """Paper Table 1/2, CIFAR-100, final-task accuracy (%) per level (ResNet-34, 3 updates/sample, GPU)."""
 
-_PROTOCOL_KEYS = ("protocol", "setup", "per_class", "test_per_class", "model", "width", "buffer_size",
+PROTOCOL_KEYS = ("protocol", "setup", "per_class", "test_per_class", "model", "width", "buffer_size",
                   "batch_size", "online_iter", "imp_update_period", "eval_period", "onpro_rotations",
                   "onpro_replay_cap", "hparams")  # fmt: skip
 
@@ -78,7 +78,7 @@ def write_report(out: Path, protocol: dict[str, Any], runs: list[dict[str, Any]]
     """Write the report of ``runs`` (with the runs of other (method, seed) pairs already in ``out``); returns
     its folder. Should ``out`` hold a report of another protocol by now, the runs go to a new sibling folder
     rather than replace it."""
-    protocol = {k: v for k, v in protocol.items() if k in (*_PROTOCOL_KEYS, "device", "stream_length", "threads")}
+    protocol = {k: v for k, v in protocol.items() if k in (*PROTOCOL_KEYS, "device", "stream_length", "threads")}
     conflict = protocol_conflict(out, protocol)
     if conflict:
         out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -111,7 +111,7 @@ def protocol_conflict(out: Path, protocol: dict[str, Any]) -> str | None:
     known = {"protocol": "paper", "hparams": {}} | json.loads(path.read_text())["protocol"]
     differ = [
         f"{k} {known.get(k)!r} there, {protocol.get(k)!r} here"
-        for k in _PROTOCOL_KEYS
+        for k in PROTOCOL_KEYS
         if known.get(k) != protocol.get(k)
     ]
     return f"the report in {out} has another protocol ({'; '.join(differ)})" if differ else None

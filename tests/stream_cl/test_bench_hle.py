@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from stream_cl.bench import hle
 from stream_cl.bench.provenance import provenance
 from stream_cl.cli import main
 
@@ -147,3 +148,57 @@ def test_hparam_that_no_chosen_method_takes_is_a_usage_error(tmp_path, capsys, f
         code = exit_.code
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_an_interrupted_run_continues_from_its_last_evaluation_and_learns_exactly_the_uninterrupted_run(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    _write_cifar_like(tmp_path)
+    common = ["bench", "hle", "--setup", "single", "--runs", "1", "--data-dir", str(tmp_path), "--model", "mlp"]
+    common += ["--buffer-size", "12", "--batch-size", "4", "--eval-period", "20", "--threads", "1", "--device", "cpu"]
+    common += ["--method", "pl-fms", "er"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    saves = []
+    real_save = hle._save_progress
+
+    def stop_after_the_second_save(path, state) -> None:
+        real_save(path, state)
+        saves.append(state.get("position"))
+        if len(saves) == 2:  # pl-fms saved at samples 20 and 40: the machine stops here
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hle, "_save_progress", stop_after_the_second_save)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--out", str(out)])
+    assert saves == [20, 40] and not (out / "single" / "results.json").exists()
+    monkeypatch.setattr(hle, "_save_progress", real_save)
+    capsys.readouterr()
+    assert main([*common, "--out", str(out)]) == 0
+    assert "pl-fms seed 0 continues from sample 40" in capsys.readouterr().err
+    whole = json.loads((tmp_path / "whole" / "single" / "results.json").read_text())["runs"]
+    resumed = json.loads((out / "single" / "results.json").read_text())["runs"]
+    for a, b in zip(whole, resumed, strict=True):
+        assert (a["method"], a["seed"], a["steps"]) == (b["method"], b["seed"], b["steps"])
+        assert a["levels"] == b["levels"]  # the same curves, accuracies and forgetting, to the last digit
+    assert resumed[0]["resumed_at"] == [40] and "resumed_at" not in resumed[1]
+    assert resumed[0]["learn_cpu_seconds"] > 0.0 and not (out / "single" / ".progress").exists()
+
+
+def test_progress_of_another_protocol_or_a_damaged_file_is_not_continued(tmp_path, capsys) -> None:
+    _write_cifar_like(tmp_path)
+    out = tmp_path / "out"
+    common = ["bench", "hle", "--setup", "single", "--runs", "1", "--data-dir", str(tmp_path), "--model", "mlp"]
+    common += ["--buffer-size", "12", "--batch-size", "4", "--eval-period", "20", "--threads", "1", "--device", "cpu"]
+    common += ["--method", "er", "--out", str(out)]
+    progress = out / "single" / ".progress" / "er-seed0.pt"
+    progress.parent.mkdir(parents=True)
+    progress.write_bytes(b"not a checkpoint")
+    assert main(common) == 0
+    assert "unreadable" in capsys.readouterr().err
+    clean = json.loads((out / "single" / "results.json").read_text())["runs"][0]
+    assert clean["steps"] == 30 and "resumed_at" not in clean and not progress.exists()
+    hle._save_progress(progress, {"key": "a run of other code", "finished": clean | {"steps": 1}})
+    assert main(common) == 0
+    assert "another protocol's or code's run" in capsys.readouterr().err
+    assert json.loads((out / "single" / "results.json").read_text())["runs"][0]["steps"] == 30
