@@ -23,7 +23,8 @@ from consumers.wire import (
 )
 
 MAX_LABEL_MESSAGE_BYTES = 64 * 1024
-"""Largest label message: an id and a label path fit in far less, so anything bigger is refused unread."""
+"""Largest label message (value, key and headers: a waiting label keeps them all, for its dead letter): an id
+and a label path fit in far less, so anything bigger is refused unread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +47,9 @@ def decode_label(message: Message, max_bytes: int = MAX_PAYLOAD_BYTES) -> LabelR
     """A label message as a :class:`LabelRecord`, or a dead letter saying why it is not one. Never raises."""
     try:
         limit = min(max_bytes, MAX_LABEL_MESSAGE_BYTES)
-        if len(message.value) > limit:
-            raise BadRecord("oversized", f"{len(message.value)} bytes > {limit}")
+        size = len(message.value) + len(message.key or b"") + sum(len(n) + len(v) for n, v in message.headers)
+        if size > limit:
+            raise BadRecord("oversized", f"{size} bytes with key and headers > {limit}")
         body, _ = _json_body(message.value)
         sample_id = _parse_id(body.get("id"))
         label = _parse_label(body.get("y"))

@@ -28,7 +28,7 @@ from consumers.label_wire import LabelRecord
 from consumers.record import DeadLetter, Record
 from consumers.source import Source, next_offsets
 from monitoring.labeljoin import JoinMetrics
-from stream_cl.pending import PendingStore, Settled
+from stream_cl.pending import PendingStore, Settled, believable, wall_clock
 from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.delayed")
@@ -134,11 +134,15 @@ class DelayedLabels:
         return step
 
     def _join(self, record: Record, predicted: np.ndarray, label: LabelRecord) -> Joined:
-        delay = max(0.0, label.timestamp - record.timestamp)
         self.joined += 1
-        self.delays.append(delay)
-        self.metrics.delay.observe(delay)
         self.metrics.labels.labels(outcome="joined").inc()
+        # a delay measured from a timestamp the clocks do not believe would be absurd or infinite, and would stay
+        # in the histogram's sum (the mean delay) for good: such a join is not measured
+        _, limit = wall_clock(self.store.max_clock_skew_s)
+        if believable(record.timestamp, limit) and believable(label.timestamp, limit):
+            delay = max(0.0, label.timestamp - record.timestamp)
+            self.delays.append(delay)
+            self.metrics.delay.observe(delay)
         return Joined(replace(record, label=label.label), predicted)
 
     def _unmatched(self, dead: DeadLetter) -> None:

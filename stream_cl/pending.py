@@ -69,12 +69,14 @@ class PendingStore(Protocol):
     """Where samples and labels wait for each other.
 
     ``healthy`` is False while the store cannot be reached (calls then wait until it can);
+    ``max_clock_skew_s`` is how far past the wall clock a timestamp is still believed;
     ``state_dict`` is what a checkpoint keeps of the store (taken at the batch boundary of the
     checkpoint's offsets) and ``restore`` brings the store back to it (None: to a run with no
     checkpoint); ``saved`` says that the checkpoint holding ``state`` is written.
     """
 
     healthy: bool
+    max_clock_skew_s: float
 
     def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled: ...
 
@@ -107,6 +109,12 @@ def expires_from(timestamp: float, clock: float, now: float, limit: float) -> fl
     if timestamp <= limit:
         return timestamp
     return clock if clock > float("-inf") else now
+
+
+def believable(timestamp: float, limit: float) -> bool:
+    """Whether a timestamp may be an event time: not NaN, not before the epoch (Kafka's -1 ms means "none") and
+    not past ``limit``."""
+    return 0 <= timestamp <= limit
 
 
 def advanced(clock: float, timestamps: Iterable[float], limit: float) -> float:

@@ -48,14 +48,15 @@ import json
 import logging
 import struct
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
 
 from buffers.open import redis_client
 from buffers.redis import UNAVAILABLE
-from consumers.label_wire import LabelRecord
+from consumers.label_wire import MAX_LABEL_MESSAGE_BYTES, LabelRecord
 from consumers.record import DeadLetter, Message, Position, Record
 from consumers.urls import mask_url
 from consumers.wire import sample_message
@@ -75,6 +76,21 @@ from stream_cl.pending import (
 
 log = logging.getLogger("stream_cl.pending")
 
+REFUSING_WRITES = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+)
+"""Errors of a Redis that is there but cannot take writes now (a replica after a failover, ``maxmemory`` reached
+with ``noeviction``): a script fails on its first write, before changing anything, so the call waits as in an
+outage."""
+
+DAMAGED_SAMPLE = "its sample's entry in the Redis pending store is damaged"
+DAMAGED_LABEL = "its entry in the Redis pending store is damaged"
+
+T = TypeVar("T")
+
 NO_TIME = "-1e308"
 """A clock that has seen nothing yet, for Lua (which has no infinities in ``tonumber``)."""
 
@@ -84,6 +100,7 @@ local ttl, max = tonumber(ARGV[5]), tonumber(ARGV[6])
 local ftime, ltime = tonumber(ARGV[7]), tonumber(ARGV[8])
 local ftext, ltext = ARGV[7], ARGV[8]  -- the clocks as sent: a Lua number turned into text loses digits
 local limit = tonumber(ARGV[11])  -- the latest event time a clock may take (ARGV[12]: the wall clock)
+-- ARGV[13]: the label topic (labels only), where a damaged label's dead letter goes after a restart too
 local meta = p .. 'meta'
 local last = redis.call('HGET', meta, 'op') or '0'
 if last == op then  -- a retry of a call that ran: its reply, not a second run
@@ -103,15 +120,17 @@ local function add(k, id, ts, blob)
   redis.call('HSET', k .. 'ts', id, ts)
   if gen > 0 then redis.call('RPUSH', undo, 'a', k, id, '', '', '') end
 end
+-- takes entry id out of store k: its blob, '' if the entry is damaged (no blob: a field or key deleted or evicted),
+-- false if there is none; whatever part of it exists goes, or expiry would find the same entry again forever
 local function remove(k, id)
-  local blob = redis.call('HGET', k .. 'data', id)
-  if not blob then return false end
-  local seq, ts = redis.call('ZSCORE', k .. 'order', id), redis.call('HGET', k .. 'ts', id)
+  local blob, seq = redis.call('HGET', k .. 'data', id), redis.call('ZSCORE', k .. 'order', id)
+  if not blob and not seq then return false end
+  local ts = redis.call('HGET', k .. 'ts', id)
   redis.call('ZREM', k .. 'order', id)
   redis.call('HDEL', k .. 'data', id)
   redis.call('HDEL', k .. 'ts', id)
-  if gen > 0 then redis.call('RPUSH', undo, 'r', k, id, seq, ts, blob) end
-  return blob
+  if gen > 0 then redis.call('RPUSH', undo, 'r', k, id, seq or '', ts or '', blob or '') end
+  return blob or ''
 end
 -- the event time the TTL of the entry stamped ARGV[i] counts from, as text: its timestamp or, if that is past
 -- the limit or NaN, its topic's clock (ARGV[12], the wall clock, if it has none yet); -inf waits for the other
@@ -124,7 +143,8 @@ end
 local function oldest(k)
   local first = redis.call('ZRANGE', k .. 'order', 0, 0)
   if #first == 0 then return nil, nil end
-  return first[1], tonumber(redis.call('HGET', k .. 'ts', first[1]))
+  -- an entry without a readable time (damaged) is as old as can be: it expires on the other topic's first time
+  return first[1], tonumber(redis.call('HGET', k .. 'ts', first[1])) or -1e308
 end
 local function evict(k)
   if redis.call('ZCARD', k .. 'order') <= max then return false end
@@ -154,12 +174,12 @@ end
 ARRIVE = (
     _COMMON
     + """
--- ARGV[13..]: id, event time, entry of each predicted sample, in arrival order
-for i = 13, #ARGV, 3 do
+-- ARGV[14..]: id, event time, entry of each predicted sample, in arrival order
+for i = 14, #ARGV, 3 do
   local id, ts = ARGV[i], tonumber(ARGV[i + 1])
   local label = remove(L, id)
   if label then
-    emit('j', (i - 13) / 3, label)
+    emit('j', (i - 14) / 3, label)
   else
     local older = remove(S, id)
     if older then emit('e', older, '') end
@@ -182,12 +202,13 @@ entry), ``e`` (a: an expired sample's entry), ``u`` (a: an unmatched label's ent
 LABEL = (
     _COMMON
     + """
--- ARGV[13..]: id, event time, entry of each label, in arrival order
-for i = 13, #ARGV, 3 do
+-- ARGV[14..]: id, event time, entry of each label, in arrival order
+redis.call('HSET', meta, 'topic', ARGV[13])
+for i = 14, #ARGV, 3 do
   local id, ts = ARGV[i], tonumber(ARGV[i + 1])
   local sample = remove(S, id)
   if sample then
-    emit('j', sample, (i - 13) / 3)
+    emit('j', sample, (i - 14) / 3)
   else
     local older = remove(L, id)
     if older then emit('u', older, 'replaced') end
@@ -226,10 +247,10 @@ for gen = top, g + 1, -1 do
         redis.call('ZREM', k .. 'order', id)
         redis.call('HDEL', k .. 'data', id)
         redis.call('HDEL', k .. 'ts', id)
-      else
-        redis.call('ZADD', k .. 'order', log[i + 3], id)
-        redis.call('HSET', k .. 'data', id, log[i + 5])
-        redis.call('HSET', k .. 'ts', id, log[i + 4])
+      else  -- a damaged entry comes back as damaged as it was ('': the part it lacked)
+        if log[i + 3] ~= '' then redis.call('ZADD', k .. 'order', log[i + 3], id) end
+        if log[i + 5] ~= '' then redis.call('HSET', k .. 'data', id, log[i + 5]) end
+        if log[i + 4] ~= '' then redis.call('HSET', k .. 'ts', id, log[i + 4]) end
       end
     end
     stop = start - 1
@@ -295,6 +316,7 @@ class RedisPending:
         self._rollback, self._forget = client.register_script(ROLLBACK), client.register_script(FORGET)
         self.op = 0
         self._sizes = (0, 0)
+        self.topic = ""  # the label topic: where the dead letter of a damaged label goes
 
     def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled:
         if not records:
@@ -308,11 +330,16 @@ class RedisPending:
         self.feature_time = clock
         settled = Settled()
         for kind, a, b in _events(reply):
-            if kind == b"j":
-                label = _label(b)
-                settled.joined.append((records[int(a)], predicted[int(a)], label))
-            else:
+            if kind != b"j":
                 self._settle_other(kind, a, b, settled)
+                continue
+            record, label = records[int(a)], _read(_label, b)
+            if label is None:  # the label it joins is damaged: the sample cannot learn it, it ends predicted
+                settled.expired.append(record)
+                settled.unmatched.append(self._damaged_label(b))
+            else:
+                settled.joined.append((record, predicted[int(a)], label))
+        self._warn_damaged(settled)
         return settled
 
     def label(self, labels: list[LabelRecord]) -> Settled:
@@ -323,14 +350,23 @@ class RedisPending:
             args += [label.id, repr(float(label.timestamp)), _label_entry(label)]
         now, limit = wall_clock(self.max_clock_skew_s)
         clock = advanced(self.label_time, (label.timestamp for label in labels), limit)
-        reply = self._call(self._label, args, feature_time=self.feature_time, label_time=clock, now=now, limit=limit)
+        self.topic = labels[0].position.stream
+        reply = self._call(
+            self._label, args, feature_time=self.feature_time, label_time=clock, now=now, limit=limit, topic=self.topic
+        )
         self.label_time = clock
         settled = Settled()
         for kind, a, b in _events(reply):
-            if kind == b"j":
-                settled.joined.append((*_sample(a), labels[int(b)]))
-            else:
+            if kind != b"j":
                 self._settle_other(kind, a, b, settled)
+                continue
+            label, sample = labels[int(b)], _read(_sample, a)
+            if sample is None:  # the sample it joins is damaged: it cannot be learned, and the label joins nothing
+                settled.expired.append(_damaged_sample(label.id))
+                settled.unmatched.append(DeadLetter(label.message, UNMATCHED, DAMAGED_SAMPLE))
+            else:
+                settled.joined.append((*sample, label))
+        self._warn_damaged(settled)
         return settled
 
     def sizes(self) -> tuple[int, int]:
@@ -362,8 +398,9 @@ class RedisPending:
         """Bring Redis back to the checkpoint's ``state`` (None: no checkpoint, so nothing waits) or, without
         a journal, take it as it is (the last run's live state)."""
         meta = self.prefix + "meta"
-        last = self.client.hget(meta, "op")
+        last, topic = self.client.hmget(meta, ["op", "topic"])
         self.op = int(last or 0)
+        self.topic = topic.decode(errors="replace") if topic else ""
         if not self.journal:
             top = int(self.client.hget(meta, "top") or 0)
             self._forget(args=[self.prefix, top])  # journals of an earlier checkpointed run are of no use now
@@ -419,22 +456,30 @@ class RedisPending:
         self.client.close()
 
     def _call(
-        self, script: Any, args: list, *, feature_time: float, label_time: float, now: float, limit: float
+        self,
+        script: Any,
+        args: list,
+        *,
+        feature_time: float,
+        label_time: float,
+        now: float,
+        limit: float,
+        topic: str = "",
     ) -> list:
-        """One script call, retried with back-off while Redis cannot be reached (the same operation number:
-        a call that ran returns its stored reply)."""
+        """One script call, retried with back-off while Redis cannot be reached or cannot take writes now (the
+        same operation number: a call that ran returns its stored reply)."""
         op = self.op + 1
         head = [self.prefix, op, self.op, self.gen, repr(self.ttl_s), self.max_pending]
         head += [_clock(self.feature_time), _clock(self.label_time), _clock(feature_time), _clock(label_time)]
-        head += [repr(limit), repr(now)]
+        head += [repr(limit), repr(now), topic]
         wait = self.retry_min_s
         while True:
             try:
                 reply = script(args=head + args)
                 break
-            except UNAVAILABLE as error:
+            except (*UNAVAILABLE, *REFUSING_WRITES) as error:
                 if self.healthy:
-                    log.warning("the Redis pending store is unreachable (%s); consuming waits for it", error)
+                    log.warning("the Redis pending store cannot be used (%s); consuming waits for it", error)
                 self.healthy = False
                 time.sleep(wait)
                 wait = min(wait * 2, self.retry_max_s)
@@ -454,11 +499,31 @@ class RedisPending:
 
     def _settle_other(self, kind: bytes, a: bytes, b: bytes, settled: Settled) -> None:
         if kind == b"e":
-            settled.expired.append(_sample(a)[0])
+            sample = _read(_sample, a)
+            settled.expired.append(_damaged_sample("") if sample is None else sample[0])
             return
-        label = _label(a)
+        label = _read(_label, a)
+        if label is None:
+            settled.unmatched.append(self._damaged_label(a))
+            return
         detail = {b"ttl": no_features(label.id), b"replaced": REPLACED, b"evicted": EVICTED}[b]
         settled.unmatched.append(DeadLetter(label.message, UNMATCHED, detail))
+
+    def _damaged_label(self, entry: bytes) -> DeadLetter:
+        """The dead letter of a label whose entry cannot be read: its stored bytes, on the label topic."""
+        message = Message(Position(self.topic, 0, -1), float("nan"), None, entry[:MAX_LABEL_MESSAGE_BYTES])
+        return DeadLetter(message, UNMATCHED, DAMAGED_LABEL)
+
+    def _warn_damaged(self, settled: Settled) -> None:
+        samples = sum(r.message is _DAMAGED for r in settled.expired)
+        labels = sum(d.detail == DAMAGED_LABEL for d in settled.unmatched)
+        if samples or labels:
+            log.warning(
+                "the Redis pending store %s* held %d damaged samples and %d damaged labels (given up, not learned)",
+                self.prefix,
+                samples,
+                labels,
+            )
 
 
 def open_redis_pending(
@@ -563,3 +628,20 @@ def _label(entry: bytes) -> LabelRecord:
     header, chunks = _unpack(entry)
     message = _message(header, chunks)
     return LabelRecord(header["id"], tuple(header["label"]), message.position, float(header["at"]), message)
+
+
+def _read(decode: Callable[[bytes], T], entry: bytes) -> T | None:
+    """An entry decoded, or None if it is damaged (empty: a part of it was deleted or evicted; or not what this
+    module writes): a damaged entry must cost that entry, never the service."""
+    try:
+        return decode(entry)
+    except Exception:
+        return None
+
+
+_DAMAGED = Message(Position("", 0, -1), float("nan"), None, b"")
+
+
+def _damaged_sample(sample_id: str) -> Record:
+    """A sample whose entry cannot be read, to be counted as given up (nothing of it can be learned or sent)."""
+    return Record(sample_id, np.zeros(0, np.float32), None, _DAMAGED.position, float("nan"), _DAMAGED)

@@ -262,6 +262,16 @@ def test_label_messages_decode_or_say_why_not() -> None:
     assert decoded(b" " * 70_000) == "oversized"
 
 
+def test_a_label_message_with_a_huge_key_or_headers_is_refused_as_oversized() -> None:
+    """A waiting label keeps its whole message, and a Redis store is bounded by count only: 100,000 labels of
+    1 MiB of headers each would take 100 GiB."""
+    value = encode_label("a", "cat")
+    for key, headers in [(b"k" * 70_000, ()), (None, (("trace", b"t" * 70_000),))]:
+        entry = decode_label(Message(Position("l", 0, 0), 1.0, key, value, headers))
+        assert isinstance(entry, DeadLetter) and entry.reason == "oversized"
+    assert isinstance(decode_label(Message(Position("l", 0, 0), 1.0, b"a", value, (("trace", b"t"),))), LabelRecord)
+
+
 def test_the_metrics_follow_the_join(make_store: MakeStore) -> None:
     delayed, labels, _ = join(make_store, ttl_s=10)
     delayed.arrive([feature("a", 0), feature("b", 1)], classes(2))
@@ -289,3 +299,18 @@ def test_pending_comes_from_the_flag_or_the_environment_and_must_be_memory_or_re
     with pytest.raises(ConfigError, match="must be 'memory' or a Redis URL") as error:
         load({"pending": "postgres://app:pw@db/0"}, {})
     assert "pw" not in str(error.value)
+
+
+def test_a_join_with_a_timestamp_the_clocks_do_not_believe_is_not_measured_as_a_delay(make_store: MakeStore) -> None:
+    """A far-future, NaN or missing (Kafka's -1 ms) timestamp would put an absurd or infinite delay in the
+    histogram's sum for good; such joins still count, unmeasured."""
+    delayed, labels, _ = join(make_store, ttl_s=1e9)
+    no_timestamp = dataclasses.replace(feature("none", 0), timestamp=-0.001)
+    delayed.arrive([feature("far", 100), feature("nan", 101), no_timestamp, feature("ok", 102)], classes(4))
+    for sample_id, at_s in [("far", FAR_AHEAD), ("nan", math.nan), ("none", 103), ("ok", 107)]:
+        labels.send(sample_id, "cat", at_s)
+    assert len(delayed.poll(100)[0].joined) == 4
+    value = delayed.metrics.registry.get_sample_value
+    assert value("streamcl_labels_total", {"outcome": "joined"}) == 4
+    assert (value("streamcl_label_delay_seconds_count"), value("streamcl_label_delay_seconds_sum")) == (1, 5)
+    assert list(delayed.delays) == [5.0]
