@@ -12,6 +12,8 @@ Differences it bridges:
 * Rebalance callbacks run inside ``consume()`` on the calling thread (the source's fetch thread), not on
   an IO thread, so a blocking commit there is fine; the source's async listener is driven to completion
   with :func:`asyncio.run`.
+* librdkafka keeps a partition the source paused (backpressure) paused across a revoke and its reassignment;
+  kafka-python starts a reassigned partition afresh, so the assignment callback resumes it.
 * librdkafka cannot seek a partition during its assignment callback; the seeks the listener asks for
   there become the start offsets of the ``assign()`` call that ends the callback.
 * Errors (``KafkaException``) are raised as kafka-python's ``KafkaError``, which the source handles.
@@ -163,6 +165,9 @@ class LibrdkafkaConsumer:
             self._seeks = None
         stored = self._confluent.OFFSET_STORED  # the group's committed offset, else auto_offset_reset
         consumer.assign([self._confluent.TopicPartition(t.topic, t.partition, starts.get(t, stored)) for t in tps])
+        # librdkafka keeps a partition paused across revoke and reassignment; kafka-python (and ``paused()``)
+        # start it afresh, so the source would never resume it and the partition would stall for good
+        consumer.resume(self._partitions(tps))
 
     def _on_revoke(self, consumer, partitions) -> None:
         revoked = {TopicPartition(p.topic, p.partition) for p in partitions}

@@ -45,7 +45,7 @@ from consumers.kafka import RunOffsets
 from consumers.record import LabelPath
 from consumers.source import NextOffsets, Offsets, within_of
 from stream_cl.checkpointer import Checkpointer
-from stream_cl.errors import ConfigError
+from stream_cl.errors import ConfigError, StreamClError
 from stream_cl.labels import LabelTree
 from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, Prediction, RunState
 from stream_cl.summary import COUNTS, TOTALS, Summary
@@ -57,6 +57,10 @@ LOCKSTEP_METHODS = ("er", "onpro", "onpro-hle")
 
 SYNC_MODES = ("allreduce", "average")
 """How a group keeps its model one: gradients all-reduced every step, or parameters averaged every K steps."""
+
+
+class ModelMismatchError(StreamClError):
+    """The workers' models have different sizes, so no collective over them can be made."""
 
 
 @contextmanager
@@ -180,6 +184,9 @@ class Group:
             return
         tensors = list(learner.inner.model.state_dict().values())
         flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
+        size = torch.tensor([flat.numel()], dtype=torch.float64, device=self.device)
+        dist.all_reduce(size)
+        self._check_size(flat.numel(), size.item())
         dist.broadcast(flat, 0)
         _unflatten(flat, tensors)
         learner.aligned = True
@@ -208,18 +215,20 @@ class Group:
         summed over the group (non-finite if any worker's is), for the step guard's check."""
         learned = 0.0 if self._empty else 1.0
         self._stepped = True
-        head = torch.stack([torch.tensor(learned, device=loss.device), loss.detach().float().reshape(())])
-        head = head.to(self.device)
-        dist.all_reduce(head)
-        n_learned, loss_sum = head.tolist()
-        # Every worker's tensors, in one flat all-reduce; a worker that did not learn contributes zeros.
-        weight = 1.0 if n_learned == 0 else learned  # nobody learned: every worker's buffers count equally
-        divisor = self.world_size if n_learned == 0 else n_learned
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         buffers = [b for m in modules for b in m.buffers()]
         tensors = [p.grad for p in params] + buffers
+        size = sum(t.numel() for t in tensors)
+        counts = torch.tensor([learned, size], dtype=torch.float64, device=loss.device)
+        head = torch.cat([counts, loss.detach().double().reshape(1)]).to(self.device)
+        dist.all_reduce(head)
+        n_learned, sizes, loss_sum = head.tolist()
+        self._check_size(size, sizes)
+        # Every worker's tensors, in one flat all-reduce; a worker that did not learn contributes zeros.
+        weight = 1.0 if n_learned == 0 else learned  # nobody learned: every worker's buffers count equally
+        divisor = self.world_size if n_learned == 0 else n_learned
         if tensors:
             flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
             flat[sum(p.numel() for p in params) :] *= weight
@@ -246,18 +255,30 @@ class Group:
         A collective; ``learner`` is None on every worker or on none (learners are built in one step)."""
         if learner is None:
             return
-        counted = torch.tensor([float(self._moved)], device=self.device)
+        tensors = _model_tensors(learner.inner)
+        size = sum(t.numel() for t in tensors)
+        counted = torch.tensor([float(self._moved), size], dtype=torch.float64, device=self.device)
         dist.all_reduce(counted)
-        n_moved = counted.item()
+        n_moved, sizes = counted.tolist()
+        self._check_size(size, sizes)
         if n_moved == 0 and learner.aligned:
             return  # nobody stepped since the last average: the workers hold one model already
         weight, divisor = (float(self._moved), n_moved) if n_moved else (float(self.rank == 0), 1.0)
-        tensors = _model_tensors(learner.inner)
         flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors]) * weight
         dist.all_reduce(flat)
         _unflatten(flat / divisor, tensors)
         self._moved = False
         learner.aligned = True
+
+    def _check_size(self, size: int, summed: float) -> None:
+        """Raise :class:`ModelMismatchError` unless every worker's model has ``size`` elements (``summed``: the
+        group's sum). Mismatched tensors in one all-reduce abort gloo (no message) and NCCL may reduce them
+        silently; the workers whose size is not the group's mean (at least the largest and the smallest) raise."""
+        if summed != size * self.world_size:
+            raise ModelMismatchError(
+                f"the workers' models differ: this worker's has {size} elements, the group's average "
+                f"{summed / self.world_size:g} (different settings, or a label tree grown apart)"
+            )
 
     def moved(self) -> None:
         """This worker stepped its optimizer (in ``average`` mode, its parameters left the group's)."""

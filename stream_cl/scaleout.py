@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import socket
 import threading
 import uuid
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +28,10 @@ from stream_cl.errors import StreamClError
 from stream_cl.summary import Summary
 
 log = logging.getLogger("stream_cl.scaleout")
+
+_STOPPING = "STREAM_CL_GROUP_STOPPING"
+"""Set in the launcher's environment once it was told to stop: a worker started after that (a restart) starts
+stopped, so a stop signal never turns into a group that learns on."""
 
 
 class WorkersFailed(StreamClError):
@@ -46,6 +54,9 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
     from stream_cl.assemble import check_group
 
     check_group(cfg, cfg.service.workers)  # a usage error is no reason to start (and restart) workers
+    # SIGTERM and SIGINT are this process's to forward (see _forward_stop_signals); older torch has no say in it
+    handles = "signals_to_handle" in {field.name for field in fields(LaunchConfig)}
+    signals = {"signals_to_handle": "SIGHUP,SIGQUIT"} if handles else {}
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -56,16 +67,45 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
         max_restarts=cfg.service.max_restarts,
         monitor_interval=0.5,
         start_method="spawn",
+        **signals,
     )
     log.info("starting %d workers (restarts allowed: %d)", cfg.service.workers, cfg.service.max_restarts)
     try:
-        results = elastic_launch(config, _spawned)(cfg, log_level, log_format)
+        with _forward_stop_signals() as stopped:
+            results = elastic_launch(config, _spawned)(cfg, log_level, log_format)
     except ChildFailedError as err:
         message = err.get_first_failure()[1].message
         message = message.get("message", message) if isinstance(message, dict) else message
         raise WorkersFailed(f"the group of workers failed: {message}") from None
     summary, received = json.loads(results[0])
-    return Summary(**summary), received
+    return Summary(**summary), received or bool(stopped)
+
+
+@contextmanager
+def _forward_stop_signals() -> Iterator[list[int]]:
+    """Within the block, SIGTERM/SIGINT to the launcher go on to its workers, which drain and stop together
+    and return the group's summary; yields the signals received.
+
+    The elastic agent's own handling would send the workers SIGTERM and kill them 30 s later without ever
+    reading what they return, while the launcher dies with a traceback: no summary, exit code 1, and a drain
+    cut short whatever ``--drain-timeout`` says. So the agent is told to handle only SIGHUP and SIGQUIT.
+    """
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        os.environ[_STOPPING] = "1"  # workers the agent starts from now on (a restart) start stopped
+        for worker in multiprocessing.active_children():  # the agent's workers are this process's children
+            with suppress(ProcessLookupError):  # exited meanwhile
+                os.kill(worker.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.environ.pop(_STOPPING, None)
 
 
 def _spawned(cfg: Config, log_level: str, log_format: str) -> str:
@@ -96,9 +136,12 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
         how = "all-reduce" if group.sync == "allreduce" else f"average every {group.average_every}"
         log.info("worker %d of %d (%s), %s, pid %d", group.rank, group.world_size, dist.get_backend(), how, os.getpid())
         stop = threading.Event()
+        stopping = bool(os.environ.get(_STOPPING))  # restarted after the launcher was told to stop: end at once
+        if stopping:
+            stop.set()
         with stop_on_signals(stop, cfg.service.drain_timeout) as received:
             summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)
-        return summary, bool(received)
+        return summary, bool(received) or stopping
 
 
 def _store(rank: int) -> object:

@@ -195,3 +195,23 @@ def test_without_the_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -
 def test_an_unknown_client_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown Kafka client 'java'; use one of kafka-python, librdkafka"):
         open_source("kafka://127.0.0.1:1/t", kafka_client="java")
+
+
+def test_partitions_paused_by_backpressure_resume_after_a_rebalance_hands_them_back(
+    kafka_bootstrap, make_topic
+) -> None:
+    """librdkafka keeps a partition paused across revoke and reassignment, where kafka-python starts it afresh:
+    the source, told it is not paused, would never resume it, and the stream would stall for good."""
+    topic = make_topic(2)
+    _produce_one_per_batch(kafka_bootstrap, topic, good_messages(100), 2)
+    with Source(kafka_bootstrap, topic, "paused", prefetch=10, **FAST_GROUP) as a:
+        _wait(lambda: len(a._consumer.paused()) == 2)  # the buffer is full: fetching paused
+        with Source(kafka_bootstrap, topic, "paused", **FAST_GROUP) as b:
+            _wait(lambda: b.assignment())  # one partition each; B leaves without learning: A gets both back
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 100 and time.monotonic() < deadline:
+            poll = a.poll(0.5, 100)
+            got += poll.records
+            a.commit(next_offsets(poll.positions()))
+    assert sorted(map(_offset, got)) == [(p, o) for p in range(2) for o in range(50)]
