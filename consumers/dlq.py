@@ -44,7 +44,7 @@ from kafka.errors import InvalidTopicError, MessageSizeTooLargeError
 
 from consumers.producer import new_producer
 from consumers.record import DeadLetter, Message
-from consumers.recorded import RecordedStreamError, RecordedWriter
+from consumers.recorded import DurableRecordedWriter, RecordedStreamError
 from consumers.spool import Entry, Spool
 from consumers.wire import sample_message
 
@@ -358,32 +358,62 @@ class KafkaDeadLetterSink:
 class FileDeadLetterSink:
     """Write dead letters to a recorded-stream file (original positions, added headers as above).
 
-    A local file never pushes back and is always writable: :attr:`backpressure` is always False,
-    :attr:`healthy` always True, nothing is ever :attr:`spooled` or :attr:`rejected`.
+    Each dead letter is on disk, readable after a kill at any moment, before :meth:`send` returns
+    (:class:`~consumers.recorded.DurableRecordedWriter`). When the disk refuses one (full, file size limit),
+    it is held in memory with any later ones, in order: :attr:`backpressure` is True and :attr:`healthy`
+    False until they are written, which reading :attr:`backpressure` retries every ``retry_s`` (the run
+    loop reads it before every poll). What is still held at :meth:`close` is lost, and logged. Nothing is
+    ever :attr:`rejected`.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be created.
     """
 
-    backpressure = False
-    healthy = True
-    spooled = 0
     rejected = 0
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, retry_s: float = 1.0) -> None:
         self.path = Path(path)
-        self._writer = RecordedWriter(self.path)
-
-    @property
-    def sent(self) -> int:
-        return self._writer.count
+        self.retry_s = retry_s
+        self.sent = 0
+        self._writer = DurableRecordedWriter(self.path)
+        self._held: deque[Message] = deque()
+        self._retry_at = 0.0
 
     @property
     def delivered(self) -> int:
         return self._writer.count
 
+    @property
+    def spooled(self) -> int:
+        """Dead letters held in memory because the disk refused them."""
+        return len(self._held)
+
+    @property
+    def backpressure(self) -> bool:
+        """True while dead letters are held: the caller must not poll more records."""
+        if self._held and time.monotonic() >= self._retry_at:
+            self._write_held()
+        return bool(self._held)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._held
+
     def send(self, dead: DeadLetter) -> None:
-        self._writer.write(dead_letter_message(dead))
+        self._held.append(dead_letter_message(dead))
+        self.sent += 1
+        if len(self._held) == 1:  # else older ones wait for the disk: this one joins them, in order
+            self._write_held()
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Finish the file (``timeout_s`` is accepted for symmetry with :class:`KafkaDeadLetterSink`)."""
+        """Write what is held if the disk takes it now, then close the file (``timeout_s`` is accepted for
+        symmetry with :class:`KafkaDeadLetterSink`)."""
+        if self._held:
+            self._write_held()
+        if self._held:
+            log.error("%d dead letters could not be written to %s and are lost", len(self._held), self.path)
         self._writer.close()
 
     def __enter__(self) -> FileDeadLetterSink:
@@ -391,3 +421,18 @@ class FileDeadLetterSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _write_held(self) -> None:
+        was_failing = self._retry_at > 0.0
+        while self._held:
+            try:
+                self._writer.write(self._held[0])
+            except OSError as err:  # disk full, file size limit: never the learner's crash
+                if not was_failing:
+                    log.error("dead letters cannot be written to %s, holding them: %s", self.path, err)
+                self._retry_at = time.monotonic() + self.retry_s
+                return
+            self._held.popleft()
+        if was_failing:
+            log.info("dead letters can be written to %s again", self.path)
+            self._retry_at = 0.0

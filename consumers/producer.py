@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from consumers.record import Message
 
@@ -43,12 +45,15 @@ def new_producer(bootstrap: str, **overrides: object) -> KafkaProducer:
 
 
 class KafkaSink:
-    """Send :class:`Message` values, keys and headers unchanged to one topic.
+    """Send :class:`Message` values, keys and headers unchanged to one topic, in order.
 
     Partitions follow the key (Kafka's default partitioner) unless ``keep_partitions`` is set, in which case
     each message goes to the partition it was recorded from (which must exist in the target topic).
-    ``compression`` (one of :data:`COMPRESSION`) compresses each batch. Failed sends are raised, as
-    :class:`ConnectionError`, by the next :meth:`flush` or :meth:`close`.
+    ``compression`` (one of :data:`COMPRESSION`) compresses each batch. One request is in flight at a time, so
+    a retried batch cannot land behind a later one. A message the broker or client refuses (too large, say)
+    is counted in :attr:`failed` and the stream goes on; a broker that takes nothing for ``max_block_ms``
+    (gone, or its buffer full) stops it: :meth:`send` raises :class:`ConnectionError`. :meth:`flush` and
+    :meth:`close` raise :class:`ConnectionError` if any message failed, saying how many were delivered.
     """
 
     def __init__(
@@ -65,30 +70,55 @@ class KafkaSink:
         self.topic = topic
         self.keep_partitions = keep_partitions
         self.sent = 0
-        self._producer = new_producer(
-            bootstrap, compression_type=None if compression == "none" else compression, **(client_options or {})
-        )
-        self._errors: list[BaseException] = []
+        self.delivered = 0
+        self.failed = 0
+        self._counting = threading.Lock()  # callbacks run on the producer's I/O thread, or here if already done
+        self._first_error: BaseException | None = None  # a count and one example: failures must not pile up
+        options = {
+            "compression_type": None if compression == "none" else compression,
+            "max_in_flight_requests_per_connection": 1,
+            **(client_options or {}),
+        }
+        self._producer = new_producer(bootstrap, **options)
 
     def send(self, message: Message) -> None:
         partition = message.position.partition if self.keep_partitions else None
-        future = self._producer.send(
-            self.topic, value=message.value, key=message.key, headers=list(message.headers), partition=partition
-        )
-        future.add_errback(self._errors.append)
+        try:
+            future = self._producer.send(
+                self.topic, value=message.value, key=message.key, headers=list(message.headers), partition=partition
+            )
+        except KafkaTimeoutError as err:  # no metadata or no buffer space within max_block_ms: nothing gets through
+            raise ConnectionError(f"Kafka took no message to {self.topic} in time: {self._tally()}: {err}") from err
+        except KafkaError as err:  # refused before sending (larger than max_request_size): this message only
+            self._failure(err)
+        else:
+            future.add_callback(self._delivery).add_errback(self._failure)
         self.sent += 1
 
     def flush(self) -> None:
-        """Wait until every sent message is acknowledged; raise the first failure."""
+        """Wait until every sent message is acknowledged or failed; raise if any failed."""
         self._producer.flush()
-        if self._errors:
-            raise ConnectionError(f"{len(self._errors)} messages to {self.topic} failed: {self._errors[0]}")
+        if self.failed:
+            raise ConnectionError(f"messages to {self.topic} failed: {self._tally()}; first: {self._first_error}")
 
     def close(self) -> None:
         try:
             self.flush()
         finally:
             self._producer.close()
+
+    def _delivery(self, _metadata: object) -> None:
+        with self._counting:
+            self.delivered += 1
+
+    def _failure(self, err: BaseException) -> None:
+        with self._counting:
+            self.failed += 1
+            if self._first_error is None:
+                self._first_error = err
+
+    def _tally(self) -> str:
+        return f"{self.delivered} of {self.sent} sent delivered, {self.failed} failed"
 
     def __enter__(self) -> KafkaSink:
         return self
@@ -129,7 +159,8 @@ def paced(
 ) -> Iterator[Message]:
     """Yield messages no sooner than their original spacing divided by ``speed`` (2.0 = twice as fast).
 
-    Times are relative to the first message; a timestamp earlier than the previous one does not wait.
+    Times are relative to the first message; a timestamp earlier than the previous one does not wait, nor does a
+    timestamp that is not finite (a damaged file's NaN or inf would make the wait NaN or unsleepable).
 
     >>> from consumers.record import Position
     >>> slept = []
@@ -142,6 +173,9 @@ def paced(
         raise ValueError(f"speed must be > 0, got {speed}")
     start_wall = start_ts = None
     for message in messages:
+        if not math.isfinite(message.timestamp):
+            yield message
+            continue
         if start_wall is None:
             start_wall, start_ts = clock(), message.timestamp
         else:

@@ -16,8 +16,9 @@ frame per message. Writers write version 2; readers read versions 1 and 2.
 
 Frames are parsed from 64 KiB chunks of the decompressed stream, so a file of any size streams in
 constant memory. A file cut short or damaged (a length over :data:`MAX_FIELD_BYTES`, a version-2 frame
-over three times that, lengths that do not add up, meta that is not the object above, headers that are
-not base64, a partition or offset beyond Kafka's int32/int64, a stream or header name that is not UTF-8)
+over three times that, a version-1 meta over :data:`MAX_META_BYTES`, more than :data:`MAX_HEADERS` headers,
+lengths that do not add up, meta that is not the object above, headers that are not base64, a partition or
+offset beyond Kafka's int32/int64, a stream or header name that is not UTF-8)
 yields its complete frames before the damage, then raises :class:`RecordedStreamError`
 naming the frame; nothing after it is trusted, since the framing is lost. The version byte is bumped on
 any change old readers cannot read; readers reject other magic/version bytes.
@@ -27,8 +28,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import gzip
+import io
 import json
 import struct
 from collections import deque
@@ -54,6 +57,12 @@ _CHUNK = 1 << 16
 MAX_FIELD_BYTES = 64 * 1024 * 1024
 """Longest meta, key or value a frame may declare: a longer one is damage, not data (Kafka's own limit is lower)."""
 _MAX_BODY_BYTES = 3 * MAX_FIELD_BYTES
+MAX_HEADERS = 65_536
+"""Most headers a frame may declare: each costs a few hundred bytes of Python objects, so a frame of 24 million
+empty headers (192 MiB that gzip packs into kilobytes) would take gigabytes; stream-cl's messages carry a few."""
+MAX_META_BYTES = 4 * 1024 * 1024
+"""Longest version-1 meta JSON: its headers become Python lists before they can be counted (version-1 files hold
+wire-format-1 messages, whose headers are a few kilobytes)."""
 _PARTITIONS = 2**31  # Kafka's partitions are int32: a larger one is damage, and no dead letter could name it
 _OFFSETS = 2**63  # offsets (and integer timestamps) are int64, as the writer packs them
 _CACHED_BYTES = 256
@@ -95,6 +104,63 @@ class RecordedWriter:
         self._file.close()
 
     def __enter__(self) -> RecordedWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:
+                raise
+            # closing after a failed write (a full disk) fails again: the first error is the one to report
+
+
+class DurableRecordedWriter:
+    """Append messages to a new recorded-stream file, each as a gzip member of its own (gzip readers read
+    concatenated members as one stream), written with unbuffered writes.
+
+    The file reads whole after a kill at any moment, and a write the disk refuses (full, file size limit) is
+    cut back off before :meth:`write` raises its :class:`OSError`: the file keeps every message before it, and
+    the same message may be written again later. A member per message compresses less than
+    :class:`RecordedWriter`'s one stream; it is meant for rare messages that must not be lost (dead letters).
+
+    Raises
+    ------
+    OSError
+        If the file cannot be created with its header.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/__exit__
+        self.count = 0
+        try:
+            self._append(MAGIC)
+        except OSError:
+            self._file.close()
+            raise
+
+    def write(self, message: Message) -> None:
+        frame = io.BytesIO()
+        _write_frame(frame, message)
+        self._append(frame.getvalue())
+        self.count += 1
+
+    def _append(self, data: bytes) -> None:
+        member = memoryview(gzip.compress(data, compresslevel=6, mtime=0))
+        start = self._file.tell()
+        try:
+            while member:  # an unbuffered write may take part of the bytes
+                member = member[self._file.write(member) :]
+        except OSError:
+            with contextlib.suppress(OSError):  # truncating frees space: it does not fail for a full disk
+                self._file.truncate(start)
+            self._file.seek(start)
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> DurableRecordedWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -281,13 +347,13 @@ class _Chunks:
     def u32(self) -> int:
         return _U32.unpack(self.take(4))[0]
 
-    def field(self, name: str, *, nullable: bool = False) -> bytes | None:
-        """A length-prefixed field; ``None`` for the null length where ``nullable``."""
+    def field(self, name: str, *, nullable: bool = False, most: int = MAX_FIELD_BYTES) -> bytes | None:
+        """A length-prefixed field of at most ``most`` bytes; ``None`` for the null length where ``nullable``."""
         length = self.u32()
         if nullable and length == _NULL:
             return None
-        if length > MAX_FIELD_BYTES:
-            raise _BadFrame(f"{name} length {length} > {MAX_FIELD_BYTES}")
+        if length > most:
+            raise _BadFrame(f"{name} length {length} > {most}")
         return self.take(length)
 
     def _fill(self, n: int) -> bool:
@@ -317,6 +383,8 @@ def _read_frame_v2(frames: _Chunks) -> Message:
     end = at + size
     partition, offset, timestamp, key_len, value_len, stream_len, n_headers, flags = _FIXED.unpack_from(buf, at)
     at += _FIXED.size
+    if n_headers > MAX_HEADERS:  # before the header lengths are unpacked into a tuple of twice as many ints
+        raise _BadFrame(f"header count {n_headers} > {MAX_HEADERS}")
     declared = at + _PAIR_BYTES * n_headers + stream_len + (0 if key_len == _NULL else key_len) + value_len
     if declared > end:  # checked before the header lengths are read: they may lie past the body
         raise _BadFrame(f"fields of {declared - at + _FIXED.size} bytes in a body of {size}")
@@ -364,7 +432,7 @@ def _cached_utf8(raw: bytes) -> str:
 
 
 def _read_frame_v1(frames: _Chunks) -> Message:
-    raw_meta = frames.field("meta")
+    raw_meta = frames.field("meta", most=MAX_META_BYTES)
     key = frames.field("key", nullable=True)
     value = frames.field("value")
     try:
@@ -376,6 +444,8 @@ def _read_frame_v1(frames: _Chunks) -> Message:
         timestamp = meta["timestamp"]
     except (ValueError, TypeError, KeyError, RecursionError, binascii.Error) as err:
         raise _BadFrame(f"meta is not a frame's meta ({type(err).__name__}: {str(err)[:100]})") from err
+    if len(headers) > MAX_HEADERS:
+        raise _BadFrame(f"header count {len(headers)} > {MAX_HEADERS}")
     if not (
         isinstance(position.stream, str)
         and type(position.partition) is int

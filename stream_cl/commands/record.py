@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from consumers.capture import record_topic
@@ -39,12 +43,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_record(args: argparse.Namespace) -> int:
     kafka = config_from(args).kafka
-    count = record_topic(
-        args.source.bootstrap,
-        args.source.topic,
-        args.out,
-        until_idle_s=args.until_idle,
-        client_options=kafka.client_options(),
-    )
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        count = record_topic(
+            args.source.bootstrap,
+            args.source.topic,
+            args.out,
+            until_idle_s=args.until_idle,
+            client_options=kafka.client_options(),
+            stop=stop,
+        )
     log.info("recorded %d messages from %s to %s", count, args.source, args.out)
     return 0
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT set ``stop``: recording ends between batches and the file is closed
+    whole (killed by SIGTERM's default action instead, the gzip stream would end mid-block, its tail lost)."""
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
@@ -212,9 +215,42 @@ def test_close_leaves_undelivered_dead_letters_in_the_spool_within_its_bound(tmp
         assert [m.position.offset for _, m in left.oldest(10)] == [0]
 
 
-def test_file_sink_never_pushes_back(tmp_path):
+def test_file_sink_writes_each_dead_letter_through_and_pushes_back_only_when_the_disk_refuses(tmp_path):
     with FileDeadLetterSink(tmp_path / "dead.rec.gz") as sink:
         sink.send(_dead("t", 3))
         assert (sink.backpressure, sink.healthy, sink.spooled, sink.delivered) == (False, True, 0, 1)
-    (m,) = read_messages(tmp_path / "dead.rec.gz")
+        (m,) = read_messages(tmp_path / "dead.rec.gz")  # readable before close: a kill now loses nothing
     assert dict(m.headers)["source-offset"] == b"3"
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """A real refusal from the OS: writes past ``limit`` bytes fail with EFBIG (SIGXFSZ ignored), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_file_sink_holds_what_the_disk_refuses_in_order_and_writes_it_when_space_returns(tmp_path):
+    path = tmp_path / "dead.rec.gz"
+    rng = np.random.default_rng(0)
+
+    def big(offset: int) -> DeadLetter:  # 16 KiB that gzip cannot shrink: the limit falls inside the third
+        message = Message(Position("t", 0, offset), 1.0, None, rng.bytes(16384), ())
+        return DeadLetter(message, "bad_json", "junk")
+
+    sink = FileDeadLetterSink(path, retry_s=0.0)
+    with _file_size_limit(40_000):
+        for offset in range(5):
+            sink.send(big(offset))  # never raises
+        held = (sink.backpressure, sink.healthy, sink.spooled, sink.delivered, sink.sent)
+        on_disk = [m.position.offset for m in read_messages(path)]  # the refused write was cut back off
+    assert held == (True, False, 3, 2, 5) and on_disk == [0, 1]
+    assert (sink.backpressure, sink.healthy, sink.spooled, sink.delivered) == (False, True, 0, 5)
+    sink.close()
+    assert [m.position.offset for m in read_messages(path)] == [0, 1, 2, 3, 4]

@@ -234,7 +234,7 @@ def _v2_body(
         (_v2_body(lie=1) + b"?", "fields of"),  # the body has a byte no field accounts for
         (_v2_body(headers=((b"h" * 40, b"v"),), lie=-47), "fields of"),  # the header table runs past the body
         (_v2_body(offset=-1), "fields of"),
-        (_v2_body(count=0xFFFFFFFF), "fields of"),  # a header count the body has no room for
+        (_v2_body(count=0xFFFFFFFF), "header count"),  # a header count the body has no room for
         (_v2_body(stream=b"\xff\xfe"), "not UTF-8"),
         (_v2_body(headers=((b"\xc3", b""),)), "not UTF-8"),
         (_v2_body(headers=((b"\xed\xa0\x80", b""),)), "not UTF-8"),  # a surrogate spelled in UTF-8
