@@ -34,6 +34,7 @@ import gzip
 import io
 import json
 import struct
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -116,25 +117,34 @@ class RecordedWriter:
 
 
 class DurableRecordedWriter:
-    """Append messages to a new recorded-stream file, each as a gzip member of its own (gzip readers read
+    """Append messages to a recorded-stream file, each as a gzip member of its own (gzip readers read
     concatenated members as one stream), written with unbuffered writes.
 
-    The file reads whole after a kill at any moment, and a write the disk refuses (full, file size limit) is
-    cut back off before :meth:`write` raises its :class:`OSError`: the file keeps every message before it, and
-    the same message may be written again later. A member per message compresses less than
-    :class:`RecordedWriter`'s one stream; it is meant for rare messages that must not be lost (dead letters).
+    The file reads whole after a kill at any moment (a kill, not a power cut: nothing is fsynced), and a write
+    the disk refuses (full, file size limit) is cut back off before :meth:`write` raises its :class:`OSError`:
+    the file keeps every message before it, and the same message may be written again later. An existing
+    recorded stream is appended to, so a restarted service keeps what it wrote before; a torn member at its
+    end (a kill mid-write of another writer) is cut off first. :attr:`count` counts this writer's messages.
+    A member per message compresses less than :class:`RecordedWriter`'s one stream; it is meant for rare
+    messages that must not be lost (dead letters).
 
     Raises
     ------
+    RecordedStreamError
+        If the file exists, is not empty and is not a recorded stream (it is left as it is).
     OSError
-        If the file cannot be created with its header.
+        If the file cannot be opened, or created with its header.
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/__exit__
         self.count = 0
+        whole = _whole_members(Path(path)) if Path(path).is_file() else 0
+        self._file = open(path, "r+b" if Path(path).is_file() else "w+b", buffering=0)  # noqa: SIM115 - see close()
         try:
-            self._append(MAGIC)
+            self._file.truncate(whole)
+            self._file.seek(whole)
+            if not whole:
+                self._append(MAGIC)
         except OSError:
             self._file.close()
             raise
@@ -165,6 +175,38 @@ class DurableRecordedWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _whole_members(path: Path) -> int:
+    """How many leading bytes of ``path`` are whole gzip members of a recorded stream: the file's size unless a
+    kill mid-write left a torn member at the end.
+
+    Raises
+    ------
+    RecordedStreamError
+        If the file is not empty and does not start as a recorded stream.
+    """
+    whole = at = 0
+    head = b""
+    member = zlib.decompressobj(wbits=31)
+    with path.open("rb") as f:
+        data = f.read(_CHUNK)
+        if data and not data.startswith(b"\x1f\x8b"):
+            raise RecordedStreamError(f"{path}: not a stream-cl recorded stream (not gzip); refusing to append to it")
+        while data:
+            try:
+                out = member.decompress(data, _CHUNK)  # bounded output: a small file may unpack to gigabytes
+            except zlib.error:
+                return whole  # a torn or damaged member: keep the whole ones before it
+            head += out[: len(MAGIC) - len(head)]
+            if head != MAGIC[: len(head)] or (member.eof and head != MAGIC):  # version 1 is not appended to either
+                raise RecordedStreamError(f"{path}: not a version-2 stream-cl recorded stream: not appended to")
+            rest = member.unused_data if member.eof else member.unconsumed_tail
+            at += len(data) - len(rest)
+            if member.eof:
+                whole, member = at, zlib.decompressobj(wbits=31)
+            data = rest or f.read(_CHUNK)
+    return whole
 
 
 def read_messages(path: str | Path, raw: BinaryIO | None = None) -> Iterator[Message]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import gzip
 import os
 import resource
 import signal
@@ -20,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 from consumers.dlq import MAX_DETAIL_CHARS, FileDeadLetterSink, KafkaDeadLetterSink
 from consumers.kafka import message_from_record
 from consumers.record import DeadLetter, Message, Position
-from consumers.recorded import read_messages
+from consumers.recorded import RecordedStreamError, read_messages
 from consumers.spool import Spool
 from tests.fixtures.kafka import RestartableBroker
 from tests.fixtures.procs import free_port
@@ -221,6 +222,28 @@ def test_file_sink_writes_each_dead_letter_through_and_pushes_back_only_when_the
         assert (sink.backpressure, sink.healthy, sink.spooled, sink.delivered) == (False, True, 0, 1)
         (m,) = read_messages(tmp_path / "dead.rec.gz")  # readable before close: a kill now loses nothing
     assert dict(m.headers)["source-offset"] == b"3"
+
+
+def test_file_sink_restarted_on_its_file_appends_after_cutting_a_torn_tail_and_never_overwrites_other_files(tmp_path):
+    path = tmp_path / "dead.rec.gz"
+    with FileDeadLetterSink(path) as sink:
+        sink.send(_dead("t", 0))
+        sink.send(_dead("t", 1))
+    whole = path.read_bytes()
+    torn = gzip.compress(b"a member a kill cut short" * 100)
+    path.write_bytes(whole + torn[: len(torn) // 2])
+    with FileDeadLetterSink(path) as sink:  # the service started again with the same flags
+        sink.send(_dead("t", 2))
+        assert sink.delivered == 1
+    assert [m.position.offset for m in read_messages(path)] == [0, 1, 2]
+    other = tmp_path / "notes.txt"
+    other.write_bytes(b"not a recording")
+    with pytest.raises(RecordedStreamError, match="not gzip"):
+        FileDeadLetterSink(other)
+    assert other.read_bytes() == b"not a recording"
+    other.write_bytes(gzip.compress(b"someone else's gzip"))
+    with pytest.raises(RecordedStreamError, match="not appended to"):
+        FileDeadLetterSink(other)
 
 
 @contextlib.contextmanager
