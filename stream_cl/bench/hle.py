@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
@@ -38,12 +39,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import stream_cl
 from consumers.datasets import LabelledArrays, load_cifar100
 from consumers.hle import CIFAR100_TAXONOMY, SETUPS, build, full_path
 from monitoring.hierarchy import anytime_accuracy, class_accuracy, final_forgetting, level_correct
 from stream_cl.bench.compute import Compute
 from stream_cl.bench.hle_report import PROTOCOL_KEYS, protocol_conflict, write_report
-from stream_cl.bench.provenance import git_commit
 from stream_cl.build import build_learner
 from stream_cl.config import parse_hparam
 from stream_cl.device import pick_device
@@ -287,9 +288,21 @@ def _progress_path(args: argparse.Namespace, method: str, seed: int) -> Path | N
 
 
 def _progress_key(args: argparse.Namespace, method: str, seed: int, device: torch.device) -> str:
-    """What a saved run must share with this one to be continued: protocol, method, seed, device and code."""
-    knobs = {k: getattr(args, k, None) for k in PROTOCOL_KEYS}
-    return json.dumps([knobs, method, seed, device.type, git_commit()], sort_keys=True, default=str)
+    """What a saved run must share with this one to be continued: protocol, method, seed, device, threads (they
+    change floating-point sums), data folder and code (its source files, committed or not)."""
+    knobs = {k: getattr(args, k, None) for k in (*PROTOCOL_KEYS, "threads", "data_dir")}
+    return json.dumps([knobs, method, seed, device.type, _code_digest()], sort_keys=True, default=str)
+
+
+@functools.cache
+def _code_digest() -> str:
+    """SHA-256 over the project's Python sources (names and bytes), wherever it is installed."""
+    digest = hashlib.sha256()
+    root = Path(stream_cl.__file__).resolve().parent.parent
+    for package in ("stream_cl", "consumers", "buffers", "monitoring"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _save_progress(path: Path, state: dict[str, Any]) -> None:

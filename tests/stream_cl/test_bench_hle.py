@@ -158,30 +158,32 @@ def test_an_interrupted_run_continues_from_its_last_evaluation_and_learns_exactl
     common += ["--buffer-size", "12", "--batch-size", "4", "--eval-period", "20", "--threads", "1", "--device", "cpu"]
     common += ["--method", "pl-fms", "er"]
     assert main([*common, "--out", str(tmp_path / "whole")]) == 0
-    saves = []
     real_save = hle._save_progress
-
-    def stop_after_the_second_save(path, state) -> None:
-        real_save(path, state)
-        saves.append(state.get("position"))
-        if len(saves) == 2:  # pl-fms saved at samples 20 and 40: the machine stops here
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(hle, "_save_progress", stop_after_the_second_save)
     out = tmp_path / "stopped"
-    with pytest.raises(KeyboardInterrupt):
-        main([*common, "--out", str(out)])
-    assert saves == [20, 40] and not (out / "single" / "results.json").exists()
+
+    def stop_at(method: str, position: int) -> None:  # the machine stops right after that save
+        def save(path, state) -> None:
+            real_save(path, state)
+            if path.name.startswith(f"{method}-") and state.get("position") == position:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(hle, "_save_progress", save)
+        with pytest.raises(KeyboardInterrupt):
+            main([*common, "--out", str(out)])
+        assert not (out / "single" / "results.json").exists()
+
+    stop_at("pl-fms", 40)  # mid-run
+    stop_at("er", 20)  # pl-fms finished this time: its run waits in .progress for the report
     monkeypatch.setattr(hle, "_save_progress", real_save)
     capsys.readouterr()
     assert main([*common, "--out", str(out)]) == 0
-    assert "pl-fms seed 0 continues from sample 40" in capsys.readouterr().err
+    assert "er seed 0 continues from sample 20" in capsys.readouterr().err
     whole = json.loads((tmp_path / "whole" / "single" / "results.json").read_text())["runs"]
     resumed = json.loads((out / "single" / "results.json").read_text())["runs"]
     for a, b in zip(whole, resumed, strict=True):
         assert (a["method"], a["seed"], a["steps"]) == (b["method"], b["seed"], b["steps"])
         assert a["levels"] == b["levels"]  # the same curves, accuracies and forgetting, to the last digit
-    assert resumed[0]["resumed_at"] == [40] and "resumed_at" not in resumed[1]
+    assert [r.get("resumed_at") for r in resumed] == [[40], [20]]
     assert resumed[0]["learn_cpu_seconds"] > 0.0 and not (out / "single" / ".progress").exists()
 
 
