@@ -27,7 +27,7 @@ from buffers.open import open_store
 from consumers.open import open_dead_letters, open_source
 from consumers.prefetch import Prefetcher
 from consumers.source import Instrumented, Source
-from consumers.urls import is_kafka_url
+from consumers.urls import KafkaUrl, is_kafka_url
 from consumers.wire import REASONS
 from monitoring.drift import DriftMonitor, parse_drift
 from monitoring.exporter import Check, Exporter
@@ -348,6 +348,7 @@ def open_pending(cfg: Config, *, journal: bool) -> PendingStore:
     return open_redis_pending(
         labels.pending,
         group=cfg.source.group,
+        label_topic=KafkaUrl.parse(labels.url).topic,
         ttl_s=labels.ttl_seconds,
         max_pending=labels.pending_max,
         journal=journal,

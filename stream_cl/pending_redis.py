@@ -100,7 +100,6 @@ local ttl, max = tonumber(ARGV[5]), tonumber(ARGV[6])
 local ftime, ltime = tonumber(ARGV[7]), tonumber(ARGV[8])
 local ftext, ltext = ARGV[7], ARGV[8]  -- the clocks as sent: a Lua number turned into text loses digits
 local limit = tonumber(ARGV[11])  -- the latest event time a clock may take (ARGV[12]: the wall clock)
--- ARGV[13]: the label topic (labels only), where a damaged label's dead letter goes after a restart too
 local meta = p .. 'meta'
 local last = redis.call('HGET', meta, 'op') or '0'
 if last == op then  -- a retry of a call that ran: its reply, not a second run
@@ -174,12 +173,12 @@ end
 ARRIVE = (
     _COMMON
     + """
--- ARGV[14..]: id, event time, entry of each predicted sample, in arrival order
-for i = 14, #ARGV, 3 do
+-- ARGV[13..]: id, event time, entry of each predicted sample, in arrival order
+for i = 13, #ARGV, 3 do
   local id, ts = ARGV[i], tonumber(ARGV[i + 1])
   local label = remove(L, id)
   if label then
-    emit('j', (i - 14) / 3, label)
+    emit('j', (i - 13) / 3, label)
   else
     local older = remove(S, id)
     if older then emit('e', older, '') end
@@ -202,13 +201,12 @@ entry), ``e`` (a: an expired sample's entry), ``u`` (a: an unmatched label's ent
 LABEL = (
     _COMMON
     + """
--- ARGV[14..]: id, event time, entry of each label, in arrival order
-redis.call('HSET', meta, 'topic', ARGV[13])
-for i = 14, #ARGV, 3 do
+-- ARGV[13..]: id, event time, entry of each label, in arrival order
+for i = 13, #ARGV, 3 do
   local id, ts = ARGV[i], tonumber(ARGV[i + 1])
   local sample = remove(S, id)
   if sample then
-    emit('j', sample, (i - 14) / 3)
+    emit('j', sample, (i - 13) / 3)
   else
     local older = remove(L, id)
     if older then emit('u', older, 'replaced') end
@@ -281,6 +279,9 @@ class RedisPending:
         A ``redis.Redis`` with ``decode_responses=False``.
     group
         The consumer group: the keys live under ``streamcl:pending:{GROUP}:``.
+    label_topic
+        The label topic: the dead letter of a label whose entry is damaged names it (the entry cannot say), even
+        when that label was stored by an earlier run.
     ttl_s, max_pending, max_clock_skew_s
         As for :class:`stream_cl.pending.MemoryPending`.
     journal
@@ -292,6 +293,7 @@ class RedisPending:
         client: redis.Redis,
         *,
         group: str,
+        label_topic: str,
         ttl_s: float,
         max_pending: int,
         journal: bool,
@@ -306,6 +308,7 @@ class RedisPending:
         self.client, self.ttl_s, self.max_pending, self.journal = client, ttl_s, max_pending, journal
         self.max_clock_skew_s = max_clock_skew_s
         self.prefix = f"streamcl:pending:{{{group}}}:"
+        self.label_topic = label_topic
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
         self.rollback_chunk = rollback_chunk  # journal changes read per LRANGE during a restore
         self.healthy = True
@@ -316,7 +319,6 @@ class RedisPending:
         self._rollback, self._forget = client.register_script(ROLLBACK), client.register_script(FORGET)
         self.op = 0
         self._sizes = (0, 0)
-        self.topic = ""  # the label topic: where the dead letter of a damaged label goes
 
     def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled:
         if not records:
@@ -350,10 +352,7 @@ class RedisPending:
             args += [label.id, repr(float(label.timestamp)), _label_entry(label)]
         now, limit = wall_clock(self.max_clock_skew_s)
         clock = advanced(self.label_time, (label.timestamp for label in labels), limit)
-        self.topic = labels[0].position.stream
-        reply = self._call(
-            self._label, args, feature_time=self.feature_time, label_time=clock, now=now, limit=limit, topic=self.topic
-        )
+        reply = self._call(self._label, args, feature_time=self.feature_time, label_time=clock, now=now, limit=limit)
         self.label_time = clock
         settled = Settled()
         for kind, a, b in _events(reply):
@@ -396,19 +395,11 @@ class RedisPending:
 
     def restore(self, state: dict[str, Any] | None) -> None:
         """Bring Redis back to the checkpoint's ``state`` (None: no checkpoint, so nothing waits) or, without
-        a journal, take it as it is (the last run's live state)."""
-        meta = self.prefix + "meta"
-        last, topic = self.client.hmget(meta, ["op", "topic"])
-        self.op = int(last or 0)
-        self.topic = topic.decode(errors="replace") if topic else ""
+        a journal, take it as it is (the last run's live state). A Redis that cannot be reached or cannot take
+        writes now (a failover under way) is waited for, as in :meth:`_call`."""
+        self.op = int(self._waiting(lambda: self.client.hget(self.prefix + "meta", "op")) or 0)
         if not self.journal:
-            top = int(self.client.hget(meta, "top") or 0)
-            self._forget(args=[self.prefix, top])  # journals of an earlier checkpointed run are of no use now
-            ft, lt = self.client.hmget(meta, ["ft", "lt"])
-            _, limit = wall_clock(self.max_clock_skew_s)
-            self.feature_time = restored_clock(float(ft), limit) if ft else float("-inf")
-            self.label_time = restored_clock(float(lt), limit) if lt else float("-inf")
-            self._sizes = (self.client.zcard(self.prefix + "s:order"), self.client.zcard(self.prefix + "l:order"))
+            self._waiting(self._take_live_state)
             return
         if state is not None and state.get("store") != "redis":
             raise PendingStateError(
@@ -422,8 +413,10 @@ class RedisPending:
         gen = 0 if state is None else int(state["generation"])
         expected = (0, 0) if state is None else (int(state["samples"]), int(state["labels"]))
         try:
-            found = tuple(int(n) for n in self._rollback(args=[self.prefix, gen, self.rollback_chunk]))
-        except redis.ResponseError as error:
+            found = tuple(
+                int(n) for n in self._waiting(lambda: self._rollback(args=[self.prefix, gen, self.rollback_chunk]))
+            )
+        except redis.ResponseError as error:  # a refusal to write now is waited for; this is the journal or a bug
             raise PendingStateError(
                 f"the Redis pending store {self.prefix}* cannot go back to the checkpoint: {error}"
             ) from None
@@ -440,6 +433,17 @@ class RedisPending:
             _, limit = wall_clock(self.max_clock_skew_s)
             self.feature_time = restored_clock(float(state["feature_time"]), limit)
             self.label_time = restored_clock(float(state["label_time"]), limit)
+
+    def _take_live_state(self) -> None:
+        """Resume with what Redis holds (no journal): every step is idempotent, so an interrupted one is redone."""
+        meta = self.prefix + "meta"
+        top = int(self.client.hget(meta, "top") or 0)
+        self._forget(args=[self.prefix, top])  # journals of an earlier checkpointed run are of no use now
+        ft, lt = self.client.hmget(meta, ["ft", "lt"])
+        _, limit = wall_clock(self.max_clock_skew_s)
+        self.feature_time = restored_clock(float(ft), limit) if ft else float("-inf")
+        self.label_time = restored_clock(float(lt), limit) if lt else float("-inf")
+        self._sizes = (self.client.zcard(self.prefix + "s:order"), self.client.zcard(self.prefix + "l:order"))
 
     def saved(self, state: dict[str, Any]) -> None:
         """The checkpoint of ``state``'s generation is written: drop the journals that neither it nor the previous
@@ -464,18 +468,33 @@ class RedisPending:
         label_time: float,
         now: float,
         limit: float,
-        topic: str = "",
     ) -> list:
-        """One script call, retried with back-off while Redis cannot be reached or cannot take writes now (the
-        same operation number: a call that ran returns its stored reply)."""
+        """One script call, waited for while Redis cannot be used (the same operation number: a call that ran
+        returns its stored reply)."""
         op = self.op + 1
         head = [self.prefix, op, self.op, self.gen, repr(self.ttl_s), self.max_pending]
         head += [_clock(self.feature_time), _clock(self.label_time), _clock(feature_time), _clock(label_time)]
-        head += [repr(limit), repr(now), topic]
+        head += [repr(limit), repr(now)]
+        try:
+            reply = self._waiting(lambda: script(args=head + args))
+        except redis.ResponseError as error:
+            if "STATELOST" in str(error):
+                raise PendingStateError(
+                    f"the Redis pending store {self.prefix}* lost its state ({error}): Redis restarted without "
+                    "persistence; restart the service to resume from its checkpoint"
+                ) from None
+            raise
+        self.op = op
+        self._sizes = (int(reply[0]), int(reply[1]))
+        return reply
+
+    def _waiting(self, call: Callable[[], T]) -> T:
+        """``call()``, retried with back-off while Redis cannot be reached or cannot take writes now (``healthy`` is
+        False meanwhile); any other error is raised."""
         wait = self.retry_min_s
         while True:
             try:
-                reply = script(args=head + args)
+                result = call()
                 break
             except (*UNAVAILABLE, *REFUSING_WRITES) as error:
                 if self.healthy:
@@ -483,19 +502,10 @@ class RedisPending:
                 self.healthy = False
                 time.sleep(wait)
                 wait = min(wait * 2, self.retry_max_s)
-            except redis.ResponseError as error:
-                if "STATELOST" in str(error):
-                    raise PendingStateError(
-                        f"the Redis pending store {self.prefix}* lost its state ({error}): Redis restarted without "
-                        "persistence; restart the service to resume from its checkpoint"
-                    ) from None
-                raise
         if not self.healthy:
             log.warning("the Redis pending store is reachable again")
         self.healthy = True
-        self.op = op
-        self._sizes = (int(reply[0]), int(reply[1]))
-        return reply
+        return result
 
     def _settle_other(self, kind: bytes, a: bytes, b: bytes, settled: Settled) -> None:
         if kind == b"e":
@@ -511,7 +521,7 @@ class RedisPending:
 
     def _damaged_label(self, entry: bytes) -> DeadLetter:
         """The dead letter of a label whose entry cannot be read: its stored bytes, on the label topic."""
-        message = Message(Position(self.topic, 0, -1), float("nan"), None, entry[:MAX_LABEL_MESSAGE_BYTES])
+        message = Message(Position(self.label_topic, 0, -1), float("nan"), None, entry[:MAX_LABEL_MESSAGE_BYTES])
         return DeadLetter(message, UNMATCHED, DAMAGED_LABEL)
 
     def _warn_damaged(self, settled: Settled) -> None:
@@ -530,6 +540,7 @@ def open_redis_pending(
     url: str,
     *,
     group: str,
+    label_topic: str,
     ttl_s: float,
     max_pending: int,
     journal: bool,
@@ -545,7 +556,13 @@ def open_redis_pending(
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ConnectionError(f"cannot reach the Redis pending store at {mask_url(url)}: {reason}") from None
     return RedisPending(
-        client, group=group, ttl_s=ttl_s, max_pending=max_pending, journal=journal, max_clock_skew_s=max_clock_skew_s
+        client,
+        group=group,
+        label_topic=label_topic,
+        ttl_s=ttl_s,
+        max_pending=max_pending,
+        journal=journal,
+        max_clock_skew_s=max_clock_skew_s,
     )
 
 

@@ -75,7 +75,9 @@ def make_store(request: pytest.FixtureRequest) -> MakeStore:
             return MemoryPending(ttl_s=ttl_s, max_pending=max_pending, **options)
         server: RedisServer = request.getfixturevalue("redis_server")
         client = server.client()
-        store = RedisPending(client, group=group, ttl_s=ttl_s, max_pending=max_pending, journal=journal, **options)
+        store = RedisPending(
+            client, group=group, label_topic="labels", ttl_s=ttl_s, max_pending=max_pending, journal=journal, **options
+        )
         request.addfinalizer(store.close)
         return store
 

@@ -29,7 +29,9 @@ def label(sample_id: str, name: str, at_s: float) -> LabelRecord:
 
 
 def store(server: RedisServer, group: str, *, journal: bool = True, ttl_s: float = 100, **kw: float) -> RedisPending:
-    return RedisPending(server.client(), group=group, ttl_s=ttl_s, max_pending=3, journal=journal, **kw)
+    return RedisPending(
+        server.client(), group=group, label_topic="labels", ttl_s=ttl_s, max_pending=3, journal=journal, **kw
+    )
 
 
 def contents(pending: RedisPending) -> tuple[list[str], list[str]]:
@@ -187,6 +189,11 @@ def test_without_checkpoints_a_restart_resumes_with_the_live_state(redis_server:
 def test_a_redis_that_cannot_be_reached_at_start_is_an_error_with_the_password_masked() -> None:
     with pytest.raises(ConnectionError, match=r"cannot reach the Redis pending store at redis://app:\*\*\*@") as error:
         open_redis_pending(
-            f"redis://app:hunter2@127.0.0.1:{free_port()}/0", group="g", ttl_s=1, max_pending=1, journal=True
+            f"redis://app:hunter2@127.0.0.1:{free_port()}/0",
+            group="g",
+            label_topic="labels",
+            ttl_s=1,
+            max_pending=1,
+            journal=True,
         )
     assert "hunter2" not in str(error.value)

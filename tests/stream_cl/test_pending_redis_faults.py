@@ -33,7 +33,9 @@ def finishes(call: Callable[[], object], within_s: float = 10.0) -> object:
 
 def test_damaged_entries_are_given_up_and_counted_never_raised_or_looped_on(redis_aof: RedisServer) -> None:
     client = redis.Redis.from_url(redis_aof.url, socket_timeout=5)
-    store = RedisPending(client, group="damaged", ttl_s=10, max_pending=100, journal=True, retry_max_s=0.2)
+    store = RedisPending(
+        client, group="damaged", label_topic="labels", ttl_s=10, max_pending=100, journal=True, retry_max_s=0.2
+    )
     labels, sink = Labels(), Sink()
     delayed = DelayedLabels(labels, sink, store=store, metrics=JoinMetrics(CollectorRegistry()))
     delayed.restore(None)
@@ -64,7 +66,9 @@ def test_damaged_entries_are_given_up_and_counted_never_raised_or_looped_on(redi
     value = delayed.metrics.registry.get_sample_value
     assert (value("streamcl_pending_samples"), value("streamcl_labels_waiting")) == (0, 2)
 
-    restarted = RedisPending(redis_aof.client(), group="damaged", ttl_s=10, max_pending=100, journal=True)
+    restarted = RedisPending(
+        redis_aof.client(), group="damaged", label_topic="labels", ttl_s=10, max_pending=100, journal=True
+    )
     restarted.restore(checkpoint)  # the damaged entries come back as they were at the checkpoint
     assert contents(restarted) == (["a", "b", "c", "d"], ["w", "v"])
     assert admin.hget(p + "s:data", "a") is None and admin.hget(p + "s:ts", "c") is None
@@ -73,7 +77,14 @@ def test_damaged_entries_are_given_up_and_counted_never_raised_or_looped_on(redi
 def test_a_redis_that_refuses_writes_for_a_while_pauses_the_store_and_loses_nothing(redis_aof: RedisServer) -> None:
     """A failover makes the primary a replica (READONLY); ``maxmemory`` with ``noeviction`` refuses writes (OOM)."""
     store = RedisPending(
-        redis_aof.client(), group="refused", ttl_s=100, max_pending=10, journal=True, retry_min_s=0.05, retry_max_s=0.2
+        redis_aof.client(),
+        group="refused",
+        label_topic="labels",
+        ttl_s=100,
+        max_pending=10,
+        journal=True,
+        retry_min_s=0.05,
+        retry_max_s=0.2,
     )
     store.restore(None)
     store.arrive([feature("a", 0)], classes(1))
@@ -94,3 +105,69 @@ def test_a_redis_that_refuses_writes_for_a_while_pauses_the_store_and_loses_noth
         assert not call.is_alive() and store.healthy
     assert [[r.id for r, _, _ in s.joined] for s in settled] == [[], ["a"]]
     assert contents(store) == ([], ["q"]) and store.sizes() == (0, 1)
+
+
+def test_a_damaged_label_stored_by_an_earlier_run_is_dead_lettered_on_the_label_topic(redis_aof: RedisServer) -> None:
+    """After a restart the first call may be an arrival joining a damaged label: nothing of this run (nor of an
+    earlier version, which kept no topic in Redis) has told the store the label topic, only its builder has."""
+    store = RedisPending(
+        redis_aof.client(), group="upgraded", label_topic="labels", ttl_s=10, max_pending=10, journal=True
+    )
+    store.restore(None)
+    store.label([label("w", "cat", 1)])
+    checkpoint = store.state_dict()
+    store.saved(checkpoint)
+    store.close()
+    admin, p = redis_aof.client(), store.prefix
+    admin.hset(p + "l:data", "w", b"junk")
+    admin.hdel(p + "meta", "topic")  # as an earlier version left it (when it wrote one at all)
+
+    restarted = RedisPending(
+        redis_aof.client(), group="upgraded", label_topic="labels", ttl_s=10, max_pending=10, journal=True
+    )
+    sink = Sink()
+    delayed = DelayedLabels(Labels(), sink, store=restarted, metrics=JoinMetrics(CollectorRegistry()))
+    delayed.restore(checkpoint)
+    step = delayed.arrive([feature("w", 2)], classes(1))  # the first call of the run joins the junk label
+    assert not step.joined and [r.id for r in step.expired] == ["w"]
+    [dead] = sink.sent
+    assert (dead.reason, dead.detail, dead.message.value) == (UNMATCHED, DAMAGED_LABEL, b"junk")
+    assert dead.message.position.stream == "labels"  # so it goes to labels.dlq, not to ".dlq"
+
+
+def test_a_restart_while_redis_refuses_writes_waits_for_it_instead_of_failing(redis_aof: RedisServer) -> None:
+    """A restart during a failover (the old primary a replica for now: READONLY) or with ``maxmemory`` reached (OOM)
+    waits for Redis to take writes again, as the per-batch calls do, and then restores the checkpoint."""
+    first = RedisPending(
+        redis_aof.client(), group="restart", label_topic="labels", ttl_s=100, max_pending=10, journal=True
+    )
+    first.restore(None)
+    first.arrive([feature("a", 0)], classes(1))
+    checkpoint = first.state_dict()
+    first.saved(checkpoint)
+    first.label([label("a", "cat", 1)])  # after the checkpoint: the restore undoes it
+    admin = redis_aof.client()
+    refusals = [
+        (("REPLICAOF", "127.0.0.1", str(free_port())), ("REPLICAOF", "NO", "ONE")),
+        (("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0")),
+    ]
+    for refuse, allow in refusals:
+        restarted = RedisPending(
+            redis_aof.client(),
+            group="restart",
+            label_topic="labels",
+            ttl_s=100,
+            max_pending=10,
+            journal=True,
+            retry_min_s=0.05,
+            retry_max_s=0.2,
+        )
+        admin.execute_command(*refuse)
+        call = threading.Thread(target=lambda s=restarted: s.restore(checkpoint), daemon=True)
+        call.start()
+        call.join(1.0)
+        assert call.is_alive() and not restarted.healthy  # waits, and says so
+        admin.execute_command(*allow)
+        call.join(10)
+        assert not call.is_alive() and restarted.healthy
+        assert contents(restarted) == (["a"], []) and restarted.sizes() == (1, 0)
