@@ -420,6 +420,12 @@ class ServiceConfig:
     average_every: int = setting(
         10, "group steps between parameter averages (--sync average)", flat="average_every", check=positive
     )
+    collective_timeout: float = setting(
+        600.0,
+        "seconds a worker waits for the others in a group step before the group fails and is restarted (a hung worker)",
+        flat="collective_timeout",
+        check=duration,
+    )
 
 
 def _pending_spec(value: str) -> str | None:

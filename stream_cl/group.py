@@ -184,9 +184,7 @@ class Group:
             return
         tensors = list(learner.inner.model.state_dict().values())
         flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
-        size = torch.tensor([flat.numel()], dtype=torch.float64, device=self.device)
-        dist.all_reduce(size)
-        self._check_size(flat.numel(), size.item())
+        self._check_size(flat.numel())
         dist.broadcast(flat, 0)
         _unflatten(flat, tensors)
         learner.aligned = True
@@ -220,12 +218,12 @@ class Group:
                 p.grad = torch.zeros_like(p)
         buffers = [b for m in modules for b in m.buffers()]
         tensors = [p.grad for p in params] + buffers
-        size = sum(t.numel() for t in tensors)
-        counts = torch.tensor([learned, size], dtype=torch.float64, device=loss.device)
-        head = torch.cat([counts, loss.detach().double().reshape(1)]).to(self.device)
+        self._check_size(sum(t.numel() for t in tensors))
+        # Built on the collective device and cast there: the loss's may have no float64 (MPS).
+        learned_here = torch.tensor([learned], dtype=torch.float64, device=self.device)
+        head = torch.cat([learned_here, loss.detach().reshape(1).to(self.device, torch.float64)])
         dist.all_reduce(head)
-        n_learned, sizes, loss_sum = head.tolist()
-        self._check_size(size, sizes)
+        n_learned, loss_sum = head.tolist()
         # Every worker's tensors, in one flat all-reduce; a worker that did not learn contributes zeros.
         weight = 1.0 if n_learned == 0 else learned  # nobody learned: every worker's buffers count equally
         divisor = self.world_size if n_learned == 0 else n_learned
@@ -256,11 +254,10 @@ class Group:
         if learner is None:
             return
         tensors = _model_tensors(learner.inner)
-        size = sum(t.numel() for t in tensors)
-        counted = torch.tensor([float(self._moved), size], dtype=torch.float64, device=self.device)
+        self._check_size(sum(t.numel() for t in tensors))
+        counted = torch.tensor([float(self._moved)], device=self.device)
         dist.all_reduce(counted)
-        n_moved, sizes = counted.tolist()
-        self._check_size(size, sizes)
+        n_moved = counted.item()
         if n_moved == 0 and learner.aligned:
             return  # nobody stepped since the last average: the workers hold one model already
         weight, divisor = (float(self._moved), n_moved) if n_moved else (float(self.rank == 0), 1.0)
@@ -270,14 +267,17 @@ class Group:
         self._moved = False
         learner.aligned = True
 
-    def _check_size(self, size: int, summed: float) -> None:
-        """Raise :class:`ModelMismatchError` unless every worker's model has ``size`` elements (``summed``: the
-        group's sum). Mismatched tensors in one all-reduce abort gloo (no message) and NCCL may reduce them
-        silently; the workers whose size is not the group's mean (at least the largest and the smallest) raise."""
-        if summed != size * self.world_size:
+    def _check_size(self, size: int) -> None:
+        """Raise :class:`ModelMismatchError` on every worker unless every worker's model has ``size`` elements;
+        a collective. Mismatched tensors in one all-reduce abort gloo (no message) and NCCL may reduce them
+        silently. One MAX all-reduce of (size, -size) gives the group's largest and smallest sizes."""
+        extremes = torch.tensor([size, -size], dtype=torch.int64, device=self.device)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        largest, smallest = extremes[0].item(), -extremes[1].item()
+        if largest != smallest:
             raise ModelMismatchError(
-                f"the workers' models differ: this worker's has {size} elements, the group's average "
-                f"{summed / self.world_size:g} (different settings, or a label tree grown apart)"
+                f"the workers' models differ: this worker's has {size} elements, the group's from {smallest} "
+                f"to {largest} (different settings, or a label tree grown apart)"
             )
 
     def moved(self) -> None:

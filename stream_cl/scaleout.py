@@ -17,11 +17,12 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, fields
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 from stream_cl.config import Config
 from stream_cl.errors import StreamClError
@@ -32,6 +33,8 @@ log = logging.getLogger("stream_cl.scaleout")
 _STOPPING = "STREAM_CL_GROUP_STOPPING"
 """Set in the launcher's environment once it was told to stop: a worker started after that (a restart) starts
 stopped, so a stop signal never turns into a group that learns on."""
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class WorkersFailed(StreamClError):
@@ -54,9 +57,8 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
     from stream_cl.assemble import check_group
 
     check_group(cfg, cfg.service.workers)  # a usage error is no reason to start (and restart) workers
-    # SIGTERM and SIGINT are this process's to forward (see _forward_stop_signals); older torch has no say in it
-    handles = "signals_to_handle" in {field.name for field in fields(LaunchConfig)}
-    signals = {"signals_to_handle": "SIGHUP,SIGQUIT"} if handles else {}
+    # SIGTERM and SIGINT are this process's to forward (see _forward_stop_signals)
+    settable = "signals_to_handle" in {field.name for field in fields(LaunchConfig)}
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -67,52 +69,104 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
         max_restarts=cfg.service.max_restarts,
         monitor_interval=0.5,
         start_method="spawn",
-        **signals,
+        **({"signals_to_handle": "SIGHUP,SIGQUIT"} if settable else {}),
     )
     log.info("starting %d workers (restarts allowed: %d)", cfg.service.workers, cfg.service.max_restarts)
-    try:
-        with _forward_stop_signals() as stopped:
+    with _forward_stop_signals(agent_handles_them=not settable) as stopped:
+        try:
             results = elastic_launch(config, _spawned)(cfg, log_level, log_format)
-    except ChildFailedError as err:
-        message = err.get_first_failure()[1].message
-        message = message.get("message", message) if isinstance(message, dict) else message
-        raise WorkersFailed(f"the group of workers failed: {message}") from None
-    summary, received = json.loads(results[0])
+        except ChildFailedError as err:
+            message = err.get_first_failure()[1].message
+            message = message.get("message", message) if isinstance(message, dict) else message
+            if stopped:
+                _drain_failed(f"the group failed while draining ({message})")
+            raise WorkersFailed(f"the group of workers failed: {message}") from None
+    returned = [json.loads(value) for value in results.values()]
+    if None in returned:
+        _drain_failed("the group failed while draining and was restarted; the restarted workers started stopped")
+    summary, received = returned[0]
     return Summary(**summary), received or bool(stopped)
 
 
+def _drain_failed(what: str) -> NoReturn:
+    """End the launcher as one process ends a drain that failed: exit code DRAIN_EXIT_CODE, no summary (what
+    rank 0 of a restarted group would return covers none of the run's records)."""
+    from stream_cl.service import DRAIN_EXIT_CODE
+
+    log.error("stopping: %s; exiting with code %d and no summary", what, DRAIN_EXIT_CODE)
+    raise SystemExit(DRAIN_EXIT_CODE)
+
+
 @contextmanager
-def _forward_stop_signals() -> Iterator[list[int]]:
-    """Within the block, SIGTERM/SIGINT to the launcher go on to its workers, which drain and stop together
-    and return the group's summary; yields the signals received.
+def _forward_stop_signals(*, agent_handles_them: bool = False) -> Iterator[list[int]]:
+    """Within the block, SIGTERM/SIGINT to the launcher go on to its workers (the processes started within
+    the block: the elastic agent's), which drain and stop together and return the group's summary; yields
+    the signals received.
 
     The elastic agent's own handling would send the workers SIGTERM and kill them 30 s later without ever
     reading what they return, while the launcher dies with a traceback: no summary, exit code 1, and a drain
-    cut short whatever ``--drain-timeout`` says. So the agent is told to handle only SIGHUP and SIGQUIT.
+    cut short whatever ``--drain-timeout`` says. So the agent is told to handle only SIGHUP and SIGQUIT, or,
+    where it has no such setting (``agent_handles_them``), the handler it installs forwards (see
+    :func:`_agent_forwards`).
     """
     received: list[int] = []
+    others = set(multiprocessing.active_children())  # not the launcher's: started before it
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
         os.environ[_STOPPING] = "1"  # workers the agent starts from now on (a restart) start stopped
-        for worker in multiprocessing.active_children():  # the agent's workers are this process's children
+        for worker in set(multiprocessing.active_children()) - others:  # the agent's: this process's children
             with suppress(ProcessLookupError):  # exited meanwhile
                 os.kill(worker.pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in _STOP_SIGNALS}
     try:
-        yield received
+        with _agent_forwards(forward) if agent_handles_them else nullcontext():
+            yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         os.environ.pop(_STOPPING, None)
 
 
+@contextmanager
+def _agent_forwards(forward: Callable[[int, object], None]) -> Iterator[None]:
+    """Within the block, the signal handler torch's agent installs forwards SIGTERM/SIGINT with ``forward``.
+
+    Torch without ``LaunchConfig.signals_to_handle`` installs its handler for SIGTERM, SIGINT, SIGHUP and
+    SIGQUIT each time it starts the workers (``PContext.start``), after ours, looking it up by name in its
+    module: that name is given a handler that forwards the stop signals and leaves the others to torch's.
+    """
+    from torch.distributed.elastic.multiprocessing import api
+
+    torchs = getattr(api, "_terminate_process_handler", None)
+    if torchs is None:
+        log.warning(
+            "this torch's launcher takes SIGTERM/SIGINT itself: a stop signal ends the workers within 30 s, "
+            "without the group's summary (a torch whose LaunchConfig has signals_to_handle lets them drain)"
+        )
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        (forward if signum in _STOP_SIGNALS else torchs)(signum, frame)
+
+    api._terminate_process_handler = handler
+    try:
+        yield
+    finally:
+        api._terminate_process_handler = torchs
+
+
 def _spawned(cfg: Config, log_level: str, log_format: str) -> str:
-    """A worker process the launcher started: rank 0 returns the group's summary as JSON."""
+    """A worker process the launcher started: rank 0 returns the group's summary as JSON (``null`` from a
+    worker started after the stop signal)."""
     from stream_cl.logs import configure
 
     configure(log_level, log_format)
+    if os.environ.get(_STOPPING):  # restarted after the launcher was told to stop: the drain failed
+        log.error("worker restarted after the stop signal: not starting (no broker, buffer or checkpoint)")
+        return json.dumps(None)
     summary, received = run_worker(cfg)
     return json.dumps([asdict(summary), received])
 
@@ -130,18 +184,16 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = _store(rank)
-    with process_group("nccl" if nccl else "gloo", store=store, rank=rank, world_size=world_size):
+    timeout = timedelta(seconds=cfg.service.collective_timeout)  # the backends' own: 10 (NCCL) to 30 minutes
+    with process_group("nccl" if nccl else "gloo", store=store, rank=rank, world_size=world_size, timeout=timeout):
         offsets = StoreRunOffsets(store)
         group = Group.current(sync=cfg.service.sync, average_every=cfg.service.average_every, run_offsets=offsets)
         how = "all-reduce" if group.sync == "allreduce" else f"average every {group.average_every}"
         log.info("worker %d of %d (%s), %s, pid %d", group.rank, group.world_size, dist.get_backend(), how, os.getpid())
         stop = threading.Event()
-        stopping = bool(os.environ.get(_STOPPING))  # restarted after the launcher was told to stop: end at once
-        if stopping:
-            stop.set()
         with stop_on_signals(stop, cfg.service.drain_timeout) as received:
             summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)
-        return summary, bool(received) or stopping
+        return summary, bool(received)
 
 
 def _store(rank: int) -> object:

@@ -4,6 +4,7 @@ instead of one worker aborting inside gloo (and NCCL reducing mismatched buffers
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -16,12 +17,17 @@ from stream_cl.build import build_learner
 from stream_cl.group import Group, ModelMismatchError, process_group
 from tests.fixtures.procs import free_port
 
+MIDDLE_IS_THE_MEAN = (12, 20, 26)
+"""MLP widths whose models (w² + 10w elements on 8 inputs: 264, 600, 936) have the middle one at the mean."""
 
-def _mismatched_worker(rank: int, port: int, tmp: Path, sync: str, collective: str) -> None:
+
+def _mismatched_worker(rank: int, port: int, tmp: Path, sync: str, collective: str, widths: tuple[int, ...]) -> None:
     torch.set_num_threads(1)
-    with process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2):
-        group = Group(rank, 2, torch.device("cpu"), sync=sync)
-        make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), width=16 + 8 * rank)
+    world_size = len(widths)
+    init = {"init_method": f"tcp://127.0.0.1:{port}", "timeout": timedelta(seconds=30)}  # no 30 min hang
+    with process_group("gloo", rank=rank, world_size=world_size, **init):
+        group = Group(rank, world_size, torch.device("cpu"), sync=sync)
+        make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), width=widths[rank])
         learner = group.wrap(make)((8,), np.dtype("float32"))
         try:
             if collective == "align":
@@ -34,15 +40,17 @@ def _mismatched_worker(rank: int, port: int, tmp: Path, sync: str, collective: s
                 group.average(learner)
         except ModelMismatchError as err:
             (tmp / f"{rank}.json").write_text(json.dumps(str(err)))
-            raise SystemExit(0) from None  # no barrier: the peer has left the collective too
+            raise SystemExit(0) from None  # no barrier: the peers have left the collective too
 
 
+@pytest.mark.parametrize("widths", [(16, 24), MIDDLE_IS_THE_MEAN], ids=["two", "three-middle-at-the-mean"])
 @pytest.mark.parametrize(
     ("sync", "collective"), [("allreduce", "align"), ("allreduce", "reduce"), ("average", "average")]
 )
 def test_workers_with_models_of_different_sizes_fail_with_a_clear_error(
-    tmp_path: Path, sync: str, collective: str
+    tmp_path: Path, sync: str, collective: str, widths: tuple[int, ...]
 ) -> None:
-    mp.spawn(_mismatched_worker, args=(free_port(), tmp_path, sync, collective), nprocs=2, join=True)
-    errors = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
-    assert all("the workers' models differ" in e for e in errors), errors
+    args = (free_port(), tmp_path, sync, collective, widths)
+    mp.spawn(_mismatched_worker, args=args, nprocs=len(widths), join=True)
+    errors = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(len(widths))]
+    assert all("the workers' models differ" in e for e in errors), errors  # every worker, the middle one too

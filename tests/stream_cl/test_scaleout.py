@@ -138,6 +138,30 @@ def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing
     assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
 
 
+def test_a_hung_worker_fails_the_group_after_the_collective_timeout_and_the_restart_learns_every_record(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 2000)
+    buffer = shared_buffer(redis_server, f"scaleout-hung-{topic}")
+    proc = start(kafka_bootstrap, topic, tmp_path, "group", *GROUP, *buffer, "--collective-timeout", 5)
+    log = tmp_path / "group.log"
+    predictions = tmp_path / "group.1.jsonl"
+    with proc:
+        try:
+            wait_until(lambda: predictions.exists() and predictions.read_bytes().count(b"\n") >= 300, proc, log)
+            pid = int(re.search(r"worker 1 of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text()).group(1))
+            os.kill(pid, signal.SIGSTOP)  # alive but hung: only the collectives' timeout can tell
+            finish(proc, log, timeout_s=240)  # without the timeout, worker 0 waits 30 minutes in gloo
+        finally:
+            proc.kill()
+    assert len(re.findall(r"worker 1 of 2 \(gloo\)", log.read_text())) >= 2, "the group was restarted"
+    summary = json.loads((tmp_path / "group.json").read_text())
+    assert summary["learned_total"] == len(where)
+    assert_accounted(summary, len(where) + BAD)
+    assert set(learned_ids(tmp_path, "group", 2)) == set(where)
+
+
 class RecordingGroup(Group):
     """A group worker that records the model's SHA-256 and label tree after every group step."""
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -13,7 +11,6 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 
 from stream_cl.checkpoint import CheckpointStore
-from stream_cl.scaleout import _STOPPING, _forward_stop_signals
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_scaleout import GROUP, learned_ids, run, shared_buffer, start
 from tests.stream_cl.test_serve_kafka import produce, wait_until
@@ -57,14 +54,26 @@ def test_sigterm_to_the_launcher_drains_every_worker_and_the_next_run_learns_the
     assert second["learned_total"] == len(where)
 
 
-def test_the_launcher_forwards_a_stop_signal_to_its_workers_and_later_workers_start_stopped() -> None:
-    worker = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
-    before = signal.getsignal(signal.SIGTERM)
-    with _forward_stop_signals() as received:
-        worker.start()
-        os.kill(os.getpid(), signal.SIGTERM)
-        worker.join(30)
-        assert worker.exitcode == -signal.SIGTERM  # the worker got the signal, the launcher lives on
-        assert received == [signal.SIGTERM]
-        assert os.environ[_STOPPING] == "1"  # a group restarted from now on starts stopped
-    assert _STOPPING not in os.environ and signal.getsignal(signal.SIGTERM) is before
+def test_a_drain_that_fails_after_sigterm_exits_3_without_a_summary_and_the_restart_connects_nothing(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    topic = make_topic(4)
+    produce(kafka_bootstrap, topic, 3000)
+    buffer = shared_buffer(redis_server, f"failed-drain-{topic}")
+    # No drain ends within a millisecond: the workers' watchdogs end them (exit 3), and the agent restarts the group.
+    proc = start(kafka_bootstrap, topic, tmp_path, "first", *GROUP, *buffer, "--drain-timeout", 0.001)
+    log = tmp_path / "first.log"
+    predictions = [tmp_path / f"first.{r}.jsonl" for r in (0, 1)]
+    with proc:
+        try:
+            wait_until(lambda: all(p.exists() and p.read_bytes().count(b"\n") >= 200 for p in predictions), proc, log)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 3, log.read_text()[-3000:]  # DRAIN_EXIT_CODE, as one process exits
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert "drain did not finish within 0.0 s" in text
+    # restarted once, its workers stopped before the broker, the buffer and the checkpoint (and a watchdog)
+    assert text.count("worker restarted after the stop signal: not starting") == 2, text[-3000:]
+    assert "restarted workers started stopped; exiting with code 3 and no summary" in text
+    assert not (tmp_path / "first.json").exists()  # no summary of a restarted group that learned nothing
