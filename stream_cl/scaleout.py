@@ -81,8 +81,8 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
             if stopped:
                 _drain_failed(f"the group failed while draining ({message})")
             raise WorkersFailed(f"the group of workers failed: {message}") from None
-    returned = [json.loads(value) for value in results.values()]
-    if None in returned:
+    returned = {rank: json.loads(value) for rank, value in results.items()}  # keyed by rank, in finishing order
+    if None in returned.values():
         _drain_failed("the group failed while draining and was restarted; the restarted workers started stopped")
     summary, received = returned[0]
     return Summary(**summary), received or bool(stopped)
@@ -247,7 +247,8 @@ def _offset_name(key: tuple[str, int]) -> str:
 
 def for_rank(cfg: Config, rank: int, world_size: int) -> Config:
     """Worker ``rank``'s settings: its own metrics port (``--metrics-port`` + rank), its own
-    predictions file and dead-letter spool (``.rank`` inserted before the suffix; directories get ``-rank``)."""
+    predictions file, dead-letter file and dead-letter spool (``.rank`` inserted before the suffix; directories
+    get ``-rank``)."""
     if world_size == 1:
         return cfg
     values: dict[str, object] = {}
@@ -255,14 +256,21 @@ def for_rank(cfg: Config, rank: int, world_size: int) -> Config:
         values["metrics_port"] = cfg.metrics.port + rank
     url = cfg.predictions.url
     if url is not None and "://" not in url:
-        path = Path(url)
-        values["predictions"] = str(path.with_name(f"{path.stem}.{rank}{path.suffix}"))
+        values["predictions"] = _ranked(url, rank)
+    if cfg.source.dead_letter_out is not None:  # one writer per file: appends of two would interleave
+        values["dead_letter_out"] = _ranked(cfg.source.dead_letter_out, rank)
     spool = cfg.source.dead_letter_spool
     if spool is None and cfg.checkpoint.dir is not None:
         spool = str(Path(cfg.checkpoint.dir) / "dead-letter-spool")
     if spool is not None:
         values["dead_letter_spool"] = f"{spool}-{rank}"
     return cfg.with_values(**values) if values else cfg
+
+
+def _ranked(file: str, rank: int) -> str:
+    """``file`` with ``.rank`` inserted before its suffix: ``out.jsonl`` -> ``out.1.jsonl``."""
+    path = Path(file)
+    return str(path.with_name(f"{path.stem}.{rank}{path.suffix}"))
 
 
 def _free_port() -> int:

@@ -288,6 +288,21 @@ def worker_settings(bootstrap: str, topic: str, tmp: Path, name: str, **extra: o
     }
 
 
+def test_each_worker_writes_files_of_its_own_and_serves_metrics_on_a_port_of_its_own(tmp_path: Path) -> None:
+    settings = {
+        "source": "kafka://127.0.0.1:9092/t",
+        "group": "g",
+        "metrics_port": 9100,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "predictions": str(tmp_path / "out.jsonl"),
+        "dead_letter_out": str(tmp_path / "dead.rec.gz"),  # appended to by one writer only
+    }
+    one = for_rank(load(settings, {}), 1, 2)
+    assert (one.metrics.port, one.predictions.url) == (9101, str(tmp_path / "out.1.jsonl"))
+    assert one.source.dead_letter_out == str(tmp_path / "dead.rec.1.gz")
+    assert one.source.dead_letter_spool == str(tmp_path / "ckpt" / "dead-letter-spool") + "-1"
+
+
 def _serving_worker(rank: int, port: int, settings: dict, tmp: Path) -> None:
     """One worker of a group serving the real broker and Redis, recording its model after every group step."""
     torch.set_num_threads(1)
