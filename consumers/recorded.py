@@ -33,7 +33,10 @@ import functools
 import gzip
 import io
 import json
+import logging
+import os
 import struct
+import time
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -43,6 +46,8 @@ from typing import BinaryIO
 from consumers.record import DeadLetter, Message, Poll, Position, Record
 from consumers.source import Offsets, within_of
 from consumers.wire import MAX_PAYLOAD_BYTES, decode_samples
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"SCLREC\x00\x02"
 """The header of the files writers write (format version 2)."""
@@ -118,33 +123,38 @@ class RecordedWriter:
 
 class DurableRecordedWriter:
     """Append messages to a recorded-stream file, each as a gzip member of its own (gzip readers read
-    concatenated members as one stream), written with unbuffered writes.
+    concatenated members as one stream), written with unbuffered appends.
 
     The file reads whole after a kill at any moment (a kill, not a power cut: nothing is fsynced), and a write
     the disk refuses (full, file size limit) is cut back off before :meth:`write` raises its :class:`OSError`:
     the file keeps every message before it, and the same message may be written again later. An existing
-    recorded stream is appended to, so a restarted service keeps what it wrote before; a torn member at its
-    end (a kill mid-write of another writer) is cut off first. :attr:`count` counts this writer's messages.
-    A member per message compresses less than :class:`RecordedWriter`'s one stream; it is meant for rare
-    messages that must not be lost (dead letters).
+    recorded stream is appended to, so a restarted service keeps what it wrote before: a member torn by a
+    kill mid-write at its end is cut off first; a file damaged elsewhere is moved aside, whole, to
+    ``PATH.damaged-SECONDS``, and a new file begins. A file emptied from outside while it is written
+    (logrotate's ``copytruncate``) gets its header again with the next message. :attr:`count` counts this
+    writer's messages. A member per message compresses less than :class:`RecordedWriter`'s one stream; it is
+    meant for rare messages that must not be lost (dead letters).
 
     Raises
     ------
     RecordedStreamError
-        If the file exists, is not empty and is not a recorded stream (it is left as it is).
+        If the file exists, is not empty and is not a version-2 recorded stream (it is left as it is).
     OSError
         If the file cannot be opened, or created with its header.
     """
 
     def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         self.count = 0
-        whole = _whole_members(Path(path)) if Path(path).is_file() else 0
-        self._file = open(path, "r+b" if Path(path).is_file() else "w+b", buffering=0)  # noqa: SIM115 - see close()
+        whole = _kept_bytes(self.path) if self.path.is_file() else 0  # not /dev/null or a pipe
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()/__exit__
         try:
-            self._file.truncate(whole)
-            self._file.seek(whole)
+            size = self._size()
+            if whole < size:
+                log.warning("%s: cutting off the %d bytes of a member torn by a kill", self.path, size - whole)
+                self._file.truncate(whole)
             if not whole:
-                self._append(MAGIC)
+                self._append(b"")
         except OSError:
             self._file.close()
             raise
@@ -155,16 +165,19 @@ class DurableRecordedWriter:
         self._append(frame.getvalue())
         self.count += 1
 
-    def _append(self, data: bytes) -> None:
-        member = memoryview(gzip.compress(data, compresslevel=6, mtime=0))
-        start = self._file.tell()
+    def _size(self) -> int:
+        return os.fstat(self._file.fileno()).st_size
+
+    def _append(self, frame: bytes) -> None:
+        start = self._size()  # appends land at the end, wherever an outside truncation left it
+        header = gzip.compress(MAGIC, mtime=0) if start == 0 else b""
+        data = memoryview(header + (gzip.compress(frame, compresslevel=6, mtime=0) if frame else b""))
         try:
-            while member:  # an unbuffered write may take part of the bytes
-                member = member[self._file.write(member) :]
+            while data:  # an unbuffered write may take part of the bytes
+                data = data[self._file.write(data) :]
         except OSError:
             with contextlib.suppress(OSError):  # truncating frees space: it does not fail for a full disk
                 self._file.truncate(start)
-            self._file.seek(start)
             raise
 
     def close(self) -> None:
@@ -177,27 +190,30 @@ class DurableRecordedWriter:
         self.close()
 
 
-def _whole_members(path: Path) -> int:
-    """How many leading bytes of ``path`` are whole gzip members of a recorded stream: the file's size unless a
-    kill mid-write left a torn member at the end.
+def _kept_bytes(path: Path) -> int:
+    """How many leading bytes of the recorded stream ``path`` an appending writer keeps: all of them, but for a
+    member torn by a kill at the end. A file damaged elsewhere is moved aside (0 are kept of the new one).
 
     Raises
     ------
     RecordedStreamError
-        If the file is not empty and does not start as a recorded stream.
+        If the file is not empty and does not start as a version-2 recorded stream.
     """
     whole = at = 0
     head = b""
     member = zlib.decompressobj(wbits=31)
     with path.open("rb") as f:
         data = f.read(_CHUNK)
-        if data and not data.startswith(b"\x1f\x8b"):
-            raise RecordedStreamError(f"{path}: not a stream-cl recorded stream (not gzip); refusing to append to it")
         while data:
             try:
                 out = member.decompress(data, _CHUNK)  # bounded output: a small file may unpack to gigabytes
-            except zlib.error:
-                return whole  # a torn or damaged member: keep the whole ones before it
+            except zlib.error as err:
+                if len(head) < len(MAGIC):  # gzip, but not a stream of ours
+                    raise RecordedStreamError(f"{path}: not a stream-cl recorded stream: not appended to") from err
+                aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                log.error("%s: damaged after byte %d (%s); moved to %s, a new file begins", path, whole, err, aside)
+                path.rename(aside)
+                return 0
             head += out[: len(MAGIC) - len(head)]
             if head != MAGIC[: len(head)] or (member.eof and head != MAGIC):  # version 1 is not appended to either
                 raise RecordedStreamError(f"{path}: not a version-2 stream-cl recorded stream: not appended to")

@@ -273,7 +273,8 @@ class Group:
         silently. One MAX all-reduce of (size, -size) gives the group's largest and smallest sizes."""
         extremes = torch.tensor([size, -size], dtype=torch.int64, device=self.device)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        largest, smallest = extremes[0].item(), -extremes[1].item()
+        largest, negated_smallest = extremes.tolist()  # one device-to-host copy
+        smallest = -negated_smallest
         if largest != smallest:
             raise ModelMismatchError(
                 f"the workers' models differ: this worker's has {size} elements, the group's from {smallest} "

@@ -289,8 +289,10 @@ def _progress_path(args: argparse.Namespace, method: str, seed: int) -> Path | N
 
 def _progress_key(args: argparse.Namespace, method: str, seed: int, device: torch.device) -> str:
     """What a saved run must share with this one to be continued: protocol, method, seed, device, threads (they
-    change floating-point sums), data folder and code (its source files, committed or not)."""
-    knobs = {k: getattr(args, k, None) for k in (*PROTOCOL_KEYS, "threads", "data_dir")}
+    change floating-point sums), data folder, torch and NumPy versions, and code (its sources, committed or not)."""
+    knobs = {k: getattr(args, k, None) for k in (*PROTOCOL_KEYS, "threads")}
+    knobs["data_dir"] = str(Path(args.data_dir).resolve())  # ./data and data are one folder
+    knobs["versions"] = [torch.__version__, np.__version__]
     return json.dumps([knobs, method, seed, device.type, _code_digest()], sort_keys=True, default=str)
 
 
@@ -300,7 +302,7 @@ def _code_digest() -> str:
     digest = hashlib.sha256()
     root = Path(stream_cl.__file__).resolve().parent.parent
     for package in ("stream_cl", "consumers", "buffers", "monitoring"):
-        for path in sorted((root / package).rglob("*.py")):
+        for path in sorted(p for p in (root / package).rglob("*.py") if p.is_file()):  # not an editor's lock link
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 

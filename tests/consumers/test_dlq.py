@@ -237,13 +237,32 @@ def test_file_sink_restarted_on_its_file_appends_after_cutting_a_torn_tail_and_n
         assert sink.delivered == 1
     assert [m.position.offset for m in read_messages(path)] == [0, 1, 2]
     other = tmp_path / "notes.txt"
-    other.write_bytes(b"not a recording")
-    with pytest.raises(RecordedStreamError, match="not gzip"):
-        FileDeadLetterSink(other)
-    assert other.read_bytes() == b"not a recording"
-    other.write_bytes(gzip.compress(b"someone else's gzip"))
-    with pytest.raises(RecordedStreamError, match="not appended to"):
-        FileDeadLetterSink(other)
+    for foreign in (b"not a recording", gzip.compress(b"someone else's gzip")):
+        other.write_bytes(foreign)
+        with pytest.raises(RecordedStreamError, match="not appended to"):
+            FileDeadLetterSink(other)
+        assert other.read_bytes() == foreign
+
+
+def test_file_sink_moves_a_file_damaged_mid_way_aside_whole_and_survives_an_outside_truncation(tmp_path):
+    path = tmp_path / "dead.rec.gz"
+    with FileDeadLetterSink(path) as sink:
+        for offset in range(3):
+            sink.send(_dead("t", offset))
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # a flipped byte inside dead letter 1
+    path.write_bytes(bytes(damaged))
+    with FileDeadLetterSink(path) as sink:  # not cut: the intact dead letters after the damage are kept aside
+        sink.send(_dead("t", 3))
+        (aside,) = tmp_path.glob("dead.rec.gz.damaged-*")
+        assert aside.read_bytes() == bytes(damaged)
+        assert [m.position.offset for m in read_messages(path)] == [3]
+        path.write_bytes(b"")  # logrotate's copytruncate empties it under the writer
+        sink.send(_dead("t", 4))
+    assert [m.position.offset for m in read_messages(path)] == [4]  # the header came back with it
+    with FileDeadLetterSink(os.devnull) as sink:  # a character device: nothing to read back or cut
+        sink.send(_dead("t", 5))
+        assert sink.delivered == 1
 
 
 @contextlib.contextmanager
