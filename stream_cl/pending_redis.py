@@ -300,6 +300,7 @@ class RedisPending:
         max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
         retry_min_s: float = 0.1,
         retry_max_s: float = 5.0,
+        report_every_s: float = 60.0,
         rollback_chunk: int = 1000,
     ) -> None:
         if ttl_s <= 0 or max_pending <= 0:
@@ -310,6 +311,7 @@ class RedisPending:
         self.prefix = f"streamcl:pending:{{{group}}}:"
         self.label_topic = label_topic
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
+        self.report_every_s = report_every_s  # how often a long wait for Redis is logged again
         self.rollback_chunk = rollback_chunk  # journal changes read per LRANGE during a restore
         self.healthy = True
         self.gen = 1 if journal else 0
@@ -490,20 +492,31 @@ class RedisPending:
 
     def _waiting(self, call: Callable[[], T]) -> T:
         """``call()``, retried with back-off while Redis cannot be reached or cannot take writes now (``healthy`` is
-        False meanwhile); any other error is raised."""
+        False meanwhile); any other error is raised. A long wait is logged again every ``report_every_s``, with
+        the latest error, so a service that is not ready (a ``--pending`` on a read-only replica) says why."""
         wait = self.retry_min_s
+        started = time.monotonic()
+        report_at = started + self.report_every_s
         while True:
             try:
                 result = call()
                 break
             except (*UNAVAILABLE, *REFUSING_WRITES) as error:
+                now, reason = time.monotonic(), f"{type(error).__name__}: {error}"
                 if self.healthy:
-                    log.warning("the Redis pending store cannot be used (%s); consuming waits for it", error)
+                    log.warning("the Redis pending store cannot be used (%s); consuming waits for it", reason)
+                elif now >= report_at:
+                    log.warning(
+                        "the Redis pending store still cannot be used after %.0f s (%s); consuming waits for it",
+                        now - started,
+                        reason,
+                    )
+                    report_at = now + self.report_every_s
                 self.healthy = False
                 time.sleep(wait)
                 wait = min(wait * 2, self.retry_max_s)
         if not self.healthy:
-            log.warning("the Redis pending store is reachable again")
+            log.warning("the Redis pending store is reachable again after %.0f s", time.monotonic() - started)
         self.healthy = True
         return result
 

@@ -146,19 +146,24 @@ def run_stream(
             limit = min(limit, options.max_records - run.summary.consumed)
         now = time.monotonic()
         run.publisher.tick(now, run.state.learner, run.accuracy, source)
-        if run.parts.dead_letters.backpressure:  # the dead-letter spool is full: wait, never drop
+        # The dead-letter spool is full: poll nothing until it drains, never drop. A group's worker still makes
+        # every group step, with no records and not ended, so its peers go on learning and a stop is agreed.
+        paused = run.parts.dead_letters.backpressure
+        if paused and lockstep is None:
             stop.wait(0.1)
             continue
-        poll = source.poll(source.poll_timeout_s, limit) if limit > 0 else Poll()
-        if run.join_labels():  # label messages are activity too: a run waiting for labels is not idle
+        poll = source.poll(source.poll_timeout_s, limit) if limit > 0 and not paused else Poll()
+        if not paused and run.join_labels():  # label messages are activity too: a run waiting for labels is not idle
             idle.saw_records(time.monotonic())
-        ended = limit <= 0 or (not len(poll) and (source.exhausted or idle.expired(time.monotonic())))
+        ended = limit <= 0 or (not paused and not len(poll) and (source.exhausted or idle.expired(time.monotonic())))
         stepping = len(poll) > 0
         if lockstep is not None:
             ended, stepping = lockstep.agree(len(poll), ended, stop.is_set())
         if ended:
             break
         if not stepping:
+            if paused:  # no poll paced this turn: every worker may be waiting
+                stop.wait(0.1)
             continue
         offsets: Offsets = {}
         if len(poll):

@@ -4,9 +4,12 @@ reached). Each test has a server of its own: a script looping forever would leav
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from collections.abc import Callable
 
+import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
@@ -171,3 +174,38 @@ def test_a_restart_while_redis_refuses_writes_waits_for_it_instead_of_failing(re
         call.join(10)
         assert not call.is_alive() and restarted.healthy
         assert contents(restarted) == (["a"], []) and restarted.sizes() == (1, 0)
+
+
+def test_a_long_wait_for_a_redis_that_refuses_writes_is_logged_again_with_how_long_and_why(
+    redis_aof: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--pending`` on a read-only replica: start-up waits (as in an outage), and keeps saying why in the log."""
+    store = RedisPending(
+        redis_aof.client(),
+        group="replica",
+        label_topic="labels",
+        ttl_s=100,
+        max_pending=10,
+        journal=True,
+        retry_min_s=0.05,
+        retry_max_s=0.1,
+        report_every_s=0.5,
+    )
+    admin = redis_aof.client()
+    admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    caplog.set_level(logging.WARNING, logger="stream_cl.pending")
+    call = threading.Thread(target=lambda: store.restore(None), daemon=True)
+    call.start()
+    call.join(1.8)
+    assert call.is_alive() and not store.healthy  # still waiting ...
+    admin.execute_command("REPLICAOF", "NO", "ONE")
+    call.join(10)
+    assert not call.is_alive() and store.healthy
+    messages = [r.getMessage() for r in caplog.records if r.name == "stream_cl.pending"]
+    first, *again, back = messages
+    assert "cannot be used" in first and "ReadOnlyError" in first
+    # ... and said so again about every 0.5 s, with how long it has waited and the latest error
+    assert 2 <= len(again) <= 4, messages
+    waited = [float(re.search(r"after (\d+) s", m).group(1)) for m in again]
+    assert all("still cannot be used" in m and "ReadOnlyError" in m for m in again) and waited == sorted(waited)
+    assert back.startswith("the Redis pending store is reachable again after")
