@@ -34,6 +34,11 @@ def finishes(call: Callable[[], object], within_s: float = 10.0) -> object:
     return result["value"]
 
 
+def _store(server: RedisServer, group: str, **settings) -> RedisPending:
+    """A journaled store of the label topic ``labels`` on ``server``: ``settings`` override the defaults."""
+    return RedisPending(server.client(), **({"group": group, "label_topic": "labels", "journal": True} | settings))
+
+
 def test_damaged_entries_are_given_up_and_counted_never_raised_or_looped_on(redis_aof: RedisServer) -> None:
     client = redis.Redis.from_url(redis_aof.url, socket_timeout=5)
     store = RedisPending(
@@ -69,9 +74,7 @@ def test_damaged_entries_are_given_up_and_counted_never_raised_or_looped_on(redi
     value = delayed.metrics.registry.get_sample_value
     assert (value("streamcl_pending_samples"), value("streamcl_labels_waiting")) == (0, 2)
 
-    restarted = RedisPending(
-        redis_aof.client(), group="damaged", label_topic="labels", ttl_s=10, max_pending=100, journal=True
-    )
+    restarted = _store(redis_aof, "damaged", ttl_s=10, max_pending=100)
     restarted.restore(checkpoint)  # the damaged entries come back as they were at the checkpoint
     assert contents(restarted) == (["a", "b", "c", "d"], ["w", "v"])
     assert admin.hget(p + "s:data", "a") is None and admin.hget(p + "s:ts", "c") is None
@@ -79,16 +82,7 @@ def test_damaged_entries_are_given_up_and_counted_never_raised_or_looped_on(redi
 
 def test_a_redis_that_refuses_writes_for_a_while_pauses_the_store_and_loses_nothing(redis_aof: RedisServer) -> None:
     """A failover makes the primary a replica (READONLY); ``maxmemory`` with ``noeviction`` refuses writes (OOM)."""
-    store = RedisPending(
-        redis_aof.client(),
-        group="refused",
-        label_topic="labels",
-        ttl_s=100,
-        max_pending=10,
-        journal=True,
-        retry_min_s=0.05,
-        retry_max_s=0.2,
-    )
+    store = _store(redis_aof, "refused", ttl_s=100, max_pending=10, retry_min_s=0.05, retry_max_s=0.2)
     store.restore(None)
     store.arrive([feature("a", 0)], classes(1))
     admin = redis_aof.client()
@@ -113,9 +107,7 @@ def test_a_redis_that_refuses_writes_for_a_while_pauses_the_store_and_loses_noth
 def test_a_damaged_label_stored_by_an_earlier_run_is_dead_lettered_on_the_label_topic(redis_aof: RedisServer) -> None:
     """After a restart the first call may be an arrival joining a damaged label: nothing of this run (nor of an
     earlier version, which kept no topic in Redis) has told the store the label topic, only its builder has."""
-    store = RedisPending(
-        redis_aof.client(), group="upgraded", label_topic="labels", ttl_s=10, max_pending=10, journal=True
-    )
+    store = _store(redis_aof, "upgraded", ttl_s=10, max_pending=10)
     store.restore(None)
     store.label([label("w", "cat", 1)])
     checkpoint = store.state_dict()
@@ -125,9 +117,7 @@ def test_a_damaged_label_stored_by_an_earlier_run_is_dead_lettered_on_the_label_
     admin.hset(p + "l:data", "w", b"junk")
     admin.hdel(p + "meta", "topic")  # as an earlier version left it (when it wrote one at all)
 
-    restarted = RedisPending(
-        redis_aof.client(), group="upgraded", label_topic="labels", ttl_s=10, max_pending=10, journal=True
-    )
+    restarted = _store(redis_aof, "upgraded", ttl_s=10, max_pending=10)
     sink = Sink()
     delayed = DelayedLabels(Labels(), sink, store=restarted, metrics=JoinMetrics(CollectorRegistry()))
     delayed.restore(checkpoint)
@@ -141,9 +131,7 @@ def test_a_damaged_label_stored_by_an_earlier_run_is_dead_lettered_on_the_label_
 def test_a_restart_while_redis_refuses_writes_waits_for_it_instead_of_failing(redis_aof: RedisServer) -> None:
     """A restart during a failover (the old primary a replica for now: READONLY) or with ``maxmemory`` reached (OOM)
     waits for Redis to take writes again, as the per-batch calls do, and then restores the checkpoint."""
-    first = RedisPending(
-        redis_aof.client(), group="restart", label_topic="labels", ttl_s=100, max_pending=10, journal=True
-    )
+    first = _store(redis_aof, "restart", ttl_s=100, max_pending=10)
     first.restore(None)
     first.arrive([feature("a", 0)], classes(1))
     checkpoint = first.state_dict()
@@ -155,16 +143,7 @@ def test_a_restart_while_redis_refuses_writes_waits_for_it_instead_of_failing(re
         (("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0")),
     ]
     for refuse, allow in refusals:
-        restarted = RedisPending(
-            redis_aof.client(),
-            group="restart",
-            label_topic="labels",
-            ttl_s=100,
-            max_pending=10,
-            journal=True,
-            retry_min_s=0.05,
-            retry_max_s=0.2,
-        )
+        restarted = _store(redis_aof, "restart", ttl_s=100, max_pending=10, retry_min_s=0.05, retry_max_s=0.2)
         admin.execute_command(*refuse)
         call = threading.Thread(target=lambda s=restarted: s.restore(checkpoint), daemon=True)
         call.start()
@@ -180,16 +159,8 @@ def test_a_long_wait_for_a_redis_that_refuses_writes_is_logged_again_with_how_lo
     redis_aof: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``--pending`` on a read-only replica: start-up waits (as in an outage), and keeps saying why in the log."""
-    store = RedisPending(
-        redis_aof.client(),
-        group="replica",
-        label_topic="labels",
-        ttl_s=100,
-        max_pending=10,
-        journal=True,
-        retry_min_s=0.05,
-        retry_max_s=0.1,
-        report_every_s=0.5,
+    store = _store(
+        redis_aof, "replica", ttl_s=100, max_pending=10, retry_min_s=0.05, retry_max_s=0.1, report_every_s=0.5
     )
     admin = redis_aof.client()
     admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
