@@ -14,7 +14,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,7 +64,7 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
         nproc_per_node=cfg.service.workers,
         run_id=f"stream-cl-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        rdzv_endpoint="127.0.0.1:0",  # the agent binds a free port itself: none is picked and freed first
         max_restarts=cfg.service.max_restarts,
         monitor_interval=0.5,
         start_method="spawn",
@@ -271,9 +270,3 @@ def _ranked(file: str, rank: int) -> str:
     """``file`` with ``.rank`` inserted before its suffix: ``out.jsonl`` -> ``out.1.jsonl``."""
     path = Path(file)
     return str(path.with_name(f"{path.stem}.{rank}{path.suffix}"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
