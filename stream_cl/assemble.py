@@ -86,7 +86,7 @@ def assemble(
     makes a missing Kafka topic an error (a service may instead start before its producers).
     ``group`` makes this run one worker of a group learning one model (:mod:`stream_cl.group`).
     """
-    check_hparams(cfg.learner.method, dict(cfg.learner.hparam))
+    check_learner(cfg)
     if cfg.buffer.spec != "memory":  # the learner opens its buffer at the first record: fail now, not then
         open_store(cfg.buffer.spec, cfg.buffer.size, policy=cfg.buffer.policy)
     device = pick_device(cfg.learner.device)
@@ -186,6 +186,31 @@ def check_hparams(method: str, hparams: dict) -> None:
         raise ConfigError(
             f"unknown hyper-parameter(s) {', '.join(unknown)} for method {method}; known: {', '.join(known)}"
         )
+
+
+def check_learner(cfg: Config) -> None:
+    """Raise ConfigError for hyper-parameters the configured method does not take or takes only in another
+    range. The learner is built at the first record, which for a service may come hours after it reported
+    ready; so build it once now on a tiny input on the CPU and drop it (the backbone's feature size, which
+    some ranges depend on, does not depend on the input)."""
+    method, hparams = cfg.learner.method, dict(cfg.learner.hparam)
+    check_hparams(method, hparams)
+    shape = (4,) if cfg.learner.model == "mlp" else (8, 8, 3)  # the ResNets take images
+    try:
+        build_learner(
+            method,
+            cfg.learner.model,
+            shape,
+            np.dtype(np.uint8),
+            device=torch.device("cpu"),
+            seed=cfg.learner.seed,
+            buffer_size=cfg.buffer.size,
+            buffer_policy=cfg.buffer.policy,
+            width=cfg.learner.width,
+            hparams=hparams,
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--method {method} --hparam: {err}") from err
 
 
 def make_metrics(cfg: Config, device: torch.device) -> Metrics:

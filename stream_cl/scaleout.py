@@ -53,9 +53,11 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from stream_cl.assemble import check_group
+    from stream_cl.assemble import check_group, check_learner
 
-    check_group(cfg, cfg.service.workers)  # a usage error is no reason to start (and restart) workers
+    # a usage error is no reason to start (and restart) workers
+    check_group(cfg, cfg.service.workers)
+    check_learner(cfg)
     # SIGTERM and SIGINT are this process's to forward (see _forward_stop_signals)
     settable = "signals_to_handle" in {field.name for field in fields(LaunchConfig)}
     config = LaunchConfig(

@@ -4,12 +4,14 @@ passes ``lr <= 0`` and an infinity passes ``lr > 0``, and either made every labe
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from stream_cl.build import build_learner
+from stream_cl.cli import main
 from stream_cl.methods import METHODS
 from stream_cl.methods.common import require_number
 
@@ -74,3 +76,28 @@ def test_an_out_of_range_or_mistyped_hyper_parameter_is_refused(method: str, hpa
 def test_numpy_numbers_are_numbers() -> None:
     require_number("iterations", np.int64(3), integer=True, ge=1)
     require_number("lr", np.float32(0.1), gt=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "model", "hparam", "says"),
+    [
+        ("onpro", "resnet18-reduced", "lr=-1", "lr must be > 0, got -1"),
+        ("onpro", "mlp", "proj_dim=300", "proj_dim must be >= 1 and <= 256, got 300"),
+        ("pl-fms", "mlp", "tau=1.0", "tau must be >= 0 and < 1, got 1.0"),
+    ],
+)
+def test_a_service_refuses_an_out_of_range_hyper_parameter_before_it_opens_its_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str, model: str, hparam: str, says: str
+) -> None:
+    """The learner is built at the first record, which may come hours after a service reported ready: the
+    source here does not exist, so only a check at start can name the hyper-parameter."""
+    args = ["--source", str(tmp_path / "missing.rec.gz"), "--method", method, "--model", model, "--hparam", hparam]
+    assert main(["serve", *args, "--metrics-port", "0", "--checkpoint-dir", str(tmp_path / "ckpt")]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_worker_group_is_not_started_with_an_out_of_range_hyper_parameter(capsys: pytest.CaptureFixture) -> None:
+    # nothing listens on port 1: a started group would fail there, not name the hyper-parameter
+    args = ["--source", "kafka://127.0.0.1:1/t", "--workers", "2", "--hparam", "lr=0", "--metrics-port", "0"]
+    assert main(["serve", *args]) == 2
+    assert "lr must be > 0, got 0" in capsys.readouterr().err
