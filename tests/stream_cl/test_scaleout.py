@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -51,6 +52,26 @@ def start(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMCL_TEST_THREADS": "1"}
     with (tmp / f"{name}.log").open("wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+@contextmanager
+def group_predicting(
+    bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int, ranks: tuple[int, ...] = (1,), lines: int = 300
+) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """The group ``start`` starts and its log, once each worker of ``ranks`` has written ``lines`` predictions;
+    killed on leaving (a no-op once it exited): a hung group must not outlive the test."""
+    log = tmp / f"{name}.log"
+    files = [tmp / f"{name}.{rank}.jsonl" for rank in ranks]
+    with start(bootstrap, topic, tmp, name, *args) as proc:
+        try:
+            wait_until(lambda: all(f.exists() and f.read_bytes().count(b"\n") >= lines for f in files), proc, log)
+            yield proc, log
+        finally:
+            proc.kill()
+
+
+def worker_pid(log: Path, rank: int) -> int:
+    return int(re.search(rf"worker {rank} of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text()).group(1))
 
 
 def run(bootstrap: str, topic: str, tmp: Path, name: str, *args: str | int) -> dict:
@@ -113,21 +134,9 @@ def test_kill_9_of_one_worker_restarts_the_group_from_the_checkpoint_and_nothing
     topic = make_topic(4)
     where = produce(kafka_bootstrap, topic, 2000)
     buffer = shared_buffer(redis_server, f"scaleout-{topic}")
-    proc = start(kafka_bootstrap, topic, tmp_path, "group", *GROUP, *buffer)
-    log = tmp_path / "group.log"
-
-    def worker_pid() -> int | None:
-        found = re.search(r"worker 1 of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text())
-        return int(found.group(1)) if found else None
-
-    predictions = tmp_path / "group.1.jsonl"
-    with proc:
-        try:
-            wait_until(lambda: predictions.exists() and predictions.read_bytes().count(b"\n") >= 300, proc, log)
-            os.kill(worker_pid(), signal.SIGKILL)
-            finish(proc, log, timeout_s=240)
-        finally:
-            proc.kill()
+    with group_predicting(kafka_bootstrap, topic, tmp_path, "group", *GROUP, *buffer) as (proc, log):
+        os.kill(worker_pid(log, 1), signal.SIGKILL)
+        finish(proc, log, timeout_s=240)
 
     # restarted (a restart can itself fail to form the group on a loaded machine; the launcher tries again)
     assert len(re.findall(r"worker 1 of 2 \(gloo\)", log.read_text())) >= 2, "the group was restarted"
@@ -144,17 +153,10 @@ def test_a_hung_worker_fails_the_group_after_the_collective_timeout_and_the_rest
     topic = make_topic(4)
     where = produce(kafka_bootstrap, topic, 2000)
     buffer = shared_buffer(redis_server, f"scaleout-hung-{topic}")
-    proc = start(kafka_bootstrap, topic, tmp_path, "group", *GROUP, *buffer, "--collective-timeout", 5)
-    log = tmp_path / "group.log"
-    predictions = tmp_path / "group.1.jsonl"
-    with proc:
-        try:
-            wait_until(lambda: predictions.exists() and predictions.read_bytes().count(b"\n") >= 300, proc, log)
-            pid = int(re.search(r"worker 1 of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text()).group(1))
-            os.kill(pid, signal.SIGSTOP)  # alive but hung: only the collectives' timeout can tell
-            finish(proc, log, timeout_s=240)  # without the timeout, worker 0 waits 30 minutes in gloo
-        finally:
-            proc.kill()
+    hung = ("--collective-timeout", 5)
+    with group_predicting(kafka_bootstrap, topic, tmp_path, "group", *GROUP, *buffer, *hung) as (proc, log):
+        os.kill(worker_pid(log, 1), signal.SIGSTOP)  # alive but hung: only the collectives' timeout can tell
+        finish(proc, log, timeout_s=240)  # without the timeout, worker 0 waits 30 minutes in gloo
     assert len(re.findall(r"worker 1 of 2 \(gloo\)", log.read_text())) >= 2, "the group was restarted"
     summary = json.loads((tmp_path / "group.json").read_text())
     assert summary["learned_total"] == len(where)

@@ -12,8 +12,8 @@ from kafka import KafkaAdminClient
 
 from stream_cl.checkpoint import CheckpointStore
 from tests.fixtures.redis import RedisServer
-from tests.stream_cl.test_scaleout import GROUP, learned_ids, run, shared_buffer, start
-from tests.stream_cl.test_serve_kafka import produce, wait_until
+from tests.stream_cl.test_scaleout import GROUP, group_predicting, learned_ids, run, shared_buffer
+from tests.stream_cl.test_serve_kafka import produce
 
 
 def test_sigterm_to_the_launcher_drains_every_worker_and_the_next_run_learns_the_rest_once(
@@ -22,18 +22,15 @@ def test_sigterm_to_the_launcher_drains_every_worker_and_the_next_run_learns_the
     topic = make_topic(4)
     where = produce(kafka_bootstrap, topic, 3000)
     buffer = shared_buffer(redis_server, f"signals-{topic}")
-    proc = start(kafka_bootstrap, topic, tmp_path, "first", *GROUP, *buffer, "--drain-timeout", 20)
-    log = tmp_path / "first.log"
-    predictions = [tmp_path / f"first.{r}.jsonl" for r in (0, 1)]
-    with proc:
-        try:
-            wait_until(lambda: all(p.exists() and p.read_bytes().count(b"\n") >= 200 for p in predictions), proc, log)
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0, log.read_text()[-3000:]
-            assert time.monotonic() - started < 30
-        finally:
-            proc.kill()
+    drain = ("--drain-timeout", 20)
+    group = group_predicting(
+        kafka_bootstrap, topic, tmp_path, "first", *GROUP, *buffer, *drain, ranks=(0, 1), lines=200
+    )
+    with group as (proc, log):
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        assert time.monotonic() - started < 30
     text = log.read_text()
     assert "worker 1 of 2" in text and text.count("worker 1 of 2 (gloo)") == 1  # drained, not restarted
     first = json.loads((tmp_path / "first.json").read_text())  # the group's summary, as after any drain
@@ -61,16 +58,13 @@ def test_a_drain_that_fails_after_sigterm_exits_3_without_a_summary_and_the_rest
     produce(kafka_bootstrap, topic, 3000)
     buffer = shared_buffer(redis_server, f"failed-drain-{topic}")
     # No drain ends within a millisecond: the workers' watchdogs end them (exit 3), and the agent restarts the group.
-    proc = start(kafka_bootstrap, topic, tmp_path, "first", *GROUP, *buffer, "--drain-timeout", 0.001)
-    log = tmp_path / "first.log"
-    predictions = [tmp_path / f"first.{r}.jsonl" for r in (0, 1)]
-    with proc:
-        try:
-            wait_until(lambda: all(p.exists() and p.read_bytes().count(b"\n") >= 200 for p in predictions), proc, log)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 3, log.read_text()[-3000:]  # DRAIN_EXIT_CODE, as one process exits
-        finally:
-            proc.kill()
+    failing = ("--drain-timeout", 0.001)
+    group = group_predicting(
+        kafka_bootstrap, topic, tmp_path, "first", *GROUP, *buffer, *failing, ranks=(0, 1), lines=200
+    )
+    with group as (proc, log):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 3, log.read_text()[-3000:]  # DRAIN_EXIT_CODE, as one process exits
     text = log.read_text()
     assert "drain did not finish within 0.0 s" in text
     # restarted once, its workers stopped before the broker, the buffer and the checkpoint (and a watchdog)
