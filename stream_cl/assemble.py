@@ -193,20 +193,26 @@ def check_learner(cfg: Config) -> None:
     range. The learner is built at the first record, which for a service may come hours after it reported
     ready; so build it once now on a tiny input on the CPU and drop it (the backbone's feature size, which
     some ranges depend on, does not depend on the input)."""
-    method, hparams = cfg.learner.method, dict(cfg.learner.hparam)
+    learner = cfg.learner
+    method, hparams = learner.method, dict(learner.hparam)
     check_hparams(method, hparams)
-    shape = (4,) if cfg.learner.model == "mlp" else (8, 8, 3)  # the ResNets take images
+    shape = (1,) if learner.model == "mlp" else (8, 8, 1)  # the smallest input each backbone takes
+    dtype = np.dtype(np.uint8)
+    try:
+        check_size(learner.model, model_input_shape(shape, dtype), learner.max_parameters, width=learner.width)
+    except UnsupportedInput:
+        return  # a model too large for any input: every record is refused, as the first one will say
     try:
         build_learner(
             method,
-            cfg.learner.model,
+            learner.model,
             shape,
-            np.dtype(np.uint8),
+            dtype,
             device=torch.device("cpu"),
-            seed=cfg.learner.seed,
+            seed=learner.seed,
             buffer_size=cfg.buffer.size,
             buffer_policy=cfg.buffer.policy,
-            width=cfg.learner.width,
+            width=learner.width,
             hparams=hparams,
         )
     except (TypeError, ValueError) as err:

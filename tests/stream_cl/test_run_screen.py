@@ -109,3 +109,14 @@ def test_an_input_too_large_for_max_parameters_is_a_dead_letter_and_a_restore_pa
     lowered = Config.from_mapping(settings | {"max_parameters": 1000})  # below the checkpoint's model
     with pytest.raises(ConfigError, match="cannot be restored: mlp for inputs"), assemble(lowered):
         pass
+
+
+def test_a_width_too_large_for_any_input_is_refused_per_record_and_never_built_at_start(tmp_path: Path) -> None:
+    """The start-up check of the hyper-parameters builds the learner on the smallest input, but not a model over
+    ``max_parameters`` (10^12 weights here: building it would fail or take the machine's memory)."""
+    rows = [(f"r{i}", np.full(4, i, np.float32), ["a"]) for i in range(3)]
+    settings = {"source": str(_stream(tmp_path / "s.rec.gz", rows)), "metrics_port": 0, "no_drift": True}
+    settings |= {"probe_fraction": 0, "width": 1_000_000}
+    with assemble(Config.from_mapping(settings)) as run:
+        summary, _ = run_stream(run.source, run.make_learner, run.metrics, RunOptions(progress=False), run.parts)
+    assert summary.learned == 0 and summary.dead_letter == {"unsupported_input": 3}
