@@ -4,7 +4,8 @@
 readiness on the same port (Kubernetes probes, compose health checks), so this is a small
 ``http.server.ThreadingHTTPServer`` on a daemon thread that can be stopped. Its connections are
 bounded in number and in time (:class:`_BoundedServer`): a client that connects and sends nothing,
-or one byte at a time, must not hold threads and file descriptors the learner needs.
+or one byte at a time, must not hold threads and file descriptors the learner needs, nor keep probes and
+scrapes out.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ REQUEST_TIMEOUT_S = 10.0
 """Longest one connection may take, all reads and writes together; a scrape or probe takes milliseconds."""
 
 MAX_CONNECTIONS = 16
-"""Connections served at once; more are closed at once. Scrapers and probes rarely hold more than a few."""
+"""Connections served at once. Scrapers and probes rarely hold more than a few; when all are taken, a new one
+takes the slot of the oldest that has not sent its whole request yet, else it is closed at once."""
 
 ACCEPT_BACKOFF_S = 0.1
 """Pause after a failed ``accept`` (no file descriptor left): the listening socket stays readable, so
@@ -79,8 +81,9 @@ class Exporter:
     ``healthy()`` / ``ready()`` return True and ``503`` otherwise.
     The service (``stream-cl serve``) passes e.g. ``ready=lambda: consumer_assigned`` and
     ``healthy=lambda: loop_alive``; the defaults always answer 200.
-    At most ``max_connections`` connections are served at once (more are closed on arrival), each
-    for at most ``timeout_s``.
+    At most ``max_connections`` connections are served at once, each for at most ``timeout_s``; when all
+    are taken, a new connection takes the slot of the oldest one still sending its request (else it is
+    closed on arrival), so clients that connect and send nothing cannot keep probes and scrapes out.
 
     Parameters
     ----------
@@ -159,6 +162,7 @@ class _BoundedServer(ThreadingHTTPServer):
     ) -> None:
         self.timeout_s, self.max_connections = timeout_s, max_connections
         self._deadlines: dict[socket.socket, float] = {}  # connection being served → when it is cut
+        self._requesting: set[socket.socket] = set()  # those that have not sent a whole request yet
         self._lock = threading.Lock()
         super().__init__(address, handler)
 
@@ -170,18 +174,34 @@ class _BoundedServer(ThreadingHTTPServer):
             raise
 
     def verify_request(self, request: socket.socket, client_address: object) -> bool:
-        """Take the connection if a slot is free; socketserver closes it at once otherwise."""
+        """Take the connection if a slot is free, or the slot of the oldest connection still sending its
+        request (a probe or scrape sends its request at once); socketserver closes it at once otherwise."""
         with self._lock:
             if len(self._deadlines) >= self.max_connections:
-                log.debug("closing a connection from %s: %d connections open", client_address, len(self._deadlines))
-                return False
+                if not self._requesting:
+                    log.debug("closing a connection from %s: %d being answered", client_address, len(self._deadlines))
+                    return False
+                oldest = min(self._requesting, key=self._deadlines.__getitem__)
+                self._forget(oldest)  # its thread closes it; untracked now, cut() never touches it again
+                with contextlib.suppress(OSError):  # the client went away meanwhile
+                    oldest.shutdown(socket.SHUT_RDWR)
             self._deadlines[request] = time.monotonic() + self.timeout_s
+            self._requesting.add(request)
             return True
+
+    def requested(self, request: socket.socket) -> None:
+        """``request`` has sent its whole request: its slot is no longer given to newcomers."""
+        with self._lock:
+            self._requesting.discard(request)
 
     def shutdown_request(self, request: socket.socket) -> None:
         with self._lock:  # untracked before it is closed: cut() never touches a closed (reused) descriptor
-            self._deadlines.pop(request, None)
+            self._forget(request)
         super().shutdown_request(request)
+
+    def _forget(self, request: socket.socket) -> None:
+        self._deadlines.pop(request, None)
+        self._requesting.discard(request)
 
     def service_actions(self) -> None:
         self.cut(time.monotonic())
@@ -212,6 +232,11 @@ def _probe(check: Check) -> bool:
 def _handler(exporter: Exporter, timeout_s: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         timeout = timeout_s  # per read and write of the connection's socket (socketserver sets it in setup)
+
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()  # the request line and every header read
+            self.server.requested(self.connection)
+            return parsed
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import pytest
@@ -66,17 +68,42 @@ def test_a_client_sending_one_byte_at_a_time_is_cut_at_the_deadline(connections:
         assert time.monotonic() - started < TIMEOUT_S + 2
 
 
-def test_connections_beyond_the_cap_are_closed_at_once_and_hold_no_descriptor(connections: ExitStack) -> None:
-    with Exporter(CollectorRegistry(), 0, timeout_s=30, max_connections=2) as exporter:
-        held = [connect(exporter, connections) for _ in range(2)]
-        time.sleep(0.2)  # accepted and holding their slots
+def test_a_new_connection_takes_the_slot_of_the_oldest_idle_one(connections: ExitStack) -> None:
+    """Clients that connect and send nothing, reconnecting before the timeout, would otherwise keep every
+    probe and scrape out: liveness probes would fail and restart a healthy learner."""
+    with Exporter(CollectorRegistry(), 0, timeout_s=30, max_connections=4) as exporter:
+        idle = [connect(exporter, connections) for _ in range(4)]
+        time.sleep(0.2)  # accepted and holding every slot
+        assert get(exporter, "/healthz")[0] == 200  # far within the 30 s timeout
+        assert closed_by_server(idle[0])  # the oldest gave its slot
         before = len(os.listdir("/proc/self/fd"))
-        refused = [connect(exporter, connections) for _ in range(20)]
-        assert all(closed_by_server(sock) for sock in refused)  # at once: far within the 30 s timeout
-        # the clients' own descriptors (and one being closed as we count): the server keeps none of them open
-        assert len(os.listdir("/proc/self/fd")) <= before + len(refused) + 1
-        for sock in held:
-            sock.close()
+        more = [connect(exporter, connections) for _ in range(20)]
+        assert all(closed_by_server(sock) for sock in idle[1:] + more[:-4])  # at once, the newest 4 kept
+        # the clients' own descriptors and the server's one more kept connection (4 now, 3 before): the
+        # server keeps none of the connections it gave up open once their threads have closed them
+        deadline = time.monotonic() + 5
+        while len(os.listdir("/proc/self/fd")) > before + len(more) + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) <= before + len(more) + 1
+        assert get(exporter, "/metrics")[0] == 200
+
+
+def test_connections_beyond_the_cap_are_closed_at_once_while_every_slot_is_answering(connections: ExitStack) -> None:
+    answer = threading.Event()
+    probing = threading.Semaphore(0)
+
+    def slow_probe() -> bool:
+        probing.release()
+        return answer.wait(10)
+
+    with Exporter(CollectorRegistry(), 0, timeout_s=30, max_connections=2, healthy=slow_probe) as exporter:
+        with ThreadPoolExecutor(2) as pool:
+            answering = [pool.submit(get, exporter, "/healthz") for _ in range(2)]
+            assert probing.acquire(timeout=5) and probing.acquire(timeout=5)  # both requests are being answered
+            refused = [connect(exporter, connections) for _ in range(5)]
+            assert all(closed_by_server(sock) for sock in refused)  # no answer in progress is cut for them
+            answer.set()
+            assert [f.result()[0] for f in answering] == [200, 200]
         deadline = time.monotonic() + 5  # the slots are free once the server has seen the closes
         while get_or_none(exporter) != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
