@@ -23,6 +23,10 @@ detection only when the signal's last ``recent`` values average above its mean s
 detection: a learner that gets better is not an alarm; ``both`` counts every detection) and
 ``recent`` (default 30).
 
+Values that are NaN or infinite (the confidence of a prediction on huge but finite input, a loss that
+overflowed) are left out and counted in ``streamcl_drift_non_finite_values_total{signal}``: one NaN would
+stay in a detector's running sums for the life of the process, and it would never detect again.
+
 A detection increments ``streamcl_drift_detected_total{detector,signal}``, is logged as a
 structured event (``extra={"drift": {...}}``) and, when a ``hook`` is given, is passed to it (for
 example ``hook=lambda event: learner.on_drift(event)`` to reset a schedule); the default is none.
@@ -212,17 +216,27 @@ class DriftMonitor:
             raise ValueError(f"each detector:signal pair may appear once, got {keys}")
         self.watches = [_Watch(spec, seed, metrics) for spec in specs]
         self.signals = {spec.signal for spec in specs}
+        # series exist at 0 from the start, like the detection counters
+        counter = None if metrics is None else metrics.drift_non_finite
+        self.non_finite = {} if counter is None else {s: counter.labels(signal=s) for s in self.signals}
         self.hook = hook
         self.events: list[DriftEvent] = []
 
     def update(self, signal: str, values: np.ndarray, positions: np.ndarray) -> list[DriftEvent]:
-        """Feed one batch of ``signal`` (values aligned with stream positions); return new detections."""
+        """Feed one batch of ``signal`` (values aligned with stream positions); return new detections.
+
+        NaN and infinite values are left out (and counted): see the module docstring."""
         if signal not in SIGNALS:
             raise ValueError(f"unknown drift signal {signal!r}")
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if len(values) != len(positions):
             raise ValueError(f"{len(values)} values but {len(positions)} positions")
+        finite = np.isfinite(values)
+        if not finite.all():
+            values, positions = values[finite], positions[finite]
+            if signal in self.non_finite:
+                self.non_finite[signal].inc(int(len(finite) - len(values)))
         events: list[DriftEvent] = []
         if not len(values):
             return events

@@ -25,7 +25,7 @@ from prometheus_client import (
 
 from monitoring.exporter import Check, Exporter
 
-OUTCOMES = ("learned", "predicted", "held_out", "dead_letter")
+OUTCOMES = ("learned", "predicted", "held_out", "dead_letter", "overload_skipped")
 PREDICTION_FAILURES = ("send_failed", "backing_off", "delivery_failed")
 """Why a prediction record did not reach the predictions output: the output raised when it was handed over (a
 Kafka producer without the topic's metadata or buffer space after ``max_block_ms``, a file write error), it was
@@ -100,6 +100,12 @@ class Metrics:
             "streamcl_drift_statistic",
             "Batch mean of the signal each drift detector watches (error 0-1, loss, uncertainty 0-1).",
             ["detector", "signal"],
+            registry=r,
+        )
+        self.drift_non_finite = Counter(
+            "streamcl_drift_non_finite_values",
+            "Signal values left out of the drift detectors because they were NaN or infinite.",
+            ["signal"],
             registry=r,
         )
         self.learn_step = Histogram(

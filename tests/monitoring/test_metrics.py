@@ -3,13 +3,17 @@ checkpoint age only when asked for, dead-letter spool and sink gauges, and a scr
 
 from __future__ import annotations
 
+import re
 import subprocess
 import urllib.request
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from monitoring.metrics import Metrics, package_version
 from tests.fixtures.procs import require_binary
+
+RUN = Path(__file__).resolve().parents[2] / "stream_cl" / "run.py"
 
 
 def scrape(metrics: Metrics) -> str:
@@ -22,6 +26,16 @@ def test_process_platform_and_gc_collectors_are_on_the_registry() -> None:
     assert metrics.registry.get_sample_value("process_resident_memory_bytes") > 0
     assert metrics.registry.get_sample_value("python_gc_collections_total", {"generation": "0"}) is not None
     assert any(f.name == "python_info" for f in metrics.registry.collect())
+
+
+def test_every_outcome_the_run_loop_counts_exists_at_zero_from_the_start() -> None:
+    """A series that appears with its first increment loses that increment to rate() and increase()."""
+    counted = set(re.findall(r'(?:outcomes|samples)\.labels\(outcome="(\w+)"\)', RUN.read_text()))
+    assert {"learned", "predicted", "held_out", "dead_letter", "overload_skipped"} <= counted
+    metrics = Metrics(CollectorRegistry())
+    for outcome in counted:
+        assert metrics.registry.get_sample_value("streamcl_samples_total", {"outcome": outcome}) == 0, outcome
+    assert 'streamcl_samples_total{outcome="overload_skipped"} 0.0' in scrape(metrics)
 
 
 def test_describe_publishes_model_and_build_info() -> None:
