@@ -11,6 +11,12 @@ Scored on 1, then 6, 11, ... up to 50 samples, a model of constant accuracy 0.5 
 forgetting with every evaluation counted; counting only those with 20 or more, about 0.05. A class
 without such an evaluation yet has no forgetting (it is not averaged in).
 
+A held-out record's classes count as the stream's classes (``--max-classes``) until the learner learns them:
+:meth:`ProbeSet.follow` keeps :attr:`ProbeSet.unlearned` up to date with the learner's label tree, and drops
+held paths a learned record contradicted (``("sport", "bat")`` once the tree learned ``bat`` under
+``animal``): a learned record's claim on a class's parent wins over a held-out one, and the dropped samples
+could never be scored.
+
 Trade-off: the held-out fraction is data the learner never sees. On small streams a large
 fraction starves learning; too small a fraction gives noisy per-class accuracies. The default
 (5 %, at most 50 per class) costs little learning; at 50 samples a class's accuracy has a standard
@@ -20,14 +26,22 @@ error of at most 7 % (0.5/√n).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, KeysView, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from consumers.record import LabelPath
 from monitoring.hierarchy import level_correct
+
+
+class ClassTree(Protocol):
+    """The label tree as the probe reads it (:class:`stream_cl.labels.LabelTree`): class names and parent
+    indices per level, grown by appending."""
+
+    names: list[list[str]]
+    parents: list[list[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +106,25 @@ class ProbeSet:
         self._seen: dict[LabelPath, int] = {}
         self.best: dict[LabelPath, float] = {}
         """Best accuracy of each class over the evaluations with at least ``min_samples`` of its samples."""
+        self._through: dict[tuple[int, str], set[LabelPath]] = {}  # (level, name) -> the held paths naming it
+        self._tree: ClassTree | None = None  # the tree :meth:`follow` last caught up with, and its sizes then
+        self._tree_sizes: list[int] = []
+        self._learned: set[tuple[int, str]] = set()
+        self.unlearned: set[tuple[int, str]] = set()
+        """The ``(level, name)`` classes of held paths (their prefixes too) that the followed tree lacks."""
 
     def holds_out(self, sample_id: str) -> bool:
         """Whether the record with this id belongs to the probe (stable across runs)."""
         return zlib.crc32(sample_id.encode()) < self._threshold
 
+    @property
+    def classes(self) -> KeysView[tuple[int, str]]:
+        """The ``(level, name)`` classes the held paths name, their prefixes included."""
+        return self._through.keys()
+
     def add(self, x: np.ndarray, path: LabelPath) -> None:
+        if path not in self._samples:
+            self._index(path)
         samples = self._samples.setdefault(path, [])
         seen = self._seen[path] = self._seen.get(path, 0) + 1
         if len(samples) < self.per_class:
@@ -109,6 +136,43 @@ class ProbeSet:
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._samples.values())
+
+    def follow(self, tree: ClassTree) -> None:
+        """Catch up with the classes ``tree`` added since the last call: they leave :attr:`unlearned`, and held
+        paths that give one of them another parent are dropped. Cheap when the tree did not grow."""
+        sizes = [len(level) for level in tree.names]
+        if tree is self._tree and sizes == self._tree_sizes:
+            return
+        old = self._tree_sizes
+        if tree is not self._tree or len(sizes) < len(old) or any(n < o for n, o in zip(sizes, old, strict=False)):
+            old = []  # another tree (a restore): compare every class
+            self._learned, self.unlearned = set(), set(self._through)
+        for level, size in enumerate(sizes):
+            for index in range(old[level] if level < len(old) else 0, size):
+                name = tree.names[level][index]
+                self._learned.add((level, name))
+                self.unlearned.discard((level, name))
+                if level and (level, name) in self._through:
+                    parent = tree.names[level - 1][tree.parents[level][index]]
+                    self._drop([p for p in self._through[(level, name)] if p[level - 1] != parent])
+        self._tree, self._tree_sizes = tree, sizes
+
+    def _index(self, path: LabelPath) -> None:
+        for level, name in enumerate(path):
+            self._through.setdefault((level, name), set()).add(path)
+            if (level, name) not in self._learned:
+                self.unlearned.add((level, name))
+
+    def _drop(self, paths: list[LabelPath]) -> None:
+        for path in paths:
+            del self._samples[path], self._seen[path]
+            self.best.pop(path, None)
+            for level, name in enumerate(path):
+                through = self._through[(level, name)]
+                through.discard(path)
+                if not through:
+                    del self._through[(level, name)]
+                    self.unlearned.discard((level, name))
 
     def state_dict(self) -> dict[str, Any]:
         """Samples, counts, best accuracies and RNG as tensors and plain containers, so a checkpoint
@@ -130,6 +194,9 @@ class ProbeSet:
         self._seen = dict(zip(paths, state["seen"], strict=True))
         self.best = {tuple(p): acc for p, acc in state["best"]}
         self._rng.bit_generator.state = state["rng"]
+        self._through, self._tree, self._tree_sizes, self._learned, self.unlearned = {}, None, [], set(), set()
+        for path in paths:
+            self._index(path)
 
     def evaluate(
         self,
@@ -141,15 +208,17 @@ class ProbeSet:
         """Score every known class on the current model.
 
         ``predict`` maps stacked inputs to per-level class indices ``[n, levels]``; ``lookup``
-        maps a path to ``(level, class index)`` or ``(-1, -1)`` for classes the model has not
-        learned yet (skipped). With ``parent_maps`` (parent index of every class, per level), a
-        sample also counts as right when the class predicted one level down has its class as
-        parent (the HLE parent rule, :func:`monitoring.hierarchy.level_correct`).
+        maps a path to ``(level, class index)`` of its last name or ``(-1, -1)`` for classes the
+        model has not learned yet (skipped). With ``parent_maps`` (parent index of every class, per
+        level), a path is scored only where the model's class has the path's ancestors (a held
+        ``("sport", "bat")`` is not scored as the learned ``("animal", "bat")``), and a sample also
+        counts as right when the class predicted one level down has its class as parent (the HLE
+        parent rule, :func:`monitoring.hierarchy.level_correct`).
         """
         paths, xs = [], []
         for path, samples in self._samples.items():
             level, idx = lookup(path)
-            if level >= 0:
+            if level >= 0 and (parent_maps is None or _same_ancestors(path, idx, lookup, parent_maps)):
                 paths.append((path, level, idx, len(samples)))
                 xs.extend(samples)
         if not paths:
@@ -177,3 +246,14 @@ class ProbeSet:
             result.level_accuracy[level] = float(np.mean(values))
             result.level_forgetting[level] = float(np.mean(fgts[level])) if level in fgts else 0.0
         return result
+
+
+def _same_ancestors(
+    path: LabelPath, index: int, lookup: Callable[[LabelPath], tuple[int, int]], parent_maps: Sequence[np.ndarray]
+) -> bool:
+    """Whether the model's class ``index`` for ``path`` descends from the classes of ``path``'s prefixes."""
+    for level in range(len(path) - 1, 0, -1):
+        index = int(parent_maps[level][index])
+        if lookup(path[:level]) != (level - 1, index):
+            return False
+    return True

@@ -82,11 +82,8 @@ class OverloadPolicy:
 
     def admit(self, records: list[Record]) -> list[Record]:
         """``records``, with the labels of those not to be learned removed (they are predicted only)."""
-        lag = self._lag() if records else None
-        if lag is not None:
-            self.behind = lag > (self.resume_lag if self.behind else self.max_lag)
-        if self.metrics is not None:
-            self.metrics.overloaded.set(int(self.behind))
+        if records:
+            self.refresh()
         if not self.behind:
             return records
         labelled = np.fromiter((r.label is not None for r in records), dtype=bool, count=len(records))
@@ -98,3 +95,15 @@ class OverloadPolicy:
             labelled if self.policy == "predict-only" else labelled & (self._rng.random(len(records)) >= self.fraction)
         )
         return [dataclasses.replace(r, label=None) if d else r for r, d in zip(records, drop, strict=True)]
+
+    def refresh(self) -> None:
+        """Judge the lag again (an unknown one leaves the judgement as it was) and set ``streamcl_overloaded``.
+
+        :meth:`admit` does it for each batch; a run calls it too when a poll brought nothing, so a worker
+        that lost its partitions in a rebalance (no lag left) stops reading as behind.
+        """
+        lag = self._lag()
+        if lag is not None:
+            self.behind = lag > (self.resume_lag if self.behind else self.max_lag)
+        if self.metrics is not None:
+            self.metrics.overloaded.set(int(self.behind))

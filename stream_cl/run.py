@@ -26,6 +26,7 @@ from monitoring.probe import ProbeSet
 from stream_cl.checkpointer import Checkpointer
 from stream_cl.delayed import DelayedLabels, Joined, JoinStep
 from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, RunState
+from stream_cl.methods.common import FLOAT32_MAX
 from stream_cl.models import UnsupportedInput
 from stream_cl.overload import OverloadPolicy
 from stream_cl.predictions import Predictions
@@ -153,6 +154,8 @@ def run_stream(
             stop.wait(0.1)
             continue
         poll = source.poll(source.poll_timeout_s, limit) if limit > 0 and not paused else Poll()
+        if not len(poll) and run.parts.overload is not None:
+            run.parts.overload.refresh()  # admit() judges only batches: a worker left without partitions polls none
         if not paused and run.join_labels():  # label messages are activity too: a run waiting for labels is not idle
             idle.saw_records(time.monotonic())
         ended = limit <= 0 or (not paused and not len(poll) and (source.exhausted or idle.expired(time.monotonic())))
@@ -213,8 +216,7 @@ class _Run:
         now = time.monotonic()
         self.summary.consumed += len(poll)
         self.publisher.count(len(poll))
-        records = self._screen(poll)
-        learn = self._hold_out(records)
+        learn = self._screen(poll)
         labelled = len(learn) - [r.label for r in learn].count(None)
         # unlabelled on arrival, before the overload policy may drop labels: only delayed labels need to know
         arrived = {id(r) for r in learn if r.label is None} if self.parts.labels is not None else set()
@@ -283,7 +285,7 @@ class _Run:
 
     def _learn_joined(self, joined: list[Joined]) -> None:
         poll = Poll(records=[j.record for j in joined])
-        learn = self._hold_out(self._screen(poll))
+        learn = self._screen(poll)
         for dead in poll.dead_letters:
             self._dead_letter(dead)
         if not learn:
@@ -312,6 +314,7 @@ class _Run:
 
     def probe_if_due(self) -> None:
         if self.state.learner is not None and self.since_probe >= self.options.probe_every:
+            self.parts.probe.follow(self.state.learner.labels)  # the batch may have grown the tree
             self.publisher.probe(evaluate(self.parts.probe, self.state.learner))
             self.publisher.buffer(self.state.learner)
             self.since_probe = 0
@@ -327,6 +330,7 @@ class _Run:
         summary.set_totals(checkpointer.base_totals if checkpointer is not None else {})
         elapsed = time.monotonic() - self.started
         if learner is not None:
+            self.parts.probe.follow(learner.labels)
             result = evaluate(self.parts.probe, learner)
             self.publisher.probe(result)
             summary.buffer_errors = self.publisher.buffer(learner)
@@ -348,7 +352,9 @@ class _Run:
             self.predicted_total.inc(n)
 
     def _screen(self, poll: Poll) -> list[Record]:
-        """Records that can enter the learner; the others join ``poll.dead_letters``."""
+        """Records that can enter the learner; the probe's share of them is held out, the others join
+        ``poll.dead_letters``. A held-out record passes the checks a learned one does, after the batch's
+        learned records: it may not claim a class's parent before them, since it never enters the tree."""
         state = self.state
         fitting = poll.records if state.learner is not None else self._build_learner(poll)
         shape, dtype = state.input_shape, state.input_dtype
@@ -362,13 +368,12 @@ class _Run:
                     fitting.append(record)
         if not fitting:
             return []
-        tree, good = state.learner.labels, []
-        for record, problem in zip(fitting, tree.problems([r.label for r in fitting]), strict=True):
-            if problem is None:
-                good.append(record)
-            else:
-                poll.dead_letters.append(DeadLetter(record.message, "label_conflict", problem))
-        return self._within_class_limit(good, poll)
+        learn, held = self._split_held_out(fitting)
+        problems = state.learner.labels.problems([r.label for r in learn] + [r.label for r in held])
+        learn, held = _consistent(learn, problems[: len(learn)], poll), _consistent(held, problems[len(learn) :], poll)
+        learn, held = self._within_class_limit(learn, held, poll)
+        self._hold_out(_finite(held, poll))
+        return learn
 
     def _build_learner(self, poll: Poll) -> list[Record]:
         """Build the learner for the first record of ``poll`` the model can take, and return the records from
@@ -384,42 +389,55 @@ class _Run:
             return poll.records[i:]
         return []
 
-    def _within_class_limit(self, records: list[Record], poll: Poll) -> list[Record]:
-        """Records whose new classes still fit ``max_classes``; records that would pass it are dead letters."""
-        limit, tree = self.options.max_classes, self.state.learner.labels
-        known = sum(tree.sizes)
-        if limit is None or known + sum(len(r.label) for r in records if r.label is not None) <= limit:
-            return records  # even if every label part were new, the batch fits
-        new: set[tuple[str, ...]] = set()
-        kept = []
-        for record in records:
-            if record.label is not None:
-                prefixes = {record.label[: i + 1] for i in range(len(record.label))}
-                added = {p for p in prefixes if tree.lookup(p)[0] < 0} - new
-                if known + len(new) + len(added) > limit:
-                    detail = f"the stream brought more than {limit} classes (--max-classes)"
-                    poll.dead_letters.append(DeadLetter(record.message, "too_many_classes", detail))
-                    continue
-                new |= added
-            kept.append(record)
-        return kept
-
-    def _hold_out(self, records: list[Record]) -> list[Record]:
-        """Records to learn; the probe set keeps its share of labelled ones, never trained on."""
+    def _split_held_out(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+        """The records to learn and the labelled ones the probe set holds out, never trained on."""
         probe = self.parts.probe
         if probe.fraction == 0:
-            return records
-        learn, held = [], 0
+            return records, []
+        probe.follow(self.state.learner.labels)  # before the checks: the probe's classes count toward the limit
+        learn, held = [], []
         for record in records:
-            if record.label is not None and probe.holds_out(record.id):
-                probe.add(record.x, record.label)
-                held += 1
-            else:
-                learn.append(record)
+            (held if record.label is not None and probe.holds_out(record.id) else learn).append(record)
+        return learn, held
+
+    def _within_class_limit(
+        self, learn: list[Record], held: list[Record], poll: Poll
+    ) -> tuple[list[Record], list[Record]]:
+        """The records whose new classes still fit ``max_classes``, counting the probe's classes the tree lacks
+        (learned records first); records that would pass it are dead letters."""
+        limit, tree, probe = self.options.max_classes, self.state.learner.labels, self.parts.probe
+        if limit is None:
+            return learn, held
+        known = sum(tree.sizes) + len(probe.unlearned)
+        if known + sum(len(r.label) for r in (*learn, *held) if r.label is not None) <= limit:
+            return learn, held  # even if every label part were new, the batch fits
+        new: set[tuple[int, str]] = set()
+
+        def fits(record: Record) -> bool:
+            if record.label is None:
+                return True
+            label = record.label
+            added = {
+                (level, label[level])
+                for level in range(len(label))
+                if tree.lookup(label[: level + 1])[0] < 0 and (level, label[level]) not in probe.unlearned
+            } - new
+            if known + len(new) + len(added) > limit:
+                detail = f"the stream brought more than {limit} classes (--max-classes)"
+                poll.dead_letters.append(DeadLetter(record.message, "too_many_classes", detail))
+                return False
+            new.update(added)
+            return True
+
+        return [r for r in learn if fits(r)], [r for r in held if fits(r)]
+
+    def _hold_out(self, held: list[Record]) -> None:
+        """Add the screened held-out records to the probe set."""
         if held:
-            self.summary.held_out += held
-            self.outcomes.labels(outcome="held_out").inc(held)
-        return learn
+            for record in held:
+                self.parts.probe.add(record.x, record.label)
+            self.summary.held_out += len(held)
+            self.outcomes.labels(outcome="held_out").inc(len(held))
 
     def _dead_letter(self, dead: DeadLetter) -> None:
         self.parts.dead_letters.send(dead)
@@ -434,6 +452,34 @@ class _Run:
         observation = learner.observe(Batch(x, [r.label for r in records]))
         self.metrics.learn_step.observe(time.perf_counter() - started)
         return observation
+
+
+def _consistent(records: list[Record], problems: list[str | None], poll: Poll) -> list[Record]:
+    """``records`` whose label path fits the tree; the others are ``label_conflict`` dead letters."""
+    if not any(problems):
+        return records
+    kept = []
+    for record, problem in zip(records, problems, strict=True):
+        if problem is None:
+            kept.append(record)
+        else:
+            poll.dead_letters.append(DeadLetter(record.message, "label_conflict", problem))
+    return kept
+
+
+def _finite(held: list[Record], poll: Poll) -> list[Record]:
+    """Held-out records whose input the learner's step guard would not refuse as non-finite (the squares of a
+    float32 input overflow), which would otherwise sit in the probe and be scored at every evaluation; the
+    others are ``non_finite_loss`` dead letters, as learned ones are."""
+    if not held:
+        return held
+    inputs = np.array([r.x for r in held], dtype=np.float64).reshape(len(held), -1)
+    finite = np.square(inputs).sum(axis=1) <= FLOAT32_MAX  # NaN fails the comparison too
+    if finite.all():
+        return held
+    for record in (r for r, ok in zip(held, finite, strict=True) if not ok):
+        poll.dead_letters.append(DeadLetter(record.message, "non_finite_loss", "held-out input not finite in float32"))
+    return [r for r, ok in zip(held, finite, strict=True) if ok]
 
 
 def _advance(bar: tqdm, records: int, source: Source, estimate_total: bool) -> None:

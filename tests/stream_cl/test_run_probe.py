@@ -1,0 +1,162 @@
+"""Held-out records pass the checks learned ones do: their classes count toward --max-classes, their label paths
+may not contradict the tree (nor block the learned records of their batch), and their inputs are screened; the
+probe scores a path only against the class with the same full path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from consumers.record import DeadLetter, Message, Position
+from consumers.recorded import RecordedSource, write_messages
+from consumers.wire import encode_binary
+from monitoring.metrics import Metrics
+from monitoring.probe import ProbeSet
+from stream_cl.build import build_learner
+from stream_cl.checkpoint import CheckpointStore
+from stream_cl.checkpointer import Checkpointer, restore
+from stream_cl.learner import RunState
+from stream_cl.publishing import evaluate
+from stream_cl.run import RunOptions, RunParts, run_stream
+from stream_cl.summary import Summary
+
+make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, width=16)
+FRACTION = 0.05
+
+
+class Collected:
+    backpressure = False
+    healthy = True
+
+    def __init__(self) -> None:
+        self.dead: list[DeadLetter] = []
+
+    def send(self, dead: DeadLetter) -> None:
+        self.dead.append(dead)
+
+
+def _ids(held: bool, prefix: str) -> Iterator[str]:
+    """Record ids the probe holds out (``held``) or never does: a producer may pick its ids."""
+    probe = ProbeSet(fraction=FRACTION)
+    return (f"{prefix}{k}" for k in count() if probe.holds_out(f"{prefix}{k}") == held)
+
+
+def _stream(path: Path, rows: list[tuple[str, np.ndarray, list[str]]]) -> Path:
+    messages = []
+    for offset, (sample_id, x, label) in enumerate(rows):
+        value, headers = encode_binary(sample_id, x, label)
+        messages.append(Message(Position("s", 0, offset), float(offset), None, value, tuple(headers)))
+    write_messages(path, messages)
+    return path
+
+
+def _run(stream: Path, probe: ProbeSet, **options) -> tuple[Summary, RunState, Collected, Metrics]:
+    sink, metrics = Collected(), Metrics(CollectorRegistry())
+    with RecordedSource(stream) as source:
+        options = RunOptions(**options, progress=False)
+        summary, state = run_stream(source, make, metrics, options, RunParts(probe, dead_letters=sink))
+    return summary, state, sink, metrics
+
+
+def test_held_out_classes_count_toward_max_classes_also_after_a_restart(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    learned, held = _ids(False, "ok"), _ids(True, "evil")
+    rows = [(next(learned), rng.normal(size=8).astype(np.float32), ["legit"])]
+    # a hostile producer: every record is held out (its id chosen so) and brings a new class
+    rows += [(next(held), rng.normal(size=8).astype(np.float32), [f"class-{i}"]) for i in range(300)]
+    rows += [(next(learned), rng.normal(size=8).astype(np.float32), ["late"])]  # a new class past the limit
+    stream = _stream(tmp_path / "s.rec.gz", rows)
+    store, identity = CheckpointStore(tmp_path / "ckpt"), {"method": "er", "model": "mlp", "width": 16}
+
+    def run(max_records: int | None) -> tuple[Summary, RunState, ProbeSet]:
+        probe = ProbeSet(fraction=FRACTION)
+        state, restored = restore(store, make, identity, probe)
+        checkpointer = Checkpointer(store, identity=identity, every_records=50, restored=restored, probe=probe)
+        with RecordedSource(stream, start_offsets=restored.offsets if restored else None) as source:
+            options = RunOptions(batch_size=10, max_records=max_records, max_classes=20, progress=False)
+            summary, state = run_stream(
+                source,
+                make,
+                Metrics(CollectorRegistry()),
+                options,
+                RunParts(probe, checkpointer=checkpointer),
+                state=state,
+            )
+        return summary, state, probe
+
+    first, _, _ = run(100)
+    second, state, probe = run(None)
+    assert len(probe.classes) == 19 and state.learner.labels.sizes == [1]  # 1 + 19 = max_classes
+    assert first.held_out + second.held_out == 19
+    assert first.dead_letter["too_many_classes"] + second.dead_letter["too_many_classes"] == 282
+    assert len(probe.state_dict()["paths"]) == 19  # what every checkpoint copies stays bounded too
+
+
+def test_a_class_held_out_then_learned_counts_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    learned, held = _ids(False, "ok"), _ids(True, "h")
+    rows = [(next(learned), rng.normal(size=8).astype(np.float32), ["a"])]
+    rows += [(next(held), rng.normal(size=8).astype(np.float32), ["b"])]  # b: the probe's only, for now
+    rows += [(next(learned), rng.normal(size=8).astype(np.float32), [name]) for name in ("b", "c", "d")]
+    summary, state, sink, _ = _run(
+        _stream(tmp_path / "s.rec.gz", rows), ProbeSet(fraction=FRACTION), batch_size=1, max_classes=3
+    )
+    assert state.learner.labels.names == [["a", "b", "c"]]
+    assert [d.message.position.offset for d in sink.dead] == [4] and summary.dead_letter == {"too_many_classes": 1}
+
+
+def test_a_held_out_path_the_tree_later_contradicts_is_not_scored_as_the_learned_class(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    learned, held = _ids(False, "ok"), _ids(True, "h")
+    rows = [(next(learned), rng.normal(size=8).astype(np.float32), ["animal", "cat"]) for _ in range(5)]
+    # held out before the tree knows "bat": nothing contradicts it yet
+    rows += [(next(held), (rng.normal(size=8) + 5).astype(np.float32), ["sport", "bat"]) for _ in range(5)]
+    for i in range(200):
+        ids = held if i % 10 == 0 else learned
+        rows.append((next(ids), (rng.normal(size=8) - 5).astype(np.float32), ["animal", "bat"]))
+    probe = ProbeSet(fraction=FRACTION, min_samples=5)
+    summary, state, sink, metrics = _run(_stream(tmp_path / "s.rec.gz", rows), probe, batch_size=10, probe_every=50)
+    assert not sink.dead and summary.held_out == 25
+    result = evaluate(probe, state.learner)
+    assert set(result.class_accuracy) == {("animal", "bat")}
+    assert not any(path[0] == "sport" for path in probe.state_dict()["paths"])  # dropped: never scorable
+    bat = metrics.registry.get_sample_value("streamcl_class_accuracy", {"level": "1", "class": "bat"})
+    assert bat == result.class_accuracy[("animal", "bat")]
+
+
+def test_a_held_out_record_never_blocks_the_learned_records_of_its_batch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    learned, held = _ids(False, "ok"), _ids(True, "h")
+    rows = [(next(learned), rng.normal(size=8).astype(np.float32), ["animal", "cat"])]
+    rows += [(next(held), rng.normal(size=8).astype(np.float32), ["sport", "bat"])]  # first in the batch
+    rows += [(next(learned), rng.normal(size=8).astype(np.float32), ["animal", "bat"]) for _ in range(9)]
+    rows += [(next(held), rng.normal(size=8).astype(np.float32), ["sport", "bat"])]  # the tree knows bat now
+    probe = ProbeSet(fraction=FRACTION)
+    summary, state, sink, _ = _run(_stream(tmp_path / "s.rec.gz", rows), probe, batch_size=10)
+    assert {d.message.position.offset: d.reason for d in sink.dead} == {1: "label_conflict", 11: "label_conflict"}
+    assert summary.learned == 10 and summary.held_out == 0 and len(probe) == 0
+    tree = state.learner.labels
+    assert tree.path(*tree.lookup(("animal", "bat"))) == ("animal", "bat")
+
+
+def test_held_out_inputs_the_learner_would_refuse_are_dead_letters_not_probe_samples(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    learned, held = _ids(False, "ok"), _ids(True, "h")
+    rows = [(next(learned), rng.normal(size=8).astype(np.float32), ["a"]) for _ in range(5)]
+    # finite float32 (the decoder refuses NaN and infinities), but the step guard's norms overflow
+    bad = [np.full(8, 3e38, np.float32), np.full(8, -1e20, np.float32), np.eye(8, dtype=np.float32)[0] * 2e19]
+    rows += [(next(held), x, ["a"]) for x in [*bad, rng.normal(size=8).astype(np.float32)]]
+    probe = ProbeSet(fraction=FRACTION)
+    summary, _, sink, _ = _run(_stream(tmp_path / "s.rec.gz", rows), probe, batch_size=4)
+    assert {d.message.position.offset: d.reason for d in sink.dead} == {
+        5: "non_finite_loss",
+        6: "non_finite_loss",
+        7: "non_finite_loss",
+    }
+    assert summary.held_out == 1 and len(probe) == 1 and summary.learned == 5
