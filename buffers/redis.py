@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from itertools import accumulate, pairwise
 from typing import Any, NamedTuple
 
@@ -93,6 +94,7 @@ class RedisStore:
     from a small local :class:`~buffers.memory.MemoryStore` (``fallback_capacity``, 0 = no replay).
     The first call after the back-off tries Redis again and, on success, goes back to the shared
     buffer (the fallback's samples stay local). With AOF on, the buffer survives a Redis restart.
+    :attr:`up` is False while the fallback serves; ``len`` and :meth:`stats` then describe the fallback.
 
     Parameters
     ----------
@@ -168,6 +170,7 @@ class RedisStore:
         self._why = ""  # why the last sample counted as corrupt was left out, for the warning
         self._warn_at = -math.inf
         self._retry_at, self._backoff = 0.0, retry_min_s
+        self.up = True  # the last call reached Redis (False: replay comes from the fallback until one does)
         self._seen = self._size = self._item_bytes = 0
         self._counts: list[bytes] = []  # [label, count, ...] as last read
         self._conn: redis.Connection | None = None  # taken from the client's pool on first use
@@ -218,8 +221,11 @@ class RedisStore:
         return self._read_sample(reply)
 
     def __len__(self) -> int:
-        """Buffer size as of the last call (other learners may have added since)."""
-        return self._size
+        """Size of the buffer replay draws from: the shared one as of the last call (other learners may have
+        added since) or, while Redis is down, the local fallback."""
+        if self.up:
+            return self._size
+        return len(self.fallback) if self.fallback is not None else 0
 
     @property
     def seen(self) -> int:
@@ -235,21 +241,32 @@ class RedisStore:
         counts grow with the number of classes while the steps' replies stay the same size. With
         :attr:`classes`, classes this learner has not seen yet are left out (counting them would add
         them to its tree outside a learning step), as are labels it cannot read.
+
+        While Redis is down the figures are the local fallback's (what replay draws from meanwhile), not the
+        shared buffer's last reply; the counts of failures, corrupt samples and repairs stay this store's.
         """
-        counts: dict[tuple[int, int], int] = {}
         if classes:
             self.refresh()
-            for label, count in zip(self._counts[0::2], self._counts[1::2], strict=True):
-                try:
-                    parsed = self._parse(label)
-                except ValueError as error:
-                    self._warn(f"{error}; left out of the class counts")
-                    continue
-                key = parsed if self._classes is None else self._classes.lookup(parsed)
-                if key != (-1, -1) and count.isdigit():
-                    counts[key] = counts.get(key, 0) + int(count)
+        if not self.up:
+            local = self.fallback.stats(classes=classes) if self.fallback is not None else BufferStats(0, 0, 0, 0)
+            return replace(local, errors=self._errors, corrupt=self._corrupt, repairs=self._repairs)
+        counts = self._class_counts() if classes else {}
         nbytes = self._size * (self._item_bytes + 8)
         return BufferStats(self._size, self.capacity, nbytes, self._errors, counts, self._corrupt, self._repairs)
+
+    def _class_counts(self) -> dict[tuple[int, int], int]:
+        """The shared buffer's samples per class ``(level, y)`` as last read, in this learner's numbering."""
+        counts: dict[tuple[int, int], int] = {}
+        for label, count in zip(self._counts[0::2], self._counts[1::2], strict=True):
+            try:
+                parsed = self._parse(label)
+            except ValueError as error:
+                self._warn(f"{error}; left out of the class counts")
+                continue
+            key = parsed if self._classes is None else self._classes.lookup(parsed)
+            if key != (-1, -1) and count.isdigit():
+                counts[key] = counts.get(key, 0) + int(count)
+        return counts
 
     def refresh(self) -> bool:
         """Re-read seen, size and class counts from Redis; False when Redis is unreachable."""
@@ -301,11 +318,12 @@ class RedisStore:
             if isinstance(error, redis.ResponseError) and str(error).startswith("SHAPE"):
                 raise ValueError(f"Redis buffer {self.name!r}: {str(error)[len('SHAPE ') :]}") from None
             self._errors += 1
+            self.up = False
             self._retry_at = self._clock() + self._backoff
             log.warning("buffer %r: redis unavailable (%s); retry in %.2fs", self.name, error, self._backoff)
             self._backoff = min(max(2 * self._backoff, self.retry_min_s), self.retry_max_s)
             return None
-        self._backoff = self.retry_min_s
+        self._backoff, self.up = self.retry_min_s, True
         self._seen, self._size = int(reply[4]), int(reply[5])
         if reply[10]:
             self._repairs += int(reply[10])

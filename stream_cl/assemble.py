@@ -12,7 +12,7 @@ import errno
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -49,6 +49,7 @@ from stream_cl.overload import OverloadPolicy
 from stream_cl.pending import MemoryPending, PendingStore
 from stream_cl.pending_redis import open_redis_pending
 from stream_cl.predictions import Predictions, open_sink
+from stream_cl.publishing import Heartbeat
 from stream_cl.run import RUN_REASONS, CountOnly, RunOptions, RunParts
 
 log = logging.getLogger("stream_cl")
@@ -158,7 +159,7 @@ def assemble(
             stack.callback(parts.predictions.close)
         parts.drift = drift_monitor(cfg, metrics)
         parts.overload = _overload(cfg, source, metrics)
-        parts.labels = _delayed_labels(cfg, stack, metrics, restored, require_topic)
+        parts.labels = _delayed_labels(cfg, stack, metrics, restored, require_topic, parts.heartbeat)
         if checkpointer is not None:
             checkpointer.pending = parts.labels
         yield Assembly(source, make_learner, metrics, run_options(cfg), parts, state, device, exporter)
@@ -335,11 +336,16 @@ def _serve_metrics(cfg: Config, metrics: Metrics, *, healthy: Check, ready: Chec
 
 
 def _delayed_labels(
-    cfg: Config, stack: ExitStack, metrics: Metrics, restored: Restored | None, require_topic: bool
+    cfg: Config,
+    stack: ExitStack,
+    metrics: Metrics,
+    restored: Restored | None,
+    require_topic: bool,
+    heartbeat: Heartbeat,
 ) -> DelayedLabels | None:
     """The label topic's source (group ``GROUP-labels``, resuming at the checkpoint's offsets), its dead-letter
     sink (``TOPIC.dlq`` through a spool of its own) and the pending store (``--pending``) as the checkpoint
-    left it."""
+    left it. While the store waits for Redis (the restore's rollback included) it beats ``heartbeat``."""
     url = cfg.labels.url
     if url is None:
         return None
@@ -362,16 +368,16 @@ def _delayed_labels(
         client_options=cfg.kafka.client_options(),
         spool_dir=None if spool is None else spool.with_name(spool.name + "-labels"),
     )
-    store = open_pending(cfg, journal=cfg.checkpoint.dir is not None)
+    store = open_pending(cfg, journal=cfg.checkpoint.dir is not None, waiting=heartbeat.waiting)
     stack.callback(store.close)
     labels = DelayedLabels(source, stack.enter_context(sink), store=store, metrics=JoinMetrics(metrics.registry))
     labels.restore(restored.pending if restored is not None else None)
     return labels
 
 
-def open_pending(cfg: Config, *, journal: bool) -> PendingStore:
+def open_pending(cfg: Config, *, journal: bool, waiting: Callable[[], None] = lambda: None) -> PendingStore:
     """The pending store ``--pending`` names, keyed under the consumer group (``journal``: the run checkpoints,
-    so a Redis store keeps what a restore needs)."""
+    so a Redis store keeps what a restore needs; ``waiting``: called every second while it waits for Redis)."""
     labels = cfg.labels
     if labels.pending == "memory":
         max_bytes = labels.pending_max_mib * 1024 * 1024
@@ -383,6 +389,7 @@ def open_pending(cfg: Config, *, journal: bool) -> PendingStore:
         ttl_s=labels.ttl_seconds,
         max_pending=labels.pending_max,
         journal=journal,
+        waiting=waiting,
     )
 
 

@@ -36,8 +36,10 @@ after a kill -9 the last batch may be read again, and a re-read feature record r
 
 **Outages.** A call that fails because Redis cannot be reached is retried with back-off (0.1 s
 doubling to 5 s) until it succeeds; meanwhile the loop consumes nothing and ``healthy`` is False
-(``/readyz`` answers 503). Each call carries an operation number, and the script stores its reply,
-so a retry of a call that did run (its reply was lost) returns that reply instead of running twice.
+(``/readyz`` answers 503), and ``waiting`` is called every second (the service beats its heartbeat
+and publishes its gauges: ``/healthz`` sees a paused loop, not a stuck one). Each call carries an
+operation number, and the script stores its reply, so a retry of a call that did run (its reply was
+lost) returns that reply instead of running twice.
 A Redis that comes back without the state it had (restarted without persistence) is an error, not
 an empty store.
 """
@@ -90,6 +92,9 @@ DAMAGED_SAMPLE = "its sample's entry in the Redis pending store is damaged"
 DAMAGED_LABEL = "its entry in the Redis pending store is damaged"
 
 T = TypeVar("T")
+
+WAITING_EVERY_S = 1.0
+"""How often a call waiting for Redis calls back (``waiting``), as often as the run publishes its gauges."""
 
 NO_TIME = "-1e308"
 """A clock that has seen nothing yet, for Lua (which has no infinities in ``tonumber``)."""
@@ -286,6 +291,8 @@ class RedisPending:
         As for :class:`stream_cl.pending.MemoryPending`.
     journal
         Keep the journal a restore from a checkpoint needs (the run checkpoints).
+    waiting
+        Called about every second while a call waits for Redis (the service keeps its heartbeat and gauges going).
     """
 
     def __init__(
@@ -302,6 +309,7 @@ class RedisPending:
         retry_max_s: float = 5.0,
         report_every_s: float = 60.0,
         rollback_chunk: int = 1000,
+        waiting: Callable[[], None] = lambda: None,
     ) -> None:
         if ttl_s <= 0 or max_pending <= 0:
             raise ValueError(f"ttl_s and max_pending must be > 0, got {ttl_s} and {max_pending}")
@@ -313,6 +321,7 @@ class RedisPending:
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
         self.report_every_s = report_every_s  # how often a long wait for Redis is logged again
         self.rollback_chunk = rollback_chunk  # journal changes read per LRANGE during a restore
+        self.waiting = waiting
         self.healthy = True
         self.gen = 1 if journal else 0
         self.saved_gen = 0  # of the newest checkpoint written (or restored): the one a restore falls back to
@@ -513,12 +522,20 @@ class RedisPending:
                     )
                     report_at = now + self.report_every_s
                 self.healthy = False
-                time.sleep(wait)
+                self._pause(wait)
                 wait = min(wait * 2, self.retry_max_s)
         if not self.healthy:
             log.warning("the Redis pending store is reachable again after %.0f s", time.monotonic() - started)
         self.healthy = True
         return result
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, calling :attr:`waiting` at least once a second: the back-off grows to 5 s, longer than
+        the gauges' interval."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, WAITING_EVERY_S))
+            self.waiting()
 
     def _settle_other(self, kind: bytes, a: bytes, b: bytes, settled: Settled) -> None:
         if kind == b"e":
@@ -558,9 +575,11 @@ def open_redis_pending(
     max_pending: int,
     journal: bool,
     max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
+    waiting: Callable[[], None] = lambda: None,
 ) -> RedisPending:
     """A :class:`RedisPending` at ``url`` (``redis[s]://[user:pass@]HOST:PORT/DB``); a Redis that cannot be
-    reached or refuses the credentials is a ``ConnectionError`` naming the URL with its password masked."""
+    reached or refuses the credentials is a ``ConnectionError`` naming the URL with its password masked.
+    ``waiting`` is called about every second while a call waits for Redis."""
     client = redis_client(url)
     try:
         client.ping()
@@ -576,6 +595,7 @@ def open_redis_pending(
         max_pending=max_pending,
         journal=journal,
         max_clock_skew_s=max_clock_skew_s,
+        waiting=waiting,
     )
 
 

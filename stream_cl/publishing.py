@@ -22,14 +22,25 @@ GAUGE_INTERVAL_S = 1.0
 
 class Heartbeat:
     """When the run loop last turned: beaten by the loop's :class:`Publisher` on every turn, also while no
-    record arrives (an idle stream is healthy), read by ``/healthz`` on the exporter's thread (the service
-    hands the run's :class:`~stream_cl.run.RunParts` heartbeat to both)."""
+    record arrives (an idle stream is healthy) and while a turn waits for a dependency that is down (see
+    :meth:`waiting`), read by ``/healthz`` on the exporter's thread (the service hands the run's
+    :class:`~stream_cl.run.RunParts` heartbeat to both)."""
 
     def __init__(self) -> None:
         self.last = time.monotonic()  # start-up counts as a turn: the probe is 200 until the loop is late
+        self.publisher: Publisher | None = None  # the run's, once it runs: a wait publishes its gauges too
 
     def beat(self, now: float) -> None:
         self.last = now
+
+    def waiting(self) -> None:
+        """Called every second or so by a dependency a turn waits for on purpose (the Redis pending store during
+        an outage, which ``/readyz`` reports): the loop is paused, not stuck, so beat, and keep the run's gauges
+        (lag, spool, accuracy) current so that alerts on them still work."""
+        now = time.monotonic()
+        self.beat(now)
+        if self.publisher is not None:
+            self.publisher.waiting(now)
 
     def alive(self, stall_after_s: float) -> bool:
         return time.monotonic() - self.last < stall_after_s
@@ -49,6 +60,8 @@ class Publisher:
         if self.dead_letters:  # at 0 from the start, so the first rejection is an increase
             metrics.dead_letter_rejected.inc(0)
         self.heartbeat = heartbeat or Heartbeat()
+        self.heartbeat.publisher = self
+        self._turn: tuple[Learner | None, PrequentialAccuracy, Source] | None = None  # the last tick's arguments
         self._last = time.monotonic()
         self._records = 0
         self._rate = 0.0  # records per second over the last interval published
@@ -61,9 +74,16 @@ class Publisher:
     def tick(self, now: float, learner: Learner | None, accuracy: PrequentialAccuracy, source: Source) -> None:
         """Beat the heartbeat (the loop calls this on every turn) and publish the per-second gauges if a second
         has passed since the last time."""
+        self._turn = (learner, accuracy, source)
         self.heartbeat.beat(now)
         if now - self._last >= GAUGE_INTERVAL_S:
             self.gauges(now, learner, accuracy, source)
+
+    def waiting(self, now: float) -> None:
+        """Tick again from inside a turn that waits (:meth:`Heartbeat.waiting`), with that turn's learner,
+        accuracy and source."""
+        if self._turn is not None:
+            self.tick(now, *self._turn)
 
     def gauges(self, now: float, learner: Learner | None, accuracy: PrequentialAccuracy, source: Source) -> None:
         """Records per second, windowed online accuracy, classes seen, buffer size, source lag, dead-letter spool,

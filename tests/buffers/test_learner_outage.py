@@ -57,3 +57,23 @@ def test_build_learner_opens_a_redis_buffer_from_a_spec(redis_server):
     url = f"{redis_server.url}?name=built"
     learner = build_learner("er", "mlp", (8,), np.dtype(np.float32), device=torch.device("cpu"), buffer_spec=url)
     assert isinstance(learner.buffer, RedisStore) and learner.buffer.name == "built"
+
+
+def test_buffer_gauges_during_an_outage_describe_the_fallback(redis_aof, tmp_path):
+    """While Redis is down replay draws from the local fallback: the buffer gauges say so, not the last reply."""
+    path = write_stream(tmp_path / "blobs.rec.gz", n_classes=3, per_class=60, shape=(8,))
+    store = RedisStore(redis_client(redis_aof.url), 100, name="gauges", fallback_capacity=20, retry_min_s=0)
+    source = Outage(RecordedSource(path), redis_aof, store, kill_at=100, start_at=10**6)
+    registry = CollectorRegistry()
+    make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), buffer=store)
+    run_stream(source, make, Metrics(registry), RunOptions(batch_size=10, progress=False, probe_every=10**6))
+
+    local = store.fallback.stats(classes=True)
+    assert store.seen == 100 and local.size == 20, "the shared buffer held 100 when Redis died; the fallback 20"
+    assert registry.get_sample_value("streamcl_buffer_size") == 20
+    assert registry.get_sample_value("streamcl_buffer_bytes") == local.nbytes
+    per_class = [
+        registry.get_sample_value("streamcl_buffer_class_samples", {"level": "0", "class": name}) or 0
+        for name in ("c0", "c1", "c2")
+    ]
+    assert sum(per_class) == 20 and per_class == [local.class_counts.get((0, y), 0) for y in range(3)]

@@ -129,6 +129,25 @@ def test_without_fallback_an_outage_means_no_replay(redis_aof):
     redis_aof.kill()
     assert len(store.sample_then_add(5, *batch(10))) == 0 and store.stats().errors == 1
     assert len(store.sample(5)) == 0 and store.stats().errors == 2
+    assert len(store) == 0 and store.stats(classes=True) == BufferStats(0, 0, 0, 3), "no replay: nothing to report"
+
+
+def test_an_outage_reports_the_fallback_replay_draws_from(redis_aof):
+    """Size, bytes and class counts during an outage are the local fallback's, not the shared buffer's last reply."""
+    store = RedisStore(redis_client(redis_aof.url), 100, name="stale", fallback_capacity=20, retry_min_s=0)
+    store.add(*batch(0, 90))
+    shared = {(0, 0): 30, (0, 1): 30, (0, 2): 30}
+    assert store.up and len(store) == 90 and store.stats(classes=True) == BufferStats(90, 100, 90 * 40, 0, shared)
+    redis_aof.kill()
+    for start in (100, 105, 110):
+        store.sample_then_add(10, *batch(start, 5, level=1))
+    assert not store.up and len(store) == 15
+    local = {(1, 0): 5, (1, 1): 5, (1, 2): 5}
+    nbytes = store.fallback.stats().nbytes
+    assert store.stats(classes=True) == BufferStats(15, 20, nbytes, 4, local), "tried Redis once more: 4 failures"
+    redis_aof.start()
+    assert store.refresh() and store.up, "back on the shared buffer (AOF kept it)"
+    assert len(store) == 90 and store.stats(classes=True) == BufferStats(90, 100, 90 * 40, 4, shared)
 
 
 @pytest.mark.parametrize("by_path", [False, True], ids=["by-index", "by-path"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ def label(sample_id: str, name: str, at_s: float) -> LabelRecord:
     return entry
 
 
-def store(server: RedisServer, group: str, *, journal: bool = True, ttl_s: float = 100, **kw: float) -> RedisPending:
+def store(server: RedisServer, group: str, *, journal: bool = True, ttl_s: float = 100, **kw: object) -> RedisPending:
     return RedisPending(
         server.client(), group=group, label_topic="labels", ttl_s=ttl_s, max_pending=3, journal=journal, **kw
     )
@@ -153,6 +154,31 @@ def test_an_outage_stops_the_store_until_redis_is_back_and_loses_nothing(tmp_pat
         call.join(10)
         assert not call.is_alive() and pending.healthy
         assert [r.id for r, _, _ in result["s"].joined] == ["a"] and pending.sizes() == (0, 0)
+    finally:
+        server.kill()
+
+
+def test_a_wait_for_redis_calls_back_every_second_however_long_the_back_off(tmp_path: Path) -> None:
+    """The service's heartbeat and gauges hang on ``waiting``: a back-off of seconds must not silence it."""
+    server = RedisServer(tmp_path)
+    server.start()
+    calls: list[float] = []
+    try:
+        pending = store(
+            server, "waiting", retry_min_s=3.0, retry_max_s=3.0, waiting=lambda: calls.append(time.monotonic())
+        )
+        pending.restore(None)
+        server.kill()
+        started = time.monotonic()
+        call = threading.Thread(target=lambda: pending.label([label("a", "cat", 1)]), daemon=True)
+        call.start()
+        time.sleep(3.5)
+        assert call.is_alive() and not pending.healthy
+        gaps = [b - a for a, b in zip([started, *calls], calls, strict=False)]
+        assert len(calls) >= 3 and max(gaps) < 1.5, f"called back at {[round(t - started, 2) for t in calls]}"
+        server.start()
+        call.join(10)
+        assert not call.is_alive() and pending.healthy
     finally:
         server.kill()
 
