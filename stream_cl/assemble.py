@@ -211,7 +211,7 @@ def check_learner(cfg: Config) -> None:
             dtype,
             device=torch.device("cpu"),
             seed=learner.seed,
-            buffer_size=cfg.buffer.size,
+            buffer_size=1,  # no range depends on it: a buffer of --buffer-size would be allocated for nothing
             buffer_policy=cfg.buffer.policy,
             width=learner.width,
             hparams=hparams,
@@ -393,6 +393,15 @@ def open_pending(cfg: Config, *, journal: bool, waiting: Callable[[], None] = la
     )
 
 
+def known_lag(source: Instrumented) -> int | None:
+    """The source's total lag; None while an assigned partition's is not known yet (just after a rebalance,
+    before its end offset is fetched), which must not read as caught up."""
+    lag = source.lag()
+    if any(partition not in lag for partition in source.assignment()):
+        return None
+    return sum(lag.values())
+
+
 def _overload(cfg: Config, source: Source, metrics: Metrics) -> OverloadPolicy | None:
     if cfg.overload.max_lag is None:
         return None
@@ -402,7 +411,7 @@ def _overload(cfg: Config, source: Source, metrics: Metrics) -> OverloadPolicy |
         cfg.overload.policy,
         max_lag=cfg.overload.max_lag,
         resume_lag=cfg.overload.resume_lag,
-        lag=lambda: sum(source.lag().values()),
+        lag=partial(known_lag, source),
         fraction=cfg.overload.fraction,
         metrics=metrics,
         seed=cfg.learner.seed,

@@ -353,8 +353,9 @@ class _Run:
 
     def _screen(self, poll: Poll) -> list[Record]:
         """Records that can enter the learner; the probe's share of them is held out, the others join
-        ``poll.dead_letters``. A held-out record passes the checks a learned one does, after the batch's
-        learned records: it may not claim a class's parent before them, since it never enters the tree."""
+        ``poll.dead_letters``. A held-out record passes the label and class-limit checks a learned one does, after
+        the batch's learned records (it may not claim a class's parent before them, since it never enters the
+        tree), and its input must be finite in float32."""
         state = self.state
         fitting = poll.records if state.learner is not None else self._build_learner(poll)
         shape, dtype = state.input_shape, state.input_dtype
@@ -394,7 +395,6 @@ class _Run:
         probe = self.parts.probe
         if probe.fraction == 0:
             return records, []
-        probe.follow(self.state.learner.labels)  # before the checks: the probe's classes count toward the limit
         learn, held = [], []
         for record in records:
             (held if record.label is not None and probe.holds_out(record.id) else learn).append(record)
@@ -408,6 +408,7 @@ class _Run:
         limit, tree, probe = self.options.max_classes, self.state.learner.labels, self.parts.probe
         if limit is None:
             return learn, held
+        probe.follow(tree)  # a restored probe set, or a batch that grew the tree: count only what the tree lacks
         known = sum(tree.sizes) + len(probe.unlearned)
         if known + sum(len(r.label) for r in (*learn, *held) if r.label is not None) <= limit:
             return learn, held  # even if every label part were new, the batch fits

@@ -172,10 +172,13 @@ def test_a_wait_for_redis_calls_back_every_second_however_long_the_back_off(tmp_
         started = time.monotonic()
         call = threading.Thread(target=lambda: pending.label([label("a", "cat", 1)]), daemon=True)
         call.start()
-        time.sleep(3.5)
+        deadline = started + 30
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert call.is_alive() and not pending.healthy
         gaps = [b - a for a, b in zip([started, *calls], calls, strict=False)]
-        assert len(calls) >= 3 and max(gaps) < 1.5, f"called back at {[round(t - started, 2) for t in calls]}"
+        # once per back-off (3 s) would not do; a loaded machine may be late by a second
+        assert len(calls) >= 3 and max(gaps) < 2.5, f"called back at {[round(t - started, 2) for t in calls]}"
         server.start()
         call.join(10)
         assert not call.is_alive() and pending.healthy

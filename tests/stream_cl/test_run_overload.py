@@ -13,6 +13,7 @@ from consumers.record import Poll
 from consumers.recorded import RecordedSource
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
+from stream_cl.assemble import known_lag
 from stream_cl.build import build_learner
 from stream_cl.overload import OverloadPolicy
 from stream_cl.run import RunOptions, RunParts, run_stream
@@ -74,3 +75,32 @@ def test_refresh_judges_the_lag_without_a_batch() -> None:
     lag[0] = 0
     overload.refresh()
     assert not overload.behind and metrics.registry.get_sample_value("streamcl_overloaded") == 0
+
+
+class Reassigned:
+    """A consumer's view just after a rebalance: a partition it was given has no known end offset yet."""
+
+    def __init__(self) -> None:
+        self.owned, self.known = {("t", 0)}, {("t", 0): 1500}
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return set(self.owned)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return dict(self.known)
+
+
+def test_a_partition_whose_lag_is_not_known_yet_does_not_read_as_caught_up() -> None:
+    source = Reassigned()
+    overload = OverloadPolicy("predict-only", max_lag=1000, resume_lag=500, lag=partial(known_lag, source))
+    overload.refresh()
+    assert overload.behind
+    source.owned, source.known = {("t", 1)}, {}  # rebalanced: partition 1's end offset is being fetched
+    overload.refresh()
+    assert overload.behind  # read as lag 0, it would have learned everything from here on
+    source.known = {("t", 1): 800}
+    overload.refresh()
+    assert overload.behind  # 800 is above resume_lag: still catching up
+    source.owned, source.known = set(), {}  # no partitions: nothing to be behind on
+    overload.refresh()
+    assert not overload.behind

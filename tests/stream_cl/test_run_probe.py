@@ -160,3 +160,34 @@ def test_held_out_inputs_the_learner_would_refuse_are_dead_letters_not_probe_sam
         7: "non_finite_loss",
     }
     assert summary.held_out == 1 and len(probe) == 1 and summary.learned == 5
+
+
+def test_a_restored_probe_set_counts_only_the_classes_the_tree_lacks_also_when_nothing_more_is_held_out(
+    tmp_path: Path,
+) -> None:
+    """A restart with --probe-fraction 0 holds nothing out, but the checkpoint's probe set comes back: its classes,
+    all learned, must not count toward --max-classes a second time."""
+    rng = np.random.default_rng(1)
+    learned, held = _ids(False, "ok"), _ids(True, "held")
+    rows = []
+    for c in range(8):  # 8 classes, each learned and held out
+        rows += [(next(learned), rng.normal(size=8).astype(np.float32), [f"c{c}"]) for _ in range(3)]
+        rows.append((next(held), rng.normal(size=8).astype(np.float32), [f"c{c}"]))
+    rows += [(next(learned), rng.normal(size=8).astype(np.float32), [f"new{c}"]) for c in range(2)]
+    stream = _stream(tmp_path / "s.rec.gz", rows)
+    store, identity = CheckpointStore(tmp_path / "ckpt"), {"method": "er", "model": "mlp", "width": 16}
+
+    def run(fraction: float, max_records: int | None) -> Summary:
+        probe = ProbeSet(fraction=fraction)
+        state, restored = restore(store, make, identity, probe)
+        checkpointer = Checkpointer(store, identity=identity, every_records=1, restored=restored, probe=probe)
+        with RecordedSource(stream, start_offsets=restored.offsets if restored else None) as source:
+            options = RunOptions(batch_size=4, max_records=max_records, max_classes=10, progress=False)
+            parts = RunParts(probe, checkpointer=checkpointer)
+            summary, _ = run_stream(source, make, Metrics(CollectorRegistry()), options, parts, state=state)
+        return summary
+
+    first = run(FRACTION, 32)
+    assert first.held_out == 8 and first.dead_letter == {}
+    second = run(0.0, None)
+    assert second.learned == 2 and second.dead_letter == {}  # new0 and new1 fit: 8 + 2 = max_classes
