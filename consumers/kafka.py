@@ -11,7 +11,9 @@ own IO thread, where a blocking consumer call (``commit``) raises. So:
   network while data is there, and :meth:`KafkaSource.commit` only hands offsets to the fetch thread, which
   commits them (the learner never waits on a broker round trip);
 * the rebalance listener (kafka-python's IO thread) only touches the buffer and the offset maps under a lock,
-  and commits with ``await commit_async``.
+  and commits with ``await commit_async``; it waits for the learner's commit by sleeping on that thread's event
+  loop, never blocking it: the loop also sends the heartbeats, and a member silent for ``session_timeout_ms`` is
+  evicted from the group.
 
 Backpressure: the buffer holds at most about ``prefetch`` records and ``prefetch_bytes`` bytes (decoded arrays and
 the raw messages kept for dead letters; one fetch may go past it); when it is full the fetch thread pauses every
@@ -67,13 +69,14 @@ for its first owner in the run; the group's committed offset only where the run 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any, NamedTuple, Protocol
 
@@ -94,6 +97,7 @@ _LAG_EVERY_S = 1.0
 _OFFSETS_TIMEOUT_MS = 500  # a ListOffsets lookup for the lag must not stall fetching for long
 _FIRST_FETCH_RECORDS = 16  # asked of the first fetch, before the size of a message is known
 _BACKOFF_S = (0.1, 5.0)  # first and longest wait before the fetch thread retries after an error
+_REVOKE_LOOK_S = 0.05  # how often a revoke waiting for the learner looks whether it has committed
 _WITHIN_PREFIX = "streamcl:within="
 _WITHIN = re.compile(re.escape(_WITHIN_PREFIX) + r"([1-9][0-9]{0,3})")
 
@@ -281,9 +285,10 @@ class KafkaSource:
         self._start_within = within_of(start_offsets or {})
         # (offset, samples) per partition: the first samples of the message at that offset not to hand over again
         self._skip: dict[Key, tuple[int, int]] = {}
+        self._expect: dict[Key, int] = {}  # offset the next record fetched of a partition must carry, where known
+        self._skipped_offsets: Counter[str] = Counter()  # records never fetched, by reason (see skipped_offsets)
         self._partial: dict[Key, tuple[int, int]] = {}  # the same for a message handed over in part
         self._commit_due = 0.0  # monotonic time from which the fetch thread may send pending offsets
-        self._revoking = 0  # rebalance listeners waiting for the learner's commit
         self._cond = threading.Condition()
         self._buffer: deque[Record | DeadLetter] = deque()
         self._buffered: Counter[Key] = Counter()
@@ -310,6 +315,8 @@ class KafkaSource:
                 client_id=client_id,
                 enable_auto_commit=False,
                 auto_offset_reset=auto_offset_reset,
+                # records of aborted or still open transactions are not data (librdkafka's default too)
+                isolation_level="read_committed",
                 session_timeout_ms=session_timeout_ms,
                 heartbeat_interval_ms=heartbeat_interval_ms,
                 max_poll_interval_ms=max_poll_interval_ms,
@@ -360,15 +367,27 @@ class KafkaSource:
                 if key in self._assigned and (offset, within.get(key, 0)) > self._learned(key):
                     self._pending[key] = offset
                     self._pending_within[key] = within.get(key, 0)
-            if self._revoking or time.monotonic() >= self._commit_due:  # a wake-up per batch costs CPU
+            if time.monotonic() >= self._commit_due:  # a wake-up per batch costs CPU
                 self._cond.notify_all()
 
     def _learned(self, key: Key) -> tuple[int, int]:
-        """(offset, within) of the newest commit pending or done for ``key`` ((-1, 0): none)."""
-        return max(
+        """(offset, within) of the newest commit pending or done for ``key`` ((-1, 0): none).
+
+        One beyond what this assignment delivered counts as none: it is stale (the partition's offsets went back,
+        see :meth:`_note_reset`) and must not refuse the commits of the records delivered now.
+        """
+        done = max(
             (self._pending.get(key, -1), self._pending_within.get(key, 0)),
             (self.committed.get(key, -1), self._committed_within.get(key, 0)),
         )
+        delivered = self._delivered.get(key)
+        return done if delivered is None or done[0] <= delivered else (-1, 0)
+
+    def skipped_offsets(self) -> dict[str, int]:
+        """Records never fetched since the start, by reason: ``out_of_range``, records deleted (retention) before
+        they were read, which the client skipped, moving to the partition's earliest offset."""
+        with self._cond:
+            return dict(self._skipped_offsets)
 
     def lag(self) -> dict[Key, int]:
         """Records not yet handed to the learner, per assigned partition: end offset - next offset it will get.
@@ -527,8 +546,11 @@ class KafkaSource:
         ]
         elapsed = time.perf_counter() - started
         highs = {tp: self._consumer.highwater(tp) for tp in fetched}
+        jumps = self._jumps(fetched)
         with self._cond:  # nothing below raises: a failure above leaves the buffer untouched (see _take_in)
             self._decode_seconds.append(elapsed)
+            for key, (expected, first, beginning) in jumps.items():
+                self._note_reset(key, expected, first, beginning)
             if self._skip:
                 entries = self._skipped(entries)
             self._buffer.extend(entries)
@@ -542,6 +564,8 @@ class KafkaSource:
                 key = (tp.topic, tp.partition)
                 self._buffered[key] += len(records)
                 self._positions[key] = records[-1].offset + 1
+                if key in self._assigned:
+                    self._expect[key] = records[-1].offset + 1
                 if highs[tp] is not None:
                     self._ends[key] = max(highs[tp], self._ends.get(key, 0))
             revoked = {(tp.topic, tp.partition) for tp in fetched} - self._assigned
@@ -564,7 +588,8 @@ class KafkaSource:
         return kept
 
     def _read_group_within(self) -> None:
-        """For partitions that start at the group's offset, skip the samples its commit metadata says are done."""
+        """For partitions that start at the group's offset, skip the samples its commit metadata says are done
+        (and expect the first record there, see :meth:`_jumps`)."""
         with self._cond:
             keys, self._group_within = self._group_within, set()
         for key in keys:
@@ -575,6 +600,9 @@ class KafkaSource:
                 continue
             if answer is None or answer.offset is None or answer.offset < 0:
                 continue
+            with self._cond:
+                if key in self._assigned:
+                    self._expect[key] = answer.offset
             within = within_from_metadata(answer.metadata)
             if within is None:
                 if not self._bad_metadata_logged:
@@ -585,6 +613,83 @@ class KafkaSource:
                 with self._cond:
                     if key in self._assigned:
                         self._skip[key] = (answer.offset, within)
+
+    def _jumps(self, fetched: dict) -> dict[Key, tuple[int, int, int | None]]:
+        """``(expected, first, beginning)`` of each fetched partition whose first record is not where it was
+        expected: the client moved it (both kafka-python and librdkafka answer an offset out of range by moving to
+        the partition's earliest one, and say so only in a debug log).
+
+        A forward gap is also what compaction and transaction markers leave, so only there the partition's
+        beginning offset is looked up (None if unavailable), to tell whether records were deleted unread.
+        """
+        with self._cond:
+            jumps = {
+                tp: (expected, records[0].offset)
+                for tp, records in fetched.items()
+                if (expected := self._expect.get((tp.topic, tp.partition), records[0].offset)) != records[0].offset
+            }
+        ahead = [tp for tp, (expected, first) in jumps.items() if first > expected]
+        beginnings = {}
+        if ahead:
+            try:
+                beginnings = self._consumer.beginning_offsets(ahead, timeout_ms=_OFFSETS_TIMEOUT_MS)
+            except KafkaError as err:
+                log.warning("cannot tell whether records of %s were deleted unread (%s)", ahead, err)
+        return {(tp.topic, tp.partition): (*jump, beginnings.get(tp)) for tp, jump in jumps.items()}
+
+    def _note_reset(self, key: Key, expected: int, first: int, beginning: int | None) -> None:
+        """Partition ``key`` goes on at ``first`` instead of ``expected``: count and log what that skips, forget what
+        was learned of offsets that no longer exist, and commit ``first`` (a stale group offset would send the
+        partition's next owner astray). Called holding ``_cond``."""
+        topic, partition = key
+        if first > expected:
+            if beginning is None or beginning <= expected:
+                return  # compaction or transaction markers: nothing was deleted
+            skipped = first - expected
+            log.warning(
+                "topic %s partition %d: offsets %d-%d were deleted before they were read (retention); %d records "
+                "skipped, going on at offset %d",
+                *(topic, partition, expected, first - 1, skipped, first),
+            )
+            self._skipped_offsets["out_of_range"] += skipped
+        else:
+            log.warning(
+                "topic %s partition %d: offset %d is past the partition's end (the topic was recreated or truncated); "
+                "starting again at its beginning, offset %d",
+                *(topic, partition, expected, first),
+            )
+            for table in (self.committed, self._committed_within, self._pending, self._pending_within):
+                table.pop(key, None)
+        if key in self._skip and self._skip[key][0] != first:
+            del self._skip[key]  # samples of a message at an offset that now holds another one, or none
+        self._start_commits[key] = (first, 0)
+
+    def _restart_past_end(self, positions: dict[TopicPartition, int]) -> None:
+        """Move partitions positioned past their end back to their beginning.
+
+        Brokers that answer a fetch there with no records instead of an out-of-range error (tansu) leave the client
+        waiting for offsets that may never come, skipping every record up to them. The end is the high watermark
+        of a fetch at that position (ListOffsets may understate it, see :meth:`_update_lag`).
+        """
+        past = []
+        for tp, position in positions.items():
+            high = self._consumer.highwater(tp)
+            if position is not None and high is not None and position > high:
+                past.append(tp)
+        if not past:
+            return
+        try:
+            beginnings = self._consumer.beginning_offsets(past, timeout_ms=_OFFSETS_TIMEOUT_MS)
+        except KafkaError as err:
+            log.warning("%s are past their end, but their beginning offsets are unavailable (%s)", past, err)
+            return
+        for tp, beginning in beginnings.items():
+            with contextlib.suppress(IllegalStateError, KafkaError):  # revoked meanwhile: the next owner sees it
+                self._consumer.seek(tp, beginning)
+                with self._cond:
+                    key = (tp.topic, tp.partition)
+                    self._note_reset(key, positions[tp], beginning, None)
+                    self._expect[key] = beginning
 
     def _commit_start_offsets(self) -> None:
         """Commit where newly assigned partitions start (``from_checkpoint``), so the group agrees with the model."""
@@ -682,36 +787,43 @@ class KafkaSource:
                     self._ends[key] = max(known)
                 if positions.get(tp) is not None:
                     self._positions[key] = positions[tp]
+        self._restart_past_end(positions)
 
     # --- rebalance listener (kafka-python's IO thread) ------------------------------------------------
 
-    def _revoke(self, keys: set[Key]) -> tuple[dict[Key, int], dict[Key, int]]:
+    async def _revoke(
+        self, keys: set[Key], pause: Callable[[float], Awaitable[object]]
+    ) -> tuple[dict[Key, int], dict[Key, int]]:
         """Drop undelivered records of ``keys``, wait for the learner's commit, return what to commit (offsets and
-        their ``within``)."""
+        their ``within``).
+
+        The wait awaits ``pause`` between looks instead of blocking: the listener runs on the client's event loop,
+        which also sends the heartbeats, and a member silent for ``session_timeout_ms`` is evicted (its commit on
+        revoke refused, the next owner learning the held records again)."""
         with self._cond:
             self._drop(keys, finishing=True)
             if self._stop.is_set() and not self._flush_on_close:
                 return {}, {}
             held = {k for k in keys if k in self._delivered}
-
-            def settled() -> bool:
-                # a message handed over in part is not done until its last sample is: Kafka commits whole messages
-                done = (
-                    k not in self._partial
-                    and max(self._pending.get(k, -1), self.committed.get(k, -1)) >= self._delivered[k]
-                    for k in held
-                )
-                return self._stop.is_set() or all(done)
-
-            self._revoking += 1
-            try:
-                waited = self._cond.wait_for(settled, self._revoke_timeout_s)
-            finally:
-                self._revoking -= 1
-            if not waited:
+        deadline = time.monotonic() + self._revoke_timeout_s
+        while not self._settled(held) and time.monotonic() < deadline:
+            await pause(_REVOKE_LOOK_S)
+        with self._cond:
+            if not self._settled(held):
                 log.warning("revoked %s before the learner committed them; records will be delivered again", held)
             within = {k: self._pending_within.pop(k, 0) for k in keys if k in self._pending}
             return {k: self._pending.pop(k) for k in list(self._pending) if k in keys}, within
+
+    def _settled(self, held: set[Key]) -> bool:
+        """The learner has committed all it was handed of ``held`` (or the source is closing)."""
+        with self._cond:
+            # a message handed over in part is not done until its last sample is: Kafka commits whole messages
+            done = (
+                k not in self._partial
+                and max(self._pending.get(k, -1), self.committed.get(k, -1)) >= self._delivered.get(k, -1)
+                for k in held
+            )
+            return self._stop.is_set() or all(done)
 
     def _forget(self, keys: set[Key], offsets: dict[Key, int], within: dict[Key, int]) -> None:
         with self._cond:
@@ -721,7 +833,7 @@ class KafkaSource:
             for key in keys:
                 self._assigned.discard(key)
                 tables = (self._delivered, self._pending, self._pending_within, self._ends, self._positions)
-                for table in (*tables, self._buffered, self._skip):
+                for table in (*tables, self._buffered, self._skip, self._expect):
                     table.pop(key, None)
 
     def _assign(self, partitions: Iterable[TopicPartition]) -> None:
@@ -729,6 +841,9 @@ class KafkaSource:
         with self._cond:
             rewind, self._rewind = self._rewind, {}
             self._assigned.update(_keys(partitions))
+            for key in _keys(partitions):  # what was committed before is stale: another member may have gone on
+                self.committed.pop(key, None)
+                self._committed_within.pop(key, None)
             if partitions and self.assigned_at is None:
                 self.assigned_at = time.monotonic()
         for tp in partitions:
@@ -749,6 +864,7 @@ class KafkaSource:
             if offset is not None:
                 self._consumer.seek(tp, offset)
                 with self._cond:
+                    self._expect[key] = offset
                     self._skip.pop(key, None)
                     if skip:
                         self._skip[key] = (offset, skip)
@@ -804,14 +920,15 @@ class KafkaSource:
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
-    """Async so the revoke-time commit can be awaited on kafka-python's IO loop (a blocking commit raises there)."""
+    """Async so the revoke-time commit can be awaited on kafka-python's IO loop (a blocking commit raises there),
+    and the wait for the learner's commit sleeps on it without stopping the heartbeats."""
 
     def __init__(self, source: KafkaSource) -> None:
         self._source = source
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         keys = _keys(revoked)
-        offsets, within = self._source._revoke(keys)
+        offsets, within = await self._source._revoke(keys, self._pause)
         self._source._share(offsets, within)  # learned, even if the commit below fails
         if offsets:
             try:
@@ -828,6 +945,15 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         keys = _keys(lost)
         self._source._share(*self._source._pending_of(keys))  # learned, though no longer ours to commit
         self._source._forget(keys, {}, {})
+
+    def _pause(self, seconds: float) -> Awaitable[object]:
+        """A sleep of the loop running this listener, which goes on meanwhile: kafka-python 3's own (not asyncio's),
+        or asyncio's where the client runs the listener with ``asyncio.run`` (``LibrdkafkaConsumer``)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._source._consumer._net.sleep(seconds)
+        return asyncio.sleep(seconds)
 
 
 def _keys(partitions: Iterable[TopicPartition]) -> set[Key]:

@@ -57,6 +57,7 @@ SETTINGS = {
     "client_id": "client.id",
     "enable_auto_commit": "enable.auto.commit",
     "auto_offset_reset": "auto.offset.reset",
+    "isolation_level": "isolation.level",
     "session_timeout_ms": "session.timeout.ms",
     "heartbeat_interval_ms": "heartbeat.interval.ms",
     "max_poll_interval_ms": "max.poll.interval.ms",

@@ -27,6 +27,8 @@ from monitoring.exporter import Check, Exporter
 
 OUTCOMES = ("learned", "predicted", "held_out", "dead_letter", "overload_skipped")
 PREDICTION_FAILURES = ("send_failed", "backing_off", "delivery_failed")
+OFFSET_SKIP_REASONS = ("out_of_range",)
+"""Why a Kafka consumer never fetched records: deleted (retention) before it got to them."""
 """Why a prediction record did not reach the predictions output: the output raised when it was handed over (a
 Kafka producer without the topic's metadata or buffer space after ``max_block_ms``, a file write error), it was
 dropped untried while the output backs off after such an error, or the broker did not acknowledge it."""
@@ -144,6 +146,12 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.offsets_skipped = Counter(
+            "streamcl_offsets_skipped",
+            "Records a Kafka consumer never fetched because they were gone when it got to them, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.decode_seconds = Histogram(
             "streamcl_decode_seconds",
             "Wall time to decode one fetched batch of messages (consumer background thread).",
@@ -182,6 +190,8 @@ class Metrics:
             self.dead_letters.labels(reason=reason)
         for reason in PREDICTION_FAILURES:
             self.predictions_failed.labels(reason=reason)
+        for reason in OFFSET_SKIP_REASONS:
+            self.offsets_skipped.labels(reason=reason)
 
     def describe(self, *, method: str, model: str, device: str) -> None:
         """Publish what this learner runs: ``streamcl_model_info`` and ``streamcl_build_info``."""

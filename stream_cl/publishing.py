@@ -108,6 +108,9 @@ class Publisher:
                 m.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
             for seconds in source.take_decode_seconds():
                 m.decode_seconds.observe(seconds)
+            skipped = getattr(source, "skipped_offsets", dict)  # Kafka sources count records gone unread
+            for reason, total in skipped().items():
+                self._count_to(m.offsets_skipped.labels(reason=reason), total)
 
     def _samples_per_second(self) -> float:
         """``streamcl_samples_per_second`` at scrape time: the last interval's rate while the loop publishes, 0
