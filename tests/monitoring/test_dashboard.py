@@ -230,6 +230,8 @@ def count_up(metrics: Metrics, join: JoinMetrics) -> None:
     metrics.buffer_errors.inc()
     metrics.drift_detected.labels(detector="adwin", signal="error").inc()
     metrics.overload_records.labels(policy="skip-learning").inc()
+    metrics.offsets_skipped.labels(reason="out_of_range").inc()
+    metrics.drift_non_finite.labels(signal="error").inc()
     join.labels.labels(outcome="joined").inc()
     join.expired.inc()
     join.delay.observe(30)
