@@ -98,6 +98,9 @@ _OFFSETS_TIMEOUT_MS = 500  # a ListOffsets lookup for the lag must not stall fet
 _FIRST_FETCH_RECORDS = 16  # asked of the first fetch, before the size of a message is known
 _BACKOFF_S = (0.1, 5.0)  # first and longest wait before the fetch thread retries after an error
 _REVOKE_LOOK_S = 0.05  # how often a revoke waiting for the learner looks whether it has committed
+_PAST_END_S = 30.0
+"""How long a partition must stay positioned past its end, fetching nothing, before it is read again from its
+beginning: a new leader's or a follower's high watermark may lag for seconds, a recreated topic's stays behind."""
 _WITHIN_PREFIX = "streamcl:within="
 _WITHIN = re.compile(re.escape(_WITHIN_PREFIX) + r"([1-9][0-9]{0,3})")
 
@@ -287,6 +290,8 @@ class KafkaSource:
         self._skip: dict[Key, tuple[int, int]] = {}
         self._expect: dict[Key, int] = {}  # offset the next record fetched of a partition must carry, where known
         self._skipped_offsets: Counter[str] = Counter()  # records never fetched, by reason (see skipped_offsets)
+        self._gaps: dict[Key, list[tuple[int, int]]] = {}  # (expected, first) forward jumps the lag refresh checks
+        self._past_end_since: dict[Key, float] = {}  # when a partition was first seen past its end, fetching nothing
         self._partial: dict[Key, tuple[int, int]] = {}  # the same for a message handed over in part
         self._commit_due = 0.0  # monotonic time from which the fetch thread may send pending offsets
         self._cond = threading.Condition()
@@ -549,8 +554,11 @@ class KafkaSource:
         jumps = self._jumps(fetched)
         with self._cond:  # nothing below raises: a failure above leaves the buffer untouched (see _take_in)
             self._decode_seconds.append(elapsed)
-            for key, (expected, first, beginning) in jumps.items():
-                self._note_reset(key, expected, first, beginning)
+            for key, (expected, first) in jumps.items():
+                if first < expected:
+                    self._note_reset(key, expected, first)
+                else:  # compaction, transaction markers, or records deleted unread: told apart once a second
+                    self._gaps.setdefault(key, []).append((expected, first))
             if self._skip:
                 entries = self._skipped(entries)
             self._buffer.extend(entries)
@@ -564,6 +572,7 @@ class KafkaSource:
                 key = (tp.topic, tp.partition)
                 self._buffered[key] += len(records)
                 self._positions[key] = records[-1].offset + 1
+                self._past_end_since.pop(key, None)
                 if key in self._assigned:
                     self._expect[key] = records[-1].offset + 1
                 if highs[tp] is not None:
@@ -614,68 +623,81 @@ class KafkaSource:
                     if key in self._assigned:
                         self._skip[key] = (answer.offset, within)
 
-    def _jumps(self, fetched: dict) -> dict[Key, tuple[int, int, int | None]]:
-        """``(expected, first, beginning)`` of each fetched partition whose first record is not where it was
-        expected: the client moved it (both kafka-python and librdkafka answer an offset out of range by moving to
-        the partition's earliest one, and say so only in a debug log).
-
-        A forward gap is also what compaction and transaction markers leave, so only there the partition's
-        beginning offset is looked up (None if unavailable), to tell whether records were deleted unread.
-        """
+    def _jumps(self, fetched: dict) -> dict[Key, tuple[int, int]]:
+        """``(expected, first)`` of each fetched partition whose first record is not where it was expected: the
+        client moved it (both kafka-python and librdkafka answer an offset out of range by moving to the
+        partition's earliest one, and say so only in a debug log), or, forward, compaction and transaction markers
+        left a gap."""
         with self._cond:
-            jumps = {
-                tp: (expected, records[0].offset)
+            return {
+                (tp.topic, tp.partition): (expected, records[0].offset)
                 for tp, records in fetched.items()
                 if (expected := self._expect.get((tp.topic, tp.partition), records[0].offset)) != records[0].offset
             }
-        ahead = [tp for tp, (expected, first) in jumps.items() if first > expected]
-        beginnings = {}
-        if ahead:
-            try:
-                beginnings = self._consumer.beginning_offsets(ahead, timeout_ms=_OFFSETS_TIMEOUT_MS)
-            except KafkaError as err:
-                log.warning("cannot tell whether records of %s were deleted unread (%s)", ahead, err)
-        return {(tp.topic, tp.partition): (*jump, beginnings.get(tp)) for tp, jump in jumps.items()}
 
-    def _note_reset(self, key: Key, expected: int, first: int, beginning: int | None) -> None:
-        """Partition ``key`` goes on at ``first`` instead of ``expected``: count and log what that skips, forget what
-        was learned of offsets that no longer exist, and commit ``first`` (a stale group offset would send the
-        partition's next owner astray). Called holding ``_cond``."""
+    def _note_reset(self, key: Key, expected: int, first: int) -> None:
+        """Partition ``key`` goes on at ``first``, below ``expected``: the offsets went back (a recreated or truncated
+        topic). Forget what was learned of offsets that no longer exist, and commit ``first`` (a stale group offset
+        would send the partition's next owner astray). Called holding ``_cond``."""
         topic, partition = key
-        if first > expected:
-            if beginning is None or beginning <= expected:
-                return  # compaction or transaction markers: nothing was deleted
-            skipped = first - expected
-            log.warning(
-                "topic %s partition %d: offsets %d-%d were deleted before they were read (retention); %d records "
-                "skipped, going on at offset %d",
-                *(topic, partition, expected, first - 1, skipped, first),
-            )
-            self._skipped_offsets["out_of_range"] += skipped
-        else:
-            log.warning(
-                "topic %s partition %d: offset %d is past the partition's end (the topic was recreated or truncated); "
-                "starting again at its beginning, offset %d",
-                *(topic, partition, expected, first),
-            )
-            for table in (self.committed, self._committed_within, self._pending, self._pending_within):
-                table.pop(key, None)
+        log.warning(
+            "topic %s partition %d: offset %d is past the partition's end (the topic was recreated or truncated); "
+            "starting again at its beginning, offset %d",
+            *(topic, partition, expected, first),
+        )
+        for table in (self.committed, self._committed_within, self._pending, self._pending_within):
+            table.pop(key, None)
         if key in self._skip and self._skip[key][0] != first:
             del self._skip[key]  # samples of a message at an offset that now holds another one, or none
         self._start_commits[key] = (first, 0)
 
-    def _restart_past_end(self, positions: dict[TopicPartition, int]) -> None:
-        """Move partitions positioned past their end back to their beginning.
+    def _count_deleted(self) -> None:
+        """Tell the forward jumps fetched since the last call apart (once a second, batched): a gap below the
+        partition's beginning offset was records deleted (retention) before they were read, counted and logged;
+        one above it is compaction or transaction markers (no call per fetch: those come with every transaction)."""
+        with self._cond:
+            gaps, self._gaps = self._gaps, {}
+        if not gaps:
+            return
+        partitions = [TopicPartition(*key) for key in gaps]
+        try:
+            beginnings = self._consumer.beginning_offsets(partitions, timeout_ms=_OFFSETS_TIMEOUT_MS)
+        except KafkaError as err:
+            log.warning("cannot tell whether records of %s were deleted unread (%s)", sorted(gaps), err)
+            return
+        for tp, beginning in beginnings.items():
+            for expected, first in gaps[(tp.topic, tp.partition)] if beginning is not None else ():
+                deleted = min(first, beginning) - expected
+                if deleted <= 0:
+                    continue
+                log.warning(
+                    "topic %s partition %d: offsets %d-%d were deleted before they were read (retention); %d records "
+                    "skipped, going on at offset %d",
+                    *(tp.topic, tp.partition, expected, expected + deleted - 1, deleted, first),
+                )
+                with self._cond:
+                    self._skipped_offsets["out_of_range"] += deleted
+
+    def _restart_past_end(self, positions: dict[TopicPartition, int | None]) -> None:
+        """Move partitions that stay positioned past their end back to their beginning.
 
         Brokers that answer a fetch there with no records instead of an out-of-range error (tansu) leave the client
         waiting for offsets that may never come, skipping every record up to them. The end is the high watermark
-        of a fetch at that position (ListOffsets may understate it, see :meth:`_update_lag`).
+        of a fetch at that position (ListOffsets may understate it, see :meth:`_update_lag`), which a new leader or a
+        follower may report lower for a while: only a partition past it for :data:`_PAST_END_S`, fetching nothing,
+        is moved. Where the client knows no position yet (librdkafka before the first message), where the source
+        placed the partition counts. The fetch that follows the seek brings the backward jump to :meth:`_note_reset`.
         """
-        past = []
-        for tp, position in positions.items():
-            high = self._consumer.highwater(tp)
-            if position is not None and high is not None and position > high:
-                past.append(tp)
+        now, past = time.monotonic(), []
+        with self._cond:
+            for tp, position in positions.items():
+                key = (tp.topic, tp.partition)
+                at = position if position is not None else self._expect.get(key)
+                high = self._consumer.highwater(tp)
+                if at is None or high is None or at <= high:
+                    self._past_end_since.pop(key, None)
+                elif now - self._past_end_since.setdefault(key, now) >= _PAST_END_S:
+                    past.append(tp)
         if not past:
             return
         try:
@@ -686,10 +708,9 @@ class KafkaSource:
         for tp, beginning in beginnings.items():
             with contextlib.suppress(IllegalStateError, KafkaError):  # revoked meanwhile: the next owner sees it
                 self._consumer.seek(tp, beginning)
-                with self._cond:
-                    key = (tp.topic, tp.partition)
-                    self._note_reset(key, positions[tp], beginning, None)
-                    self._expect[key] = beginning
+                log.info("topic %s partition %d: past its end; reading it again from offset %d", *tp, beginning)
+            with self._cond:
+                self._past_end_since.pop((tp.topic, tp.partition), None)
 
     def _commit_start_offsets(self) -> None:
         """Commit where newly assigned partitions start (``from_checkpoint``), so the group agrees with the model."""
@@ -772,7 +793,7 @@ class KafkaSource:
         except KafkaError as err:
             log.debug("end offsets unavailable (%s); the lag keeps the last known ones", err)
             ends = {}
-        positions = {}
+        positions: dict[TopicPartition, int | None] = {}
         for tp in partitions:
             with contextlib.suppress(IllegalStateError, KafkaError):  # reassigned meanwhile, or not resolved yet
                 positions[tp] = self._consumer.position(tp, timeout_ms=100)
@@ -787,6 +808,7 @@ class KafkaSource:
                     self._ends[key] = max(known)
                 if positions.get(tp) is not None:
                     self._positions[key] = positions[tp]
+        self._count_deleted()
         self._restart_past_end(positions)
 
     # --- rebalance listener (kafka-python's IO thread) ------------------------------------------------
@@ -833,7 +855,7 @@ class KafkaSource:
             for key in keys:
                 self._assigned.discard(key)
                 tables = (self._delivered, self._pending, self._pending_within, self._ends, self._positions)
-                for table in (*tables, self._buffered, self._skip, self._expect):
+                for table in (*tables, self._buffered, self._skip, self._expect, self._gaps, self._past_end_since):
                     table.pop(key, None)
 
     def _assign(self, partitions: Iterable[TopicPartition]) -> None:

@@ -27,11 +27,11 @@ from monitoring.exporter import Check, Exporter
 
 OUTCOMES = ("learned", "predicted", "held_out", "dead_letter", "overload_skipped")
 PREDICTION_FAILURES = ("send_failed", "backing_off", "delivery_failed")
-OFFSET_SKIP_REASONS = ("out_of_range",)
-"""Why a Kafka consumer never fetched records: deleted (retention) before it got to them."""
 """Why a prediction record did not reach the predictions output: the output raised when it was handed over (a
 Kafka producer without the topic's metadata or buffer space after ``max_block_ms``, a file write error), it was
 dropped untried while the output backs off after such an error, or the broker did not acknowledge it."""
+OFFSET_SKIP_REASONS = ("out_of_range",)
+"""Why a Kafka consumer never fetched records: deleted (retention) before it got to them."""
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
