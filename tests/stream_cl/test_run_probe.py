@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from consumers.record import DeadLetter, Message, Position
+from consumers.record import Message, Position
 from consumers.recorded import RecordedSource, write_messages
 from consumers.wire import encode_binary
 from monitoring.metrics import Metrics
@@ -25,20 +25,10 @@ from stream_cl.learner import RunState
 from stream_cl.publishing import evaluate
 from stream_cl.run import RunOptions, RunParts, run_stream
 from stream_cl.summary import Summary
+from tests.stream_cl.test_run_screen import Collected
 
 make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, width=16)
 FRACTION = 0.05
-
-
-class Collected:
-    backpressure = False
-    healthy = True
-
-    def __init__(self) -> None:
-        self.dead: list[DeadLetter] = []
-
-    def send(self, dead: DeadLetter) -> None:
-        self.dead.append(dead)
 
 
 def _ids(held: bool, prefix: str) -> Iterator[str]:
