@@ -13,9 +13,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from consumers.record import Message, Position
-from consumers.recorded import RecordedSource, write_messages
-from consumers.wire import encode_binary
+from consumers.recorded import RecordedSource
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
@@ -25,7 +23,7 @@ from stream_cl.learner import RunState
 from stream_cl.publishing import evaluate
 from stream_cl.run import RunOptions, RunParts, run_stream
 from stream_cl.summary import Summary
-from tests.stream_cl.test_run_screen import Collected
+from tests.stream_cl.test_run_screen import Collected, _stream
 
 make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, width=16)
 FRACTION = 0.05
@@ -35,15 +33,6 @@ def _ids(held: bool, prefix: str) -> Iterator[str]:
     """Record ids the probe holds out (``held``) or never does: a producer may pick its ids."""
     probe = ProbeSet(fraction=FRACTION)
     return (f"{prefix}{k}" for k in count() if probe.holds_out(f"{prefix}{k}") == held)
-
-
-def _stream(path: Path, rows: list[tuple[str, np.ndarray, list[str]]]) -> Path:
-    messages = []
-    for offset, (sample_id, x, label) in enumerate(rows):
-        value, headers = encode_binary(sample_id, x, label)
-        messages.append(Message(Position("s", 0, offset), float(offset), None, value, tuple(headers)))
-    write_messages(path, messages)
-    return path
 
 
 def _run(stream: Path, probe: ProbeSet, **options) -> tuple[Summary, RunState, Collected, Metrics]:
