@@ -27,6 +27,7 @@ from tests.stream_cl.test_run_screen import Collected, _stream
 
 make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, width=16)
 FRACTION = 0.05
+IDENTITY = {"method": "er", "model": "mlp", "width": 16}
 
 
 def _ids(held: bool, prefix: str) -> Iterator[str]:
@@ -43,6 +44,17 @@ def _run(stream: Path, probe: ProbeSet, **options) -> tuple[Summary, RunState, C
     return summary, state, sink, metrics
 
 
+def _checkpointed_run(
+    stream: Path, store: CheckpointStore, probe: ProbeSet, options: RunOptions, *, every_records: int
+) -> tuple[Summary, RunState]:
+    """A run of ``stream`` restored from ``store``'s newest checkpoint (if any), checkpointing as it goes."""
+    state, restored = restore(store, make, IDENTITY, probe)
+    checkpointer = Checkpointer(store, identity=IDENTITY, every_records=every_records, restored=restored, probe=probe)
+    with RecordedSource(stream, start_offsets=restored.offsets if restored else None) as source:
+        parts = RunParts(probe, checkpointer=checkpointer)
+        return run_stream(source, make, Metrics(CollectorRegistry()), options, parts, state=state)
+
+
 def test_held_out_classes_count_toward_max_classes_also_after_a_restart(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     learned, held = _ids(False, "ok"), _ids(True, "evil")
@@ -51,23 +63,12 @@ def test_held_out_classes_count_toward_max_classes_also_after_a_restart(tmp_path
     rows += [(next(held), rng.normal(size=8).astype(np.float32), [f"class-{i}"]) for i in range(300)]
     rows += [(next(learned), rng.normal(size=8).astype(np.float32), ["late"])]  # a new class past the limit
     stream = _stream(tmp_path / "s.rec.gz", rows)
-    store, identity = CheckpointStore(tmp_path / "ckpt"), {"method": "er", "model": "mlp", "width": 16}
+    store = CheckpointStore(tmp_path / "ckpt")
 
     def run(max_records: int | None) -> tuple[Summary, RunState, ProbeSet]:
         probe = ProbeSet(fraction=FRACTION)
-        state, restored = restore(store, make, identity, probe)
-        checkpointer = Checkpointer(store, identity=identity, every_records=50, restored=restored, probe=probe)
-        with RecordedSource(stream, start_offsets=restored.offsets if restored else None) as source:
-            options = RunOptions(batch_size=10, max_records=max_records, max_classes=20, progress=False)
-            summary, state = run_stream(
-                source,
-                make,
-                Metrics(CollectorRegistry()),
-                options,
-                RunParts(probe, checkpointer=checkpointer),
-                state=state,
-            )
-        return summary, state, probe
+        options = RunOptions(batch_size=10, max_records=max_records, max_classes=20, progress=False)
+        return (*_checkpointed_run(stream, store, probe, options, every_records=50), probe)
 
     first, _, _ = run(100)
     second, state, probe = run(None)
@@ -154,17 +155,11 @@ def test_a_restored_probe_set_counts_only_the_classes_the_tree_lacks_also_when_n
         rows.append((next(held), rng.normal(size=8).astype(np.float32), [f"c{c}"]))
     rows += [(next(learned), rng.normal(size=8).astype(np.float32), [f"new{c}"]) for c in range(2)]
     stream = _stream(tmp_path / "s.rec.gz", rows)
-    store, identity = CheckpointStore(tmp_path / "ckpt"), {"method": "er", "model": "mlp", "width": 16}
+    store = CheckpointStore(tmp_path / "ckpt")
 
     def run(fraction: float, max_records: int | None) -> Summary:
-        probe = ProbeSet(fraction=fraction)
-        state, restored = restore(store, make, identity, probe)
-        checkpointer = Checkpointer(store, identity=identity, every_records=1, restored=restored, probe=probe)
-        with RecordedSource(stream, start_offsets=restored.offsets if restored else None) as source:
-            options = RunOptions(batch_size=4, max_records=max_records, max_classes=10, progress=False)
-            parts = RunParts(probe, checkpointer=checkpointer)
-            summary, _ = run_stream(source, make, Metrics(CollectorRegistry()), options, parts, state=state)
-        return summary
+        options = RunOptions(batch_size=4, max_records=max_records, max_classes=10, progress=False)
+        return _checkpointed_run(stream, store, ProbeSet(fraction=fraction), options, every_records=1)[0]
 
     first = run(FRACTION, 32)
     assert first.held_out == 8 and first.dead_letter == {}
