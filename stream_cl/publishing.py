@@ -51,9 +51,15 @@ class Publisher:
     true) and its probe and buffer figures when asked; beats ``heartbeat`` on every turn."""
 
     def __init__(
-        self, metrics: Metrics, dead_letters: Sequence[object] = (), heartbeat: Heartbeat | None = None
+        self,
+        metrics: Metrics,
+        dead_letters: Sequence[object] = (),
+        heartbeat: Heartbeat | None = None,
+        label_sources: Sequence[Source] = (),
     ) -> None:
         self.metrics = metrics
+        # with delayed labels, the label topic's consumer: records it never fetched are skipped offsets too
+        self.label_sources = list(label_sources)
         # sinks that can spool: the data topic's and, with delayed labels, the label topic's (published together)
         self.dead_letters = [sink for sink in dead_letters if hasattr(sink, "spooled")]
         self._counted: dict[Counter, int] = {}  # each counter's cumulative total as last published
@@ -108,9 +114,12 @@ class Publisher:
                 m.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
             for seconds in source.take_decode_seconds():
                 m.decode_seconds.observe(seconds)
-            skipped = getattr(source, "skipped_offsets", dict)  # Kafka sources count records gone unread
-            for reason, total in skipped().items():
-                self._count_to(m.offsets_skipped.labels(reason=reason), total)
+        skipped: dict[str, int] = {}
+        for consumer in (source, *self.label_sources):  # Kafka sources count records gone unread
+            for reason, count in getattr(consumer, "skipped_offsets", dict)().items():
+                skipped[reason] = skipped.get(reason, 0) + count
+        for reason, total in skipped.items():
+            self._count_to(m.offsets_skipped.labels(reason=reason), total)
 
     def _samples_per_second(self) -> float:
         """``streamcl_samples_per_second`` at scrape time: the last interval's rate while the loop publishes, 0

@@ -201,7 +201,8 @@ class _Run:
         self.summary = Summary()
         self.accuracy = PrequentialAccuracy(options.online_window)
         label_sinks = [parts.labels.dead_letters] if parts.labels is not None else []
-        self.publisher = Publisher(metrics, [parts.dead_letters, *label_sinks], parts.heartbeat)
+        label_sources = [parts.labels.source] if parts.labels is not None else []
+        self.publisher = Publisher(metrics, [parts.dead_letters, *label_sinks], parts.heartbeat, label_sources)
         self.outcomes = metrics.samples
         # the children counted every batch, looked up once (a labels() lookup takes a lock)
         self.learned_total = metrics.samples.labels(outcome="learned")

@@ -261,10 +261,11 @@ def test_a_partly_learned_message_of_the_old_topic_skips_nothing_of_the_new_one(
 
 
 def test_records_skipped_reach_the_metric() -> None:
-    """``streamcl_offsets_skipped_total`` is 0 from the start and follows the source's cumulative count."""
-    source = _InstrumentedStub()
+    """``streamcl_offsets_skipped_total`` is 0 from the start and follows the cumulative count of the sample
+    source and the label topic's consumer together."""
+    source, labels = _InstrumentedStub(), _InstrumentedStub()
     metrics = Metrics(CollectorRegistry())
-    publisher = Publisher(metrics)
+    publisher = Publisher(metrics, label_sources=[labels])
 
     def value() -> float | None:
         publisher.gauges(time.monotonic(), None, PrequentialAccuracy(), source)
@@ -275,6 +276,8 @@ def test_records_skipped_reach_the_metric() -> None:
     assert value() == 2
     source.skipped = {"out_of_range": 5}
     assert (value(), value()) == (5, 5)
+    labels.skipped = {"out_of_range": 3}
+    assert value() == 8
 
 
 class _InstrumentedStub:
