@@ -15,6 +15,7 @@ from consumers.record import Message
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
+_MAX_TIMESTAMP_S = 2**63 // 1000  # Kafka timestamps are int64 milliseconds
 """Every compression codec Kafka defines; the project installs the libraries for all of them."""
 
 
@@ -48,7 +49,9 @@ class KafkaSink:
     """Send :class:`Message` values, keys and headers unchanged to one topic, in order.
 
     Partitions follow the key (Kafka's default partitioner) unless ``keep_partitions`` is set, in which case
-    each message goes to the partition it was recorded from (which must exist in the target topic).
+    each message goes to the partition it was recorded from (which must exist in the target topic). Messages are
+    stamped when sent unless ``keep_timestamps`` is set: then each carries its own timestamp (event time, which
+    delayed labels join and expire by), a missing or unrepresentable one (negative, NaN) left to the client.
     ``compression`` (one of :data:`COMPRESSION`) compresses each batch. One request is in flight at a time, so
     a retried batch cannot land behind a later one. A message the broker or client refuses (too large, say)
     is counted in :attr:`failed` and the stream goes on; a broker that takes nothing for ``max_block_ms``
@@ -62,6 +65,7 @@ class KafkaSink:
         topic: str,
         *,
         keep_partitions: bool = False,
+        keep_timestamps: bool = False,
         compression: str = "none",
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -69,6 +73,7 @@ class KafkaSink:
             raise ValueError(f"compression must be one of {COMPRESSION}, got {compression!r}")
         self.topic = topic
         self.keep_partitions = keep_partitions
+        self.keep_timestamps = keep_timestamps
         self.sent = 0
         self.delivered = 0
         self.failed = 0
@@ -83,9 +88,15 @@ class KafkaSink:
 
     def send(self, message: Message) -> None:
         partition = message.position.partition if self.keep_partitions else None
+        stamp = _timestamp_ms(message.timestamp) if self.keep_timestamps else None
         try:
             future = self._producer.send(
-                self.topic, value=message.value, key=message.key, headers=list(message.headers), partition=partition
+                self.topic,
+                value=message.value,
+                key=message.key,
+                headers=list(message.headers),
+                partition=partition,
+                timestamp_ms=stamp,
             )
         except KafkaTimeoutError as err:  # no metadata or no buffer space within max_block_ms: nothing gets through
             raise ConnectionError(f"Kafka took no message to {self.topic} in time: {self._tally()}: {err}") from err
@@ -134,6 +145,7 @@ def produce_messages(
     *,
     speed: float | None = None,
     keep_partitions: bool = False,
+    keep_timestamps: bool = False,
     compression: str = "none",
     client_options: Mapping[str, Any] | None = None,
 ) -> int:
@@ -142,12 +154,25 @@ def produce_messages(
     ``client_options`` are kafka-python security settings (``security_protocol``, ``sasl_*``, ``ssl_*``).
     """
     sink = KafkaSink(
-        bootstrap, topic, keep_partitions=keep_partitions, compression=compression, client_options=client_options
+        bootstrap,
+        topic,
+        keep_partitions=keep_partitions,
+        keep_timestamps=keep_timestamps,
+        compression=compression,
+        client_options=client_options,
     )
     with sink:
         for message in paced(messages, speed) if speed else messages:
             sink.send(message)
     return sink.sent
+
+
+def _timestamp_ms(seconds: float) -> int | None:
+    """A message timestamp in Kafka's milliseconds since the epoch; None (the client stamps it) where it has none:
+    a record without one reads as -1 ms, and a recorded file may hold any float."""
+    if not 0 <= seconds < _MAX_TIMESTAMP_S:  # NaN fails this too
+        return None
+    return round(seconds * 1000)
 
 
 def paced(

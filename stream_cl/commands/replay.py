@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-partitions", action="store_true", help="send each message to its recorded partition, not by key"
     )
+    p.add_argument(
+        "--keep-timestamps",
+        action="store_true",
+        help="send each message with its recorded timestamp, not the time of sending (event time, which delayed "
+        "labels join and expire by; a topic's time-based retention then counts from the recorded times)",
+    )
     p.add_argument("--compression", default="none", choices=COMPRESSION, help="batch compression (default: none)")
     add_settings(p, KAFKA_SECTIONS, printable=False)
     p.set_defaults(handler=cmd_replay)
@@ -52,6 +58,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         messages,
         speed=args.speed,
         keep_partitions=args.keep_partitions,
+        keep_timestamps=args.keep_timestamps,
         compression=args.compression,
         client_options=config_from(args).kafka.client_options(),
     )

@@ -190,15 +190,25 @@ def test_dead_letter_topic_gets_exactly_the_bad_records(kafka_bootstrap, make_to
         assert headers["source-topic"] == topic.encode()
 
 
-def test_record_replay_round_trip_is_byte_identical(kafka_bootstrap, make_topic, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep_timestamps", [False, True])
+def test_record_replay_round_trip_is_byte_identical(
+    kafka_bootstrap, make_topic, tmp_path: Path, keep_timestamps: bool
+) -> None:
+    """Keys, values, headers and partitions arrive as recorded; timestamps too with ``--keep-timestamps`` (else
+    the replay's own, a second or more later: recording waits a second for the topic to go idle)."""
     first, second = make_topic(4), make_topic(4)
     messages = [*good_messages(30), *bad_messages().values()]
     messages.append(Message(messages[0].position, 0.0, None, b"null key", (("h", b""), ("h", b"\x00"))))
     produce_messages(kafka_bootstrap, first, messages)
     url = f"kafka://{kafka_bootstrap}"
     assert main(["record", "--source", f"{url}/{first}", "--out", str(tmp_path / "a.rec.gz"), "--until-idle", "1"]) == 0
-    assert main(["replay", str(tmp_path / "a.rec.gz"), "--to", f"{url}/{second}", "--keep-partitions"]) == 0
+    keep = ["--keep-timestamps"] if keep_timestamps else []
+    assert main(["replay", str(tmp_path / "a.rec.gz"), "--to", f"{url}/{second}", "--keep-partitions", *keep]) == 0
     assert record_topic(kafka_bootstrap, second, tmp_path / "b.rec.gz", until_idle_s=1.0) == len(messages)
+    stamps = {(m.position.partition, m.position.offset): m.timestamp for m in read_messages(tmp_path / "a.rec.gz")}
+    replayed = {(m.position.partition, m.position.offset): m.timestamp for m in read_messages(tmp_path / "b.rec.gz")}
+    same = [replayed[at] == stamp for at, stamp in stamps.items()]
+    assert all(same) if keep_timestamps else not any(same)
 
     def content(path: Path) -> list[tuple]:
         out = [(m.position.partition, m.position.offset, m.key, m.value, m.headers) for m in read_messages(path)]
