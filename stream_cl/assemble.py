@@ -98,6 +98,8 @@ def assemble(
         make_learner = group.wrap(make_learner)
     probe = ProbeSet(fraction=cfg.run.probe_fraction, seed=cfg.learner.seed)
     state, restored, checkpointer = _restore(cfg, make_learner, probe, metrics, writer=group is None or group.rank == 0)
+    if group is not None:
+        _check_restored(group, restored, checkpointer)
     url = cfg.source.url or str(default_stream())
     ready = ready or threading.Event()
     with ExitStack() as stack:
@@ -306,6 +308,16 @@ def _restore(
         probe=probe,
     )
     return state, restored, checkpointer
+
+
+def _check_restored(group: Group, restored: Restored | None, checkpointer: Checkpointer | None) -> None:
+    """:meth:`Group.check_restored`, releasing the checkpoint directory's lock (rank 0's) if it fails."""
+    try:
+        group.check_restored(restored)
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.store.close()
+        raise
 
 
 def _spool_dir(cfg: Config) -> Path | None:

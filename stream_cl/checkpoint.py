@@ -6,8 +6,9 @@ so a truncated or corrupted file is recognised before ``torch.load`` even sees i
 under its final name only after its bytes are on disk (temp file, fsync, rename, directory fsync), so
 a crash leaves either the old set or the old set plus one complete new file. The payload is a dict of
 tensors and plain containers (no pickled objects) whose top-level keys are checked on load, so a file
-that verifies but lacks what a restore reads is skipped like a corrupted one. One writer per directory:
-it holds an exclusive lock on ``DIR/.lock`` for as long as its store is open.
+that verifies but lacks what a restore reads is skipped like a corrupted one, though never deleted: another
+version of stream-cl may have written it. One writer per directory: it holds an exclusive lock on
+``DIR/.lock`` for as long as its store is open.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from stream_cl.errors import StreamClError
 log = logging.getLogger("stream_cl.checkpoint")
 
 FORMAT_VERSION = 1
-"""Version of the payload layout; a checkpoint of another version is refused, never guessed at."""
+"""Version of the payload layout; a checkpoint of another version is refused (and kept), never guessed at."""
 
 # ASCII digits only (``\d`` takes any script's); 10 of them, or more without a leading zero from id 10**10 on,
 # so one id has one name
@@ -45,6 +46,15 @@ _LOCK = ".lock"
 
 class CheckpointError(StreamClError):
     """A checkpoint that cannot be used: missing, truncated, corrupted or of another format."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint whose bytes verify but that this version cannot read: another format version or layout,
+    or an archive this torch cannot load. Another version of stream-cl wrote it, so it is kept."""
+
+
+class CheckpointUnreadableError(CheckpointError):
+    """A checkpoint that cannot be read (no permission, an I/O error): it may well be intact, so it is kept."""
 
 
 class CheckpointDirInUseError(CheckpointError):
@@ -143,6 +153,7 @@ class CheckpointStore:
         self.keep = keep
         self.layout = layout
         self._valid: set[str] = set()  # names of files written or loaded here: files never change, so once is enough
+        self._kept: set[str] = set()  # names of files prune found it must not delete, so it reads them once
         self.directory.mkdir(parents=True, exist_ok=True)
         self._unlock: Callable[[], object] = lambda: None
         if sweep:
@@ -218,47 +229,84 @@ class CheckpointStore:
         Raises
         ------
         CheckpointError
-            If the bytes do not match the digest, do not load, have another format version, or lack a key
-            (or a key's type) that the store or :attr:`layout` requires.
+            If the bytes do not match the digest (truncated or corrupted), or the file is gone or a directory.
+        CheckpointUnreadableError
+            If reading the file fails otherwise (no permission, an I/O error).
+        CheckpointFormatError
+            If the bytes match the digest but do not load, have another format version, or lack a key (or a
+            key's type) that the store or :attr:`layout` requires.
         """
         try:
             data = info.path.read_bytes()
-        except OSError as err:
+        except (FileNotFoundError, IsADirectoryError) as err:  # pruned since the listing, or no checkpoint at all
             raise CheckpointError(f"{info.path.name}: {err}") from err
+        except OSError as err:
+            raise CheckpointUnreadableError(f"{info.path.name}: cannot read: {err}") from err
         if hashlib.sha256(data).hexdigest()[:16] != info.digest:
             raise CheckpointError(f"{info.path.name}: checksum mismatch (truncated or corrupted)")
+        # The bytes are those written: whatever fails from here on, another version wrote them.
         try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for bad archives
-            raise CheckpointError(f"{info.path.name}: cannot load: {err}") from err
+        except Exception as err:  # torch raises several types for archives it cannot read
+            raise CheckpointFormatError(f"{info.path.name}: cannot load: {err}") from err
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
             version = payload.get("format") if isinstance(payload, dict) else None
-            raise CheckpointError(f"{info.path.name}: format {version!r}, expected {FORMAT_VERSION}")
+            raise CheckpointFormatError(f"{info.path.name}: format {version!r}, expected {FORMAT_VERSION}")
         for layout in (_STORE_KEYS, self.layout):
             problem = layout.problem(payload) if layout is not None else None
             if problem:
-                raise CheckpointError(f"{info.path.name}: unexpected layout: {problem}")
+                raise CheckpointFormatError(f"{info.path.name}: unexpected layout: {problem}")
         self._valid.add(info.path.name)
         return payload
 
     def latest(self) -> tuple[CheckpointInfo, dict[str, Any]] | None:
-        """The newest checkpoint that verifies and loads; bad newer ones are logged and skipped."""
+        """The newest checkpoint that verifies and loads; bad newer ones are logged and skipped.
+
+        None only if the directory holds no checkpoint file.
+
+        Raises
+        ------
+        CheckpointError
+            If it holds checkpoint files but none loads: starting afresh would relearn everything (and the
+            first write could prune them), so the newest one's problem is for a person to settle.
+        """
+        refused: list[CheckpointError] = []
         for info in reversed(self.list()):
             try:
                 return info, self.load(info)
             except CheckpointError as err:
                 log.warning("skipping checkpoint %d: %s", info.id, err)
-        return None
+                if info.path.is_file():  # not one pruned since the listing, nor a directory named like one
+                    refused.append(err)
+        if not refused:
+            return None
+        newest = refused[0]
+        why = ""
+        if isinstance(newest, CheckpointFormatError):
+            why = " (written by another version of stream-cl)"
+        elif isinstance(newest, CheckpointUnreadableError):
+            why = " (check its permissions and the disk)"
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be restored ({len(refused)} found, none loads); the newest: "
+            f"{newest}{why}. None is deleted; to start a new model instead, move them away or use another "
+            "--checkpoint-dir"
+        ) from newest
 
     def prune(self) -> None:
         """Delete what a restart can do without: every checkpoint older than the newest ``keep`` that load,
-        and one that does not load once a newer one does (if none loads, nothing is deleted). Best effort:
-        a file that cannot be deleted is logged and left, and the others are still pruned."""
+        and one that does not load once a newer one does (if none loads, nothing is deleted). Never deleted:
+        a file another version wrote (:class:`CheckpointFormatError`; going back to that version needs it)
+        or one that cannot be read (:class:`CheckpointUnreadableError`; it may be intact). Best effort: a
+        file that cannot be deleted is logged and left, and the others are still pruned."""
         newer_valid = 0
         for info in reversed(self.list()):
-            if newer_valid < self.keep and self._loads(info):
-                newer_valid += 1
-            elif newer_valid:
+            if self._loads(info):
+                if newer_valid < self.keep:
+                    newer_valid += 1
+                    continue
+            elif info.path.name in self._kept:
+                continue
+            if newer_valid:
                 try:
                     info.path.unlink(missing_ok=True)
                 except OSError as err:  # e.g. a directory named like a checkpoint
@@ -267,10 +315,16 @@ class CheckpointStore:
                     self._valid.discard(info.path.name)
 
     def _loads(self, info: CheckpointInfo) -> bool:
-        if info.path.name in self._valid:
+        name = info.path.name
+        if name in self._valid:
             return True
+        if name in self._kept:
+            return False
         try:
             self.load(info)
+        except (CheckpointFormatError, CheckpointUnreadableError):
+            self._kept.add(name)
+            return False
         except CheckpointError:
             return False
         return True

@@ -23,7 +23,7 @@ import torch
 from consumers.source import NextOffsets, Offsets
 from monitoring.metrics import Metrics
 from monitoring.probe import ProbeSet
-from stream_cl.checkpoint import CheckpointInfo, CheckpointStore
+from stream_cl.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 from stream_cl.errors import ConfigError
 from stream_cl.learner import LearnerFactory, RunState
 from stream_cl.summary import Summary
@@ -61,8 +61,12 @@ class _Write:
 class Checkpointer:
     """Checkpoints a run every ``every_records`` polled records and every ``every_seconds`` seconds.
 
-    A write that fails leaves the cadence as if it had not been attempted, so the next batch tries again,
-    and ``streamcl_checkpoint_age_seconds`` keeps counting from the oldest learning not yet saved.
+    One write at a time, and the loop never waits for it: a checkpoint that comes due while the previous
+    write is still in progress (a slow disk) stays due, and is taken at the first batch or idle turn
+    (:meth:`tick`) after that write is done. A write that fails leaves the cadence as if it had not been
+    attempted, and is tried again after a back-off that doubles from :attr:`RETRY_FIRST_S` up to
+    ``every_seconds`` (:attr:`RETRY_MAX_S` without it), so a full disk does not cost every batch a
+    snapshot; ``streamcl_checkpoint_age_seconds`` keeps counting from the oldest learning not yet saved.
 
     Parameters
     ----------
@@ -83,6 +87,11 @@ class Checkpointer:
         checkpointed with the learner and both topics' offsets, so a restart neither loses a waiting
         sample nor learns one twice.
     """
+
+    RETRY_FIRST_S = 1.0
+    """Wait before trying a failed write again; it doubles with every failure in a row."""
+    RETRY_MAX_S = 60.0
+    """Longest wait between tries of a failed write when there is no ``every_seconds`` to cap it."""
 
     def __init__(
         self,
@@ -116,6 +125,9 @@ class Checkpointer:
         self._unsaved_since: float | None = None  # when the oldest learning no checkpoint written or in flight began
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._write_in_flight: _Write | None = None
+        self._failures = 0  # failed writes in a row
+        self._backoff = 0.0  # the wait after the last of them
+        self._retry_at = float("-inf")  # monotonic time before which a failed write is not tried again
         self._lock = threading.Lock()  # the metric reads what is unsaved from the scrape thread
         if metrics is not None:  # computed at scrape time: it grows while writes fail, and is 0 when all is saved
             metrics.checkpoint_age.set_function(self.unsaved_seconds)
@@ -134,15 +146,26 @@ class Checkpointer:
         """Record a committed batch (its next ``offsets``); checkpoint if one is due."""
         self.offsets.advance(offsets)
         self._since += n_records
-        now = time.monotonic()
         if self._unsaved_since is None:
-            self._unsaved_since = now
-        if self._write_in_flight is not None and self._write_in_flight.future.done():
+            self._unsaved_since = time.monotonic()
+        self.tick(state, summary)
+
+    def tick(self, state: RunState, summary: Summary) -> None:
+        """Checkpoint what is unsaved if a checkpoint is due, the previous write is done and no back-off
+        holds it; never waits for a write. The run loop calls it on idle turns too, so learning just
+        before a stream goes quiet is saved on time, not with the next record."""
+        write = self._write_in_flight
+        if write is not None:
+            if not write.future.done():
+                return  # a slow disk: the loop learns on, and the checkpoint stays due until the write is done
             self._settle()  # a failed write puts the cadence back, so the check below retries it
+        now = time.monotonic()
+        if self._unsaved_since is None or state.learner is None or now < self._retry_at:
+            return
         due = (self.every_records is not None and self._since >= self.every_records) or (
             self.every_seconds is not None and now - self._last >= self.every_seconds
         )
-        if due and state.learner is not None:
+        if due:
             self._submit(state, summary)
 
     def finish(self, state: RunState, summary: Summary) -> CheckpointInfo | None:
@@ -158,6 +181,7 @@ class Checkpointer:
         return info
 
     def _submit(self, state: RunState, summary: Summary) -> None:
+        """Start writing a checkpoint of ``state``; the previous write must be settled (one at a time)."""
         totals = summary.totals(self.base_totals)
         payload = {
             "identity": dict(self.identity),
@@ -172,7 +196,6 @@ class Checkpointer:
             "probe": None if self.probe is None else _snapshot(self.probe.state_dict()),
             "pending": None if self.pending is None else _snapshot(self.pending.state_dict()),
         }
-        self._settle()  # at most one write in flight: back-pressure instead of a growing queue
         future = self._pool.submit(self._write, payload)
         with self._lock:
             self._write_in_flight = _Write(future, self._since, self._last, self._unsaved_since)
@@ -185,16 +208,25 @@ class Checkpointer:
         return info
 
     def _settle(self) -> CheckpointInfo | None:
-        """:meth:`_wait`, logging a failed write instead of raising (the next due check retries it)."""
+        """:meth:`_wait`, logging a failed write instead of raising (a due check retries it after the back-off):
+        its traceback for the first of failures in a row, then one line each, so a full disk does not flood the log."""
         try:
             return self._wait()
-        except Exception:
-            log.exception("checkpoint write failed; the next batch will try again")
+        except Exception as err:
+            if self._failures == 1:
+                log.exception("checkpoint write failed; trying again in %.3g s", self._backoff)
+            else:
+                log.warning(
+                    "checkpoint write failed again (%d in a row): %s; trying again in %.3g s",
+                    self._failures,
+                    err,
+                    self._backoff,
+                )
             return None
 
     def _wait(self) -> CheckpointInfo | None:
         """The outcome of the write in flight, once it is done; a failed one raises, its records, time and
-        learning back in the cadence as if it had not been attempted."""
+        learning back in the cadence as if it had not been attempted, and the next try backed off."""
         write = self._write_in_flight
         if write is None:
             return None
@@ -207,9 +239,14 @@ class Checkpointer:
                 waiting = [t for t in (write.unsaved_since, self._unsaved_since) if t is not None]
                 self._unsaved_since = min(waiting, default=None)
                 self._write_in_flight = None
+            self._failures += 1
+            cap = self.RETRY_MAX_S if self.every_seconds is None else self.every_seconds
+            self._backoff = min(cap, self.RETRY_FIRST_S if self._failures == 1 else 2 * self._backoff)
+            self._retry_at = time.monotonic() + self._backoff
             raise
         with self._lock:
             self._write_in_flight = None
+        self._failures, self._retry_at = 0, float("-inf")
         self.version = info.id
         log.info("checkpoint %d written (%d bytes)", info.id, info.size)
         return info
@@ -221,36 +258,112 @@ def restore(
     identity: Mapping[str, Any],
     probe: ProbeSet | None = None,
 ) -> tuple[RunState, Restored | None]:
-    """A run state rebuilt from the newest valid checkpoint (an empty one if there is none); ``probe``
-    gets the checkpoint's probe set back.
+    """A run state rebuilt from the newest valid checkpoint (an empty one if the directory holds none);
+    ``probe`` gets the checkpoint's probe set back. The configured optimizer hyper-parameters (``--hparam
+    lr=...``) replace the checkpoint's, except a learning rate the method schedules itself.
 
     Raises
     ------
     ConfigError
-        If the checkpoint holds another method or model than ``identity`` asks for.
+        If the checkpoint holds another method or model than ``identity`` asks for, or a learner or probe
+        state that the configured ones cannot load (another buffer policy, another version's state).
+    CheckpointError
+        If the directory holds checkpoints but none loads (:meth:`CheckpointStore.latest`), or the newest
+        holds a value no run writes (an unknown input dtype, a negative offset).
     """
     found = store.latest()
     if found is None:
         return RunState(), None
     info, payload = found
+    where = f"checkpoint {info.id} in {store.directory}"
     if payload["identity"] != dict(identity):
         raise ConfigError(
-            f"checkpoint {info.id} in {store.directory} is {payload['identity']}, but the service is "
-            f"configured as {dict(identity)}; use another --checkpoint-dir or matching options"
+            f"{where} is {payload['identity']}, but the service is configured as {dict(identity)}; use another "
+            "--checkpoint-dir or matching options"
         )
-    shape, dtype = tuple(payload["input_shape"]), np.dtype(payload["input_dtype"])
+    try:
+        if not all(map(_is_count, payload["input_shape"])):
+            raise ValueError(f"input_shape {payload['input_shape']!r} is not a list of ints >= 0")
+        shape, dtype = tuple(payload["input_shape"]), np.dtype(payload["input_dtype"])
+        offsets = NextOffsets(
+            _positions(payload["offsets"], "offsets"), within=_positions(payload.get("within", []), "within")
+        )
+        # Checkpoints written before the outcome totals existed carry learned_total alone.
+        totals = _totals(payload.get("totals") or {"learned_total": payload["learned_total"]})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where} holds an invalid value: {err}") from err
     learner = make_learner(shape, dtype)
-    learner.load_state_dict(payload["learner"])
-    if probe is not None and payload.get("probe") is not None:
-        probe.load_state_dict(payload["probe"])
-    offsets = NextOffsets(
-        {(topic, int(partition)): int(offset) for topic, partition, offset in payload["offsets"]},
-        within={(topic, int(partition)): int(n) for topic, partition, n in payload.get("within", [])},
-    )
-    # Checkpoints written before the outcome totals existed carry learned_total alone.
-    totals = {k: int(v) for k, v in (payload.get("totals") or {"learned_total": payload["learned_total"]}).items()}
-    log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, totals["learned_total"], offsets)
-    return RunState(learner, shape, dtype), Restored(info.id, offsets, totals, payload.get("pending"))
+    configured = _optimizer_settings(learner)
+    try:
+        learner.load_state_dict(payload["learner"])
+        if probe is not None and payload.get("probe") is not None:
+            probe.load_state_dict(payload["probe"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+        # a state of other parts (another --buffer-policy) or of another version: not a crash at every restart
+        raise ConfigError(
+            f"{where} does not fit this configuration ({type(err).__name__}: {err}); start with the options it "
+            "was written with (such as --buffer-policy) or use another --checkpoint-dir"
+        ) from err
+    _apply_optimizer_settings(learner, configured, info.id)
+    restored = Restored(info.id, offsets, totals, payload.get("pending"))
+    log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, restored.learned_total, offsets)
+    return RunState(learner, shape, dtype), restored
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positions(entries: Any, what: str) -> dict[tuple[str, int], int]:
+    """``[[topic, partition, n], ...]`` (next offsets, or samples learned of a message) as a dict."""
+    out = {}
+    for entry in entries:
+        if not (
+            isinstance(entry, list | tuple)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and all(map(_is_count, entry[1:]))
+        ):
+            raise ValueError(f"{what} entry {entry!r} is not [topic, partition >= 0, n >= 0]")
+        topic, partition, n = entry
+        out[(topic, partition)] = n
+    return out
+
+
+def _totals(totals: Mapping[Any, Any]) -> dict[str, int]:
+    if not all(isinstance(k, str) and _is_count(v) for k, v in totals.items()):
+        raise ValueError(f"totals {totals!r} are not counts (ints >= 0) by name")
+    return dict(totals)
+
+
+def _optimizer_settings(learner: Any) -> dict[str, Any]:
+    """The hyper-parameters of ``learner``'s optimizer as built from the configuration (every group has
+    the first one's: grown heads copy it)."""
+    optimizer = getattr(learner, "optimizer", None)
+    if optimizer is None:
+        return {}
+    return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+
+
+def _apply_optimizer_settings(learner: Any, configured: Mapping[str, Any], checkpoint_id: int) -> None:
+    """Put the configured optimizer hyper-parameters back after a checkpoint's optimizer state loaded.
+
+    A restart with ``--hparam lr=...`` is how a running model gets another rate, so the configuration wins
+    over the rate saved with the optimizer; with an unchanged configuration nothing changes. A rate the
+    method moves as it learns (ER-HLE's ``lr_decay``, PL-FMS's adaptive rate) is where its schedule stands,
+    so the checkpoint's is kept (ER-HLE goes back to the configured one at its next new class).
+    """
+    if not configured:
+        return
+    scheduled = getattr(learner, "lr_decay", 1.0) < 1.0 or getattr(learner, "lr_control", None) is not None
+    changed = {}
+    for group in learner.optimizer.param_groups:
+        for key, value in configured.items():
+            if group.get(key) != value and not (key == "lr" and scheduled):
+                changed[key] = (group.get(key), value)
+                group[key] = value
+    for key, (saved, value) in changed.items():
+        log.info("checkpoint %d: optimizer %s %r replaced by the configured %r", checkpoint_id, key, saved, value)
 
 
 def _succeeded(future: Future) -> bool:

@@ -25,6 +25,9 @@ every worker makes the same collective calls, in this order, whether or not it p
    rank 0 writes checkpoints holding every partition's offset at the same step (with ``average``,
    only at a step that ended with an average, so a checkpoint is one model).
 
+Before any of this, before any worker opens its source, :meth:`Group.check_restored` fails the group
+unless every worker restored the same checkpoint.
+
 Everything exchanged is tensors or JSON; nothing is unpickled.
 """
 
@@ -44,7 +47,7 @@ import torch.distributed as dist
 from consumers.kafka import RunOffsets
 from consumers.record import LabelPath
 from consumers.source import NextOffsets, Offsets, within_of
-from stream_cl.checkpointer import Checkpointer
+from stream_cl.checkpointer import Checkpointer, Restored
 from stream_cl.errors import ConfigError, StreamClError
 from stream_cl.labels import LabelTree
 from stream_cl.learner import Batch, Learner, LearnerFactory, Observation, Prediction, RunState
@@ -293,6 +296,25 @@ class Group:
             self.averaged = True
 
     # -- 4. checkpoints and summaries ------------------------------------------------------------
+    def check_restored(self, restored: Restored | None) -> None:
+        """Raise ConfigError on every worker unless every worker restored the same checkpoint (or none); a
+        collective, made before any worker opens its source. Each worker restores on its own, and opening the
+        source seeks (and commits) its partitions to the restored offsets, while the model learned is rank 0's:
+        a worker that restored an older checkpoint (a directory not shared, a stale network-file-system cache,
+        a read error that skipped the newest file) would learn records twice, and one with none from the start."""
+        mine = None if restored is None else [restored.id, _resume_point(restored)]
+        gathered = self.gather_json(mine)
+        if all(g == gathered[0] for g in gathered):
+            return
+        restored_by = ", ".join(
+            f"rank {rank}: " + ("no checkpoint" if g is None else f"checkpoint {g[0]} (resume point {g[1]})")
+            for rank, g in enumerate(gathered)
+        )
+        raise ConfigError(
+            f"the workers restored different checkpoints ({restored_by}): every worker must read the one "
+            "--checkpoint-dir (storage every machine sees, without stale caches); no worker opened its source"
+        )
+
     def gather_json(self, value: Any) -> list[Any]:
         """Every worker's ``value`` (JSON-serialisable), in rank order."""
         data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=self.device)
@@ -464,6 +486,16 @@ class GroupCheckpointer:
             total = sum(g["records"] for g in self._last)
             self.inner.step(state, every, total, merge_counts(summary, self._last))
 
+    def tick(self, state: RunState, summary: Summary) -> None:
+        """A turn the group agreed not to step: rank 0 writes a due checkpoint of the last gathered step.
+
+        No collective (only rank 0's cadence knows whether one is due): the model has not moved since
+        that gather, so its offsets still pair with it. With ``average`` after a step without an
+        average, the workers' models differ, and the checkpoint waits for the next step that averages.
+        """
+        if self.group.rank == 0 and self.group.averaged and self._last:
+            self.inner.tick(state, merge_counts(summary, self._last))
+
     def finish(self, state: RunState, summary: Summary) -> Any:
         if self.group.sync == "average":  # one model at the end, and the offsets learned since the last average
             self.group.settle(state.learner)
@@ -508,6 +540,17 @@ def _furthest(gathered: list[dict]) -> NextOffsets:
                 if key in within:
                     every.within[key] = within[key]
     return every
+
+
+def _resume_point(restored: Restored) -> str:
+    """A short digest of where a restored checkpoint resumes (offsets, partly learned messages, totals): two
+    checkpoints with one id but different contents (two directories) differ in it."""
+    point = {
+        "offsets": sorted([t, p, o] for (t, p), o in restored.offsets.items()),
+        "within": sorted([t, p, n] for (t, p), n in restored.offsets.within.items()),
+        "totals": restored.totals,
+    }
+    return hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def merge_counts(summary: Summary, gathered: list[dict]) -> Summary:

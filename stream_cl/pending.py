@@ -10,12 +10,13 @@ while its entries of a kind hold more than ``max_bytes``: large messages must no
 memory); a repeated id replaces the entry that waited (the older sample expires, the older label is
 unmatched).
 
-A clock is the newest timestamp of its topic no later than the wall clock plus ``max_clock_skew_s``: a
-later one (a producer's clock far ahead, a corrupt timestamp), NaN or infinity would otherwise expire
-everything that waits and every later arrival, for good (the clocks are checkpointed). Such an entry
-still waits and joins; it expires as if stamped with its topic's clock when it came, or the wall clock
-before the topic has one (not with the bound: expiry goes oldest entry first, so an entry stamped a day
-ahead would hold every later one back).
+A clock is the newest timestamp of its topic no later than the wall clock plus ``max_clock_skew_s``
+(by default a tenth of the TTL, at most a day, :func:`default_clock_skew`): a later one (a
+producer's clock far ahead, a corrupt timestamp), NaN or infinity would otherwise expire everything that waits
+and every later arrival, for good (the clocks are checkpointed). Such an entry, and one
+with no timestamp (Kafka's -1 ms), still waits and joins; it expires as if stamped with its topic's clock
+when it came, or the wall clock before the topic has one (not with the bound: expiry goes oldest entry
+first, so an entry stamped a day ahead would hold every later one back).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,7 +43,17 @@ REPLACED = "a newer label for the same id arrived"
 EVICTED = "evicted: too many labels waiting"
 
 MAX_CLOCK_SKEW_S = 86_400.0
-"""How far past the wall clock a timestamp may be and still move a store's event-time clock, by default."""
+"""How far past the wall clock a timestamp may be and still move a store's event-time clock, at most by default."""
+
+
+def default_clock_skew(ttl_s: float) -> float:
+    """How far past the wall clock a timestamp may move a clock with this TTL unless set: a tenth of it, at most
+    :data:`MAX_CLOCK_SKEW_S`.
+
+    A clock moved ahead by that much takes as much off the time every waiting entry has left, so a tenth of the
+    TTL bounds what one bad timestamp costs; producers' clocks differ by seconds, well within it.
+    """
+    return min(MAX_CLOCK_SKEW_S, ttl_s / 10)
 
 
 def no_features(label_id: str) -> str:
@@ -104,9 +115,9 @@ def wall_clock(max_clock_skew_s: float) -> tuple[float, float]:
 
 
 def expires_from(timestamp: float, clock: float, now: float, limit: float) -> float:
-    """The event time an entry's TTL counts from: its timestamp or, if that is past ``limit`` or NaN, its
+    """The event time an entry's TTL counts from: its timestamp or, if that is not :func:`believable`, its
     topic's ``clock`` (``now`` if it has none yet)."""
-    if timestamp <= limit:
+    if believable(timestamp, limit):
         return timestamp
     return clock if clock > float("-inf") else now
 
@@ -118,14 +129,13 @@ def believable(timestamp: float, limit: float) -> bool:
 
 
 def advanced(clock: float, timestamps: Iterable[float], limit: float) -> float:
-    """A topic's clock after ``timestamps``: the newest of them up to ``limit``; a later one, NaN or infinity
-    leaves it where it was."""
-    return max(clock, max((t for t in timestamps if t <= limit), default=clock))
+    """A topic's clock after ``timestamps``: the newest :func:`believable` one; the others leave it where it was."""
+    return max(clock, max((t for t in timestamps if believable(t, limit)), default=clock))
 
 
 def restored_clock(clock: float, limit: float) -> float:
-    """A checkpointed clock, or none (-inf) if it is past ``limit`` (saved before clocks were bounded)."""
-    return clock if clock <= limit else float("-inf")
+    """A checkpointed clock, or none (-inf) if it is past ``limit`` (saved with a looser bound)."""
+    return clock if believable(clock, limit) else float("-inf")
 
 
 def check_clock_skew(max_clock_skew_s: float) -> None:
@@ -145,6 +155,26 @@ class _Pending:
     record: Record
     predicted: np.ndarray
     at: float  # the event time its TTL counts from (see expires_from)
+    held: int  # the bytes it holds (see _kept_alone)
+
+
+def _kept_alone(record: Record) -> Record:
+    """A sample as it waits: one of a message of several keeps only its own part of the message and its own
+    copy of ``x``, not references to the whole message and its decoded array (4,096 samples, up to 8 MiB)
+    that would outlive the samples' batch uncounted."""
+    if record.message.position.count == 1:
+        return record
+    return replace(record, message=sample_message(record.message), x=np.array(record.x))
+
+
+def _held_alone(record: Record) -> int:
+    """Bytes a sample as :func:`_kept_alone` holds (:func:`consumers.record.held_bytes` counts a share of a
+    message the samples share; a sample kept alone holds its part whole, and its array apart)."""
+    message = record.message
+    if message.position.count == 1:
+        return held_bytes(record)
+    headers = sum(len(name) + len(value) for name, value in message.headers)
+    return len(message.value) + len(message.key or b"") + headers + record.x.nbytes
 
 
 @dataclass(slots=True)
@@ -157,8 +187,9 @@ class MemoryPending:
     """Both stores as ordered dicts in this process; checkpoints carry their whole contents.
 
     ``max_bytes`` bounds the memory each store's entries hold (arrays and the raw messages kept for dead
-    letters, :func:`consumers.record.held_bytes`); None: only ``max_pending`` bounds them.
-    ``max_clock_skew_s``: how far past the wall clock a timestamp may move the clocks (see the module docstring).
+    letters, :func:`_held_alone` and :func:`consumers.record.held_bytes`); None: only ``max_pending`` bounds
+    them. ``max_clock_skew_s``: how far past the wall clock a timestamp may move the clocks (see the module
+    docstring); None: :func:`default_clock_skew`.
     """
 
     healthy = True
@@ -169,10 +200,12 @@ class MemoryPending:
         ttl_s: float,
         max_pending: int,
         max_bytes: int | None = None,
-        max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
+        max_clock_skew_s: float | None = None,
     ) -> None:
         if ttl_s <= 0 or max_pending <= 0 or (max_bytes is not None and max_bytes <= 0):
             raise ValueError(f"ttl_s, max_pending and max_bytes must be > 0, got {ttl_s}, {max_pending}, {max_bytes}")
+        if max_clock_skew_s is None:
+            max_clock_skew_s = default_clock_skew(ttl_s)
         check_clock_skew(max_clock_skew_s)
         self.ttl_s, self.max_pending, self.max_bytes = ttl_s, max_pending, max_bytes
         self.max_clock_skew_s = max_clock_skew_s
@@ -193,8 +226,7 @@ class MemoryPending:
                 if old is not None:
                     settled.expired.append(old.record)
                 at = expires_from(record.timestamp, self.feature_time, now, limit)
-                self.pending[record.id] = _Pending(record, classes, at)
-                self.pending_bytes += held_bytes(record)
+                self._add_pending(_kept_alone(record), classes, at)
                 while len(self.pending) > self.max_pending or self._over(self.pending_bytes):
                     settled.expired.append(self._take_oldest_pending().record)
             self.feature_time = advanced(self.feature_time, (record.timestamp,), limit)
@@ -226,15 +258,20 @@ class MemoryPending:
     def _over(self, held: int) -> bool:
         return self.max_bytes is not None and held > self.max_bytes
 
+    def _add_pending(self, record: Record, predicted: np.ndarray, at: float) -> None:
+        entry = _Pending(record, predicted, at, _held_alone(record))
+        self.pending[record.id] = entry
+        self.pending_bytes += entry.held
+
     def _take_pending(self, sample_id: str) -> _Pending | None:
         found = self.pending.pop(sample_id, None)
         if found is not None:
-            self.pending_bytes -= held_bytes(found.record)
+            self.pending_bytes -= found.held
         return found
 
     def _take_oldest_pending(self) -> _Pending:
         oldest = self.pending.popitem(last=False)[1]
-        self.pending_bytes -= held_bytes(oldest.record)
+        self.pending_bytes -= oldest.held
         return oldest
 
     def _take_waiting(self, label_id: str) -> LabelRecord | None:
@@ -296,10 +333,8 @@ class MemoryPending:
         for entry in state["pending"]:
             message = message_from_state(entry["message"])
             record = Record(entry["id"], entry["x"].numpy(), None, message.position, message.timestamp, message)
-            predicted = entry["predicted"].numpy()
             at = expires_from(record.timestamp, self.feature_time, now, limit)
-            self.pending[record.id] = _Pending(record, predicted, at)
-            self.pending_bytes += held_bytes(record)
+            self._add_pending(record, entry["predicted"].numpy(), at)
         for entry in state["waiting"]:
             message = message_from_state(entry["message"])
             label = LabelRecord(entry["id"], tuple(entry["label"]), message.position, message.timestamp, message)
@@ -328,11 +363,8 @@ class MemoryPending:
 
 
 def message_state(message: Message) -> dict[str, Any]:
-    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them.
-
-    A sample of a message of several keeps only its own part (not the whole message once per sample).
-    """
-    message = sample_message(message)
+    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them (a
+    waiting sample's message is already its own part alone, :func:`_kept_alone`)."""
     p = message.position
     return {
         "position": [p.stream, p.partition, p.offset, p.index, p.count],

@@ -64,13 +64,13 @@ from consumers.urls import mask_url
 from consumers.wire import sample_message
 from stream_cl.pending import (
     EVICTED,
-    MAX_CLOCK_SKEW_S,
     REPLACED,
     UNMATCHED,
     PendingStateError,
     Settled,
     advanced,
     check_clock_skew,
+    default_clock_skew,
     no_features,
     restored_clock,
     wall_clock,
@@ -136,12 +136,12 @@ local function remove(k, id)
   if gen > 0 then redis.call('RPUSH', undo, 'r', k, id, seq or '', ts or '', blob or '') end
   return blob or ''
 end
--- the event time the TTL of the entry stamped ARGV[i] counts from, as text: its timestamp or, if that is past
--- the limit or NaN, its topic's clock (ARGV[12], the wall clock, if it has none yet); -inf waits for the other
--- topic's first time, as in the memory store
+-- the event time the TTL of the entry stamped ARGV[i] counts from, as text: its timestamp or, if that is not
+-- believable (before the epoch: Kafka's "none"; past the limit; NaN), its topic's clock (ARGV[12], the wall
+-- clock, if it has none yet), as in the memory store
 local function expires_from(i, clock, text)
   local t = tonumber(ARGV[i])
-  if t <= limit then return t < -1e308 and '-1e308' or ARGV[i] end
+  if t >= 0 and t <= limit then return ARGV[i] end
   return clock > -1e308 and text or ARGV[12]
 end
 local function oldest(k)
@@ -191,7 +191,7 @@ for i = 13, #ARGV, 3 do
     local evicted = evict(S)
     if evicted then emit('e', evicted, '') end
   end
-  if ts <= limit and ts > ftime then ftime, ftext = ts, ARGV[i + 1] end
+  if ts >= 0 and ts <= limit and ts > ftime then ftime, ftext = ts, ARGV[i + 1] end
   expire(L, ftime, 'u', 'ttl')
   expire(S, ltime, 'e', '')
 end
@@ -219,7 +219,7 @@ for i = 13, #ARGV, 3 do
     local evicted = evict(L)
     if evicted then emit('u', evicted, 'evicted') end
   end
-  if ts <= limit and ts > ltime then ltime, ltext = ts, ARGV[i + 1] end
+  if ts >= 0 and ts <= limit and ts > ltime then ltime, ltext = ts, ARGV[i + 1] end
   expire(S, ltime, 'e', '')
 end
 return finish()
@@ -304,7 +304,7 @@ class RedisPending:
         ttl_s: float,
         max_pending: int,
         journal: bool,
-        max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
+        max_clock_skew_s: float | None = None,
         retry_min_s: float = 0.1,
         retry_max_s: float = 5.0,
         report_every_s: float = 60.0,
@@ -313,6 +313,7 @@ class RedisPending:
     ) -> None:
         if ttl_s <= 0 or max_pending <= 0:
             raise ValueError(f"ttl_s and max_pending must be > 0, got {ttl_s} and {max_pending}")
+        max_clock_skew_s = default_clock_skew(ttl_s) if max_clock_skew_s is None else max_clock_skew_s
         check_clock_skew(max_clock_skew_s)
         self.client, self.ttl_s, self.max_pending, self.journal = client, ttl_s, max_pending, journal
         self.max_clock_skew_s = max_clock_skew_s
@@ -574,7 +575,7 @@ def open_redis_pending(
     ttl_s: float,
     max_pending: int,
     journal: bool,
-    max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
+    max_clock_skew_s: float | None = None,
     waiting: Callable[[], None] = lambda: None,
 ) -> RedisPending:
     """A :class:`RedisPending` at ``url`` (``redis[s]://[user:pass@]HOST:PORT/DB``); a Redis that cannot be

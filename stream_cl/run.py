@@ -149,7 +149,8 @@ def run_stream(
         run.publisher.tick(now, run.state.learner, run.accuracy, source)
         # The dead-letter spool is full: poll nothing until it drains, never drop. A group's worker still makes
         # every group step, with no records and not ended, so its peers go on learning and a stop is agreed.
-        paused = run.parts.dead_letters.backpressure
+        # The label topic's spool too: features read while labels cannot be would fill the pending store unjoined.
+        paused = run.parts.dead_letters.backpressure or (labels is not None and labels.dead_letters.backpressure)
         if paused and lockstep is None:
             stop.wait(0.1)
             continue
@@ -165,6 +166,8 @@ def run_stream(
         if ended:
             break
         if not stepping:
+            if run.parts.checkpointer is not None:  # learning before the stream went quiet is saved on time too
+                run.parts.checkpointer.tick(run.state, run.summary)
             if paused:  # no poll paced this turn: every worker may be waiting
                 stop.wait(0.1)
             continue
@@ -289,6 +292,14 @@ class _Run:
         learn = self._screen(poll)
         for dead in poll.dead_letters:
             self._dead_letter(dead)
+        # feature records arrive unlabelled, so the overload policy decides here which joined samples are learned
+        if self.parts.overload is not None:
+            admitted = [r for r in self.parts.overload.admit(learn) if r.label is not None]
+            skipped = len(learn) - len(admitted)
+            if skipped:  # predicted on arrival, never learned
+                self.summary.overload_skipped += skipped
+                self.outcomes.labels(outcome="overload_skipped").inc(skipped)
+            learn = admitted
         if not learn:
             return
         learner = self.state.learner

@@ -41,11 +41,14 @@ def host(t: torch.Tensor) -> np.ndarray:
 def arrival_scored(obs: Observation, at_arrival: list[np.ndarray]) -> Observation:
     """``obs`` with its predictions replaced by those made when each sample arrived, so :func:`score` measures
     delayed prequential accuracy: what the model said before the label could be known. Levels the tree grew
-    since a sample arrived had no prediction then (-1)."""
+    since a sample arrived had no prediction then (-1); levels the tree lacks now are not scored (a Redis pending
+    store keeps its samples across a restart, and the restarted learner's tree may be shallower)."""
     current = obs.prediction.classes
+    width = current.shape[1]
     classes = np.full(tuple(current.shape), -1, dtype=np.int64)
     for i, row in enumerate(at_arrival):
-        classes[i, : len(row)] = row
+        kept = row[:width]
+        classes[i, : len(kept)] = kept
     prediction = Prediction(torch.from_numpy(classes), obs.prediction.confidence)
     return replace(obs, prediction=prediction)
 

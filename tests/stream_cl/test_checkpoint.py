@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
@@ -17,7 +19,9 @@ from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointError, CheckpointStore
 from stream_cl.checkpointer import Checkpointer, restore
 from stream_cl.errors import ConfigError
+from stream_cl.learner import Batch
 from stream_cl.run import RunOptions, RunParts, run_stream
+from tests.stream_cl.test_serve_kafka import BAD, lines, produce, serve, wait_until
 from tests.streams import write_stream
 
 IDENTITY = {"method": "er", "model": "mlp", "width": 32}
@@ -117,6 +121,48 @@ def test_restore_refuses_another_method_or_model(tmp_path: Path) -> None:
         restore(store, make, {**IDENTITY, "width": 64})
 
 
+def test_a_restart_takes_the_configured_learning_rate_and_all_else_from_the_checkpoint(tmp_path: Path) -> None:
+    path = write_stream(tmp_path / "s.rec.gz", n_classes=3, per_class=20)
+    store = CheckpointStore(tmp_path / "c")
+
+    def make(lr: float) -> Callable:
+        return partial(
+            build_learner, "er", "mlp", device=torch.device("cpu"), seed=3, buffer_size=50, width=32, hparams={"lr": lr}
+        )
+
+    checkpointer = Checkpointer(store, identity=IDENTITY, every_records=10)
+    with RecordedSource(path) as source:
+        _, trained = run_stream(
+            source,
+            make(0.05),
+            Metrics(CollectorRegistry()),
+            RunOptions(batch_size=10, progress=False),
+            RunParts(ProbeSet(fraction=0.0), checkpointer=checkpointer),
+        )
+    unchanged, _ = restore(store, make(0.05), IDENTITY)
+    assert [g["lr"] for g in unchanged.learner.optimizer.param_groups] == [0.05, 0.05]  # the backbone's, the heads'
+    state, _ = restore(store, make(0.001), IDENTITY)  # --hparam lr=0.001
+    assert [g["lr"] for g in state.learner.optimizer.param_groups] == [0.001, 0.001]
+    assert state.learner.lr == 0.001
+    for name, tensor in trained.learner.model.state_dict().items():
+        assert torch.equal(tensor, state.learner.model.state_dict()[name]), name
+
+
+def test_a_learning_rate_the_method_schedules_goes_on_from_the_checkpoint(tmp_path: Path) -> None:
+    hparams = {"batch_size": 4, "online_iter": 1.5, "lr": 0.01, "lr_decay": 0.5}
+    make = partial(build_learner, "er-hle", "mlp", device=torch.device("cpu"), buffer_size=6, width=16, hparams=hparams)
+    learner = make((8, 8, 3), np.dtype("uint8"))
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    learner.observe(Batch(x, [("a",), ("b",)] * 4))
+    decayed = learner.optimizer.param_groups[0]["lr"]
+    assert decayed < 0.01  # halved at every update since the last new class
+    identity = {"method": "er-hle", "model": "mlp", "width": 16}
+    checkpoint = {"input_shape": [8, 8, 3], "input_dtype": "uint8", "offsets": [], "learned_total": 8}
+    CheckpointStore(tmp_path).write({**checkpoint, "identity": identity, "learner": learner.state_dict()})
+    state, _ = restore(CheckpointStore(tmp_path), make, identity)
+    assert [g["lr"] for g in state.learner.optimizer.param_groups] == [decayed, decayed]
+
+
 class FailingStore(CheckpointStore):
     """A store whose disk is full."""
 
@@ -143,3 +189,31 @@ def _run_with(path: Path, checkpointer: Checkpointer, metrics: Metrics) -> None:
     make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, width=8)
     with RecordedSource(path) as source:
         run_stream(source, make, metrics, RunOptions(progress=False), RunParts(checkpointer=checkpointer))
+
+
+def test_learning_just_before_the_stream_goes_quiet_is_checkpointed_on_time_not_with_the_next_record(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = make_topic(1)
+    store = CheckpointStore(tmp_path / "ckpt")
+
+    def saved_up_to(offset: int) -> Callable[[], bool]:
+        def saved() -> bool:
+            found = store.latest()
+            return found is not None and found[1]["offsets"] == [[topic, 0, offset]]
+
+        return saved
+
+    produce(kafka_bootstrap, topic, 20)
+    proc = serve(kafka_bootstrap, topic, tmp_path, "quiet", "--checkpoint-every-seconds", 3)
+    log = tmp_path / "quiet.log"
+    try:
+        wait_until(saved_up_to(20 + BAD), proc, log, timeout_s=60)  # saved while the stream is quiet
+        produce(kafka_bootstrap, topic, 20, start=20)  # learned well within 3 s of that checkpoint: none due
+        wait_until(lambda: lines(tmp_path / "quiet.jsonl") == 40, proc, log)
+        wait_until(saved_up_to(40 + 2 * BAD), proc, log, timeout_s=15)  # with no further record to wait for
+    finally:
+        proc.kill()  # kill -9 during the quiet time: nothing learned is lost
+        proc.wait()
+    _, payload = store.latest()
+    assert payload["learned_total"] == 40

@@ -1,8 +1,10 @@
 """The checkpoint store against what it finds in its directory: an entry it cannot delete, files that do not
-load, a second writer, a checkpoint that verifies but lacks what a restore reads, ids past ten digits."""
+load, a second writer, a checkpoint that verifies but lacks what a restore reads, ids past ten digits,
+checkpoints another version wrote or that cannot be read, and one that does not fit the configuration."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -11,14 +13,26 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from stream_cl.checkpoint import FORMAT_VERSION, CheckpointDirInUseError, CheckpointError, CheckpointStore
+from stream_cl import checkpoint
+from stream_cl.build import build_learner
+from stream_cl.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointDirInUseError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointStore,
+)
+from stream_cl.checkpointer import restore
 from stream_cl.cli import main
+from stream_cl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 STRAY = "ckpt-0000000001-0000000000000000.pt"
@@ -80,8 +94,9 @@ def test_serve_with_such_an_entry_keeps_its_checkpoints_and_exits_0(
     (ckpt / STRAY).mkdir(parents=True)
     assert serve(ckpt, "--checkpoint-keep", "3") == 0
     assert "records learned" in capsys.readouterr().out  # the summary: the final write did not "fail"
-    files = sorted(p.name for p in ckpt.glob("ckpt-*") if p.is_file())
-    assert [int(name[5:15]) for name in files] == [11, 12, 13]  # 12 writes of 50 records, the newest 3 kept
+    ids = sorted(int(p.name[5:15]) for p in ckpt.glob("ckpt-*") if p.is_file())
+    # up to 12 writes of 50 records and the final one (a write due while one is in flight waits), the newest 3 kept
+    assert len(ids) == 3 and ids == list(range(ids[0], ids[0] + 3)) and ids[0] > 1
 
 
 def test_files_that_do_not_load_do_not_count_towards_keep(tmp_path: Path) -> None:
@@ -253,3 +268,132 @@ def test_ids_sort_as_numbers_and_one_id_has_one_name(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     assert [c.id for c in store.list()] == [9999999999, 10**10]
     assert store.latest()[0].id == 10**10
+
+
+# checkpoints this version cannot use: kept, and a restart with none it can use refuses to start afresh
+
+
+def test_a_restart_after_a_rollback_exits_2_naming_the_newest_checkpoint_and_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", FORMAT_VERSION + 1)  # a newer release writes them
+    assert serve(ckpt, "--max-records", "100") == 0
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", FORMAT_VERSION)  # rolled back
+    written = sorted(ckpt.glob("ckpt-*"))
+    capsys.readouterr()
+    assert serve(ckpt) == 2
+    error = capsys.readouterr().err
+    assert f"no checkpoint in {ckpt} can be restored ({len(written)} found, none loads)" in error
+    assert f"the newest: {written[-1].name}: format {FORMAT_VERSION + 1}, expected {FORMAT_VERSION}" in error
+    assert sorted(ckpt.glob("ckpt-*")) == written  # no model learned afresh, nothing written or pruned
+
+
+def test_a_restart_falls_back_past_checkpoints_of_another_format_and_no_write_deletes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    CheckpointStore(tmp_path, keep=1).write(payload(0))
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", FORMAT_VERSION + 1)
+    newer = CheckpointStore(tmp_path, keep=1)
+    newer.write(payload(1))
+    newer.write(payload(2))
+    assert [c.id for c in newer.list()] == [1, 3]  # the newer release pruned its own 2, not the older 1
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", FORMAT_VERSION)
+    restarted = CheckpointStore(tmp_path, keep=1, sweep=True)
+    info, found = restarted.latest()
+    assert (info.id, found["learned_total"]) == (1, 0)
+    restarted.write(payload(3))
+    assert [c.id for c in restarted.list()] == [3, 4]  # 1 is older than the newest that loads; 3 is kept
+    with pytest.raises(CheckpointFormatError, match=f"format {FORMAT_VERSION + 1}, expected {FORMAT_VERSION}"):
+        restarted.load(restarted.get(3))
+
+
+def unreadable(names: set[str]) -> Callable[[Path], bytes]:
+    """``Path.read_bytes`` failing with EIO for files named in ``names``."""
+    read_bytes = Path.read_bytes
+
+    def read(path: Path) -> bytes:
+        if path.name in names:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return read_bytes(path)
+
+    return read
+
+
+def test_a_checkpoint_that_cannot_be_read_is_skipped_never_deleted_and_alone_stops_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path, keep=2)
+    store.write(payload(0))
+    newest = store.write(payload(1)).path.name
+    monkeypatch.setattr(Path, "read_bytes", unreadable({newest}))
+    restarted = CheckpointStore(tmp_path, keep=1, sweep=True)
+    assert restarted.latest()[0].id == 1  # falls back, as past a corrupted one
+    restarted.write(payload(2))
+    assert [c.id for c in restarted.list()] == [2, 3]  # 1 pruned; 2 may be intact, so it stays
+    restarted.close()
+    monkeypatch.setattr(Path, "read_bytes", unreadable({c.path.name for c in restarted.list()}))
+    with pytest.raises(CheckpointError, match=r"\(2 found, none loads\); the newest: ckpt-0000000003-.*: cannot "):
+        CheckpointStore(tmp_path, keep=1, sweep=True).latest()
+
+
+def test_a_directory_of_corrupted_checkpoints_stops_a_restart_and_one_without_any_starts_afresh(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path, keep=3)
+    for n in range(2):
+        store.write(payload(n))
+    for info in store.list():
+        corrupt(info.path)
+    with pytest.raises(CheckpointError, match=r"the newest: ckpt-0000000002-[0-9a-f]{16}\.pt: checksum mismatch"):
+        store.latest()
+    for info in store.list():
+        info.path.unlink()
+    (tmp_path / STRAY).mkdir()  # named like a checkpoint, but no file
+    assert store.latest() is None
+
+
+# a checkpoint that does not fit the configuration: a one-line error, not a traceback at every restart
+
+
+def test_serve_with_another_buffer_policy_than_its_checkpoint_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    assert serve(ckpt, "--max-records", "100") == 0
+    newest = CheckpointStore(ckpt).latest()[0].id
+    capsys.readouterr()
+    assert serve(ckpt, "--buffer-policy", "class-balanced") == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {newest} in {ckpt} does not fit this configuration (KeyError: " in error
+
+
+MAKE_ER = partial(build_learner, "er", "mlp", device=torch.device("cpu"), width=8)
+IDENTITY = payload(0)["identity"]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"input_dtype": "garbage"}, "data type 'garbage' not understood"),
+        ({"input_shape": [8, -1]}, "input_shape [8, -1] is not a list of ints >= 0"),
+        ({"totals": {"learned_total": [1]}}, "totals {'learned_total': [1]} are not counts"),
+        ({"learned_total": -1}, "totals {'learned_total': -1} are not counts"),
+        ({"offsets": [["t", 0]]}, "offsets entry ['t', 0] is not [topic, partition >= 0, n >= 0]"),
+        ({"offsets": [["t", 0, -5]]}, "offsets entry ['t', 0, -5] is not"),
+        ({"offsets": [["t", -1, 5]]}, "offsets entry ['t', -1, 5] is not"),
+        ({"within": [["t", 0, -2]]}, "within entry ['t', 0, -2] is not"),
+    ],
+)
+def test_a_checkpoint_holding_a_value_no_run_writes_is_refused(tmp_path: Path, change: dict, problem: str) -> None:
+    learner = MAKE_ER((8,), np.dtype("float32")).state_dict()  # all else would restore
+    CheckpointStore(tmp_path).write(payload(0) | {"learner": learner} | change)
+    expected = f"checkpoint 1 in {tmp_path} holds an invalid value: {problem}"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        restore(CheckpointStore(tmp_path), MAKE_ER, IDENTITY)
+
+
+def test_a_learner_state_of_another_version_is_a_config_error(tmp_path: Path) -> None:
+    CheckpointStore(tmp_path).write(payload(0))  # its learner state is {}
+    with pytest.raises(ConfigError, match=r"checkpoint 1 in .* does not fit this configuration \(KeyError: 'labels'\)"):
+        restore(CheckpointStore(tmp_path), MAKE_ER, IDENTITY)

@@ -4,10 +4,12 @@ expiry in both orders, a full store, checkpoint round trip, and the label messag
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import itertools
 import math
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.label_wire import LabelRecord, decode_label, encode_label
 from consumers.record import DeadLetter, Message, Poll, Position, Record, held_bytes
+from consumers.wire import decode_samples, encode_batch_binary, encode_batch_json
 from monitoring.labeljoin import JoinMetrics
 from stream_cl.config import load
 from stream_cl.delayed import DelayedLabels
@@ -166,6 +169,46 @@ def test_the_memory_store_gives_up_its_oldest_entries_past_its_byte_bound() -> N
     assert (restored.pending_bytes, restored.waiting_bytes) == (store.pending_bytes, store.waiting_bytes)
 
 
+MIB = 1024 * 1024
+
+
+def first_of_large_message(n: int, encode: Callable = encode_batch_binary) -> Record:
+    """The one unlabelled sample of a 1 MiB message of 256 (1,024 float32 each)."""
+    ids = [f"m{n}-{i}" for i in range(256)]
+    value, headers = encode(ids, np.full((256, 1024), n, np.float32), [None] + ["cat"] * 255)
+    first = decode_samples(Message(Position("features", 0, n), float(n), None, value, tuple(headers)), 16 * MIB)[0]
+    assert isinstance(first, Record) and first.label is None
+    return first
+
+
+@pytest.mark.parametrize("encode", [encode_batch_binary, encode_batch_json])
+def test_a_waiting_sample_of_a_message_of_several_keeps_only_its_own_part(encode: Callable) -> None:
+    """Not its whole message, nor the message's decoded array: the byte bound counts only the sample's part."""
+    store = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=MIB)
+    samples = [first_of_large_message(n, encode) for n in range(8)]
+    assert not store.arrive(samples, classes(8)).expired and store.pending_bytes <= MIB
+    for sample, entry in zip(samples, store.pending.values(), strict=True):
+        kept = entry.record
+        assert not np.shares_memory(kept.x, sample.x) and np.array_equal(kept.x, sample.x)
+        (alone,) = decode_samples(kept.message)  # its dead letter or checkpoint still carries the sample
+        assert isinstance(alone, Record) and alone.id == sample.id and np.array_equal(alone.x, sample.x)
+        assert kept.position == sample.position
+
+
+def test_the_byte_bound_holds_what_samples_of_large_messages_keep_alive() -> None:
+    """Eight 1 MiB messages, one sample of each waiting, against a 1 MiB bound: what stays alive is within it."""
+    store = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=MIB)
+    tracemalloc.start()
+    try:
+        for n in range(8):
+            store.arrive([first_of_large_message(n)], classes(1))
+        gc.collect()
+        alive = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert store.pending_ids() == [f"m{n}-0" for n in range(8)] and alive <= MIB
+
+
 def _saved(state: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -221,7 +264,7 @@ def test_a_timestamp_far_ahead_of_the_wall_clock_or_not_a_number_does_not_move_t
     assert [j.record.id for j in delayed.poll(100)[0].joined] == ["bad-feature"]
     assert (delayed.expired, delayed.unmatched) == (0, 0)
 
-    near = time.time() + 3600  # within the day tolerated: a clock may run that far ahead
+    near = time.time() + delayed.store.max_clock_skew_s / 2  # within the skew tolerated: a clock may run ahead
     labels.send("near", "cat", near)
     assert [r.id for r in delayed.poll(100)[0].expired] == ["nan-feature", "x"]  # nan-feature as if at 104
 
@@ -242,6 +285,40 @@ def test_the_skew_tolerated_is_a_setting_and_a_far_clock_of_an_older_checkpoint_
     restored = make_store(ttl_s=10)
     restored.restore(checkpoint)
     assert not restored.arrive([feature("b", 20)], classes(1)).expired and restored.pending_ids() == ["b"]
+
+
+def test_one_label_half_a_day_ahead_does_not_expire_the_samples_that_follow(make_store: MakeStore) -> None:
+    """Within a day of the wall clock, but far past a one-hour TTL: it would expire everything for half a day."""
+    delayed, labels, sink = join(make_store, ttl_s=3600)
+    now = time.time()
+    delayed.arrive([feature("a", now - 3600)], classes(1))
+    labels.send("ahead", "cat", now + 12 * 3600)
+    assert not delayed.poll(100)[0].expired and delayed.store.pending_ids() == ["a"]
+    for i in range(10):  # the hour that follows: each sample labelled 1 s after it came
+        assert not delayed.arrive([feature(f"s{i}", now - 3600 + 360 * i)], classes(1)).expired
+        labels.send(f"s{i}", "cat", now - 3599 + 360 * i)
+        assert [j.record.id for j in delayed.poll(100)[0].joined] == [f"s{i}"]
+    assert (delayed.expired, delayed.unmatched, sink.sent) == (0, 0, [])
+
+    checkpoint = delayed.state_dict()
+    checkpoint["label_time"] = now + 12 * 3600  # written while a day of skew was tolerated
+    restored = make_store(ttl_s=3600)
+    restored.restore(checkpoint)
+    assert not restored.arrive([feature("b", now)], classes(1)).expired and restored.pending_ids() == ["a", "b"]
+
+
+def test_a_sample_without_a_timestamp_waits_as_if_stamped_with_the_clock_when_it_came(make_store: MakeStore) -> None:
+    """Kafka's -1 ms ("none") is not an event time of 1970, which the label clock is long past."""
+    delayed, labels, _ = join(make_store, ttl_s=3600)
+    now = time.time()
+    labels.send("first", "cat", now)  # the label topic has a clock
+    delayed.poll(100)
+    no_timestamp = dataclasses.replace(feature("none", 0), timestamp=-0.001)
+    assert not delayed.arrive([no_timestamp], classes(1)).expired and delayed.store.pending_ids() == ["none"]
+    labels.send("later", "cat", now + 1)
+    assert not delayed.poll(100)[0].expired
+    labels.send("none", "cat", now + 2)
+    assert [j.record.id for j in delayed.poll(100)[0].joined] == ["none"]
 
 
 def label_record(label_id: str, at_s: float) -> LabelRecord:

@@ -1,8 +1,13 @@
-"""What a group's checkpoint keeps when the workers' gathered offsets name the same partition in one step."""
+"""What a group's checkpoint keeps when the workers' gathered offsets name the same partition in one step, and
+when the group goes idle."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from consumers.record import Position
 from consumers.source import next_offsets
@@ -21,8 +26,10 @@ class _Gathered:
 
     def __init__(self, reports: list) -> None:
         self.reports = reports
+        self.gathers = 0
 
     def gather_json(self, value: dict) -> list[dict]:
+        self.gathers += 1
         return [{**value, "offsets": o, "within": w} for o, w in self.reports]
 
 
@@ -54,3 +61,41 @@ def test_a_partition_named_by_two_workers_keeps_the_furthest_position_with_its_o
     further = [Position("t", 0, 8, 0, 3)]
     inner = _step(tmp_path / "c", _reports(further, whole))
     assert dict(inner.offsets) == {("t", 0): 8} and inner.offsets.within == {("t", 0): 1}
+
+
+class _Learner:
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"w": torch.zeros(2)}
+
+
+def _written(store: CheckpointStore, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
+    while not store.list() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [store.load(info)["offsets"] for info in store.list()]
+
+
+def test_an_idle_turn_writes_the_due_checkpoint_of_the_groups_last_step_without_a_collective(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, layout=None)
+    group = _Gathered(_reports([Position("t", 0, 4, 0, 1)]))
+    checkpointer = GroupCheckpointer(group, Checkpointer(store, identity={}, every_seconds=0.2))
+    state = RunState(_Learner(), (2,), np.dtype(np.float32))
+    checkpointer.step(state, {}, 1, Summary())  # the last step before the stream went quiet: not due yet
+    time.sleep(0.2)
+    checkpointer.tick(state, Summary())  # an idle turn, due now
+    assert _written(store, 5) == [[["t", 0, 5]]] and group.gathers == 1
+    checkpointer.inner.finish(state, Summary())
+
+
+def test_an_idle_turn_after_a_step_without_an_average_writes_nothing(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, layout=None)
+    group = _Gathered(_reports([Position("t", 0, 4, 0, 1)]))
+    checkpointer = GroupCheckpointer(group, Checkpointer(store, identity={}, every_seconds=0.2))
+    state = RunState(_Learner(), (2,), np.dtype(np.float32))
+    checkpointer.step(state, {}, 1, Summary())  # an averaging step: gathered
+    group.averaged = False  # then a step without an average: the model moved past the gathered offsets
+    checkpointer.step(state, {("t", 0): 9}, 4, Summary())
+    time.sleep(0.2)
+    checkpointer.tick(state, Summary())
+    assert _written(store, 0.3) == [] and group.gathers == 1
+    checkpointer.inner.finish(state, Summary())

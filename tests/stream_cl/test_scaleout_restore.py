@@ -1,0 +1,93 @@
+"""Workers of a group start from one checkpoint, and one checkpoint directory has one group: workers that restored
+different checkpoints, and a second instance on a directory in use, fail before any of them opens its source.
+Against the real broker (tansu) and a real ``torch.distributed`` group."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from kafka import KafkaAdminClient
+
+from stream_cl.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
+from stream_cl.config import load
+from stream_cl.errors import ConfigError
+from stream_cl.scaleout import run_worker
+from tests.fixtures.procs import free_port
+from tests.stream_cl.test_scaleout import GROUP, start, worker_settings
+from tests.stream_cl.test_serve_kafka import BAD, produce, serve_here
+
+
+def committed(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+        return {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
+    finally:
+        admin.close()
+
+
+def _worker_missing_the_newest(rank: int, port: int, settings: dict, tmp: Path, newest: int) -> None:
+    """Worker ``rank`` of two, as the launcher starts it; worker 1 cannot read the newest checkpoint (a transient
+    read error), so it restores the one before."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    if rank == 1:
+        read = CheckpointStore.load
+
+        def failing_on_the_newest(store: CheckpointStore, info: CheckpointInfo) -> dict:
+            if info.id == newest:
+                raise CheckpointError(f"{info.path.name}: [Errno 5] Input/output error")
+            return read(store, info)
+
+        CheckpointStore.load = failing_on_the_newest
+    try:
+        run_worker(load(settings, {}))
+    except ConfigError as err:
+        (tmp / f"refused-{rank}.txt").write_text(str(err))
+
+
+def test_workers_that_restored_different_checkpoints_fail_before_any_opens_its_source(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = make_topic(2)
+    where = produce(kafka_bootstrap, topic, 40)
+    # one process learns the topic, checkpointing every 10 records, in a consumer group of its own
+    serve_here(
+        kafka_bootstrap, topic, tmp_path, "one", "--group", f"one-{topic}", "--checkpoint-every-records", 10,
+        "--max-records", len(where) + BAD,
+    )  # fmt: skip
+    ids = [c.id for c in CheckpointStore(tmp_path / "ckpt").list()]
+    assert len(ids) >= 2, ids
+    newest, older = ids[-1], ids[-2]
+
+    settings = worker_settings(kafka_bootstrap, topic, tmp_path, "group")
+    mp.spawn(_worker_missing_the_newest, args=(free_port(), settings, tmp_path, newest), nprocs=2, join=True)
+    refused = [tmp_path / f"refused-{rank}.txt" for rank in (0, 1)]
+    assert all(f.exists() for f in refused), "the group ran on, rank 1 from an older checkpoint's offsets"
+    for message in (f.read_text() for f in refused):  # every worker says which rank restored which checkpoint
+        assert "the workers restored different checkpoints" in message
+        assert f"rank 0: checkpoint {newest} (" in message and f"rank 1: checkpoint {older} (" in message
+    assert committed(kafka_bootstrap, f"g-{topic}") == {}  # no worker joined the consumer group and committed
+
+
+def test_a_second_launcher_on_a_checkpoint_directory_in_use_exits_2_before_starting_workers(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = make_topic(2)
+    produce(kafka_bootstrap, topic, 20)
+    in_use = CheckpointStore(tmp_path / "ckpt", sweep=True)  # as the running instance's rank 0 holds it
+    with in_use, start(kafka_bootstrap, topic, tmp_path, "second", *GROUP, "--max-restarts", 1) as proc:
+        try:
+            code = proc.wait(120)
+        finally:
+            proc.kill()  # a no-op once it exited; a group must not outlive the test
+    log = (tmp_path / "second.log").read_text()
+    assert code == 2, log[-3000:]  # as one `serve` exits, at once: no restart can take the lock
+    assert f"checkpoint directory {tmp_path / 'ckpt'} is locked by process {os.getpid()}" in log
+    assert "starting 2 workers" not in log, log[-3000:]
+    assert committed(kafka_bootstrap, f"g-{topic}") == {}
