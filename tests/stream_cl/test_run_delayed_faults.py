@@ -12,7 +12,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from consumers.record import DeadLetter, Message, Poll, Position
+from consumers.record import Message, Poll, Position
 from consumers.recorded import RecordedSource, write_messages
 from consumers.wire import encode_binary
 from monitoring.labeljoin import JoinMetrics
@@ -28,6 +28,7 @@ from stream_cl.summary import Summary
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_delayed import Sink
 from tests.stream_cl.test_run_delayed_drift import LabelFeed, NoDeadLetters
+from tests.stream_cl.test_scaleout_dead_letter_pause import PausedSink
 
 make_learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0, width=8)
 
@@ -84,29 +85,10 @@ def test_a_restarted_learner_joins_samples_a_deeper_tree_predicted_in_redis(
     assert (second.labels_joined, second.learned, second.pending) == (10, 10, 0)
 
 
-class LabelSpool:
-    """A label dead-letter sink whose spool is full for ``full_s`` seconds from its creation, then takes everything."""
-
-    def __init__(self, full_s: float) -> None:
-        self.until = time.monotonic() + full_s
-        self.sent: list[DeadLetter] = []
-
-    @property
-    def backpressure(self) -> bool:
-        return time.monotonic() < self.until
-
-    @property
-    def healthy(self) -> bool:
-        return not self.backpressure
-
-    def send(self, dead: DeadLetter) -> None:
-        self.sent.append(dead)
-
-
 class Features(RecordedSource):
     """A recorded feature stream that counts the records read, and those read while the label spool was full."""
 
-    def __init__(self, path: Path, spool: LabelSpool) -> None:
+    def __init__(self, path: Path, spool: PausedSink) -> None:
         super().__init__(path)
         self.spool, self.read, self.read_while_full = spool, 0, 0
 
@@ -134,7 +116,7 @@ class FollowingLabels(LabelFeed):
 class Peer:
     """The rest of a worker group, which always has records: every turn is a group step, ended once this worker is."""
 
-    def __init__(self, spool: LabelSpool) -> None:
+    def __init__(self, spool: PausedSink) -> None:
         self.spool = spool
         self.turns: list[tuple[bool, int, bool]] = []  # (label spool full, records polled, ended)
         self.finished = 0
@@ -160,7 +142,7 @@ def test_a_full_label_spool_pauses_feature_reading_so_no_sample_is_evicted(tmp_p
     metrics = Metrics(CollectorRegistry())
     ids = [f"s{i}" for i in range(N)]
     stream = _features(tmp_path / "features.rec.gz", ids)
-    spool = LabelSpool(FULL_S)
+    spool = PausedSink(FULL_S)
     peer = Peer(spool) if grouped else None
     started = time.monotonic()
     with Features(stream, spool) as source:
