@@ -51,7 +51,8 @@ class KafkaSink:
     Partitions follow the key (Kafka's default partitioner) unless ``keep_partitions`` is set, in which case
     each message goes to the partition it was recorded from (which must exist in the target topic). Messages are
     stamped when sent unless ``keep_timestamps`` is set: then each carries its own timestamp (event time, which
-    delayed labels join and expire by), a missing or unrepresentable one (negative, NaN) left to the client.
+    delayed labels join and expire by); a missing or unrepresentable one (negative, NaN) takes the previous
+    message's (the time of sending would move a consumer's event-time clock decades ahead of a recording).
     ``compression`` (one of :data:`COMPRESSION`) compresses each batch. One request is in flight at a time, so
     a retried batch cannot land behind a later one. A message the broker or client refuses (too large, say)
     is counted in :attr:`failed` and the stream goes on; a broker that takes nothing for ``max_block_ms``
@@ -74,6 +75,7 @@ class KafkaSink:
         self.topic = topic
         self.keep_partitions = keep_partitions
         self.keep_timestamps = keep_timestamps
+        self._stamp: int | None = None  # the last timestamp kept
         self.sent = 0
         self.delivered = 0
         self.failed = 0
@@ -88,7 +90,9 @@ class KafkaSink:
 
     def send(self, message: Message) -> None:
         partition = message.position.partition if self.keep_partitions else None
-        stamp = _timestamp_ms(message.timestamp) if self.keep_timestamps else None
+        if self.keep_timestamps and (kept := _timestamp_ms(message.timestamp)) is not None:
+            self._stamp = kept
+        stamp = self._stamp if self.keep_timestamps else None
         try:
             future = self._producer.send(
                 self.topic,
@@ -168,8 +172,8 @@ def produce_messages(
 
 
 def _timestamp_ms(seconds: float) -> int | None:
-    """A message timestamp in Kafka's milliseconds since the epoch; None (the client stamps it) where it has none:
-    a record without one reads as -1 ms, and a recorded file may hold any float."""
+    """A message timestamp in Kafka's milliseconds since the epoch; None where it has none: a record without one
+    reads as -1 ms, and a recorded file may hold any float."""
     if not 0 <= seconds < _MAX_TIMESTAMP_S:  # NaN fails this too
         return None
     return round(seconds * 1000)

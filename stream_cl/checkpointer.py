@@ -65,7 +65,7 @@ class Checkpointer:
     write is still in progress (a slow disk) stays due, and is taken at the first batch or idle turn
     (:meth:`tick`) after that write is done. A write that fails leaves the cadence as if it had not been
     attempted, and is tried again after a back-off that doubles from :attr:`RETRY_FIRST_S` up to
-    ``every_seconds`` (:attr:`RETRY_MAX_S` without it), so a full disk does not cost every batch a
+    ``every_seconds``, at most :attr:`RETRY_MAX_S`, so a full disk does not cost every batch a
     snapshot; ``streamcl_checkpoint_age_seconds`` keeps counting from the oldest learning not yet saved.
 
     Parameters
@@ -91,7 +91,7 @@ class Checkpointer:
     RETRY_FIRST_S = 1.0
     """Wait before trying a failed write again; it doubles with every failure in a row."""
     RETRY_MAX_S = 60.0
-    """Longest wait between tries of a failed write when there is no ``every_seconds`` to cap it."""
+    """Longest wait between tries of a failed write (a disk freed is used within it)."""
 
     def __init__(
         self,
@@ -240,7 +240,7 @@ class Checkpointer:
                 self._unsaved_since = min(waiting, default=None)
                 self._write_in_flight = None
             self._failures += 1
-            cap = self.RETRY_MAX_S if self.every_seconds is None else self.every_seconds
+            cap = min(self.every_seconds or self.RETRY_MAX_S, self.RETRY_MAX_S)  # a disk freed is used soon
             self._backoff = min(cap, self.RETRY_FIRST_S if self._failures == 1 else 2 * self._backoff)
             self._retry_at = time.monotonic() + self._backoff
             raise
@@ -271,16 +271,11 @@ def restore(
         If the directory holds checkpoints but none loads (:meth:`CheckpointStore.latest`), or the newest
         holds a value no run writes (an unknown input dtype, a negative offset).
     """
-    found = store.latest()
+    found = latest_of(store, identity)
     if found is None:
         return RunState(), None
     info, payload = found
     where = f"checkpoint {info.id} in {store.directory}"
-    if payload["identity"] != dict(identity):
-        raise ConfigError(
-            f"{where} is {payload['identity']}, but the service is configured as {dict(identity)}; use another "
-            "--checkpoint-dir or matching options"
-        )
     try:
         if not all(map(_is_count, payload["input_shape"])):
             raise ValueError(f"input_shape {payload['input_shape']!r} is not a list of ints >= 0")
@@ -298,7 +293,9 @@ def restore(
         learner.load_state_dict(payload["learner"])
         if probe is not None and payload.get("probe") is not None:
             probe.load_state_dict(payload["probe"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+    except torch.cuda.OutOfMemoryError:
+        raise  # a GPU shared for a moment, not a checkpoint to give up: retriable
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
         # a state of other parts (another --buffer-policy) or of another version: not a crash at every restart
         raise ConfigError(
             f"{where} does not fit this configuration ({type(err).__name__}: {err}); start with the options it "
@@ -308,6 +305,19 @@ def restore(
     restored = Restored(info.id, offsets, totals, payload.get("pending"))
     log.info("restored checkpoint %d: %d records learned, offsets %s", info.id, restored.learned_total, offsets)
     return RunState(learner, shape, dtype), restored
+
+
+def latest_of(store: CheckpointStore, identity: Mapping[str, Any]) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+    """The newest checkpoint that loads (None if the directory holds none), if it holds the method and model
+    ``identity`` asks for; else :class:`ConfigError`."""
+    found = store.latest()
+    if found is not None and found[1]["identity"] != dict(identity):
+        info, payload = found
+        raise ConfigError(
+            f"checkpoint {info.id} in {store.directory} is {payload['identity']}, but the service is configured as "
+            f"{dict(identity)}; use another --checkpoint-dir or matching options"
+        )
+    return found
 
 
 def _is_count(value: Any) -> bool:

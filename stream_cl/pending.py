@@ -13,10 +13,10 @@ unmatched).
 A clock is the newest timestamp of its topic no later than the wall clock plus ``max_clock_skew_s``
 (by default a tenth of the TTL, at most a day, :func:`default_clock_skew`): a later one (a
 producer's clock far ahead, a corrupt timestamp), NaN or infinity would otherwise expire everything that waits
-and every later arrival, for good (the clocks are checkpointed). Such an entry, and one
-with no timestamp (Kafka's -1 ms), still waits and joins; it expires as if stamped with its topic's clock
-when it came, or the wall clock before the topic has one (not with the bound: expiry goes oldest entry
-first, so an entry stamped a day ahead would hold every later one back).
+and every later arrival, for good (the clocks are checkpointed). Such an entry, and one with no timestamp
+(Kafka's -1 ms), still waits and joins; it expires as if stamped with its topic's clock when it came, the
+other topic's before its own has one, the wall clock before either has (not with the bound: expiry goes
+oldest entry first, so an entry stamped a day ahead would hold every later one back).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -114,12 +114,14 @@ def wall_clock(max_clock_skew_s: float) -> tuple[float, float]:
     return now, now + max_clock_skew_s
 
 
-def expires_from(timestamp: float, clock: float, now: float, limit: float) -> float:
+def expires_from(timestamp: float, clock: float, other: float, now: float, limit: float) -> float:
     """The event time an entry's TTL counts from: its timestamp or, if that is not :func:`believable`, its
-    topic's ``clock`` (``now`` if it has none yet)."""
+    topic's ``clock``; before that has one, the ``other`` topic's, which the TTL is measured against (the wall
+    clock would hold every later expiry back in a replay of old records: expiry goes oldest entry first);
+    ``now`` before either has one."""
     if believable(timestamp, limit):
         return timestamp
-    return clock if clock > float("-inf") else now
+    return next((t for t in (clock, other) if t > float("-inf")), now)
 
 
 def believable(timestamp: float, limit: float) -> bool:
@@ -155,26 +157,28 @@ class _Pending:
     record: Record
     predicted: np.ndarray
     at: float  # the event time its TTL counts from (see expires_from)
-    held: int  # the bytes it holds (see _kept_alone)
+    shared: int | None  # what it shares with the other samples of its message (see _footprint), if any
+    own: int  # the bytes it holds alone
 
 
-def _kept_alone(record: Record) -> Record:
-    """A sample as it waits: one of a message of several keeps only its own part of the message and its own
-    copy of ``x``, not references to the whole message and its decoded array (4,096 samples, up to 8 MiB)
-    that would outlive the samples' batch uncounted."""
-    if record.message.position.count == 1:
-        return record
-    return replace(record, message=sample_message(record.message), x=np.array(record.x))
-
-
-def _held_alone(record: Record) -> int:
-    """Bytes a sample as :func:`_kept_alone` holds (:func:`consumers.record.held_bytes` counts a share of a
-    message the samples share; a sample kept alone holds its part whole, and its array apart)."""
+def _footprint(record: Record) -> tuple[int | None, int, int]:
+    """``(key, shared, own)``: the memory a waiting sample keeps alive. A sample of a message of several keeps
+    the whole message, and for JSON the message's whole decoded array, alive (4,096 samples, up to 8 MiB):
+    those ``shared`` bytes count once, while any sample of the message waits, under ``key``; cutting each
+    sample out instead cost more than decoding the message. A message of one: ``(None, 0,
+    held_bytes(record))``."""
     message = record.message
     if message.position.count == 1:
-        return held_bytes(record)
-    headers = sum(len(name) + len(value) for name, value in message.headers)
-    return len(message.value) + len(message.key or b"") + headers + record.x.nbytes
+        return None, 0, held_bytes(record)
+    shared = len(message.value) + len(message.key or b"") + sum(len(n) + len(v) for n, v in message.headers)
+    root = record.x
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root.base is message.value:  # binary: a view on the message's bytes
+        return id(message.value), shared, 0
+    if root is not record.x:  # JSON: a view on the message's decoded array
+        return id(message.value), shared + root.nbytes, 0
+    return id(message.value), shared, record.x.nbytes
 
 
 @dataclass(slots=True)
@@ -187,9 +191,8 @@ class MemoryPending:
     """Both stores as ordered dicts in this process; checkpoints carry their whole contents.
 
     ``max_bytes`` bounds the memory each store's entries hold (arrays and the raw messages kept for dead
-    letters, :func:`_held_alone` and :func:`consumers.record.held_bytes`); None: only ``max_pending`` bounds
-    them. ``max_clock_skew_s``: how far past the wall clock a timestamp may move the clocks (see the module
-    docstring); None: :func:`default_clock_skew`.
+    letters, :func:`_footprint`); None: only ``max_pending`` bounds them. ``max_clock_skew_s``: how far past the
+    wall clock a timestamp may move the clocks (see the module docstring); None: :func:`default_clock_skew`.
     """
 
     healthy = True
@@ -212,6 +215,7 @@ class MemoryPending:
         self.pending: OrderedDict[str, _Pending] = OrderedDict()
         self.waiting: OrderedDict[str, _Waiting] = OrderedDict()
         self.pending_bytes = self.waiting_bytes = 0
+        self._messages: dict[int, list[int]] = {}  # shared key -> [samples waiting, shared bytes] (see _footprint)
         self.feature_time = self.label_time = float("-inf")  # newest event time seen on each topic
 
     def arrive(self, records: list[Record], predicted: np.ndarray) -> Settled:
@@ -225,8 +229,8 @@ class MemoryPending:
                 old = self._take_pending(record.id)
                 if old is not None:
                     settled.expired.append(old.record)
-                at = expires_from(record.timestamp, self.feature_time, now, limit)
-                self._add_pending(_kept_alone(record), classes, at)
+                at = expires_from(record.timestamp, self.feature_time, self.label_time, now, limit)
+                self._add_pending(record, classes, at)
                 while len(self.pending) > self.max_pending or self._over(self.pending_bytes):
                     settled.expired.append(self._take_oldest_pending().record)
             self.feature_time = advanced(self.feature_time, (record.timestamp,), limit)
@@ -245,7 +249,7 @@ class MemoryPending:
                 older = self._take_waiting(label.id)
                 if older is not None:
                     settled.unmatched.append(DeadLetter(older.message, UNMATCHED, REPLACED))
-                at = expires_from(label.timestamp, self.label_time, now, limit)
+                at = expires_from(label.timestamp, self.label_time, self.feature_time, now, limit)
                 self.waiting[label.id] = _Waiting(label, at)
                 self.waiting_bytes += held_bytes(label)
                 while len(self.waiting) > self.max_pending or self._over(self.waiting_bytes):
@@ -259,20 +263,34 @@ class MemoryPending:
         return self.max_bytes is not None and held > self.max_bytes
 
     def _add_pending(self, record: Record, predicted: np.ndarray, at: float) -> None:
-        entry = _Pending(record, predicted, at, _held_alone(record))
-        self.pending[record.id] = entry
-        self.pending_bytes += entry.held
+        key, shared, own = _footprint(record)
+        self.pending[record.id] = _Pending(record, predicted, at, key, own)
+        self.pending_bytes += own
+        if key is not None:
+            message = self._messages.setdefault(key, [0, shared])
+            if message[0] == 0:
+                self.pending_bytes += shared
+            message[0] += 1
 
     def _take_pending(self, sample_id: str) -> _Pending | None:
         found = self.pending.pop(sample_id, None)
         if found is not None:
-            self.pending_bytes -= found.held
+            self._release(found)
         return found
 
     def _take_oldest_pending(self) -> _Pending:
         oldest = self.pending.popitem(last=False)[1]
-        self.pending_bytes -= oldest.held
+        self._release(oldest)
         return oldest
+
+    def _release(self, entry: _Pending) -> None:
+        self.pending_bytes -= entry.own
+        if entry.shared is not None:
+            message = self._messages[entry.shared]
+            message[0] -= 1
+            if message[0] == 0:  # its last waiting sample: the message is no longer kept alive
+                del self._messages[entry.shared]
+                self.pending_bytes -= message[1]
 
     def _take_waiting(self, label_id: str) -> LabelRecord | None:
         found = self.waiting.pop(label_id, None)
@@ -318,6 +336,7 @@ class MemoryPending:
     def restore(self, state: dict[str, Any] | None) -> None:
         self.pending.clear()
         self.waiting.clear()
+        self._messages.clear()
         self.pending_bytes = self.waiting_bytes = 0
         self.feature_time = self.label_time = float("-inf")
         if state is None:
@@ -333,12 +352,13 @@ class MemoryPending:
         for entry in state["pending"]:
             message = message_from_state(entry["message"])
             record = Record(entry["id"], entry["x"].numpy(), None, message.position, message.timestamp, message)
-            at = expires_from(record.timestamp, self.feature_time, now, limit)
+            at = expires_from(record.timestamp, self.feature_time, self.label_time, now, limit)
             self._add_pending(record, entry["predicted"].numpy(), at)
         for entry in state["waiting"]:
             message = message_from_state(entry["message"])
             label = LabelRecord(entry["id"], tuple(entry["label"]), message.position, message.timestamp, message)
-            self.waiting[label.id] = _Waiting(label, expires_from(label.timestamp, self.label_time, now, limit))
+            at = expires_from(label.timestamp, self.label_time, self.feature_time, now, limit)
+            self.waiting[label.id] = _Waiting(label, at)
             self.waiting_bytes += held_bytes(label)
 
     def saved(self, state: dict[str, Any]) -> None:
@@ -363,8 +383,11 @@ class MemoryPending:
 
 
 def message_state(message: Message) -> dict[str, Any]:
-    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them (a
-    waiting sample's message is already its own part alone, :func:`_kept_alone`)."""
+    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them.
+
+    A sample of a message of several keeps only its own part (not the whole message once per sample).
+    """
+    message = sample_message(message)
     p = message.position
     return {
         "position": [p.stream, p.partition, p.offset, p.index, p.count],

@@ -137,12 +137,13 @@ local function remove(k, id)
   return blob or ''
 end
 -- the event time the TTL of the entry stamped ARGV[i] counts from, as text: its timestamp or, if that is not
--- believable (before the epoch: Kafka's "none"; past the limit; NaN), its topic's clock (ARGV[12], the wall
--- clock, if it has none yet), as in the memory store
-local function expires_from(i, clock, text)
+-- believable (before the epoch: Kafka's "none"; past the limit; NaN), its topic's clock, else the other topic's,
+-- else the wall clock (ARGV[12]), as in the memory store
+local function expires_from(i, clock, text, other, otext)
   local t = tonumber(ARGV[i])
   if t >= 0 and t <= limit then return ARGV[i] end
-  return clock > -1e308 and text or ARGV[12]
+  if clock > -1e308 then return text end
+  return other > -1e308 and otext or ARGV[12]
 end
 local function oldest(k)
   local first = redis.call('ZRANGE', k .. 'order', 0, 0)
@@ -187,7 +188,7 @@ for i = 13, #ARGV, 3 do
   else
     local older = remove(S, id)
     if older then emit('e', older, '') end
-    add(S, id, expires_from(i + 1, ftime, ftext), ARGV[i + 2])
+    add(S, id, expires_from(i + 1, ftime, ftext, ltime, ltext), ARGV[i + 2])
     local evicted = evict(S)
     if evicted then emit('e', evicted, '') end
   end
@@ -215,7 +216,7 @@ for i = 13, #ARGV, 3 do
   else
     local older = remove(L, id)
     if older then emit('u', older, 'replaced') end
-    add(L, id, expires_from(i + 1, ltime, ltext), ARGV[i + 2])
+    add(L, id, expires_from(i + 1, ltime, ltext, ftime, ftext), ARGV[i + 2])
     local evicted = evict(L)
     if evicted then emit('u', evicted, 'evicted') end
   end

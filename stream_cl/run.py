@@ -152,6 +152,7 @@ def run_stream(
         # The label topic's spool too: features read while labels cannot be would fill the pending store unjoined.
         paused = run.parts.dead_letters.backpressure or (labels is not None and labels.dead_letters.backpressure)
         if paused and lockstep is None:
+            run.save_if_due()
             stop.wait(0.1)
             continue
         poll = source.poll(source.poll_timeout_s, limit) if limit > 0 and not paused else Poll()
@@ -166,8 +167,7 @@ def run_stream(
         if ended:
             break
         if not stepping:
-            if run.parts.checkpointer is not None:  # learning before the stream went quiet is saved on time too
-                run.parts.checkpointer.tick(run.state, run.summary)
+            run.save_if_due()
             if paused:  # no poll paced this turn: every worker may be waiting
                 stop.wait(0.1)
             continue
@@ -255,6 +255,12 @@ class _Run:
             self.summary.drift_events.extend(watch_drift(self.parts.drift, observation, correct, learn))
         self.since_probe += n_learned
         self._predicted(learn, arrived, observation, len(learn) - labelled)
+
+    def save_if_due(self) -> None:
+        """On a turn that learns nothing (an idle stream, a full dead-letter spool): write a checkpoint if one is
+        due, so the learning before the pause is saved on time, not with the next record."""
+        if self.parts.checkpointer is not None:
+            self.parts.checkpointer.tick(self.state, self.summary)
 
     def join_labels(self) -> int:
         """Read waiting label messages, learn the samples they join; returns how many messages were read."""

@@ -53,16 +53,22 @@ def launch(cfg: Config, log_level: str, log_format: str) -> tuple[Summary, bool]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from stream_cl.assemble import check_group, check_learner
+    from stream_cl.assemble import check_group, check_learner, identity
     from stream_cl.checkpoint import CheckpointStore
+    from stream_cl.checkpointer import latest_of
 
     # a usage error is no reason to start (and restart) workers
     check_group(cfg, cfg.service.workers)
     check_learner(cfg)
     if cfg.checkpoint.dir is not None:
-        # Another instance on the directory fails this one at once, as it fails one `serve` (exit 2), not every
-        # restarted group's rank 0 in turn (exit 1). Released at once: rank 0 takes it for the run.
-        CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, sweep=True).close()
+        # Another instance on the directory, or a checkpoint that cannot be restored, fails this one at once, as
+        # it fails one `serve` (exit 2), not every restarted group in turn (exit 1, retried by a supervisor).
+        # Released at once: rank 0 takes the lock for the run.
+        store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, sweep=True)
+        try:
+            latest_of(store, identity(cfg))
+        finally:
+            store.close()
     # SIGTERM and SIGINT are this process's to forward (see _forward_stop_signals)
     settable = "signals_to_handle" in {field.name for field in fields(LaunchConfig)}
     config = LaunchConfig(

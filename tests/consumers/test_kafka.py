@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from consumers.capture import record_topic
 from consumers.dlq import KafkaDeadLetterSink
 from consumers.kafka import KafkaSource
 from consumers.producer import produce_messages
-from consumers.record import Message
+from consumers.record import Message, Position
 from consumers.recorded import RecordedSource, read_messages, write_messages
 from consumers.source import next_offsets
 from consumers.wire import REASONS
@@ -217,6 +218,15 @@ def test_record_replay_round_trip_is_byte_identical(
     a, b = content(tmp_path / "a.rec.gz"), content(tmp_path / "b.rec.gz")
     assert len(a) == len(messages) and a == b
     assert sorted((m.key or b"", m.value, m.headers) for m in messages) == sorted((k or b"", v, h) for *_, k, v, h in a)
+
+
+def test_a_message_without_a_timestamp_is_replayed_with_the_previous_ones(kafka_bootstrap, make_topic) -> None:
+    """Not with the time of sending, which would move a consumer's event-time clock decades past the recording."""
+    topic = make_topic(1)
+    stamps = [5.0, -0.001, math.nan, 7.0]
+    sent = [Message(Position("rec", 0, i), t, None, b"v", ()) for i, t in enumerate(stamps)]
+    produce_messages(kafka_bootstrap, topic, sent, keep_timestamps=True)
+    assert [m.timestamp for m in _read_topic(kafka_bootstrap, topic, 4)] == [5.0, 5.0, 5.0, 7.0]
 
 
 def _read_topic(bootstrap: str, topic: str, expect: int) -> list[Message]:

@@ -397,3 +397,20 @@ def test_a_learner_state_of_another_version_is_a_config_error(tmp_path: Path) ->
     CheckpointStore(tmp_path).write(payload(0))  # its learner state is {}
     with pytest.raises(ConfigError, match=r"checkpoint 1 in .* does not fit this configuration \(KeyError: 'labels'\)"):
         restore(CheckpointStore(tmp_path), MAKE_ER, IDENTITY)
+
+
+def test_a_gpu_out_of_memory_while_restoring_is_no_config_error(tmp_path: Path) -> None:
+    """A GPU shared for a moment: a retriable failure, not advice to give the checkpoint up."""
+
+    def short_of_memory(shape: tuple[int, ...], dtype: np.dtype) -> object:
+        learner = MAKE_ER(shape, dtype)
+
+        def load_state_dict(state: dict) -> None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        learner.load_state_dict = load_state_dict
+        return learner
+
+    CheckpointStore(tmp_path).write(payload(0))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        restore(CheckpointStore(tmp_path), short_of_memory, IDENTITY)

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,17 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from consumers.record import Poll
+from consumers.recorded import RecordedSource, write_messages
 from monitoring.metrics import Metrics
+from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointInfo
 from stream_cl.checkpointer import Checkpointer
 from stream_cl.learner import RunState
+from stream_cl.run import RunOptions, RunParts, run_stream
 from stream_cl.summary import Summary
+from tests.stream_cl.test_scaleout_dead_letter_pause import PausedSink
+from tests.streams import blob_arrays, messages
 
 
 class Store:
@@ -195,3 +202,37 @@ def test_a_slow_write_never_stalls_the_loop_and_the_checkpoint_due_meanwhile_fol
     checkpointer.finish(STATE, Summary())  # waits for that write; nothing unsaved after it
     assert written_offsets(store) == [[["t", 0, 10]], [["t", 0, 40]]] and store.attempts == 2
     assert checkpointer.version == 2
+
+
+class _FullAfterFirstBatch(RecordedSource):
+    """A recorded stream whose dead-letter spool fills up once its first batch has been polled."""
+
+    def __init__(self, path: Path, sink: PausedSink, full_s: float) -> None:
+        super().__init__(path)
+        self.sink, self.full_s = sink, full_s
+
+    def poll(self, timeout_s: float, max_records: int) -> Poll:
+        poll = super().poll(timeout_s, max_records)
+        if len(poll) and self.sink.until < time.monotonic():
+            self.sink.until = time.monotonic() + self.full_s
+        return poll
+
+
+def test_a_due_checkpoint_is_written_while_a_full_dead_letter_spool_pauses_the_loop(tmp_path: Path) -> None:
+    """The loop polls nothing until the spool drains, but the batch it learned before is saved on time."""
+    x, y = blob_arrays(2, 10)
+    write_messages(tmp_path / "s.rec.gz", messages(x, y))
+    store = Store(full=False)
+    sink = PausedSink(0)
+    make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=0)
+    checkpointer = Checkpointer(store, identity={}, every_seconds=0.2)
+    with _FullAfterFirstBatch(tmp_path / "s.rec.gz", sink, full_s=2.0) as source:
+        run_stream(
+            source,
+            make,
+            Metrics(CollectorRegistry()),
+            RunOptions(progress=False, batch_size=20),
+            RunParts(dead_letters=sink, checkpointer=checkpointer),
+        )
+    assert any(at < sink.until for at in store.attempt_times)  # before the spool drained
+    assert written_offsets(store)[0] == [["test", 0, 20]]

@@ -172,41 +172,45 @@ def test_the_memory_store_gives_up_its_oldest_entries_past_its_byte_bound() -> N
 MIB = 1024 * 1024
 
 
-def first_of_large_message(n: int, encode: Callable = encode_batch_binary) -> Record:
-    """The one unlabelled sample of a 1 MiB message of 256 (1,024 float32 each)."""
+def large_message_samples(n: int, encode: Callable = encode_batch_binary) -> list[Record]:
+    """The 256 unlabelled samples (1,024 float32 each) of a 1 MiB message."""
     ids = [f"m{n}-{i}" for i in range(256)]
-    value, headers = encode(ids, np.full((256, 1024), n, np.float32), [None] + ["cat"] * 255)
-    first = decode_samples(Message(Position("features", 0, n), float(n), None, value, tuple(headers)), 16 * MIB)[0]
-    assert isinstance(first, Record) and first.label is None
-    return first
+    value, headers = encode(ids, np.full((256, 1024), n, np.float32), [None] * 256)
+    samples = decode_samples(Message(Position("features", 0, n), float(n), None, value, tuple(headers)), 16 * MIB)
+    assert all(isinstance(s, Record) and s.label is None for s in samples)
+    return samples  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("encode", [encode_batch_binary, encode_batch_json])
-def test_a_waiting_sample_of_a_message_of_several_keeps_only_its_own_part(encode: Callable) -> None:
-    """Not its whole message, nor the message's decoded array: the byte bound counts only the sample's part."""
-    store = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=MIB)
-    samples = [first_of_large_message(n, encode) for n in range(8)]
-    assert not store.arrive(samples, classes(8)).expired and store.pending_bytes <= MIB
-    for sample, entry in zip(samples, store.pending.values(), strict=True):
-        kept = entry.record
-        assert not np.shares_memory(kept.x, sample.x) and np.array_equal(kept.x, sample.x)
-        (alone,) = decode_samples(kept.message)  # its dead letter or checkpoint still carries the sample
-        assert isinstance(alone, Record) and alone.id == sample.id and np.array_equal(alone.x, sample.x)
-        assert kept.position == sample.position
+def test_the_samples_of_a_message_count_what_they_keep_alive_once(encode: Callable) -> None:
+    """A waiting sample keeps its whole message (and for JSON the message's decoded array) alive: the byte bound
+    counts that once while any sample of the message waits, and lets it go with the last."""
+    store = MemoryPending(ttl_s=1e9, max_pending=1000, max_bytes=64 * MIB)
+    samples = large_message_samples(0, encode)
+    store.arrive(samples[:1], classes(1))
+    one = store.pending_bytes
+    assert one > MIB if encode is encode_batch_binary else one > 2 * MIB  # JSON: its text and its array
+    store.arrive(samples[1:], classes(255))
+    assert (len(store.pending), store.pending_bytes) == (256, one)
+    store.label([label_record(s.id, 1) for s in samples[:-1]])
+    assert (store.pending_ids(), store.pending_bytes) == ([samples[-1].id], one)
+    store.label([label_record(samples[-1].id, 1)])
+    assert (store.pending_ids(), store.pending_bytes) == ([], 0)
 
 
 def test_the_byte_bound_holds_what_samples_of_large_messages_keep_alive() -> None:
-    """Eight 1 MiB messages, one sample of each waiting, against a 1 MiB bound: what stays alive is within it."""
-    store = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=MIB)
+    """One sample of each of eight 1 MiB messages waits, against a 3 MiB bound: each counts its whole message,
+    so two stay, and what stays alive is within the bound."""
+    store = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=3 * MIB)
     tracemalloc.start()
     try:
         for n in range(8):
-            store.arrive([first_of_large_message(n)], classes(1))
+            store.arrive(large_message_samples(n)[:1], classes(1))
         gc.collect()
         alive = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    assert store.pending_ids() == [f"m{n}-0" for n in range(8)] and alive <= MIB
+    assert store.pending_ids() == ["m6-0", "m7-0"] and alive <= 3 * MIB and store.pending_bytes <= 3 * MIB
 
 
 def _saved(state: dict) -> bytes:
@@ -319,6 +323,19 @@ def test_a_sample_without_a_timestamp_waits_as_if_stamped_with_the_clock_when_it
     assert not delayed.poll(100)[0].expired
     labels.send("none", "cat", now + 2)
     assert [j.record.id for j in delayed.poll(100)[0].joined] == ["none"]
+
+
+def test_a_sample_without_a_timestamp_holds_no_expiry_back_in_a_replay_of_old_records(make_store: MakeStore) -> None:
+    """Before its own topic has a clock it counts from the label topic's: counted from the wall clock, it would
+    keep every sample after it from expiring while the replay's event times stay decades in the past."""
+    delayed, labels, _ = join(make_store, ttl_s=100)
+    labels.send("x", "cat", 1000)
+    delayed.poll(100)
+    first = dataclasses.replace(feature("first", 0), timestamp=-0.001)
+    assert not delayed.arrive([first], classes(1)).expired
+    assert not delayed.arrive([feature(f"s{i}", 1000 + i) for i in range(5)], classes(5)).expired
+    labels.send("y", "cat", 5000)
+    assert sorted(r.id for r in delayed.poll(100)[0].expired) == ["first", "s0", "s1", "s2", "s3", "s4"]
 
 
 def label_record(label_id: str, at_s: float) -> LabelRecord:

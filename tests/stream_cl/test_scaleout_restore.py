@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from kafka import KafkaAdminClient
@@ -75,12 +76,19 @@ def test_workers_that_restored_different_checkpoints_fail_before_any_opens_its_s
     assert committed(kafka_bootstrap, f"g-{topic}") == {}  # no worker joined the consumer group and committed
 
 
-def test_a_second_launcher_on_a_checkpoint_directory_in_use_exits_2_before_starting_workers(
-    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+@pytest.mark.parametrize("fault", ["in use", "none loads"])
+def test_a_launcher_on_a_checkpoint_directory_it_cannot_use_exits_2_before_starting_workers(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, fault: str
 ) -> None:
+    """Another instance holds the directory, or no checkpoint in it loads: exit 2 at once, as one `serve` does,
+    not a group failing and restarted until ``--max-restarts`` runs out (exit 1, which a supervisor retries)."""
     topic = make_topic(2)
     produce(kafka_bootstrap, topic, 20)
-    in_use = CheckpointStore(tmp_path / "ckpt", sweep=True)  # as the running instance's rank 0 holds it
+    in_use = CheckpointStore(tmp_path / "ckpt", sweep=True, layout=None)  # as the running instance's rank 0 holds it
+    if fault == "none loads":
+        info = in_use.write({"identity": {}})
+        info.path.write_bytes(info.path.read_bytes()[:-1] + b"?")  # damaged: its digest no longer matches
+        in_use.close()
     with in_use, start(kafka_bootstrap, topic, tmp_path, "second", *GROUP, "--max-restarts", 1) as proc:
         try:
             code = proc.wait(120)
@@ -88,6 +96,9 @@ def test_a_second_launcher_on_a_checkpoint_directory_in_use_exits_2_before_start
             proc.kill()  # a no-op once it exited; a group must not outlive the test
     log = (tmp_path / "second.log").read_text()
     assert code == 2, log[-3000:]  # as one `serve` exits, at once: no restart can take the lock
-    assert f"checkpoint directory {tmp_path / 'ckpt'} is locked by process {os.getpid()}" in log
+    if fault == "in use":
+        assert f"checkpoint directory {tmp_path / 'ckpt'} is locked by process {os.getpid()}" in log
+    else:
+        assert f"no checkpoint in {tmp_path / 'ckpt'} can be restored" in log, log[-3000:]
     assert "starting 2 workers" not in log, log[-3000:]
     assert committed(kafka_bootstrap, f"g-{topic}") == {}
