@@ -97,7 +97,14 @@ def assemble(
         check_group(cfg, group.world_size)
         make_learner = group.wrap(make_learner)
     probe = ProbeSet(fraction=cfg.run.probe_fraction, seed=cfg.learner.seed)
-    state, restored, checkpointer = _restore(cfg, make_learner, probe, metrics, writer=group is None or group.rank == 0)
+    try:
+        state, restored, checkpointer = _restore(
+            cfg, make_learner, probe, metrics, writer=group is None or group.rank == 0
+        )
+    except Exception as err:
+        if group is not None:  # the peers wait in check_restored: they fail with this reason, not a timeout
+            group.restore_failed(err)
+        raise
     if group is not None:
         _check_restored(group, restored, checkpointer)
     url = cfg.source.url or str(default_stream())

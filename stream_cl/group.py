@@ -66,6 +66,15 @@ class ModelMismatchError(StreamClError):
     """The workers' models have different sizes, so no collective over them can be made."""
 
 
+class PeerRestoreError(StreamClError):
+    """Another worker of the group could not restore its checkpoint; trying again helps as much as it would
+    have helped that worker."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
 @contextmanager
 def process_group(backend: str, **init: Any) -> Iterator[None]:
     """The default process group (``torch.distributed.init_process_group(backend, **init)``) for the body.
@@ -304,6 +313,11 @@ class Group:
         a read error that skipped the newest file) would learn records twice, and one with none from the start."""
         mine = None if restored is None else [restored.id, _resume_point(restored)]
         gathered = self.gather_json(mine)
+        failed = [(rank, g) for rank, g in enumerate(gathered) if isinstance(g, dict)]
+        if failed:
+            rank, failure = failed[0]
+            message = f"rank {rank} could not restore its checkpoint: {failure['error']}"
+            raise PeerRestoreError(message, retriable=failure["retriable"])
         if all(g == gathered[0] for g in gathered):
             return
         restored_by = ", ".join(
@@ -314,6 +328,12 @@ class Group:
             f"the workers restored different checkpoints ({restored_by}): every worker must read the one "
             "--checkpoint-dir (storage every machine sees, without stale caches); no worker opened its source"
         )
+
+    def restore_failed(self, err: Exception) -> None:
+        """This worker's restore raised ``err``: tell the peers waiting in :meth:`check_restored`, so they fail
+        with its reason at once instead of a collective's timeout or a closed connection."""
+        retriable = not isinstance(err, StreamClError) or err.retriable
+        self.gather_json({"error": f"{type(err).__name__}: {err}", "retriable": retriable})
 
     def gather_json(self, value: Any) -> list[Any]:
         """Every worker's ``value`` (JSON-serialisable), in rank order."""

@@ -15,7 +15,7 @@ from kafka import KafkaAdminClient
 
 from stream_cl.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 from stream_cl.config import load
-from stream_cl.errors import ConfigError
+from stream_cl.errors import StreamClError
 from stream_cl.scaleout import run_worker
 from tests.fixtures.procs import free_port
 from tests.stream_cl.test_scaleout import GROUP, start, worker_settings
@@ -31,30 +31,33 @@ def committed(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
         admin.close()
 
 
-def _worker_missing_the_newest(rank: int, port: int, settings: dict, tmp: Path, newest: int) -> None:
-    """Worker ``rank`` of two, as the launcher starts it; worker 1 cannot read the newest checkpoint (a transient
-    read error), so it restores the one before."""
+def _worker_missing(rank: int, port: int, settings: dict, tmp: Path, unreadable: list[int]) -> None:
+    """Worker ``rank`` of two, as the launcher starts it; worker 1 cannot read the checkpoints ``unreadable`` (a
+    transient read error), so it restores the newest one before them, or none loads."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     if rank == 1:
         read = CheckpointStore.load
 
-        def failing_on_the_newest(store: CheckpointStore, info: CheckpointInfo) -> dict:
-            if info.id == newest:
+        def failing(store: CheckpointStore, info: CheckpointInfo) -> dict:
+            if info.id in unreadable:
                 raise CheckpointError(f"{info.path.name}: [Errno 5] Input/output error")
             return read(store, info)
 
-        CheckpointStore.load = failing_on_the_newest
+        CheckpointStore.load = failing
     try:
         run_worker(load(settings, {}))
-    except ConfigError as err:
-        (tmp / f"refused-{rank}.txt").write_text(str(err))
+    except StreamClError as err:
+        (tmp / f"refused-{rank}.txt").write_text(f"{type(err).__name__}: {err}")
 
 
-def test_workers_that_restored_different_checkpoints_fail_before_any_opens_its_source(
-    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path
+@pytest.mark.parametrize("unreadable", ["the newest", "all"])
+def test_workers_that_restored_different_checkpoints_or_none_fail_before_any_opens_its_source(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, unreadable: str
 ) -> None:
+    """Each worker says which rank restored which checkpoint; a worker whose restore failed tells its peers why
+    (not a collective's timeout)."""
     topic = make_topic(2)
     where = produce(kafka_bootstrap, topic, 40)
     # one process learns the topic, checkpointing every 10 records, in a consumer group of its own
@@ -67,12 +70,18 @@ def test_workers_that_restored_different_checkpoints_fail_before_any_opens_its_s
     newest, older = ids[-1], ids[-2]
 
     settings = worker_settings(kafka_bootstrap, topic, tmp_path, "group")
-    mp.spawn(_worker_missing_the_newest, args=(free_port(), settings, tmp_path, newest), nprocs=2, join=True)
-    refused = [tmp_path / f"refused-{rank}.txt" for rank in (0, 1)]
+    missing = [newest] if unreadable == "the newest" else ids
+    mp.spawn(_worker_missing, args=(free_port(), settings, tmp_path, missing), nprocs=2, join=True)
+    refused = [(tmp_path / f"refused-{rank}.txt") for rank in (0, 1)]
     assert all(f.exists() for f in refused), "the group ran on, rank 1 from an older checkpoint's offsets"
-    for message in (f.read_text() for f in refused):  # every worker says which rank restored which checkpoint
-        assert "the workers restored different checkpoints" in message
-        assert f"rank 0: checkpoint {newest} (" in message and f"rank 1: checkpoint {older} (" in message
+    messages = [f.read_text() for f in refused]
+    if unreadable == "the newest":
+        for message in messages:
+            assert message.startswith("ConfigError: the workers restored different checkpoints")
+            assert f"rank 0: checkpoint {newest} (" in message and f"rank 1: checkpoint {older} (" in message
+    else:
+        assert messages[1].startswith("CheckpointError: no checkpoint in ")
+        assert messages[0] == f"PeerRestoreError: rank 1 could not restore its checkpoint: {messages[1]}"
     assert committed(kafka_bootstrap, f"g-{topic}") == {}  # no worker joined the consumer group and committed
 
 
