@@ -109,11 +109,15 @@ class Publisher:
             self._count_to(m.dead_letter_rejected, sum(sink.rejected for sink in self.dead_letters))
         if isinstance(source, Instrumented):
             m.assigned_partitions.set(len(source.assignment()))
-            m.consumer_lag.clear()  # series of partitions no longer owned are dropped
-            for (topic, partition), lag in source.lag().items():
-                m.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
             for seconds in source.take_decode_seconds():
                 m.decode_seconds.observe(seconds)
+        # the label topic's backlog too: labels read late join late, and a stuck label consumer learns nothing
+        consumers = [c for c in (source, *self.label_sources) if isinstance(c, Instrumented)]
+        if consumers:
+            m.consumer_lag.clear()  # series of partitions no longer owned are dropped
+        for consumer in consumers:
+            for (topic, partition), lag in consumer.lag().items():
+                m.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
         skipped: dict[str, int] = {}
         for consumer in (source, *self.label_sources):  # Kafka sources count records gone unread
             for reason, count in getattr(consumer, "skipped_offsets", dict)().items():

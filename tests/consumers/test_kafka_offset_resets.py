@@ -280,14 +280,30 @@ def test_records_skipped_reach_the_metric() -> None:
     assert value() == 8
 
 
+def test_the_label_topic_lag_is_published_with_the_sample_topic_lag() -> None:
+    source, labels = _InstrumentedStub(), _InstrumentedStub()
+    source.lags, labels.lags = {("features", 0): 3}, {("labels", 0): 7, ("labels", 1): 0}
+    metrics = Metrics(CollectorRegistry())
+    Publisher(metrics, label_sources=[labels]).gauges(time.monotonic(), None, PrequentialAccuracy(), source)
+    lag = {
+        (s.labels["topic"], s.labels["partition"]): s.value
+        for family in metrics.registry.collect()
+        if family.name == "streamcl_consumer_lag"
+        for s in family.samples
+    }
+    assert lag == {("features", "0"): 3, ("labels", "0"): 7, ("labels", "1"): 0}
+
+
 class _InstrumentedStub:
     """The parts of a Kafka source the publisher reads."""
 
     assigned_at = None
     skipped: dict[str, int] = {}  # noqa: RUF012 (replaced, never mutated)
 
+    lags: dict[tuple[str, int], int] = {}  # noqa: RUF012 (replaced, never mutated)
+
     def lag(self) -> dict:
-        return {}
+        return dict(self.lags)
 
     def assignment(self) -> set:
         return set()

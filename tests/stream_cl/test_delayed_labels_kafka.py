@@ -115,7 +115,7 @@ def test_kill_9_mid_join_then_restart_joins_every_label_exactly_once(
 ) -> None:
     """With either pending store: the memory one travels in the checkpoint, the Redis one is rolled back to it."""
     features, labels = make_topic(1), make_topic(1)
-    n = 2000
+    n = 4000  # long enough that the service is still learning when a loaded machine's watcher sees a checkpoint
     x, y = blob_arrays(n_classes=4, per_class=n // 4, seed=5)
     delay = np.random.default_rng(6).uniform(0, 50, size=n)
     labelled = [i for i in range(n) if i % 20 != 7]
