@@ -153,7 +153,9 @@ def test_a_hung_worker_fails_the_group_after_the_collective_timeout_and_the_rest
     topic = make_topic(4)
     where = produce(kafka_bootstrap, topic, 2000)
     buffer = shared_buffer(redis_server, f"scaleout-hung-{topic}")
-    hung = ("--collective-timeout", 5)
+    # a session of 6 s, not 2: under CPU load the short one's missed heartbeats can keep the restarted group
+    # rebalancing (tansu) until the run gives up waiting for partitions
+    hung = ("--collective-timeout", 5, "--kafka-session-timeout-ms", 6000)
     with group_predicting(kafka_bootstrap, topic, tmp_path, "group", *GROUP, *buffer, *hung) as (proc, log):
         os.kill(worker_pid(log, 1), signal.SIGSTOP)  # alive but hung: only the collectives' timeout can tell
         finish(proc, log, timeout_s=240)  # without the timeout, worker 0 waits 30 minutes in gloo
