@@ -95,6 +95,8 @@ log = logging.getLogger("consumers.kafka")
 Key = tuple[str, int]
 _LAG_EVERY_S = 1.0
 _OFFSETS_TIMEOUT_MS = 500  # a ListOffsets lookup for the lag must not stall fetching for long
+# a partition past its end (rare) is worth a longer wait: librdkafka's lookups on a busy broker took over 500 ms
+_PAST_END_OFFSETS_TIMEOUT_MS = 5000
 _FIRST_FETCH_RECORDS = 16  # asked of the first fetch, before the size of a message is known
 _BACKOFF_S = (0.1, 5.0)  # first and longest wait before the fetch thread retries after an error
 _REVOKE_LOOK_S = 0.05  # how often a revoke waiting for the learner looks whether it has committed
@@ -701,7 +703,7 @@ class KafkaSource:
         if not past:
             return
         try:
-            beginnings = self._consumer.beginning_offsets(past, timeout_ms=_OFFSETS_TIMEOUT_MS)
+            beginnings = self._consumer.beginning_offsets(past, timeout_ms=_PAST_END_OFFSETS_TIMEOUT_MS)
         except KafkaError as err:
             log.warning("%s are past their end, but their beginning offsets are unavailable (%s)", past, err)
             return
