@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from consumers.record import DeadLetter, LabelPath, Message, Position
+from consumers.record import DeadLetter, LabelPath, Message, Position, message_bytes
 from consumers.wire import (
     MAX_DETAIL_CHARS,
     MAX_PAYLOAD_BYTES,
@@ -47,7 +47,7 @@ def decode_label(message: Message, max_bytes: int = MAX_PAYLOAD_BYTES) -> LabelR
     """A label message as a :class:`LabelRecord`, or a dead letter saying why it is not one. Never raises."""
     try:
         limit = min(max_bytes, MAX_LABEL_MESSAGE_BYTES)
-        size = len(message.value) + len(message.key or b"") + sum(len(n) + len(v) for n, v in message.headers)
+        size = message_bytes(message)
         if size > limit:
             raise BadRecord("oversized", f"{size} bytes with key and headers > {limit}")
         body, _ = _json_body(message.value)

@@ -109,12 +109,16 @@ def label_path(label: str | Sequence[str] | None) -> LabelPath | None:
     return parts
 
 
+def message_bytes(message: Message) -> int:
+    """A message's bytes: value, key and headers."""
+    return len(message.value) + len(message.key or b"") + sum(len(name) + len(value) for name, value in message.headers)
+
+
 def held_bytes(entry: Record | DeadLetter | HasMessage) -> int:
     """Memory an entry holds: its share of its message's bytes (value, key and headers: the samples of a message
     share them), and a record's array unless that is a view on those bytes (as the binary encoding's is)."""
     message = entry.message
-    raw = len(message.value) + len(message.key or b"") + sum(len(name) + len(value) for name, value in message.headers)
-    size = raw // max(1, message.position.count)
+    size = message_bytes(message) // max(1, message.position.count)
     if isinstance(entry, Record):
         base = entry.x
         while isinstance(base, np.ndarray):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from consumers.label_wire import LabelRecord
-from consumers.record import DeadLetter, Message, Position, Record, held_bytes
+from consumers.record import DeadLetter, Message, Position, Record, held_bytes, message_bytes
 from consumers.wire import sample_message
 from stream_cl.errors import StreamClError
 
@@ -170,7 +170,7 @@ def _footprint(record: Record) -> tuple[int | None, int, int]:
     message = record.message
     if message.position.count == 1:
         return None, 0, held_bytes(record)
-    shared = len(message.value) + len(message.key or b"") + sum(len(n) + len(v) for n, v in message.headers)
+    shared = message_bytes(message)
     root = record.x
     while isinstance(root.base, np.ndarray):
         root = root.base
