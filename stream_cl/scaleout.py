@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -195,7 +196,7 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
     if nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store = _store(rank)
+    store = _store(rank, world_size)
     timeout = timedelta(seconds=cfg.service.collective_timeout)  # the backends' own: 10 (NCCL) to 30 minutes
     with process_group("nccl" if nccl else "gloo", store=store, rank=rank, world_size=world_size, timeout=timeout):
         offsets = StoreRunOffsets(store)
@@ -208,24 +209,59 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
         return summary, bool(received)
 
 
-def _store(rank: int) -> object:
-    """The launcher's key-value store, under a prefix of this restart: a restarted group must not read
-    the addresses its dead predecessor left there (its workers would connect to ports nobody listens on)."""
+def _store(rank: int, world_size: int) -> object:
+    """The launcher's key-value store, under a prefix of this round of the group: a restarted group must not
+    read the addresses its dead predecessor left there (its workers would connect to ports nobody listens on)."""
     import torch.distributed as dist
 
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    timeout = timedelta(seconds=300)
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         is_master=not agent_store and rank == 0,
-        timeout=timedelta(seconds=300),
+        timeout=timeout,
     )
-    return dist.PrefixStore(f"stream-cl/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"stream-cl/round-{_round(store, rank, world_size, timeout)}", store)
+
+
+def _round(store: object, rank: int, world_size: int, timeout: timedelta) -> str:
+    """A name for this round of the group that every worker learns from rank 0. Not the restart count
+    torch gives each worker: every machine's agent counts its own (one restarting its workers because
+    another machine's failed does not count it; one a supervisor restarted counts from 0). Each worker
+    asks under a nonce of its own, so an answer or question a dead round left in the store is never
+    taken for this round's."""
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"stream-cl/ask/{rank}", nonce)
+        name = store.get(f"stream-cl/answer/{nonce}").decode()  # waits up to the store's timeout
+        store.set(f"stream-cl/joined/{name}/{rank}", "")
+        return name
+    name = uuid.uuid4().hex
+    answered: dict[int, bytes] = {}
+    waiting = set(range(1, world_size))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        for peer in sorted(waiting):
+            if store.check([f"stream-cl/joined/{name}/{peer}"]):
+                waiting.discard(peer)
+            elif store.check([f"stream-cl/ask/{peer}"]) and (
+                nonce := store.get(f"stream-cl/ask/{peer}")
+            ) != answered.get(peer):
+                store.set(f"stream-cl/answer/{nonce.decode()}", name)  # a dead round's question too: nobody waits
+                answered[peer] = nonce
+        if not waiting:
+            return name
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"workers {sorted(waiting)} did not join the group within {timeout.total_seconds():.0f} s"
+            )
+        time.sleep(0.02)
 
 
 class StoreRunOffsets:
     """The run's :class:`consumers.kafka.RunOffsets` in a ``torch.distributed`` key-value store (the
-    launcher's, under this restart's prefix: a restarted group starts from the checkpoint again)."""
+    launcher's, under this round's prefix: a restarted group starts from the checkpoint again)."""
 
     def __init__(self, store: object) -> None:
         import torch.distributed as dist
