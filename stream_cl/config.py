@@ -232,8 +232,8 @@ class SourceConfig:
     group: str = setting("stream-cl", "Kafka consumer group")
     until_idle: float | None = setting(
         None,
-        "stop once no record arrived for this long, counted from the first partition assignment "
-        "(default: a Kafka source runs until stopped)",
+        "stop once no record arrived for this long, counted from the first partition assignment, and none waits "
+        "unread on the consumer's partitions (default: a Kafka source runs until stopped)",
         check=duration,
         metavar="SECONDS",
     )

@@ -514,7 +514,8 @@ class _IdleClock:
     """When unbounded sources count as idle: ``until_idle_s`` without a record, counted from the last
     record or, for Kafka sources, from the latest first partition assignment among them (a restarted
     consumer may wait for the group to reassign partitions for longer than the idle bound, and a label
-    topic's consumer may join its group after the features' one)."""
+    topic's consumer may join its group after the features' one), and no record waiting unread on a
+    Kafka source's partitions (fetches from a loaded broker can take longer than the idle bound)."""
 
     def __init__(self, sources: list[Source], until_idle_s: float | None) -> None:
         self.sources = [s for s in sources if isinstance(s, Instrumented)]
@@ -535,4 +536,4 @@ class _IdleClock:
                 log.warning("no partitions were assigned within %.0f s; stopping", now - self.started)
                 return True
             since = max(since, source.assigned_at)
-        return now - since >= self.until_idle_s
+        return now - since >= self.until_idle_s and not any(any(source.lag().values()) for source in self.sources)
