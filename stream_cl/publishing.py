@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from prometheus_client import Counter
 
+from buffers.store import BufferStats
 from consumers.source import Instrumented, Source
 from monitoring.metrics import Metrics
 from monitoring.prequential import PrequentialAccuracy
@@ -73,6 +74,7 @@ class Publisher:
         self._rate = 0.0  # records per second over the last interval published
         metrics.samples_per_second.set_function(self._samples_per_second)
         self._buffer_classes: set[tuple[str, str]] = set()  # (level, class) series published so far
+        self._lag_series: set[tuple[str, str]] = set()  # (topic, partition) series published last time
 
     def count(self, records: int) -> None:
         self._records += records
@@ -92,8 +94,8 @@ class Publisher:
             self.tick(now, *self._turn)
 
     def gauges(self, now: float, learner: Learner | None, accuracy: PrequentialAccuracy, source: Source) -> None:
-        """Records per second, windowed online accuracy, classes seen, buffer size, source lag, dead-letter spool,
-        sink and rejections."""
+        """Records per second, windowed online accuracy, classes seen, buffer size, bytes, errors, corrupt samples
+        and repairs, source lag, dead-letter spool, sink and rejections."""
         m = self.metrics
         self._rate = self._records / max(now - self._last, 1e-9)
         self._last, self._records = now, 0
@@ -103,6 +105,9 @@ class Publisher:
             for level, size in enumerate(learner.labels.sizes):
                 m.classes_seen.labels(level=str(level)).set(size)
             m.buffer_size.set(len(learner.buffer))
+            # without class counts the stats cost no Redis round trip: a buffer error reaches its alert within a
+            # second, not at the next probe evaluation (never, if the stream goes quiet before one)
+            self._buffer_totals(learner.buffer.stats(classes=False))
         if self.dead_letters:
             m.dead_letter_spool.set(sum(sink.spooled for sink in self.dead_letters))
             m.dead_letter_sink_up.set(int(all(sink.healthy for sink in self.dead_letters)))
@@ -113,11 +118,16 @@ class Publisher:
                 m.decode_seconds.observe(seconds)
         # the label topic's backlog too: labels read late join late, and a stuck label consumer learns nothing
         consumers = [c for c in (source, *self.label_sources) if isinstance(c, Instrumented)]
-        if consumers:
-            m.consumer_lag.clear()  # series of partitions no longer owned are dropped
-        for consumer in consumers:
-            for (topic, partition), lag in consumer.lag().items():
-                m.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
+        lags = {
+            (topic, str(partition)): lag for consumer in consumers for (topic, partition), lag in consumer.lag().items()
+        }
+        # only the series of partitions no longer owned are dropped: a scrape between emptying the gauge and setting
+        # it again would find a still-owned partition's series gone, which Prometheus marks stale (resetting `for:`)
+        for topic, partition in self._lag_series - lags.keys():
+            m.consumer_lag.remove(topic, partition)
+        for (topic, partition), lag in lags.items():
+            m.consumer_lag.labels(topic=topic, partition=partition).set(lag)
+        self._lag_series = set(lags)
         skipped: dict[str, int] = {}
         for consumer in (source, *self.label_sources):  # Kafka sources count records gone unread
             for reason, count in getattr(consumer, "skipped_offsets", dict)().items():
@@ -132,18 +142,23 @@ class Publisher:
         return self._rate if time.monotonic() - self._last < 2 * GAUGE_INTERVAL_S else 0.0
 
     def buffer(self, learner: Learner) -> int:
-        """Buffer bytes, errors, corrupt samples and composition per class (a Redis store answers with a round trip).
+        """Buffer bytes, errors, corrupt samples, repairs and composition per class, at the probe cadence (the class
+        counts cost a Redis store a round trip; :meth:`gauges` publishes the rest every second).
 
         Returns the buffer's failed operations so far.
         """
         stats = learner.buffer.stats(classes=True)
+        self._buffer_totals(stats)
+        self._class_counts(learner.labels.names, stats.class_counts)
+        return stats.errors
+
+    def _buffer_totals(self, stats: BufferStats) -> None:
+        """Buffer bytes and the store's cumulative errors, corrupt samples and repairs."""
         m = self.metrics
         m.buffer_bytes.set(stats.nbytes)
         self._count_to(m.buffer_errors, stats.errors)
         self._count_to(m.buffer_corrupt, stats.corrupt)
         self._count_to(m.buffer_repairs, stats.repairs)
-        self._class_counts(learner.labels.names, stats.class_counts)
-        return stats.errors
 
     def _count_to(self, counter: Counter, total: int) -> None:
         """Raise ``counter`` to a cumulative ``total`` its source keeps (a sink's or a store's), by the difference."""
