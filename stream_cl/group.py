@@ -511,8 +511,13 @@ class GroupCheckpointer:
 
         No collective (only rank 0's cadence knows whether one is due): the model has not moved since
         that gather, so its offsets still pair with it. With ``average`` after a step without an
-        average, the workers' models differ, and the checkpoint waits for the next step that averages.
+        average, every worker (all take this turn) first averages, as at the end of a run: else the
+        learning before a quiet stream would stay in no checkpoint until the stream resumed.
         """
+        if self.group.sync == "average" and not self.group.averaged and state.learner is not None:
+            self.group.settle(state.learner)
+            self.step(state, {}, 0, summary)  # gathers what was learned since the last average; writes if due
+            return
         if self.group.rank == 0 and self.group.averaged and self._last:
             self.inner.tick(state, merge_counts(summary, self._last))
 

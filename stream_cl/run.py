@@ -515,15 +515,20 @@ class _IdleClock:
     record or, for Kafka sources, from the latest first partition assignment among them (a restarted
     consumer may wait for the group to reassign partitions for longer than the idle bound, and a label
     topic's consumer may join its group after the features' one), and no record waiting unread on a
-    Kafka source's partitions (fetches from a loaded broker can take longer than the idle bound)."""
+    Kafka source's partitions (fetches from a loaded broker can take longer than the idle bound). Records
+    that wait without the lag changing for ``until_idle_s`` + :data:`ASSIGNMENT_GRACE_S` (a partition whose
+    leader is gone, a transaction left open) end the wait with a warning naming them."""
 
     def __init__(self, sources: list[Source], until_idle_s: float | None) -> None:
         self.sources = [s for s in sources if isinstance(s, Instrumented)]
         self.until_idle_s = until_idle_s
         self.started = self.last_record = time.monotonic()
+        self._unread: dict[tuple[str, int], int | None] = {}
+        self._unread_since = self.started
 
     def saw_records(self, now: float) -> None:
         self.last_record = now
+        self._unread = {}
 
     def expired(self, now: float) -> bool:
         if self.until_idle_s is None:
@@ -536,4 +541,25 @@ class _IdleClock:
                 log.warning("no partitions were assigned within %.0f s; stopping", now - self.started)
                 return True
             since = max(since, source.assigned_at)
-        return now - since >= self.until_idle_s and not any(any(source.lag().values()) for source in self.sources)
+        if now - since < self.until_idle_s:
+            return False
+        unread = self._records_unread()
+        if unread != self._unread:  # records arrived or were read meanwhile: the wait starts again
+            self._unread, self._unread_since = unread, now
+        if not unread:
+            return True
+        if now - self._unread_since < self.until_idle_s + ASSIGNMENT_GRACE_S:
+            return False
+        log.warning("records waited unread for %.0f s without progress, stopping: %s", now - self._unread_since, unread)
+        return True
+
+    def _records_unread(self) -> dict[tuple[str, int], int | None]:
+        """Per assigned partition with records its consumer has not read, how many (None: not known yet, as in
+        the first second after an assignment)."""
+        unread = {}
+        for source in self.sources:
+            lag = source.lag()
+            for key in source.assignment():
+                if lag.get(key, None) != 0:
+                    unread[key] = lag.get(key)
+        return unread

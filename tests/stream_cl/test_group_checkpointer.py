@@ -22,11 +22,16 @@ class _Gathered:
     """Rank 0 of a group whose all-gather returns what each worker reported (here: ``reports``, in rank order)."""
 
     rank = 0
+    sync = "allreduce"
     averaged = True  # every step holds one model (synchronous all-reduce)
 
     def __init__(self, reports: list) -> None:
         self.reports = reports
-        self.gathers = 0
+        self.gathers = self.settled = 0
+
+    def settle(self, learner: object) -> None:
+        self.settled += 1
+        self.averaged = True
 
     def gather_json(self, value: dict) -> list[dict]:
         self.gathers += 1
@@ -87,15 +92,21 @@ def test_an_idle_turn_writes_the_due_checkpoint_of_the_groups_last_step_without_
     checkpointer.inner.finish(state, Summary())
 
 
-def test_an_idle_turn_after_a_step_without_an_average_writes_nothing(tmp_path: Path) -> None:
+def test_an_idle_turn_after_a_step_without_an_average_averages_and_writes_the_due_checkpoint(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, layout=None)
     group = _Gathered(_reports([Position("t", 0, 4, 0, 1)]))
+    group.sync = "average"
     checkpointer = GroupCheckpointer(group, Checkpointer(store, identity={}, every_seconds=0.2))
     state = RunState(_Learner(), (2,), np.dtype(np.float32))
     checkpointer.step(state, {}, 1, Summary())  # an averaging step: gathered
-    group.averaged = False  # then a step without an average: the model moved past the gathered offsets
+    group.averaged = False  # then a step without an average: the workers' models differ
     checkpointer.step(state, {("t", 0): 9}, 4, Summary())
+    assert group.gathers == 1  # no checkpoint of that step: it is no one model
+    group.reports = _reports([Position("t", 0, 8, 0, 1)])
     time.sleep(0.2)
-    checkpointer.tick(state, Summary())
-    assert _written(store, 0.3) == [] and group.gathers == 1
+    checkpointer.tick(state, Summary())  # the stream went quiet: the group averages, then the due write
+    assert group.settled == 1 and group.gathers == 2
+    assert _written(store, 5) == [[["t", 0, 9]]]
+    checkpointer.tick(state, Summary())  # the next quiet turn: averaged already, nothing more to gather
+    assert group.settled == 1 and group.gathers == 2
     checkpointer.inner.finish(state, Summary())
