@@ -81,12 +81,16 @@ def process_group(backend: str, **init: Any) -> Iterator[None]:
 
     On a normal way out every worker first waits for the others (a barrier), so none tears its
     connections down while a peer still completes the last collective; after an error there is no
-    barrier (the peers may be gone), only the teardown.
+    barrier (the peers may be gone), only the teardown. The error is logged before it: gloo's teardown
+    after a peer left mid-collective can abort the process (std::terminate), which would lose it.
     """
     dist.init_process_group(backend, **init)
     try:
         yield
         dist.barrier()
+    except Exception as err:
+        log.error("leaving the group after %s: %s", type(err).__name__, err)
+        raise
     finally:
         dist.destroy_process_group()
 

@@ -57,3 +57,22 @@ def test_workers_with_models_of_different_sizes_fail_with_a_clear_error(
     mp.spawn(_mismatched_worker, args=args, nprocs=len(widths), join=True)
     errors = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(len(widths))]
     assert all("the workers' models differ" in e for e in errors), errors  # every worker, the middle one too
+
+
+def test_a_workers_error_is_logged_before_the_group_is_torn_down(caplog) -> None:
+    """What a worker failed with is in its log before gloo's teardown, which can abort the process and would
+    take the traceback with it."""
+    torn_down = []
+    real_destroy = torch.distributed.destroy_process_group
+
+    def destroy() -> None:
+        torn_down.append(caplog.text)
+        real_destroy()
+
+    init = {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level("ERROR"):
+        patch.setattr(torch.distributed, "destroy_process_group", destroy)
+        with pytest.raises(ModelMismatchError), process_group("gloo", **init):
+            raise ModelMismatchError("the workers' models differ: 264 against 600 elements")
+    assert len(torn_down) == 1
+    assert "leaving the group after ModelMismatchError: the workers' models differ" in torn_down[0]
