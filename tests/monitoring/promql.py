@@ -15,6 +15,7 @@ RULES = MONITORING / "prometheus" / "rules.yml"
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m"}
 COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)(?!\s*bool\b)")
 """A comparison operator not already followed by ``bool``."""
+UNLESS = re.compile(r"unless\b")
 
 
 def load_dashboard() -> dict:
@@ -73,3 +74,28 @@ def as_bool(expr: str) -> str:
         out.append(ch)
         i += 1
     return "".join(out)
+
+
+def unless_parts(expr: str) -> list[str]:
+    """``A unless B unless C`` as ``[A, B, C]``, split only outside parentheses, brackets, braces and strings.
+
+    ``unless`` drops every series its right side returns, whatever their values, so a right side turned ``bool``
+    (which always returns its series) would empty the whole expression: each part is checked on its own.
+    """
+    parts, depth, quote, start, i = [], 0, "", 0, 0
+    while i < len(expr):
+        ch = expr[i]
+        if quote:
+            quote = "" if ch == quote and expr[i - 1] != "\\" else quote
+        elif ch in "\"'`":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif not depth and (found := UNLESS.match(expr, i)) and not re.match(r"\w", expr[i - 1 : i]):
+            parts.append(expr[start:i].strip())
+            start = i = found.end()
+            continue
+        i += 1
+    return [*parts, expr[start:].strip()]

@@ -23,6 +23,7 @@ from tests.monitoring.promql import (
     dashboard_exprs,
     load_dashboard,
     panels,
+    unless_parts,
 )
 
 PROVISIONING = MONITORING / "grafana" / "provisioning"
@@ -270,6 +271,12 @@ def test_provisioning_points_at_the_dashboard() -> None:
     assert providers[0]["type"] == "file" and providers[0]["options"]["path"]
     datasources = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())["datasources"]
     assert datasources[0]["type"] == "prometheus" and datasources[0]["url"].startswith("http")
+
+
+def test_unless_parts_splits_only_top_level_unless() -> None:
+    expr = 'a > 0 and b unless sum(c{d="unless"}) > 0 unless (e unless f)'
+    assert unless_parts(expr) == ["a > 0 and b", 'sum(c{d="unless"}) > 0', "(e unless f)"]
+    assert unless_parts("x_unlessy > 0") == ["x_unlessy > 0"]
 
 
 def test_as_bool_rewrites_only_top_level_comparisons() -> None:

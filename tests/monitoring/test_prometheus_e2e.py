@@ -28,7 +28,7 @@ from stream_cl.build import build_learner
 from stream_cl.run import RUN_REASONS, RunOptions, RunParts, run_stream
 from tests.fixtures.procs import require_binary
 from tests.fixtures.prometheus import PrometheusServer
-from tests.monitoring.promql import alert_exprs, as_bool, dashboard_exprs, load_dashboard
+from tests.monitoring.promql import alert_exprs, as_bool, dashboard_exprs, load_dashboard, unless_parts
 from tests.monitoring.streams import permuted_labels_stream
 
 
@@ -72,7 +72,11 @@ def test_every_expression_returns_data(prometheus: PrometheusServer, tmp_path: P
         assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint
         exprs = dashboard_exprs(load_dashboard())
         exprs = [(w, as_bool(e) if w.startswith("annotation") else e) for w, e in exprs]
-        exprs += [(f"alert {name}", as_bool(e)) for name, e in alert_exprs()]
+        exprs += [
+            (f"alert {name}" + (f" (part {i + 1})" if i else ""), as_bool(part))
+            for name, e in alert_exprs()
+            for i, part in enumerate(unless_parts(e))
+        ]
         missing = dict(exprs)
         deadline = time.monotonic() + 30
         while missing and time.monotonic() < deadline:
