@@ -180,7 +180,12 @@ def _spawned(cfg: Config, log_level: str, log_format: str) -> str:
     if os.environ.get(_STOPPING):  # restarted after the launcher was told to stop: the drain failed
         log.error("worker restarted after the stop signal: not starting (no broker, buffer or checkpoint)")
         return json.dumps(None)
+    launcher = os.getppid()
     summary, received = run_worker(cfg)
+    if os.getppid() != launcher:  # killed: torch would wait forever for it to read what this returns
+        log.info("drained after the launcher (pid %d) was gone; exiting", launcher)
+        logging.shutdown()
+        os._exit(0)
     return json.dumps([asdict(summary), received])
 
 
@@ -204,9 +209,25 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
         how = "all-reduce" if group.sync == "allreduce" else f"average every {group.average_every}"
         log.info("worker %d of %d (%s), %s, pid %d", group.rank, group.world_size, dist.get_backend(), how, os.getpid())
         stop = threading.Event()
+        _stop_when_orphaned(stop)
         with stop_on_signals(stop, cfg.service.drain_timeout) as received:
             summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)
         return summary, bool(received)
+
+
+def _stop_when_orphaned(stop: threading.Event, interval_s: float = 1.0) -> None:
+    """Set ``stop`` once the process that started this worker is gone (SIGKILL, which it cannot forward): the
+    worker drains rather than learn on unsupervised, holding its partitions and the checkpoint directory's lock
+    that the supervisor's restart of the launcher needs."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            if os.getppid() != parent:
+                log.error("the launcher (pid %d) is gone: draining", parent)
+                stop.set()
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _store(rank: int, world_size: int) -> object:

@@ -92,6 +92,7 @@ def test_a_machine_whose_agent_is_killed_and_restarted_rejoins_the_group_and_not
         for proc in agents:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         for log in logs:  # workers left running by a failed test (in sessions of their own)
             for pid in re.findall(r"worker \d of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text()):
                 with suppress(ProcessLookupError):
@@ -104,3 +105,50 @@ def test_a_machine_whose_agent_is_killed_and_restarted_rejoins_the_group_and_not
     assert_accounted(summary, len(where) + BAD)
     assert set(learned_ids(tmp_path, "group", 2)) == set(where)  # relearned at most since the last checkpoint
     assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
+
+
+def test_a_worker_whose_torchrun_is_killed_stops_the_group_instead_of_learning_on_unsupervised(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """torch starts workers in sessions of their own and does not stop them when their torchrun dies: the worker
+    notices and drains (the group with it), rather than hold its partitions with nobody to restart it."""
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 30000)
+    args = ("--until-idle", 6, "--kafka-session-timeout-ms", 6000, *shared_buffer(redis_server, f"orphan-{topic}"))
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with ExitStack() as stack:
+        port = stack.enter_context(rendezvous_store())
+        agents = [agent(port, kafka_bootstrap, topic, tmp_path, log, *args) for log in logs]
+        workers = []
+        try:
+            files = [tmp_path / f"group.{rank}.jsonl" for rank in (0, 1)]
+            wait_for(lambda: all(f.exists() and f.read_bytes().count(b"\n") >= 300 for f in files), logs)
+            workers = [
+                int(p)
+                for log in logs
+                for p in re.findall(r"worker \d of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text())
+            ]
+            os.kill(agents[1].pid, signal.SIGKILL)  # the torchrun alone: its worker lives on
+            agents[1].wait()
+            # (the other torchrun then waits out torch's exit barrier for the dead one: not the workers' concern)
+            wait_for(lambda: not any(running(pid) for pid in workers), logs, timeout_s=30)
+        finally:
+            for pid in workers:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for proc in agents:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    assert "is gone: draining" in logs[1].read_text()
+    summary = json.loads((tmp_path / "group.json").read_text())
+    assert 0 < summary["learned_total"] < len(where)  # stopped early, by the drain
+    assert_accounted(summary, summary["consumed_total"])
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped) is not running
+            return stat.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False

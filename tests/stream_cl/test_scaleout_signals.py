@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from kafka import KafkaAdminClient
 
 from stream_cl.checkpoint import CheckpointStore
 from tests.fixtures.redis import RedisServer
-from tests.stream_cl.test_scaleout import GROUP, group_predicting, learned_ids, run, shared_buffer
+from tests.stream_cl.test_scaleout import GROUP, group_predicting, learned_ids, run, shared_buffer, worker_pid
 from tests.stream_cl.test_serve_kafka import produce
 
 
@@ -71,3 +72,41 @@ def test_a_drain_that_fails_after_sigterm_exits_3_without_a_summary_and_the_rest
     assert text.count("worker restarted after the stop signal: not starting") == 2, text[-3000:]
     assert "restarted workers started stopped; exiting with code 3 and no summary" in text
     assert not (tmp_path / "first.json").exists()  # no summary of a restarted group that learned nothing
+
+
+def test_workers_whose_launcher_is_killed_stop_and_the_next_run_learns_the_rest_once(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """kill -9 of the launcher alone (the OOM killer, a supervisor that signals only the main process) must not
+    leave its workers learning on unsupervised: they would hold the partitions and the checkpoint lock, and
+    the supervisor's restart would find the directory in use."""
+    topic = make_topic(4)
+    where = produce(kafka_bootstrap, topic, 20000)
+    buffer = shared_buffer(redis_server, f"orphans-{topic}")
+    group = group_predicting(kafka_bootstrap, topic, tmp_path, "first", *GROUP, *buffer, ranks=(0, 1), lines=200)
+    with group as (proc, log):
+        workers = [worker_pid(log, rank) for rank in (0, 1)]
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = [pid for pid in workers if alive(pid)]
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)
+        assert not orphans, f"workers still running 60 s after their launcher was killed:\n{log.read_text()[-3000:]}"
+    learned = learned_ids(tmp_path, "first", 2)
+    _, checkpoint = CheckpointStore(tmp_path / "ckpt").latest()
+    second = run(kafka_bootstrap, topic, tmp_path, "second", *GROUP, *buffer, "--group", f"second-{topic}")
+    assert second["learned_total"] == len(where)  # resumed at the checkpoint: nothing skipped
+    assert set(learned) | set(learned_ids(tmp_path, "second", 2)) == set(where)
+    assert checkpoint["offsets"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped) is not running
+        return stat.read().split(") ")[-1][0] != "Z"
