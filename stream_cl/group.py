@@ -508,7 +508,8 @@ class GroupCheckpointer:
         if self.group.rank == 0:
             every = _furthest(self._last)
             total = sum(g["records"] for g in self._last)
-            self.inner.step(state, every, total, merge_counts(summary, self._last))
+            if every or total:  # a quiet turn's average of nothing learned (a restored model) saves nothing new
+                self.inner.step(state, every, total, merge_counts(summary, self._last))
 
     def tick(self, state: RunState, summary: Summary) -> None:
         """A turn the group agreed not to step: rank 0 writes a due checkpoint of the last gathered step.

@@ -50,7 +50,8 @@ LABEL_POLL_BATCHES = 50
 """Label messages read per loop turn, in batches: labels are small, and joined samples are learned batch by batch."""
 
 ASSIGNMENT_GRACE_S = 60.0
-"""How long past ``until_idle_s`` a Kafka source may wait for its first partitions before the run gives up."""
+"""How long past ``until_idle_s`` a Kafka source may wait for its first partitions, and records may wait unread
+with no change in its lag, before the run gives up waiting."""
 
 
 class DeadLetterSink(Protocol):
@@ -525,6 +526,7 @@ class _IdleClock:
         self.started = self.last_record = time.monotonic()
         self._unread: dict[tuple[str, int], int | None] = {}
         self._unread_since = self.started
+        self._warned = False  # in a group, a worker idle past the bound asks every turn until all are
 
     def saw_records(self, now: float) -> None:
         self.last_record = now
@@ -538,20 +540,26 @@ class _IdleClock:
             if source.assigned_at is None:
                 if now - self.started < self.until_idle_s + ASSIGNMENT_GRACE_S:
                     return False
-                log.warning("no partitions were assigned within %.0f s; stopping", now - self.started)
+                self._warn_once("no partitions were assigned within %.0f s; stopping", now - self.started)
                 return True
             since = max(since, source.assigned_at)
         if now - since < self.until_idle_s:
             return False
         unread = self._records_unread()
         if unread != self._unread:  # records arrived or were read meanwhile: the wait starts again
-            self._unread, self._unread_since = unread, now
+            self._unread, self._unread_since, self._warned = unread, now, False
         if not unread:
             return True
         if now - self._unread_since < self.until_idle_s + ASSIGNMENT_GRACE_S:
             return False
-        log.warning("records waited unread for %.0f s without progress, stopping: %s", now - self._unread_since, unread)
+        waited = now - self._unread_since
+        self._warn_once("records waited unread for %.0f s without progress, stopping: %s", waited, unread)
         return True
+
+    def _warn_once(self, message: str, *args: object) -> None:
+        if not self._warned:
+            log.warning(message, *args)
+            self._warned = True
 
     def _records_unread(self) -> dict[tuple[str, int], int | None]:
         """Per assigned partition with records its consumer has not read, how many (None: not known yet, as in

@@ -189,8 +189,11 @@ def _spawned(cfg: Config, log_level: str, log_format: str) -> str:
     return json.dumps([asdict(summary), received])
 
 
-def run_worker(cfg: Config) -> tuple[Summary, bool]:
-    """Join the group the launcher described in the environment, learn, and leave it."""
+def run_worker(cfg: Config, torchrun: int | None = None) -> tuple[Summary, bool]:
+    """Join the group the launcher described in the environment, learn, and leave it. ``torchrun``: the pid of
+    the ``torchrun`` that started this worker, which it outlives by at most a second."""
+    if torchrun is not None:
+        _exit_when_orphaned(torchrun)
     import torch
     import torch.distributed as dist
 
@@ -209,25 +212,27 @@ def run_worker(cfg: Config) -> tuple[Summary, bool]:
         how = "all-reduce" if group.sync == "allreduce" else f"average every {group.average_every}"
         log.info("worker %d of %d (%s), %s, pid %d", group.rank, group.world_size, dist.get_backend(), how, os.getpid())
         stop = threading.Event()
-        _stop_when_orphaned(stop)
         with stop_on_signals(stop, cfg.service.drain_timeout) as received:
             summary = serve(for_rank(cfg, group.rank, group.world_size), stop, group=group)
         return summary, bool(received)
 
 
-def _stop_when_orphaned(stop: threading.Event, interval_s: float = 1.0) -> None:
-    """Set ``stop`` once the process that started this worker is gone (SIGKILL, which it cannot forward): the
-    worker drains rather than learn on unsupervised, holding its partitions and the checkpoint directory's lock
-    that the supervisor's restart of the launcher needs."""
-    parent = os.getppid()
+def _exit_when_orphaned(torchrun: int, interval_s: float = 1.0) -> None:
+    """Exit (code 1) once the ``torchrun`` that started this worker is gone. torch starts its workers in sessions
+    of their own and signals none when it dies, and a worker learning on unsupervised would hold its partitions.
+    The group's other workers then fail their next collective; their ``torchrun`` restarts them and waits for
+    this machine's to rejoin (its supervisor restarts it), and the group resumes from the checkpoint. (The
+    workers of ``serve --workers`` get SIGINT from torch when their launcher dies, and drain.)"""
 
     def watch() -> None:
-        while not stop.wait(interval_s):
-            if os.getppid() != parent:
-                log.error("the launcher (pid %d) is gone: draining", parent)
-                stop.set()
+        while os.getppid() == torchrun:
+            time.sleep(interval_s)
+        log.error("torchrun (pid %d) is gone: exiting, for the group to restart without this process", torchrun)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
 
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    threading.Thread(target=watch, name="torchrun-watch", daemon=True).start()
 
 
 def _store(rank: int, world_size: int) -> object:

@@ -79,5 +79,5 @@ def _scale_out(cfg: Config, args: argparse.Namespace) -> tuple[Summary | None, b
         return launch(cfg, level, args.log_format)
     if cfg.service.workers > 1:
         raise ConfigError("--workers starts local workers; under torchrun, give it --nproc-per-node instead")
-    summary, received = run_worker(cfg)
+    summary, received = run_worker(cfg, torchrun=os.getppid())
     return (summary if int(os.environ["RANK"]) == 0 else None), received

@@ -110,3 +110,18 @@ def test_an_idle_turn_after_a_step_without_an_average_averages_and_writes_the_du
     checkpointer.tick(state, Summary())  # the next quiet turn: averaged already, nothing more to gather
     assert group.settled == 1 and group.gathers == 2
     checkpointer.inner.finish(state, Summary())
+
+
+def test_a_quiet_turn_before_anything_is_learned_writes_no_checkpoint(tmp_path: Path) -> None:
+    """A restored group averages on its first quiet turn (its workers have not averaged yet): nothing was learned,
+    so no copy of the restored checkpoint is written and nothing counts as unsaved."""
+    store = CheckpointStore(tmp_path, layout=None)
+    group = _Gathered([([], []), ([], [])])
+    group.sync, group.averaged = "average", False
+    checkpointer = GroupCheckpointer(group, Checkpointer(store, identity={}, every_seconds=0.01))
+    state = RunState(_Learner(), (2,), np.dtype(np.float32))
+    time.sleep(0.01)  # a checkpoint due by time, were anything unsaved
+    checkpointer.tick(state, Summary())
+    assert group.settled == 1 and group.gathers == 1
+    assert _written(store, 0.3) == [] and checkpointer.inner.unsaved_seconds() == 0.0
+    checkpointer.inner.finish(state, Summary())

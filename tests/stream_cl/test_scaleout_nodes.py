@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.procs import free_port, wait_tcp
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_scaleout import learned_ids, shared_buffer
@@ -59,91 +61,63 @@ def wait_for(check: Callable[[], bool], logs: list[Path], timeout_s: float = 180
         time.sleep(0.05)
 
 
-def test_a_machine_whose_agent_is_killed_and_restarted_rejoins_the_group_and_nothing_is_skipped_or_counted_twice(
-    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
+WORKER = re.compile(r"worker (\d) of 2 \(gloo\), [^,]+, pid (\d+)")
+
+
+@pytest.mark.parametrize("killed", ["machine", "torchrun"])
+def test_a_machine_whose_torchrun_is_killed_and_restarted_rejoins_the_group_and_nothing_is_skipped_or_counted_twice(
+    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path, killed: str
 ) -> None:
+    """``machine``: its torchrun and worker die. ``torchrun``: only torchrun dies (the OOM killer, a supervisor
+    that signals one process): torch starts workers in sessions of their own and signals none, so the worker
+    must notice and exit by itself, else it would learn on unsupervised, holding its partitions."""
     topic = make_topic(4)
     where = produce(kafka_bootstrap, topic, 4000)
-    stack = ExitStack()
-    port = stack.enter_context(rendezvous_store())
     args = ("--until-idle", 6, "--kafka-session-timeout-ms", 6000, *shared_buffer(redis_server, f"nodes-{topic}"))
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    agents = [agent(port, kafka_bootstrap, topic, tmp_path, log, *args) for log in logs]
-    try:
-        files = [tmp_path / f"group.{rank}.jsonl" for rank in (0, 1)]
-        wait_for(lambda: all(f.exists() and f.read_bytes().count(b"\n") >= 300 for f in files), logs)
-        # The machine without rank 0: its restarted torchrun counts its restarts from 0, the other one's from 1.
-        rank1, worker = next(
-            (i, int(found.group(1)))
-            for i, log in enumerate(logs)
-            if (found := re.search(r"worker 1 of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text()))
-        )
-        os.killpg(agents[rank1].pid, signal.SIGKILL)  # the machine is gone: its agent and its worker
-        os.kill(worker, signal.SIGKILL)  # (torch starts workers in sessions of their own)
-        agents[rank1].wait()
-        survivor = logs[1 - rank1]
-        wait_for(lambda: "failed (exitcode" in survivor.read_text(), logs)  # its worker failed with the peer
-        time.sleep(1)  # its agent counts a restart and waits for the other machine (a supervisor restarts it)
-        logs.append(tmp_path / "restarted.log")
-        agents[rank1] = agent(port, kafka_bootstrap, topic, tmp_path, logs[-1], *args)
-        for proc in agents:
-            assert proc.wait(240) == 0, "\n\n".join(f"{log.name}:\n{log.read_text()[-3000:]}" for log in logs)
-    finally:
-        for proc in agents:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for log in logs:  # workers left running by a failed test (in sessions of their own)
-            for pid in re.findall(r"worker \d of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text()):
-                with suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        stack.close()
+    with ExitStack() as stack:
+        port = stack.enter_context(rendezvous_store())
+        agents = [agent(port, kafka_bootstrap, topic, tmp_path, log, *args) for log in logs]
+        try:
+            files = [tmp_path / f"group.{rank}.jsonl" for rank in (0, 1)]
+            wait_for(lambda: all(f.exists() and f.read_bytes().count(b"\n") >= 300 for f in files), logs)
+            # The machine without rank 0: its restarted torchrun counts its restarts from 0, the other one's from 1.
+            rank1, worker = next(
+                (i, int(m[1])) for i, log in enumerate(logs) for m in WORKER.findall(log.read_text()) if m[0] == "1"
+            )
+            torchrun = agents[rank1].pid
+            if killed == "machine":
+                os.killpg(agents[rank1].pid, signal.SIGKILL)
+                os.kill(worker, signal.SIGKILL)
+            else:
+                os.kill(agents[rank1].pid, signal.SIGKILL)
+            agents[rank1].wait()
+            wait_for(lambda: not running(worker), logs, timeout_s=15)
+            survivor = logs[1 - rank1]
+            wait_for(lambda: "failed (exitcode" in survivor.read_text(), logs)  # its worker failed with the peer
+            time.sleep(1)  # its agent counts a restart and waits for the other machine (a supervisor restarts it)
+            logs.append(tmp_path / "restarted.log")
+            agents[rank1] = agent(port, kafka_bootstrap, topic, tmp_path, logs[-1], *args)
+            for proc in agents:
+                assert proc.wait(240) == 0, "\n\n".join(f"{log.name}:\n{log.read_text()[-3000:]}" for log in logs)
+        finally:
+            for proc in agents:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            for log in logs:  # workers left running by a failed test (in sessions of their own)
+                for _, pid in WORKER.findall(log.read_text()):
+                    with suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
 
+    if killed == "torchrun":
+        assert f"torchrun (pid {torchrun}) is gone: exiting" in logs[rank1].read_text()
     summary = json.loads((tmp_path / "group.json").read_text())
     assert summary["world_size"] == 2
     assert summary["learned_total"] == len(where)  # resumed every partition at the checkpoint
     assert_accounted(summary, len(where) + BAD)
     assert set(learned_ids(tmp_path, "group", 2)) == set(where)  # relearned at most since the last checkpoint
     assert summary["workers"][0]["model_sha256"] == summary["workers"][1]["model_sha256"]
-
-
-def test_a_worker_whose_torchrun_is_killed_stops_the_group_instead_of_learning_on_unsupervised(
-    kafka_bootstrap: str, make_topic: Callable[..., str], redis_server: RedisServer, tmp_path: Path
-) -> None:
-    """torch starts workers in sessions of their own and does not stop them when their torchrun dies: the worker
-    notices and drains (the group with it), rather than hold its partitions with nobody to restart it."""
-    topic = make_topic(4)
-    where = produce(kafka_bootstrap, topic, 30000)
-    args = ("--until-idle", 6, "--kafka-session-timeout-ms", 6000, *shared_buffer(redis_server, f"orphan-{topic}"))
-    logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    with ExitStack() as stack:
-        port = stack.enter_context(rendezvous_store())
-        agents = [agent(port, kafka_bootstrap, topic, tmp_path, log, *args) for log in logs]
-        workers = []
-        try:
-            files = [tmp_path / f"group.{rank}.jsonl" for rank in (0, 1)]
-            wait_for(lambda: all(f.exists() and f.read_bytes().count(b"\n") >= 300 for f in files), logs)
-            workers = [
-                int(p)
-                for log in logs
-                for p in re.findall(r"worker \d of 2 \(gloo\), [^,]+, pid (\d+)", log.read_text())
-            ]
-            os.kill(agents[1].pid, signal.SIGKILL)  # the torchrun alone: its worker lives on
-            agents[1].wait()
-            # (the other torchrun then waits out torch's exit barrier for the dead one: not the workers' concern)
-            wait_for(lambda: not any(running(pid) for pid in workers), logs, timeout_s=30)
-        finally:
-            for pid in workers:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            for proc in agents:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-    assert "is gone: draining" in logs[1].read_text()
-    summary = json.loads((tmp_path / "group.json").read_text())
-    assert 0 < summary["learned_total"] < len(where)  # stopped early, by the drain
-    assert_accounted(summary, summary["consumed_total"])
 
 
 def running(pid: int) -> bool:
