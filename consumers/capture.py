@@ -30,6 +30,9 @@ def record_topic(
 ) -> int:
     """Copy ``topic`` into ``path`` byte for byte (keys, values, headers, timestamps, partitions, offsets).
 
+    A null value (a tombstone) or header value is written as empty bytes, as a run reads it live (see
+    :func:`~consumers.kafka.message_from_record`), so a recording learns as the topic does; a null key stays null.
+
     Reads without a consumer group (nothing is committed). Stops once no message arrived for
     ``until_idle_s`` seconds and every partition is read to its end offset; ``None`` records until interrupted
     (Ctrl-C, or ``stop`` set, e.g. by a SIGTERM handler, still closes the file cleanly).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -57,6 +59,22 @@ class PrequentialAccuracy:
     def levels(self) -> list[int]:
         return sorted(self._recent)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Each level's windowed verdicts, oldest first, as tensors (a checkpoint holding them loads with
+        ``torch.load(weights_only=True)``), so a restart goes on with the windows it stopped with. The
+        cumulative counts are not in it: they describe one run."""
+        import torch  # here: the accuracy itself is numpy; only its checkpoint state is tensors
+
+        return {"levels": [[level, torch.from_numpy(self._recent[level].ordered())] for level in self.levels]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Windows from :meth:`state_dict`, of this or any other window size (the newest verdicts are kept)."""
+        windows = {}
+        for level, verdicts in state["levels"]:
+            windows[int(level)] = window = _Window(self.window)
+            window.extend(np.asarray(verdicts, dtype=bool))
+        self._recent = windows
+
 
 class _Window:
     """The last ``capacity`` verdicts in a ring, with their running hit count (O(batch) per update)."""
@@ -75,3 +93,9 @@ class _Window:
         self.hits += int(np.count_nonzero(values))
         self.head = end % len(self.ring)
         self.size = min(len(self.ring), self.size + len(values))
+
+    def ordered(self) -> np.ndarray:
+        """The verdicts held, oldest first."""
+        if self.size < len(self.ring):
+            return self.ring[: self.size].copy()
+        return np.roll(self.ring, -self.head)

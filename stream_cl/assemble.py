@@ -33,6 +33,7 @@ from monitoring.drift import DriftMonitor, parse_drift
 from monitoring.exporter import Check, Exporter
 from monitoring.labeljoin import JoinMetrics
 from monitoring.metrics import Metrics
+from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner, model_input_shape
 from stream_cl.checkpoint import CheckpointStore
@@ -97,9 +98,10 @@ def assemble(
         check_group(cfg, group.world_size)
         make_learner = group.wrap(make_learner)
     probe = ProbeSet(fraction=cfg.run.probe_fraction, seed=cfg.learner.seed)
+    accuracy = PrequentialAccuracy()
     try:
         state, restored, checkpointer = _restore(
-            cfg, make_learner, probe, metrics, writer=group is None or group.rank == 0
+            cfg, make_learner, probe, accuracy, metrics, writer=group is None or group.rank == 0
         )
     except Exception as err:
         if group is not None:  # the peers wait in check_restored: they fail with this reason, not a timeout
@@ -113,7 +115,7 @@ def assemble(
         if checkpointer is not None:  # first in, last out: the lock covers the final checkpoint
             stack.callback(checkpointer.store.close)
         source: Source | None = None
-        parts = RunParts(probe=probe, checkpointer=checkpointer, lockstep=group)
+        parts = RunParts(probe=probe, accuracy=accuracy, checkpointer=checkpointer, lockstep=group)
         if group is not None and checkpointer is not None:
             parts.checkpointer = GroupCheckpointer(group, checkpointer)
 
@@ -289,14 +291,21 @@ def identity(cfg: Config) -> dict[str, object]:
 
 
 def _restore(
-    cfg: Config, make_learner: LearnerFactory, probe: ProbeSet, metrics: Metrics, *, writer: bool
+    cfg: Config,
+    make_learner: LearnerFactory,
+    probe: ProbeSet,
+    accuracy: PrequentialAccuracy,
+    metrics: Metrics,
+    *,
+    writer: bool,
 ) -> tuple[RunState, Restored | None, Checkpointer | None]:
-    """The restored state; ``writer`` is False for the workers of a group that only read checkpoints."""
+    """The restored state; ``writer`` is False for the workers of a group that only read checkpoints. Those
+    start with empty online accuracy windows: the checkpoint's are rank 0's, of another part of the stream."""
     if cfg.checkpoint.dir is None:
         return RunState(), None, None
     store = CheckpointStore(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, sweep=writer)
     try:
-        state, restored = restore(store, make_learner, identity(cfg), probe)
+        state, restored = restore(store, make_learner, identity(cfg), probe, accuracy if writer else None)
     except UnsupportedInput as err:  # --max-parameters was lowered below the checkpoint's model
         store.close()
         raise ConfigError(
@@ -313,6 +322,7 @@ def _restore(
         restored=restored,
         metrics=metrics,
         probe=probe,
+        accuracy=accuracy,
     )
     return state, restored, checkpointer
 

@@ -22,6 +22,7 @@ import torch
 
 from consumers.source import NextOffsets, Offsets
 from monitoring.metrics import Metrics
+from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeSet
 from stream_cl.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 from stream_cl.errors import ConfigError
@@ -82,6 +83,9 @@ class Checkpointer:
         Receives ``streamcl_checkpoint_age_seconds``.
     probe
         The run's probe set, checkpointed too, so accuracy and forgetting continue across restarts.
+    accuracy
+        The run's prequential accuracy, whose windows are checkpointed too, so the online accuracy gauges
+        go on after a restart as if it had not happened.
     pending
         The delayed-label stores (``state_dict``; ``saved`` once a checkpoint holding it is written),
         checkpointed with the learner and both topics' offsets, so a restart neither loses a waiting
@@ -103,6 +107,7 @@ class Checkpointer:
         restored: Restored | None = None,
         metrics: Metrics | None = None,
         probe: ProbeSet | None = None,
+        accuracy: PrequentialAccuracy | None = None,
         pending: Any = None,
     ) -> None:
         if every_records is not None and every_records <= 0:
@@ -111,6 +116,7 @@ class Checkpointer:
             raise ValueError(f"every_seconds must be > 0, got {every_seconds}")
         self.store = store
         self.probe = probe
+        self.accuracy = accuracy
         self.pending = pending
         self.identity = dict(identity)
         self.every_records = every_records
@@ -194,6 +200,7 @@ class Checkpointer:
             "totals": totals,
             "learner": _snapshot(state.learner.state_dict()),
             "probe": None if self.probe is None else _snapshot(self.probe.state_dict()),
+            "accuracy": None if self.accuracy is None else _snapshot(self.accuracy.state_dict()),
             "pending": None if self.pending is None else _snapshot(self.pending.state_dict()),
         }
         future = self._pool.submit(self._write, payload)
@@ -257,10 +264,12 @@ def restore(
     make_learner: LearnerFactory,
     identity: Mapping[str, Any],
     probe: ProbeSet | None = None,
+    accuracy: PrequentialAccuracy | None = None,
 ) -> tuple[RunState, Restored | None]:
     """A run state rebuilt from the newest valid checkpoint (an empty one if the directory holds none);
-    ``probe`` gets the checkpoint's probe set back. The configured optimizer hyper-parameters (``--hparam
-    lr=...``) replace the checkpoint's, except a learning rate the method schedules itself.
+    ``probe`` gets the checkpoint's probe set back, ``accuracy`` its online accuracy windows. The configured
+    optimizer hyper-parameters (``--hparam lr=...``) replace the checkpoint's, except a learning rate the
+    method schedules itself.
 
     Raises
     ------
@@ -293,6 +302,8 @@ def restore(
         learner.load_state_dict(payload["learner"])
         if probe is not None and payload.get("probe") is not None:
             probe.load_state_dict(payload["probe"])
+        if accuracy is not None and payload.get("accuracy") is not None:  # older checkpoints have none
+            accuracy.load_state_dict(payload["accuracy"])
     except torch.cuda.OutOfMemoryError:
         raise  # a GPU shared for a moment, not a checkpoint to give up: retriable
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:

@@ -115,6 +115,7 @@ class RunParts:
     """The collaborators of a run besides its source, learner and metrics; each optional one may be None."""
 
     probe: ProbeSet = field(default_factory=lambda: ProbeSet(fraction=0.0))
+    accuracy: PrequentialAccuracy | None = None  # None: a new one over RunOptions.online_window
     dead_letters: DeadLetterSink = field(default_factory=CountOnly)
     drift: DriftMonitor | None = None
     checkpointer: Checkpointer | None = None
@@ -203,7 +204,7 @@ class _Run:
         self.source, self.make_learner, self.metrics = source, make_learner, metrics
         self.options, self.parts, self.state = options, parts, state
         self.summary = Summary()
-        self.accuracy = PrequentialAccuracy(options.online_window)
+        self.accuracy = parts.accuracy or PrequentialAccuracy(options.online_window)
         label_sinks = [parts.labels.dead_letters] if parts.labels is not None else []
         label_sources = [parts.labels.source] if parts.labels is not None else []
         self.publisher = Publisher(metrics, [parts.dead_letters, *label_sinks], parts.heartbeat, label_sources)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.recorded import RecordedSource
 from monitoring.metrics import Metrics
+from monitoring.prequential import PrequentialAccuracy
 from monitoring.probe import ProbeSet
 from stream_cl.build import build_learner
 from stream_cl.checkpoint import CheckpointError, CheckpointStore
@@ -76,11 +77,14 @@ def test_stale_temp_files_are_removed_and_never_listed(tmp_path: Path) -> None:
     assert store.latest() is None
 
 
-def _learn(path: Path, store: CheckpointStore, max_records: int | None) -> tuple[object, object]:
+def _learn(path: Path, store: CheckpointStore, max_records: int | None) -> tuple[object, object, PrequentialAccuracy]:
     make = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=3, buffer_size=50, width=32)
     probe = ProbeSet(fraction=0.1, seed=3)
-    state, restored = restore(store, make, IDENTITY, probe)
-    checkpointer = Checkpointer(store, identity=IDENTITY, every_records=70, restored=restored, probe=probe)
+    accuracy = PrequentialAccuracy()  # its window, 1,000, holds the whole stream's verdicts
+    state, restored = restore(store, make, IDENTITY, probe, accuracy)
+    checkpointer = Checkpointer(
+        store, identity=IDENTITY, every_records=70, restored=restored, probe=probe, accuracy=accuracy
+    )
     offsets = restored.offsets if restored else {}
     with RecordedSource(path, start_offsets=offsets) as source:
         summary, state = run_stream(
@@ -88,26 +92,30 @@ def _learn(path: Path, store: CheckpointStore, max_records: int | None) -> tuple
             make,
             Metrics(CollectorRegistry()),
             RunOptions(batch_size=10, max_records=max_records, progress=False),
-            RunParts(probe, checkpointer=checkpointer),
+            RunParts(probe, accuracy=accuracy, checkpointer=checkpointer),
             state=state,
         )
-    return summary, state
+    return summary, state, accuracy
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
-    """Stop twice mid-stream, resume from the checkpoints: same model, learned total, probe results, bit for bit."""
+    """Stop twice mid-stream, resume from the checkpoints: same model, learned total, probe results and online
+    accuracy windows, bit for bit."""
     path = write_stream(tmp_path / "s.rec.gz", n_classes=4, per_class=60)
-    whole, whole_state = _learn(path, CheckpointStore(tmp_path / "a"), None)
+    whole, whole_state, whole_accuracy = _learn(path, CheckpointStore(tmp_path / "a"), None)
     store = CheckpointStore(tmp_path / "b")
-    first, _ = _learn(path, store, 90)
-    second, _ = _learn(path, store, 50)
-    rest, state = _learn(path, store, None)
+    first, _, _ = _learn(path, store, 90)
+    second, _, _ = _learn(path, store, 50)
+    rest, state, accuracy = _learn(path, store, None)
     assert rest.learned_total == whole.learned_total == whole.learned
     assert first.learned + second.learned + rest.learned == whole.learned
     assert first.held_out + second.held_out + rest.held_out == whole.held_out > 0
     assert (rest.final_accuracy, rest.forgetting) == (whole.final_accuracy, whole.forgetting)
     for name, tensor in whole_state.learner.model.state_dict().items():
         assert torch.equal(tensor, state.learner.model.state_dict()[name]), name
+    assert accuracy.levels == whole_accuracy.levels == [0]
+    assert accuracy.windowed(0) == whole_accuracy.windowed(0)  # the gauge goes on as if never stopped
+    assert torch.equal(accuracy.state_dict()["levels"][0][1], whole_accuracy.state_dict()["levels"][0][1])
     _, payload = store.latest()
     assert payload["offsets"] == [["test", 0, 240]] and payload["learned_total"] == whole.learned
 

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.record import Record
 from monitoring.metrics import Metrics
+from stream_cl.checkpoint import CheckpointStore
 from stream_cl.cli import main
 from stream_cl.overload import OverloadPolicy
 from stream_cl.service import DRAIN_EXIT_CODE, stop_on_signals
@@ -56,6 +57,9 @@ def test_truncated_newest_checkpoint_falls_back_and_nothing_is_skipped_or_relear
     again = predictions(second)
     assert [p["offset"] for p in again] == list(range(200, N))  # resumed at checkpoint 2's offset, in order
     assert json.loads((tmp_path / "s.json").read_text())["learned_total"] == N
+    # the online accuracy window (1,000) went on from checkpoint 2's: it holds a verdict for every record
+    [[level, verdicts]] = CheckpointStore(ckpt).latest()[1]["accuracy"]["levels"]
+    assert level == 0 and len(verdicts) == N
     assert {p["model_version"] for p in again} >= {2}
     assert set(again[0]) == {"id", "predicted", "confidence", "model_version", "latency_ms", "learned"} | {
         "topic",
