@@ -502,6 +502,8 @@ def _json_header(raw: bytes | None, name: str, depth: int = _HEADER_DEPTH, limit
 
 def _json_body(value: bytes) -> tuple[dict, bool]:
     """The parsed JSON object, and whether any ``true``/``false`` literal occurs in it."""
+    if not value:  # JSON's own message ("Expecting value") would read like a producer's bug
+        raise BadRecord("bad_json", "empty value (a tombstone, or a message without a value)")
     try:
         text = value.decode()
     except UnicodeDecodeError as err:

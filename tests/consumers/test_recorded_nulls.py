@@ -48,3 +48,4 @@ def test_a_recording_of_tombstones_and_null_keys_and_headers_replays_as_the_live
     assert tombstone.value == b"" == empty.value  # as the live source reads a tombstone (message_from_record)
     assert dict(null_key.headers)["note"] == b"" == dict(null_key.headers)["empty"]
     assert [e.reason for e in live[:3]] == ["bad_json", "bad_json", "missing_field"] and live[3].id == "good-0"
+    assert live[0].detail == live[1].detail == "empty value (a tombstone, or a message without a value)"

@@ -46,6 +46,16 @@ def test_each_bad_kind_gets_its_reason(reason: str, message: Message) -> None:
     assert dead.message is message  # the original bytes travel on untouched
 
 
+def test_an_empty_value_says_so_for_features_and_labels() -> None:
+    """A tombstone (read as an empty value) is named as such, not as JSON's "Expecting value"."""
+    from consumers.label_wire import decode_label
+
+    message = Message(Position("t", 0, 4), 1.0, b"k", b"", ())
+    for dead in (decode(message), decode_label(message)):
+        assert isinstance(dead, DeadLetter) and dead.reason == "bad_json"
+        assert dead.detail == "empty value (a tombstone, or a message without a value)"
+
+
 def test_every_reason_is_reachable() -> None:
     assert set(bad_messages()) == set(REASONS) - {"internal"}
 
