@@ -170,15 +170,18 @@ def _footprint(record: Record) -> tuple[int | None, int, int]:
     message = record.message
     if message.position.count == 1:
         return None, 0, held_bytes(record)
-    shared = message_bytes(message)
+    shared, own = message_bytes(message), 0
     root = record.x
     while isinstance(root.base, np.ndarray):
         root = root.base
-    if root.base is message.value:  # binary: a view on the message's bytes
-        return id(message.value), shared, 0
-    if root is not record.x:  # JSON: a view on the message's decoded array
-        return id(message.value), shared + root.nbytes, 0
-    return id(message.value), shared, record.x.nbytes
+    if root.base is not message.value:  # not binary, whose array is a view on the message's bytes
+        if root is not record.x:  # JSON: a view on the message's decoded array
+            shared += root.nbytes
+        else:
+            own = record.x.nbytes
+    if len(message.value) <= 1:  # a restored sample's own byte: CPython shares one-byte objects among messages
+        return None, 0, shared + own
+    return id(message.value), shared, own
 
 
 @dataclass(slots=True)
@@ -351,7 +354,8 @@ class MemoryPending:
         self.label_time = restored_clock(float(state["label_time"]), limit)
         for entry in state["pending"]:
             message = message_from_state(entry["message"])
-            record = Record(entry["id"], entry["x"].numpy(), None, message.position, message.timestamp, message)
+            x = _on_value(entry["x"].numpy(), message.value)
+            record = Record(entry["id"], x, None, message.position, message.timestamp, message)
             at = expires_from(record.timestamp, self.feature_time, self.label_time, now, limit)
             self._add_pending(record, entry["predicted"].numpy(), at)
         for entry in state["waiting"]:
@@ -404,6 +408,14 @@ def message_from_state(state: dict[str, Any]) -> Message:
     headers = tuple((name, value.numpy().tobytes()) for name, value in state["headers"])
     position = Position(stream, int(partition), int(offset), *map(int, sample))
     return Message(position, float(state["timestamp"]), key, state["value"].numpy().tobytes(), headers)
+
+
+def _on_value(x: np.ndarray, value: bytes) -> np.ndarray:
+    """A restored sample's array as a view on its message's value where those are its bytes (the binary encoding),
+    as decoding made it: the sample then holds them once, as it did before the checkpoint."""
+    if x.nbytes == len(value) and x.tobytes() == value:
+        return np.frombuffer(value, dtype=x.dtype).reshape(x.shape)
+    return x
 
 
 def _tensor(data: bytes) -> torch.Tensor:

@@ -42,6 +42,13 @@ operation number, and the script stores its reply, so a retry of a call that did
 lost) returns that reply instead of running twice.
 A Redis that comes back without the state it had (restarted without persistence) is an error, not
 an empty store.
+
+**Memory.** ``max_pending`` bounds the entries of each kind by count, not by bytes. A label entry holds a
+message of at most :data:`~consumers.label_wire.MAX_LABEL_MESSAGE_BYTES`, but a sample entry holds its
+array and its message, whose value the source bounds (8 MiB by default) and whose key and headers only the
+broker does; the journal also holds what changed since the previous checkpoint. Redis's ``maxmemory`` is
+thus the byte bound: once reached (``noeviction``) writes are refused and consuming waits, as in an outage,
+until memory is freed (nothing leaves the store meanwhile).
 """
 
 from __future__ import annotations

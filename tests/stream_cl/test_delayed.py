@@ -18,8 +18,8 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from consumers.label_wire import LabelRecord, decode_label, encode_label
-from consumers.record import DeadLetter, Message, Poll, Position, Record, held_bytes
-from consumers.wire import decode_samples, encode_batch_binary, encode_batch_json
+from consumers.record import DeadLetter, Message, Poll, Position, Record, held_bytes, message_bytes
+from consumers.wire import decode, decode_samples, encode_batch_binary, encode_batch_json, encode_binary, encode_json
 from monitoring.labeljoin import JoinMetrics
 from stream_cl.config import load
 from stream_cl.delayed import DelayedLabels
@@ -217,6 +217,61 @@ def _saved(state: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
+
+
+def restored(store: MemoryPending) -> MemoryPending:
+    """A memory store with ``store``'s bounds, restored from a checkpoint of it."""
+    again = MemoryPending(ttl_s=store.ttl_s, max_pending=store.max_pending, max_bytes=store.max_bytes)
+    again.restore(torch.load(io.BytesIO(_saved(store.state_dict())), weights_only=True))
+    return again
+
+
+def on_its_message(record: Record) -> bool:
+    """Whether a record's array is a view on its message's bytes (so it holds them once)."""
+    return np.shares_memory(record.x, np.frombuffer(record.message.value, np.uint8))
+
+
+@pytest.mark.parametrize("encode", [encode_binary, encode_json])
+def test_a_restored_sample_of_a_message_of_one_holds_and_counts_what_it_did_before_the_checkpoint(
+    encode: Callable,
+) -> None:
+    """A binary sample's array is a view on its message's bytes; restored, it is again (not a copy next to them), so a
+    store near its byte bound before a restart gives up nothing on the next arrival after it."""
+    samples = []
+    for n in range(3):
+        value, headers = encode(f"s{n}", np.full(MIB // 4, n, np.float32), None)
+        samples.append(decode(Message(Position("features", 0, n), float(n), None, value, tuple(headers)), 16 * MIB))
+    store = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=4 * held_bytes(samples[0]))
+    store.arrive(samples, classes(3))
+    again = restored(store)
+    assert again.pending_bytes == store.pending_bytes == sum(map(held_bytes, samples))
+    assert [on_its_message(p.record) for p in again.pending.values()] == [encode is encode_binary] * 3
+    assert not again.arrive([feature("d", 3)], classes(1)).expired and len(again.pending) == 4
+
+
+@pytest.mark.parametrize("encode", [encode_batch_binary, encode_batch_json])
+def test_a_restored_sample_of_a_message_of_several_holds_and_counts_its_own_part(encode: Callable) -> None:
+    """A checkpoint keeps a waiting sample's own part of its message: restored, the sample holds that part (a binary
+    sample's array a view on it, as decoding made it) and counts exactly what it holds."""
+    store = MemoryPending(ttl_s=1e9, max_pending=1000, max_bytes=64 * MIB)
+    store.arrive(large_message_samples(0, encode)[:2], classes(2))
+    records = [p.record for p in restored(store).pending.values()]
+    assert [on_its_message(r) for r in records] == [encode is encode_batch_binary] * 2
+    held = sum(message_bytes(r.message) + (0 if on_its_message(r) else r.x.nbytes) for r in records)
+    assert restored(store).pending_bytes == held < store.pending_bytes
+
+
+def test_restored_samples_of_one_byte_count_their_own_messages() -> None:
+    """Two messages of several one-byte samples, one sample of each waiting: restored, each sample's own part is a
+    one-byte value, an object CPython shares, yet each counts its own message (its headers differ)."""
+    samples = []
+    for n in range(2):
+        value, headers = encode_batch_binary(["a", "b" * (n + 1)], np.full((2, 1), 7, np.uint8), [None] * 2)
+        samples.append(decode_samples(Message(Position("features", 0, n), float(n), None, value, tuple(headers)))[1])
+    store = MemoryPending(ttl_s=1e9, max_pending=100, max_bytes=MIB)
+    store.arrive(samples, classes(2))
+    again = restored(store)
+    assert again.pending_bytes == sum(message_bytes(p.record.message) for p in again.pending.values())
 
 
 def test_the_stores_survive_a_checkpoint_round_trip_byte_for_byte(make_store: MakeStore) -> None:
