@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from consumers.record import DeadLetter, Message, Position, Record, label_path
+from consumers.record import DeadLetter, Message, Position, Record, label_path, message_bytes
 
 WIRE_VERSION = 1
 BATCH_WIRE_VERSION = 2
@@ -40,6 +40,9 @@ JSON_TYPE = b"application/json"
 BINARY_TYPE = b"application/x-streamcl-tensor"
 DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
+"""Most bytes a message's key and headers may hold together (the value has its own ``max_bytes``): a sample
+waiting for its label keeps them, so a producer's extra headers must not be able to exhaust memory."""
 MAX_DIMS = 4
 """Most dimensions a shape may have."""
 MAX_JSON_DEPTH = 1 + MAX_DIMS
@@ -196,6 +199,9 @@ def decode_samples(message: Message, max_bytes: int = MAX_PAYLOAD_BYTES) -> list
 def _decode(message: Message, max_bytes: int) -> list[Record | DeadLetter]:
     if len(message.value) > max_bytes:
         raise BadRecord("oversized", f"{len(message.value)} bytes > {max_bytes}")
+    envelope = message_bytes(message) - len(message.value)
+    if envelope > MAX_ENVELOPE_BYTES:
+        raise BadRecord("oversized", f"key and headers of {envelope} bytes > {MAX_ENVELOPE_BYTES}")
     headers = dict(message.headers)
     content_type = headers.get("content-type", JSON_TYPE)
     if content_type == BINARY_TYPE:

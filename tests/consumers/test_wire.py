@@ -8,6 +8,7 @@ import pytest
 from consumers.record import DeadLetter, Message, Position, Record
 from consumers.wire import (
     BINARY_TYPE,
+    MAX_ENVELOPE_BYTES,
     MAX_LABEL_CHARS,
     MAX_LABEL_DEPTH,
     REASONS,
@@ -54,6 +55,19 @@ def test_an_empty_value_says_so_for_features_and_labels() -> None:
     for dead in (decode(message), decode_label(message)):
         assert isinstance(dead, DeadLetter) and dead.reason == "bad_json"
         assert dead.detail == "empty value (a tombstone, or a message without a value)"
+
+
+@pytest.mark.parametrize("encode", [encode_json, encode_binary])
+def test_key_and_headers_beyond_their_bound_are_oversized(encode) -> None:
+    """A small value with megabytes of extra headers or key: a waiting sample would keep them all."""
+    value, headers = encode("s-1", np.ones(4, np.float32), "cat")
+    half = MAX_ENVELOPE_BYTES // 2
+    fits = Message(Position("t", 0, 1), 1.0, b"k" * half, value, (*headers, ("extra", b"h" * (half - 1000))))
+    assert isinstance(decode(fits), Record)
+    for key, extra in ((b"k" * half, b"h" * half), (b"k" * (MAX_ENVELOPE_BYTES + 1), b"")):
+        dead = decode(Message(Position("t", 0, 2), 1.0, key, value, (*headers, ("extra", extra))))
+        assert isinstance(dead, DeadLetter) and dead.reason == "oversized"
+        assert dead.detail.startswith("key and headers of") and dead.detail.endswith(f"> {MAX_ENVELOPE_BYTES}")
 
 
 def test_every_reason_is_reachable() -> None:
