@@ -376,7 +376,7 @@ def _apply_optimizer_settings(learner: Any, configured: Mapping[str, Any], check
     """
     if not configured:
         return
-    scheduled = getattr(learner, "lr_decay", 1.0) < 1.0 or getattr(learner, "lr_control", None) is not None
+    scheduled = getattr(learner, "schedules_lr", False)
     changed = {}
     for group in learner.optimizer.param_groups:
         for key, value in configured.items():

@@ -76,6 +76,9 @@ class Learner(Protocol):
     ``predict`` is pure and valid before the first ``observe``. ``state_dict`` holds everything
     needed to resume (model, optimizer, label tree, in-process buffer, RNG states), as tensors and
     plain containers only, so checkpoints load with ``torch.load(weights_only=True)``.
+
+    A learner whose optimizer has a learning rate may set ``schedules_lr`` True when it moves that rate as it
+    learns: a restart then keeps the checkpoint's rate instead of the configured one.
     """
 
     name: str

@@ -66,6 +66,7 @@ class ERHLE(LoopHooks):
         require_number("lr_decay", lr_decay, gt=0, le=1)
         self.model, self.buffer, self.labels = model, buffer, model.tree
         self.lr, self.lr_decay = lr, lr_decay
+        self.schedules_lr = lr_decay < 1.0  # a restart keeps the checkpoint's rate: it is where the decay stands
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.guard = StepGuard(model)
         self.loop = TemporaryBatchLoop(

@@ -155,6 +155,7 @@ class PLFMS(LoopHooks):
         schedule = OfficialAdaptiveLR if adaptive_lr_schedule == "official" else AdaptiveLR
         lr_knobs = {"step": lr_step, "period": lr_period, "length": lr_length, "warmup": lr_warmup}
         self.lr_control = schedule(lr, **lr_knobs, significance=significance) if adaptive_lr else None
+        self.schedules_lr = adaptive_lr  # a restart keeps the checkpoint's rate: it is where the schedule stands
         self.n = 0
         self.first_seen: dict[int, int] = {}
         self.iterations = 0
