@@ -321,15 +321,7 @@ class MemoryPending:
         return {
             "feature_time": self.feature_time,
             "label_time": self.label_time,
-            "pending": [
-                {
-                    "id": p.record.id,
-                    "x": torch.from_numpy(p.record.x.copy()),
-                    "predicted": torch.from_numpy(p.predicted.copy()),
-                    "message": message_state(p.record.message),
-                }
-                for p in self.pending.values()
-            ],
+            "pending": [_sample_state(p) for p in self.pending.values()],
             "waiting": [
                 {"id": w.label.id, "label": list(w.label.label), "message": message_state(w.label.message)}
                 for w in self.waiting.values()
@@ -354,7 +346,10 @@ class MemoryPending:
         self.label_time = restored_clock(float(state["label_time"]), limit)
         for entry in state["pending"]:
             message = message_from_state(entry["message"])
-            x = _on_value(entry["x"].numpy(), message.value)
+            if "x" in entry:  # an array of its own; in older checkpoints, a binary sample's too (see _on_value)
+                x = _on_value(entry["x"].numpy(), message.value)
+            else:
+                x = _from_layout(message.value, entry["dtype"], entry["shape"], entry["id"])
             record = Record(entry["id"], x, None, message.position, message.timestamp, message)
             at = expires_from(record.timestamp, self.feature_time, self.label_time, now, limit)
             self._add_pending(record, entry["predicted"].numpy(), at)
@@ -386,12 +381,33 @@ class MemoryPending:
             settled.unmatched.append(DeadLetter(oldest.message, UNMATCHED, no_features(oldest.id)))
 
 
-def message_state(message: Message) -> dict[str, Any]:
-    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them.
+def _sample_state(entry: _Pending) -> dict[str, Any]:
+    """A waiting sample as checkpoint data. Of a message of several it keeps only its own part (not the whole
+    message once per sample); an array that is that part's bytes (binary) only as its layout: those bytes once."""
+    record = entry.record
+    message = sample_message(record.message)
+    state = {"id": record.id, "predicted": torch.from_numpy(entry.predicted.copy()), "message": message_state(message)}
+    if _is_value(record.x, message.value):
+        state |= {"dtype": record.x.dtype.str, "shape": list(record.x.shape)}
+    else:
+        state["x"] = torch.from_numpy(record.x.copy())
+    return state
 
-    A sample of a message of several keeps only its own part (not the whole message once per sample).
-    """
-    message = sample_message(message)
+
+def _is_value(x: np.ndarray, value: bytes) -> bool:
+    """Whether an array's bytes are exactly ``value``. A contiguous view of its whole length on it holds them, known
+    without reading them (a binary sample of a message of one, as decoded or restored); others are compared (a binary
+    sample's part, cut from its message of several)."""
+    if x.nbytes != len(value) or not x.flags.c_contiguous:
+        return False
+    root = x
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root.base is value or x.tobytes() == value
+
+
+def message_state(message: Message) -> dict[str, Any]:
+    """A message as checkpoint data: its bytes kept exactly, so a later dead letter still carries them."""
     p = message.position
     return {
         "position": [p.stream, p.partition, p.offset, p.index, p.count],
@@ -416,6 +432,20 @@ def _on_value(x: np.ndarray, value: bytes) -> np.ndarray:
     if x.nbytes == len(value) and x.tobytes() == value:
         return np.frombuffer(value, dtype=x.dtype).reshape(x.shape)
     return x
+
+
+def _from_layout(value: bytes, dtype: Any, shape: Any, sample_id: str) -> np.ndarray:
+    """A restored sample's array saved as its layout alone: a view on its message's value, as decoding made it."""
+    try:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if nbytes != len(value):
+            raise ValueError(f"that is {nbytes} bytes")
+        return np.frombuffer(value, dtype).reshape(shape)
+    except (TypeError, ValueError) as err:
+        raise PendingStateError(
+            f"the checkpoint's pending sample {sample_id!r:.80} has an array of dtype {dtype!r:.40} and shape "
+            f"{shape!r:.80}, which does not fit its message's value of {len(value)} bytes ({err})"
+        ) from err
 
 
 def _tensor(data: bytes) -> torch.Tensor:

@@ -19,12 +19,20 @@ from prometheus_client import CollectorRegistry
 
 from consumers.label_wire import LabelRecord, decode_label, encode_label
 from consumers.record import DeadLetter, Message, Poll, Position, Record, held_bytes, message_bytes
-from consumers.wire import decode, decode_samples, encode_batch_binary, encode_batch_json, encode_binary, encode_json
+from consumers.wire import (
+    decode,
+    decode_samples,
+    encode_batch_binary,
+    encode_batch_json,
+    encode_binary,
+    encode_json,
+    sample_message,
+)
 from monitoring.labeljoin import JoinMetrics
 from stream_cl.config import load
 from stream_cl.delayed import DelayedLabels
 from stream_cl.errors import ConfigError
-from stream_cl.pending import EVICTED, UNMATCHED, MemoryPending, PendingStore
+from stream_cl.pending import EVICTED, UNMATCHED, MemoryPending, PendingStateError, PendingStore
 from stream_cl.pending_redis import RedisPending
 from tests.fixtures.redis import RedisServer
 
@@ -272,6 +280,119 @@ def test_restored_samples_of_one_byte_count_their_own_messages() -> None:
     store.arrive(samples, classes(2))
     again = restored(store)
     assert again.pending_bytes == sum(message_bytes(p.record.message) for p in again.pending.values())
+
+
+SINGLE = (encode_binary, encode_json)
+
+
+def decoded_samples(encode: Callable, ids: list[str], xs: np.ndarray, offset: int = 0) -> list[Record]:
+    """The samples ``xs``, each encoded as a message of its own (``SINGLE``) or all as one message, decoded."""
+    if encode in SINGLE:
+        encoded = [encode(sample_id, x, None) for sample_id, x in zip(ids, xs, strict=True)]
+    else:
+        encoded = [encode(ids, xs, [None] * len(ids))]
+    samples = []
+    for n, (value, headers) in enumerate(encoded):
+        message = Message(Position("features", 0, offset + n), 1.0, b"k", value, tuple(headers))
+        samples += decode_samples(message, 16 * MIB)
+    assert all(isinstance(s, Record) for s in samples)
+    return samples  # type: ignore[return-value]
+
+
+def waiting_samples(encode: Callable) -> list[Record]:
+    """Four samples of two layouts (float32 of shape [2, 3], uint8 of shape [5]): the first and last of three of
+    each, sent in messages of one or in one message."""
+    layouts = [np.arange(18, dtype=np.float32).reshape(3, 2, 3) / 7, np.arange(15, dtype=np.uint8).reshape(3, 5)]
+    return [
+        sample
+        for n, xs in enumerate(layouts)
+        for sample in decoded_samples(encode, [f"m{n}-{i}" for i in range(3)], xs, 10 * n)[::2]
+    ]
+
+
+def _round_trip(state: dict) -> MemoryPending:
+    again = MemoryPending(ttl_s=1e9, max_pending=100)
+    again.restore(torch.load(io.BytesIO(_saved(state)), weights_only=True))
+    return again
+
+
+@pytest.mark.parametrize("encode", [encode_binary, encode_batch_binary])
+def test_a_checkpoint_holds_the_bytes_of_a_waiting_binary_sample_once(encode: Callable) -> None:
+    """A binary sample's array is a view on its message's bytes: a checkpoint keeps those bytes, not also a copy of
+    the array (twice the disk, and twice the copying of each snapshot)."""
+    n, size = 32, 64 * 1024
+    xs = np.arange(n * size, dtype=np.uint8).reshape(n, size)
+    samples = decoded_samples(encode, [f"s{i}" for i in range(n)], xs)
+    store = MemoryPending(ttl_s=1e9, max_pending=n)
+    store.arrive(samples, classes(n))
+    state = store.state_dict()
+    assert len(_saved(state)) < 1.2 * n * size + 64 * 1024
+    again = _round_trip(state)
+    assert all(
+        np.array_equal(p.record.x, x) and on_its_message(p.record)
+        for p, x in zip(again.pending.values(), xs, strict=True)
+    )
+
+
+@pytest.mark.parametrize("encode", [encode_binary, encode_json, encode_batch_binary, encode_batch_json])
+def test_a_checkpoint_round_trip_restores_each_waiting_sample_exactly(encode: Callable) -> None:
+    """Ids, arrays (values, dtype, shape), predicted classes, messages byte for byte (a sample of a message of
+    several: its own part, see sample_message) and the bytes counted: with messages of one, those counted before."""
+    samples = waiting_samples(encode)
+    store = MemoryPending(ttl_s=1e9, max_pending=100)
+    store.arrive(samples, np.array([[3], [1], [4], [1]]))
+    again = _round_trip(store.state_dict())
+    assert again.pending_ids() == store.pending_ids() == [s.id for s in samples]
+    for live, back in zip(store.pending.values(), again.pending.values(), strict=True):
+        assert (back.record.x.dtype, back.record.x.shape) == (live.record.x.dtype, live.record.x.shape)
+        assert np.array_equal(back.record.x, live.record.x) and np.array_equal(back.predicted, live.predicted)
+        assert back.record.message == sample_message(live.record.message)
+    records = [p.record for p in again.pending.values()]
+    binary = encode in (encode_binary, encode_batch_binary)
+    assert [on_its_message(r) for r in records] == [binary] * 4
+    held = sum(message_bytes(r.message) + (0 if binary else r.x.nbytes) for r in records)
+    assert again.pending_bytes == held
+    if encode in SINGLE:
+        assert held == store.pending_bytes
+    assert _round_trip(again.state_dict()).pending_bytes == held
+
+
+def old_form(store: MemoryPending) -> dict:
+    """``store``'s checkpoint as written before a binary sample's array was saved as its layout: every array saved."""
+    state = store.state_dict()
+    for entry, waiting in zip(state["pending"], store.pending.values(), strict=True):
+        entry.pop("dtype", None)
+        entry.pop("shape", None)
+        entry["x"] = torch.from_numpy(waiting.record.x.copy())
+    return state
+
+
+@pytest.mark.parametrize("encode", [encode_binary, encode_batch_binary])
+def test_a_checkpoint_that_saved_binary_arrays_restores_as_before(encode: Callable) -> None:
+    store = MemoryPending(ttl_s=1e9, max_pending=100)
+    store.arrive(waiting_samples(encode), classes(4))
+    state = old_form(store)
+    assert all("x" in entry and "shape" not in entry for entry in state["pending"])
+    old, new = _round_trip(state), _round_trip(store.state_dict())
+    assert old.pending_ids() == new.pending_ids() and old.pending_bytes == new.pending_bytes
+    for a, b in zip(old.pending.values(), new.pending.values(), strict=True):
+        assert a.record.message == b.record.message and on_its_message(a.record)
+        assert (a.record.x.dtype, a.record.x.shape) == (b.record.x.dtype, b.record.x.shape)
+        assert np.array_equal(a.record.x, b.record.x) and np.array_equal(a.predicted, b.predicted)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [("<f4", [2, 4]), ("<f8", [2, 3]), ("no such dtype", [2, 3]), ("<f4", [2.0, 3.0])]
+)
+def test_a_saved_layout_that_does_not_fit_its_message_is_a_clear_error(dtype: str, shape: list) -> None:
+    store = MemoryPending(ttl_s=1e9, max_pending=100)
+    store.arrive(waiting_samples(encode_binary)[:1], classes(1))
+    state = store.state_dict()
+    (entry,) = state["pending"]
+    assert (entry["dtype"], entry["shape"]) == ("<f4", [2, 3])
+    entry["dtype"], entry["shape"] = dtype, shape
+    with pytest.raises(PendingStateError, match=r"pending sample 'm0-0' has an array of dtype .* does not fit its"):
+        MemoryPending(ttl_s=1e9, max_pending=100).restore(state)
 
 
 def test_the_stores_survive_a_checkpoint_round_trip_byte_for_byte(make_store: MakeStore) -> None:
