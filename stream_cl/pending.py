@@ -449,4 +449,4 @@ def _from_layout(value: bytes, dtype: Any, shape: Any, sample_id: str) -> np.nda
 
 
 def _tensor(data: bytes) -> torch.Tensor:
-    return torch.tensor(np.frombuffer(data, dtype=np.uint8).copy())
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())  # one copy (torch.tensor would add one)
