@@ -408,8 +408,8 @@ def open_pending(cfg: Config, *, journal: bool, waiting: Callable[[], None] = la
     """The pending store ``--pending`` names, keyed under the consumer group (``journal``: the run checkpoints,
     so a Redis store keeps what a restore needs; ``waiting``: called every second while it waits for Redis)."""
     labels = cfg.labels
+    max_bytes = labels.pending_max_mib * 1024 * 1024
     if labels.pending == "memory":
-        max_bytes = labels.pending_max_mib * 1024 * 1024
         return MemoryPending(ttl_s=labels.ttl_seconds, max_pending=labels.pending_max, max_bytes=max_bytes)
     return open_redis_pending(
         labels.pending,
@@ -418,6 +418,7 @@ def open_pending(cfg: Config, *, journal: bool, waiting: Callable[[], None] = la
         ttl_s=labels.ttl_seconds,
         max_pending=labels.pending_max,
         journal=journal,
+        max_bytes=max_bytes,
         waiting=waiting,
     )
 

@@ -458,8 +458,8 @@ class LabelsConfig:
     )
     pending_max_mib: int = setting(
         1024,
-        "most memory the samples waiting in the in-memory pending store hold (and the labels waiting), in MiB; "
-        "the oldest leaves first",
+        "most bytes the samples waiting hold (and the labels waiting), in MiB: in memory their arrays and messages, "
+        "in Redis their entries; the oldest leaves first",
         flat="pending_max_mib",
         check=positive,
         metavar="MIB",

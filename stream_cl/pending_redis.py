@@ -4,11 +4,11 @@ with the checkpoints.
 Keys live under ``streamcl:pending:{GROUP}:`` (one prefix per consumer group, so two services never
 share entries): for samples (``s:``) and labels (``l:``) each, ``order`` (a sorted set, id -> insertion
 number: oldest first), ``data`` (id -> entry) and ``ts`` (id -> the event time its TTL counts from);
-``meta`` (counters, the journal's generations, the event-time clocks); ``undo:G`` (the journal of
-generation G); ``reply`` (the last call's answer). An entry is raw bytes behind a JSON header (never
-pickle): a sample's tensor bytes with dtype and shape, its predicted classes, and the message it came
-in (value, key, headers, position, timestamp) so a dead letter still carries it byte for byte; a
-label's path and message.
+``meta`` (counters, the bytes each store holds, the journal's generations, the event-time clocks);
+``undo:G`` (the journal of generation G); ``reply`` (the last call's answer). An entry is raw bytes
+behind a JSON header (never pickle): a sample's tensor bytes with dtype and shape, its predicted classes,
+and the message it came in (value, key, headers, position, timestamp) so a dead letter still carries it
+byte for byte; a label's path and message.
 Every batch of feature records or label messages is one Lua script call: joins, replacements,
 evictions and expiries of the batch change together or not at all. The scripts name keys they
 compute from the prefix, so they need a single Redis server (or primary), not Redis Cluster.
@@ -43,12 +43,15 @@ lost) returns that reply instead of running twice.
 A Redis that comes back without the state it had (restarted without persistence) is an error, not
 an empty store.
 
-**Memory.** ``max_pending`` bounds the entries of each kind by count, not by bytes. A label entry holds a
-message of at most :data:`~consumers.label_wire.MAX_LABEL_MESSAGE_BYTES`, but a sample entry holds its
+**Memory.** ``max_pending`` bounds the entries of each kind by count and ``max_bytes`` by the bytes they hold
+(the lengths of their entries, kept as running totals in ``meta`` by the script calls that change the
+entries, a rollback's included, and counted once from the entries when a store written without them is
+opened): past either, the oldest entries leave first, as in the memory store. A sample entry holds its
 array and its message, whose value the source bounds (8 MiB by default) and whose key and headers only the
-broker does; the journal also holds what changed since the previous checkpoint. Redis's ``maxmemory`` is
-thus the byte bound: once reached (``noeviction``) writes are refused and consuming waits, as in an outage,
-until memory is freed (nothing leaves the store meanwhile).
+broker does. Redis needs more than the entries: their ids, times and per-key overhead, and the journal,
+which holds what changed since the previous checkpoint written (the entries removed since then, whole).
+Give ``maxmemory`` room for both stores' bound and that; once reached (``noeviction``) writes are refused
+and consuming waits, as in an outage, until memory is freed (nothing leaves the store meanwhile).
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ NO_TIME = "-1e308"
 _COMMON = """
 local p, op, prev, gen = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local ttl, max = tonumber(ARGV[5]), tonumber(ARGV[6])
+local max_bytes = tonumber(ARGV[13])  -- nil: no byte bound
 local ftime, ltime = tonumber(ARGV[7]), tonumber(ARGV[8])
 local ftext, ltext = ARGV[7], ARGV[8]  -- the clocks as sent: a Lua number turned into text loses digits
 local limit = tonumber(ARGV[11])  -- the latest event time a clock may take (ARGV[12]: the wall clock)
@@ -121,6 +125,7 @@ if last ~= prev then
   return redis.error_reply('STATELOST pending store at operation ' .. last .. ', expected ' .. prev)
 end
 local S, L = p .. 's:', p .. 'l:'
+local BYTES = {[S] = 'sbytes', [L] = 'lbytes'}  -- meta fields: the bytes each store's entries hold
 local undo = p .. 'undo:' .. gen
 local out = {}
 local function emit(kind, a, b) out[#out + 1] = kind; out[#out + 1] = a; out[#out + 1] = b end
@@ -128,6 +133,7 @@ local function add(k, id, ts, blob)
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
   redis.call('ZADD', k .. 'order', seq, id)
   redis.call('HSET', k .. 'data', id, blob)
+  redis.call('HINCRBY', meta, BYTES[k], string.len(blob))
   redis.call('HSET', k .. 'ts', id, ts)
   if gen > 0 then redis.call('RPUSH', undo, 'a', k, id, '', '', '') end
 end
@@ -140,6 +146,13 @@ local function remove(k, id)
   redis.call('ZREM', k .. 'order', id)
   redis.call('HDEL', k .. 'data', id)
   redis.call('HDEL', k .. 'ts', id)
+  if redis.call('ZCARD', k .. 'order') == 0 then
+    -- the last entry: the store holds nothing, even if entries were deleted or evicted behind the scripts' back,
+    -- whose bytes the total could not take off (a total that stayed high would evict every later arrival)
+    redis.call('HSET', meta, BYTES[k], 0)
+  elseif blob then
+    redis.call('HINCRBY', meta, BYTES[k], -string.len(blob))
+  end
   if gen > 0 then redis.call('RPUSH', undo, 'r', k, id, seq or '', ts or '', blob or '') end
   return blob or ''
 end
@@ -158,9 +171,14 @@ local function oldest(k)
   -- an entry without a readable time (damaged) is as old as can be: it expires on the other topic's first time
   return first[1], tonumber(redis.call('HGET', k .. 'ts', first[1])) or -1e308
 end
-local function evict(k)
-  if redis.call('ZCARD', k .. 'order') <= max then return false end
-  return remove(k, (oldest(k)))
+-- gives up the oldest entries of store k while it holds more than max entries or max_bytes bytes, as the memory
+-- store does (an entry larger than max_bytes alone goes too, after all the older ones)
+local function evict(k, kind, reason)
+  while true do
+    local over = max_bytes and tonumber(redis.call('HGET', meta, BYTES[k])) > max_bytes
+    if redis.call('ZCARD', k .. 'order') <= max and not over then return end
+    emit(kind, remove(k, (oldest(k))), reason)
+  end
 end
 -- gives up the entries of store k older than the other topic's clock by more than the TTL
 local function expire(k, clock, kind, reason)
@@ -186,18 +204,17 @@ end
 ARRIVE = (
     _COMMON
     + """
--- ARGV[13..]: id, event time, entry of each predicted sample, in arrival order
-for i = 13, #ARGV, 3 do
+-- ARGV[14..]: id, event time, entry of each predicted sample, in arrival order
+for i = 14, #ARGV, 3 do
   local id, ts = ARGV[i], tonumber(ARGV[i + 1])
   local label = remove(L, id)
   if label then
-    emit('j', (i - 13) / 3, label)
+    emit('j', (i - 14) / 3, label)
   else
     local older = remove(S, id)
     if older then emit('e', older, '') end
     add(S, id, expires_from(i + 1, ftime, ftext, ltime, ltext), ARGV[i + 2])
-    local evicted = evict(S)
-    if evicted then emit('e', evicted, '') end
+    evict(S, 'e', '')
   end
   if ts >= 0 and ts <= limit and ts > ftime then ftime, ftext = ts, ARGV[i + 1] end
   expire(L, ftime, 'u', 'ttl')
@@ -214,18 +231,17 @@ entry), ``e`` (a: an expired sample's entry), ``u`` (a: an unmatched label's ent
 LABEL = (
     _COMMON
     + """
--- ARGV[13..]: id, event time, entry of each label, in arrival order
-for i = 13, #ARGV, 3 do
+-- ARGV[14..]: id, event time, entry of each label, in arrival order
+for i = 14, #ARGV, 3 do
   local id, ts = ARGV[i], tonumber(ARGV[i + 1])
   local sample = remove(S, id)
   if sample then
-    emit('j', sample, (i - 13) / 3)
+    emit('j', sample, (i - 14) / 3)
   else
     local older = remove(L, id)
     if older then emit('u', older, 'replaced') end
     add(L, id, expires_from(i + 1, ltime, ltext, ftime, ftext), ARGV[i + 2])
-    local evicted = evict(L)
-    if evicted then emit('u', evicted, 'evicted') end
+    evict(L, 'u', 'evicted')
   end
   if ts >= 0 and ts <= limit and ts > ltime then ltime, ltext = ts, ARGV[i + 1] end
   expire(S, ltime, 'e', '')
@@ -241,6 +257,7 @@ ROLLBACK = """
 -- newest change first, reading each journal from its end in chunks (a long journal is not copied at once).
 local p, g, chunk = ARGV[1], tonumber(ARGV[2]), 6 * tonumber(ARGV[3])
 local meta = p .. 'meta'
+local BYTES = {[p .. 's:'] = 'sbytes', [p .. 'l:'] = 'lbytes'}
 local floor = tonumber(redis.call('HGET', meta, 'floor') or '0')
 local top = tonumber(redis.call('HGET', meta, 'top') or '0')
 if g < floor then
@@ -256,11 +273,15 @@ for gen = top, g + 1, -1 do
       local what, k, id = log[i], log[i + 1], log[i + 2]
       if what == 'a' then
         redis.call('ZREM', k .. 'order', id)
+        redis.call('HINCRBY', meta, BYTES[k], -redis.call('HSTRLEN', k .. 'data', id))
         redis.call('HDEL', k .. 'data', id)
         redis.call('HDEL', k .. 'ts', id)
       else  -- a damaged entry comes back as damaged as it was ('': the part it lacked)
         if log[i + 3] ~= '' then redis.call('ZADD', k .. 'order', log[i + 3], id) end
-        if log[i + 5] ~= '' then redis.call('HSET', k .. 'data', id, log[i + 5]) end
+        if log[i + 5] ~= '' then
+          redis.call('HSET', k .. 'data', id, log[i + 5])
+          redis.call('HINCRBY', meta, BYTES[k], string.len(log[i + 5]))
+        end
         if log[i + 4] ~= '' then redis.call('HSET', k .. 'ts', id, log[i + 4]) end
       end
     end
@@ -270,6 +291,20 @@ for gen = top, g + 1, -1 do
 end
 redis.call('HSET', meta, 'top', g)
 return {redis.call('ZCARD', p .. 's:order'), redis.call('ZCARD', p .. 'l:order')}
+"""
+
+TOTALS = """
+-- ARGV: prefix. Counts the bytes each store's entries hold where meta has no total (a store an earlier version
+-- wrote, which kept none), before anything changes the store or a rollback adjusts the totals.
+local p = ARGV[1]
+for k, field in pairs({[p .. 's:'] = 'sbytes', [p .. 'l:'] = 'lbytes'}) do
+  if redis.call('HEXISTS', p .. 'meta', field) == 0 then
+    local total = 0
+    for _, id in ipairs(redis.call('HKEYS', k .. 'data')) do total = total + redis.call('HSTRLEN', k .. 'data', id) end
+    redis.call('HSET', p .. 'meta', field, total)
+  end
+end
+return 0
 """
 
 FORGET = """
@@ -297,6 +332,8 @@ class RedisPending:
         when that label was stored by an earlier run.
     ttl_s, max_pending, max_clock_skew_s
         As for :class:`stream_cl.pending.MemoryPending`.
+    max_bytes
+        The most bytes the entries of each kind hold (their lengths in Redis); None: only ``max_pending`` bounds them.
     journal
         Keep the journal a restore from a checkpoint needs (the run checkpoints).
     waiting
@@ -312,6 +349,7 @@ class RedisPending:
         ttl_s: float,
         max_pending: int,
         journal: bool,
+        max_bytes: int | None = None,
         max_clock_skew_s: float | None = None,
         retry_min_s: float = 0.1,
         retry_max_s: float = 5.0,
@@ -319,11 +357,12 @@ class RedisPending:
         rollback_chunk: int = 1000,
         waiting: Callable[[], None] = lambda: None,
     ) -> None:
-        if ttl_s <= 0 or max_pending <= 0:
-            raise ValueError(f"ttl_s and max_pending must be > 0, got {ttl_s} and {max_pending}")
+        if ttl_s <= 0 or max_pending <= 0 or (max_bytes is not None and max_bytes <= 0):
+            raise ValueError(f"ttl_s, max_pending and max_bytes must be > 0, got {ttl_s}, {max_pending}, {max_bytes}")
         max_clock_skew_s = default_clock_skew(ttl_s) if max_clock_skew_s is None else max_clock_skew_s
         check_clock_skew(max_clock_skew_s)
         self.client, self.ttl_s, self.max_pending, self.journal = client, ttl_s, max_pending, journal
+        self.max_bytes = max_bytes
         self.max_clock_skew_s = max_clock_skew_s
         self.prefix = f"streamcl:pending:{{{group}}}:"
         self.label_topic = label_topic
@@ -337,6 +376,7 @@ class RedisPending:
         self.feature_time = self.label_time = float("-inf")
         self._arrive, self._label = client.register_script(ARRIVE), client.register_script(LABEL)
         self._rollback, self._forget = client.register_script(ROLLBACK), client.register_script(FORGET)
+        self._totals = client.register_script(TOTALS)
         self.op = 0
         self._sizes = (0, 0)
 
@@ -418,6 +458,7 @@ class RedisPending:
         a journal, take it as it is (the last run's live state). A Redis that cannot be reached or cannot take
         writes now (a failover under way) is waited for, as in :meth:`_call`."""
         self.op = int(self._waiting(lambda: self.client.hget(self.prefix + "meta", "op")) or 0)
+        self._waiting(lambda: self._totals(args=[self.prefix]))
         if not self.journal:
             self._waiting(self._take_live_state)
             return
@@ -494,7 +535,7 @@ class RedisPending:
         op = self.op + 1
         head = [self.prefix, op, self.op, self.gen, repr(self.ttl_s), self.max_pending]
         head += [_clock(self.feature_time), _clock(self.label_time), _clock(feature_time), _clock(label_time)]
-        head += [repr(limit), repr(now)]
+        head += [repr(limit), repr(now), "" if self.max_bytes is None else self.max_bytes]
         try:
             reply = self._waiting(lambda: script(args=head + args))
         except redis.ResponseError as error:
@@ -583,6 +624,7 @@ def open_redis_pending(
     ttl_s: float,
     max_pending: int,
     journal: bool,
+    max_bytes: int | None = None,
     max_clock_skew_s: float | None = None,
     waiting: Callable[[], None] = lambda: None,
 ) -> RedisPending:
@@ -603,6 +645,7 @@ def open_redis_pending(
         ttl_s=ttl_s,
         max_pending=max_pending,
         journal=journal,
+        max_bytes=max_bytes,
         max_clock_skew_s=max_clock_skew_s,
         waiting=waiting,
     )
