@@ -349,7 +349,7 @@ class MemoryPending:
             if "x" in entry:  # an array of its own; in older checkpoints, a binary sample's too (see _on_value)
                 x = _on_value(entry["x"].numpy(), message.value)
             else:
-                x = _from_layout(message.value, entry["dtype"], entry["shape"], entry["id"])
+                x = array_on_value(message.value, entry["dtype"], entry["shape"], entry["id"])
             record = Record(entry["id"], x, None, message.position, message.timestamp, message)
             at = expires_from(record.timestamp, self.feature_time, self.label_time, now, limit)
             self._add_pending(record, entry["predicted"].numpy(), at)
@@ -387,14 +387,14 @@ def _sample_state(entry: _Pending) -> dict[str, Any]:
     record = entry.record
     message = sample_message(record.message)
     state = {"id": record.id, "predicted": torch.from_numpy(entry.predicted.copy()), "message": message_state(message)}
-    if _is_value(record.x, message.value):
+    if is_value_bytes(record.x, message.value):
         state |= {"dtype": record.x.dtype.str, "shape": list(record.x.shape)}
     else:
         state["x"] = torch.from_numpy(record.x.copy())
     return state
 
 
-def _is_value(x: np.ndarray, value: bytes) -> bool:
+def is_value_bytes(x: np.ndarray, value: bytes) -> bool:
     """Whether an array's bytes are exactly ``value``. A contiguous view of its whole length on it holds them, known
     without reading them (a binary sample of a message of one, as decoded or restored); others are compared (a binary
     sample's part, cut from its message of several)."""
@@ -434,7 +434,7 @@ def _on_value(x: np.ndarray, value: bytes) -> np.ndarray:
     return x
 
 
-def _from_layout(value: bytes, dtype: Any, shape: Any, sample_id: str) -> np.ndarray:
+def array_on_value(value: bytes, dtype: Any, shape: Any, sample_id: str) -> np.ndarray:
     """A restored sample's array saved as its layout alone: a view on its message's value, as decoding made it."""
     try:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
@@ -443,7 +443,7 @@ def _from_layout(value: bytes, dtype: Any, shape: Any, sample_id: str) -> np.nda
         return np.frombuffer(value, dtype).reshape(shape)
     except (TypeError, ValueError) as err:
         raise PendingStateError(
-            f"the checkpoint's pending sample {sample_id!r:.80} has an array of dtype {dtype!r:.40} and shape "
+            f"pending sample {sample_id!r:.80} has an array of dtype {dtype!r:.40} and shape "
             f"{shape!r:.80}, which does not fit its message's value of {len(value)} bytes ({err})"
         ) from err
 

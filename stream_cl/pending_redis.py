@@ -6,9 +6,10 @@ share entries): for samples (``s:``) and labels (``l:``) each, ``order`` (a sort
 number: oldest first), ``data`` (id -> entry) and ``ts`` (id -> the event time its TTL counts from);
 ``meta`` (counters, the bytes each store holds, the journal's generations, the event-time clocks);
 ``undo:G`` (the journal of generation G); ``reply`` (the last call's answer). An entry is raw bytes
-behind a JSON header (never pickle): a sample's tensor bytes with dtype and shape, its predicted classes,
-and the message it came in (value, key, headers, position, timestamp) so a dead letter still carries it
-byte for byte; a label's path and message.
+behind a JSON header (never pickle): a sample's tensor bytes with dtype and shape (a binary sample's, which are
+its message's value, only as dtype and shape: those bytes once), its predicted classes, and the message it came
+in (value, key, headers, position, timestamp) so a dead letter still carries it byte for byte; a label's path
+and message.
 Every batch of feature records or label messages is one Lua script call: joins, replacements,
 evictions and expiries of the batch change together or not at all. The scripts name keys they
 compute from the prefix, so they need a single Redis server (or primary), not Redis Cluster.
@@ -47,9 +48,10 @@ an empty store.
 (the lengths of their entries, kept as running totals in ``meta`` by the script calls that change the
 entries, a rollback's included, and counted once from the entries when a store written without them is
 opened): past either, the oldest entries leave first, as in the memory store. A sample entry holds its
-array and its message, whose value the source bounds (8 MiB by default) and whose key and headers only the
-broker does. Redis needs more than the entries: their ids, times and per-key overhead, and the journal,
-which holds what changed since the previous checkpoint written (the entries removed since then, whole).
+array (unless binary: see above) and its message, whose value the source bounds (8 MiB by default) and whose
+key and headers only the broker does. Redis needs more than the entries: their ids, times and per-key
+overhead, and the journal, which holds what changed since the previous checkpoint written (the entries removed
+since then, whole).
 Give ``maxmemory`` room for both stores' bound and that; once reached (``noeviction``) writes are refused
 and consuming waits, as in an outage, until memory is freed (nothing leaves the store meanwhile).
 """
@@ -79,8 +81,10 @@ from stream_cl.pending import (
     PendingStateError,
     Settled,
     advanced,
+    array_on_value,
     check_clock_skew,
     default_clock_skew,
+    is_value_bytes,
     no_features,
     restored_clock,
     wall_clock,
@@ -699,6 +703,8 @@ def _message(header: dict[str, Any], chunks: list[bytes]) -> Message:
 
 
 def _sample_entry(record: Record, predicted: np.ndarray) -> bytes:
+    """A sample's entry. An array whose bytes are its message's value (binary: the value, or the sample's part of a
+    message of several, which is what the entry keeps) is stored as its layout alone: those bytes once."""
     header, chunks = _message_parts(record.message)
     x, classes = np.ascontiguousarray(record.x), np.ascontiguousarray(predicted)
     header.update(
@@ -709,14 +715,20 @@ def _sample_entry(record: Record, predicted: np.ndarray) -> bytes:
         predicted_dtype=classes.dtype.str,
         predicted_shape=list(classes.shape),
     )
+    if is_value_bytes(x, chunks[0]):
+        return _pack({**header, "on_value": True}, [classes.tobytes(), *chunks])
     return _pack(header, [x.tobytes(), classes.tobytes(), *chunks])
 
 
 def _sample(entry: bytes) -> tuple[Record, np.ndarray]:
     header, chunks = _unpack(entry)
-    x = np.frombuffer(chunks[0], dtype=np.dtype(header["dtype"])).reshape(header["shape"]).copy()  # writable
-    predicted = np.frombuffer(chunks[1], dtype=np.dtype(header["predicted_dtype"])).reshape(header["predicted_shape"])
-    message = _message(header, chunks[2:])
+    if header.get("on_value"):  # a view on its message's value, as decoded; a layout that does not fit it: damaged
+        classes, message = chunks[0], _message(header, chunks[1:])
+        x = array_on_value(message.value, header["dtype"], header["shape"], header["id"])
+    else:  # an array of its own: JSON, or any sample of an entry written by an earlier version
+        classes, message = chunks[1], _message(header, chunks[2:])
+        x = np.frombuffer(chunks[0], dtype=np.dtype(header["dtype"])).reshape(header["shape"]).copy()  # writable
+    predicted = np.frombuffer(classes, dtype=np.dtype(header["predicted_dtype"])).reshape(header["predicted_shape"])
     return Record(header["id"], x, None, message.position, float(header["at"]), message), predicted
 
 
