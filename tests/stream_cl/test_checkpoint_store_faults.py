@@ -95,8 +95,9 @@ def test_serve_with_such_an_entry_keeps_its_checkpoints_and_exits_0(
     assert serve(ckpt, "--checkpoint-keep", "3") == 0
     assert "records learned" in capsys.readouterr().out  # the summary: the final write did not "fail"
     ids = sorted(int(p.name[5:15]) for p in ckpt.glob("ckpt-*") if p.is_file())
-    # up to 12 writes of 50 records and the final one (a write due while one is in flight waits), the newest 3 kept
-    assert len(ids) == 3 and ids == list(range(ids[0], ids[0] + 3)) and ids[0] > 1
+    # up to 12 writes of 50 records and the final one (a write due while one is in flight waits; a slow disk
+    # folds them into fewer), from id 2 on (the stray entry holds 1): the newest 3 kept
+    assert ids == list(range(max(2, ids[-1] - 2), ids[-1] + 1)) and len(ids) >= 2
 
 
 def test_files_that_do_not_load_do_not_count_towards_keep(tmp_path: Path) -> None:

