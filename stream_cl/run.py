@@ -186,7 +186,9 @@ def run_stream(
         run.probe_if_due()
         _advance(bar, len(poll), source, options.max_records is None)
     bar.close()
-    return run.finish(), run.state
+    summary = run.finish()
+    summary.never_assigned = lockstep is None and idle.never_assigned
+    return summary, run.state
 
 
 class _Run:
@@ -528,6 +530,7 @@ class _IdleClock:
         self._unread: dict[tuple[str, int], int | None] = {}
         self._unread_since = self.started
         self._warned = False  # in a group, a worker idle past the bound asks every turn until all are
+        self.never_assigned = False  # it ended because a source's group never gave it a partition
 
     def saw_records(self, now: float) -> None:
         self.last_record = now
@@ -542,6 +545,7 @@ class _IdleClock:
                 if now - self.started < self.until_idle_s + ASSIGNMENT_GRACE_S:
                     return False
                 self._warn_once("no partitions were assigned within %.0f s; stopping", now - self.started)
+                self.never_assigned = True
                 return True
             since = max(since, source.assigned_at)
         if now - since < self.until_idle_s:

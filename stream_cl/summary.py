@@ -77,6 +77,8 @@ class Summary:
     model: str = ""
     device: str = ""
     world_size: int = 1
+    never_assigned: bool = False
+    """The run ended (``--until-idle``) because its consumer group never assigned it a partition."""
     workers: list[dict] = field(default_factory=list)
     """With several workers (``serve --workers``): per rank, ``rank``, ``learned`` and ``model_sha256``."""
 

@@ -67,6 +67,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not received and summary.consumed_total == 0:  # it ended by itself, never having seen a record
         log.warning("the source delivered no record: check the topic name or the file")
         return NO_RECORDS_EXIT_CODE
+    if not received and summary.never_assigned:  # a model with a history, but this run could learn nothing
+        log.warning("the consumer group never assigned this service a partition: check the group's other members")
+        return NO_RECORDS_EXIT_CODE
     return 0
 
 

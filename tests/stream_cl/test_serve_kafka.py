@@ -7,6 +7,7 @@ learned or predicted record, written unbuffered before the batch is committed).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,10 +17,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
+from consumers.kafka import KafkaSource
 from consumers.producer import new_producer
 from consumers.wire import encode_binary
+from stream_cl import run
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.cli import main
 from tests.fixtures.procs import free_port
@@ -152,6 +156,23 @@ def test_a_restart_waiting_for_the_dead_members_partitions_does_not_stop_as_idle
     summary = json.loads((tmp_path / "second.json").read_text())
     assert summary["learned"] > 0 and summary["learned_total"] == len(where)
     assert_accounted(summary, len(where) + BAD)
+
+
+def test_a_restart_the_group_never_gives_a_partition_ends_with_code_4_though_the_model_has_a_history(
+    kafka_bootstrap: str, make_topic: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A group that never assigns the service a partition (a stale member it keeps as leader, more members than
+    partitions) learns nothing: --until-idle ends it with exit code 4, not 0, even though the model learned before."""
+    topic = make_topic(1)
+    where = produce(kafka_bootstrap, topic, 100)
+    serve_here(kafka_bootstrap, topic, tmp_path, "first")
+    monkeypatch.setattr(run, "ASSIGNMENT_GRACE_S", 2.0)  # 60 s in service
+    monkeypatch.setattr(KafkaSource, "_assign", lambda self, partitions: None)  # the group's answer never comes
+    with caplog.at_level(logging.WARNING, logger="stream_cl"):
+        assert main(serve_args(kafka_bootstrap, topic, tmp_path, "second", "--until-idle", 1)) == 4
+    summary = json.loads((tmp_path / "second.json").read_text())
+    assert summary["never_assigned"] and summary["learned"] == 0 and summary["learned_total"] == len(where)
+    assert "never assigned this service a partition" in caplog.text
 
 
 def test_sigterm_drains_within_the_bound_and_the_next_start_resumes_at_the_committed_offsets(
