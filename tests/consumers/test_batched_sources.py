@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_a_rebalance_lets_the_owner_finish_a_message_it_handed_over_in_part(
     """Polls of 5 samples split messages of 7: when B joins, A is mid-message on some partition. Kafka can only
     commit whole messages, so A must finish that message before the revoke commits, or B learns its first
     samples again."""
-    from tests.consumers.test_kafka import STABLE_GROUP, _learn, _wait
+    from tests.consumers.test_kafka import STABLE_GROUP, _learn, _slow_until, _stopping, _wait
 
     topic = make_topic(4)
     x = np.zeros((PER_MESSAGE, 3), dtype=np.float32)
@@ -120,11 +121,14 @@ def test_a_rebalance_lets_the_owner_finish_a_message_it_handed_over_in_part(
         value, headers = encode_batch_binary(ids, x, ["c"] * PER_MESSAGE)
         messages.append(Message(Position(topic, offset % 4, offset // 4), 0.0, None, value, tuple(headers)))
     produce_messages(kafka_bootstrap, topic, messages[:20], keep_partitions=True)
-    stop_a, stop_b = threading.Event(), threading.Event()
+    stop_a, stop_b, split = threading.Event(), threading.Event(), threading.Event()
     seen_a: list[str] = []
     seen_b: list[str] = []
-    with KafkaSource(kafka_bootstrap, topic, f"split-{topic}", consumer_class=client, **STABLE_GROUP) as a:
-        thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a, 0.1))
+    with (
+        KafkaSource(kafka_bootstrap, topic, f"split-{topic}", consumer_class=client, **STABLE_GROUP) as a,
+        _stopping(stop_a, stop_b),
+    ):
+        thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a, partial(_slow_until, split)))
         thread_a.start()
         _wait(lambda: len(seen_a) >= 12)
         with KafkaSource(kafka_bootstrap, topic, f"split-{topic}", consumer_class=client, **STABLE_GROUP) as b:
@@ -132,6 +136,7 @@ def test_a_rebalance_lets_the_owner_finish_a_message_it_handed_over_in_part(
             thread_b.start()
             _wait(lambda: a.assignment() and b.assignment() and not a.assignment() & b.assignment())
             assert len(seen_a) < 20 * PER_MESSAGE  # the revoke really interrupted A
+            split.set()
             produce_messages(kafka_bootstrap, topic, messages[20:], keep_partitions=True)
             _wait(lambda: len(set(seen_a) | set(seen_b)) == 40 * PER_MESSAGE)
             time.sleep(0.5)  # anything delivered twice would show up now

@@ -8,6 +8,8 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -35,14 +37,35 @@ STABLE_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
 """For the rebalance test: no spurious evictions on a loaded 2-core machine (first join ~3 s)."""
 
 
-def _learn(source: KafkaSource, seen: list[str], stop: threading.Event, step_s: float = 0.0) -> None:
-    """A stand-in learner: take a batch, 'learn' it, commit it."""
+def _learn(
+    source: KafkaSource, seen: list[str], stop: threading.Event, step_s: float | Callable[[], float] = 0.0
+) -> None:
+    """A stand-in learner: take a batch, 'learn' it for ``step_s`` seconds (or ``step_s()``: a pace that changes),
+    commit it."""
+    pace = step_s if callable(step_s) else lambda: step_s
     while not stop.is_set():
         poll = source.poll(0.1, 5)
         if len(poll):
-            time.sleep(step_s)
+            time.sleep(pace())
             seen.extend(r.id for r in poll.records)
             source.commit(next_offsets(poll.positions()))
+
+
+@contextmanager
+def _stopping(*events: threading.Event) -> Iterator[None]:
+    """Set ``events`` on leaving the block, a failed assertion included: the learner threads then end instead of
+    polling a closed source for the rest of the session."""
+    try:
+        yield
+    finally:
+        for event in events:
+            event.set()
+
+
+def _slow_until(split: threading.Event) -> float:
+    """A's pace in the rebalance tests: slow (0.5 s a poll of 5) until the split, so that A cannot learn all
+    that was produced before B joined, however long the broker's rebalance timers take on a loaded machine."""
+    return 0.1 if split.is_set() else 0.5
 
 
 def _wait(condition, timeout_s: float = 30.0) -> None:
@@ -58,19 +81,20 @@ def test_two_consumers_split_the_partitions_and_learn_each_record_once(kafka_boo
     topic = make_topic(4)
     messages = good_messages(400)
     produce_messages(kafka_bootstrap, topic, messages[:200])
-    stop_a, stop_b = threading.Event(), threading.Event()
+    stop_a, stop_b, split = threading.Event(), threading.Event(), threading.Event()
     seen_a: list[str] = []
     seen_b: list[str] = []
-    with KafkaSource(kafka_bootstrap, topic, "split", **STABLE_GROUP) as a:
-        thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a, 0.1))
+    with KafkaSource(kafka_bootstrap, topic, f"split-{topic}", **STABLE_GROUP) as a, _stopping(stop_a, stop_b):
+        thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a, partial(_slow_until, split)))
         thread_a.start()
         _wait(lambda: len(seen_a) >= 20)
-        with KafkaSource(kafka_bootstrap, topic, "split", **STABLE_GROUP) as b:
+        with KafkaSource(kafka_bootstrap, topic, f"split-{topic}", **STABLE_GROUP) as b:
             thread_b = threading.Thread(target=_learn, args=(b, seen_b, stop_b, 0.1))
             thread_b.start()
             _wait(lambda: a.assignment() and b.assignment() and not a.assignment() & b.assignment())
             assert len(a.assignment()) + len(b.assignment()) == 4
             assert len(seen_a) < 200  # the revoke really interrupted A
+            split.set()
             produce_messages(kafka_bootstrap, topic, messages[200:])
             _wait(lambda: len(seen_b) >= 40)
             stop_b.set()
@@ -313,7 +337,7 @@ def test_a_learner_step_longer_than_the_session_timeout_is_not_learned_twice(
     seen_a: list[str] = []
     seen_b: list[str] = []
     stop_a, stop_b = threading.Event(), threading.Event()
-    with KafkaSource(kafka_bootstrap, topic, "slow-step", **STABLE_GROUP) as a:
+    with KafkaSource(kafka_bootstrap, topic, "slow-step", **STABLE_GROUP) as a, _stopping(stop_a, stop_b):
         _wait(lambda: len(a.assignment()) == 4)
         first = a.poll(5.0, 40)
         assert len(first)

@@ -32,7 +32,7 @@ from stream_cl.build import build_learner
 from stream_cl.cli import main
 from stream_cl.run import RUN_REASONS, RunOptions, RunParts, run_stream
 from tests.consumers.streams import MAX_BYTES, bad_messages, good_messages
-from tests.consumers.test_kafka import STABLE_GROUP, _learn, _read_topic, _take, _wait
+from tests.consumers.test_kafka import STABLE_GROUP, _learn, _read_topic, _slow_until, _stopping, _take, _wait
 from tests.consumers.test_kafka_lag_and_faults import _committed, _drain, _offset, _produce_one_per_batch, _topics
 from tests.fixtures.kafka import FAST_GROUP
 
@@ -45,19 +45,20 @@ def test_two_consumers_split_the_partitions_and_learn_each_record_once(kafka_boo
     topic = make_topic(4)
     messages = good_messages(400)
     produce_messages(kafka_bootstrap, topic, messages[:200])
-    stop_a, stop_b = threading.Event(), threading.Event()
+    stop_a, stop_b, split = threading.Event(), threading.Event(), threading.Event()
     seen_a: list[str] = []
     seen_b: list[str] = []
-    with Source(kafka_bootstrap, topic, "split", **STABLE_GROUP) as a:
-        thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a, 0.1))
+    with Source(kafka_bootstrap, topic, f"split-{topic}", **STABLE_GROUP) as a, _stopping(stop_a, stop_b):
+        thread_a = threading.Thread(target=_learn, args=(a, seen_a, stop_a, partial(_slow_until, split)))
         thread_a.start()
         _wait(lambda: len(seen_a) >= 20)
-        with Source(kafka_bootstrap, topic, "split", **STABLE_GROUP) as b:
+        with Source(kafka_bootstrap, topic, f"split-{topic}", **STABLE_GROUP) as b:
             thread_b = threading.Thread(target=_learn, args=(b, seen_b, stop_b, 0.1))
             thread_b.start()
             _wait(lambda: a.assignment() and b.assignment() and not a.assignment() & b.assignment())
             assert len(a.assignment()) + len(b.assignment()) == 4
             assert len(seen_a) < 200  # the revoke really interrupted A
+            split.set()
             produce_messages(kafka_bootstrap, topic, messages[200:])
             _wait(lambda: len(seen_b) >= 40)
             stop_b.set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -166,17 +167,19 @@ def test_a_long_wait_for_a_redis_that_refuses_writes_is_logged_again_with_how_lo
     admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
     caplog.set_level(logging.WARNING, logger="stream_cl.pending")
     call = threading.Thread(target=lambda: store.restore(None), daemon=True)
+    started = time.monotonic()
     call.start()
     call.join(1.8)
     assert call.is_alive() and not store.healthy  # still waiting ...
     admin.execute_command("REPLICAOF", "NO", "ONE")
     call.join(10)
+    waited_s = time.monotonic() - started  # however long a loaded machine took to notice Redis is back
     assert not call.is_alive() and store.healthy
     messages = [r.getMessage() for r in caplog.records if r.name == "stream_cl.pending"]
     first, *again, back = messages
     assert "cannot be used" in first and "ReadOnlyError" in first
-    # ... and said so again about every 0.5 s, with how long it has waited and the latest error
-    assert 2 <= len(again) <= 4, messages
+    # ... and said so again every 0.5 s (never more often), with how long it has waited and the latest error
+    assert 2 <= len(again) <= waited_s / 0.5, (waited_s, messages)
     waited = [float(re.search(r"after (\d+) s", m).group(1)) for m in again]
     assert all("still cannot be used" in m and "ReadOnlyError" in m for m in again) and waited == sorted(waited)
     assert back.startswith("the Redis pending store is reachable again after")

@@ -130,6 +130,21 @@ class Peer:
         self.finished += 1
 
 
+class FullOnceLookedAt(PausedSink):
+    """A label dead-letter sink whose spool is full for ``pause_s`` from the run loop's first look at it, however
+    long the setup before the run took."""
+
+    def __init__(self, pause_s: float) -> None:
+        super().__init__(pause_s)
+        self.pause_s, self.until = pause_s, None
+
+    @property
+    def backpressure(self) -> bool:
+        if self.until is None:
+            self.until = time.monotonic() + self.pause_s
+        return time.monotonic() < self.until
+
+
 FULL_S = 0.5
 N = 100
 
@@ -142,9 +157,8 @@ def test_a_full_label_spool_pauses_feature_reading_so_no_sample_is_evicted(tmp_p
     metrics = Metrics(CollectorRegistry())
     ids = [f"s{i}" for i in range(N)]
     stream = _features(tmp_path / "features.rec.gz", ids)
-    spool = PausedSink(FULL_S)
+    spool = FullOnceLookedAt(FULL_S)
     peer = Peer(spool) if grouped else None
-    started = time.monotonic()
     with Features(stream, spool) as source:
         feed = FollowingLabels(source)
         for i, sample_id in enumerate(ids):
@@ -152,6 +166,7 @@ def test_a_full_label_spool_pauses_feature_reading_so_no_sample_is_evicted(tmp_p
         store = MemoryPending(ttl_s=1e6, max_pending=20)
         labels = DelayedLabels(feed, spool, store=store, metrics=JoinMetrics(metrics.registry))
         labels.restore(None)
+        started = time.monotonic()
         summary, _ = run_stream(
             source, make_learner, metrics, RunOptions(progress=False), RunParts(labels=labels, lockstep=peer)
         )

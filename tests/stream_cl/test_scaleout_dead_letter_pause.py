@@ -27,11 +27,15 @@ from tests.fixtures.procs import free_port
 from tests.stream_cl.test_scaleout import RecordingGroup
 from tests.streams import blob_arrays, messages
 
-COLLECTIVE_TIMEOUT = timedelta(seconds=5)
-PAUSE_S = 8.0
+COLLECTIVE_TIMEOUT = timedelta(seconds=20)
+"""Long enough for freshly spawned workers on a loaded machine to reach their first collectives."""
+PAUSE_S = 25.0
 """Longer than the collective timeout: a peer waiting for the paused worker in a collective would fail."""
 POLL_S = 0.4
-"""Rank 0's wait per poll (as a Kafka poll waits for records), so its 150 records outlast the pause."""
+"""Rank 0's wait per poll (as a Kafka poll waits for records): its 150 records take 6 s, all in the pause."""
+STOP_AFTER_S = 1.0
+"""When rank 1 is asked to stop, counted from the first group step: rank 0 has learned then, and its stream
+lasts over 5 s more."""
 BAD = 3
 
 
@@ -69,21 +73,25 @@ class Paced(RecordedSource):
 
 class PauseRecordingGroup(RecordingGroup):
     """Records, besides the model after every group step, whether this worker's sink was still pushing back then
-    (it was all turn long: the pause only ends)."""
+    (it was all turn long: the pause only ends). With ``stop_after_s``, sets ``stop`` that long after the first
+    group step (as SIGTERM does), however long the workers took to start."""
 
-    def __init__(self, *args, sink: PausedSink, **kwargs) -> None:
+    def __init__(self, *args, sink: PausedSink, stop_after_s: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sink, self.paused = sink, []
+        self.stop, self.stop_after_s = threading.Event(), stop_after_s
 
     def finish_step(self, state: RunState) -> None:
         super().finish_step(state)
         self.paused.append(self.sink.backpressure)
+        if self.stop_after_s is not None and self.steps == 1:
+            threading.Timer(self.stop_after_s, self.stop.set).start()
 
 
 def _paused_worker(rank: int, port: int, tmp: Path, pause_s: float, stop_after_s: float | None) -> None:
     """Rank 0 learns 150 records of c0-c2, slowly; rank 1's sink pushes back for ``pause_s``, then rank 1 learns
     its 40 records of c0 and c3 and dead-letters its 3 bad ones. With ``stop_after_s``, rank 1 is asked to stop
-    then (as SIGTERM does)."""
+    that long after the first group step (as SIGTERM does)."""
     torch.set_num_threads(1)
     init = f"tcp://127.0.0.1:{port}"
     with process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=COLLECTIVE_TIMEOUT):
@@ -95,10 +103,8 @@ def _paused_worker(rank: int, port: int, tmp: Path, pause_s: float, stop_after_s
         path = tmp / f"stream-{rank}.rec.gz"
         write_messages(path, stream)
         sink = PausedSink(pause_s if rank == 1 else 0.0)
-        group = PauseRecordingGroup(rank, 2, torch.device("cpu"), sink=sink)
-        stop = threading.Event()
-        if rank == 1 and stop_after_s is not None:
-            threading.Timer(stop_after_s, stop.set).start()
+        stop_after = stop_after_s if rank == 1 else None
+        group = PauseRecordingGroup(rank, 2, torch.device("cpu"), sink=sink, stop_after_s=stop_after)
         learner = partial(build_learner, "er", "mlp", device=torch.device("cpu"), seed=rank, width=16, buffer_size=50)
         with Paced(path, sink, POLL_S if rank == 0 else 0.0) as source:
             summary, state = run_stream(
@@ -107,7 +113,7 @@ def _paused_worker(rank: int, port: int, tmp: Path, pause_s: float, stop_after_s
                 Metrics(CollectorRegistry()),
                 RunOptions(batch_size=10, progress=False),
                 RunParts(dead_letters=sink, lockstep=group),
-                stop=stop,
+                stop=group.stop,
             )
         summary = group.summarize(summary, state.learner)
         result = {
@@ -153,7 +159,7 @@ def test_a_worker_paused_by_dead_letter_backpressure_keeps_the_group_learning_an
 
 
 def test_a_stop_asked_of_a_paused_worker_is_agreed_by_the_group(tmp_path: Path) -> None:
-    run_group(_paused_worker, free_port(), tmp_path, float("inf"), 2.0)
+    run_group(_paused_worker, free_port(), tmp_path, float("inf"), STOP_AFTER_S)
     zero, one = (json.loads((tmp_path / f"paused-{r}.json").read_text()) for r in (0, 1))
     assert zero["steps"] == one["steps"] and all(one["paused"])
     assert one["polled_under_pressure"] == 0 and one["sent"] == 0

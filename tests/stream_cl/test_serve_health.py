@@ -26,15 +26,15 @@ STALL_AFTER_S = 1.5
 
 
 class StuckSink:
-    """A predictions output that takes ``delay`` per record and, from record ``after`` on, blocks until released
+    """A predictions output that takes ``delay`` per record and, once ``stick`` is set, blocks until released
     (like a FIFO nobody reads): the loop stays inside one batch."""
 
-    def __init__(self, after: int, delay: float) -> None:
-        self.after, self.delay, self.sent = after, delay, 0
-        self.blocked, self.release = threading.Event(), threading.Event()
+    def __init__(self, delay: float) -> None:
+        self.delay, self.sent = delay, 0
+        self.stick, self.blocked, self.release = threading.Event(), threading.Event(), threading.Event()
 
     def send(self, key: bytes, value: bytes, acknowledged: Callable[..., None], lost: Callable) -> None:
-        if self.sent >= self.after:
+        if self.stick.is_set():
             self.blocked.set()
             self.release.wait()
         time.sleep(self.delay)
@@ -75,11 +75,12 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
 def test_a_stuck_loop_fails_the_probes_and_reports_no_throughput(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sink = StuckSink(after=400, delay=0.004)  # ~1.6 s of learning first, so a rate has been published
+    sink = StuckSink(delay=0.004)
     monkeypatch.setattr("stream_cl.assemble.open_sink", lambda url, **_: sink)
     port = free_port()
     flags = {"model": "mlp", "width": 16, "no_drift": True, "probe_fraction": 0.0, "no_progress": True}
-    stream = write_stream(tmp_path / "s.rec.gz", n_classes=4, per_class=150)
+    # long enough (16 s of sends) to still be learning, however slowly the probes answer, when the sink sticks
+    stream = write_stream(tmp_path / "s.rec.gz", n_classes=4, per_class=1000)
     cfg = load(
         {**flags, "source": str(stream), "metrics_port": port, "predictions": "stuck", "predictions_for": "all"}
         | {"stall_seconds": STALL_AFTER_S},
@@ -89,9 +90,10 @@ def test_a_stuck_loop_fails_the_probes_and_reports_no_throughput(
     service = threading.Thread(target=serve, args=(cfg, stop), daemon=True)
     service.start()
     try:
-        wait_until(lambda: sink.sent >= 300)
+        wait_until(lambda: sink.sent >= 300)  # over a second of learning, so a rate has been published
         assert (status(port, "/healthz"), status(port, "/readyz")) == (200, 200)
         assert samples_per_second(port) > 0
+        sink.stick.set()
         assert sink.blocked.wait(60)
         time.sleep(STALL_AFTER_S + 1)  # and over two gauge intervals since the last one was published
         assert (status(port, "/healthz"), status(port, "/readyz")) == (503, 503)
@@ -128,10 +130,13 @@ def test_an_idle_loop_keeps_beating() -> None:
     loop = threading.Thread(target=run_stream, args=(Quiet(), never, metrics, options, parts), kwargs={"stop": stop})
     loop.start()
     try:
+        beats = set()  # each turn waits a 0.05 s poll: ~30 beats in the 1.5 s watched, unless the loop stalls
         started = time.monotonic()
-        while time.monotonic() - started < 3 * 0.3:
-            assert beat.alive(0.3)  # a quiet stream is no stuck loop, however long it stays quiet
+        while time.monotonic() - started < 1.5:
+            assert beat.alive(2.0)  # a quiet stream is no stuck loop, however long it stays quiet
+            beats.add(beat.last)
             time.sleep(0.05)
+        assert len(beats) > 5  # the start-up beat and at least 5 turns after it
         assert metrics.registry.get_sample_value("streamcl_samples_per_second") == 0
     finally:
         stop.set()
