@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from unittest import mock
 
 import numpy as np
 import pytest
 
 from consumers.record import Record
 from consumers.wire import encode_batch_binary, encode_batch_json, encode_binary, encode_json, sample_message
+from stream_cl import pending_redis
 from stream_cl.pending import UNMATCHED
-from stream_cl.pending_redis import DAMAGED_SAMPLE, RedisPending, _message_parts, _pack, _sample_entry, _unpack
+from stream_cl.pending_redis import DAMAGED_SAMPLE, RedisPending, _pack, _sample_entry, _unpack
 from tests.fixtures.redis import RedisServer
 from tests.stream_cl.test_delayed import classes, decoded_samples, on_its_message, waiting_samples
 from tests.stream_cl.test_pending_redis import label
@@ -52,18 +54,10 @@ def with_entries(server: RedisServer, entries: dict[str, bytes], *, ttl_s: float
 
 
 def old_entry(record: Record, predicted: np.ndarray) -> bytes:
-    """A sample's entry as written before a binary sample's array was stored as its layout: every array stored."""
-    header, chunks = _message_parts(record.message)
-    x, classes = np.ascontiguousarray(record.x), np.ascontiguousarray(predicted)
-    header.update(
-        id=record.id,
-        at=record.timestamp,
-        dtype=x.dtype.str,
-        shape=list(x.shape),
-        predicted_dtype=classes.dtype.str,
-        predicted_shape=list(classes.shape),
-    )
-    return _pack(header, [x.tobytes(), classes.tobytes(), *chunks])
+    """A sample's entry as written before a binary sample's array was stored as its layout: every array stored, as
+    the writer still stores an array that is not its message's value."""
+    with mock.patch.object(pending_redis, "is_value_bytes", lambda x, value: False):
+        return _sample_entry(record, predicted)
 
 
 def joined_back(pending: RedisPending, samples: list[Record]) -> list[tuple[Record, np.ndarray]]:
