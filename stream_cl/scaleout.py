@@ -35,6 +35,8 @@ _STOPPING = "STREAM_CL_GROUP_STOPPING"
 stopped, so a stop signal never turns into a group that learns on."""
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+ORPHAN_MARGIN_S = 5.0
+"""How much longer than ``--drain-timeout`` a worker of ``serve --workers`` outlives its launcher, at most."""
 
 
 class WorkersFailed(StreamClError):
@@ -175,12 +177,16 @@ def _spawned(cfg: Config, log_level: str, log_format: str) -> str:
     """A worker process the launcher started: rank 0 returns the group's summary as JSON (``null`` from a
     worker started after the stop signal)."""
     from stream_cl.logs import configure
+    from stream_cl.service import DRAIN_EXIT_CODE
 
     configure(log_level, log_format)
     if os.environ.get(_STOPPING):  # restarted after the launcher was told to stop: the drain failed
         log.error("worker restarted after the stop signal: not starting (no broker, buffer or checkpoint)")
         return json.dumps(None)
     launcher = os.getppid()
+    # torch's SIGINT on the launcher's death starts a drain, but only once the main thread runs Python again: one
+    # blocked in a collective or a call to the launcher's store would outlive it, holding partitions and the lock
+    _exit_when_orphaned(launcher, after_s=cfg.service.drain_timeout + ORPHAN_MARGIN_S, code=DRAIN_EXIT_CODE)
     summary, received = run_worker(cfg)
     if os.getppid() != launcher:  # killed: torch would wait forever for it to read what this returns
         log.info("drained after the launcher (pid %d) was gone; exiting", launcher)
@@ -217,22 +223,26 @@ def run_worker(cfg: Config, torchrun: int | None = None) -> tuple[Summary, bool]
         return summary, bool(received)
 
 
-def _exit_when_orphaned(torchrun: int, interval_s: float = 1.0) -> None:
-    """Exit (code 1) once the ``torchrun`` that started this worker is gone. torch starts its workers in sessions
-    of their own and signals none when it dies, and a worker learning on unsupervised would hold its partitions.
-    The group's other workers then fail their next collective; their ``torchrun`` restarts them and waits for
-    this machine's to rejoin (its supervisor restarts it), and the group resumes from the checkpoint. (The
-    workers of ``serve --workers`` get SIGINT from torch when their launcher dies, and drain.)"""
+def _exit_when_orphaned(parent: int, interval_s: float = 1.0, after_s: float = 0.0, code: int = 1) -> None:
+    """Exit (``code``) ``after_s`` seconds after the ``parent`` that started this worker is gone.
+
+    torchrun starts its workers in sessions of their own and signals none when it dies, and a worker learning on
+    unsupervised would hold its partitions: it exits at once (code 1). The group's other workers then fail their
+    next collective; their ``torchrun`` restarts them and waits for this machine's to rejoin (its supervisor
+    restarts it), and the group resumes from the checkpoint. The workers of ``serve --workers`` get SIGINT from
+    torch when their launcher dies, and drain: this bounds that drain."""
 
     def watch() -> None:
-        while os.getppid() == torchrun:
+        while os.getppid() == parent:
             time.sleep(interval_s)
-        log.error("torchrun (pid %d) is gone: exiting, for the group to restart without this process", torchrun)
+        if after_s:
+            time.sleep(after_s)
+        log.error("the process that started this worker (pid %d) is gone: exiting with code %d", parent, code)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os._exit(1)
+        os._exit(code)
 
-    threading.Thread(target=watch, name="torchrun-watch", daemon=True).start()
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _store(rank: int, world_size: int) -> object:

@@ -110,3 +110,49 @@ def alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped) is not running
         return stat.read().split(") ")[-1][0] != "Z"
+
+
+# A worker whose main thread never returns to Python (blocked in a collective, or in a call to its dead launcher's
+# store), so torch's SIGINT on the launcher's death never starts its drain; it prints its pid, then blocks.
+BLOCKED_WORKER = """
+import logging, signal, sys, threading
+from stream_cl.scaleout import _exit_when_orphaned
+logging.basicConfig(stream=sys.stderr)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+_exit_when_orphaned(int(sys.argv[1]), interval_s=0.1, after_s=float(sys.argv[2]), code=3)
+print("ready", flush=True)
+threading.Event().wait()
+"""
+# Its launcher: starts it, passes its pid on, and waits to be killed.
+LAUNCHER = """
+import subprocess, sys, os, time
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), sys.argv[2]],
+                          stdout=subprocess.PIPE, stderr=open(sys.argv[3], "w"), text=True)
+assert worker.stdout.readline() == "ready\\n"
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_blocked_past_its_launcher_exits_once_the_drain_bound_is_over(tmp_path: Path) -> None:
+    """The bound holds however the worker is stuck: --drain-timeout + the margin after its launcher is gone."""
+    import subprocess
+    import sys
+
+    after_s, log = 1.5, tmp_path / "worker.log"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, BLOCKED_WORKER, str(after_s), str(log)], stdout=subprocess.PIPE, text=True
+    )
+    with launcher.stdout:
+        worker = int(launcher.stdout.readline())
+    launcher.kill()
+    launcher.wait()
+    gone = time.monotonic()
+    deadline = gone + 60
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lived = time.monotonic() - gone
+    if alive(worker):
+        os.kill(worker, signal.SIGKILL)
+    assert after_s <= lived < 30, lived
+    assert f"(pid {launcher.pid}) is gone: exiting with code 3" in log.read_text()
