@@ -429,9 +429,7 @@ def message_from_state(state: dict[str, Any]) -> Message:
 def _on_value(x: np.ndarray, value: bytes) -> np.ndarray:
     """A restored sample's array as a view on its message's value where those are its bytes (the binary encoding),
     as decoding made it: the sample then holds them once, as it did before the checkpoint."""
-    if x.nbytes == len(value) and x.tobytes() == value:
-        return np.frombuffer(value, dtype=x.dtype).reshape(x.shape)
-    return x
+    return np.frombuffer(value, dtype=x.dtype).reshape(x.shape) if is_value_bytes(x, value) else x
 
 
 def array_on_value(value: bytes, dtype: Any, shape: Any, sample_id: str) -> np.ndarray:
